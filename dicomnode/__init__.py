@@ -1,0 +1,3 @@
+"""dicomnode: a DICOM node for image analysis with governance built in."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,180 @@
+"""The archive: blob store, index and the one ingest path.
+
+`Archive.store` is the only way an object becomes part of the archive. It writes the blob
+durably first and then commits the index rows in one transaction, so every index row has
+its blob. Blob file names carry a prefix of the content hash, so two different objects under
+one SOP Instance UID never overwrite each other's file, even from two processes.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+
+from dicomnode.archive import migrations, query, schema
+from dicomnode.archive.blobs import FileBlobStore
+from dicomnode.archive.index import Index, create_index_engine
+from dicomnode.archive.received import ReceivedObject
+from dicomnode.core.errors import DuplicateConflict, StorageUnavailable
+from dicomnode.core.model import IngestResult, Level, Query, Source, StoredInstance
+
+log = logging.getLogger("dicomnode.archive")
+
+
+class Archive:
+    """Blobs on the filesystem and an index in SQLite or PostgreSQL."""
+
+    def __init__(self, data_dir: Path, database_url: str, duplicate_policy: str = "reject") -> None:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.blobs = FileBlobStore(data_dir / "blobs")
+        self.engine = create_index_engine(database_url)
+        migrations.upgrade(self.engine)
+        self.index = Index(self.engine)
+        self.duplicate_policy = duplicate_policy
+        removed = self.blobs.discard_partial_writes()
+        if removed:
+            log.warning("discarded %d partial blob writes left by an interrupted run", removed)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def _blob_path(self, received: ReceivedObject) -> str:
+        base = self.blobs.relative_path(
+            received.study_instance_uid, received.series_instance_uid, received.sop_instance_uid
+        )
+        return base.removesuffix(".dcm") + f".{received.sha256[:16]}.dcm"
+
+    def _stored(self, received: ReceivedObject, blob_path: str) -> StoredInstance:
+        return StoredInstance(
+            sop_instance_uid=received.sop_instance_uid,
+            sop_class_uid=received.sop_class_uid,
+            series_instance_uid=received.series_instance_uid,
+            study_instance_uid=received.study_instance_uid,
+            patient_id=received.patient_id,
+            transfer_syntax_uid=received.transfer_syntax_uid,
+            blob_path=blob_path,
+            size=received.size,
+            sha256=received.sha256,
+        )
+
+    def store(self, received: ReceivedObject, source: Source) -> IngestResult:
+        """File `received`: durable blob, then index rows in one transaction.
+
+        An identical re-send stores nothing new ("duplicate"). A different object under a stored
+        SOP Instance UID raises DuplicateConflict, or replaces it when the policy says "replace".
+        """
+        with self.index.read() as conn:
+            existing = self.index.instance_row(conn, received.sop_instance_uid)
+        if existing is not None and existing.sha256 == received.sha256:
+            return IngestResult(self._stored(received, existing.blob_path), "duplicate")
+        if existing is not None and self.duplicate_policy == "reject":
+            raise DuplicateConflict(
+                f"SOP Instance {received.sop_instance_uid} is already stored with different "
+                "content; the node's duplicate policy is 'reject'"
+            )
+        blob_path = self._blob_path(received)
+        stored = self._stored(received, blob_path)
+        try:
+            self.blobs.write(blob_path, [received.file_meta_bytes, received.dataset_bytes])
+        except OSError as e:
+            raise StorageUnavailable(f"cannot write the blob: {e}") from e
+        try:
+            outcome, replaced_path = self._index(received, stored, source)
+        except BaseException:
+            if not self._is_indexed_blob(blob_path):
+                self.blobs.delete(blob_path)
+            raise
+        if replaced_path and replaced_path != blob_path:
+            self.blobs.delete(replaced_path)
+        return IngestResult(stored, outcome)
+
+    def _index(
+        self, received: ReceivedObject, stored: StoredInstance, source: Source
+    ) -> tuple[str, str | None]:
+        now = datetime.now(UTC)
+        try:
+            with self.index.write() as conn:
+                existing = self.index.instance_row(conn, received.sop_instance_uid)
+                if existing is not None and existing.sha256 == received.sha256:
+                    return "duplicate", None
+                if existing is not None and self.duplicate_policy == "reject":
+                    raise DuplicateConflict(
+                        f"SOP Instance {received.sop_instance_uid} is already stored with "
+                        "different content; the node's duplicate policy is 'reject'"
+                    )
+                series_pk = self.index.ensure_hierarchy(conn, received.header, now)
+                values = self.index.instance_values(received.header, series_pk, stored, source, now)
+                if existing is None:
+                    conn.execute(schema.instances.insert().values(**values))
+                    return "stored", None
+                conn.execute(
+                    update(schema.instances)
+                    .where(schema.instances.c.id == existing.id)
+                    .values(**values)
+                )
+                return "replaced", existing.blob_path
+        except IntegrityError:
+            # Another writer filed the same SOP Instance UID between our check and our insert.
+            with self.index.read() as conn:
+                existing = self.index.instance_row(conn, received.sop_instance_uid)
+            if existing is not None and existing.sha256 == received.sha256:
+                return "duplicate", None
+            raise DuplicateConflict(
+                f"SOP Instance {received.sop_instance_uid} was stored concurrently with "
+                "different content"
+            ) from None
+
+    def _is_indexed_blob(self, blob_path: str) -> bool:
+        with self.index.read() as conn:
+            return (
+                conn.execute(
+                    select(schema.instances.c.id).where(schema.instances.c.blob_path == blob_path)
+                ).first()
+                is not None
+            )
+
+    def search(self, q: Query) -> list[dict[str, Any]]:
+        """Matching entities at the query's level (see `query.search`)."""
+        with self.index.read() as conn:
+            return query.search(conn, q)
+
+    def find_instances(
+        self, level: Level, filters: tuple[tuple[str, str], ...]
+    ) -> list[StoredInstance]:
+        """Every instance under the entities matching `filters` at `level`."""
+        with self.index.read() as conn:
+            return query.find_instances(conn, level, filters)
+
+    def open_blob(self, instance: StoredInstance) -> BinaryIO:
+        return self.blobs.open(instance.blob_path)
+
+    def blob_file(self, instance: StoredInstance) -> Path:
+        return self.blobs.absolute(instance.blob_path)
+
+    def counts(self) -> dict[str, int]:
+        with self.index.read() as conn:
+            return {
+                name: conn.execute(select(func.count()).select_from(table)).scalar_one()
+                for name, table in (
+                    ("patients", schema.patients),
+                    ("studies", schema.studies),
+                    ("series", schema.series),
+                    ("instances", schema.instances),
+                )
+            }
+
+    def ping(self) -> None:
+        """Raise unless the index answers and the blob store is writable."""
+        with self.index.read() as conn:
+            conn.execute(select(1))
+        probe = self.blobs.tmp / ".healthz"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+
+
+__all__ = ["Archive"]

@@ -1,0 +1,168 @@
+"""The index: SQLAlchemy engine set-up and the write transaction of ingest.
+
+SQLite runs in WAL mode with synchronous=FULL, so a commit is durable when it returns;
+writers in one process take a lock so that they queue instead of failing with "database is
+locked". PostgreSQL needs neither: concurrent inserts of the same patient, study or series
+are resolved by INSERT ... ON CONFLICT DO NOTHING on both back ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from sqlalchemy import Connection, Engine, create_engine, event, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from dicomnode.archive import schema
+from dicomnode.archive.attributes import ATTRIBUTES_BY_LEVEL, IndexedAttribute
+from dicomnode.core.model import Level, Source, StoredInstance
+
+
+def create_index_engine(url: str) -> Engine:
+    """An engine for `url`, with SQLite tuned for a durable, concurrent archive."""
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 60})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+            dbapi_connection.isolation_level = None  # SQLAlchemy emits BEGIN itself
+            cursor = dbapi_connection.cursor()
+            for pragma in (
+                "journal_mode=WAL",
+                "synchronous=FULL",
+                "foreign_keys=ON",
+                "case_sensitive_like=ON",
+                "busy_timeout=60000",
+            ):
+                cursor.execute(f"PRAGMA {pragma}")
+            cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(conn: Connection) -> None:
+            conn.exec_driver_sql("BEGIN")
+
+        return engine
+    return create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+
+
+def normalized_value(attribute: IndexedAttribute, ds: Dataset) -> str | int | None:
+    """The value of `attribute` in `ds` as the index stores it, or None when absent."""
+    element = ds.get(attribute.keyword)
+    if element is None or element == "":
+        return None
+    if attribute.is_integer:
+        try:
+            return int(element[0] if isinstance(element, MultiValue) else element)
+        except (TypeError, ValueError):
+            return None
+    text = "\\".join(str(v) for v in element) if isinstance(element, MultiValue) else str(element)
+    text = text.strip()
+    if attribute.vr == "DA":
+        text = text.replace(".", "")
+    elif attribute.vr == "TM":
+        text = text.replace(":", "")
+    return text or None
+
+
+def level_values(level: Level, ds: Dataset) -> dict[str, Any]:
+    return {a.column: normalized_value(a, ds) for a in ATTRIBUTES_BY_LEVEL[level]}
+
+
+class Index:
+    """Reads and writes of the index tables."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.is_sqlite = engine.dialect.name == "sqlite"
+        self._write_lock = threading.Lock() if self.is_sqlite else contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[Connection]:
+        """A write transaction, committed on exit."""
+        with self._write_lock, self.engine.begin() as conn:
+            yield conn
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[Connection]:
+        with self.engine.connect() as conn:
+            yield conn
+
+    def _insert_ignore(
+        self, conn: Connection, table: Any, values: dict[str, Any], keys: list[str]
+    ) -> None:
+        dialect_insert = sqlite.insert if self.is_sqlite else postgresql.insert
+        conn.execute(
+            dialect_insert(table).values(**values).on_conflict_do_nothing(index_elements=keys)
+        )
+
+    def _pk(self, conn: Connection, table: Any, **where: Any) -> int:
+        query = select(table.c.id)
+        for column, value in where.items():
+            query = query.where(table.c[column] == value)
+        return conn.execute(query).scalar_one()
+
+    def ensure_hierarchy(self, conn: Connection, header: Dataset, now: datetime) -> int:
+        """Create the patient, study and series rows `header` belongs to; returns the series pk."""
+        patient = level_values(Level.PATIENT, header)
+        patient["issuer_of_patient_id"] = patient["issuer_of_patient_id"] or ""
+        self._insert_ignore(
+            conn,
+            schema.patients,
+            {**patient, "created_at": now},
+            ["patient_id", "issuer_of_patient_id"],
+        )
+        patient_pk = self._pk(
+            conn,
+            schema.patients,
+            patient_id=patient["patient_id"],
+            issuer_of_patient_id=patient["issuer_of_patient_id"],
+        )
+        study = level_values(Level.STUDY, header)
+        self._insert_ignore(
+            conn,
+            schema.studies,
+            {**study, "patient_pk": patient_pk, "created_at": now, "updated_at": now},
+            ["study_instance_uid"],
+        )
+        study_pk = self._pk(conn, schema.studies, study_instance_uid=study["study_instance_uid"])
+        conn.execute(
+            update(schema.studies).where(schema.studies.c.id == study_pk).values(updated_at=now)
+        )
+        series = level_values(Level.SERIES, header)
+        self._insert_ignore(
+            conn,
+            schema.series,
+            {**series, "study_pk": study_pk, "created_at": now, "updated_at": now},
+            ["series_instance_uid"],
+        )
+        series_pk = self._pk(conn, schema.series, series_instance_uid=series["series_instance_uid"])
+        conn.execute(
+            update(schema.series).where(schema.series.c.id == series_pk).values(updated_at=now)
+        )
+        return series_pk
+
+    def instance_row(self, conn: Connection, sop_instance_uid: str) -> Any:
+        return conn.execute(
+            select(schema.instances).where(schema.instances.c.sop_instance_uid == sop_instance_uid)
+        ).first()
+
+    def instance_values(
+        self, header: Dataset, series_pk: int, stored: StoredInstance, source: Source, now: datetime
+    ) -> dict[str, Any]:
+        return {
+            **level_values(Level.IMAGE, header),
+            "series_pk": series_pk,
+            "transfer_syntax_uid": stored.transfer_syntax_uid,
+            "blob_path": stored.blob_path,
+            "size": stored.size,
+            "sha256": stored.sha256,
+            "received_at": now,
+            "source_protocol": source.protocol,
+            "source_caller": source.caller,
+        }

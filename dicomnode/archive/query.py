@@ -1,0 +1,284 @@
+"""Query matching over the index: the one engine behind C-FIND, QIDO-RS, C-MOVE and C-GET.
+
+Matching follows PS3.4 C.2.2.2 by the attribute's VR:
+- empty value or ``*``: universal matching (the attribute is only returned);
+- UI: single value or a backslash-separated list of UIDs;
+- DA: single date or range ``A-B``, ``A-``, ``-B``; TM and DT: a single value matches the
+  whole span it names (``10`` matches 10:00:00-10:59:59.999999), ranges as for DA;
+- IS/US: numeric single value;
+- PN: case-insensitive single value or wildcard (``*``, ``?``);
+- other strings: case-sensitive single value or wildcard.
+For string VRs a backslash-separated list matches any of its values.
+Computed attributes (ModalitiesInStudy, the Number Of ... Related counts, ...) are filled from
+the levels below; ModalitiesInStudy and SOPClassesInStudy can also be matched.
+Attributes the index does not hold are returned empty, as PS3.4 allows.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
+
+from sqlalchemy import ColumnElement, Connection, Select, and_, distinct, exists, func, or_, select
+
+from dicomnode.archive import schema
+from dicomnode.archive.attributes import (
+    COMPUTED,
+    INDEXED,
+    LEVEL_ORDER,
+    UNIQUE_KEY,
+    IndexedAttribute,
+    levels_up_to,
+)
+from dicomnode.core.errors import InvalidInput
+from dicomnode.core.model import Level, Query, StoredInstance
+from dicomnode.core.uids import validate_uid
+
+_TABLE = {
+    Level.PATIENT: schema.patients,
+    Level.STUDY: schema.studies,
+    Level.SERIES: schema.series,
+    Level.IMAGE: schema.instances,
+}
+_TIME_UPPER = "235959.999999"
+
+
+def _joined(level: Level) -> Any:
+    """patients JOIN studies JOIN series JOIN instances, down to `level`."""
+    p, st, se, i = schema.patients, schema.studies, schema.series, schema.instances
+    joined: Any = p
+    if level in (Level.STUDY, Level.SERIES, Level.IMAGE):
+        joined = joined.join(st, st.c.patient_pk == p.c.id)
+    if level in (Level.SERIES, Level.IMAGE):
+        joined = joined.join(se, se.c.study_pk == st.c.id)
+    if level == Level.IMAGE:
+        joined = joined.join(i, i.c.series_pk == se.c.id)
+    return joined
+
+
+def _like_pattern(value: str) -> str:
+    escaped = value.replace("!", "!!").replace("%", "!%").replace("_", "!_")
+    return escaped.replace("*", "%").replace("?", "_")
+
+
+def _string_condition(column: Any, value: str, case_insensitive: bool) -> ColumnElement[bool]:
+    target = func.lower(column) if case_insensitive else column
+    conditions = []
+    for item in value.split("\\"):
+        item = item.lower() if case_insensitive else item
+        if "*" in item or "?" in item:
+            conditions.append(target.like(_like_pattern(item), escape="!"))
+        else:
+            conditions.append(target == item)
+    return or_(*conditions)
+
+
+def _upper_bound(value: str, vr: str) -> str:
+    """The last instant a partial TM/DT value names: 10 -> 105959.999999."""
+    if vr == "TM":
+        return value + _TIME_UPPER[len(value) :] if len(value) < len(_TIME_UPPER) else value
+    date_part = "99991231"
+    full = date_part + _TIME_UPPER
+    return value + full[len(value) :] if len(value) < len(full) else value
+
+
+def _range_condition(column: Any, value: str, vr: str, keyword: str) -> ColumnElement[bool]:
+    value = (
+        value.replace(":", "") if vr == "TM" else value.replace(".", "") if vr == "DA" else value
+    )
+    if value.count("-") > 1 or (vr == "DA" and not value.replace("-", "").isdigit()):
+        raise InvalidInput(f"{keyword}: not a valid {vr} match value: {value!r}")
+    if "-" not in value:
+        if vr == "DA":
+            return column == value
+        return and_(column >= value, column <= _upper_bound(value, vr))
+    low, high = value.split("-")
+    conditions = []
+    if low:
+        conditions.append(column >= low)
+    if high:
+        conditions.append(column <= (high if vr == "DA" else _upper_bound(high, vr)))
+    if not conditions:
+        raise InvalidInput(f"{keyword}: a range needs at least one end, got {value!r}")
+    return and_(*conditions)
+
+
+def attribute_condition(attribute: IndexedAttribute, value: str) -> ColumnElement[bool] | None:
+    """The SQL condition for `attribute` matching `value`; None for universal matching."""
+    value = value.strip()
+    if value in ("", "*"):
+        return None
+    column = _TABLE[attribute.level].c[attribute.column]
+    vr = attribute.vr
+    if vr == "UI":
+        uids = [validate_uid(v, attribute.keyword) for v in value.split("\\") if v]
+        return column.in_(uids)
+    if vr in ("DA", "TM", "DT"):
+        return _range_condition(column, value, vr, attribute.keyword)
+    if attribute.is_integer:
+        try:
+            return column.in_([int(v) for v in value.split("\\")])
+        except ValueError:
+            raise InvalidInput(f"{attribute.keyword}: not a number: {value!r}") from None
+    return _string_condition(column, value, case_insensitive=(vr == "PN"))
+
+
+def _computed_condition(keyword: str, value: str) -> ColumnElement[bool] | None:
+    value = value.strip()
+    if value in ("", "*"):
+        return None
+    st, se, i = schema.studies, schema.series, schema.instances
+    if keyword == "ModalitiesInStudy":
+        return exists(
+            select(se.c.id).where(
+                se.c.study_pk == st.c.id, _string_condition(se.c.modality, value, False)
+            )
+        )
+    if keyword == "SOPClassesInStudy":
+        uids = [validate_uid(v, keyword) for v in value.split("\\") if v]
+        return exists(
+            select(i.c.id)
+            .join(se, i.c.series_pk == se.c.id)
+            .where(se.c.study_pk == st.c.id, i.c.sop_class_uid.in_(uids))
+        )
+    return None
+
+
+def _filtered(level: Level, filters: Iterable[tuple[str, str]], columns: list[Any]) -> Select:
+    query = select(*columns).select_from(_joined(level))
+    allowed = set(levels_up_to(level))
+    for keyword, value in filters:
+        attribute = INDEXED.get(keyword)
+        if attribute is not None and attribute.level in allowed:
+            condition = attribute_condition(attribute, value)
+        elif COMPUTED.get(keyword) == Level.STUDY and level != Level.PATIENT:
+            condition = _computed_condition(keyword, value)
+        else:
+            condition = None
+        if condition is not None:
+            query = query.where(condition)
+    return query
+
+
+def search(conn: Connection, query: Query) -> list[dict[str, Any]]:
+    """Rows matching `query`, each a dict keyword -> value for the unique keys of every level
+    down to the query's, the filtered keys and the requested return keys."""
+    level = query.level
+    levels = levels_up_to(level)
+    wanted = {UNIQUE_KEY[lv] for lv in levels}
+    wanted |= {k for k, _ in query.filters} | set(query.return_keys)
+    indexed = [INDEXED[k] for k in sorted(wanted) if k in INDEXED and INDEXED[k].level in levels]
+    table = _TABLE[level]
+    columns = [table.c.id.label("_pk")] + [
+        _TABLE[a.level].c[a.column].label(a.keyword) for a in indexed
+    ]
+    if level == Level.IMAGE:
+        columns.append(schema.instances.c.transfer_syntax_uid.label("_ts"))
+    statement = _filtered(level, query.filters, columns).order_by(table.c.id)
+    if query.limit is not None:
+        statement = statement.limit(query.limit)
+    if query.offset:
+        statement = statement.offset(query.offset)
+    rows = [dict(r._mapping) for r in conn.execute(statement)]
+    computed = [
+        k
+        for k in sorted(wanted)
+        if k in COMPUTED and LEVEL_ORDER.index(COMPUTED[k]) <= LEVEL_ORDER.index(level)
+    ]
+    if rows and computed:
+        _fill_computed(conn, rows, level, computed)
+    unsupported = wanted - set(INDEXED) - set(COMPUTED)
+    for row in rows:
+        pk_free = {k: v for k, v in row.items() if not k.startswith("_")}
+        for keyword in unsupported:
+            pk_free.setdefault(keyword, None)
+        row.clear()
+        row.update(pk_free)
+    return rows
+
+
+def _fill_computed(
+    conn: Connection, rows: list[dict[str, Any]], level: Level, keys: list[str]
+) -> None:
+    """Fill counts and ModalitiesInStudy for one page of rows, in a few grouped queries."""
+    p, st, se, i = schema.patients, schema.studies, schema.series, schema.instances
+    pks = [r["_pk"] for r in rows]
+    own = {
+        Level.PATIENT: st.c.patient_pk,
+        Level.STUDY: st.c.id,
+        Level.SERIES: se.c.id,
+    }
+
+    def grouped(level_key: Any, counted: Any, joined: Any) -> dict[int, int]:
+        statement = (
+            select(level_key, func.count(distinct(counted)))
+            .select_from(joined)
+            .where(level_key.in_(pks))
+            .group_by(level_key)
+        )
+        return {pk: n for pk, n in conn.execute(statement)}
+
+    values: dict[str, dict[int, Any]] = {}
+    study_series = st.join(se, se.c.study_pk == st.c.id)
+    study_instances = study_series.join(i, i.c.series_pk == se.c.id)
+    for key in keys:
+        if key == "NumberOfPatientRelatedStudies":
+            values[key] = grouped(own[Level.PATIENT], st.c.id, st)
+        elif key == "NumberOfPatientRelatedSeries":
+            values[key] = grouped(own[Level.PATIENT], se.c.id, study_series)
+        elif key == "NumberOfPatientRelatedInstances":
+            values[key] = grouped(own[Level.PATIENT], i.c.id, study_instances)
+        elif key == "NumberOfStudyRelatedSeries" and level == Level.STUDY:
+            values[key] = grouped(st.c.id, se.c.id, study_series)
+        elif key == "NumberOfStudyRelatedInstances" and level == Level.STUDY:
+            values[key] = grouped(st.c.id, i.c.id, study_instances)
+        elif key == "NumberOfSeriesRelatedInstances" and level == Level.SERIES:
+            values[key] = grouped(se.c.id, i.c.id, se.join(i, i.c.series_pk == se.c.id))
+        elif key in ("ModalitiesInStudy", "SOPClassesInStudy") and level == Level.STUDY:
+            column = se.c.modality if key == "ModalitiesInStudy" else i.c.sop_class_uid
+            statement = (
+                select(st.c.id, column)
+                .select_from(study_instances if key == "SOPClassesInStudy" else study_series)
+                .where(st.c.id.in_(pks), column.is_not(None))
+                .distinct()
+                .order_by(st.c.id, column)
+            )
+            collected: dict[int, list[str]] = defaultdict(list)
+            for pk, value in conn.execute(statement):
+                collected[pk].append(value)
+            values[key] = {pk: "\\".join(v) for pk, v in collected.items()}
+        elif key == "AvailableTransferSyntaxUID" and level == Level.IMAGE:
+            values[key] = {r["_pk"]: r["_ts"] for r in rows}
+        elif key == "InstanceAvailability":
+            values[key] = {r["_pk"]: "ONLINE" for r in rows}
+    for row in rows:
+        for key in keys:
+            if key in values:
+                default = 0 if key.startswith("NumberOf") else None
+                row[key] = values[key].get(row["_pk"], default)
+    del p
+
+
+def find_instances(
+    conn: Connection, level: Level, filters: Iterable[tuple[str, str]]
+) -> list[StoredInstance]:
+    """Every stored instance under the entities that match `filters` at `level`."""
+    p, st, se, i = schema.patients, schema.studies, schema.series, schema.instances
+    allowed = set(levels_up_to(level))
+    scoped = [(k, v) for k, v in filters if k in INDEXED and INDEXED[k].level in allowed]
+    columns = [
+        i.c.sop_instance_uid,
+        i.c.sop_class_uid,
+        se.c.series_instance_uid,
+        st.c.study_instance_uid,
+        p.c.patient_id,
+        i.c.transfer_syntax_uid,
+        i.c.blob_path,
+        i.c.size,
+        i.c.sha256,
+    ]
+    statement = _filtered(Level.IMAGE, scoped, columns).order_by(
+        st.c.id, se.c.id, i.c.instance_number, i.c.id
+    )
+    return [StoredInstance(*row) for row in conn.execute(statement)]

@@ -1,0 +1,180 @@
+"""Parsing and validation of an object as it arrives, before anything is stored.
+
+`ReceivedObject` holds the data set bytes exactly as received (they are what the archive
+keeps, with their SHA-256) and the parsed header the index reads. Anything that cannot be
+parsed completely, lacks a required UID or Patient ID, or carries a UID not fit for a path
+is refused here with InvalidInput.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from dataclasses import dataclass
+from io import BytesIO
+
+import pydicom
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filereader import data_element_generator
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import UID
+
+from dicomnode import __version__
+from dicomnode.core.errors import DatasetMismatch, InvalidInput, MissingAttribute
+from dicomnode.core.uids import validate_uid
+
+IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1573.1"
+IMPLEMENTATION_VERSION_NAME = f"DICOMNODE_{__version__}"[:16]
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class ReceivedObject:
+    """A parsed, validated object that has not been stored yet."""
+
+    header: Dataset
+    file_meta_bytes: bytes  # preamble + file meta group, as the blob will start
+    dataset_bytes: bytes  # the data set exactly as received
+    transfer_syntax_uid: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    patient_id: str
+    sha256: str
+
+    @property
+    def size(self) -> int:
+        return len(self.file_meta_bytes) + len(self.dataset_bytes)
+
+
+def _file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str) -> bytes:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class_uid
+    meta.MediaStorageSOPInstanceUID = sop_instance_uid
+    meta.TransferSyntaxUID = transfer_syntax_uid
+    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    buffer = BytesIO()
+    buffer.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(buffer, meta, enforce_standard=True)
+    return buffer.getvalue()
+
+
+def _check_complete(dataset_bytes: bytes, transfer_syntax_uid: str) -> None:
+    """Walk every top-level element; refuse a data set that ends inside one."""
+    ts = UID(transfer_syntax_uid)
+    if not ts.is_transfer_syntax:
+        raise InvalidInput(f"unknown transfer syntax {transfer_syntax_uid}")
+    data = dataset_bytes
+    if ts.is_deflated:
+        try:
+            data = zlib.decompress(dataset_bytes, -zlib.MAX_WBITS)
+        except zlib.error as e:
+            raise InvalidInput(f"the deflated data set cannot be inflated: {e}") from e
+    buffer = BytesIO(data)
+    try:
+        for raw in data_element_generator(buffer, ts.is_implicit_VR, ts.is_little_endian):
+            if (
+                isinstance(raw, RawDataElement)
+                and raw.length != _UNDEFINED_LENGTH
+                and raw.value is not None
+                and len(raw.value) != raw.length
+            ):
+                raise InvalidInput(
+                    f"the data set is truncated: element {raw.tag} declares "
+                    f"{raw.length} bytes but {len(raw.value)} arrived"
+                )
+    except EOFError as e:
+        raise InvalidInput(f"the data set is truncated: {e}") from e
+    if buffer.tell() != len(data):
+        raise InvalidInput(
+            f"the data set is truncated: {len(data) - buffer.tell()} trailing bytes "
+            "do not form an element"
+        )
+
+
+def _parse(file_bytes: bytes) -> Dataset:
+    """Parse a whole Part 10 file into a data set."""
+    try:
+        return pydicom.dcmread(BytesIO(file_bytes))
+    except Exception as e:  # pydicom raises many types for malformed input
+        raise InvalidInput(f"cannot parse the data set: {e}") from e
+
+
+def _required_uid(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword)
+    if value in (None, ""):
+        raise MissingAttribute(keyword)
+    return validate_uid(value, keyword)
+
+
+def _build(file_meta_bytes: bytes, dataset_bytes: bytes, ts: str) -> ReceivedObject:
+    _check_complete(dataset_bytes, ts)
+    header = _parse(file_meta_bytes + dataset_bytes)
+    sop_class = _required_uid(header, "SOPClassUID")
+    sop_instance = _required_uid(header, "SOPInstanceUID")
+    study = _required_uid(header, "StudyInstanceUID")
+    series = _required_uid(header, "SeriesInstanceUID")
+    patient_id = str(header.get("PatientID", "") or "").strip()
+    if not patient_id:
+        raise MissingAttribute("PatientID")
+    return ReceivedObject(
+        header=header,
+        file_meta_bytes=file_meta_bytes,
+        dataset_bytes=dataset_bytes,
+        transfer_syntax_uid=ts,
+        sop_class_uid=sop_class,
+        sop_instance_uid=sop_instance,
+        study_instance_uid=study,
+        series_instance_uid=series,
+        patient_id=patient_id,
+        sha256=hashlib.sha256(dataset_bytes).hexdigest(),
+    )
+
+
+def from_dimse(
+    dataset_bytes: bytes,
+    transfer_syntax_uid: str,
+    sop_class_uid: str,
+    sop_instance_uid: str,
+) -> ReceivedObject:
+    """An object received by C-STORE: the encoded data set and what its command says."""
+    ts = validate_uid(transfer_syntax_uid, "TransferSyntaxUID")
+    command_class = validate_uid(sop_class_uid, "AffectedSOPClassUID")
+    command_instance = validate_uid(sop_instance_uid, "AffectedSOPInstanceUID")
+    received = _build(_file_meta(command_class, command_instance, ts), dataset_bytes, ts)
+    if received.sop_instance_uid != command_instance:
+        raise DatasetMismatch(
+            f"SOPInstanceUID {received.sop_instance_uid} in the data set differs from "
+            f"the C-STORE request's {command_instance}"
+        )
+    if received.sop_class_uid != command_class:
+        raise DatasetMismatch(
+            f"SOPClassUID {received.sop_class_uid} in the data set differs from "
+            f"the C-STORE request's {command_class}"
+        )
+    return received
+
+
+def from_part10(file_bytes: bytes) -> ReceivedObject:
+    """An object received as a DICOM Part 10 file (STOW-RS parts, imports)."""
+    try:
+        buffer = BytesIO(file_bytes)
+        preamble = buffer.read(132)
+        if len(preamble) < 132 or preamble[128:] != b"DICM":
+            raise InvalidInput("not a DICOM Part 10 file: the 'DICM' prefix is missing")
+        meta = pydicom.filereader._read_file_meta_info(buffer)
+        dataset_offset = buffer.tell()
+    except InvalidInput:
+        raise
+    except Exception as e:
+        raise InvalidInput(f"cannot parse the file meta information: {e}") from e
+    ts = validate_uid(meta.get("TransferSyntaxUID", ""), "TransferSyntaxUID")
+    dataset_bytes = file_bytes[dataset_offset:]
+    return _build(file_bytes[:dataset_offset], dataset_bytes, ts)
+
+
+def is_known_transfer_syntax(uid: str) -> bool:
+    return UID(uid).is_transfer_syntax

@@ -1,0 +1,102 @@
+"""The index schema (SQLAlchemy Core). Attribute columns come from `attributes.py`;
+Alembic migrations in `migrations/` create and evolve these tables."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    UniqueConstraint,
+)
+
+from dicomnode.archive.attributes import (
+    INSTANCE_ATTRIBUTES,
+    PATIENT_ATTRIBUTES,
+    SERIES_ATTRIBUTES,
+    STUDY_ATTRIBUTES,
+    IndexedAttribute,
+)
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+_UNIQUE = {"study_instance_uid", "series_instance_uid", "sop_instance_uid"}
+_NOT_NULL = _UNIQUE | {"patient_id", "issuer_of_patient_id", "sop_class_uid"}
+_INDEXED = {"patient_name", "study_date", "accession_number", "modality"}
+
+
+def _columns(attributes: tuple[IndexedAttribute, ...]) -> list[Column]:
+    return [
+        Column(
+            a.column,
+            Integer if a.is_integer else String,
+            nullable=a.column not in _NOT_NULL,
+            unique=a.column in _UNIQUE,
+            index=a.column in _INDEXED,
+            server_default="" if a.column == "issuer_of_patient_id" else None,
+        )
+        for a in attributes
+    ]
+
+
+patients = Table(
+    "patients",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    *_columns(PATIENT_ATTRIBUTES),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("patient_id", "issuer_of_patient_id"),
+)
+
+studies = Table(
+    "studies",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("patient_pk", Integer, ForeignKey("patients.id", ondelete="CASCADE"), nullable=False),
+    *_columns(STUDY_ATTRIBUTES),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Index("ix_studies_patient_pk", "patient_pk"),
+)
+
+series = Table(
+    "series",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("study_pk", Integer, ForeignKey("studies.id", ondelete="CASCADE"), nullable=False),
+    *_columns(SERIES_ATTRIBUTES),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Index("ix_series_study_pk", "study_pk"),
+)
+
+instances = Table(
+    "instances",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("series_pk", Integer, ForeignKey("series.id", ondelete="CASCADE"), nullable=False),
+    *_columns(INSTANCE_ATTRIBUTES),
+    Column("transfer_syntax_uid", String, nullable=False),
+    Column("blob_path", String, nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("received_at", DateTime(timezone=True), nullable=False),
+    Column("source_protocol", String, nullable=False),
+    Column("source_caller", String, nullable=False, server_default=""),
+    Index("ix_instances_series_pk", "series_pk"),
+)
+
+TABLE_BY_LEVEL_NAME = {"PATIENT": patients, "STUDY": studies, "SERIES": series, "IMAGE": instances}

@@ -1,0 +1,356 @@
+"""The node's settings: one TOML file read once into one frozen, typed object.
+
+Every key is documented in ``config/dicomnode.toml``. With no file the embedded default runs:
+SQLite and files under ``./dicomnode-data``, DIMSE on 127.0.0.1:11112, HTTP on 127.0.0.1:8080.
+`read_settings` raises ConfigError for the first problem; `check_settings` lists them all.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dicomnode.core.errors import ConfigError
+
+CONFIG_ENV = "DICOMNODE_CONFIG"
+DIMSE_SERVICES = ("echo", "store", "find", "move", "get")
+DUPLICATE_POLICIES = ("reject", "replace")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS = ("json", "text")
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    ae_title: str = "DICOMNODE"
+    data_dir: Path = Path("dicomnode-data")
+
+
+@dataclass(frozen=True)
+class TLSSettings:
+    cert_file: Path
+    key_file: Path
+    ca_file: Path | None = None
+    require_client_cert: bool = False
+
+
+@dataclass(frozen=True)
+class DimseSettings:
+    host: str = "127.0.0.1"
+    port: int = 11112
+    max_associations: int = 16
+    require_known_peers: bool = False
+    duplicate_policy: str = "reject"
+    max_pdu: int = 0
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    network_timeout: float = 60.0
+    store_timeout: float = 30.0
+    store_retries: int = 2
+    drain_timeout: float = 30.0
+    tls: TLSSettings | None = None
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    threads: int = 8
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    url: str = ""  # empty: SQLite file index.sqlite inside data_dir
+
+
+@dataclass(frozen=True)
+class LoggingSettings:
+    level: str = "INFO"
+    format: str = "json"
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A known DICOM AE: who may call us for which services, and where C-MOVE sends to."""
+
+    name: str
+    ae_title: str
+    host: str
+    port: int
+    allow: tuple[str, ...] = ("echo", "store", "find", "move", "get")
+    tls: bool = False
+
+
+@dataclass(frozen=True)
+class Settings:
+    node: NodeSettings = field(default_factory=NodeSettings)
+    dimse: DimseSettings = field(default_factory=DimseSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
+    database: DatabaseSettings = field(default_factory=DatabaseSettings)
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
+    peers: tuple[Peer, ...] = ()
+    source: Path | None = None  # the file these settings came from
+
+    @property
+    def database_url(self) -> str:
+        """The index URL; the default is a SQLite file inside data_dir."""
+        return self.database.url or f"sqlite:///{self.node.data_dir / 'index.sqlite'}"
+
+    def peer_by_ae_title(self, ae_title: str) -> Peer | None:
+        return next((p for p in self.peers if p.ae_title == ae_title.strip()), None)
+
+
+class _Reader:
+    """Walks a TOML table, converting values and collecting every problem with its key."""
+
+    def __init__(self) -> None:
+        self.problems: list[ConfigError] = []
+
+    def fail(self, key: str, message: str) -> None:
+        self.problems.append(ConfigError(key, message))
+
+    def table(self, data: dict[str, Any], key: str) -> dict[str, Any]:
+        value = data.get(key, {})
+        if not isinstance(value, dict):
+            self.fail(key, f"must be a table, got {type(value).__name__}")
+            return {}
+        return value
+
+    def unknown(self, table: dict[str, Any], prefix: str, known: set[str]) -> None:
+        for key in table:
+            if key not in known:
+                self.fail(f"{prefix}{key}", "unknown key")
+
+    def value(
+        self,
+        table: dict[str, Any],
+        prefix: str,
+        key: str,
+        kind: type | tuple[type, ...],
+        default: Any,
+        check: Callable[[Any], str | None] | None = None,
+    ) -> Any:
+        if key not in table:
+            return default
+        value = table[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        ok = False if isinstance(value, bool) and bool not in kinds else isinstance(value, kinds)
+        if not ok:
+            names = " or ".join(k.__name__ for k in kinds)
+            self.fail(f"{prefix}{key}", f"must be {names}, got {type(value).__name__} {value!r}")
+            return default
+        if check is not None and (message := check(value)):
+            self.fail(f"{prefix}{key}", message)
+            return default
+        return value
+
+
+def _port(value: int) -> str | None:
+    return None if 0 <= value <= 65535 else f"must be 0-65535 (0 picks a free port), got {value}"
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 else f"must be greater than 0, got {value}"
+
+
+def _non_negative(value: float) -> str | None:
+    return None if value >= 0 else f"must be 0 or more, got {value}"
+
+
+def _ae_title(value: str) -> str | None:
+    if not 1 <= len(value.strip()) <= 16:
+        return f"must be 1-16 characters, got {value!r}"
+    if "\\" in value or any(ord(c) < 32 or ord(c) > 126 for c in value):
+        return f"must be printable ASCII without backslash, got {value!r}"
+    return None
+
+
+def _one_of(options: tuple[str, ...]) -> Callable[[str], str | None]:
+    def check(value: str) -> str | None:
+        return None if value in options else f"must be one of {', '.join(options)}; got {value!r}"
+
+    return check
+
+
+def _nonempty(value: str) -> str | None:
+    return None if value.strip() else "must not be empty"
+
+
+def _parse(data: dict[str, Any], base: Path) -> tuple[Settings, list[ConfigError]]:
+    r = _Reader()
+    r.unknown(data, "", {"node", "dimse", "http", "database", "logging", "peers"})
+
+    t = r.table(data, "node")
+    r.unknown(t, "node.", {"ae_title", "data_dir"})
+    data_dir = Path(r.value(t, "node.", "data_dir", str, "dicomnode-data", _nonempty))
+    node = NodeSettings(
+        ae_title=r.value(t, "node.", "ae_title", str, "DICOMNODE", _ae_title).strip(),
+        data_dir=data_dir if data_dir.is_absolute() else (base / data_dir),
+    )
+
+    t = r.table(data, "dimse")
+    known = {f.name for f in DimseSettings.__dataclass_fields__.values()}
+    r.unknown(t, "dimse.", known)
+    tls = None
+    if "tls" in t:
+        tt = r.table(t, "tls")
+        r.unknown(tt, "dimse.tls.", {"cert_file", "key_file", "ca_file", "require_client_cert"})
+        cert = r.value(tt, "dimse.tls.", "cert_file", str, "", _nonempty)
+        key = r.value(tt, "dimse.tls.", "key_file", str, "", _nonempty)
+        ca = r.value(tt, "dimse.tls.", "ca_file", str, "")
+        for name, value in (("cert_file", cert), ("key_file", key), ("ca_file", ca)):
+            if name != "ca_file" and not value:
+                r.fail(f"dimse.tls.{name}", "is required when [dimse.tls] is present")
+            elif value and not (base / value).is_file():
+                r.fail(f"dimse.tls.{name}", f"file not found: {base / value}")
+        require_client = r.value(tt, "dimse.tls.", "require_client_cert", bool, False)
+        if require_client and not ca:
+            r.fail("dimse.tls.require_client_cert", "needs dimse.tls.ca_file to verify clients")
+        tls = TLSSettings(
+            cert_file=base / cert,
+            key_file=base / key,
+            ca_file=(base / ca) if ca else None,
+            require_client_cert=require_client,
+        )
+    d = DimseSettings()
+    dimse = DimseSettings(
+        host=r.value(t, "dimse.", "host", str, d.host, _nonempty),
+        port=r.value(t, "dimse.", "port", int, d.port, _port),
+        max_associations=r.value(
+            t, "dimse.", "max_associations", int, d.max_associations, _positive
+        ),
+        require_known_peers=r.value(t, "dimse.", "require_known_peers", bool, False),
+        duplicate_policy=r.value(
+            t, "dimse.", "duplicate_policy", str, d.duplicate_policy, _one_of(DUPLICATE_POLICIES)
+        ),
+        max_pdu=r.value(t, "dimse.", "max_pdu", int, d.max_pdu, _non_negative),
+        acse_timeout=float(
+            r.value(t, "dimse.", "acse_timeout", (int, float), d.acse_timeout, _positive)
+        ),
+        dimse_timeout=float(
+            r.value(t, "dimse.", "dimse_timeout", (int, float), d.dimse_timeout, _positive)
+        ),
+        network_timeout=float(
+            r.value(t, "dimse.", "network_timeout", (int, float), d.network_timeout, _positive)
+        ),
+        store_timeout=float(
+            r.value(t, "dimse.", "store_timeout", (int, float), d.store_timeout, _positive)
+        ),
+        store_retries=r.value(t, "dimse.", "store_retries", int, d.store_retries, _non_negative),
+        drain_timeout=float(
+            r.value(t, "dimse.", "drain_timeout", (int, float), d.drain_timeout, _non_negative)
+        ),
+        tls=tls,
+    )
+
+    t = r.table(data, "http")
+    r.unknown(t, "http.", {"host", "port", "threads"})
+    http = HttpSettings(
+        host=r.value(t, "http.", "host", str, "127.0.0.1", _nonempty),
+        port=r.value(t, "http.", "port", int, 8080, _port),
+        threads=r.value(t, "http.", "threads", int, 8, _positive),
+    )
+
+    t = r.table(data, "database")
+    r.unknown(t, "database.", {"url"})
+
+    def _db_url(value: str) -> str | None:
+        if value.startswith(("sqlite:///", "postgresql+psycopg://", "postgresql://")):
+            return None
+        return f"must start with sqlite:/// or postgresql+psycopg://, got {value!r}"
+
+    url = r.value(t, "database.", "url", str, "", _db_url)
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+        url = f"sqlite:///{base / url.removeprefix('sqlite:///')}"
+    database = DatabaseSettings(url=url)
+
+    t = r.table(data, "logging")
+    r.unknown(t, "logging.", {"level", "format"})
+    logging_settings = LoggingSettings(
+        level=r.value(t, "logging.", "level", str, "INFO", _one_of(LOG_LEVELS)),
+        format=r.value(t, "logging.", "format", str, "json", _one_of(LOG_FORMATS)),
+    )
+
+    peers: list[Peer] = []
+    raw_peers = data.get("peers", [])
+    if not isinstance(raw_peers, list):
+        r.fail("peers", "must be an array of tables ([[peers]])")
+        raw_peers = []
+    for i, p in enumerate(raw_peers):
+        prefix = f"peers[{i}]."
+        if not isinstance(p, dict):
+            r.fail(f"peers[{i}]", "must be a table")
+            continue
+        r.unknown(p, prefix, {"name", "ae_title", "host", "port", "allow", "tls"})
+        for required in ("name", "ae_title", "host", "port"):
+            if required not in p:
+                r.fail(f"{prefix}{required}", "is required")
+        allow = r.value(p, prefix, "allow", list, list(DIMSE_SERVICES))
+        bad = [s for s in allow if s not in DIMSE_SERVICES]
+        if bad:
+            r.fail(f"{prefix}allow", f"unknown services {bad}; use {', '.join(DIMSE_SERVICES)}")
+        peers.append(
+            Peer(
+                name=r.value(p, prefix, "name", str, f"peer{i}", _nonempty),
+                ae_title=r.value(p, prefix, "ae_title", str, "", _ae_title).strip(),
+                host=r.value(p, prefix, "host", str, "", _nonempty),
+                port=r.value(p, prefix, "port", int, 0, _port),
+                allow=tuple(s for s in allow if s in DIMSE_SERVICES),
+                tls=r.value(p, prefix, "tls", bool, False),
+            )
+        )
+    for kind in ("name", "ae_title"):
+        seen = [getattr(p, kind) for p in peers]
+        for value in {v for v in seen if seen.count(v) > 1}:
+            r.fail("peers", f"two peers share the {kind} {value!r}")
+
+    settings = Settings(
+        node=node,
+        dimse=dimse,
+        http=http,
+        database=database,
+        logging=logging_settings,
+        peers=tuple(peers),
+    )
+    return settings, r.problems
+
+
+def _load_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(str(path), "config file not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(str(path), f"not valid TOML: {e}") from None
+
+
+def check_settings(path: Path) -> list[ConfigError]:
+    """Every problem in the file at `path`, each naming its key; empty when the file is good."""
+    try:
+        data = _load_toml(path)
+    except ConfigError as e:
+        return [e]
+    return _parse(data, Path.cwd())[1]
+
+
+def read_settings(path: Path | str | None = None) -> Settings:
+    """Settings from `path`, else from $DICOMNODE_CONFIG, else the embedded default.
+
+    Relative paths in the file (data_dir, TLS files, a SQLite URL) are relative to the
+    working directory, as hospital IT expects from a service started in its own folder.
+    """
+    if path is None and os.environ.get(CONFIG_ENV):
+        path = os.environ[CONFIG_ENV]
+    data = _load_toml(Path(path)) if path is not None else {}
+    settings, problems = _parse(data, Path.cwd())
+    if problems:
+        raise problems[0]
+    if path is not None:
+        settings = Settings(**{**settings.__dict__, "source": Path(path)})
+    return settings

@@ -1,0 +1,1 @@
+"""Plain types every room shares. Standard library and pydicom only."""

@@ -1,0 +1,25 @@
+"""GET /healthz (open, for load balancers and monitoring) and GET /metrics (Prometheus)."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, current_app, jsonify
+
+
+def health_blueprint() -> Blueprint:
+    bp = Blueprint("health", __name__)
+
+    @bp.get("/healthz")
+    def healthz() -> tuple[Response, int]:
+        services = current_app.extensions["dicomnode"]
+        try:
+            services.archive.ping()
+        except Exception as e:  # the point of a health check is to report, not to raise
+            return jsonify({"status": "failing", "error": str(e)}), 503
+        return jsonify({"status": "ok", **services.status()}), 200
+
+    @bp.get("/metrics")
+    def metrics() -> Response:
+        services = current_app.extensions["dicomnode"]
+        return Response(services.metrics.render(), mimetype="text/plain; version=0.0.4")
+
+    return bp

@@ -1,0 +1,314 @@
+"""One handler per DIMSE service, registered in one table (`HANDLERS`).
+
+Each handler checks that the caller may use the service, hands the work to intake (data in)
+or egress (data out), and turns errors into statuses through `status.failure`.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+from pynetdicom import build_context, evt
+from pynetdicom.presentation import PresentationContext
+
+from dicomnode.config import Settings
+from dicomnode.core.errors import DicomnodeError, NotPermitted, UnknownDestination
+from dicomnode.core.metrics import Metrics
+from dicomnode.core.model import Source, StoredInstance
+from dicomnode.egress import Egress
+from dicomnode.intake import Intake
+from dicomnode.scp import status
+from dicomnode.scp.identifiers import identifier_from_row, query_from_identifier
+
+log = logging.getLogger("dicomnode.scp")
+
+UNCOMPRESSED = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")
+MAX_CONTEXTS = 128
+
+
+@dataclass
+class DimseContext:
+    """What the handlers work with; built by the app from the settings."""
+
+    settings: Settings
+    intake: Intake
+    egress: Egress
+    metrics: Metrics
+    associations: dict[int, dict[str, Any]] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def set_nodelay(event: evt.Event) -> None:
+    """Turn Nagle's algorithm off: without it each C-STORE waits ~40 ms for a delayed ACK."""
+    sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _source(event: evt.Event, ctx: DimseContext, service: str) -> Source:
+    """The caller as a Source, or NotPermitted when it may not use `service`."""
+    calling = event.assoc.requestor.ae_title.strip()
+    peer = ctx.settings.peer_by_ae_title(calling)
+    if peer is not None:
+        allowed = service in peer.allow
+    else:
+        allowed = service in ("echo", "store") and not ctx.settings.dimse.require_known_peers
+    if not allowed:
+        raise NotPermitted(f"{calling} may not use {service.upper()}")
+    return Source("dimse", calling, event.assoc.requestor.address, peer.name if peer else None)
+
+
+def _count(event: evt.Event, ctx: DimseContext, service: str, code: int) -> None:
+    ctx.metrics.add("dicomnode_dimse_requests_total", service=service, status=f"0x{code:04X}")
+    with ctx.lock:
+        stats = ctx.associations.get(id(event.assoc))
+        if stats is not None:
+            key = service if code in (status.SUCCESS, status.PENDING) else f"{service}_failed"
+            stats[key] = stats.get(key, 0) + 1
+
+
+def handle_echo(event: evt.Event, ctx: DimseContext) -> int | Dataset:
+    try:
+        _source(event, ctx, "echo")
+    except DicomnodeError as e:
+        _count(event, ctx, "echo", status.status_for(e))
+        return status.failure(e)
+    _count(event, ctx, "echo", status.SUCCESS)
+    return status.SUCCESS
+
+
+def handle_store(event: evt.Event, ctx: DimseContext) -> int | Dataset:
+    try:
+        source = _source(event, ctx, "store")
+        ctx.intake.receive_dimse(
+            event.encoded_dataset(include_meta=False),
+            event.context.transfer_syntax,
+            event.request.AffectedSOPClassUID,
+            event.request.AffectedSOPInstanceUID,
+            source,
+        )
+    except Exception as e:
+        if not isinstance(e, DicomnodeError):
+            log.exception("C-STORE failed unexpectedly")
+        _count(event, ctx, "store", status.status_for(e))
+        return status.failure(e)
+    _count(event, ctx, "store", status.SUCCESS)
+    return status.SUCCESS
+
+
+def handle_find(
+    event: evt.Event, ctx: DimseContext
+) -> Iterator[tuple[int | Dataset, Dataset | None]]:
+    try:
+        source = _source(event, ctx, "find")
+        request = event.identifier
+        query = query_from_identifier(request, event.request.AffectedSOPClassUID)
+        rows = ctx.egress.find(query, source)
+    except Exception as e:
+        if not isinstance(e, DicomnodeError):
+            log.exception("C-FIND failed unexpectedly")
+        _count(event, ctx, "find", status.status_for(e))
+        yield status.failure(e), None
+        return
+    for row in rows:
+        if event.is_cancelled:
+            _count(event, ctx, "find", status.CANCEL)
+            yield status.CANCEL, None
+            return
+        yield status.PENDING, identifier_from_row(row, request, ctx.settings.node.ae_title)
+    _count(event, ctx, "find", status.SUCCESS)
+
+
+def dataset_to_send(
+    archive_file: Any, instance: StoredInstance, accepted: list[PresentationContext]
+) -> Dataset:
+    """Load `instance` in a transfer syntax the peer accepted: as stored when it can, else
+    decompressed to explicit VR little endian (needs the codecs extra for compressed data)."""
+    ds = pydicom.dcmread(archive_file)
+    stored_ts = instance.transfer_syntax_uid
+    offered = {
+        cx.transfer_syntax[0] for cx in accepted if cx.abstract_syntax == instance.sop_class_uid
+    }
+    if stored_ts in offered or not UID(stored_ts).is_compressed:
+        return ds
+    if offered & set(UNCOMPRESSED):
+        ds.decompress()
+    return ds
+
+
+def retrieve_contexts(instances: list[StoredInstance]) -> list[PresentationContext]:
+    """Contexts to propose for sending `instances`: each SOP class in its stored transfer syntax,
+    plus the uncompressed ones so that a peer without codecs still gets the images."""
+    pairs = sorted({(i.sop_class_uid, i.transfer_syntax_uid) for i in instances})
+    classes = sorted({c for c, _ in pairs})
+    contexts = [build_context(c, list(UNCOMPRESSED)) for c in classes]
+    contexts += [build_context(c, ts) for c, ts in pairs if ts not in UNCOMPRESSED]
+    if len(contexts) > MAX_CONTEXTS:
+        by_class: dict[str, list[str]] = {c: list(UNCOMPRESSED) for c in classes}
+        for c, ts in pairs:
+            if ts not in by_class[c]:
+                by_class[c].insert(0, ts)
+        contexts = [build_context(c, ts) for c, ts in by_class.items()][:MAX_CONTEXTS]
+    return contexts
+
+
+def _retrieve(
+    event: evt.Event, ctx: DimseContext, service: str
+) -> tuple[Source, list[StoredInstance], Any]:
+    source = _source(event, ctx, service)
+    query = query_from_identifier(event.identifier, event.request.AffectedSOPClassUID)
+    destination = None
+    if service == "move":
+        destination = ctx.settings.peer_by_ae_title(event.move_destination)
+        if destination is None:
+            raise UnknownDestination(
+                f"move destination {event.move_destination!r} is not a known peer"
+            )
+    instances = ctx.egress.retrieve(
+        query.level,
+        query.filters,
+        source,
+        service,
+        destination.name if destination else source.caller,
+    )
+    return source, instances, destination
+
+
+def handle_move(event: evt.Event, ctx: DimseContext) -> Iterator[Any]:
+    try:
+        _source_, instances, peer = _retrieve(event, ctx, "move")
+    except UnknownDestination as e:
+        log.warning("C-MOVE refused: %s", e)
+        _count(event, ctx, "move", status.MOVE_DESTINATION_UNKNOWN)
+        yield None, None
+        return
+    except Exception as e:
+        # pynetdicom takes no status before the destination: a raise here answers 0xC514.
+        log.warning("C-MOVE refused: %s", e)
+        _count(event, ctx, "move", 0xC514)
+        raise
+    store_association: list[Any] = []
+
+    def remember(store_event: evt.Event) -> None:
+        store_association.append(store_event.assoc)
+
+    options: dict[str, Any] = {
+        "contexts": retrieve_contexts(instances) or [build_context("1.2.840.10008.1.1")],
+        "evt_handlers": [(evt.EVT_CONN_OPEN, set_nodelay), (evt.EVT_ACCEPTED, remember)],
+    }
+    yield peer.host, peer.port, options
+    yield len(instances)
+    yield from _send(event, ctx, "move", instances, lambda: store_association[0].accepted_contexts)
+
+
+def handle_get(event: evt.Event, ctx: DimseContext) -> Iterator[Any]:
+    try:
+        _source_, instances, _ = _retrieve(event, ctx, "get")
+    except Exception as e:
+        if not isinstance(e, DicomnodeError):
+            log.exception("C-GET failed unexpectedly")
+        _count(event, ctx, "get", status.status_for(e))
+        yield 0
+        yield status.failure(e), None
+        return
+    yield len(instances)
+    yield from _send(event, ctx, "get", instances, lambda: event.assoc.accepted_contexts)
+
+
+def _send(
+    event: evt.Event,
+    ctx: DimseContext,
+    service: str,
+    instances: list[StoredInstance],
+    accepted: Any,
+) -> Iterator[tuple[int, Dataset | None]]:
+    archive = ctx.egress.archive
+    for instance in instances:
+        if event.is_cancelled:
+            _count(event, ctx, service, status.CANCEL)
+            yield status.CANCEL, None
+            return
+        try:
+            ds = dataset_to_send(archive.blob_file(instance), instance, accepted())
+        except Exception as e:
+            log.warning("cannot prepare %s for sending: %s", instance.sop_instance_uid, e)
+            ctx.metrics.add("dicomnode_instances_sent_total", service=service, result="failed")
+            failed = Dataset()
+            failed.SOPInstanceUID = instance.sop_instance_uid
+            yield status.PENDING, failed  # counted as a failed sub-operation by pynetdicom
+            continue
+        ctx.metrics.add("dicomnode_instances_sent_total", service=service, result="sent")
+        yield status.PENDING, ds
+    _count(event, ctx, service, status.SUCCESS)
+
+
+def on_established(event: evt.Event, ctx: DimseContext) -> None:
+    ctx.metrics.add("dicomnode_associations_total", outcome="accepted")
+    ctx.metrics.add("dicomnode_associations_active", 1)
+    with ctx.lock:
+        ctx.associations[id(event.assoc)] = {"started": time.monotonic()}
+
+
+def _closed(event: evt.Event, ctx: DimseContext, outcome: str) -> None:
+    with ctx.lock:
+        stats = ctx.associations.pop(id(event.assoc), None)
+    if stats is None:
+        return
+    ctx.metrics.add("dicomnode_associations_total", outcome=outcome)
+    ctx.metrics.add("dicomnode_associations_active", -1)
+    started = stats.pop("started")
+    log.info(
+        "association %s",
+        outcome,
+        extra={
+            "event": "association",
+            "outcome": outcome,
+            "caller": event.assoc.requestor.ae_title.strip(),
+            "address": f"{event.assoc.requestor.address}:{event.assoc.requestor.port}",
+            "seconds": round(time.monotonic() - started, 3),
+            **stats,
+        },
+    )
+
+
+def on_released(event: evt.Event, ctx: DimseContext) -> None:
+    _closed(event, ctx, "released")
+
+
+def on_aborted(event: evt.Event, ctx: DimseContext) -> None:
+    _closed(event, ctx, "aborted")
+
+
+def on_rejected(event: evt.Event, ctx: DimseContext) -> None:
+    ctx.metrics.add("dicomnode_associations_total", outcome="rejected")
+    log.info(
+        "association rejected",
+        extra={
+            "event": "association",
+            "outcome": "rejected",
+            "caller": event.assoc.requestor.ae_title.strip(),
+            "address": event.assoc.requestor.address,
+        },
+    )
+
+
+HANDLERS = (
+    (evt.EVT_C_ECHO, handle_echo),
+    (evt.EVT_C_STORE, handle_store),
+    (evt.EVT_C_FIND, handle_find),
+    (evt.EVT_C_MOVE, handle_move),
+    (evt.EVT_C_GET, handle_get),
+    (evt.EVT_ESTABLISHED, on_established),
+    (evt.EVT_RELEASED, on_released),
+    (evt.EVT_ABORTED, on_aborted),
+    (evt.EVT_REJECTED, on_rejected),
+)

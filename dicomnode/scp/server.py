@@ -1,0 +1,122 @@
+"""Builds the pynetdicom AE from the settings and runs it: start, drain, stop."""
+
+from __future__ import annotations
+
+import logging
+import socketserver
+import ssl
+import time
+from functools import partial
+from typing import Any
+
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
+from pynetdicom.presentation import AllStoragePresentationContexts
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
+
+from dicomnode.scp.handlers import HANDLERS, DimseContext, set_nodelay
+
+log = logging.getLogger("dicomnode.scp")
+
+QUERY_RETRIEVE = (
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelMove,
+    PatientRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelGet,
+)
+
+# Stored as received, in any of these: uncompressed, deflate, JPEG, JPEG-LS, JPEG 2000, RLE, ...
+STORAGE_TRANSFER_SYNTAXES = list(ALL_TRANSFER_SYNTAXES)
+
+# The identifiers are logged by the node itself, and decoding them costs time.
+_config.LOG_REQUEST_IDENTIFIERS = False
+_config.LOG_RESPONSE_IDENTIFIERS = False
+
+
+def _server_ssl_context(ctx: DimseContext) -> ssl.SSLContext | None:
+    tls = ctx.settings.dimse.tls
+    if tls is None:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(tls.cert_file, tls.key_file)
+    if tls.ca_file:
+        context.load_verify_locations(tls.ca_file)
+    context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_NONE
+    return context
+
+
+def build_ae(ctx: DimseContext) -> AE:
+    """The node's AE: Verification, Storage for every storage SOP class pynetdicom knows
+    (also in the SCP role, for C-GET), and Patient/Study Root Query/Retrieve."""
+    dimse = ctx.settings.dimse
+    ae = AE(ae_title=ctx.settings.node.ae_title)
+    ae.maximum_associations = dimse.max_associations
+    ae.maximum_pdu_size = dimse.max_pdu
+    ae.acse_timeout = dimse.acse_timeout
+    ae.dimse_timeout = dimse.store_timeout  # bounds each C-STORE sub-operation of C-MOVE/C-GET
+    ae.network_timeout = dimse.network_timeout
+    ae.add_supported_context(Verification)
+    for context in AllStoragePresentationContexts:
+        ae.add_supported_context(
+            context.abstract_syntax, STORAGE_TRANSFER_SYNTAXES, scu_role=True, scp_role=True
+        )
+    for sop_class in QUERY_RETRIEVE:
+        ae.add_supported_context(sop_class)
+    if dimse.require_known_peers:
+        ae.require_calling_aet = [p.ae_title for p in ctx.settings.peers]
+    return ae
+
+
+class DimseServer:
+    """The node's DIMSE listener."""
+
+    def __init__(self, ctx: DimseContext) -> None:
+        self.ctx = ctx
+        self.ae = build_ae(ctx)
+        self._server: Any = None
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    def start(self) -> int:
+        """Listen on the configured address; returns the port (useful when configured as 0)."""
+        dimse = self.ctx.settings.dimse
+        handlers: list[Any] = [(evt.EVT_CONN_OPEN, set_nodelay)]
+        handlers += [(event, partial(handler, ctx=self.ctx)) for event, handler in HANDLERS]
+        self._server = self.ae.start_server(
+            (dimse.host, dimse.port),
+            block=False,
+            evt_handlers=handlers,
+            ssl_context=_server_ssl_context(self.ctx),
+        )
+        return self.port
+
+    def active_associations(self) -> int:
+        return len(self._server.active_associations) if self._server else 0
+
+    def stop(self, drain_timeout: float) -> None:
+        """Stop accepting, let open associations finish for up to `drain_timeout` s, then abort."""
+        if self._server is None:
+            return
+        socketserver.TCPServer.shutdown(self._server)
+        self._server.server_close()
+        deadline = time.monotonic() + drain_timeout
+        while self.active_associations() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self.active_associations():
+            log.warning(
+                "aborting %d associations still open after draining", self.active_associations()
+            )
+        self._server.shutdown()
+        self._server = None
