@@ -51,6 +51,7 @@ CALLING_AET = "BENCH"
 DEFAULT_WORK_DIR = Path(tempfile.gettempdir()) / "dicomnode-bench"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ALL_RECEIVERS = ("storescp", "orthanc", "dicomnode")
+PROFILE_RATE = 200  # py-spy samples per second
 
 
 # --------------------------------------------------------------------------------------
@@ -807,7 +808,7 @@ def profile_dicomnode(
     data: DataSet,
     scratch: Path,
     out_dir: Path,
-    rate: int = 200,
+    rate: int = PROFILE_RATE,
 ) -> Path | None:
     """Send the data set over one association while ``py-spy record`` samples dicomnode.
 
@@ -853,41 +854,78 @@ def profile_dicomnode(
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-#: Frames left out of the profile summary: thread start-up frames present in every sample.
-_NOISE = ("(threading.py)",)
+#: Thread start-up frames present in every sample; left out of the summary.
+_STARTUP_FRAMES = (
+    "Thread._bootstrap (threading.py)",
+    "Thread._bootstrap_inner (threading.py)",
+    "Thread.run (threading.py)",
+)
+#: Innermost frames of threads that are blocked waiting, which py-spy does not always
+#: recognise as idle (e.g. waitress workers in ``Condition.wait``); such samples are
+#: dropped. A ``time.sleep`` inside a busy-polling loop cannot be told apart and stays.
+_IDLE_LEAVES = (
+    "Condition.wait (threading.py)",
+    "Event.wait (threading.py)",
+    "Thread.join (threading.py)",
+    "Thread._wait_for_tstate_lock (threading.py)",
+    "_PollLikeSelector.select (selectors.py)",
+    "SelectSelector.select (selectors.py)",
+    "socket.accept (socket.py)",
+)
 
 
-def summarize_collapsed(raw: Path, top: int = 15) -> list[tuple[str, float, float]]:
-    """Hottest functions from py-spy's collapsed stacks.
+@dataclass
+class Profile:
+    """Summary of py-spy collapsed stacks (percentages of the busy samples)."""
 
-    Returns ``(function, inclusive %, self %)`` sorted by inclusive share of samples,
-    ignoring process/thread labels and ``threading`` start-up frames. Inclusive counts
-    a function once per sample even when it recurses.
+    busy_samples: int
+    idle_samples: int
+    #: ``(function, inclusive %, self %)``, by inclusive share, hottest first.
+    functions: list[tuple[str, float, float]]
+    #: ``(function, inclusive %, self %)``, by self share, hottest first.
+    by_self: list[tuple[str, float, float]]
+    #: ``(thread name, % of busy samples)``, busiest first.
+    threads: list[tuple[str, float]]
+
+
+def summarize_collapsed(raw: Path, top: int = 15) -> Profile:
+    """Hottest functions in py-spy's collapsed stacks (recorded with ``--threads``).
+
+    Samples whose innermost frame is a blocking wait are counted as idle and dropped;
+    thread start-up frames are ignored. Inclusive counts a function once per sample
+    even when it recurses; percentages are of the remaining (busy) samples.
     """
     inclusive: Counter[str] = Counter()
     own: Counter[str] = Counter()
-    total = 0
+    threads: Counter[str] = Counter()
+    busy = idle = 0
     for line in raw.read_text(errors="replace").splitlines():
         stack, _, count_text = line.rpartition(" ")
         if not stack or not count_text.isdigit():
             continue
         count = int(count_text)
-        frames = [
-            f
-            for f in stack.split(";")
-            if f and not f.startswith(("process ", "thread ")) and not f.endswith(_NOISE)
-        ]
-        if not frames:
+        thread = "?"
+        frames = []
+        for frame in stack.split(";"):
+            if frame.startswith("thread "):
+                thread = frame.split(":", 1)[-1].strip().split("@", 1)[0]
+            elif frame and not frame.startswith("process ") and frame not in _STARTUP_FRAMES:
+                frames.append(frame)
+        if not frames or frames[-1] in _IDLE_LEAVES:
+            idle += count
             continue
-        total += count
+        busy += count
+        threads[thread] += count
         for frame in set(frames):
             inclusive[frame] += count
         own[frames[-1]] += count
-    if total == 0:
-        return []
-    rows = [(fn, 100.0 * n / total, 100.0 * own[fn] / total) for fn, n in inclusive.items()]
+    if busy == 0:
+        return Profile(0, idle, [], [], [])
+    rows = [(fn, 100.0 * n / busy, 100.0 * own[fn] / busy) for fn, n in inclusive.items()]
+    by_self = sorted(rows, key=lambda r: (-r[2], -r[1]))[:top]
     rows.sort(key=lambda r: (-r[1], -r[2]))
-    return rows[:top]
+    thread_rows = [(name, 100.0 * n / busy) for name, n in threads.most_common()]
+    return Profile(busy, idle, rows[:top], by_self, thread_rows)
 
 
 # --------------------------------------------------------------------------------------
@@ -941,7 +979,7 @@ def render_report(
     data: DataSet,
     receivers: list[Receiver],
     samples: list[Sample],
-    profile_rows: list[tuple[str, float, float]] | None,
+    profile: Profile | None,
 ) -> str:
     """Markdown section for one benchmark run."""
     summaries = summarize(samples, data)
@@ -1031,15 +1069,29 @@ def render_report(
         )
         for p in s.problems[:3]:
             lines.append(f"  - `{p[:300]}`")
-    if profile_rows:
+    if profile is not None and profile.functions:
         lines += [
             "",
-            "### dicomnode profile (py-spy, 1 association, not timed)",
+            "### dicomnode profile (py-spy, 1 association, separate untimed run)",
+            "",
+            f"{profile.busy_samples} busy samples at {PROFILE_RATE} Hz over all threads "
+            f"({profile.idle_samples} samples of threads blocked in a wait dropped). "
+            "Busy samples per thread: "
+            + ", ".join(f"{name} {share:.0f}%" for name, share in profile.threads[:5])
+            + ".",
             "",
             "| function | inclusive % | self % |",
             "| --- | ---: | ---: |",
         ]
-        lines += [f"| `{fn}` | {inc:.1f} | {own:.1f} |" for fn, inc, own in profile_rows]
+        lines += [f"| `{fn}` | {inc:.1f} | {own:.1f} |" for fn, inc, own in profile.functions]
+        lines += [
+            "",
+            "By self time:",
+            "",
+            "| function | self % | inclusive % |",
+            "| --- | ---: | ---: |",
+        ]
+        lines += [f"| `{fn}` | {own:.1f} | {inc:.1f} |" for fn, inc, own in profile.by_self]
     lines.append("")
     return "\n".join(lines)
 
@@ -1164,16 +1216,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                         f"{sample.sent / sample.seconds:7.1f} inst/s, stored {sample.stored}"
                         f"/{sample.sent}, receiver CPU {sample.receiver_cpu_s:.2f} s"
                     )
-        profile_rows = None
+        profile = None
         if args.profile is not None and "dicomnode" in names:
             raw = profile_dicomnode(tools, data, scratch, args.profile)
             if raw is not None and raw.exists():
-                profile_rows = summarize_collapsed(raw)
+                profile = summarize_collapsed(raw)
     finally:
         if not args.keep:
             shutil.rmtree(scratch, ignore_errors=True)
 
-    section = render_report(info, args, data, receivers, samples, profile_rows)
+    section = render_report(info, args, data, receivers, samples, profile)
     print(section)
     if not args.no_report:
         write_report(args.out, section, args.append)

@@ -258,7 +258,7 @@ def _parse(data: dict[str, Any], base: Path) -> tuple[Settings, list[ConfigError
     r.unknown(t, "database.", {"url"})
 
     def _db_url(value: str) -> str | None:
-        if value.startswith(("sqlite:///", "postgresql+psycopg://", "postgresql://")):
+        if not value or value.startswith(("sqlite:///", "postgresql+psycopg://", "postgresql://")):
             return None
         return f"must start with sqlite:/// or postgresql+psycopg://, got {value!r}"
 

@@ -1,0 +1,255 @@
+"""Shared fixtures: a real node on loopback (in-process or as a `dicomnode serve` process),
+on SQLite and on a PostgreSQL server the tests start themselves."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from dicomnode.config import Peer, read_settings
+
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(
+    predicate: Callable[[], object], timeout: float = 30.0, what: str = "condition"
+) -> object:
+    """Poll `predicate` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+# --- PostgreSQL, started once per test session ------------------------------------------
+
+
+@dataclass
+class PostgresServer:
+    socket_dir: Path
+    port: int
+
+    def url(self, database: str) -> str:
+        return f"postgresql+psycopg://postgres@/{database}?host={self.socket_dir}&port={self.port}"
+
+    def create_database(self) -> str:
+        import psycopg
+
+        name = "t_" + uuid.uuid4().hex[:12]
+        with psycopg.connect(
+            host=str(self.socket_dir),
+            port=self.port,
+            user="postgres",
+            dbname="postgres",
+            autocommit=True,
+        ) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return self.url(name)
+
+
+def _as_postgres_user(command: list[str]) -> list[str]:
+    return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A throwaway PostgreSQL cluster on a Unix socket (initdb + pg_ctl from the machine)."""
+    for tool in ("initdb", "pg_ctl"):
+        assert shutil.which(tool), (
+            f"{tool} is required for the PostgreSQL tests (.ci/run installs it)"
+        )
+    # Outside pytest's private temp folder, which the postgres user may not enter.
+    base = Path(tempfile.mkdtemp(prefix="dicomnode-pg-"))
+    data, sockets = base / "data", base / "sock"
+    sockets.mkdir()
+    if os.geteuid() == 0:
+        shutil.chown(base, "postgres")
+        shutil.chown(sockets, "postgres")
+    port = free_port()
+    subprocess.run(
+        _as_postgres_user(
+            ["initdb", "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"]
+        ),
+        check=True,
+        capture_output=True,
+    )
+    options = f"-k {sockets} -p {port} -c listen_addresses='' -c fsync=off -c max_connections=200"
+    subprocess.run(
+        _as_postgres_user(
+            ["pg_ctl", "-D", str(data), "-o", options, "-l", str(base / "log"), "-w", "start"]
+        ),
+        check=True,
+        capture_output=True,
+    )
+    try:
+        yield PostgresServer(sockets, port)
+    finally:
+        subprocess.run(
+            _as_postgres_user(["pg_ctl", "-D", str(data), "-m", "immediate", "stop"]),
+            capture_output=True,
+        )
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The index URL for one test: a SQLite file, or a fresh database on the test PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'index.sqlite'}"
+    return request.getfixturevalue("postgres").create_database()
+
+
+# --- the node ---------------------------------------------------------------------------
+
+
+def write_config(
+    path: Path, data_dir: Path, database_url: str, peers: list[Peer] = (), **dimse: object
+) -> Path:
+    """A TOML settings file with free-port defaults for tests."""
+    lines = [
+        "[node]",
+        'ae_title = "DICOMNODE"',
+        f'data_dir = "{data_dir}"',
+        "[dimse]",
+        'host = "127.0.0.1"',
+        f"port = {dimse.pop('port', 0)}",
+        "drain_timeout = 10",
+    ]
+    for key, value in dimse.items():
+        lines.append(f"{key} = {json.dumps(value)}")
+    lines += ["[http]", 'host = "127.0.0.1"', "port = 0", "[database]", f'url = "{database_url}"']
+    for peer in peers:
+        lines += [
+            "[[peers]]",
+            f'name = "{peer.name}"',
+            f'ae_title = "{peer.ae_title}"',
+            f'host = "{peer.host}"',
+            f"port = {peer.port}",
+            f"allow = {json.dumps(list(peer.allow))}",
+        ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def start_node(tmp_path: Path, database_url: str) -> Iterator[Callable[..., object]]:
+    """Start an in-process Node on free loopback ports; stopped after the test."""
+    from dicomnode.app import Node
+
+    nodes: list[Node] = []
+
+    def start(peers: list[Peer] = (), **dimse: object) -> Node:
+        config = write_config(
+            tmp_path / f"node{len(nodes)}.toml", tmp_path / "data", database_url, peers, **dimse
+        )
+        node = Node(read_settings(config))
+        node.start()
+        nodes.append(node)
+        return node
+
+    yield start
+    for node in nodes:
+        node.stop()
+
+
+WORKSTATION = Peer(
+    "workstation", "WORKSTATION", "127.0.0.1", 0, ("echo", "store", "find", "move", "get")
+)
+
+
+@dataclass
+class ServeProcess:
+    """`dicomnode serve` in its own process, its log in a file."""
+
+    process: subprocess.Popen
+    log_path: Path
+
+    def ready_event(self) -> dict:
+        for line in self.log_path.read_text().splitlines():
+            if '"event": "ready"' in line:
+                return json.loads(line)
+        return {}
+
+    @property
+    def dimse_port(self) -> int:
+        return int(self.ready_event()["dimse_port"])
+
+    @property
+    def http_port(self) -> int:
+        return int(self.ready_event()["http_port"])
+
+    def log_events(self, event: str) -> list[dict]:
+        return [
+            json.loads(line)
+            for line in self.log_path.read_text().splitlines()
+            if line.startswith("{") and f'"event": "{event}"' in line
+        ]
+
+    def terminate(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        return self.process.wait(timeout)
+
+
+def serve(config: Path, log_path: Path, env: dict | None = None) -> ServeProcess:
+    """Run `dicomnode serve --config CONFIG` and wait until it logs that it is ready."""
+    log_file = log_path.open("ab")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dicomnode.cli", "serve", "--config", str(config)],
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        env=env or os.environ.copy(),
+    )
+    served = ServeProcess(process, log_path)
+
+    def ready() -> bool:
+        assert process.poll() is None, f"dicomnode serve exited early:\n{log_path.read_text()}"
+        return bool(served.ready_event())
+
+    wait_until(ready, 60, "dicomnode serve to log that it is ready")
+    return served
+
+
+@pytest.fixture
+def serve_node(tmp_path: Path, database_url: str) -> Iterator[Callable[..., ServeProcess]]:
+    processes: list[ServeProcess] = []
+
+    def start(peers: list[Peer] = (), config: Path | None = None, **dimse: object) -> ServeProcess:
+        config = config or write_config(
+            tmp_path / "serve.toml", tmp_path / "data", database_url, peers, **dimse
+        )
+        served = serve(config, tmp_path / f"serve{len(processes)}.log")
+        processes.append(served)
+        return served
+
+    yield start
+    for served in processes:
+        if served.process.poll() is None:
+            served.terminate(signal.SIGKILL)
+
+
+def run_dcmtk(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run a dcmtk tool with TCP_NODELAY on; returns the completed process (output as text)."""
+    assert shutil.which(args[0]), f"{args[0]} (dcmtk) is required; .ci/run installs it"
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=DCMTK_ENV)

@@ -1,0 +1,184 @@
+"""The archive and its one ingest path: durable blobs kept as received, exact duplicates,
+refused input that leaves everything as it was. Runs on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import hashlib
+from io import BytesIO
+from pathlib import Path
+
+import pydicom
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from pydicom.data import get_testdata_file
+
+from dicomnode.archive import Archive, schema
+from dicomnode.archive.received import from_part10
+from dicomnode.core.errors import DuplicateConflict, InvalidInput, InvalidUID, MissingAttribute
+from dicomnode.core.model import Level, Source
+from tests.factory import make_ct
+
+SENDER = Source("dimse", "MODALITY", "127.0.0.1")
+
+
+def part10(ds) -> bytes:
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def files_under(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.fixture
+def archive(tmp_path, database_url):
+    archive = Archive(tmp_path / "data", database_url)
+    yield archive
+    archive.close()
+
+
+def test_blob_keeps_the_bytes_as_received_with_their_sha256(archive):
+    original = Path(get_testdata_file("JPEG2000.dcm")).read_bytes()
+    received = from_part10(original)
+    result = archive.store(received, SENDER)
+    assert result.outcome == "stored"
+    blob = archive.blob_file(result.instance).read_bytes()
+    assert blob == original  # Part 10 in, the very same file kept
+    assert result.instance.sha256 == hashlib.sha256(received.dataset_bytes).hexdigest()
+    assert result.instance.transfer_syntax_uid == "1.2.840.10008.1.2.4.91"
+    assert archive.counts() == {"patients": 1, "studies": 1, "series": 1, "instances": 1}
+
+
+def test_hierarchy_rows_are_shared(archive):
+    first = make_ct(instance_number=1)
+    same_series = make_ct(study_uid=first.StudyInstanceUID, series_uid=first.SeriesInstanceUID, instance_number=2)
+    other_series = make_ct(study_uid=first.StudyInstanceUID, instance_number=1, Modality="PT")
+    for ds in (first, same_series, other_series):
+        archive.store(from_part10(part10(ds)), SENDER)
+    assert archive.counts() == {"patients": 1, "studies": 1, "series": 2, "instances": 3}
+
+
+def test_identical_resend_stores_nothing_new(archive, tmp_path):
+    data = part10(make_ct())
+    archive.store(from_part10(data), SENDER)
+    before = files_under(tmp_path / "data" / "blobs")
+    result = archive.store(from_part10(data), SENDER)
+    assert result.outcome == "duplicate"
+    assert files_under(tmp_path / "data" / "blobs") == before
+    assert archive.counts()["instances"] == 1
+
+
+def test_different_object_under_a_stored_uid_is_rejected_and_the_original_kept(archive, tmp_path):
+    original = make_ct(seed=1)
+    archive.store(from_part10(part10(original)), SENDER)
+    before = files_under(tmp_path / "data" / "blobs")
+    impostor = make_ct(
+        sop_uid=original.SOPInstanceUID,
+        study_uid=original.StudyInstanceUID,
+        series_uid=original.SeriesInstanceUID,
+        seed=2,
+    )
+    with pytest.raises(DuplicateConflict, match="already stored"):
+        archive.store(from_part10(part10(impostor)), SENDER)
+    assert files_under(tmp_path / "data" / "blobs") == before
+    assert archive.counts()["instances"] == 1
+
+
+def test_replace_policy_swaps_the_object(tmp_path, database_url):
+    archive = Archive(tmp_path / "data", database_url, duplicate_policy="replace")
+    try:
+        original = make_ct(seed=1)
+        first = archive.store(from_part10(part10(original)), SENDER)
+        newer = make_ct(
+            sop_uid=original.SOPInstanceUID,
+            study_uid=original.StudyInstanceUID,
+            series_uid=original.SeriesInstanceUID,
+            seed=2,
+        )
+        second = archive.store(from_part10(part10(newer)), SENDER)
+        assert second.outcome == "replaced"
+        assert not archive.blob_file(first.instance).exists()
+        stored = pydicom.dcmread(archive.blob_file(second.instance))
+        assert stored.PixelData == newer.PixelData
+        (only,) = archive.find_instances(Level.IMAGE, (("SOPInstanceUID", original.SOPInstanceUID),))
+        assert only.sha256 == second.instance.sha256
+        assert archive.counts()["instances"] == 1
+    finally:
+        archive.close()
+
+
+@pytest.mark.parametrize(
+    ("keyword", "value"),
+    [
+        ("SOPInstanceUID", "1.2.3/../../x"),
+        ("StudyInstanceUID", "../../etc"),
+        ("SeriesInstanceUID", "1.2..3"),
+        ("SOPInstanceUID", "1." + "2" * 70),
+        ("SOPInstanceUID", "1.2.3\\4"),
+    ],
+)
+def test_hostile_uids_never_reach_a_path(archive, tmp_path, keyword, value):
+    ds = make_ct()
+    setattr(ds, keyword, value)
+    ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3"
+    with pytest.raises(InvalidUID, match=keyword):
+        archive.store(from_part10(part10(ds)), SENDER)
+    assert files_under(tmp_path / "data" / "blobs") == {}
+    assert archive.counts()["instances"] == 0
+
+
+@pytest.mark.parametrize("keyword", ["SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "PatientID"])
+def test_required_attributes(keyword):
+    ds = make_ct()
+    delattr(ds, keyword)
+    with pytest.raises(MissingAttribute, match=keyword):
+        from_part10(part10(ds))
+
+
+def test_empty_patient_id_is_refused():
+    with pytest.raises(MissingAttribute, match="PatientID"):
+        from_part10(part10(make_ct(patient_id="")))
+
+
+@pytest.mark.parametrize("cut", [1, 100, 1000])
+def test_truncated_objects_are_refused(cut):
+    data = part10(make_ct(size=32))
+    with pytest.raises(InvalidInput, match="truncated"):
+        from_part10(data[:-cut])
+
+
+def test_not_dicom_is_refused():
+    with pytest.raises(InvalidInput, match="DICM"):
+        from_part10(b"hello, this is not DICOM" * 10)
+
+
+def test_index_failure_leaves_no_blob_and_no_row(archive, tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("database went away")
+
+    monkeypatch.setattr(archive.index, "ensure_hierarchy", broken)
+    with pytest.raises(RuntimeError):
+        archive.store(from_part10(part10(make_ct())), SENDER)
+    assert [p for p in (tmp_path / "data" / "blobs").rglob("*") if p.is_file()] == []
+    assert archive.counts()["instances"] == 0
+
+
+def test_leftovers_of_an_interrupted_write_are_discarded_at_start(tmp_path, database_url):
+    Archive(tmp_path / "data", database_url).close()
+    leftover = tmp_path / "data" / "blobs" / "tmp" / "abc.part"
+    leftover.write_bytes(b"half a file")
+    archive = Archive(tmp_path / "data", database_url)
+    archive.close()
+    assert not leftover.exists()
+
+
+def test_migrations_create_exactly_the_schema(archive):
+    with archive.engine.connect() as conn:
+        differences = compare_metadata(MigrationContext.configure(conn), schema.metadata)
+    assert differences == []
+
+
+def test_health_probe(archive):
+    archive.ping()

@@ -1,0 +1,155 @@
+"""The settings file: the contract keys, the embedded default, and clear errors naming the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dicomnode.config import check_settings, read_settings
+from dicomnode.core.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+
+CONTRACT = """
+[node]
+ae_title = "DICOMNODE"
+data_dir = "dicomnode-data"
+
+[dimse]
+host = "127.0.0.1"
+port = 11112
+max_associations = 16
+
+[http]
+host = "127.0.0.1"
+port = 8080
+
+[database]
+url = "sqlite:///dicomnode-data/index.sqlite"
+
+[[peers]]
+name = "pacs"
+ae_title = "PACS"
+host = "127.0.0.1"
+port = 11113
+allow = ["echo", "store", "find", "move", "get"]
+"""
+
+
+def test_embedded_default_without_a_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DICOMNODE_CONFIG", raising=False)
+    settings = read_settings()
+    assert settings.node.ae_title == "DICOMNODE"
+    assert settings.node.data_dir == tmp_path / "dicomnode-data"
+    assert (settings.dimse.host, settings.dimse.port) == ("127.0.0.1", 11112)
+    assert (settings.http.host, settings.http.port) == ("127.0.0.1", 8080)
+    assert settings.database_url == f"sqlite:///{tmp_path / 'dicomnode-data' / 'index.sqlite'}"
+    assert settings.peers == ()
+
+
+def test_contract_keys_are_read(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "node.toml"
+    path.write_text(CONTRACT)
+    settings = read_settings(path)
+    assert settings.dimse.max_associations == 16
+    assert settings.database_url == f"sqlite:///{tmp_path / 'dicomnode-data' / 'index.sqlite'}"
+    (peer,) = settings.peers
+    assert (peer.name, peer.ae_title, peer.host, peer.port) == ("pacs", "PACS", "127.0.0.1", 11113)
+    assert peer.allow == ("echo", "store", "find", "move", "get")
+    assert settings.peer_by_ae_title("PACS ") == peer
+
+
+def test_environment_variable_names_the_file(tmp_path, monkeypatch):
+    path = tmp_path / "env.toml"
+    path.write_text('[node]\nae_title = "FROMENV"\n')
+    monkeypatch.setenv("DICOMNODE_CONFIG", str(path))
+    assert read_settings().node.ae_title == "FROMENV"
+
+
+def test_shipped_example_file_is_valid_and_matches_the_defaults(monkeypatch):
+    monkeypatch.delenv("DICOMNODE_CONFIG", raising=False)
+    assert check_settings(REPO / "config" / "dicomnode.toml") == []
+    shipped = read_settings(REPO / "config" / "dicomnode.toml")
+    default = read_settings(None)
+    for section in ("node", "dimse", "http", "database", "logging"):
+        assert getattr(shipped, section) == getattr(default, section), section
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "words"),
+    [
+        ('[node]\ncolour = "blue"\n', "node.colour", "unknown key"),
+        ("[dimse]\nport = 'x'\n", "dimse.port", "must be int"),
+        ("[dimse]\nport = 70000\n", "dimse.port", "0-65535"),
+        ("[dimse]\nmax_associations = 0\n", "dimse.max_associations", "greater than 0"),
+        ("[dimse]\nrequire_known_peers = 1\n", "dimse.require_known_peers", "must be bool"),
+        ('[dimse]\nduplicate_policy = "maybe"\n', "dimse.duplicate_policy", "reject, replace"),
+        ('[node]\nae_title = "MUCH_TOO_LONG_AE_TITLE"\n', "node.ae_title", "1-16"),
+        ('[database]\nurl = "mysql://x"\n', "database.url", "sqlite:///"),
+        ('[[peers]]\nname = "p"\nae_title = "P"\nhost = "h"\n', "peers[0].port", "required"),
+        (
+            '[[peers]]\nname = "p"\nae_title = "P"\nhost = "h"\nport = 1\nallow = ["fly"]\n',
+            "peers[0].allow",
+            "unknown services",
+        ),
+        ('[dimse.tls]\ncert_file = "missing.pem"\n', "dimse.tls.cert_file", "file not found"),
+        ("[http]\nport = true\n", "http.port", "must be int"),
+    ],
+)
+def test_each_problem_names_its_key(tmp_path, text, key, words):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    problems = check_settings(path)
+    assert any(p.key == key and words in str(p) for p in problems), problems
+    with pytest.raises(ConfigError) as raised:
+        read_settings(path)
+    assert raised.value.key in {p.key for p in problems}
+
+
+def test_two_peers_with_one_ae_title_are_refused(tmp_path):
+    peer = '[[peers]]\nname = "{n}"\nae_title = "SAME"\nhost = "h"\nport = 1\n'
+    path = tmp_path / "peers.toml"
+    path.write_text(peer.format(n="a") + peer.format(n="b"))
+    assert any("ae_title 'SAME'" in str(p) for p in check_settings(path))
+
+
+def test_not_toml_is_reported(tmp_path):
+    path = tmp_path / "broken.toml"
+    path.write_text("[node\n")
+    (problem,) = check_settings(path)
+    assert "not valid TOML" in str(problem)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "dicomnode.cli", *args], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_config_check_command_exit_codes(tmp_path):
+    good = tmp_path / "good.toml"
+    good.write_text(CONTRACT)
+    result = _cli("config", "check", str(good))
+    assert result.returncode == 0, result.stderr
+    assert "OK" in result.stdout
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[dimse]\nport = "x"\nduplicate_policy = "maybe"\n[node]\nextra = 1\n')
+    result = _cli("config", "check", str(bad))
+    assert result.returncode != 0
+    for key in ("dimse.port", "dimse.duplicate_policy", "node.extra"):
+        assert key in result.stderr
+    assert "3 problem(s)" in result.stderr
+
+
+def test_serve_refuses_a_bad_file_naming_the_key(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[dimse]\nport = -1\n")
+    result = _cli("serve", "--config", str(bad))
+    assert result.returncode == 2
+    assert "dimse.port" in result.stderr

@@ -1,0 +1,100 @@
+"""The rooms of ../shared/DESIGN.md hold: lower layers never import higher ones, rooms on one
+layer do not import each other, and the pure rooms import nothing that does I/O."""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "dicomnode"
+
+# room -> layer, as DESIGN.md's table names them
+LAYERS = {
+    "core": 0,
+    "config": 1,
+    "governance": 2,
+    "archive": 2,
+    "intake": 3,
+    "egress": 3,
+    "scp": 4,
+    "dicomweb": 4,
+    "analysis": 4,
+    "app": 5,
+}
+# Third-party packages a pure room may use: core is stdlib + pydicom; governance decides
+# without a database, clock or network.
+ALLOWED_THIRD_PARTY = {"core": {"pydicom"}, "config": set(), "governance": {"pydicom"}}
+
+
+def _room(path: Path) -> str:
+    parts = path.relative_to(PACKAGE).with_suffix("").parts
+    if parts[0] == "__init__":
+        return "package"
+    return "app" if parts[0] == "cli" else parts[0]  # app.py and cli.py are one wiring room
+
+
+def _imports(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text(), str(path))
+    names = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.append(node.module)
+            if node.module == "dicomnode":
+                names += [f"dicomnode.{alias.name}" for alias in node.names]
+    return names
+
+
+def _modules() -> list[tuple[Path, str, list[str]]]:
+    return [(p, _room(p), _imports(p)) for p in sorted(PACKAGE.rglob("*.py")) if _room(p) in LAYERS]
+
+
+def test_every_module_belongs_to_a_room():
+    rooms = {_room(p) for p in PACKAGE.rglob("*.py")}
+    assert rooms <= set(LAYERS) | {"package"}, rooms - set(LAYERS)
+
+
+def _upward_imports(room: str, imports: list[str]) -> list[str]:
+    """The imports of `room` that reach a room on its own layer or above."""
+    found = []
+    for name in imports:
+        parts = name.split(".")
+        if parts[0] != "dicomnode" or len(parts) < 2:
+            continue
+        target = "app" if parts[1] == "cli" else parts[1]
+        if target in LAYERS and target != room and LAYERS[target] >= LAYERS[room]:
+            found.append(name)
+    return found
+
+
+def test_no_room_imports_a_higher_layer_or_a_neighbour():
+    violations = [
+        f"{path.relative_to(PACKAGE)} ({room}) imports {name}"
+        for path, room, imports in _modules()
+        for name in _upward_imports(room, imports)
+    ]
+    assert violations == []
+
+
+def test_pure_rooms_use_only_the_standard_library_and_allowed_packages():
+    stdlib = set(sys.stdlib_module_names) | {"__future__"}
+    violations = []
+    for path, room, imports in _modules():
+        if room not in ALLOWED_THIRD_PARTY:
+            continue
+        for name in imports:
+            top = name.split(".")[0]
+            if top not in stdlib and top != "dicomnode" and top not in ALLOWED_THIRD_PARTY[room]:
+                violations.append(f"{path.relative_to(PACKAGE)} imports {name}")
+    assert violations == []
+
+
+def test_the_check_catches_what_it_should(tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text("from dicomnode.archive import Archive\nfrom dicomnode import egress\nimport os\n")
+    imports = _imports(probe)
+    assert _upward_imports("core", imports) == ["dicomnode.archive", "dicomnode.egress"]
+    assert _upward_imports("intake", imports) == ["dicomnode.egress"]  # a neighbour on layer 3
+    assert _upward_imports("scp", imports) == []
