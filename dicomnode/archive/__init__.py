@@ -67,16 +67,9 @@ class Archive:
 
         An identical re-send stores nothing new ("duplicate"). A different object under a stored
         SOP Instance UID raises DuplicateConflict, or replaces it when the policy says "replace".
+        The blob is written before the index is asked: its name carries the content hash, so an
+        identical re-send rewrites the same bytes and any other object gets a file of its own.
         """
-        with self.index.read() as conn:
-            existing = self.index.instance_row(conn, received.sop_instance_uid)
-        if existing is not None and existing.sha256 == received.sha256:
-            return IngestResult(self._stored(received, existing.blob_path), "duplicate")
-        if existing is not None and self.duplicate_policy == "reject":
-            raise DuplicateConflict(
-                f"SOP Instance {received.sop_instance_uid} is already stored with different "
-                "content; the node's duplicate policy is 'reject'"
-            )
         blob_path = self._blob_path(received)
         stored = self._stored(received, blob_path)
         try:
@@ -84,24 +77,27 @@ class Archive:
         except OSError as e:
             raise StorageUnavailable(f"cannot write the blob: {e}") from e
         try:
-            outcome, replaced_path = self._index(received, stored, source)
+            outcome, previous_path = self._index(received, stored, source)
         except BaseException:
             if not self._is_indexed_blob(blob_path):
                 self.blobs.delete(blob_path)
             raise
-        if replaced_path and replaced_path != blob_path:
-            self.blobs.delete(replaced_path)
+        if outcome == "duplicate":
+            return IngestResult(self._stored(received, previous_path), outcome)
+        if outcome == "replaced" and previous_path != blob_path:
+            self.blobs.delete(previous_path)
         return IngestResult(stored, outcome)
 
     def _index(
         self, received: ReceivedObject, stored: StoredInstance, source: Source
-    ) -> tuple[str, str | None]:
+    ) -> tuple[str, str]:
+        """Index `stored`; returns the outcome and the blob path of the object it found."""
         now = datetime.now(UTC)
         try:
             with self.index.write() as conn:
                 existing = self.index.instance_row(conn, received.sop_instance_uid)
                 if existing is not None and existing.sha256 == received.sha256:
-                    return "duplicate", None
+                    return "duplicate", existing.blob_path
                 if existing is not None and self.duplicate_policy == "reject":
                     raise DuplicateConflict(
                         f"SOP Instance {received.sop_instance_uid} is already stored with "
@@ -111,7 +107,7 @@ class Archive:
                 values = self.index.instance_values(received.header, series_pk, stored, source, now)
                 if existing is None:
                     conn.execute(schema.instances.insert().values(**values))
-                    return "stored", None
+                    return "stored", stored.blob_path
                 conn.execute(
                     update(schema.instances)
                     .where(schema.instances.c.id == existing.id)
@@ -123,7 +119,7 @@ class Archive:
             with self.index.read() as conn:
                 existing = self.index.instance_row(conn, received.sop_instance_uid)
             if existing is not None and existing.sha256 == received.sha256:
-                return "duplicate", None
+                return "duplicate", existing.blob_path
             raise DuplicateConflict(
                 f"SOP Instance {received.sop_instance_uid} was stored concurrently with "
                 "different content"

@@ -109,6 +109,21 @@ class Index:
 
     def ensure_hierarchy(self, conn: Connection, header: Dataset, now: datetime) -> int:
         """Create the patient, study and series rows `header` belongs to; returns the series pk."""
+        known = conn.execute(
+            select(schema.series.c.id, schema.series.c.study_pk).where(
+                schema.series.c.series_instance_uid == str(header.SeriesInstanceUID)
+            )
+        ).first()
+        if known is not None:  # the common case: one more instance of a series we have
+            conn.execute(
+                update(schema.series).where(schema.series.c.id == known.id).values(updated_at=now)
+            )
+            conn.execute(
+                update(schema.studies)
+                .where(schema.studies.c.id == known.study_pk)
+                .values(updated_at=now)
+            )
+            return int(known.id)
         patient = level_values(Level.PATIENT, header)
         patient["issuer_of_patient_id"] = patient["issuer_of_patient_id"] or ""
         self._insert_ignore(

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from io import BytesIO
 
 import pydicom
+from pydicom.charset import convert_encodings, default_encoding
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filereader import data_element_generator
@@ -62,8 +63,8 @@ def _file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: s
     return buffer.getvalue()
 
 
-def _check_complete(dataset_bytes: bytes, transfer_syntax_uid: str) -> None:
-    """Walk every top-level element; refuse a data set that ends inside one."""
+def _parse_complete(dataset_bytes: bytes, transfer_syntax_uid: str) -> Dataset:
+    """Parse the data set in one pass, refusing one that ends inside an element."""
     ts = UID(transfer_syntax_uid)
     if not ts.is_transfer_syntax:
         raise InvalidInput(f"unknown transfer syntax {transfer_syntax_uid}")
@@ -74,6 +75,7 @@ def _check_complete(dataset_bytes: bytes, transfer_syntax_uid: str) -> None:
         except zlib.error as e:
             raise InvalidInput(f"the deflated data set cannot be inflated: {e}") from e
     buffer = BytesIO(data)
+    elements = {}
     try:
         for raw in data_element_generator(buffer, ts.is_implicit_VR, ts.is_little_endian):
             if (
@@ -86,38 +88,47 @@ def _check_complete(dataset_bytes: bytes, transfer_syntax_uid: str) -> None:
                     f"the data set is truncated: element {raw.tag} declares "
                     f"{raw.length} bytes but {len(raw.value)} arrived"
                 )
+            elements[raw.tag] = raw
     except EOFError as e:
         raise InvalidInput(f"the data set is truncated: {e}") from e
+    except InvalidInput:
+        raise
+    except Exception as e:  # pydicom raises many types for malformed input
+        raise InvalidInput(f"cannot parse the data set: {e}") from e
     if buffer.tell() != len(data):
         raise InvalidInput(
             f"the data set is truncated: {len(data) - buffer.tell()} trailing bytes "
             "do not form an element"
         )
-
-
-def _parse(file_bytes: bytes) -> Dataset:
-    """Parse a whole Part 10 file into a data set."""
+    header = Dataset(elements)
     try:
-        return pydicom.dcmread(BytesIO(file_bytes))
-    except Exception as e:  # pydicom raises many types for malformed input
-        raise InvalidInput(f"cannot parse the data set: {e}") from e
+        encodings = convert_encodings(header.get("SpecificCharacterSet") or default_encoding)
+    except Exception as e:
+        raise InvalidInput(f"unreadable SpecificCharacterSet: {e}") from e
+    header.set_original_encoding(ts.is_implicit_VR, ts.is_little_endian, encodings)
+    return header
 
 
 def _required_uid(ds: Dataset, keyword: str) -> str:
-    value = ds.get(keyword)
+    try:
+        value = ds.get(keyword)
+    except Exception as e:
+        raise InvalidInput(f"{keyword} cannot be read: {e}") from e
     if value in (None, ""):
         raise MissingAttribute(keyword)
     return validate_uid(value, keyword)
 
 
 def _build(file_meta_bytes: bytes, dataset_bytes: bytes, ts: str) -> ReceivedObject:
-    _check_complete(dataset_bytes, ts)
-    header = _parse(file_meta_bytes + dataset_bytes)
+    header = _parse_complete(dataset_bytes, ts)
     sop_class = _required_uid(header, "SOPClassUID")
     sop_instance = _required_uid(header, "SOPInstanceUID")
     study = _required_uid(header, "StudyInstanceUID")
     series = _required_uid(header, "SeriesInstanceUID")
-    patient_id = str(header.get("PatientID", "") or "").strip()
+    try:
+        patient_id = str(header.get("PatientID", "") or "").strip()
+    except Exception as e:
+        raise InvalidInput(f"PatientID cannot be read: {e}") from e
     if not patient_id:
         raise MissingAttribute("PatientID")
     return ReceivedObject(
