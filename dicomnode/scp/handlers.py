@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -52,6 +53,19 @@ def set_nodelay(event: evt.Event) -> None:
     sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def client_ssl_context(settings: Settings) -> ssl.SSLContext:
+    """TLS for associations the node opens: trusts dimse.tls.ca_file (else the system's CAs)
+    and presents the node's own certificate when it has one."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    context.check_hostname = False  # peers are known by AE title and address, not host name
+    tls = settings.dimse.tls
+    if tls is not None:
+        if tls.ca_file:
+            context.load_verify_locations(tls.ca_file)
+        context.load_cert_chain(tls.cert_file, tls.key_file)
+    return context
 
 
 def _source(event: evt.Event, ctx: DimseContext, service: str) -> Source:
@@ -205,6 +219,8 @@ def handle_move(event: evt.Event, ctx: DimseContext) -> Iterator[Any]:
         "contexts": retrieve_contexts(instances) or [build_context("1.2.840.10008.1.1")],
         "evt_handlers": [(evt.EVT_CONN_OPEN, set_nodelay), (evt.EVT_ACCEPTED, remember)],
     }
+    if peer.tls:
+        options["tls_args"] = (client_ssl_context(ctx.settings), None)
     yield peer.host, peer.port, options
     yield len(instances)
     yield from _send(event, ctx, "move", instances, lambda: store_association[0].accepted_contexts)
