@@ -14,6 +14,7 @@ from dicomnode.archive import Archive
 from dicomnode.config import Settings
 from dicomnode.core.metrics import Metrics
 from dicomnode.dicomweb import WebServices, create_app
+from dicomnode.dicomweb.auth import TokenVerifier, load_or_create_signing_key
 from dicomnode.egress import Egress
 from dicomnode.intake import Intake
 from dicomnode.scp import DimseContext, DimseServer
@@ -33,7 +34,20 @@ class Node:
         self.intake = Intake(self.archive, self.metrics)
         self.egress = Egress(self.archive)
         self.dimse = DimseServer(DimseContext(settings, self.intake, self.egress, self.metrics))
-        self.app = create_app(WebServices(self.archive, self.metrics, self.status))
+        self.verifier = TokenVerifier(
+            settings.auth, load_or_create_signing_key(settings.node.data_dir)
+        )
+        self.app = create_app(
+            WebServices(
+                settings=settings,
+                archive=self.archive,
+                intake=self.intake,
+                egress=self.egress,
+                metrics=self.metrics,
+                verifier=self.verifier,
+                status=self.status,
+            )
+        )
         self._http: Any = None
         self._http_thread: threading.Thread | None = None
         self._stopped = threading.Event()
@@ -50,7 +64,12 @@ class Node:
         dimse_port = self.dimse.start()
         http = self.settings.http
         self._http = create_server(
-            self.app, host=http.host, port=http.port, threads=http.threads, ident="dicomnode"
+            self.app,
+            host=http.host,
+            port=http.port,
+            threads=http.threads,
+            ident="dicomnode",
+            max_request_body_size=http.max_request_bytes,
         )
         self._http_thread = threading.Thread(target=self._http.run, name="http", daemon=True)
         self._http_thread.start()

@@ -32,6 +32,34 @@ def _config_check(args: argparse.Namespace) -> int:
     return 0
 
 
+_DURATION = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _seconds(text: str) -> int:
+    """'90', '30m', '1h', '7d' as seconds."""
+    unit = text[-1].lower()
+    try:
+        return int(text[:-1]) * _DURATION[unit] if unit in _DURATION else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a duration: {text!r} (use e.g. 3600, 30m, 1h, 7d)"
+        ) from None
+
+
+def _token_create(args: argparse.Namespace) -> int:
+    from dicomnode.dicomweb.auth import issue_token, load_or_create_signing_key
+
+    settings = read_settings(args.config)
+    key = load_or_create_signing_key(settings.node.data_dir)
+    try:
+        token = issue_token(key, settings.auth, args.subject, args.scope.split(), args.expires)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(token)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dicomnode", description="A DICOM node for image analysis."
@@ -45,6 +73,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="TOML settings file (default: $DICOMNODE_CONFIG, else the embedded default)",
     )
     serve.set_defaults(run=_serve)
+
+    token = commands.add_parser("token", help="bearer tokens for DICOMweb clients")
+    token_commands = token.add_subparsers(dest="token_command", required=True)
+    create = token_commands.add_parser("create", help="print a token signed by the node's key")
+    create.add_argument("--scope", required=True, help='e.g. "dicomweb.read dicomweb.write"')
+    create.add_argument("--subject", required=True, help="who the token is for")
+    create.add_argument(
+        "--expires", type=_seconds, default=3600, help="lifetime: 3600, 30m, 1h, 7d"
+    )
+    create.add_argument("--config", help="settings file (for data_dir and the issuer)")
+    create.set_defaults(run=_token_create)
 
     config = commands.add_parser("config", help="configuration tools")
     config_commands = config.add_subparsers(dest="config_command", required=True)

@@ -59,6 +59,28 @@ class HttpSettings:
     host: str = "127.0.0.1"
     port: int = 8080
     threads: int = 8
+    cors_origins: tuple[str, ...] = ()
+    max_request_bytes: int = 4 * 1024**3
+    max_part_bytes: int = 2 * 1024**3
+    bulk_data_threshold: int = 1024
+    public_url: str = ""
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    """Bearer-token checks for every DICOMweb request.
+
+    Tokens are accepted from the node's own signing key (issuer `local_issuer`, audience
+    `local_audience`) and, when `issuer` and `jwks_url` are set, from the hospital's OIDC provider.
+    """
+
+    local_issuer: str = "dicomnode"
+    local_audience: str = "dicomnode"
+    issuer: str = ""
+    jwks_url: str = ""
+    audience: str = ""
+    protect_metrics: bool = False
+    leeway: int = 30
 
 
 @dataclass(frozen=True)
@@ -91,6 +113,7 @@ class Settings:
     http: HttpSettings = field(default_factory=HttpSettings)
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
     peers: tuple[Peer, ...] = ()
     source: Path | None = None  # the file these settings came from
 
@@ -175,13 +198,19 @@ def _one_of(options: tuple[str, ...]) -> Callable[[str], str | None]:
     return check
 
 
+def _http_url(value: str) -> str | None:
+    if not value or value.startswith(("http://", "https://")):
+        return None
+    return f"must be an http(s) URL such as https://pacs-gw.hospital/, got {value!r}"
+
+
 def _nonempty(value: str) -> str | None:
     return None if value.strip() else "must not be empty"
 
 
 def _parse(data: dict[str, Any], base: Path) -> tuple[Settings, list[ConfigError]]:
     r = _Reader()
-    r.unknown(data, "", {"node", "dimse", "http", "database", "logging", "peers"})
+    r.unknown(data, "", {"node", "dimse", "http", "database", "logging", "auth", "peers"})
 
     t = r.table(data, "node")
     r.unknown(t, "node.", {"ae_title", "data_dir"})
@@ -247,12 +276,45 @@ def _parse(data: dict[str, Any], base: Path) -> tuple[Settings, list[ConfigError
     )
 
     t = r.table(data, "http")
-    r.unknown(t, "http.", {"host", "port", "threads"})
+    h = HttpSettings()
+    r.unknown(t, "http.", set(HttpSettings.__dataclass_fields__))
+    origins = r.value(t, "http.", "cors_origins", list, [])
+    if any(not isinstance(o, str) or not o for o in origins):
+        r.fail("http.cors_origins", 'must be a list of origins such as "https://viewer.hospital"')
+        origins = []
     http = HttpSettings(
-        host=r.value(t, "http.", "host", str, "127.0.0.1", _nonempty),
-        port=r.value(t, "http.", "port", int, 8080, _port),
-        threads=r.value(t, "http.", "threads", int, 8, _positive),
+        host=r.value(t, "http.", "host", str, h.host, _nonempty),
+        port=r.value(t, "http.", "port", int, h.port, _port),
+        threads=r.value(t, "http.", "threads", int, h.threads, _positive),
+        cors_origins=tuple(origins),
+        max_request_bytes=r.value(
+            t, "http.", "max_request_bytes", int, h.max_request_bytes, _positive
+        ),
+        max_part_bytes=r.value(t, "http.", "max_part_bytes", int, h.max_part_bytes, _positive),
+        bulk_data_threshold=r.value(
+            t, "http.", "bulk_data_threshold", int, h.bulk_data_threshold, _positive
+        ),
+        public_url=r.value(t, "http.", "public_url", str, h.public_url, _http_url),
     )
+
+    t = r.table(data, "auth")
+    a = AuthSettings()
+    r.unknown(t, "auth.", set(AuthSettings.__dataclass_fields__))
+    auth = AuthSettings(
+        local_issuer=r.value(t, "auth.", "local_issuer", str, a.local_issuer, _nonempty),
+        local_audience=r.value(t, "auth.", "local_audience", str, a.local_audience, _nonempty),
+        issuer=r.value(t, "auth.", "issuer", str, a.issuer),
+        jwks_url=r.value(t, "auth.", "jwks_url", str, a.jwks_url),
+        audience=r.value(t, "auth.", "audience", str, a.audience),
+        protect_metrics=r.value(t, "auth.", "protect_metrics", bool, a.protect_metrics),
+        leeway=r.value(t, "auth.", "leeway", int, a.leeway, _non_negative),
+    )
+    external = [k for k in ("issuer", "jwks_url", "audience") if getattr(auth, k)]
+    if external and len(external) < 3:
+        missing = sorted({"issuer", "jwks_url", "audience"} - set(external))
+        r.fail(f"auth.{missing[0]}", "issuer, jwks_url and audience are needed together for OIDC")
+    if auth.jwks_url and not auth.jwks_url.startswith(("https://", "http://")):
+        r.fail("auth.jwks_url", f"must be an http(s) URL, got {auth.jwks_url!r}")
 
     t = r.table(data, "database")
     r.unknown(t, "database.", {"url"})
@@ -315,6 +377,7 @@ def _parse(data: dict[str, Any], base: Path) -> tuple[Settings, list[ConfigError
         http=http,
         database=database,
         logging=logging_settings,
+        auth=auth,
         peers=tuple(peers),
     )
     return settings, r.problems

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 
 from dicomnode import governance
 from dicomnode.archive import Archive, received
-from dicomnode.core.errors import DicomnodeError, NotPermitted
+from dicomnode.core.errors import DatasetMismatch, DicomnodeError, NotPermitted
 from dicomnode.core.metrics import Metrics
 from dicomnode.core.model import IngestResult, Source
 
@@ -51,11 +51,18 @@ class Intake:
             raise
         return self._file(obj, source, started)
 
-    def receive_part10(self, file_bytes: bytes, source: Source) -> IngestResult:
-        """File an object received as a DICOM Part 10 file (STOW-RS, imports)."""
+    def receive_part10(
+        self, file_bytes: bytes, source: Source, expected_study: str | None = None
+    ) -> IngestResult:
+        """File an object received as a DICOM Part 10 file (STOW-RS, imports); with
+        `expected_study`, refuse an object of another study (STOW-RS to /studies/{study})."""
         started = time.perf_counter()
         try:
             obj = received.from_part10(file_bytes)
+            if expected_study is not None and obj.study_instance_uid != expected_study:
+                raise DatasetMismatch(
+                    f"StudyInstanceUID {obj.study_instance_uid} differs from {expected_study}"
+                )
         except DicomnodeError as e:
             self._refused(e, source, "")
             raise

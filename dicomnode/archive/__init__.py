@@ -13,14 +13,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete as sql_delete
+from sqlalchemy import exists, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from dicomnode.archive import migrations, query, schema
 from dicomnode.archive.blobs import FileBlobStore
 from dicomnode.archive.index import Index, create_index_engine
 from dicomnode.archive.received import ReceivedObject
-from dicomnode.core.errors import DuplicateConflict, StorageUnavailable
+from dicomnode.core.errors import DuplicateConflict, NotFound, StorageUnavailable
 from dicomnode.core.model import IngestResult, Level, Query, Source, StoredInstance
 
 log = logging.getLogger("dicomnode.archive")
@@ -145,6 +146,49 @@ class Archive:
         """Every instance under the entities matching `filters` at `level`."""
         with self.index.read() as conn:
             return query.find_instances(conn, level, filters)
+
+    def delete(self, level: Level, filters: tuple[tuple[str, str], ...]) -> list[StoredInstance]:
+        """Remove every instance under the entities matching `filters` at `level`, with the
+        series, studies and patients left empty; the blobs go after the rows are committed."""
+        i, se, st, p = schema.instances, schema.series, schema.studies, schema.patients
+        with self.index.write() as conn:
+            doomed = query.find_instances(conn, level, filters)
+            if not doomed:
+                raise NotFound(f"nothing matches {dict(filters)} at {level} level")
+            uids = [d.sop_instance_uid for d in doomed]
+            series_pks = set()
+            for start in range(0, len(uids), 500):
+                chunk = uids[start : start + 500]
+                series_pks |= set(
+                    conn.execute(
+                        select(i.c.series_pk).where(i.c.sop_instance_uid.in_(chunk))
+                    ).scalars()
+                )
+                conn.execute(sql_delete(i).where(i.c.sop_instance_uid.in_(chunk)))
+            study_pks = set(
+                conn.execute(select(se.c.study_pk).where(se.c.id.in_(series_pks))).scalars()
+            )
+            conn.execute(
+                sql_delete(se).where(
+                    se.c.id.in_(series_pks), ~exists().where(i.c.series_pk == se.c.id)
+                )
+            )
+            patient_pks = set(
+                conn.execute(select(st.c.patient_pk).where(st.c.id.in_(study_pks))).scalars()
+            )
+            conn.execute(
+                sql_delete(st).where(
+                    st.c.id.in_(study_pks), ~exists().where(se.c.study_pk == st.c.id)
+                )
+            )
+            conn.execute(
+                sql_delete(p).where(
+                    p.c.id.in_(patient_pks), ~exists().where(st.c.patient_pk == p.c.id)
+                )
+            )
+        for instance in doomed:
+            self.blobs.delete(instance.blob_path)
+        return doomed
 
     def open_blob(self, instance: StoredInstance) -> BinaryIO:
         return self.blobs.open(instance.blob_path)

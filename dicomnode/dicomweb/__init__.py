@@ -1,7 +1,8 @@
 """The HTTP face of the node: a Flask app factory with one blueprint per concern.
 
-Today it serves health and metrics; the DICOMweb services (QIDO-RS, WADO-RS, STOW-RS) and
-the governance pages plug in as further blueprints.
+- `/healthz`, `/metrics`: health and Prometheus metrics;
+- `/dicomweb/...`: QIDO-RS, WADO-RS, STOW-RS and DELETE (PS3.18), bearer-token protected.
+Nothing is created at import time; `create_app(services)` builds a fresh app.
 """
 
 from __future__ import annotations
@@ -10,23 +11,51 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from flask import Flask
+from flask_cors import CORS
 
 from dicomnode.archive import Archive
+from dicomnode.config import Settings
 from dicomnode.core.metrics import Metrics
+from dicomnode.dicomweb.auth import TokenVerifier
+from dicomnode.dicomweb.errors import register_error_handlers
 from dicomnode.dicomweb.health import health_blueprint
+from dicomnode.dicomweb.qido import qido_blueprint
+from dicomnode.dicomweb.stow import stow_blueprint
+from dicomnode.dicomweb.wado import wado_blueprint
+from dicomnode.egress import Egress
+from dicomnode.intake import Intake
+
+DICOMWEB_ROOT = "/dicomweb"
 
 
 @dataclass(frozen=True)
 class WebServices:
     """What the HTTP blueprints work with."""
 
+    settings: Settings
     archive: Archive
+    intake: Intake
+    egress: Egress
     metrics: Metrics
+    verifier: TokenVerifier
     status: Callable[[], dict[str, object]]  # the node's live status for /healthz
 
 
 def create_app(services: WebServices) -> Flask:
     app = Flask("dicomnode")
     app.extensions["dicomnode"] = services
+    register_error_handlers(app)
     app.register_blueprint(health_blueprint())
+    for blueprint in (qido_blueprint(), wado_blueprint(), stow_blueprint()):
+        app.register_blueprint(blueprint, url_prefix=DICOMWEB_ROOT)
+    if services.settings.http.cors_origins:
+        CORS(
+            app,
+            resources={
+                f"{DICOMWEB_ROOT}/*": {"origins": list(services.settings.http.cors_origins)}
+            },
+            allow_headers=["Authorization", "Content-Type", "Accept"],
+            expose_headers=["Warning", "Content-Type", "Content-Length"],
+            methods=["GET", "POST", "DELETE", "OPTIONS"],
+        )
     return app

@@ -155,7 +155,8 @@ def dataset_to_send(
     if stored_ts in offered or not UID(stored_ts).is_compressed:
         return ds
     if offered & set(UNCOMPRESSED):
-        ds.decompress()
+        # The same instance in another transfer syntax: it keeps its SOP Instance UID.
+        ds.decompress(generate_instance_uid=False)
     return ds
 
 
@@ -233,7 +234,9 @@ def handle_get(event: evt.Event, ctx: DimseContext) -> Iterator[Any]:
         if not isinstance(e, DicomnodeError):
             log.exception("C-GET failed unexpectedly")
         _count(event, ctx, "get", status.status_for(e))
-        yield 0
+        # pynetdicom answers Success at once to a C-GET that announces no sub-operations, so
+        # announce one: the refusal then reaches the caller as the final status.
+        yield 1
         yield status.failure(e), None
         return
     yield len(instances)

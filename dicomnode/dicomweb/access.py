@@ -1,0 +1,57 @@
+"""Who is asking: bearer-token checks for the DICOMweb blueprints, and the requester as a Source."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, current_app, g, request
+
+from dicomnode.core.model import Source
+
+SCOPE_BY_METHOD = {
+    "GET": "dicomweb.read",
+    "HEAD": "dicomweb.read",
+    "POST": "dicomweb.write",
+    "DELETE": "dicomweb.delete",
+}
+
+
+def services() -> Any:
+    """The node's WebServices for this app."""
+    return current_app.extensions["dicomnode"]
+
+
+def require_token(blueprint: Blueprint) -> None:
+    """Every request to `blueprint` needs a valid token with the scope its method needs."""
+
+    @blueprint.before_request
+    def check() -> None:
+        if request.method == "OPTIONS":  # CORS preflight carries no credentials
+            return
+        principal = services().verifier.verify(request.headers.get("Authorization"))
+        principal.require(SCOPE_BY_METHOD.get(request.method, "dicomweb.write"))
+        g.principal = principal
+
+
+def requester() -> Source:
+    principal = g.get("principal")
+    return Source(
+        "dicomweb",
+        principal.subject if principal else "",
+        request.remote_addr or "",
+        None,
+    )
+
+
+def base_url() -> str:
+    """The DICOMweb root for URLs in answers: ``[http] public_url`` when set (a node behind a
+    proxy), else the address the client used, e.g. http://host:8080/dicomweb. Some clients send
+    a Host header without the port; the server's own port is used then."""
+    public = services().settings.http.public_url
+    if public:
+        return public.rstrip("/") + "/dicomweb"
+    host = request.host
+    port = request.environ.get("SERVER_PORT", "")
+    if ":" not in host.rsplit("]", 1)[-1] and port not in ("", "80", "443"):
+        host = f"{host}:{port}"
+    return f"{request.scheme}://{host}/dicomweb"

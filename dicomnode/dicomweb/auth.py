@@ -1,0 +1,183 @@
+"""Bearer-token authentication for DICOMweb (JWT, verified with joserfc, Authlib's JOSE library).
+
+Two sources of keys are trusted:
+- the node's own RSA signing key, created in ``data_dir/keys`` on first start; `issue_token`
+  (and ``dicomnode token create``) signs tokens with it;
+- the hospital's OIDC provider, when ``[auth] issuer``, ``jwks_url`` and ``audience`` are set;
+  its JWKS is fetched on first use and again when a token names an unknown key id.
+
+Only asymmetric algorithms are accepted (never ``none``, never HMAC). Issuer, audience and
+expiry are required claims; scopes come from ``scope`` (space-separated) or ``scp`` (a list).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from joserfc import jwt
+from joserfc.errors import JoseError
+from joserfc.jwk import KeySet, RSAKey
+
+from dicomnode.config import AuthSettings
+
+log = logging.getLogger("dicomnode.auth")
+
+SCOPES = (
+    "dicomweb.read",
+    "dicomweb.write",
+    "dicomweb.delete",
+    "governance.read",
+    "governance.admin",
+)
+ALGORITHMS = ["RS256", "RS384", "RS512", "PS256", "ES256", "ES384"]
+JWKS_REFRESH_SECONDS = 300
+
+
+class AuthError(Exception):
+    """The request carries no usable token (HTTP 401)."""
+
+
+class ScopeError(Exception):
+    """The token is good but lacks the scope the request needs (HTTP 403)."""
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who a verified token speaks for."""
+
+    subject: str
+    issuer: str
+    scopes: frozenset[str]
+
+    def require(self, scope: str) -> None:
+        if scope not in self.scopes:
+            raise ScopeError(f"this request needs the {scope} scope")
+
+
+def load_or_create_signing_key(data_dir: Path) -> RSAKey:
+    """The node's signing key from ``data_dir/keys/signing-key.pem``, created on first use."""
+    path = data_dir / "keys" / "signing-key.pem"
+    if path.exists():
+        return RSAKey.import_key(path.read_bytes())
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    key = RSAKey.generate_key(2048, private=True)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key.as_pem(private=True))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    log.info(
+        "created the node's token signing key", extra={"event": "signing_key", "path": str(path)}
+    )
+    return RSAKey.import_key(path.read_bytes())
+
+
+def issue_token(
+    key: RSAKey, settings: AuthSettings, subject: str, scopes: list[str], expires_in: int
+) -> str:
+    """A token signed by the node's key for `subject` with `scopes`, valid `expires_in` seconds."""
+    unknown = sorted(set(scopes) - set(SCOPES))
+    if unknown:
+        raise ValueError(f"unknown scopes {unknown}; known: {', '.join(SCOPES)}")
+    now = int(time.time())
+    claims = {
+        "iss": settings.local_issuer,
+        "aud": settings.local_audience,
+        "sub": subject,
+        "scope": " ".join(scopes),
+        "iat": now,
+        "nbf": now,
+        "exp": now + expires_in,
+        "jti": uuid.uuid4().hex,
+    }
+    return jwt.encode({"alg": "RS256", "kid": key.thumbprint()}, claims, key)
+
+
+class TokenVerifier:
+    """Verifies bearer tokens against the node's key and the configured OIDC provider."""
+
+    def __init__(self, settings: AuthSettings, signing_key: RSAKey) -> None:
+        self.settings = settings
+        self._local = KeySet([RSAKey.import_key(signing_key.as_dict(private=False))])
+        self._remote: KeySet | None = None
+        self._remote_fetched = 0.0
+        self._lock = threading.Lock()
+
+    def _remote_keys(self, refresh: bool) -> KeySet:
+        with self._lock:
+            stale = time.monotonic() - self._remote_fetched > JWKS_REFRESH_SECONDS
+            if self._remote is None or (refresh and stale) or stale:
+                try:
+                    with urllib.request.urlopen(self.settings.jwks_url, timeout=10) as response:
+                        self._remote = KeySet.import_key_set(json.load(response))
+                    self._remote_fetched = time.monotonic()
+                except (OSError, ValueError, JoseError) as e:
+                    if self._remote is None:
+                        raise AuthError(
+                            f"the identity provider's keys cannot be fetched: {e}"
+                        ) from e
+                    log.warning("keeping the cached JWKS: %s", e)
+            return self._remote
+
+    def verify(self, authorization: str | None) -> Principal:
+        """The principal of an ``Authorization: Bearer ...`` header, or AuthError."""
+        if not authorization:
+            raise AuthError("an Authorization: Bearer token is required")
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise AuthError("the Authorization header must be 'Bearer <token>'")
+        token = token.strip()
+        try:
+            header = json.loads(_b64decode(token.split(".")[0]))
+            unverified = json.loads(_b64decode(token.split(".")[1]))
+        except (ValueError, IndexError) as e:
+            raise AuthError("the bearer token is not a JWT") from e
+        if header.get("alg") not in ALGORITHMS:
+            raise AuthError(f"token algorithm {header.get('alg')!r} is not accepted")
+        issuer = unverified.get("iss")
+        if issuer == self.settings.local_issuer:
+            keys, audience = self._local, self.settings.local_audience
+        elif self.settings.issuer and issuer == self.settings.issuer:
+            keys, audience = self._remote_keys(refresh=False), self.settings.audience
+        else:
+            raise AuthError(f"tokens from issuer {issuer!r} are not accepted")
+        try:
+            try:
+                decoded = jwt.decode(token, keys, algorithms=ALGORITHMS)
+            except JoseError:
+                if keys is self._local:
+                    raise
+                decoded = jwt.decode(token, self._remote_keys(refresh=True), algorithms=ALGORITHMS)
+            jwt.JWTClaimsRegistry(
+                leeway=self.settings.leeway,
+                iss={"essential": True, "value": issuer},
+                aud={"essential": True, "value": audience},
+                exp={"essential": True},
+                sub={"essential": True},
+            ).validate(decoded.claims)
+        except JoseError as e:
+            raise AuthError(f"the bearer token is not valid: {e.description or e.error}") from e
+        claims = decoded.claims
+        scopes = claims.get("scp") or str(claims.get("scope", "")).split()
+        return Principal(str(claims["sub"]), issuer, frozenset(scopes))
+
+
+def _b64decode(part: str) -> bytes:
+    import base64
+
+    return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+
+
+def principal_summary(principal: Any) -> str:
+    return f"{principal.subject}@{principal.issuer}" if principal else "anonymous"

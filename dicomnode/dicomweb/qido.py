@@ -1,0 +1,138 @@
+"""QIDO-RS (PS3.18 10.6): search for studies, series and instances.
+
+Query parameters name attributes by keyword or by tag (``PatientName`` or ``00100010``) and use
+the same matching as C-FIND, since both run the archive's one query engine. ``includefield``
+(repeated or comma-separated; ``all``), ``limit`` and ``offset`` are honoured;
+``fuzzymatching=true`` is accepted and answered with a Warning header, as the node matches
+exactly. An empty result is ``200 []``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, Response, json, request
+from pydicom.datadict import keyword_for_tag, tag_for_keyword
+
+from dicomnode.archive.attributes import COMPUTED, INDEXED, default_return_keys, levels_up_to
+from dicomnode.core.errors import InvalidInput
+from dicomnode.core.model import Level, Query
+from dicomnode.core.uids import validate_uid
+from dicomnode.dicomweb.access import base_url, requester, require_token, services
+from dicomnode.dicomweb.dicomjson import row_to_json
+
+MAX_LIMIT = 10_000
+_CONTROL = {"includefield", "limit", "offset", "fuzzymatching"}
+
+
+def _keyword(name: str) -> str:
+    if tag_for_keyword(name) is not None:
+        return name
+    try:
+        keyword = keyword_for_tag(int(name, 16)) if len(name) == 8 else ""
+    except ValueError:
+        keyword = ""
+    if not keyword:
+        raise InvalidInput(f"unknown query attribute {name!r}: use a keyword or an 8-digit tag")
+    return keyword
+
+
+def _int_param(name: str, default: int | None) -> int | None:
+    text = request.args.get(name)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise InvalidInput(f"{name} must be a whole number, got {text!r}") from None
+    if value < 0:
+        raise InvalidInput(f"{name} must not be negative")
+    return value
+
+
+def _query(level: Level, fixed: dict[str, str]) -> tuple[Query, bool]:
+    filters: dict[str, str] = {}
+    includes: list[str] = []
+    include_all = False
+    for name, value in request.args.items(multi=True):
+        if name == "includefield":
+            for item in value.split(","):
+                item = item.strip()
+                if item == "all":
+                    include_all = True
+                elif item:
+                    includes.append(_keyword(item))
+        elif name not in _CONTROL:
+            filters[_keyword(name)] = value
+    filters.update(fixed)
+    returned = list(default_return_keys(level)) + includes + list(filters)
+    if include_all:
+        returned += [k for k, a in INDEXED.items() if a.level in levels_up_to(level)]
+        returned += [k for k, lv in COMPUTED.items() if lv in levels_up_to(level)]
+    limit = _int_param("limit", None)
+    query = Query.build(
+        level,
+        filters,
+        list(dict.fromkeys(returned)),
+        limit=min(limit, MAX_LIMIT) if limit is not None else MAX_LIMIT,
+        offset=_int_param("offset", 0) or 0,
+    )
+    fuzzy = request.args.get("fuzzymatching", "false").lower() == "true"
+    return query, fuzzy
+
+
+def _retrieve_url(row: dict[str, Any], level: Level) -> str:
+    url = f"{base_url()}/studies/{row['StudyInstanceUID']}"
+    if level in (Level.SERIES, Level.IMAGE):
+        url += f"/series/{row['SeriesInstanceUID']}"
+    if level == Level.IMAGE:
+        url += f"/instances/{row['SOPInstanceUID']}"
+    return url
+
+
+def search(level: Level, **path: str) -> Response:
+    fixed = {}
+    if "study" in path:
+        fixed["StudyInstanceUID"] = validate_uid(path["study"], "StudyInstanceUID")
+    if "series" in path:
+        fixed["SeriesInstanceUID"] = validate_uid(path["series"], "SeriesInstanceUID")
+    query, fuzzy = _query(level, fixed)
+    rows = services().egress.find(query, requester())
+    body = [row_to_json(row, {"RetrieveURL": _retrieve_url(row, level)}) for row in rows]
+    response = Response(json.dumps(body), status=200, mimetype="application/dicom+json")
+    if fuzzy:
+        response.headers["Warning"] = (
+            '299 dicomnode "fuzzymatching is not supported; matched exactly"'
+        )
+    return response
+
+
+def qido_blueprint() -> Blueprint:
+    bp = Blueprint("qido", __name__)
+    require_token(bp)
+
+    @bp.get("/studies")
+    def studies() -> Response:
+        return search(Level.STUDY)
+
+    @bp.get("/series")
+    def all_series() -> Response:
+        return search(Level.SERIES)
+
+    @bp.get("/studies/<study>/series")
+    def study_series(study: str) -> Response:
+        return search(Level.SERIES, study=study)
+
+    @bp.get("/instances")
+    def all_instances() -> Response:
+        return search(Level.IMAGE)
+
+    @bp.get("/studies/<study>/instances")
+    def study_instances(study: str) -> Response:
+        return search(Level.IMAGE, study=study)
+
+    @bp.get("/studies/<study>/series/<series>/instances")
+    def series_instances(study: str, series: str) -> Response:
+        return search(Level.IMAGE, study=study, series=series)
+
+    return bp

@@ -1,0 +1,106 @@
+"""STOW-RS (PS3.18 10.5): POST /studies and /studies/{study} with multipart/related;
+type="application/dicom".
+
+The body is parsed as a stream into spooled parts before anything is stored, so a malformed or
+truncated body (bad boundary, no closing delimiter, a part over the size limit) is refused
+whole with a 4xx and stores nothing. Each complete part then goes through intake, the same
+path as C-STORE. The answer lists what was stored and why anything failed:
+200 all stored, 202 some failed, 409 none stored.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pydicom
+from flask import Blueprint, Response, request
+from werkzeug.http import parse_options_header
+
+from dicomnode.core.errors import DicomnodeError, InvalidInput
+from dicomnode.core.statuses import status_for
+from dicomnode.core.uids import validate_uid
+from dicomnode.dicomweb.access import base_url, requester, require_token, services
+from dicomnode.dicomweb.dicomjson import sequence_item, stow_response
+from dicomnode.dicomweb.errors import UnsupportedMediaType
+from dicomnode.dicomweb.multipart import read_multipart
+
+
+def _parts() -> list:
+    media_type, params = parse_options_header(request.headers.get("Content-Type", ""))
+    if media_type.lower() != "multipart/related":
+        raise UnsupportedMediaType(
+            'STOW-RS takes multipart/related; type="application/dicom", '
+            f"not {media_type or 'nothing'!r}"
+        )
+    part_type = params.get("type", "application/dicom").strip('"').lower()
+    if part_type != "application/dicom":
+        raise UnsupportedMediaType(
+            f"parts of type {part_type!r} are not accepted; send application/dicom instances"
+        )
+    return read_multipart(
+        request.stream,
+        params.get("boundary", "").strip('"'),
+        services().settings.http.max_part_bytes,
+    )
+
+
+def store(study: str | None = None) -> Response:
+    if study is not None:
+        study = validate_uid(study, "StudyInstanceUID")
+    parts = _parts()
+    if not parts:
+        raise InvalidInput("the multipart body holds no parts")
+    intake, source = services().intake, requester()
+    referenced: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
+    for number, part in enumerate(parts, start=1):
+        part_type = parse_options_header(part.content_type or "application/dicom")[0].lower()
+        try:
+            if part_type != "application/dicom":
+                raise InvalidInput(f"part {number} is {part_type!r}, not application/dicom")
+            result = intake.receive_part10(part.read(), source, expected_study=study)
+        except DicomnodeError as e:
+            failed.append(_failure(e, part, number))
+            continue
+        stored = result.instance
+        referenced.append(
+            sequence_item(
+                ReferencedSOPClassUID=stored.sop_class_uid,
+                ReferencedSOPInstanceUID=stored.sop_instance_uid,
+                RetrieveURL=f"{base_url()}/studies/{stored.study_instance_uid}/series/"
+                f"{stored.series_instance_uid}/instances/{stored.sop_instance_uid}",
+            )
+        )
+    status = 200 if not failed else 202 if referenced else 409
+    study_url = f"{base_url()}/studies/{study}" if study else None
+    body = stow_response(study_url, referenced, failed)
+    return Response(json.dumps(body), status=status, mimetype="application/dicom+json")
+
+
+def _failure(error: DicomnodeError, part: Any, number: int) -> dict[str, Any]:
+    values: dict[str, Any] = {"FailureReason": status_for(error)}
+    identity = _identity(part)
+    if identity:
+        values["ReferencedSOPClassUID"], values["ReferencedSOPInstanceUID"] = identity
+    item = sequence_item(**values)
+    item["00000902"] = {"vr": "LO", "Value": [f"part {number}: {error}"[:64]]}  # ErrorComment
+    return item
+
+
+def _identity(part: Any) -> tuple[str, str] | None:
+    """The SOP Class and Instance UIDs of a refused part, when they can be read at all."""
+    try:
+        part.body.seek(0)
+        ds = pydicom.dcmread(part.body, force=True, specific_tags=["SOPClassUID", "SOPInstanceUID"])
+        return str(ds.SOPClassUID), str(ds.SOPInstanceUID)
+    except Exception:
+        return None
+
+
+def stow_blueprint() -> Blueprint:
+    bp = Blueprint("stow", __name__)
+    require_token(bp)
+    bp.add_url_rule("/studies", "store", store, methods=["POST"])
+    bp.add_url_rule("/studies/<study>", "store_study", store, methods=["POST"])
+    return bp
