@@ -124,9 +124,16 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 def write_config(
-    path: Path, data_dir: Path, database_url: str, peers: list[Peer] = (), **dimse: object
+    path: Path,
+    data_dir: Path,
+    database_url: str,
+    peers: list[Peer] = (),
+    extra: str = "",
+    http: dict | None = None,
+    **dimse: object,
 ) -> Path:
-    """A TOML settings file with free-port defaults for tests."""
+    """A TOML settings file with free-port defaults for tests; `extra` is appended TOML
+    (tables other than [node], [dimse], [http] and [database], e.g. [auth])."""
     lines = [
         "[node]",
         'ae_title = "DICOMNODE"',
@@ -138,7 +145,9 @@ def write_config(
     ]
     for key, value in dimse.items():
         lines.append(f"{key} = {json.dumps(value)}")
-    lines += ["[http]", 'host = "127.0.0.1"', "port = 0", "[database]", f'url = "{database_url}"']
+    lines += ["[http]", 'host = "127.0.0.1"', "port = 0"]
+    lines += [f"{key} = {json.dumps(value)}" for key, value in (http or {}).items()]
+    lines += ["[database]", f'url = "{database_url}"']
     for peer in peers:
         lines += [
             "[[peers]]",
@@ -148,6 +157,8 @@ def write_config(
             f"port = {peer.port}",
             f"allow = {json.dumps(list(peer.allow))}",
         ]
+    if extra:
+        lines.append(extra)
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -159,9 +170,17 @@ def start_node(tmp_path: Path, database_url: str) -> Iterator[Callable[..., obje
 
     nodes: list[Node] = []
 
-    def start(peers: list[Peer] = (), **dimse: object) -> Node:
+    def start(
+        peers: list[Peer] = (), extra: str = "", http: dict | None = None, **dimse: object
+    ) -> Node:
         config = write_config(
-            tmp_path / f"node{len(nodes)}.toml", tmp_path / "data", database_url, peers, **dimse
+            tmp_path / f"node{len(nodes)}.toml",
+            tmp_path / "data",
+            database_url,
+            peers,
+            extra=extra,
+            http=http,
+            **dimse,
         )
         node = Node(read_settings(config))
         node.start()
@@ -253,3 +272,29 @@ def run_dcmtk(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run a dcmtk tool with TCP_NODELAY on; returns the completed process (output as text)."""
     assert shutil.which(args[0]), f"{args[0]} (dcmtk) is required; .ci/run installs it"
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=DCMTK_ENV)
+
+
+# --- DICOMweb ---------------------------------------------------------------------------
+
+ALL_SCOPES = ("dicomweb.read", "dicomweb.write", "dicomweb.delete")
+
+
+def token_for(node, scopes=ALL_SCOPES, subject: str = "tester", expires_in: int = 600) -> str:
+    """A bearer token signed by `node`'s own key."""
+    from dicomnode.dicomweb.auth import issue_token, load_or_create_signing_key
+
+    key = load_or_create_signing_key(node.settings.node.data_dir)
+    return issue_token(key, node.settings.auth, subject, list(scopes), expires_in)
+
+
+def dicomweb_url(node) -> str:
+    return f"http://127.0.0.1:{node.http_port}/dicomweb"
+
+
+def dicomweb_client(node, scopes=ALL_SCOPES):
+    """A dicomweb-client DICOMwebClient for `node`, as a PACS or script would use it."""
+    from dicomweb_client.api import DICOMwebClient
+
+    return DICOMwebClient(
+        dicomweb_url(node), headers={"Authorization": f"Bearer {token_for(node, scopes)}"}
+    )

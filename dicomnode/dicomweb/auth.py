@@ -12,6 +12,7 @@ expiry are required claims; scopes come from ``scope`` (space-separated) or ``sc
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -21,7 +22,6 @@ import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from joserfc import jwt
 from joserfc.errors import JoseError
@@ -39,7 +39,8 @@ SCOPES = (
     "governance.admin",
 )
 ALGORITHMS = ["RS256", "RS384", "RS512", "PS256", "ES256", "ES384"]
-JWKS_REFRESH_SECONDS = 300
+JWKS_REFRESH_SECONDS = 300  # the provider's key set is re-read this often
+JWKS_MIN_REFETCH_SECONDS = 30  # and at most this often when a token names an unknown key
 
 
 class AuthError(Exception):
@@ -116,8 +117,9 @@ class TokenVerifier:
 
     def _remote_keys(self, refresh: bool) -> KeySet:
         with self._lock:
-            stale = time.monotonic() - self._remote_fetched > JWKS_REFRESH_SECONDS
-            if self._remote is None or (refresh and stale) or stale:
+            age = time.monotonic() - self._remote_fetched
+            rotated = refresh and age > JWKS_MIN_REFETCH_SECONDS
+            if self._remote is None or rotated or age > JWKS_REFRESH_SECONDS:
                 try:
                     with urllib.request.urlopen(self.settings.jwks_url, timeout=10) as response:
                         self._remote = KeySet.import_key_set(json.load(response))
@@ -174,10 +176,4 @@ class TokenVerifier:
 
 
 def _b64decode(part: str) -> bytes:
-    import base64
-
     return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
-
-
-def principal_summary(principal: Any) -> str:
-    return f"{principal.subject}@{principal.issuer}" if principal else "anonymous"

@@ -1,8 +1,9 @@
-"""GET /healthz (open, for load balancers and monitoring) and GET /metrics (Prometheus)."""
+"""GET /healthz (always open, for load balancers and monitoring) and GET /metrics (Prometheus
+text; open unless ``[auth] protect_metrics = true``)."""
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, current_app, jsonify
+from flask import Blueprint, Response, current_app, jsonify, request
 
 
 def health_blueprint() -> Blueprint:
@@ -20,6 +21,8 @@ def health_blueprint() -> Blueprint:
     @bp.get("/metrics")
     def metrics() -> Response:
         services = current_app.extensions["dicomnode"]
+        if services.settings.auth.protect_metrics:  # any valid token, whatever its scopes
+            services.verifier.verify(request.headers.get("Authorization"))
         return Response(services.metrics.render(), mimetype="text/plain; version=0.0.4")
 
     return bp
