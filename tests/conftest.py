@@ -3,6 +3,7 @@ on SQLite and on a PostgreSQL server the tests start themselves."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -268,10 +269,28 @@ def serve_node(tmp_path: Path, database_url: str) -> Iterator[Callable[..., Serv
             served.terminate(signal.SIGKILL)
 
 
+@functools.cache
+def dcmtk_tool(name: str) -> str:
+    """The path of dcmtk's `name` (pynetdicom installs Python apps with the same names, which
+    may come first on PATH): the first executable on PATH that is a compiled program."""
+    for folder in os.environ.get("PATH", "").split(os.pathsep) + ["/usr/bin"]:
+        candidate = Path(folder) / name
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            with candidate.open("rb") as f:
+                if f.read(4) == b"\x7fELF":
+                    return str(candidate)
+    raise AssertionError(f"dcmtk's {name} is required; .ci/run installs the dcmtk package")
+
+
 def run_dcmtk(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run a dcmtk tool with TCP_NODELAY on; returns the completed process (output as text)."""
-    assert shutil.which(args[0]), f"{args[0]} (dcmtk) is required; .ci/run installs it"
-    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=DCMTK_ENV)
+    return subprocess.run(
+        [dcmtk_tool(args[0]), *args[1:]],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=DCMTK_ENV,
+    )
 
 
 # --- DICOMweb ---------------------------------------------------------------------------

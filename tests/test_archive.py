@@ -53,7 +53,9 @@ def test_blob_keeps_the_bytes_as_received_with_their_sha256(archive):
 
 def test_hierarchy_rows_are_shared(archive):
     first = make_ct(instance_number=1)
-    same_series = make_ct(study_uid=first.StudyInstanceUID, series_uid=first.SeriesInstanceUID, instance_number=2)
+    same_series = make_ct(
+        study_uid=first.StudyInstanceUID, series_uid=first.SeriesInstanceUID, instance_number=2
+    )
     other_series = make_ct(study_uid=first.StudyInstanceUID, instance_number=1, Modality="PT")
     for ds in (first, same_series, other_series):
         archive.store(from_part10(part10(ds)), SENDER)
@@ -102,7 +104,9 @@ def test_replace_policy_swaps_the_object(tmp_path, database_url):
         assert not archive.blob_file(first.instance).exists()
         stored = pydicom.dcmread(archive.blob_file(second.instance))
         assert stored.PixelData == newer.PixelData
-        (only,) = archive.find_instances(Level.IMAGE, (("SOPInstanceUID", original.SOPInstanceUID),))
+        (only,) = archive.find_instances(
+            Level.IMAGE, (("SOPInstanceUID", original.SOPInstanceUID),)
+        )
         assert only.sha256 == second.instance.sha256
         assert archive.counts()["instances"] == 1
     finally:
@@ -129,7 +133,9 @@ def test_hostile_uids_never_reach_a_path(archive, tmp_path, keyword, value):
     assert archive.counts()["instances"] == 0
 
 
-@pytest.mark.parametrize("keyword", ["SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "PatientID"])
+@pytest.mark.parametrize(
+    "keyword", ["SOPInstanceUID", "SOPClassUID", "StudyInstanceUID", "PatientID"]
+)
 def test_required_attributes(keyword):
     ds = make_ct()
     delattr(ds, keyword)

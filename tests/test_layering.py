@@ -93,7 +93,9 @@ def test_pure_rooms_use_only_the_standard_library_and_allowed_packages():
 
 def test_the_check_catches_what_it_should(tmp_path):
     probe = tmp_path / "probe.py"
-    probe.write_text("from dicomnode.archive import Archive\nfrom dicomnode import egress\nimport os\n")
+    probe.write_text(
+        "from dicomnode.archive import Archive\nfrom dicomnode import egress\nimport os\n"
+    )
     imports = _imports(probe)
     assert _upward_imports("core", imports) == ["dicomnode.archive", "dicomnode.egress"]
     assert _upward_imports("intake", imports) == ["dicomnode.egress"]  # a neighbour on layer 3

@@ -51,12 +51,26 @@ def _generate(rng: random.Random) -> list[Record]:
     for p, name in enumerate(NAMES):
         patient_id = f"P{p:03d}"
         for _s in range(rng.randint(1, 3)):
-            study = (generate_uid(), rng.choice(DATES), rng.choice(TIMES), f"A{rng.randint(0, 99):02d}")
+            study = (
+                generate_uid(),
+                rng.choice(DATES),
+                rng.choice(TIMES),
+                f"A{rng.randint(0, 99):02d}",
+            )
             for n in range(rng.randint(1, 3)):
                 series_uid, modality = generate_uid(), rng.choice(MODALITIES)
                 for i in range(rng.randint(1, 3)):
                     records.append(
-                        Record(patient_id, name, *study, series_uid, modality, n + 1, generate_uid(), i + 1)
+                        Record(
+                            patient_id,
+                            name,
+                            *study,
+                            series_uid,
+                            modality,
+                            n + 1,
+                            generate_uid(),
+                            i + 1,
+                        )
                     )
     return records
 
@@ -96,7 +110,11 @@ def searched(request, tmp_path_factory):
 
 
 def uids(archive: Archive, level: Level, **filters: str) -> set[str]:
-    key = {Level.PATIENT: "PatientID", Level.STUDY: "StudyInstanceUID", Level.SERIES: "SeriesInstanceUID"}
+    key = {
+        Level.PATIENT: "PatientID",
+        Level.STUDY: "StudyInstanceUID",
+        Level.SERIES: "SeriesInstanceUID",
+    }
     keyword = key.get(level, "SOPInstanceUID")
     return {row[keyword] for row in archive.search(Query.build(level, filters))}
 
@@ -112,7 +130,9 @@ def test_single_value_and_wildcards(searched):
     archive, records = searched
     assert uids(archive, Level.PATIENT, PatientID="P001") == {"P001"}
     assert uids(archive, Level.PATIENT, PatientName="Doe^J*") == {
-        r.patient_id for r in records if r.patient_name.lower().startswith("doe^j")  # PN folds case
+        r.patient_id
+        for r in records
+        if r.patient_name.lower().startswith("doe^j")  # PN folds case
     }
     assert uids(archive, Level.PATIENT, PatientID="P00?") == {r.patient_id for r in records}
     assert uids(archive, Level.PATIENT, PatientName="NOBODY*") == set()
@@ -138,15 +158,23 @@ def test_date_ranges(searched):
     assert uids(archive, Level.STUDY, StudyDate="20240101-20241231") == {
         u for u, d in studies if "20240101" <= d <= "20241231"
     }
-    assert uids(archive, Level.STUDY, StudyDate="20240315-") == {u for u, d in studies if d >= "20240315"}
-    assert uids(archive, Level.STUDY, StudyDate="-20230615") == {u for u, d in studies if d <= "20230615"}
-    assert uids(archive, Level.STUDY, StudyDate="20240315") == {u for u, d in studies if d == "20240315"}
+    assert uids(archive, Level.STUDY, StudyDate="20240315-") == {
+        u for u, d in studies if d >= "20240315"
+    }
+    assert uids(archive, Level.STUDY, StudyDate="-20230615") == {
+        u for u, d in studies if d <= "20230615"
+    }
+    assert uids(archive, Level.STUDY, StudyDate="20240315") == {
+        u for u, d in studies if d == "20240315"
+    }
 
 
 def test_time_values_name_their_whole_span(searched):
     archive, records = searched
     studies = {(r.study_uid, r.study_time) for r in records}
-    assert uids(archive, Level.STUDY, StudyTime="10") == {u for u, t in studies if t.startswith("10")}
+    assert uids(archive, Level.STUDY, StudyTime="10") == {
+        u for u, t in studies if t.startswith("10")
+    }
     assert uids(archive, Level.STUDY, StudyTime="0800-1200") == {
         u for u, t in studies if "080000" <= t <= "120059.999999"
     }
@@ -176,7 +204,11 @@ def test_patient_and_series_counts(searched):
         Query.build(
             Level.PATIENT,
             {"PatientID": "P000"},
-            ["NumberOfPatientRelatedStudies", "NumberOfPatientRelatedSeries", "NumberOfPatientRelatedInstances"],
+            [
+                "NumberOfPatientRelatedStudies",
+                "NumberOfPatientRelatedSeries",
+                "NumberOfPatientRelatedInstances",
+            ],
         )
     )
     mine = [r for r in records if r.patient_id == "P000"]
@@ -200,7 +232,9 @@ def test_relational_keys_and_instance_level(searched):
             ["SOPClassUID", "AvailableTransferSyntaxUID", "PatientName"],
         )
     )
-    expected = {r.sop_uid for r in records if r.study_uid == target.study_uid and r.instance_number == 1}
+    expected = {
+        r.sop_uid for r in records if r.study_uid == target.study_uid and r.instance_number == 1
+    }
     assert {r["SOPInstanceUID"] for r in rows} == expected
     assert all(r["AvailableTransferSyntaxUID"] == "1.2.840.10008.1.2.1" for r in rows)
     assert all(r["PatientName"] == target.patient_name for r in rows)
@@ -271,10 +305,16 @@ name_patterns = st.sampled_from(["Doe^*", "*^J*", "KIM^MINSU", "*", "?oe^J*", "í
 id_patterns = st.sampled_from(["P000", "P00?", "P*", "*1", "X*"])
 accessions = st.integers(0, 99).map(lambda n: f"A{n:02d}") | st.sampled_from(["A1*", "A?5", "*"])
 dates = st.sampled_from(DATES + ["20200101", "20991231"])
-date_values = dates | st.tuples(dates, dates).map(lambda d: f"{min(d)}-{max(d)}") | dates.map(lambda d: f"{d}-")
+date_values = (
+    dates
+    | st.tuples(dates, dates).map(lambda d: f"{min(d)}-{max(d)}")
+    | dates.map(lambda d: f"{d}-")
+)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(
     filters=st.fixed_dictionaries(
         {},
