@@ -76,7 +76,7 @@ def test_shipped_example_file_is_valid_and_matches_the_defaults(monkeypatch):
     assert check_settings(REPO / "config" / "dicomnode.toml") == []
     shipped = read_settings(REPO / "config" / "dicomnode.toml")
     default = read_settings(None)
-    for section in ("node", "dimse", "http", "database", "logging"):
+    for section in ("node", "dimse", "http", "database", "logging", "auth"):
         assert getattr(shipped, section) == getattr(default, section), section
 
 
