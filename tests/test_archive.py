@@ -188,3 +188,30 @@ def test_migrations_create_exactly_the_schema(archive):
 
 def test_health_probe(archive):
     archive.ping()
+
+
+def test_file_meta_written_by_hand_equals_pydicoms(tmp_path):
+    """The File Meta group is encoded directly on the hot path; it must be what pydicom writes."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filewriter import write_file_meta_info
+
+    from dicomnode.archive.received import (
+        IMPLEMENTATION_CLASS_UID,
+        IMPLEMENTATION_VERSION_NAME,
+        _file_meta,
+    )
+
+    for sop_class, sop_instance, ts in [
+        ("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4.5", "1.2.840.10008.1.2.1"),
+        ("1.2.840.10008.5.1.4.1.1.4", "1.2.3.4.56", "1.2.840.10008.1.2.4.91"),
+    ]:
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = sop_class
+        meta.MediaStorageSOPInstanceUID = sop_instance
+        meta.TransferSyntaxUID = ts
+        meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+        meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+        expected = BytesIO()
+        expected.write(b"\x00" * 128 + b"DICM")
+        write_file_meta_info(expected, meta, enforce_standard=True)
+        assert _file_meta(sop_class, sop_instance, ts) == expected.getvalue()

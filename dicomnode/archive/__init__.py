@@ -107,7 +107,7 @@ class Archive:
                 series_pk = self.index.ensure_hierarchy(conn, received.header, now)
                 values = self.index.instance_values(received.header, series_pk, stored, source, now)
                 if existing is None:
-                    conn.execute(schema.instances.insert().values(**values))
+                    self.index.insert_instance(conn, values)
                     return "stored", stored.blob_path
                 conn.execute(
                     update(schema.instances)

@@ -16,12 +16,31 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from sqlalchemy import Connection, Engine, create_engine, event, select, update
+from sqlalchemy import Connection, Engine, bindparam, create_engine, event, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from dicomnode.archive import schema
 from dicomnode.archive.attributes import ATTRIBUTES_BY_LEVEL, IndexedAttribute
 from dicomnode.core.model import Level, Source, StoredInstance
+
+# Statements of the ingest hot path, built once (building them costs more than running them).
+_SERIES_BY_UID = select(schema.series.c.id, schema.series.c.study_pk).where(
+    schema.series.c.series_instance_uid == bindparam("uid")
+)
+_TOUCH_SERIES = (
+    update(schema.series)
+    .where(schema.series.c.id == bindparam("pk_"))
+    .values(updated_at=bindparam("now_"))
+)
+_TOUCH_STUDY = (
+    update(schema.studies)
+    .where(schema.studies.c.id == bindparam("pk_"))
+    .values(updated_at=bindparam("now_"))
+)
+_INSTANCE_BY_UID = select(schema.instances).where(
+    schema.instances.c.sop_instance_uid == bindparam("uid")
+)
+_INSERT_INSTANCE = schema.instances.insert()
 
 
 def create_index_engine(url: str) -> Engine:
@@ -109,20 +128,10 @@ class Index:
 
     def ensure_hierarchy(self, conn: Connection, header: Dataset, now: datetime) -> int:
         """Create the patient, study and series rows `header` belongs to; returns the series pk."""
-        known = conn.execute(
-            select(schema.series.c.id, schema.series.c.study_pk).where(
-                schema.series.c.series_instance_uid == str(header.SeriesInstanceUID)
-            )
-        ).first()
+        known = conn.execute(_SERIES_BY_UID, {"uid": str(header.SeriesInstanceUID)}).first()
         if known is not None:  # the common case: one more instance of a series we have
-            conn.execute(
-                update(schema.series).where(schema.series.c.id == known.id).values(updated_at=now)
-            )
-            conn.execute(
-                update(schema.studies)
-                .where(schema.studies.c.id == known.study_pk)
-                .values(updated_at=now)
-            )
+            conn.execute(_TOUCH_SERIES, {"pk_": known.id, "now_": now})
+            conn.execute(_TOUCH_STUDY, {"pk_": known.study_pk, "now_": now})
             return int(known.id)
         patient = level_values(Level.PATIENT, header)
         patient["issuer_of_patient_id"] = patient["issuer_of_patient_id"] or ""
@@ -146,9 +155,7 @@ class Index:
             ["study_instance_uid"],
         )
         study_pk = self._pk(conn, schema.studies, study_instance_uid=study["study_instance_uid"])
-        conn.execute(
-            update(schema.studies).where(schema.studies.c.id == study_pk).values(updated_at=now)
-        )
+        conn.execute(_TOUCH_STUDY, {"pk_": study_pk, "now_": now})
         series = level_values(Level.SERIES, header)
         self._insert_ignore(
             conn,
@@ -157,15 +164,14 @@ class Index:
             ["series_instance_uid"],
         )
         series_pk = self._pk(conn, schema.series, series_instance_uid=series["series_instance_uid"])
-        conn.execute(
-            update(schema.series).where(schema.series.c.id == series_pk).values(updated_at=now)
-        )
+        conn.execute(_TOUCH_SERIES, {"pk_": series_pk, "now_": now})
         return series_pk
 
     def instance_row(self, conn: Connection, sop_instance_uid: str) -> Any:
-        return conn.execute(
-            select(schema.instances).where(schema.instances.c.sop_instance_uid == sop_instance_uid)
-        ).first()
+        return conn.execute(_INSTANCE_BY_UID, {"uid": sop_instance_uid}).first()
+
+    def insert_instance(self, conn: Connection, values: dict[str, Any]) -> None:
+        conn.execute(_INSERT_INSTANCE, values)
 
     def instance_values(
         self, header: Dataset, series_pk: int, stored: StoredInstance, source: Source, now: datetime

@@ -9,6 +9,7 @@ is refused here with InvalidInput.
 from __future__ import annotations
 
 import hashlib
+import struct
 import zlib
 from dataclasses import dataclass
 from io import BytesIO
@@ -16,9 +17,8 @@ from io import BytesIO
 import pydicom
 from pydicom.charset import convert_encodings, default_encoding
 from pydicom.dataelem import RawDataElement
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.filereader import data_element_generator
-from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID
 
 from dicomnode import __version__
@@ -50,17 +50,34 @@ class ReceivedObject:
         return len(self.file_meta_bytes) + len(self.dataset_bytes)
 
 
+def _element(element: int, vr: bytes, value: bytes) -> bytes:
+    """One explicit VR little endian element of group 0002."""
+    if vr == b"OB":
+        return struct.pack("<HH2sxxI", 0x0002, element, vr, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
+
+
+def _uid_value(uid: str) -> bytes:
+    data = uid.encode("ascii")
+    return data + b"\x00" if len(data) % 2 else data
+
+
 def _file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str) -> bytes:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class_uid
-    meta.MediaStorageSOPInstanceUID = sop_instance_uid
-    meta.TransferSyntaxUID = transfer_syntax_uid
-    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
-    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
-    buffer = BytesIO()
-    buffer.write(b"\x00" * 128 + b"DICM")
-    write_file_meta_info(buffer, meta, enforce_standard=True)
-    return buffer.getvalue()
+    """Preamble, "DICM" and the File Meta Information group (PS3.10 7.1), encoded directly:
+    it is written for every received instance, and pydicom's writer costs more than the rest."""
+    version = IMPLEMENTATION_VERSION_NAME.encode("ascii")
+    body = b"".join(
+        (
+            _element(0x0001, b"OB", b"\x00\x01"),
+            _element(0x0002, b"UI", _uid_value(sop_class_uid)),
+            _element(0x0003, b"UI", _uid_value(sop_instance_uid)),
+            _element(0x0010, b"UI", _uid_value(transfer_syntax_uid)),
+            _element(0x0012, b"UI", _uid_value(IMPLEMENTATION_CLASS_UID)),
+            _element(0x0013, b"SH", version + b" " if len(version) % 2 else version),
+        )
+    )
+    group_length = _element(0x0000, b"UL", struct.pack("<I", len(body)))
+    return b"\x00" * 128 + b"DICM" + group_length + body
 
 
 def _parse_complete(dataset_bytes: bytes, transfer_syntax_uid: str) -> Dataset:
