@@ -215,3 +215,11 @@ def test_file_meta_written_by_hand_equals_pydicoms(tmp_path):
         expected.write(b"\x00" * 128 + b"DICM")
         write_file_meta_info(expected, meta, enforce_standard=True)
         assert _file_meta(sop_class, sop_instance, ts) == expected.getvalue()
+
+
+def test_a_file_without_preamble_is_accepted_and_filed_with_one(archive):
+    """Some clients (dicomweb-client with in-memory data sets) send the File Meta group without
+    the 128-byte preamble and 'DICM'; the object is kept and filed as a proper Part 10 file."""
+    data = part10(make_ct())
+    result = archive.store(from_part10(data[132:]), SENDER)
+    assert archive.blob_file(result.instance).read_bytes() == data

@@ -161,6 +161,9 @@ def _filtered(level: Level, filters: Iterable[tuple[str, str]], columns: list[An
     return query
 
 
+_PK_LABEL = {lv: f"_pk_{lv.value}" for lv in LEVEL_ORDER}
+
+
 def search(conn: Connection, query: Query) -> list[dict[str, Any]]:
     """Rows matching `query`, each a dict keyword -> value for the unique keys of every level
     down to the query's, the filtered keys and the requested return keys."""
@@ -169,77 +172,69 @@ def search(conn: Connection, query: Query) -> list[dict[str, Any]]:
     wanted = {UNIQUE_KEY[lv] for lv in levels}
     wanted |= {k for k, _ in query.filters} | set(query.return_keys)
     indexed = [INDEXED[k] for k in sorted(wanted) if k in INDEXED and INDEXED[k].level in levels]
-    table = _TABLE[level]
-    columns = [table.c.id.label("_pk")] + [
-        _TABLE[a.level].c[a.column].label(a.keyword) for a in indexed
-    ]
+    columns = [_TABLE[lv].c.id.label(_PK_LABEL[lv]) for lv in levels]
+    columns += [_TABLE[a.level].c[a.column].label(a.keyword) for a in indexed]
     if level == Level.IMAGE:
         columns.append(schema.instances.c.transfer_syntax_uid.label("_ts"))
-    statement = _filtered(level, query.filters, columns).order_by(table.c.id)
+    statement = _filtered(level, query.filters, columns).order_by(_TABLE[level].c.id)
     if query.limit is not None:
         statement = statement.limit(query.limit)
     if query.offset:
         statement = statement.offset(query.offset)
     rows = [dict(r._mapping) for r in conn.execute(statement)]
-    computed = [
-        k
-        for k in sorted(wanted)
-        if k in COMPUTED and LEVEL_ORDER.index(COMPUTED[k]) <= LEVEL_ORDER.index(level)
-    ]
+    computed = sorted(k for k in wanted if k in COMPUTED and COMPUTED[k] in levels)
     if rows and computed:
-        _fill_computed(conn, rows, level, computed)
+        _fill_computed(conn, rows, computed)
     unsupported = wanted - set(INDEXED) - set(COMPUTED)
     for row in rows:
-        pk_free = {k: v for k, v in row.items() if not k.startswith("_")}
+        public = {k: v for k, v in row.items() if not k.startswith("_")}
         for keyword in unsupported:
-            pk_free.setdefault(keyword, None)
+            public.setdefault(keyword, None)
         row.clear()
-        row.update(pk_free)
+        row.update(public)
     return rows
 
 
-def _fill_computed(
-    conn: Connection, rows: list[dict[str, Any]], level: Level, keys: list[str]
-) -> None:
-    """Fill counts and ModalitiesInStudy for one page of rows, in a few grouped queries."""
-    p, st, se, i = schema.patients, schema.studies, schema.series, schema.instances
-    pks = [r["_pk"] for r in rows]
-    own = {
-        Level.PATIENT: st.c.patient_pk,
-        Level.STUDY: st.c.id,
-        Level.SERIES: se.c.id,
-    }
+def _fill_computed(conn: Connection, rows: list[dict[str, Any]], keys: list[str]) -> None:
+    """Fill the computed attributes of one page of rows, one grouped query per attribute.
 
-    def grouped(level_key: Any, counted: Any, joined: Any) -> dict[int, int]:
-        statement = (
-            select(level_key, func.count(distinct(counted)))
-            .select_from(joined)
-            .where(level_key.in_(pks))
-            .group_by(level_key)
-        )
-        return {pk: n for pk, n in conn.execute(statement)}
-
-    values: dict[str, dict[int, Any]] = {}
+    Each attribute belongs to a level (COMPUTED) and is looked up by the row's key at that level,
+    so a study's NumberOfPatientRelatedStudies is its patient's count.
+    """
+    st, se, i = schema.studies, schema.series, schema.instances
     study_series = st.join(se, se.c.study_pk == st.c.id)
     study_instances = study_series.join(i, i.c.series_pk == se.c.id)
+    # keyword -> (grouping column, counted column, joined tables)
+    counts = {
+        "NumberOfPatientRelatedStudies": (st.c.patient_pk, st.c.id, st),
+        "NumberOfPatientRelatedSeries": (st.c.patient_pk, se.c.id, study_series),
+        "NumberOfPatientRelatedInstances": (st.c.patient_pk, i.c.id, study_instances),
+        "NumberOfStudyRelatedSeries": (st.c.id, se.c.id, study_series),
+        "NumberOfStudyRelatedInstances": (st.c.id, i.c.id, study_instances),
+        "NumberOfSeriesRelatedInstances": (se.c.id, i.c.id, se.join(i, i.c.series_pk == se.c.id)),
+    }
+    lists = {
+        "ModalitiesInStudy": (se.c.modality, study_series),
+        "SOPClassesInStudy": (i.c.sop_class_uid, study_instances),
+    }
     for key in keys:
-        if key == "NumberOfPatientRelatedStudies":
-            values[key] = grouped(own[Level.PATIENT], st.c.id, st)
-        elif key == "NumberOfPatientRelatedSeries":
-            values[key] = grouped(own[Level.PATIENT], se.c.id, study_series)
-        elif key == "NumberOfPatientRelatedInstances":
-            values[key] = grouped(own[Level.PATIENT], i.c.id, study_instances)
-        elif key == "NumberOfStudyRelatedSeries" and level == Level.STUDY:
-            values[key] = grouped(st.c.id, se.c.id, study_series)
-        elif key == "NumberOfStudyRelatedInstances" and level == Level.STUDY:
-            values[key] = grouped(st.c.id, i.c.id, study_instances)
-        elif key == "NumberOfSeriesRelatedInstances" and level == Level.SERIES:
-            values[key] = grouped(se.c.id, i.c.id, se.join(i, i.c.series_pk == se.c.id))
-        elif key in ("ModalitiesInStudy", "SOPClassesInStudy") and level == Level.STUDY:
-            column = se.c.modality if key == "ModalitiesInStudy" else i.c.sop_class_uid
+        owner = _PK_LABEL[COMPUTED[key]]
+        pks = sorted({r[owner] for r in rows})
+        if key in counts:
+            group, counted, joined = counts[key]
+            statement = (
+                select(group, func.count(distinct(counted)))
+                .select_from(joined)
+                .where(group.in_(pks))
+                .group_by(group)
+            )
+            found: dict[int, Any] = dict(conn.execute(statement).all())
+            default: Any = 0
+        elif key in lists:
+            column, joined = lists[key]
             statement = (
                 select(st.c.id, column)
-                .select_from(study_instances if key == "SOPClassesInStudy" else study_series)
+                .select_from(joined)
                 .where(st.c.id.in_(pks), column.is_not(None))
                 .distinct()
                 .order_by(st.c.id, column)
@@ -247,17 +242,13 @@ def _fill_computed(
             collected: dict[int, list[str]] = defaultdict(list)
             for pk, value in conn.execute(statement):
                 collected[pk].append(value)
-            values[key] = {pk: "\\".join(v) for pk, v in collected.items()}
-        elif key == "AvailableTransferSyntaxUID" and level == Level.IMAGE:
-            values[key] = {r["_pk"]: r["_ts"] for r in rows}
-        elif key == "InstanceAvailability":
-            values[key] = {r["_pk"]: "ONLINE" for r in rows}
-    for row in rows:
-        for key in keys:
-            if key in values:
-                default = 0 if key.startswith("NumberOf") else None
-                row[key] = values[key].get(row["_pk"], default)
-    del p
+            found, default = {pk: "\\".join(v) for pk, v in collected.items()}, None
+        elif key == "AvailableTransferSyntaxUID":
+            found, default = {r[owner]: r["_ts"] for r in rows}, None
+        else:  # InstanceAvailability: everything the index holds is on line
+            found, default = {}, "ONLINE"
+        for row in rows:
+            row[key] = found.get(row[owner], default)
 
 
 def find_instances(

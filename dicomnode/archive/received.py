@@ -28,6 +28,7 @@ from dicomnode.core.uids import validate_uid
 IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1573.1"
 IMPLEMENTATION_VERSION_NAME = f"DICOMNODE_{__version__}"[:16]
 _UNDEFINED_LENGTH = 0xFFFFFFFF
+PREAMBLE = b"\x00" * 128 + b"DICM"
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ def _file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: s
         )
     )
     group_length = _element(0x0000, b"UL", struct.pack("<I", len(body)))
-    return b"\x00" * 128 + b"DICM" + group_length + body
+    return PREAMBLE + group_length + body
 
 
 def _parse_complete(dataset_bytes: bytes, transfer_syntax_uid: str) -> Dataset:
@@ -187,21 +188,26 @@ def from_dimse(
 
 
 def from_part10(file_bytes: bytes) -> ReceivedObject:
-    """An object received as a DICOM Part 10 file (STOW-RS parts, imports)."""
+    """An object received as a DICOM Part 10 file (STOW-RS parts, imports).
+
+    A file that starts directly with its File Meta group, without the 128-byte preamble and
+    "DICM" (as some clients send), is accepted and filed with a preamble added.
+    """
+    has_preamble = file_bytes[128:132] == b"DICM"
+    if not has_preamble and not file_bytes.startswith(b"\x02\x00"):
+        raise InvalidInput("not a DICOM Part 10 file: no 'DICM' prefix and no File Meta group")
     try:
         buffer = BytesIO(file_bytes)
-        preamble = buffer.read(132)
-        if len(preamble) < 132 or preamble[128:] != b"DICM":
-            raise InvalidInput("not a DICOM Part 10 file: the 'DICM' prefix is missing")
+        buffer.seek(132 if has_preamble else 0)
         meta = pydicom.filereader._read_file_meta_info(buffer)
         dataset_offset = buffer.tell()
-    except InvalidInput:
-        raise
     except Exception as e:
         raise InvalidInput(f"cannot parse the file meta information: {e}") from e
     ts = validate_uid(meta.get("TransferSyntaxUID", ""), "TransferSyntaxUID")
-    dataset_bytes = file_bytes[dataset_offset:]
-    return _build(file_bytes[:dataset_offset], dataset_bytes, ts)
+    meta_bytes = (
+        file_bytes[:dataset_offset] if has_preamble else PREAMBLE + file_bytes[:dataset_offset]
+    )
+    return _build(meta_bytes, file_bytes[dataset_offset:], ts)
 
 
 def is_known_transfer_syntax(uid: str) -> bool:

@@ -26,8 +26,10 @@ FRAME_MEDIA_TYPE = {
     "1.2.840.10008.1.2.4.201": "image/jphc",
     "1.2.840.10008.1.2.4.202": "image/jphc",
     "1.2.840.10008.1.2.4.203": "image/jphc",
-    "1.2.840.10008.1.2.5": "image/x-dicom-rle",
+    "1.2.840.10008.1.2.5": "image/dicom-rle",
 }
+# Earlier names of these media types that clients still send.
+FRAME_MEDIA_TYPE_ALIASES = {"image/x-dicom-rle": "image/dicom-rle", "image/x-jls": "image/jls"}
 
 
 @dataclass(frozen=True)

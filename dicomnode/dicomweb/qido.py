@@ -1,7 +1,8 @@
 """QIDO-RS (PS3.18 10.6): search for studies, series and instances.
 
 Query parameters name attributes by keyword or by tag (``PatientName`` or ``00100010``) and use
-the same matching as C-FIND, since both run the archive's one query engine. ``includefield``
+the same matching as C-FIND, since both run the archive's one query engine; a UID list is
+comma-separated (PS3.18 8.3.4.1) or backslash-separated as in C-FIND. ``includefield``
 (repeated or comma-separated; ``all``), ``limit`` and ``offset`` are honoured;
 ``fuzzymatching=true`` is accepted and answered with a Warning header, as the node matches
 exactly. An empty result is ``200 []``.
@@ -12,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from flask import Blueprint, Response, json, request
-from pydicom.datadict import keyword_for_tag, tag_for_keyword
+from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 
 from dicomnode.archive.attributes import COMPUTED, INDEXED, default_return_keys, levels_up_to
 from dicomnode.core.errors import InvalidInput
@@ -35,6 +36,12 @@ def _keyword(name: str) -> str:
     if not keyword:
         raise InvalidInput(f"unknown query attribute {name!r}: use a keyword or an 8-digit tag")
     return keyword
+
+
+def _uid_list(keyword: str, value: str) -> str:
+    """A UID list as the query engine takes it: PS3.18 8.3.4.1 separates the UIDs with commas,
+    C-FIND (and the engine) with backslashes."""
+    return value.replace(",", "\\") if dictionary_VR(keyword) == "UI" else value
 
 
 def _int_param(name: str, default: int | None) -> int | None:
@@ -63,7 +70,10 @@ def _query(level: Level, fixed: dict[str, str]) -> tuple[Query, bool]:
                 elif item:
                     includes.append(_keyword(item))
         elif name not in _CONTROL:
-            filters[_keyword(name)] = value
+            keyword = _keyword(name)
+            value = _uid_list(keyword, value)
+            # A repeated key (StudyInstanceUID=a&StudyInstanceUID=b) asks for any of its values.
+            filters[keyword] = f"{filters[keyword]}\\{value}" if keyword in filters else value
     filters.update(fixed)
     returned = list(default_return_keys(level)) + includes + list(filters)
     if include_all:

@@ -9,7 +9,7 @@ from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
 
-from dicomnode.core.errors import InvalidInput
+from dicomnode.core.errors import InvalidInput, NotFound
 from dicomnode.dicomweb.errors import NotAcceptable
 
 RENDERED_TYPES = ("image/jpeg", "image/png")
@@ -74,7 +74,7 @@ def render(
     """Frame `frame` (1-based) of the instance in file `source`, encoded as `media_type`."""
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if not 1 <= frame <= frames:
-        raise InvalidInput(f"frame {frame} does not exist; the instance has {frames}")
+        raise NotFound(f"frame {frame} does not exist; the instance has {frames}")
     array = pixel_array(source, index=frame - 1)
     if int(ds.get("SamplesPerPixel", 1)) == 1:
         image = Image.fromarray(_to_8bit(array, ds, window), mode="L")

@@ -64,10 +64,11 @@ def _multipart(parts: Iterator[tuple[dict[str, str], Iterator[bytes]]], part_typ
 
 
 def _transcoded(path: str) -> bytes:
-    """The instance at `path` as a Part 10 file in explicit VR little endian."""
+    """The instance at `path` as a Part 10 file in explicit VR little endian: the same instance,
+    so its SOP Instance UID is kept (pydicom would otherwise generate a new one)."""
     ds = pydicom.dcmread(path)
     if ds.file_meta.TransferSyntaxUID.is_compressed:
-        ds.decompress()
+        ds.decompress(generate_instance_uid=False)
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     out = BytesIO()
     ds.save_as(out, enforce_file_format=True)
@@ -166,10 +167,12 @@ def frames(study: str, series: str, instance: str, frame_list: str) -> Response:
 def _frame_part_type(choice: media.MediaRange) -> str:
     if choice.media_type == "multipart/related":
         wildcard = choice.related_type in ("", "*", "*/*")
-        return "application/octet-stream" if wildcard else choice.related_type
-    if choice.media_type in ("*/*", "multipart/*"):
-        return "application/octet-stream"
-    return choice.media_type
+        part_type = "application/octet-stream" if wildcard else choice.related_type
+    elif choice.media_type in ("*/*", "multipart/*"):
+        part_type = "application/octet-stream"
+    else:
+        part_type = choice.media_type
+    return media.FRAME_MEDIA_TYPE_ALIASES.get(part_type, part_type)
 
 
 def _native_frames(ds: pydicom.Dataset, stored: str, numbers: list[int]) -> Response:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 import socketserver
 import ssl
 import time
@@ -42,11 +44,22 @@ _config.LOG_REQUEST_IDENTIFIERS = False
 _config.LOG_RESPONSE_IDENTIFIERS = False
 
 
+class _DeferredHandshakeContext(ssl.SSLContext):
+    """Wraps sockets without the TLS handshake. pynetdicom wraps each accepted socket in its
+    accept loop, so a client that connects and says nothing would stop every other connection;
+    deferred, the handshake runs on the association's first read, in its own thread and
+    bounded by the network timeout (see `set_nodelay`)."""
+
+    def wrap_socket(self, sock: Any, *args: Any, **kwargs: Any) -> Any:
+        kwargs["do_handshake_on_connect"] = False
+        return super().wrap_socket(sock, *args, **kwargs)
+
+
 def _server_ssl_context(ctx: DimseContext) -> ssl.SSLContext | None:
     tls = ctx.settings.dimse.tls
     if tls is None:
         return None
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context = _DeferredHandshakeContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(tls.cert_file, tls.key_file)
     if tls.ca_file:
@@ -118,5 +131,13 @@ class DimseServer:
             log.warning(
                 "aborting %d associations still open after draining", self.active_associations()
             )
+            # Closing the connection ends an association whatever its state, even one whose
+            # peer stopped inside a PDU; an A-ABORT would wait for the reader it is stuck in.
+            for assoc in self._server.active_associations:
+                with contextlib.suppress(AttributeError, OSError):
+                    assoc.dul.socket.socket.shutdown(socket.SHUT_RDWR)
+            deadline = time.monotonic() + 5
+            while self.active_associations() and time.monotonic() < deadline:
+                time.sleep(0.05)
         self._server.shutdown()
         self._server = None
