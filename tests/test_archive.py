@@ -223,3 +223,31 @@ def test_a_file_without_preamble_is_accepted_and_filed_with_one(archive):
     data = part10(make_ct())
     result = archive.store(from_part10(data[132:]), SENDER)
     assert archive.blob_file(result.instance).read_bytes() == data
+
+
+def test_two_archives_on_one_index_write_side_by_side(tmp_path, database_url):
+    """Two writers that do not share a lock (as two processes would) both get every object in:
+    SQLite write transactions take the write lock up front instead of failing on upgrade."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    archives = [Archive(tmp_path / "data", database_url) for _ in range(2)]
+    study = make_ct().StudyInstanceUID
+    try:
+
+        def send(archive: Archive, series: int) -> int:
+            for number in range(40):
+                ds = make_ct(
+                    study_uid=study,
+                    series_uid=f"1.2.3.{series}",
+                    instance_number=number + 1,
+                    size=8,
+                )
+                archive.store(from_part10(part10(ds)), SENDER)
+            return 40
+
+        with ThreadPoolExecutor(2) as pool:
+            assert sum(pool.map(send, archives, [1, 2])) == 80
+        assert archives[0].counts() == {"patients": 1, "studies": 1, "series": 2, "instances": 80}
+    finally:
+        for archive in archives:
+            archive.close()

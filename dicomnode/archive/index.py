@@ -64,7 +64,10 @@ def create_index_engine(url: str) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn: Connection) -> None:
-            conn.exec_driver_sql("BEGIN")
+            # A write transaction takes the write lock at once: a deferred one that upgrades
+            # later fails with "database is locked" when another process wrote in between.
+            mode = conn.get_execution_options().get("sqlite_begin", "DEFERRED")
+            conn.exec_driver_sql(f"BEGIN {mode}")
 
         return engine
     return create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
@@ -104,7 +107,11 @@ class Index:
     @contextlib.contextmanager
     def write(self) -> Iterator[Connection]:
         """A write transaction, committed on exit."""
-        with self._write_lock, self.engine.begin() as conn:
+        with (
+            self._write_lock,
+            self.engine.connect().execution_options(sqlite_begin="IMMEDIATE") as conn,
+            conn.begin(),
+        ):
             yield conn
 
     @contextlib.contextmanager

@@ -48,15 +48,8 @@ class DimseContext:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-DUL_LOOP_DELAY = 0.0001  # seconds; pynetdicom's 1 ms default caps one association near 230/s
-
-
 def set_nodelay(event: evt.Event) -> None:
     """Turn Nagle's algorithm off: without it each C-STORE waits ~40 ms for a delayed ACK.
-
-    Shorten the pause between reads of pynetdicom's DUL loop: with its 1 ms default a
-    512x512 CT instance waits for several pauses (bench/RESULTS.md has the numbers); an idle
-    association still blocks in select, so this costs no idle CPU.
 
     Also bound every blocking read and write by the network timeout. pynetdicom leaves
     accepted sockets without one, so a peer that stops inside a PDU without closing its
@@ -66,7 +59,6 @@ def set_nodelay(event: evt.Event) -> None:
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.settimeout(event.assoc.network_timeout)
-    event.assoc.dul._run_loop_delay = DUL_LOOP_DELAY
 
 
 def client_ssl_context(settings: Settings) -> ssl.SSLContext:
