@@ -729,6 +729,11 @@ def test_metadata_at_every_level_with_bulk_data_uris(node, client):
         client.retrieve_bulkdata(pixel_data["BulkDataURI"].replace("7FE00010", "00181030"))
     assert http_status(missing) == 404
 
+    # The second answer comes from the metadata cached beside each blob, and is the same.
+    assert client.retrieve_study_metadata(study) == study_metadata
+    cached = list((node.settings.node.data_dir / "blobs").rglob("*.metadata.json"))
+    assert len(cached) == len(sent)
+
 
 # --- WADO-RS: frames --------------------------------------------------------------------
 

@@ -66,10 +66,23 @@ class FileBlobStore:
     def exists(self, relative: str) -> bool:
         return self.absolute(relative).is_file()
 
+    def sidecar(self, relative: str, suffix: str) -> Path:
+        """The path of a file derived from a blob (e.g. its cached metadata); it goes with it."""
+        return self.absolute(relative + suffix)
+
+    def write_sidecar(self, relative: str, suffix: str, data: bytes) -> None:
+        """Write a derived file atomically; no fsync, as it can always be derived again."""
+        fd, tmp_name = tempfile.mkstemp(dir=self.tmp, suffix=".part")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp_name, self.sidecar(relative, suffix))
+
     def delete(self, relative: str) -> None:
-        """Remove a blob and the folders it leaves empty."""
+        """Remove a blob, its derived files and the folders it leaves empty."""
         path = self.absolute(relative)
         path.unlink(missing_ok=True)
+        for derived in path.parent.glob(path.name + ".*"):
+            derived.unlink(missing_ok=True)
         for parent in (path.parent, path.parent.parent):
             try:
                 parent.rmdir()

@@ -104,26 +104,40 @@ def _read_header(path: str) -> tuple[pydicom.Dataset, bool]:
     return ds, has_pixels
 
 
+_BULK_BASE = "urn:dicomnode:bulkdata"  # stands for the instance's bulkdata URL in cached metadata
+_METADATA_SUFFIX = ".metadata.json"
+
+
+def _instance_metadata(item: StoredInstance) -> str:
+    """The instance's DICOM JSON with BulkDataURIs relative to `_BULK_BASE`, cached beside the
+    blob after the first request (the blob never changes under its name)."""
+    blobs = services().archive.blobs
+    cached = blobs.sidecar(item.blob_path, _METADATA_SUFFIX)
+    try:
+        return cached.read_text()
+    except FileNotFoundError:
+        pass
+    ds, has_pixels = _read_header(str(blobs.absolute(item.blob_path)))
+    entry = dataset_to_json(ds, _BULK_BASE, services().settings.http.bulk_data_threshold)
+    if has_pixels:
+        vr = "OW" if ds.get("BitsAllocated", 8) > 8 else "OB"
+        entry["7FE00010"] = {"vr": vr, "BulkDataURI": f"{_BULK_BASE}/7FE00010"}
+    text = json.dumps(dict(sorted(entry.items())))
+    blobs.write_sidecar(item.blob_path, _METADATA_SUFFIX, text.encode())
+    return text
+
+
 def metadata(study: str, series: str | None = None, instance: str | None = None) -> Response:
     found = _instances("wado-metadata", study, series, instance)
-    archive = services().archive
-    threshold = services().settings.http.bulk_data_threshold
     root = base_url()
-    body = []
+    parts = []
     for item in found:
-        ds, has_pixels = _read_header(str(archive.blob_file(item)))
-        uri = (
+        bulk = (
             f"{root}/studies/{item.study_instance_uid}/series/{item.series_instance_uid}"
             f"/instances/{item.sop_instance_uid}/bulkdata"
         )
-        entry = dataset_to_json(ds, uri, threshold)
-        if has_pixels:
-            entry["7FE00010"] = {
-                "vr": "OW" if ds.get("BitsAllocated", 8) > 8 else "OB",
-                "BulkDataURI": f"{uri}/7FE00010",
-            }
-        body.append(dict(sorted(entry.items())))
-    return Response(json.dumps(body), mimetype="application/dicom+json")
+        parts.append(_instance_metadata(item).replace(f'"{_BULK_BASE}', f'"{bulk}'))
+    return Response("[" + ",".join(parts) + "]", mimetype="application/dicom+json")
 
 
 def _frame_numbers(text: str, total: int) -> list[int]:
