@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import csv
+import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from dicomnode import __version__
 from dicomnode.config import check_settings, read_settings
@@ -60,6 +63,55 @@ def _token_create(args: argparse.Namespace) -> int:
     return 0
 
 
+def _open_archive(config: str | None) -> Any:
+    from dicomnode.archive import Archive
+
+    settings = read_settings(config)
+    return Archive(settings.node.data_dir, settings.database_url, settings.dimse.duplicate_policy)
+
+
+def _ledger_verify(args: argparse.Namespace) -> int:
+    archive = _open_archive(args.config)
+    try:
+        result = archive.ledger.verify()
+    finally:
+        archive.close()
+    if result.ok:
+        print(f"ledger OK: {result.entries} entries verified; head {result.head_hash}")
+        return 0
+    print(
+        f"ledger BROKEN at entry {result.first_bad}: {result.problem} "
+        f"({result.entries} entries before it verified)",
+        file=sys.stderr,
+    )
+    return 1
+
+
+LEDGER_COLUMNS = ("seq", "recorded_at", "kind", "actor", "outcome", "detail", "prev_hash", "hash")
+
+
+def _ledger_export(args: argparse.Namespace) -> int:
+    archive = _open_archive(args.config)
+    out = open(args.output, "w", newline="") if args.output else sys.stdout  # noqa: SIM115
+    try:
+        if args.format == "csv":
+            writer = csv.writer(out)
+            writer.writerow(LEDGER_COLUMNS)
+            for entry in archive.ledger.entries():
+                writer.writerow([getattr(entry, c) for c in LEDGER_COLUMNS])
+        else:
+            out.write("[")
+            for i, entry in enumerate(archive.ledger.entries()):
+                row = {c: getattr(entry, c) for c in LEDGER_COLUMNS} | {"detail": entry.data}
+                out.write(("," if i else "") + "\n" + json.dumps(row, ensure_ascii=False))
+            out.write("\n]\n")
+    finally:
+        archive.close()
+        if out is not sys.stdout:
+            out.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dicomnode", description="A DICOM node for image analysis."
@@ -84,6 +136,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     create.add_argument("--config", help="settings file (for data_dir and the issuer)")
     create.set_defaults(run=_token_create)
+
+    ledger = commands.add_parser("ledger", help="the hash-chained ledger of decisions")
+    ledger_commands = ledger.add_subparsers(dest="ledger_command", required=True)
+    verify = ledger_commands.add_parser("verify", help="recompute the chain; exit 1 at a bad entry")
+    verify.add_argument("--config", help="settings file (default: $DICOMNODE_CONFIG or embedded)")
+    verify.set_defaults(run=_ledger_verify)
+    export = ledger_commands.add_parser("export", help="write every entry as JSON or CSV")
+    export.add_argument("--format", choices=("json", "csv"), default="json")
+    export.add_argument("--output", help="file to write (default: standard output)")
+    export.add_argument("--config", help="settings file (default: $DICOMNODE_CONFIG or embedded)")
+    export.set_defaults(run=_ledger_export)
 
     config = commands.add_parser("config", help="configuration tools")
     config_commands = config.add_subparsers(dest="config_command", required=True)

@@ -1,8 +1,8 @@
 """The only way data leaves the node: load, ask governance, record, then hand it out.
 
-C-FIND answers and C-MOVE/C-GET sub-operations (and, later, DICOMweb answers, forwarding and
-sharing) ask `Egress` first. Each decision is logged with its rule; the governance issue adds
-the tamper-evident ledger entry, committed before any data moves.
+C-FIND answers, C-MOVE/C-GET sub-operations and DICOMweb answers (and, later, forwarding and
+sharing) ask `Egress` first. Each decision, allow or deny, is committed to the hash-chained
+ledger with its rule before any data moves; if the ledger cannot be written, nothing leaves.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 from dicomnode import governance
 from dicomnode.archive import Archive
 from dicomnode.core.errors import NotPermitted
-from dicomnode.core.model import Level, Query, Source, StoredInstance
+from dicomnode.core.model import LedgerKind, Level, Query, Source, StoredInstance
 
 log = logging.getLogger("dicomnode.egress")
 
@@ -32,6 +32,8 @@ class Egress:
         study_uids: set[str],
         count: int,
     ) -> None:
+        """Ask governance; record the decision in the ledger (committed before anything is
+        sent); raise NotPermitted on a denial. A ledger that cannot be written stops the data."""
         request = governance.DisclosureRequest(
             requester=requester,
             operation=operation,
@@ -40,20 +42,30 @@ class Egress:
             study_instance_uids=tuple(sorted(study_uids)),
         )
         decision = governance.decide(request, datetime.now(UTC))
+        outcome = "allowed" if decision.allowed else "denied"
+        detail = {
+            "operation": operation,
+            "protocol": requester.protocol,
+            "address": requester.address,
+            "peer": requester.peer,
+            "recipient": destination,
+            "rule_id": decision.rule_id,
+            "reason": decision.reason,
+            "policy_version": decision.policy_version,
+            "patient_ids": request.patient_ids,
+            "study_instance_uids": request.study_instance_uids,
+            "items": count,
+        }
+        kind = LedgerKind.DISCLOSURE if decision.allowed else LedgerKind.DENIAL
+        entry = self.archive.ledger.record(kind, requester.caller, outcome, detail)
         log.info(
             "disclosure %s",
-            "allowed" if decision.allowed else "denied",
+            outcome,
             extra={
                 "event": "disclosure",
-                "operation": operation,
+                "ledger_seq": entry.seq,
                 "requester": requester.caller,
-                "protocol": requester.protocol,
-                "destination": destination,
-                "allowed": decision.allowed,
-                "rule_id": decision.rule_id,
-                "policy_version": decision.policy_version,
-                "items": count,
-                "studies": len(study_uids),
+                **detail,
             },
         )
         if not decision.allowed:

@@ -142,7 +142,7 @@ def write_config(
         "[dimse]",
         'host = "127.0.0.1"',
         f"port = {dimse.pop('port', 0)}",
-        "drain_timeout = 10",
+        f"drain_timeout = {dimse.pop('drain_timeout', 10)}",
     ]
     for key, value in dimse.items():
         lines.append(f"{key} = {json.dumps(value)}")

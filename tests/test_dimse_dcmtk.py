@@ -13,10 +13,7 @@ Any other caller may only echo and store.
 
 from __future__ import annotations
 
-import functools
-import os
 import re
-import shutil
 import subprocess
 import zlib
 from collections.abc import Callable, Iterator
@@ -32,7 +29,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
 
 from dicomnode.config import Peer
 from dicomnode.core.model import Level
-from tests.conftest import DCMTK_ENV, WORKSTATION, free_port, run_dcmtk, wait_until
+from tests.conftest import DCMTK_ENV, WORKSTATION, dcmtk_tool, free_port, run_dcmtk, wait_until
 from tests.factory import make_ct, write_series
 
 if TYPE_CHECKING:
@@ -81,26 +78,8 @@ KEY_ATTRIBUTES = (
 # --- running dcmtk ----------------------------------------------------------------------
 
 
-@functools.cache
-def dcmtk_tool(name: str) -> str:
-    """The path of dcmtk's `name`. pynetdicom installs Python apps called echoscu, storescu,
-    findscu, ... that a version manager's shims can put ahead of dcmtk on PATH; skip those."""
-    folders = os.environ.get("PATH", "").split(os.pathsep) + ["/usr/bin", "/usr/local/bin"]
-    for folder in folders:
-        path = shutil.which(name, path=folder)
-        if not path:
-            continue
-        with open(path, "rb") as f:
-            if f.read(2) == b"#!":
-                continue  # a script (shim or Python entry point), not the dcmtk binary
-        version = subprocess.run([path, "--version"], capture_output=True, text=True)
-        if "$dcmtk:" in version.stdout:
-            return path
-    pytest.fail(f"dcmtk's {name} is required; .ci/run installs dcmtk")
-
-
 def dcmtk(tool: str, *args: str) -> subprocess.CompletedProcess:
-    return run_dcmtk(dcmtk_tool(tool), *args)
+    return run_dcmtk(tool, *args)
 
 
 def node_address(node: Node) -> list[str]:

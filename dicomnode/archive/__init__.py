@@ -20,9 +20,10 @@ from sqlalchemy.exc import IntegrityError
 from dicomnode.archive import migrations, query, schema
 from dicomnode.archive.blobs import FileBlobStore
 from dicomnode.archive.index import Index, create_index_engine
+from dicomnode.archive.ledger import Ledger
 from dicomnode.archive.received import ReceivedObject
 from dicomnode.core.errors import DuplicateConflict, NotFound, StorageUnavailable
-from dicomnode.core.model import IngestResult, Level, Query, Source, StoredInstance
+from dicomnode.core.model import IngestResult, LedgerKind, Level, Query, Source, StoredInstance
 
 log = logging.getLogger("dicomnode.archive")
 
@@ -36,6 +37,7 @@ class Archive:
         self.engine = create_index_engine(database_url)
         migrations.upgrade(self.engine)
         self.index = Index(self.engine)
+        self.ledger = Ledger(self.index)
         self.duplicate_policy = duplicate_policy
         removed = self.blobs.discard_partial_writes()
         if removed:
@@ -147,9 +149,16 @@ class Archive:
         with self.index.read() as conn:
             return query.find_instances(conn, level, filters)
 
-    def delete(self, level: Level, filters: tuple[tuple[str, str], ...]) -> list[StoredInstance]:
+    def delete(
+        self,
+        level: Level,
+        filters: tuple[tuple[str, str], ...],
+        actor: str,
+        reason: str,
+    ) -> list[StoredInstance]:
         """Remove every instance under the entities matching `filters` at `level`, with the
-        series, studies and patients left empty; the blobs go after the rows are committed."""
+        series, studies and patients left empty. A deletion entry goes into the ledger in the
+        same transaction; the blobs go after it is committed."""
         i, se, st, p = schema.instances, schema.series, schema.studies, schema.patients
         with self.index.write() as conn:
             doomed = query.find_instances(conn, level, filters)
@@ -185,6 +194,21 @@ class Archive:
                 sql_delete(p).where(
                     p.c.id.in_(patient_pks), ~exists().where(st.c.patient_pk == p.c.id)
                 )
+            )
+            self.ledger.append(
+                conn,
+                LedgerKind.DELETION,
+                actor,
+                "done",
+                {
+                    "level": str(level),
+                    "target": dict(filters),
+                    "reason": reason,
+                    "method": "blob files unlinked, index rows deleted",
+                    "patient_ids": sorted({d.patient_id for d in doomed}),
+                    "study_instance_uids": sorted({d.study_instance_uid for d in doomed}),
+                    "sop_instance_uids": uids,
+                },
             )
         for instance in doomed:
             self.blobs.delete(instance.blob_path)

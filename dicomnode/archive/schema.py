@@ -100,3 +100,16 @@ instances = Table(
 )
 
 TABLE_BY_LEVEL_NAME = {"PATIENT": patients, "STUDY": studies, "SERIES": series, "IMAGE": instances}
+
+ledger_entries = Table(
+    "ledger_entries",
+    metadata,
+    Column("seq", BigInteger, primary_key=True, autoincrement=False),
+    Column("recorded_at", String(32), nullable=False),  # ISO 8601 UTC, part of the hash
+    Column("kind", String(32), nullable=False),
+    Column("actor", String, nullable=False),
+    Column("outcome", String(16), nullable=False),
+    Column("detail", String, nullable=False),  # canonical JSON
+    Column("prev_hash", String(64), nullable=False),
+    Column("hash", String(64), nullable=False, unique=True),
+)

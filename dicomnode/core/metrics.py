@@ -9,7 +9,11 @@ import threading
 from collections import defaultdict
 
 _HELP = {
-    "dicomnode_associations_total": ("counter", "DIMSE associations, by outcome"),
+    "dicomnode_associations_total": ("counter", "DIMSE association requests, accepted or rejected"),
+    "dicomnode_associations_closed_total": (
+        "counter",
+        "DIMSE associations ended, released or aborted",
+    ),
     "dicomnode_associations_active": ("gauge", "DIMSE associations open now"),
     "dicomnode_dimse_requests_total": ("counter", "DIMSE requests answered, by service and status"),
     "dicomnode_instances_received_total": ("counter", "Instances received, by outcome"),

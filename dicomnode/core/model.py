@@ -6,6 +6,14 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 
+class LedgerKind(StrEnum):
+    """What a ledger entry records."""
+
+    DISCLOSURE = "disclosure"  # data left the node (allowed decision)
+    DENIAL = "denial"  # data was refused (denied decision)
+    DELETION = "deletion"  # data was destroyed
+
+
 class Level(StrEnum):
     """Query/Retrieve levels (PS3.4 C.3)."""
 

@@ -254,8 +254,8 @@ def rendered(
 
 def delete(study: str, series: str | None = None, instance: str | None = None) -> Response:
     level, filters = _filters(study, series, instance)
-    removed = services().archive.delete(level, filters)
     who = requester()
+    removed = services().archive.delete(level, filters, who.caller, "DICOMweb DELETE request")
     log.info(
         "deleted %d instances",
         len(removed),

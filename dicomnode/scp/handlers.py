@@ -288,7 +288,7 @@ def _closed(event: evt.Event, ctx: DimseContext, outcome: str) -> None:
         stats = ctx.associations.pop(id(event.assoc), None)
     if stats is None:
         return
-    ctx.metrics.add("dicomnode_associations_total", outcome=outcome)
+    ctx.metrics.add("dicomnode_associations_closed_total", how=outcome)
     ctx.metrics.add("dicomnode_associations_active", -1)
     started = stats.pop("started")
     log.info(

@@ -1,0 +1,172 @@
+"""The append-only, hash-chained ledger: every governance decision and every destruction.
+
+Entry n's hash is SHA-256 over entry n-1's hash and a canonical JSON encoding of entry n (its
+sequence number, time, kind, actor, outcome and detail). Appends are serialised (SQLite's write
+lock; a PostgreSQL advisory lock), and sequence numbers are the primary key, so the chain can
+never fork. `verify` recomputes the chain and names the first entry that was edited, deleted or
+moved. A write that fails raises, and the caller (egress) then lets nothing leave.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Connection, func, select, text
+
+from dicomnode.archive import schema
+from dicomnode.archive.index import Index
+from dicomnode.core.errors import StorageUnavailable
+
+GENESIS_HASH = "0" * 64
+_LEDGER_LOCK = 1573_0001  # PostgreSQL advisory lock key that serialises appends
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    seq: int
+    recorded_at: str
+    kind: str
+    actor: str
+    outcome: str
+    detail: str  # canonical JSON, exactly as hashed
+    prev_hash: str
+    hash: str
+
+    @property
+    def data(self) -> dict[str, Any]:
+        return json.loads(self.detail)
+
+
+@dataclass(frozen=True)
+class Verification:
+    """The result of checking the chain: `first_bad` names the first entry that fails."""
+
+    ok: bool
+    entries: int
+    first_bad: int | None = None
+    problem: str = ""
+    head_hash: str = GENESIS_HASH
+
+
+def canonical_detail(detail: dict[str, Any]) -> str:
+    return json.dumps(
+        detail, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str
+    )
+
+
+def entry_hash(
+    prev_hash: str, seq: int, recorded_at: str, kind: str, actor: str, outcome: str, detail: str
+) -> str:
+    head = json.dumps(
+        [seq, recorded_at, kind, actor, outcome], separators=(",", ":"), ensure_ascii=False
+    )
+    return hashlib.sha256(f"{prev_hash}\n{head}\n{detail}".encode()).hexdigest()
+
+
+class Ledger:
+    """The ledger's persistence, in the index database."""
+
+    def __init__(self, index: Index) -> None:
+        self.index = index
+
+    def append(
+        self, conn: Connection, kind: str, actor: str, outcome: str, detail: dict[str, Any]
+    ) -> LedgerEntry:
+        """Append one entry inside the caller's write transaction (it commits with the change
+        the entry records)."""
+        if not self.index.is_sqlite:  # SQLite's write lock already serialises appends
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _LEDGER_LOCK})
+        table = schema.ledger_entries
+        tail = conn.execute(
+            select(table.c.seq, table.c.hash).order_by(table.c.seq.desc()).limit(1)
+        ).first()
+        seq, prev = (tail.seq + 1, tail.hash) if tail else (1, GENESIS_HASH)
+        recorded_at = datetime.now(UTC).isoformat(timespec="microseconds")
+        body = canonical_detail(detail)
+        digest = entry_hash(prev, seq, recorded_at, kind, actor, outcome, body)
+        conn.execute(
+            table.insert().values(
+                seq=seq,
+                recorded_at=recorded_at,
+                kind=kind,
+                actor=actor,
+                outcome=outcome,
+                detail=body,
+                prev_hash=prev,
+                hash=digest,
+            )
+        )
+        return LedgerEntry(seq, recorded_at, kind, actor, outcome, body, prev, digest)
+
+    def record(self, kind: str, actor: str, outcome: str, detail: dict[str, Any]) -> LedgerEntry:
+        """Append one entry and commit it; raises StorageUnavailable when it cannot be written."""
+        try:
+            with self.index.write() as conn:
+                return self.append(conn, kind, actor, outcome, detail)
+        except Exception as e:
+            raise StorageUnavailable(f"the ledger cannot be written: {e}") from e
+
+    def entries(self, after: int = 0, batch: int = 1000) -> Iterator[LedgerEntry]:
+        """Every entry in sequence order."""
+        table = schema.ledger_entries
+        while True:
+            with self.index.read() as conn:
+                rows = conn.execute(
+                    select(table).where(table.c.seq > after).order_by(table.c.seq).limit(batch)
+                ).all()
+            for row in rows:
+                yield LedgerEntry(
+                    row.seq,
+                    row.recorded_at,
+                    row.kind,
+                    row.actor,
+                    row.outcome,
+                    row.detail,
+                    row.prev_hash,
+                    row.hash,
+                )
+            if len(rows) < batch:
+                return
+            after = rows[-1].seq
+
+    def count(self) -> int:
+        with self.index.read() as conn:
+            return conn.execute(
+                select(func.count()).select_from(schema.ledger_entries)
+            ).scalar_one()
+
+    def verify(self) -> Verification:
+        """Recompute the chain from the first entry: an edited entry fails its hash, a deleted one
+        leaves a gap in the sequence, a moved one breaks the link to its predecessor."""
+        expected_seq, prev = 1, GENESIS_HASH
+        checked = 0
+        for entry in self.entries():
+            if entry.seq != expected_seq:
+                return Verification(
+                    False, checked, expected_seq, f"entry {expected_seq} is missing", prev
+                )
+            if entry.prev_hash != prev:
+                return Verification(
+                    False, checked, entry.seq, "it does not link to the entry before it", prev
+                )
+            recomputed = entry_hash(
+                prev,
+                entry.seq,
+                entry.recorded_at,
+                entry.kind,
+                entry.actor,
+                entry.outcome,
+                entry.detail,
+            )
+            if recomputed != entry.hash:
+                return Verification(
+                    False, checked, entry.seq, "its content does not match its hash", prev
+                )
+            checked += 1
+            expected_seq, prev = entry.seq + 1, entry.hash
+        return Verification(True, checked, None, "", prev)
