@@ -71,7 +71,7 @@ class Node:
             ident="dicomnode",
             max_request_body_size=http.max_request_bytes,
         )
-        self._http_thread = threading.Thread(target=self._http.run, name="http", daemon=True)
+        self._http_thread = threading.Thread(target=self._serve_http, name="http", daemon=True)
         self._http_thread.start()
         log.info(
             "dicomnode ready",
@@ -87,6 +87,14 @@ class Node:
                 "tls": self.settings.dimse.tls is not None,
             },
         )
+
+    def _serve_http(self) -> None:
+        try:
+            self._http.run()
+        except OSError:
+            # stop() closes the listening socket under the server's select(): expected then.
+            if not self._stopped.is_set():
+                raise
 
     @property
     def http_port(self) -> int:
