@@ -70,6 +70,23 @@ def _open_archive(config: str | None) -> Any:
     return Archive(settings.node.data_dir, settings.database_url, settings.dimse.duplicate_policy)
 
 
+def _archive_check(args: argparse.Namespace) -> int:
+    archive = _open_archive(args.config)
+    try:
+        report = archive.check(verify_hashes=args.hashes, repair=args.repair)
+    finally:
+        archive.close()
+    print(f"{report.indexed} indexed instances, {report.blobs} blob files")
+    for label, paths in (
+        ("index row without its blob", report.missing_blobs),
+        ("blob whose content does not match its SHA-256", report.corrupt_blobs),
+        ("removed unindexed blob" if report.repaired else "unindexed blob", report.unindexed_blobs),
+    ):
+        for path in paths:
+            print(f"{label}: {path}")
+    return 0 if report.ok else 1
+
+
 def _ledger_verify(args: argparse.Namespace) -> int:
     archive = _open_archive(args.config)
     try:
@@ -136,6 +153,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     create.add_argument("--config", help="settings file (for data_dir and the issuer)")
     create.set_defaults(run=_token_create)
+
+    archive = commands.add_parser("archive", help="archive maintenance")
+    archive_commands = archive.add_subparsers(dest="archive_command", required=True)
+    check = archive_commands.add_parser(
+        "check", help="compare the index with the blob files; exit 1 if a row lacks its blob"
+    )
+    check.add_argument("--hashes", action="store_true", help="also verify every blob's SHA-256")
+    check.add_argument("--repair", action="store_true", help="remove blobs no index row names")
+    check.add_argument("--config", help="settings file (default: $DICOMNODE_CONFIG or embedded)")
+    check.set_defaults(run=_archive_check)
 
     ledger = commands.add_parser("ledger", help="the hash-chained ledger of decisions")
     ledger_commands = ledger.add_subparsers(dest="ledger_command", required=True)

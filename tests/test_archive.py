@@ -251,3 +251,33 @@ def test_two_archives_on_one_index_write_side_by_side(tmp_path, database_url):
     finally:
         for archive in archives:
             archive.close()
+
+
+def test_check_finds_missing_unindexed_and_corrupt_blobs(archive, tmp_path):
+    stored = [
+        archive.store(from_part10(part10(make_ct(instance_number=n))), SENDER) for n in (1, 2, 3)
+    ]
+    assert archive.check(verify_hashes=True).ok
+    # a crash between blob write and index commit leaves a complete blob no row names
+    orphan = make_ct(study_uid=stored[0].instance.study_instance_uid)
+    orphan_path = archive.blobs.relative_path(
+        orphan.StudyInstanceUID, orphan.SeriesInstanceUID, orphan.SOPInstanceUID
+    )
+    archive.blobs.write(orphan_path, [part10(orphan)])
+    archive.blob_file(stored[0].instance).unlink()  # a row without its blob
+    corrupt = archive.blob_file(stored[1].instance)
+    data = bytearray(corrupt.read_bytes())
+    data[-1] ^= 0xFF
+    corrupt.write_bytes(bytes(data))
+
+    report = archive.check(verify_hashes=True)
+    assert not report.ok
+    assert report.missing_blobs == [stored[0].instance.blob_path]
+    assert report.unindexed_blobs == [orphan_path]
+    assert report.corrupt_blobs == [stored[1].instance.blob_path]
+
+    repaired = archive.check(repair=True)
+    assert repaired.unindexed_blobs == [orphan_path]
+    assert not archive.blobs.exists(orphan_path)
+    assert archive.blob_file(stored[2].instance).exists()  # indexed blobs are never touched
+    assert archive.check().unindexed_blobs == []

@@ -9,6 +9,7 @@ one SOP Instance UID never overwrite each other's file, even from two processes.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -21,11 +22,28 @@ from dicomnode.archive import migrations, query, schema
 from dicomnode.archive.blobs import FileBlobStore
 from dicomnode.archive.index import Index, create_index_engine
 from dicomnode.archive.ledger import Ledger
-from dicomnode.archive.received import ReceivedObject
+from dicomnode.archive.received import ReceivedObject, dataset_sha256
 from dicomnode.core.errors import DuplicateConflict, NotFound, StorageUnavailable
 from dicomnode.core.model import IngestResult, LedgerKind, Level, Query, Source, StoredInstance
 
 log = logging.getLogger("dicomnode.archive")
+
+
+@dataclass(frozen=True)
+class ArchiveCheck:
+    """What `Archive.check` found."""
+
+    indexed: int
+    blobs: int
+    missing_blobs: list[str]
+    unindexed_blobs: list[str]
+    corrupt_blobs: list[str]
+    repaired: bool
+
+    @property
+    def ok(self) -> bool:
+        """No row lacks its blob and no blob is corrupt (unindexed blobs are leftovers only)."""
+        return not self.missing_blobs and not self.corrupt_blobs
 
 
 class Archive:
@@ -213,6 +231,32 @@ class Archive:
         for instance in doomed:
             self.blobs.delete(instance.blob_path)
         return doomed
+
+    def check(self, verify_hashes: bool = False, repair: bool = False) -> ArchiveCheck:
+        """Compare the index with the blob store: rows whose blob is missing, blobs no row names
+        (left by a crash between the blob write and the index commit), and with
+        `verify_hashes`, blobs whose data set no longer matches its SHA-256. `repair` deletes
+        the unindexed blobs (never a blob a row names)."""
+        with self.index.read() as conn:
+            rows = dict(
+                conn.execute(select(schema.instances.c.blob_path, schema.instances.c.sha256)).all()
+            )
+        on_disk = {
+            str(path.relative_to(self.blobs.root))
+            for path in self.blobs.root.rglob("*.dcm")
+            if path.parent != self.blobs.tmp
+        }
+        missing = sorted(set(rows) - on_disk)
+        unindexed = sorted(on_disk - set(rows))
+        corrupt = []
+        if verify_hashes:
+            for blob_path in sorted(set(rows) & on_disk):
+                if dataset_sha256(self.blobs.absolute(blob_path)) != rows[blob_path]:
+                    corrupt.append(blob_path)
+        if repair:
+            for blob_path in unindexed:
+                self.blobs.delete(blob_path)
+        return ArchiveCheck(len(rows), len(on_disk), missing, unindexed, corrupt, repair)
 
     def open_blob(self, instance: StoredInstance) -> BinaryIO:
         return self.blobs.open(instance.blob_path)

@@ -13,6 +13,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 from io import BytesIO
+from pathlib import Path
 
 import pydicom
 from pydicom.charset import convert_encodings, default_encoding
@@ -208,6 +209,15 @@ def from_part10(file_bytes: bytes) -> ReceivedObject:
         file_bytes[:dataset_offset] if has_preamble else PREAMBLE + file_bytes[:dataset_offset]
     )
     return _build(meta_bytes, file_bytes[dataset_offset:], ts)
+
+
+def dataset_sha256(path: Path) -> str:
+    """The SHA-256 of a stored file's data set (the bytes after its File Meta group)."""
+    data = path.read_bytes()
+    buffer = BytesIO(data)
+    buffer.seek(132 if data[128:132] == b"DICM" else 0)
+    pydicom.filereader._read_file_meta_info(buffer)
+    return hashlib.sha256(data[buffer.tell() :]).hexdigest()
 
 
 def is_known_transfer_syntax(uid: str) -> bool:
