@@ -21,10 +21,15 @@ from __future__ import annotations
 import abc
 import argparse
 import contextlib
+import hashlib
 import importlib.metadata
+import importlib.util
 import json
+import linecache
 import os
 import platform
+import re
+import resource
 import shutil
 import signal
 import socket
@@ -37,7 +42,7 @@ import time
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +57,7 @@ DEFAULT_WORK_DIR = Path(tempfile.gettempdir()) / "dicomnode-bench"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ALL_RECEIVERS = ("storescp", "orthanc", "dicomnode")
 PROFILE_RATE = 200  # py-spy samples per second
+START_ATTEMPTS = 3  # tries to start a receiver (a free port may be taken meanwhile)
 
 
 # --------------------------------------------------------------------------------------
@@ -73,6 +79,8 @@ class Tools:
     orthanc: str
     dicomnode: list[str]
     py_spy: str | None
+    #: Extra environment for dicomnode (``PYTHONPATH`` of a source snapshot).
+    dicomnode_env: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def discover(cls, dicomnode_cmd: str | None = None) -> Tools:
@@ -169,6 +177,53 @@ def machine_info(tools: Tools) -> dict[str, str]:
         "orthanc": first_line([tools.orthanc, "--version"]),
         "dicomnode": package_version("dicomnode"),
     }
+
+
+def dicomnode_source() -> Path | None:
+    """Directory of the ``dicomnode`` package this Python would import, if any."""
+    spec = importlib.util.find_spec("dicomnode")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _source_files(package: Path) -> list[Path]:
+    return sorted(p for p in package.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+
+
+def tree_hash(package: Path) -> str:
+    """Short content hash of a source tree (paths and bytes, ``__pycache__`` left out)."""
+    digest = hashlib.sha256()
+    for path in _source_files(package):
+        digest.update(str(path.relative_to(package)).encode() + b"\0")
+        digest.update(path.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
+
+
+def describe_source(package: Path) -> str:
+    """Commit and content hash of the dicomnode source, for the report."""
+    repo = package.parent
+    commit = first_line(["git", "-C", str(repo), "log", "-1", "--format=%h %s"])
+    dirty = subprocess.run(
+        ["git", "-C", str(repo), "status", "--porcelain", "--", package.name],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    state = " plus uncommitted changes" if dirty else ""
+    return f"source tree {tree_hash(package)} (commit {commit}{state})"
+
+
+def snapshot_source(package: Path, work_dir: Path) -> Path:
+    """Copy the package to ``work_dir/snapshot-HASH/`` and return that directory.
+
+    Running the copy (``PYTHONPATH`` first on the path, ahead of an editable install)
+    keeps every repetition on the same code while someone edits the working tree.
+    """
+    root = work_dir / f"snapshot-{tree_hash(package)}"
+    if not (root / package.name).exists():
+        shutil.copytree(package, root / package.name, ignore=shutil.ignore_patterns("__pycache__"))
+    return root
 
 
 # --------------------------------------------------------------------------------------
@@ -360,21 +415,76 @@ def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def group_cpu_seconds(pgid: int) -> float:
-    """User+system CPU seconds of the process group ``pgid`` (Linux only).
+def group_cpu_seconds(pgid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of the process group ``pgid`` (Linux only).
 
     Sums every live (or zombie) member's own and reaped children's times, so forked
     workers (storescp ``--fork``, multiprocessing) are counted too.
     """
-    ticks = 0
+    user = system = 0
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
             continue
         if int(fields[2]) == pgid:  # state, ppid, pgrp, ...
-            ticks += sum(int(v) for v in fields[11:15])  # utime, stime, cutime, cstime
+            user += int(fields[11]) + int(fields[13])  # utime, cutime
+            system += int(fields[12]) + int(fields[14])  # stime, cstime
+    tick = os.sysconf("SC_CLK_TCK")
+    return user / tick, system / tick
+
+
+def system_busy_seconds() -> float:
+    """User+nice+system CPU seconds of the whole machine since boot (all cores, Linux).
+
+    Interrupt and softirq time (much of it loopback networking on behalf of the
+    benchmark itself) and steal time are left out.
+    """
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system = (int(v) for v in fields[:3])
+    return (user + nice + system) / os.sysconf("SC_CLK_TCK")
+
+
+def kernel_threads_cpu_seconds() -> float:
+    """CPU seconds of kernel threads (children of kthreadd), e.g. writeback and journal."""
+    ticks = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            pid = int(stat.parent.name)
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError, ValueError):
+            continue
+        if pid == 2 or int(fields[1]) == 2:
+            ticks += int(fields[11]) + int(fields[12])
     return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds() -> float:
+    """User+system CPU seconds of this process's waited-for children."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def wait_for_quiet(max_busy_cores: float, timeout: float, window: float = 1.0) -> float:
+    """Wait until the machine is nearly idle; return the last busy-core level seen.
+
+    On a 2-core machine shared with other work (test suites, builds) the timings are
+    only meaningful when nothing else runs. Waits until the busy CPU over ``window``
+    seconds falls below ``max_busy_cores`` cores, for at most ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    announced = False
+    while True:
+        before, started = system_busy_seconds(), time.monotonic()
+        time.sleep(window)
+        busy = (system_busy_seconds() - before) / (time.monotonic() - started)
+        if busy <= max_busy_cores or time.monotonic() >= deadline:
+            if busy > max_busy_cores:
+                log(f"  machine still busy ({busy:.2f} cores); measuring anyway")
+            return busy
+        if not announced:
+            log(f"  machine busy ({busy:.2f} cores in use); waiting for it to calm down")
+            announced = True
 
 
 class ReceiverError(RuntimeError):
@@ -410,6 +520,10 @@ class Receiver(abc.ABC):
         """One line about how the receiver is run (for the report)."""
         return ""
 
+    def env(self) -> dict[str, str]:
+        """Environment of the receiver process."""
+        return child_env()
+
     def problems(self) -> list[str]:
         """Suspicious lines from the receiver's log (errors, tracebacks)."""
         return []
@@ -429,7 +543,7 @@ class Receiver(abc.ABC):
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 cwd=workdir,
-                env=child_env(),
+                env=self.env(),
                 start_new_session=True,
             )
         try:
@@ -468,6 +582,12 @@ class Receiver(abc.ABC):
                 check=False,
             ).returncode
             if rc == 0:
+                if self.proc.poll() is not None:
+                    raise ReceiverError(
+                        f"{self.name} exited but something answered C-ECHO on port "
+                        f"{self.port} (port taken by another program?); log tail:\n"
+                        f"{self.log_tail()}"
+                    )
                 return
             time.sleep(0.2)
         raise ReceiverError(f"{self.name} did not answer C-ECHO in {self.start_timeout:.0f} s")
@@ -629,6 +749,10 @@ class DicomnodeReceiver(Receiver):
         path.write_text(toml)
         return [*self.tools.dicomnode, "serve", "--config", str(path)]
 
+    def env(self) -> dict[str, str]:
+        """:func:`child_env` plus the snapshot's ``PYTHONPATH``, if any."""
+        return child_env() | self.tools.dicomnode_env
+
     def count_stored(self) -> int:
         """``.dcm`` files under ``data_dir/blobs`` (recursively)."""
         blobs = self.data_dir / "blobs"
@@ -638,9 +762,14 @@ class DicomnodeReceiver(Receiver):
 
     def description(self) -> str:
         """How dicomnode is run."""
+        how = " ".join(Path(a).name if i == 0 else a for i, a in enumerate(self.tools.dicomnode))
+        snapshot = (
+            ", from a copy of the source taken at the start" if self.tools.dicomnode_env else ""
+        )
         return (
-            f"`dicomnode serve --config CONFIG.toml` (max_associations "
-            f"{self.max_associations}, DIMSE and HTTP on 127.0.0.1, other settings default)"
+            f"`{how} serve --config CONFIG.toml` (max_associations "
+            f"{self.max_associations}, DIMSE and HTTP on 127.0.0.1, other settings "
+            f"default{snapshot})"
         )
 
     def problems(self) -> list[str]:
@@ -692,6 +821,9 @@ class Sample:
     stored: int
     stored_after_settle: int
     receiver_cpu_s: float
+    receiver_sys_s: float
+    storescu_cpu_s: float
+    other_cpu_s: float
     storescu_failures: int
     problems: list[str] = field(default_factory=list)
 
@@ -737,6 +869,16 @@ def run_storescu(
     return seconds, failures
 
 
+def first_error(logs: Iterator[Path]) -> str:
+    """First line mentioning an error (``E:`` or ``F:`` in dcmtk's logs) in ``logs``."""
+    for path in sorted(logs):
+        with contextlib.suppress(OSError):
+            for line in path.read_text(errors="replace").splitlines():
+                if line.startswith(("E:", "F:")) or "error" in line.lower():
+                    return f"{path.name}: {line.strip()}"
+    return "none found"
+
+
 def settle_count(receiver: Receiver, expected: int, timeout: float) -> int:
     """Poll the stored count until it reaches ``expected`` or ``timeout`` expires."""
     deadline = time.monotonic() + timeout
@@ -755,8 +897,16 @@ def run_once(
     repetition: int,
     scratch: Path,
     keep: bool = False,
+    quiet_cores: float = 0.3,
+    quiet_timeout: float = 300.0,
 ) -> Sample:
-    """Start ``receiver`` fresh, send the data set, verify, stop; return the sample."""
+    """Start ``receiver`` fresh, send the data set, verify, stop; return the sample.
+
+    Before the timed run it waits (see :func:`wait_for_quiet`) for the machine to be
+    idle. ``other_cpu_s`` is the CPU that neither the receiver nor storescu nor this
+    script used during the run: anything above a few tenths of a second means other
+    work disturbed the measurement.
+    """
     dirs = data.split_dir(associations)
     workdir = Path(
         tempfile.mkdtemp(prefix=f"{receiver.name}-{associations}-{repetition}-", dir=scratch)
@@ -764,19 +914,40 @@ def run_once(
     try:
         with receiver.running(workdir):
             assert receiver.proc is not None
-            cpu_before = group_cpu_seconds(receiver.proc.pid)
+            if quiet_timeout > 0:
+                wait_for_quiet(quiet_cores, quiet_timeout)
+            user_before, sys_before = group_cpu_seconds(receiver.proc.pid)
+            system_before = system_busy_seconds()
+            kernel_before = kernel_threads_cpu_seconds()
+            children_before = children_cpu_seconds()
+            own_before = time.process_time()
             seconds, failures = run_storescu(tools, receiver, dirs, workdir)
-            cpu = group_cpu_seconds(receiver.proc.pid) - cpu_before
+            user_after, sys_after = group_cpu_seconds(receiver.proc.pid)
+            receiver_sys = sys_after - sys_before
+            cpu = user_after - user_before + receiver_sys
+            storescu_cpu = children_cpu_seconds() - children_before
+            other_cpu = (
+                system_busy_seconds()
+                - system_before
+                - (kernel_threads_cpu_seconds() - kernel_before)
+                - cpu
+                - storescu_cpu
+                - (time.process_time() - own_before)
+            )
             stored = receiver.count_stored()
             settled = (
                 stored
                 if stored >= len(data.files)
                 else settle_count(receiver, len(data.files), timeout=30.0)
             )
+            exited = receiver.proc.poll() if receiver.proc is not None else None
         problems = receiver.problems()
+        if exited is not None:
+            problems.append(f"{receiver.name} exited with {exited} during the run")
         if failures:
             problems.append(
-                f"{failures} storescu process(es) exited non-zero; see {workdir}/storescu-*.log"
+                f"{failures} storescu process(es) exited non-zero; first error: "
+                f"{first_error(workdir.glob('storescu-*.log'))}"
             )
         sample = Sample(
             receiver.name,
@@ -787,6 +958,9 @@ def run_once(
             stored,
             settled,
             cpu,
+            receiver_sys,
+            storescu_cpu,
+            max(other_cpu, 0.0),
             failures,
             problems,
         )
@@ -797,10 +971,63 @@ def run_once(
                 f"stored {stored}/{settled} of {len(data.files)}"
             )
         return sample
+    except ReceiverError:
+        keep = True
+        log(f"  receiver failed; its directory is kept: {workdir}")
+        raise
     finally:
         if not keep:
             shutil.rmtree(workdir, ignore_errors=True)
         os.sync()
+
+
+def is_disturbed(sample: Sample, max_other: float) -> bool:
+    """Whether other processes used more than ``max_other`` cores (and 0.1 s) in the run."""
+    return sample.other_cpu_s > max(max_other * sample.seconds, 0.1)
+
+
+def measure(
+    tools: Tools,
+    receiver: Receiver,
+    data: DataSet,
+    associations: int,
+    repetition: int,
+    scratch: Path,
+    args: argparse.Namespace,
+) -> Sample:
+    """:func:`run_once`, retried when the receiver fails to start or the run was disturbed.
+
+    A run counts as disturbed when other processes used more than ``args.max_other``
+    cores on average during it; after ``args.disturbed_retries`` retries the last
+    sample is kept (its "other CPU" shows the disturbance in the report).
+    """
+    start_failures = disturbed = 0
+    while True:
+        try:
+            sample = run_once(
+                tools,
+                receiver,
+                data,
+                associations,
+                repetition,
+                scratch,
+                keep=args.keep,
+                quiet_cores=args.quiet_cores,
+                quiet_timeout=args.quiet_timeout,
+            )
+        except ReceiverError as e:
+            start_failures += 1
+            log(f"{receiver.name}: {e}")
+            if start_failures >= START_ATTEMPTS:
+                raise
+            continue
+        if not is_disturbed(sample, args.max_other) or disturbed >= args.disturbed_retries:
+            return sample
+        disturbed += 1
+        log(
+            f"  disturbed: other processes used {sample.other_cpu_s:.2f} CPU s in "
+            f"{sample.seconds:.2f} s; repeating the run"
+        )
 
 
 def profile_dicomnode(
@@ -834,7 +1061,6 @@ def profile_dicomnode(
                     "--rate",
                     str(rate),
                     "--subprocesses",
-                    "--nolineno",
                     "--threads",
                     "--format",
                     "raw",
@@ -860,10 +1086,9 @@ _STARTUP_FRAMES = (
     "Thread._bootstrap_inner (threading.py)",
     "Thread.run (threading.py)",
 )
-#: Innermost frames of threads that are blocked waiting, which py-spy does not always
-#: recognise as idle (e.g. waitress workers in ``Condition.wait``); such samples are
-#: dropped. A ``time.sleep`` inside a busy-polling loop cannot be told apart and stays.
-_IDLE_LEAVES = (
+#: Innermost functions of threads blocked waiting, which py-spy does not always
+#: recognise as idle (e.g. waitress workers in ``Condition.wait``).
+_IDLE_FUNCTIONS = (
     "Condition.wait (threading.py)",
     "Event.wait (threading.py)",
     "Thread.join (threading.py)",
@@ -872,6 +1097,19 @@ _IDLE_LEAVES = (
     "SelectSelector.select (selectors.py)",
     "socket.accept (socket.py)",
 )
+#: Source of an innermost line that blocks or sleeps (e.g. pynetdicom's reactor loops
+#: calling ``time.sleep``): such samples are idle time, not work.
+_IDLE_SOURCE = re.compile(r"\bsleep\(|\.wait\(|\bselect\(|\.accept\(|\.acquire\(")
+_FRAME = re.compile(r"^(?P<name>.*) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
+
+
+def _is_idle_line(file: str, line: int, search_paths: Sequence[str]) -> bool:
+    """Whether ``file:line`` (as py-spy names it) is a sleeping or blocking call."""
+    for base in ("", *search_paths):
+        path = os.path.join(base, file) if base else file
+        if os.path.isfile(path):
+            return bool(_IDLE_SOURCE.search(linecache.getline(path, line)))
+    return False
 
 
 @dataclass
@@ -888,36 +1126,49 @@ class Profile:
     threads: list[tuple[str, float]]
 
 
-def summarize_collapsed(raw: Path, top: int = 15) -> Profile:
-    """Hottest functions in py-spy's collapsed stacks (recorded with ``--threads``).
+def summarize_collapsed(raw: Path, top: int = 15, search_paths: Sequence[str] = ()) -> Profile:
+    """Hottest functions in py-spy's collapsed stacks (``--threads``, with line numbers).
 
-    Samples whose innermost frame is a blocking wait are counted as idle and dropped;
-    thread start-up frames are ignored. Inclusive counts a function once per sample
-    even when it recurses; percentages are of the remaining (busy) samples.
+    Samples whose innermost frame waits or sleeps (a known blocking function, or a line
+    of source in ``search_paths`` calling ``sleep``/``wait``/``select``/...) are counted
+    as idle and dropped; thread start-up frames are ignored. Frames are merged per
+    function. Inclusive counts a function once per sample even when it recurses;
+    percentages are of the remaining (busy) samples.
     """
     inclusive: Counter[str] = Counter()
     own: Counter[str] = Counter()
     threads: Counter[str] = Counter()
+    idle_lines: dict[tuple[str, int], bool] = {}
     busy = idle = 0
-    for line in raw.read_text(errors="replace").splitlines():
-        stack, _, count_text = line.rpartition(" ")
+    for text in raw.read_text(errors="replace").splitlines():
+        stack, _, count_text = text.rpartition(" ")
         if not stack or not count_text.isdigit():
             continue
         count = int(count_text)
         thread = "?"
-        frames = []
+        frames: list[str] = []
+        leaf: tuple[str, int] | None = None
         for frame in stack.split(";"):
             if frame.startswith("thread "):
                 thread = frame.split(":", 1)[-1].strip().split("@", 1)[0]
-            elif frame and not frame.startswith("process ") and frame not in _STARTUP_FRAMES:
-                frames.append(frame)
-        if not frames or frames[-1] in _IDLE_LEAVES:
+                continue
+            match = _FRAME.match(frame)
+            if frame.startswith("process ") or match is None:
+                continue
+            function = f"{match['name']} ({match['file']})"
+            if function in _STARTUP_FRAMES:
+                continue
+            frames.append(function)
+            leaf = (match["file"], int(match["line"])) if match["line"] else None
+        if leaf is not None and leaf not in idle_lines:
+            idle_lines[leaf] = _is_idle_line(*leaf, search_paths)
+        if not frames or frames[-1] in _IDLE_FUNCTIONS or (leaf and idle_lines[leaf]):
             idle += count
             continue
         busy += count
         threads[thread] += count
-        for frame in set(frames):
-            inclusive[frame] += count
+        for function in set(frames):
+            inclusive[function] += count
         own[frames[-1]] += count
     if busy == 0:
         return Profile(0, idle, [], [], [])
@@ -943,6 +1194,9 @@ class Summary:
     inst_per_s: float
     mb_per_s: float
     cpu_s: float
+    sys_s: float
+    storescu_cpu_s: float
+    other_cpu_max_s: float
     stored_ok: str
     runs: list[float]
 
@@ -966,6 +1220,9 @@ def summarize(samples: list[Sample], data: DataSet) -> list[Summary]:
                 statistics.median(s.sent / s.seconds for s in group),
                 statistics.median(data.total_bytes / 1e6 / s.seconds for s in group),
                 statistics.median(s.receiver_cpu_s for s in group),
+                statistics.median(s.receiver_sys_s for s in group),
+                statistics.median(s.storescu_cpu_s for s in group),
+                max(s.other_cpu_s for s in group),
                 f"{ok}/{len(group)}",
                 [s.seconds for s in group],
             )
@@ -980,6 +1237,7 @@ def render_report(
     receivers: list[Receiver],
     samples: list[Sample],
     profile: Profile | None,
+    notes: Sequence[str] = (),
 ) -> str:
     """Markdown section for one benchmark run."""
     summaries = summarize(samples, data)
@@ -1010,7 +1268,16 @@ def render_report(
         "waited for with `echoscu`, and stopped afterwards; `sync` between runs.",
         "- Time: wall clock of the storescu run(s) only. MB = 10^6 bytes of the files "
         "sent. Receiver CPU = user+system CPU seconds of the receiver's process group "
-        "during the storescu run(s); the 2 cores are shared with the sender(s).",
+        "during the storescu run(s) (system part in brackets), storescu CPU = the same "
+        "for the storescu process(es); "
+        "both share the machine's cores. Other CPU = the machine's user+system CPU seconds "
+        "during the run used neither by them nor by kernel threads (i.e. other work on the "
+        "machine; should be ~0). Before each "
+        f"run the script waits (up to {args.quiet_timeout:.0f} s) until the machine uses "
+        f"fewer than {args.quiet_cores} cores, and a run during which other processes "
+        f"used more than {args.max_other} cores on average (and over 0.1 CPU s) is "
+        "repeated (at most "
+        f"{args.disturbed_retries} times).",
         "- Stored count checked after each run: storescp files in its output directory, "
         "Orthanc `/statistics` CountInstances, dicomnode `.dcm` files under "
         "`data_dir/blobs`.",
@@ -1021,15 +1288,16 @@ def render_report(
         "",
         "### Results (medians)",
         "",
-        "| receiver | associations | seconds | instances/s | MB/s | receiver CPU s | "
-        "all stored | runs (s) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| receiver | associations | seconds | instances/s | MB/s | receiver CPU s (sys) | "
+        "storescu CPU s | other CPU s (max) | all stored | runs (s) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for s in summaries:
         runs = ", ".join(f"{x:.2f}" for x in s.runs)
         lines.append(
             f"| {s.receiver} | {s.associations} | {s.seconds:.2f} | {s.inst_per_s:.0f} | "
-            f"{s.mb_per_s:.0f} | {s.cpu_s:.2f} | {s.stored_ok} | {runs} |"
+            f"{s.mb_per_s:.0f} | {s.cpu_s:.2f} ({s.sys_s:.2f}) | {s.storescu_cpu_s:.2f} | "
+            f"{s.other_cpu_max_s:.2f} | {s.stored_ok} | {runs} |"
         )
     by_key = {(s.receiver, s.associations): s for s in summaries}
     ratio_lines = []
@@ -1055,8 +1323,20 @@ def render_report(
     problem_samples = [
         s for s in samples if s.problems or s.stored_after_settle != s.sent or s.stored != s.sent
     ]
+    disturbed = [s for s in samples if is_disturbed(s, args.max_other)]
     lines += ["", "### Problems", ""]
-    if not problem_samples:
+    lines += [f"- {note}" for note in notes]
+    if disturbed:
+        runs = "; ".join(
+            f"{s.receiver} {s.associations} assoc. run {s.repetition} "
+            f"({s.other_cpu_s:.2f} CPU s in {s.seconds:.2f} s)"
+            for s in disturbed
+        )
+        lines.append(
+            f"- Other processes on the machine still used CPU during {len(disturbed)} of "
+            f"{len(samples)} runs after the retries: {runs}. The medians damp this."
+        )
+    if not problem_samples and not notes and not disturbed:
         lines.append(
             "None: every run stored every instance, no storescu failures, "
             "no error lines in the receivers' logs."
@@ -1075,7 +1355,7 @@ def render_report(
             "### dicomnode profile (py-spy, 1 association, separate untimed run)",
             "",
             f"{profile.busy_samples} busy samples at {PROFILE_RATE} Hz over all threads "
-            f"({profile.idle_samples} samples of threads blocked in a wait dropped). "
+            f"({profile.idle_samples} samples of threads waiting or sleeping dropped). "
             "Busy samples per thread: "
             + ", ".join(f"{name} {share:.0f}%" for name, share in profile.threads[:5])
             + ".",
@@ -1170,6 +1450,37 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="after timing, profile one dicomnode 1-association run with "
         "py-spy into DIR and add the hottest functions to the report",
     )
+    parser.add_argument(
+        "--quiet-cores",
+        type=float,
+        default=0.3,
+        help="before each timed run, wait until the machine uses fewer cores than this",
+    )
+    parser.add_argument(
+        "--quiet-timeout",
+        type=float,
+        default=300.0,
+        help="longest wait for a quiet machine, in seconds (0: do not wait)",
+    )
+    parser.add_argument(
+        "--max-other",
+        type=float,
+        default=0.1,
+        help="repeat a run in which other processes used more than this many cores",
+    )
+    parser.add_argument(
+        "--disturbed-retries",
+        type=int,
+        default=3,
+        help="how often to repeat a disturbed run before keeping it anyway",
+    )
+    parser.add_argument(
+        "--snapshot",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="run dicomnode from a copy of its source taken at the start (for benchmarking "
+        "while the working tree is being edited)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep receivers' storage dirs")
     return parser.parse_args(argv)
 
@@ -1186,6 +1497,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
     )
     tools = Tools.discover(args.dicomnode_cmd)
+    source = dicomnode_source() if "dicomnode" in names and not args.dicomnode_cmd else None
+    source_note = describe_source(source) if source else "source not found"
+    source_hash = tree_hash(source) if source else ""
+    if source and args.snapshot:
+        root = snapshot_source(source, args.work_dir)
+        tools = replace(
+            tools,
+            dicomnode=[sys.executable, "-m", "dicomnode.cli"],
+            dicomnode_env={"PYTHONPATH": str(root)},
+        )
+        log(f"running dicomnode from a snapshot of its source in {root}")
     receivers = [make_receiver(n, tools, args) for n in names]
 
     # Turn SIGTERM into SystemExit so that the receivers' finally blocks stop them.
@@ -1199,6 +1521,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.sync()
     scratch = Path(tempfile.mkdtemp(prefix="runs-", dir=args.work_dir))
     info = machine_info(tools)
+    info["dicomnode"] += f", {source_note}"
     log(
         f"{len(data.files)} files, {data.total_bytes / 1e6:.1f} MB; receivers {names}; "
         f"modes {modes}; {args.repeats} repetitions"
@@ -1209,23 +1532,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         for rep in range(1, args.repeats + 1):
             for receiver in receivers:
                 for assoc in modes:
-                    sample = run_once(tools, receiver, data, assoc, rep, scratch, args.keep)
+                    sample = measure(tools, receiver, data, assoc, rep, scratch, args)
                     samples.append(sample)
                     log(
                         f"{receiver.name:9s} assoc={assoc} rep={rep}: {sample.seconds:6.2f} s "
                         f"{sample.sent / sample.seconds:7.1f} inst/s, stored {sample.stored}"
-                        f"/{sample.sent}, receiver CPU {sample.receiver_cpu_s:.2f} s"
+                        f"/{sample.sent}, CPU s receiver {sample.receiver_cpu_s:.2f} "
+                        f"storescu {sample.storescu_cpu_s:.2f} other {sample.other_cpu_s:.2f}"
                     )
         profile = None
         if args.profile is not None and "dicomnode" in names:
             raw = profile_dicomnode(tools, data, scratch, args.profile)
             if raw is not None and raw.exists():
-                profile = summarize_collapsed(raw)
+                snapshot = tools.dicomnode_env.get("PYTHONPATH", "")
+                profile = summarize_collapsed(raw, search_paths=[snapshot, *sys.path])
     finally:
-        if not args.keep:
-            shutil.rmtree(scratch, ignore_errors=True)
+        # Runs with problems keep their directories (logs, storage); drop the rest.
+        with contextlib.suppress(OSError):
+            scratch.rmdir()
 
-    section = render_report(info, args, data, receivers, samples, profile)
+    notes = []
+    if source and not args.snapshot and tree_hash(source) != source_hash:
+        notes.append(
+            "The dicomnode source changed while the benchmark ran, so its numbers mix "
+            "versions; use --snapshot."
+        )
+    section = render_report(info, args, data, receivers, samples, profile, notes)
     print(section)
     if not args.no_report:
         write_report(args.out, section, args.append)
