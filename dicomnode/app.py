@@ -10,6 +10,7 @@ from typing import Any
 from waitress.server import create_server
 
 from dicomnode import __version__
+from dicomnode.analysis.runner import AnalysisService
 from dicomnode.archive import Archive
 from dicomnode.config import Settings
 from dicomnode.core.metrics import Metrics
@@ -34,6 +35,13 @@ class Node:
         self.intake = Intake(self.archive, self.metrics)
         self.egress = Egress(self.archive)
         self.dimse = DimseServer(DimseContext(settings, self.intake, self.egress, self.metrics))
+        self.analysis = (
+            AnalysisService(settings.analysis, self.archive, self.intake)
+            if settings.analysis.enabled
+            else None
+        )
+        if self.analysis is not None:
+            self.intake.subscribe(self.analysis.on_stored)
         self.verifier = TokenVerifier(
             settings.auth, load_or_create_signing_key(settings.node.data_dir)
         )
@@ -46,6 +54,7 @@ class Node:
                 metrics=self.metrics,
                 verifier=self.verifier,
                 status=self.status,
+                request_analysis=self.analysis.request if self.analysis else None,
             )
         )
         self._http: Any = None
@@ -61,6 +70,8 @@ class Node:
         }
 
     def start(self) -> None:
+        if self.analysis is not None:
+            self.analysis.start()
         dimse_port = self.dimse.start()
         http = self.settings.http
         self._http = create_server(
@@ -109,6 +120,8 @@ class Node:
         self.dimse.stop(self.settings.dimse.drain_timeout)
         if self._http is not None:
             self._http.close()
+        if self.analysis is not None:
+            self.analysis.stop()
         self.archive.close()
         log.info("dicomnode stopped", extra={"event": "stopped"})
 

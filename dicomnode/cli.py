@@ -87,6 +87,50 @@ def _archive_check(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _jobs(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from dicomnode.archive.jobs import JobStore
+
+    archive = _open_archive(args.config)
+    try:
+        store = JobStore(archive.index)
+        if args.jobs_command == "list":
+            for job in store.list(state=args.state, study_uid=args.study, limit=args.limit):
+                print(
+                    f"{job.id:>6}  {job.state:<8} {job.analyzer:<16} attempts {job.attempts}/"
+                    f"{job.max_attempts}  {job.created_at:%Y-%m-%d %H:%M:%S}  {job.unit_uid}"
+                    + (f"  error: {job.error}" if job.error else "")
+                )
+        elif args.jobs_command == "show":
+            print(json.dumps(store.get(args.id).as_dict(), indent=2))
+        else:
+            store.retry(args.id, datetime.now(UTC))
+            print(f"job {args.id} queued again")
+    finally:
+        archive.close()
+    return 0
+
+
+def _analysis_run(args: argparse.Namespace) -> int:
+    from dicomnode.analysis.runner import AnalysisService
+    from dicomnode.core.metrics import Metrics
+    from dicomnode.intake import Intake
+
+    settings = read_settings(args.config)
+    archive = _open_archive(args.config)
+    try:
+        service = AnalysisService(settings.analysis, archive, Intake(archive, Metrics()))
+        job_ids = service.request(args.study)
+    finally:
+        archive.close()
+    if not job_ids:
+        print(f"no analyzer wants anything in study {args.study}", file=sys.stderr)
+        return 1
+    print(f"queued jobs {', '.join(map(str, job_ids))}; a running node's workers will run them")
+    return 0
+
+
 def _ledger_verify(args: argparse.Namespace) -> int:
     archive = _open_archive(args.config)
     try:
@@ -153,6 +197,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     create.add_argument("--config", help="settings file (for data_dir and the issuer)")
     create.set_defaults(run=_token_create)
+
+    jobs = commands.add_parser("jobs", help="analysis jobs")
+    jobs_commands = jobs.add_subparsers(dest="jobs_command", required=True)
+    listing = jobs_commands.add_parser("list", help="recent jobs, newest first")
+    listing.add_argument("--state", choices=("queued", "running", "done", "failed"))
+    listing.add_argument("--study", help="only jobs of this StudyInstanceUID")
+    listing.add_argument("--limit", type=int, default=50)
+    show = jobs_commands.add_parser("show", help="one job in full (JSON)")
+    show.add_argument("id", type=int)
+    retry = jobs_commands.add_parser("retry", help="queue a failed or finished job again")
+    retry.add_argument("id", type=int)
+    for sub_parser in (listing, show, retry):
+        sub_parser.add_argument("--config", help="settings file")
+        sub_parser.set_defaults(run=_jobs)
+
+    analysis = commands.add_parser("analysis", help="analysis")
+    analysis_commands = analysis.add_subparsers(dest="analysis_command", required=True)
+    run = analysis_commands.add_parser("run", help="queue every analysis of a study now")
+    run.add_argument("--study", required=True, help="StudyInstanceUID")
+    run.add_argument("--config", help="settings file")
+    run.set_defaults(run=_analysis_run)
 
     archive = commands.add_parser("archive", help="archive maintenance")
     archive_commands = archive.add_subparsers(dest="archive_command", required=True)

@@ -95,6 +95,30 @@ class LoggingSettings:
 
 
 @dataclass(frozen=True)
+class AnalyzerSettings:
+    """One analyzer's switches: run it or not, how long a unit must be quiet before it counts as
+    complete, how long one run may take, and its own parameters."""
+
+    enabled: bool = True
+    quiet_period: float = 30.0
+    timeout: float = 300.0
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AnalysisSettings:
+    enabled: bool = True
+    workers: int = 1
+    max_attempts: int = 3
+    retry_backoff: float = 30.0
+    sweep_interval: float = 2.0
+    analyzers: tuple[tuple[str, AnalyzerSettings], ...] = ()
+
+    def analyzer(self, name: str) -> AnalyzerSettings:
+        return dict(self.analyzers).get(name, AnalyzerSettings())
+
+
+@dataclass(frozen=True)
 class Peer:
     """A known DICOM AE: who may call us for which services, and where C-MOVE sends to."""
 
@@ -114,6 +138,7 @@ class Settings:
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
+    analysis: AnalysisSettings = field(default_factory=AnalysisSettings)
     peers: tuple[Peer, ...] = ()
     source: Path | None = None  # the file these settings came from
 
@@ -210,7 +235,9 @@ def _nonempty(value: str) -> str | None:
 
 def _parse(data: dict[str, Any], base: Path) -> tuple[Settings, list[ConfigError]]:
     r = _Reader()
-    r.unknown(data, "", {"node", "dimse", "http", "database", "logging", "auth", "peers"})
+    r.unknown(
+        data, "", {"node", "dimse", "http", "database", "logging", "auth", "analysis", "peers"}
+    )
 
     t = r.table(data, "node")
     r.unknown(t, "node.", {"ae_title", "data_dir"})
@@ -338,6 +365,52 @@ def _parse(data: dict[str, Any], base: Path) -> tuple[Settings, list[ConfigError
         format=r.value(t, "logging.", "format", str, "json", _one_of(LOG_FORMATS)),
     )
 
+    t = r.table(data, "analysis")
+    r.unknown(t, "analysis.", set(AnalysisSettings.__dataclass_fields__))
+    an = AnalysisSettings()
+    analyzers = []
+    for name, table in r.table(t, "analyzers").items():
+        prefix = f"analysis.analyzers.{name}."
+        if not isinstance(table, dict):
+            r.fail(prefix.rstrip("."), "must be a table")
+            continue
+        r.unknown(table, prefix, set(AnalyzerSettings.__dataclass_fields__))
+        d = AnalyzerSettings()
+        analyzers.append(
+            (
+                name,
+                AnalyzerSettings(
+                    enabled=r.value(table, prefix, "enabled", bool, d.enabled),
+                    quiet_period=float(
+                        r.value(
+                            table,
+                            prefix,
+                            "quiet_period",
+                            (int, float),
+                            d.quiet_period,
+                            _non_negative,
+                        )
+                    ),
+                    timeout=float(
+                        r.value(table, prefix, "timeout", (int, float), d.timeout, _positive)
+                    ),
+                    params=r.value(table, prefix, "params", dict, {}),
+                ),
+            )
+        )
+    analysis = AnalysisSettings(
+        enabled=r.value(t, "analysis.", "enabled", bool, an.enabled),
+        workers=r.value(t, "analysis.", "workers", int, an.workers, _non_negative),
+        max_attempts=r.value(t, "analysis.", "max_attempts", int, an.max_attempts, _positive),
+        retry_backoff=float(
+            r.value(t, "analysis.", "retry_backoff", (int, float), an.retry_backoff, _non_negative)
+        ),
+        sweep_interval=float(
+            r.value(t, "analysis.", "sweep_interval", (int, float), an.sweep_interval, _positive)
+        ),
+        analyzers=tuple(analyzers),
+    )
+
     peers: list[Peer] = []
     raw_peers = data.get("peers", [])
     if not isinstance(raw_peers, list):
@@ -378,6 +451,7 @@ def _parse(data: dict[str, Any], base: Path) -> tuple[Settings, list[ConfigError
         database=database,
         logging=logging_settings,
         auth=auth,
+        analysis=analysis,
         peers=tuple(peers),
     )
     return settings, r.problems

@@ -52,7 +52,11 @@ class Intake:
         return self._file(obj, source, started)
 
     def receive_part10(
-        self, file_bytes: bytes, source: Source, expected_study: str | None = None
+        self,
+        file_bytes: bytes,
+        source: Source,
+        expected_study: str | None = None,
+        duplicate_policy: str | None = None,
     ) -> IngestResult:
         """File an object received as a DICOM Part 10 file (STOW-RS, imports); with
         `expected_study`, refuse an object of another study (STOW-RS to /studies/{study})."""
@@ -66,9 +70,15 @@ class Intake:
         except DicomnodeError as e:
             self._refused(e, source, "")
             raise
-        return self._file(obj, source, started)
+        return self._file(obj, source, started, duplicate_policy)
 
-    def _file(self, obj: received.ReceivedObject, source: Source, started: float) -> IngestResult:
+    def _file(
+        self,
+        obj: received.ReceivedObject,
+        source: Source,
+        started: float,
+        duplicate_policy: str | None = None,
+    ) -> IngestResult:
         request = governance.AdmissionRequest(
             source=source,
             patient_id=obj.patient_id,
@@ -81,7 +91,7 @@ class Intake:
                 raise NotPermitted(
                     f"governance refused the object: {decision.reason} ({decision.rule_id})"
                 )
-            result = self.archive.store(obj, source)
+            result = self.archive.store(obj, source, duplicate_policy)
         except DicomnodeError as e:
             self._refused(e, source, obj.sop_instance_uid)
             raise

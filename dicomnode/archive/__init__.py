@@ -83,7 +83,9 @@ class Archive:
             sha256=received.sha256,
         )
 
-    def store(self, received: ReceivedObject, source: Source) -> IngestResult:
+    def store(
+        self, received: ReceivedObject, source: Source, duplicate_policy: str | None = None
+    ) -> IngestResult:
         """File `received`: durable blob, then index rows in one transaction.
 
         An identical re-send stores nothing new ("duplicate"). A different object under a stored
@@ -97,20 +99,23 @@ class Archive:
             self.blobs.write(blob_path, [received.file_meta_bytes, received.dataset_bytes])
         except OSError as e:
             raise StorageUnavailable(f"cannot write the blob: {e}") from e
+        policy = duplicate_policy or self.duplicate_policy
         try:
-            outcome, previous_path = self._index(received, stored, source)
+            outcome, previous_path = self._index(received, stored, source, policy)
         except BaseException:
             if not self._is_indexed_blob(blob_path):
                 self.blobs.delete(blob_path)
             raise
         if outcome == "duplicate":
-            return IngestResult(self._stored(received, previous_path), outcome)
+            return IngestResult(
+                self._stored(received, previous_path), outcome, header=received.header
+            )
         if outcome == "replaced" and previous_path != blob_path:
             self.blobs.delete(previous_path)
-        return IngestResult(stored, outcome)
+        return IngestResult(stored, outcome, header=received.header)
 
     def _index(
-        self, received: ReceivedObject, stored: StoredInstance, source: Source
+        self, received: ReceivedObject, stored: StoredInstance, source: Source, policy: str
     ) -> tuple[str, str]:
         """Index `stored`; returns the outcome and the blob path of the object it found."""
         now = datetime.now(UTC)
@@ -119,7 +124,7 @@ class Archive:
                 existing = self.index.instance_row(conn, received.sop_instance_uid)
                 if existing is not None and existing.sha256 == received.sha256:
                     return "duplicate", existing.blob_path
-                if existing is not None and self.duplicate_policy == "reject":
+                if existing is not None and policy == "reject":
                     raise DuplicateConflict(
                         f"SOP Instance {received.sop_instance_uid} is already stored with "
                         "different content; the node's duplicate policy is 'reject'"

@@ -113,3 +113,49 @@ ledger_entries = Table(
     Column("prev_hash", String(64), nullable=False),
     Column("hash", String(64), nullable=False, unique=True),
 )
+
+# Analysis: one row per (analyzer, unit) being collected, and the jobs made from ready units.
+analysis_units = Table(
+    "analysis_units",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("analyzer", String(64), nullable=False),
+    Column("unit_uid", String(64), nullable=False),  # SOP Instance, Series or Study UID
+    Column("study_instance_uid", String(64), nullable=False),
+    Column("patient_id", String, nullable=False),
+    Column("instances", Integer, nullable=False),
+    Column("expected", Integer, nullable=True),  # from the headers, when they say
+    Column("first_received_at", DateTime(timezone=True), nullable=False),
+    Column("last_received_at", DateTime(timezone=True), nullable=False),
+    Column("state", String(16), nullable=False),  # collecting, queued
+    UniqueConstraint("analyzer", "unit_uid"),
+    Index("ix_analysis_units_state", "state"),
+)
+
+analysis_jobs = Table(
+    "analysis_jobs",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("analyzer", String(64), nullable=False),
+    Column("analyzer_version", String(32), nullable=False),
+    Column("unit_uid", String(64), nullable=False),
+    Column("study_instance_uid", String(64), nullable=False),
+    Column("patient_id", String, nullable=False),
+    Column(
+        "reason", String(32), nullable=False
+    ),  # quiet-period, expected-count, on-receipt, requested
+    Column("state", String(16), nullable=False),  # queued, running, done, failed
+    Column("attempts", Integer, nullable=False),
+    Column("max_attempts", Integer, nullable=False),
+    Column("not_before", DateTime(timezone=True), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=True),
+    Column("finished_at", DateTime(timezone=True), nullable=True),
+    Column("claimed_by", String, nullable=True),
+    Column("lease_until", DateTime(timezone=True), nullable=True),
+    Column("error", String, nullable=True),
+    Column("inputs", String, nullable=True),  # JSON list of SOP Instance UIDs
+    Column("outputs", String, nullable=True),  # JSON list of SOP Instance UIDs filed
+    Column("summary", String, nullable=True),  # JSON
+    Index("ix_analysis_jobs_state_not_before", "state", "not_before"),
+)

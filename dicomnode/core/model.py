@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 
 class LedgerKind(StrEnum):
@@ -90,3 +91,4 @@ class IngestResult:
     instance: StoredInstance
     outcome: str
     warnings: tuple[str, ...] = field(default=())
+    header: Any = None  # the parsed pydicom Dataset (without pixel data access), for subscribers

@@ -19,6 +19,7 @@ from dicomnode.core.metrics import Metrics
 from dicomnode.dicomweb.auth import TokenVerifier
 from dicomnode.dicomweb.errors import register_error_handlers
 from dicomnode.dicomweb.health import health_blueprint
+from dicomnode.dicomweb.jobs import jobs_blueprint
 from dicomnode.dicomweb.qido import qido_blueprint
 from dicomnode.dicomweb.stow import stow_blueprint
 from dicomnode.dicomweb.wado import wado_blueprint
@@ -39,6 +40,7 @@ class WebServices:
     metrics: Metrics
     verifier: TokenVerifier
     status: Callable[[], dict[str, object]]  # the node's live status for /healthz
+    request_analysis: Callable[[str], list[int]] | None = None  # queue a study's analyses
 
 
 def create_app(services: WebServices) -> Flask:
@@ -48,6 +50,7 @@ def create_app(services: WebServices) -> Flask:
     app.register_blueprint(health_blueprint())
     for blueprint in (qido_blueprint(), wado_blueprint(), stow_blueprint()):
         app.register_blueprint(blueprint, url_prefix=DICOMWEB_ROOT)
+    app.register_blueprint(jobs_blueprint(), url_prefix="/analysis")
     if services.settings.http.cors_origins:
         CORS(
             app,

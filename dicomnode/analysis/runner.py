@@ -1,0 +1,319 @@
+"""The analysis service: units from intake's events, jobs from complete units, results filed.
+
+- `on_stored` (an intake subscriber) counts each received object into the units of the
+  analyzers that want it; "on-receipt" analyzers get their job at once.
+- A sweeper turns units that are complete (quiet period, or the announced instance count) into
+  jobs, in the same transaction that marks them queued.
+- Workers claim jobs, hand the analyzer the unit's stored files, check every output and file it
+  through intake (replacing an earlier run's result, whose UIDs are the same), then record the
+  job done; a failure, a timeout or a bad output is recorded and retried with backoff.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import threading
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from io import BytesIO
+from pathlib import Path
+
+import pydicom
+from pydicom.dataset import Dataset
+
+from dicomnode.analysis.plugin import (
+    AnalysisContext,
+    AnalysisResult,
+    Analyzer,
+    InputUnit,
+    deterministic_uid,
+    discover,
+)
+from dicomnode.archive import Archive
+from dicomnode.archive.jobs import Job, JobStore
+from dicomnode.config import AnalysisSettings
+from dicomnode.core.errors import InvalidInput
+from dicomnode.core.model import IngestResult, Level, Source
+from dicomnode.intake import Intake
+
+log = logging.getLogger("dicomnode.analysis")
+
+LEASE_GRACE = timedelta(seconds=60)  # a running job's lease: its timeout plus this
+
+
+class OutputRefused(InvalidInput):
+    """An analyzer returned an object the node will not file."""
+
+
+class AnalysisService:
+    def __init__(
+        self,
+        settings: AnalysisSettings,
+        archive: Archive,
+        intake: Intake,
+        analyzers: dict[str, type[Analyzer]] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.archive = archive
+        self.intake = intake
+        self.jobs = JobStore(archive.index)
+        available = analyzers if analyzers is not None else discover()
+        self.analyzers = {
+            name: cls() for name, cls in available.items() if settings.analyzer(name).enabled
+        }
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.worker_id = f"{uuid.uuid4().hex[:8]}"
+
+    # --- from intake ------------------------------------------------------------------------
+
+    def on_stored(self, result: IngestResult, source: Source) -> None:
+        """Count a newly filed object into the units that want it."""
+        if source.protocol == "analysis" or result.header is None or result.outcome == "duplicate":
+            return
+        header, now = result.header, datetime.now(UTC)
+        for name, analyzer in self.analyzers.items():
+            if not analyzer.selector.matches(header):
+                continue
+            unit_uid = analyzer.unit_uid(header)
+            instance = result.instance
+            self.jobs.note_received(
+                name,
+                unit_uid,
+                instance.study_instance_uid,
+                instance.patient_id,
+                now,
+                analyzer.expected_instances(header),
+            )
+            if analyzer.completion == "on-receipt":
+                self._queue(name, unit_uid, "on-receipt")
+
+    # --- completion -------------------------------------------------------------------------
+
+    def sweep(self, now: datetime | None = None) -> int:
+        """Queue every unit that is complete now; returns how many were queued."""
+        now = now or datetime.now(UTC)
+        quiet = {
+            name: timedelta(seconds=self.settings.analyzer(name).quiet_period)
+            for name, analyzer in self.analyzers.items()
+            if analyzer.completion != "on-receipt"
+        }
+        ready = self.jobs.ready_units(quiet, now)
+        for name, unit_uid, reason in ready:
+            self._queue(name, unit_uid, reason)
+        return len(ready)
+
+    def request(self, study_uid: str) -> list[int]:
+        """Queue every analyzer's units in a study now (the explicit "commit"); returns job ids."""
+        queued: dict[tuple[str, str], int] = {}
+        for item in self.archive.find_instances(Level.STUDY, (("StudyInstanceUID", study_uid),)):
+            header = pydicom.dcmread(self.archive.blob_file(item), stop_before_pixels=True)
+            for name, analyzer in self.analyzers.items():
+                key = (name, analyzer.unit_uid(header))
+                if key not in queued and analyzer.selector.matches(header):
+                    queued[key] = self._queue(name, key[1], "requested", item)
+        return list(queued.values())
+
+    def _queue(self, name: str, unit_uid: str, reason: str, item: object = None) -> int:
+        analyzer = self.analyzers[name]
+        inputs = [i.sop_instance_uid for i in self._unit_instances(analyzer, unit_uid)]
+        job_id = self.jobs.queue(
+            name,
+            analyzer.version,
+            unit_uid,
+            reason,
+            datetime.now(UTC),
+            self.settings.max_attempts,
+            inputs,
+            study_uid=getattr(item, "study_instance_uid", None),
+            patient_id=getattr(item, "patient_id", None),
+        )
+        log.info(
+            "analysis queued",
+            extra={
+                "event": "job",
+                "job": job_id,
+                "analyzer": name,
+                "unit": unit_uid,
+                "reason": reason,
+            },
+        )
+        return job_id
+
+    def _unit_instances(self, analyzer: Analyzer, unit_uid: str) -> list:
+        level, keyword = {
+            "instance": (Level.IMAGE, "SOPInstanceUID"),
+            "series": (Level.SERIES, "SeriesInstanceUID"),
+            "study": (Level.STUDY, "StudyInstanceUID"),
+        }[analyzer.unit]
+        return self.archive.find_instances(level, ((keyword, unit_uid),))
+
+    # --- workers ----------------------------------------------------------------------------
+
+    def run_one(self, worker: str | None = None) -> Job | None:
+        """Claim and run one due job; returns it as recorded afterwards, or None if none was due."""
+        now = datetime.now(UTC)
+        longest = max((self.settings.analyzer(n).timeout for n in self.analyzers), default=300)
+        job = self.jobs.claim(
+            worker or self.worker_id, now, timedelta(seconds=longest) + LEASE_GRACE
+        )
+        if job is None:
+            return None
+        analyzer = self.analyzers.get(job.analyzer)
+        started = time.perf_counter()
+        try:
+            if analyzer is None:
+                raise RuntimeError(f"analyzer {job.analyzer} is not installed or not enabled")
+            outputs, summary = self._run(job, analyzer)
+        except Exception as e:
+            state = self.jobs.fail(
+                job.id,
+                datetime.now(UTC),
+                f"{type(e).__name__}: {e}",
+                timedelta(seconds=self.settings.retry_backoff),
+            )
+            log.warning(
+                "analysis failed: %s",
+                e,
+                extra={
+                    "event": "job",
+                    "job": job.id,
+                    "analyzer": job.analyzer,
+                    "state": state,
+                    "attempt": job.attempts,
+                },
+            )
+            return self.jobs.get(job.id)
+        summary["seconds"] = round(time.perf_counter() - started, 3)
+        self.jobs.finish(job.id, datetime.now(UTC), outputs, summary)
+        log.info(
+            "analysis done",
+            extra={
+                "event": "job",
+                "job": job.id,
+                "analyzer": job.analyzer,
+                "outputs": len(outputs),
+                **summary,
+            },
+        )
+        return self.jobs.get(job.id)
+
+    def _run(self, job: Job, analyzer: Analyzer) -> tuple[list[str], dict]:
+        instances = self._unit_instances(analyzer, job.unit_uid)
+        if not instances:
+            raise RuntimeError(f"the unit {job.unit_uid} holds no instances any more")
+        unit = InputUnit(
+            key=job.unit_uid,
+            study_instance_uid=job.study_instance_uid,
+            patient_id=job.patient_id,
+            paths=[self.archive.blob_file(i) for i in instances],
+            sop_instance_uids=[i.sop_instance_uid for i in instances],
+        )
+        config = self.settings.analyzer(job.analyzer)
+        with tempfile.TemporaryDirectory(prefix="dicomnode-job-") as workdir:
+            context = AnalysisContext(
+                params=config.params,
+                uid=lambda role: deterministic_uid(
+                    analyzer.name, analyzer.version, job.unit_uid, role
+                ),
+                deadline=datetime.now(UTC) + timedelta(seconds=config.timeout),
+                workdir=Path(workdir),
+            )
+            result = _with_timeout(lambda: analyzer.analyze(unit, context), config.timeout)
+        inputs = {i.sop_instance_uid for i in instances} | {
+            i.series_instance_uid for i in instances
+        }
+        for ds in result.datasets:
+            _check_output(ds, analyzer, job.study_instance_uid, inputs)
+        source = Source("analysis", f"{analyzer.name}/{analyzer.version}")
+        filed = [
+            self.intake.receive_part10(_part10(ds), source, job.study_instance_uid, "replace")
+            for ds in result.datasets
+        ]
+        summary = dict(result.summary)
+        if result.warnings:
+            summary["warnings"] = list(result.warnings)
+        return [f.instance.sop_instance_uid for f in filed], summary
+
+    def start(self) -> None:
+        threads = [threading.Thread(target=self._sweep_loop, name="analysis-sweep", daemon=True)]
+        threads += [
+            threading.Thread(
+                target=self._work_loop,
+                args=(f"{self.worker_id}-{n}",),
+                name=f"analysis-{n}",
+                daemon=True,
+            )
+            for n in range(self.settings.workers)
+        ]
+        for thread in threads:
+            thread.start()
+        self._threads = threads
+
+    def stop(self, timeout: float = 10) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout)
+
+    def _sweep_loop(self) -> None:
+        while not self._stop.wait(self.settings.sweep_interval):
+            try:
+                self.sweep()
+            except Exception:
+                log.exception("analysis sweep failed")
+
+    def _work_loop(self, worker: str) -> None:
+        while not self._stop.is_set():
+            try:
+                job = self.run_one(worker)
+            except Exception:
+                log.exception("analysis worker failed")
+                job = None
+            if job is None:
+                self._stop.wait(self.settings.sweep_interval / 2)
+
+
+def _with_timeout(work, seconds: float) -> AnalysisResult:
+    """Run `work` in a helper thread; a run past `seconds` fails the job (the thread is left to
+    finish on its own, and its late result is discarded)."""
+    outcome: dict[str, object] = {}
+
+    def target() -> None:
+        try:
+            outcome["result"] = work()
+        except BaseException as e:  # handed back to the worker below
+            outcome["error"] = e
+
+    thread = threading.Thread(target=target, name="analyzer", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise TimeoutError(f"the analyzer ran past its timeout of {seconds:g} s")
+    if "error" in outcome:
+        raise outcome["error"]  # type: ignore[misc]
+    result = outcome["result"]
+    if not isinstance(result, AnalysisResult):
+        raise TypeError(f"analyze() returned {type(result).__name__}, not AnalysisResult")
+    return result
+
+
+def _check_output(ds: Dataset, analyzer: Analyzer, study_uid: str, inputs: set[str]) -> None:
+    if str(ds.get("StudyInstanceUID", "")) != study_uid:
+        raise OutputRefused(
+            f"an output belongs to study {ds.get('StudyInstanceUID')}, not {study_uid}"
+        )
+    if str(ds.get("SOPClassUID", "")) not in analyzer.output_sop_classes:
+        raise OutputRefused(
+            f"output SOP class {ds.get('SOPClassUID')} is not one {analyzer.name} declares"
+        )
+    for keyword in ("SOPInstanceUID", "SeriesInstanceUID"):
+        if str(ds.get(keyword, "")) in inputs:
+            raise OutputRefused(f"an output reuses an input's {keyword}")
+
+
+def _part10(ds: Dataset) -> bytes:
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()

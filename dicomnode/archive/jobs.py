@@ -1,0 +1,308 @@
+"""Durable analysis state: units being collected and the jobs made from them.
+
+A unit (one instance, series or study for one analyzer) is "collecting" while its objects
+arrive. It becomes ready by quiet period, by reaching the instance count its headers announce,
+on receipt (self-contained instances) or on request; the job row is written in the same
+transaction that marks the unit queued, so a restart loses nothing and several processes can
+share the work. Workers claim jobs with a lease (`SELECT ... FOR UPDATE SKIP LOCKED` on
+PostgreSQL; SQLite's write lock serialises claims); a job whose lease ran out (its worker died)
+is claimed again, and a failed attempt is retried with exponential backoff until
+`max_attempts`, then stays visibly "failed".
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, and_, or_, select, update
+
+from dicomnode.archive import schema
+from dicomnode.archive.index import Index
+from dicomnode.core.errors import NotFound
+
+QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
+COLLECTING = "collecting"
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    analyzer: str
+    analyzer_version: str
+    unit_uid: str
+    study_instance_uid: str
+    patient_id: str
+    reason: str
+    state: str
+    attempts: int
+    max_attempts: int
+    not_before: datetime
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    claimed_by: str | None
+    lease_until: datetime | None
+    error: str | None
+    inputs: str | None
+    outputs: str | None
+    summary: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        data = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        for key in ("inputs", "outputs", "summary"):
+            data[key] = json.loads(data[key]) if data[key] else None
+        for key, value in data.items():
+            if isinstance(value, datetime):
+                data[key] = value.isoformat()
+        return data
+
+
+def _job(row: Any) -> Job:
+    return Job(**{k: row._mapping[k] for k in Job.__dataclass_fields__})
+
+
+class JobStore:
+    """Units and jobs in the index database."""
+
+    def __init__(self, index: Index) -> None:
+        self.index = index
+
+    # --- units ------------------------------------------------------------------------------
+
+    def note_received(
+        self,
+        analyzer: str,
+        unit_uid: str,
+        study_uid: str,
+        patient_id: str,
+        now: datetime,
+        expected: int | None = None,
+    ) -> None:
+        """Count one more object of a unit (creating it), unless its job is already queued."""
+        units = schema.analysis_units
+        with self.index.write() as conn:
+            row = conn.execute(
+                select(units.c.id, units.c.state).where(
+                    units.c.analyzer == analyzer, units.c.unit_uid == unit_uid
+                )
+            ).first()
+            if row is None:
+                conn.execute(
+                    units.insert().values(
+                        analyzer=analyzer,
+                        unit_uid=unit_uid,
+                        study_instance_uid=study_uid,
+                        patient_id=patient_id,
+                        instances=1,
+                        expected=expected,
+                        first_received_at=now,
+                        last_received_at=now,
+                        state=COLLECTING,
+                    )
+                )
+            else:  # a late object re-opens a queued unit, so its analysis sees everything
+                conn.execute(
+                    update(units)
+                    .where(units.c.id == row.id)
+                    .values(
+                        instances=units.c.instances + 1,
+                        last_received_at=now,
+                        expected=expected if expected is not None else units.c.expected,
+                        state=COLLECTING,
+                    )
+                )
+
+    def ready_units(self, quiet: dict[str, timedelta], now: datetime) -> list[tuple[str, str, str]]:
+        """(analyzer, unit_uid, reason) for collecting units that are complete now: quiet for the
+        analyzer's quiet period, or holding the number of instances their headers announced."""
+        units = schema.analysis_units
+        with self.index.read() as conn:
+            rows = conn.execute(select(units).where(units.c.state == COLLECTING)).all()
+        ready = []
+        for row in rows:
+            period = quiet.get(row.analyzer)
+            if period is None:
+                continue
+            if row.expected is not None and row.instances >= row.expected:
+                ready.append((row.analyzer, row.unit_uid, "expected-count"))
+            elif _aware(row.last_received_at) + period <= now:
+                ready.append((row.analyzer, row.unit_uid, "quiet-period"))
+        return ready
+
+    def queue(
+        self,
+        analyzer: str,
+        version: str,
+        unit_uid: str,
+        reason: str,
+        now: datetime,
+        max_attempts: int,
+        inputs: list[str],
+        study_uid: str | None = None,
+        patient_id: str | None = None,
+    ) -> int:
+        """Mark the unit queued and write its job in one transaction; returns the job id."""
+        units = schema.analysis_units
+        with self.index.write() as conn:
+            unit = conn.execute(
+                select(units).where(units.c.analyzer == analyzer, units.c.unit_uid == unit_uid)
+            ).first()
+            if unit is not None:
+                conn.execute(update(units).where(units.c.id == unit.id).values(state=QUEUED))
+                study_uid, patient_id = unit.study_instance_uid, unit.patient_id
+            if study_uid is None or patient_id is None:
+                raise NotFound(f"no unit {unit_uid} for analyzer {analyzer}")
+            return self._insert_job(
+                conn,
+                analyzer,
+                version,
+                unit_uid,
+                study_uid,
+                patient_id,
+                reason,
+                now,
+                max_attempts,
+                inputs,
+            )
+
+    def _insert_job(
+        self,
+        conn: Connection,
+        analyzer: str,
+        version: str,
+        unit_uid: str,
+        study_uid: str,
+        patient_id: str,
+        reason: str,
+        now: datetime,
+        max_attempts: int,
+        inputs: list[str],
+    ) -> int:
+        result = conn.execute(
+            schema.analysis_jobs.insert().values(
+                analyzer=analyzer,
+                analyzer_version=version,
+                unit_uid=unit_uid,
+                study_instance_uid=study_uid,
+                patient_id=patient_id,
+                reason=reason,
+                state=QUEUED,
+                attempts=0,
+                max_attempts=max_attempts,
+                not_before=now,
+                created_at=now,
+                inputs=json.dumps(inputs),
+            )
+        )
+        return int(result.inserted_primary_key[0])
+
+    # --- jobs -------------------------------------------------------------------------------
+
+    def claim(self, worker: str, now: datetime, lease: timedelta) -> Job | None:
+        """Take the oldest job that is due (queued, or running with an expired lease)."""
+        jobs = schema.analysis_jobs
+        due = or_(
+            and_(jobs.c.state == QUEUED, jobs.c.not_before <= now),
+            and_(jobs.c.state == RUNNING, jobs.c.lease_until < now),
+        )
+        with self.index.write() as conn:
+            query = select(jobs.c.id).where(due).order_by(jobs.c.not_before, jobs.c.id).limit(1)
+            if not self.index.is_sqlite:
+                query = query.with_for_update(skip_locked=True)
+            job_id = conn.execute(query).scalar()
+            if job_id is None:
+                return None
+            conn.execute(
+                update(jobs)
+                .where(jobs.c.id == job_id)
+                .values(
+                    state=RUNNING,
+                    attempts=jobs.c.attempts + 1,
+                    started_at=now,
+                    claimed_by=worker,
+                    lease_until=now + lease,
+                    error=None,
+                )
+            )
+            return _job(conn.execute(select(jobs).where(jobs.c.id == job_id)).one())
+
+    def finish(
+        self, job_id: int, now: datetime, outputs: list[str], summary: dict[str, Any]
+    ) -> None:
+        self._set(
+            job_id,
+            state=DONE,
+            finished_at=now,
+            lease_until=None,
+            outputs=json.dumps(outputs),
+            summary=json.dumps(summary, default=str),
+        )
+
+    def fail(self, job_id: int, now: datetime, error: str, backoff: timedelta) -> str:
+        """Record a failed attempt: queued again after `backoff` x 2^(attempts-1), or failed
+        for good once max_attempts are used; returns the new state."""
+        jobs = schema.analysis_jobs
+        with self.index.write() as conn:
+            job = conn.execute(select(jobs).where(jobs.c.id == job_id)).one()
+            final = job.attempts >= job.max_attempts
+            conn.execute(
+                update(jobs)
+                .where(jobs.c.id == job_id)
+                .values(
+                    state=FAILED if final else QUEUED,
+                    finished_at=now if final else None,
+                    not_before=now + backoff * (2 ** max(job.attempts - 1, 0)),
+                    lease_until=None,
+                    error=error[:4000],
+                )
+            )
+            return FAILED if final else QUEUED
+
+    def retry(self, job_id: int, now: datetime) -> None:
+        """Queue a failed (or finished) job again with a fresh set of attempts."""
+        jobs = schema.analysis_jobs
+        with self.index.write() as conn:
+            changed = conn.execute(
+                update(jobs)
+                .where(jobs.c.id == job_id, jobs.c.state.in_((FAILED, DONE)))
+                .values(state=QUEUED, attempts=0, not_before=now, finished_at=None, error=None)
+            ).rowcount
+        if not changed:
+            raise NotFound(f"job {job_id} is not failed or done")
+
+    def _set(self, job_id: int, **values: Any) -> None:
+        with self.index.write() as conn:
+            conn.execute(
+                update(schema.analysis_jobs)
+                .where(schema.analysis_jobs.c.id == job_id)
+                .values(**values)
+            )
+
+    def get(self, job_id: int) -> Job:
+        with self.index.read() as conn:
+            row = conn.execute(
+                select(schema.analysis_jobs).where(schema.analysis_jobs.c.id == job_id)
+            ).first()
+        if row is None:
+            raise NotFound(f"no job {job_id}")
+        return _job(row)
+
+    def list(
+        self, state: str | None = None, study_uid: str | None = None, limit: int = 100
+    ) -> list[Job]:
+        jobs = schema.analysis_jobs
+        query = select(jobs).order_by(jobs.c.id.desc()).limit(limit)
+        if state:
+            query = query.where(jobs.c.state == state)
+        if study_uid:
+            query = query.where(jobs.c.study_instance_uid == study_uid)
+        with self.index.read() as conn:
+            return [_job(row) for row in conn.execute(query)]
+
+
+def _aware(moment: datetime) -> datetime:
+    """SQLite hands back naive datetimes; the index stores UTC."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)

@@ -1,0 +1,54 @@
+"""The analysis jobs API: ``GET /analysis/jobs`` (state, timings, errors, inputs, outputs),
+``GET /analysis/jobs/{id}``, ``POST /analysis/jobs/{id}/retry`` and
+``POST /analysis/studies/{study}/run`` (the explicit "commit" of a study)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from flask import Blueprint, Response, jsonify, request
+
+from dicomnode.archive.jobs import JobStore
+from dicomnode.core.errors import NotFound
+from dicomnode.core.uids import validate_uid
+from dicomnode.dicomweb.access import require_token, services
+
+
+def _store() -> JobStore:
+    return JobStore(services().archive.index)
+
+
+def jobs_blueprint() -> Blueprint:
+    bp = Blueprint("analysis_jobs", __name__)
+    require_token(bp)
+
+    @bp.get("/jobs")
+    def list_jobs() -> Response:
+        study = request.args.get("study")
+        jobs = _store().list(
+            state=request.args.get("state"),
+            study_uid=validate_uid(study, "study") if study else None,
+            limit=min(int(request.args.get("limit", "100") or 100), 1000),
+        )
+        return jsonify([job.as_dict() for job in jobs])
+
+    @bp.get("/jobs/<int:job_id>")
+    def show_job(job_id: int) -> Response:
+        return jsonify(_store().get(job_id).as_dict())
+
+    @bp.post("/jobs/<int:job_id>/retry")
+    def retry_job(job_id: int) -> Response:
+        _store().retry(job_id, datetime.now(UTC))
+        return jsonify(_store().get(job_id).as_dict())
+
+    @bp.post("/studies/<study>/run")
+    def run_study(study: str) -> tuple[Response, int]:
+        run = services().request_analysis
+        if run is None:
+            raise NotFound("analysis is turned off on this node ([analysis] enabled = false)")
+        job_ids = run(validate_uid(study, "StudyInstanceUID"))
+        if not job_ids:
+            raise NotFound(f"no analyzer wants anything in study {study}")
+        return jsonify({"jobs": job_ids}), 202
+
+    return bp
