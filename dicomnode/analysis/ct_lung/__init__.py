@@ -1,0 +1,191 @@
+"""The built-in `ct-lung` analyzer: body and lung masks of a CT series, written back as a DICOM
+SEG (two segments) and a TID 1500 measurement report (Comprehensive 3D SR) with each region's
+volume and mean and standard deviation of its attenuation. Research use only."""
+
+from __future__ import annotations
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import CTImageStorage
+
+from dicomnode import __version__
+from dicomnode.analysis.ct_lung.segmentation import RegionStats, body_mask, lung_mask, region_stats
+from dicomnode.analysis.plugin import AnalysisContext, AnalysisResult, Analyzer, InputUnit, Selector
+
+SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
+RESEARCH_USE = "RESEARCH USE ONLY - not for diagnostic use"
+HOUNSFIELD = hd.sr.CodedConcept("[hnsf'U]", "UCUM", "Hounsfield unit")
+CUBIC_CM = hd.sr.CodedConcept("cm3", "UCUM", "cubic centimeter")
+
+
+def load_volume(paths: list) -> tuple[list[Dataset], np.ndarray, float]:
+    """The series' slices (sorted along the slice normal), its volume in HU and the voxel size
+    in mL; raises ValueError for a series that is not one regular stack."""
+    slices = [pydicom.dcmread(p) for p in paths]
+    if len(slices) < 3:
+        raise ValueError(f"a volume needs at least 3 slices, got {len(slices)}")
+    normal = np.cross(*np.reshape(np.asarray(slices[0].ImageOrientationPatient, float), (2, 3)))
+    slices.sort(key=lambda ds: float(np.dot(normal, np.asarray(ds.ImagePositionPatient, float))))
+    positions = [float(np.dot(normal, np.asarray(ds.ImagePositionPatient, float))) for ds in slices]
+    gaps = np.diff(positions)
+    if np.any(gaps <= 0) or np.ptp(gaps) > 0.01 * np.mean(gaps):
+        raise ValueError("the slices are not evenly spaced; this analyzer needs one regular stack")
+    volume = np.stack(
+        [
+            ds.pixel_array * float(ds.get("RescaleSlope", 1)) + float(ds.get("RescaleIntercept", 0))
+            for ds in slices
+        ]
+    ).astype(np.float32)
+    row_mm, column_mm = (float(v) for v in slices[0].PixelSpacing)
+    return slices, volume, row_mm * column_mm * float(np.mean(gaps)) / 1000.0
+
+
+class CtLung(Analyzer):
+    name = "ct-lung"
+    version = "1.0.0"
+    selector = Selector(sop_class_uids=frozenset({CTImageStorage}), modalities=frozenset({"CT"}))
+    unit = "series"
+    output_sop_classes = frozenset({SEGMENTATION_STORAGE, COMPREHENSIVE_3D_SR})
+
+    def analyze(self, unit: InputUnit, context: AnalysisContext) -> AnalysisResult:
+        slices, volume, voxel_ml = load_volume(list(unit.paths))
+        body = body_mask(volume)
+        lungs = lung_mask(volume, body)
+        stats = {
+            "body": region_stats(volume, body, voxel_ml),
+            "lungs": region_stats(volume, lungs, voxel_ml),
+        }
+        seg = self._segmentation(slices, body, lungs, context)
+        report = self._report(slices, seg, stats, context)
+        summary = {
+            f"{name}_{field}": round(getattr(value, field), 3)
+            for name, value in stats.items()
+            for field in ("volume_ml", "mean_hu", "sd_hu")
+        }
+        warnings = [] if lungs.any() else ["no lung region found"]
+        return AnalysisResult([seg, report], summary, warnings)
+
+    def _algorithm(self) -> hd.AlgorithmIdentificationSequence:
+        return hd.AlgorithmIdentificationSequence(
+            name=f"dicomnode-{self.name}",
+            version=self.version,
+            family=codes.DCM.MorphologicalOperations,
+        )
+
+    def _segmentation(
+        self, slices: list[Dataset], body: np.ndarray, lungs: np.ndarray, context: AnalysisContext
+    ) -> hd.seg.Segmentation:
+        descriptions = [
+            hd.seg.SegmentDescription(
+                segment_number=number,
+                segment_label=label,
+                segmented_property_category=codes.SCT.AnatomicalStructure,
+                segmented_property_type=concept,
+                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                algorithm_identification=self._algorithm(),
+                tracking_uid=context.uid(f"segment-{number}"),
+                tracking_id=label,
+            )
+            for number, label, concept in (
+                (1, "Body", codes.SCT.EntireBody),
+                (2, "Lungs", codes.SCT.Lung),
+            )
+        ]
+        seg = hd.seg.Segmentation(
+            source_images=slices,
+            pixel_array=np.stack([body, lungs], axis=-1).astype(np.uint8),
+            segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+            segment_descriptions=descriptions,
+            series_instance_uid=context.uid("seg-series"),
+            series_number=9901,
+            sop_instance_uid=context.uid("seg"),
+            instance_number=1,
+            manufacturer="dicomnode",
+            manufacturer_model_name=self.name,
+            software_versions=f"{self.version} (dicomnode {__version__})",
+            device_serial_number="0",
+            series_description=f"Lung segmentation ({RESEARCH_USE})"[:64],
+            content_label="LUNG",
+            content_description=RESEARCH_USE,
+        )
+        return seg
+
+    def _report(
+        self,
+        slices: list[Dataset],
+        seg: hd.seg.Segmentation,
+        stats: dict[str, RegionStats],
+        context: AnalysisContext,
+    ) -> hd.sr.Comprehensive3DSR:
+        groups = []
+        for number, (name, site) in enumerate(
+            (("body", codes.SCT.EntireBody), ("lungs", codes.SCT.Lung)), start=1
+        ):
+            value = stats[name]
+            measurements = [
+                hd.sr.Measurement(name=codes.SCT.Volume, value=value.volume_ml, unit=CUBIC_CM)
+            ]
+            if value.voxels:
+                measurements += [
+                    hd.sr.Measurement(
+                        name=codes.DCM.AttenuationCoefficient,
+                        value=value.mean_hu,
+                        unit=HOUNSFIELD,
+                        derivation=codes.SCT.Mean,
+                    ),
+                    hd.sr.Measurement(
+                        name=codes.DCM.AttenuationCoefficient,
+                        value=value.sd_hu,
+                        unit=HOUNSFIELD,
+                        derivation=codes.SCT.StandardDeviation,
+                    ),
+                ]
+            groups.append(
+                hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                    tracking_identifier=hd.sr.TrackingIdentifier(
+                        uid=context.uid(f"segment-{number}"), identifier=name.capitalize()
+                    ),
+                    referenced_segment=hd.sr.ReferencedSegment(
+                        sop_class_uid=seg.SOPClassUID,
+                        sop_instance_uid=seg.SOPInstanceUID,
+                        segment_number=number,
+                        source_series=hd.sr.SourceSeriesForSegmentation(
+                            slices[0].SeriesInstanceUID
+                        ),
+                    ),
+                    finding_type=site,
+                    algorithm_id=hd.sr.AlgorithmIdentification(
+                        name=f"dicomnode-{self.name}", version=self.version
+                    ),
+                    finding_sites=[hd.sr.FindingSite(site)],
+                    measurements=measurements,
+                )
+            )
+        observer = hd.sr.ObserverContext(
+            observer_type=codes.DCM.Device,
+            observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+                uid=context.uid("device"), name=f"dicomnode {self.name}"
+            ),
+        )
+        content = hd.sr.MeasurementReport(
+            observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+            procedure_reported=hd.sr.CodedConcept(
+                "77477000", "SCT", "Computerized axial tomography"
+            ),
+            imaging_measurements=groups,
+        )
+        return hd.sr.Comprehensive3DSR(
+            evidence=[*slices, seg],
+            content=content,
+            series_instance_uid=context.uid("sr-series"),
+            series_number=9902,
+            sop_instance_uid=context.uid("sr"),
+            instance_number=1,
+            manufacturer="dicomnode",
+            series_description=f"Lung measurements ({RESEARCH_USE})"[:64],
+            is_complete=True,
+        )
