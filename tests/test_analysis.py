@@ -246,14 +246,16 @@ def test_a_job_whose_worker_died_is_claimed_again_after_its_lease(node):
 
 
 def test_jobs_api_and_explicit_run(start_node):
-    node = start_node(extra="[analysis]\nworkers = 0\n")
+    node = start_node(
+        extra='[analysis]\nworkers = 0\n[analysis.analyzers."ct-lung"]\nenabled = false\n'
+    )
     sent = send_series(node)
     headers = {"Authorization": f"Bearer {token_for(node)}"}
     base = f"http://127.0.0.1:{node.http_port}/analysis"
     refused = requests.post(
         f"{base}/studies/{sent[0].StudyInstanceUID}/run", headers=headers, timeout=30
     )
-    assert refused.status_code == 404  # no analyzer installed wants a CT series
+    assert refused.status_code == 404  # no enabled analyzer wants this CT series
     node.analysis.analyzers = {"series-mean": SeriesMean()}
     queued = requests.post(
         f"{base}/studies/{sent[0].StudyInstanceUID}/run", headers=headers, timeout=30

@@ -64,36 +64,63 @@ class AnalysisService:
             name: cls() for name, cls in available.items() if settings.analyzer(name).enabled
         }
         self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._open: set[tuple[str, str]] = set()  # units whose row exists and is collecting
+        self._pending: dict[tuple[str, str], tuple] = {}  # counts not yet written
         self._threads: list[threading.Thread] = []
         self.worker_id = f"{uuid.uuid4().hex[:8]}"
 
     # --- from intake ------------------------------------------------------------------------
 
     def on_stored(self, result: IngestResult, source: Source) -> None:
-        """Count a newly filed object into the units that want it."""
+        """Count a newly filed object into the units that want it.
+
+        A unit's row is written when its first object arrives (so a restart knows it); later
+        objects are counted in memory and written by the sweeper in one go, which keeps this
+        off the C-STORE hot path.
+        """
         if source.protocol == "analysis" or result.header is None or result.outcome == "duplicate":
             return
-        header, now = result.header, datetime.now(UTC)
+        header, now, instance = result.header, datetime.now(UTC), result.instance
         for name, analyzer in self.analyzers.items():
             if not analyzer.selector.matches(header):
                 continue
-            unit_uid = analyzer.unit_uid(header)
-            instance = result.instance
-            self.jobs.note_received(
-                name,
-                unit_uid,
-                instance.study_instance_uid,
-                instance.patient_id,
-                now,
-                analyzer.expected_instances(header),
-            )
-            if analyzer.completion == "on-receipt":
-                self._queue(name, unit_uid, "on-receipt")
+            key = (name, analyzer.unit_uid(header))
+            expected = analyzer.expected_instances(header)
+            with self._lock:
+                known = key in self._open
+                if known:
+                    _, _, count, _, last_expected = self._pending.get(
+                        key, (None, None, 0, None, None)
+                    )
+                    self._pending[key] = (
+                        instance.study_instance_uid,
+                        instance.patient_id,
+                        count + 1,
+                        now,
+                        expected if expected is not None else last_expected,
+                    )
+                else:
+                    self._open.add(key)
+            if not known:
+                self.jobs.note_received(
+                    name, key[1], instance.study_instance_uid, instance.patient_id, now, expected
+                )
+                if analyzer.completion == "on-receipt":
+                    self._queue(name, key[1], "on-receipt")
+
+    def flush(self) -> None:
+        """Write the counts gathered in memory since the last flush."""
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        for (name, unit_uid), (study, patient, count, last, expected) in pending.items():
+            self.jobs.note_received(name, unit_uid, study, patient, last, expected, count)
 
     # --- completion -------------------------------------------------------------------------
 
     def sweep(self, now: datetime | None = None) -> int:
         """Queue every unit that is complete now; returns how many were queued."""
+        self.flush()
         now = now or datetime.now(UTC)
         quiet = {
             name: timedelta(seconds=self.settings.analyzer(name).quiet_period)
@@ -118,6 +145,8 @@ class AnalysisService:
 
     def _queue(self, name: str, unit_uid: str, reason: str, item: object = None) -> int:
         analyzer = self.analyzers[name]
+        with self._lock:  # the next object of this unit re-opens it with a write of its own
+            self._open.discard((name, unit_uid))
         inputs = [i.sop_instance_uid for i in self._unit_instances(analyzer, unit_uid)]
         job_id = self.jobs.queue(
             name,

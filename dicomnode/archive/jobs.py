@@ -80,8 +80,10 @@ class JobStore:
         patient_id: str,
         now: datetime,
         expected: int | None = None,
+        count: int = 1,
     ) -> None:
-        """Count one more object of a unit (creating it), unless its job is already queued."""
+        """Count `count` more objects of a unit, the last received at `now`, creating the unit
+        or re-opening it if its job was already queued (a late object joins a new run)."""
         units = schema.analysis_units
         with self.index.write() as conn:
             row = conn.execute(
@@ -96,7 +98,7 @@ class JobStore:
                         unit_uid=unit_uid,
                         study_instance_uid=study_uid,
                         patient_id=patient_id,
-                        instances=1,
+                        instances=count,
                         expected=expected,
                         first_received_at=now,
                         last_received_at=now,
@@ -108,7 +110,7 @@ class JobStore:
                     update(units)
                     .where(units.c.id == row.id)
                     .values(
-                        instances=units.c.instances + 1,
+                        instances=units.c.instances + count,
                         last_received_at=now,
                         expected=expected if expected is not None else units.c.expected,
                         state=COLLECTING,
