@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     jobs = commands.add_parser("jobs", help="analysis jobs")
     jobs_commands = jobs.add_subparsers(dest="jobs_command", required=True)
     listing = jobs_commands.add_parser("list", help="recent jobs, newest first")
-    listing.add_argument("--state", choices=("queued", "running", "done", "failed"))
+    listing.add_argument("--state", choices=("queued", "running", "done", "failed", "skipped"))
     listing.add_argument("--study", help="only jobs of this StudyInstanceUID")
     listing.add_argument("--limit", type=int, default=50)
     show = jobs_commands.add_parser("show", help="one job in full (JSON)")

@@ -167,3 +167,24 @@ def test_end_to_end_storescu_then_seg_and_sr_in_qido(start_node, tmp_path):
     (job,) = node.analysis.jobs.list(study_uid=study)
     assert job.state == "done" and job.analyzer == "ct-lung"
     assert pydicom.uid.UID(job.as_dict()["outputs"][0]).is_valid
+
+
+def test_a_series_that_is_not_a_volume_is_skipped_not_failed(start_node):
+    """Two slices without geometry (as make_ct writes them) are no lung volume: the job ends
+    "skipped" with the reason, and is not retried."""
+    from dicomnode.core.model import Source
+    from tests.factory import make_ct
+
+    node = start_node(extra="[analysis]\nworkers = 0\n")
+    study, series = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    for number in (1, 2):
+        buffer = BytesIO()
+        make_ct(study_uid=study, series_uid=series, instance_number=number, size=8).save_as(
+            buffer, enforce_file_format=True
+        )
+        node.intake.receive_part10(buffer.getvalue(), Source("dimse", "CT"))
+    (job_id,) = node.analysis.request(study)
+    job = node.analysis.run_one()
+    assert (job.id, job.state, job.attempts) == (job_id, "skipped", 1)
+    assert "at least 3 slices" in job.as_dict()["summary"]["skipped"]
+    assert node.analysis.run_one() is None

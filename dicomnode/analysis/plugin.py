@@ -25,6 +25,11 @@ UID_ROOT = "2.25."  # UUID-derived UIDs (PS3.5 B.2): no registered root needed
 Unit = Literal["instance", "series", "study"]
 
 
+class NotApplicable(Exception):  # noqa: N818 (a decision, not a failure)
+    """Raised by an analyzer whose unit turns out not to suit it (too few slices, no vessel
+    visible...): the job ends "skipped" with this reason and is not retried."""
+
+
 @dataclass(frozen=True)
 class Selector:
     """Which received objects an analyzer wants: SOP classes and modalities (empty = any), and

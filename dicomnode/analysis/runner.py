@@ -28,11 +28,12 @@ from dicomnode.analysis.plugin import (
     AnalysisResult,
     Analyzer,
     InputUnit,
+    NotApplicable,
     deterministic_uid,
     discover,
 )
 from dicomnode.archive import Archive
-from dicomnode.archive.jobs import Job, JobStore
+from dicomnode.archive.jobs import SKIPPED, Job, JobStore
 from dicomnode.config import AnalysisSettings
 from dicomnode.core.errors import InvalidInput
 from dicomnode.core.model import IngestResult, Level, Source
@@ -196,6 +197,14 @@ class AnalysisService:
             if analyzer is None:
                 raise RuntimeError(f"analyzer {job.analyzer} is not installed or not enabled")
             outputs, summary = self._run(job, analyzer)
+        except NotApplicable as e:
+            self.jobs.finish(job.id, datetime.now(UTC), [], {"skipped": str(e)}, state=SKIPPED)
+            log.info(
+                "analysis skipped: %s",
+                e,
+                extra={"event": "job", "job": job.id, "analyzer": job.analyzer},
+            )
+            return self.jobs.get(job.id)
         except Exception as e:
             state = self.jobs.fail(
                 job.id,

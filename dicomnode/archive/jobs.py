@@ -23,7 +23,7 @@ from dicomnode.archive import schema
 from dicomnode.archive.index import Index
 from dicomnode.core.errors import NotFound
 
-QUEUED, RUNNING, DONE, FAILED = "queued", "running", "done", "failed"
+QUEUED, RUNNING, DONE, FAILED, SKIPPED = "queued", "running", "done", "failed", "skipped"
 COLLECTING = "collecting"
 
 
@@ -232,11 +232,16 @@ class JobStore:
             return _job(conn.execute(select(jobs).where(jobs.c.id == job_id)).one())
 
     def finish(
-        self, job_id: int, now: datetime, outputs: list[str], summary: dict[str, Any]
+        self,
+        job_id: int,
+        now: datetime,
+        outputs: list[str],
+        summary: dict[str, Any],
+        state: str = DONE,
     ) -> None:
         self._set(
             job_id,
-            state=DONE,
+            state=state,
             finished_at=now,
             lease_until=None,
             outputs=json.dumps(outputs),
@@ -269,7 +274,7 @@ class JobStore:
         with self.index.write() as conn:
             changed = conn.execute(
                 update(jobs)
-                .where(jobs.c.id == job_id, jobs.c.state.in_((FAILED, DONE)))
+                .where(jobs.c.id == job_id, jobs.c.state.in_((FAILED, DONE, SKIPPED)))
                 .values(state=QUEUED, attempts=0, not_before=now, finished_at=None, error=None)
             ).rowcount
         if not changed:

@@ -13,7 +13,14 @@ from pydicom.uid import CTImageStorage
 
 from dicomnode import __version__
 from dicomnode.analysis.ct_lung.segmentation import RegionStats, body_mask, lung_mask, region_stats
-from dicomnode.analysis.plugin import AnalysisContext, AnalysisResult, Analyzer, InputUnit, Selector
+from dicomnode.analysis.plugin import (
+    AnalysisContext,
+    AnalysisResult,
+    Analyzer,
+    InputUnit,
+    NotApplicable,
+    Selector,
+)
 
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
@@ -24,16 +31,22 @@ CUBIC_CM = hd.sr.CodedConcept("cm3", "UCUM", "cubic centimeter")
 
 def load_volume(paths: list) -> tuple[list[Dataset], np.ndarray, float]:
     """The series' slices (sorted along the slice normal), its volume in HU and the voxel size
-    in mL; raises ValueError for a series that is not one regular stack."""
+    in mL; raises NotApplicable for a series that is not one regular stack."""
     slices = [pydicom.dcmread(p) for p in paths]
     if len(slices) < 3:
-        raise ValueError(f"a volume needs at least 3 slices, got {len(slices)}")
+        raise NotApplicable(f"a volume needs at least 3 slices, got {len(slices)}")
+    if any(
+        "ImageOrientationPatient" not in ds or "ImagePositionPatient" not in ds for ds in slices
+    ):
+        raise NotApplicable("the slices carry no patient geometry (position, orientation)")
     normal = np.cross(*np.reshape(np.asarray(slices[0].ImageOrientationPatient, float), (2, 3)))
     slices.sort(key=lambda ds: float(np.dot(normal, np.asarray(ds.ImagePositionPatient, float))))
     positions = [float(np.dot(normal, np.asarray(ds.ImagePositionPatient, float))) for ds in slices]
     gaps = np.diff(positions)
     if np.any(gaps <= 0) or np.ptp(gaps) > 0.01 * np.mean(gaps):
-        raise ValueError("the slices are not evenly spaced; this analyzer needs one regular stack")
+        raise NotApplicable(
+            "the slices are not evenly spaced; this analyzer needs one regular stack"
+        )
     volume = np.stack(
         [
             ds.pixel_array * float(ds.get("RescaleSlope", 1)) + float(ds.get("RescaleIntercept", 0))
