@@ -84,6 +84,18 @@ class Egress:
         )
         return rows
 
+    def account(
+        self,
+        requester: Source,
+        operation: str,
+        patient_ids: set[str],
+        study_uids: set[str],
+        count: int,
+    ) -> None:
+        """Ask governance before information about patients' data (not the data itself, e.g.
+        analysis job records) goes to `requester`; the decision is recorded like any other."""
+        self._ask(requester, operation, requester.caller, patient_ids, study_uids, count)
+
     def retrieve(
         self,
         level: Level,

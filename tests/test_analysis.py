@@ -267,6 +267,10 @@ def test_jobs_api_and_explicit_run(start_node):
         f"{base}/jobs", params={"study": sent[0].StudyInstanceUID}, headers=headers, timeout=30
     )
     assert [j["state"] for j in listed.json()] == ["done"]
+    # job records name the patient and study: their disclosure is in the ledger
+    last = list(node.archive.ledger.entries())[-1]
+    assert last.data["operation"] == "analysis-jobs"
+    assert last.data["study_instance_uids"] == [sent[0].StudyInstanceUID]
     shown = requests.get(f"{base}/jobs/{job_id}", headers=headers, timeout=30).json()
     assert shown["analyzer"] == "series-mean" and len(shown["outputs"]) == 1
     assert requests.get(f"{base}/jobs", timeout=30).status_code == 401

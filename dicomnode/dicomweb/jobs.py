@@ -8,14 +8,30 @@ from datetime import UTC, datetime
 
 from flask import Blueprint, Response, jsonify, request
 
-from dicomnode.archive.jobs import JobStore
+from dicomnode.archive.jobs import Job, JobStore
 from dicomnode.core.errors import NotFound
 from dicomnode.core.uids import validate_uid
-from dicomnode.dicomweb.access import require_token, services
+from dicomnode.dicomweb.access import requester, require_token, services
 
 
 def _store() -> JobStore:
     return JobStore(services().archive.index)
+
+
+def _disclosed(jobs: list[Job], operation: str) -> list[dict]:
+    """Job records name patients and studies: they leave through egress like any answer."""
+    services().egress.account(
+        requester(),
+        operation,
+        {job.patient_id for job in jobs},
+        {job.study_instance_uid for job in jobs},
+        len(jobs),
+    )
+    return [job.as_dict() for job in jobs]
+
+
+def _single(job: Job) -> Response:
+    return jsonify(_disclosed([job], "analysis-job")[0])
 
 
 def jobs_blueprint() -> Blueprint:
@@ -30,16 +46,16 @@ def jobs_blueprint() -> Blueprint:
             study_uid=validate_uid(study, "study") if study else None,
             limit=min(int(request.args.get("limit", "100") or 100), 1000),
         )
-        return jsonify([job.as_dict() for job in jobs])
+        return jsonify(_disclosed(jobs, "analysis-jobs"))
 
     @bp.get("/jobs/<int:job_id>")
     def show_job(job_id: int) -> Response:
-        return jsonify(_store().get(job_id).as_dict())
+        return _single(_store().get(job_id))
 
     @bp.post("/jobs/<int:job_id>/retry")
     def retry_job(job_id: int) -> Response:
         _store().retry(job_id, datetime.now(UTC))
-        return jsonify(_store().get(job_id).as_dict())
+        return _single(_store().get(job_id))
 
     @bp.post("/studies/<study>/run")
     def run_study(study: str) -> tuple[Response, int]:
