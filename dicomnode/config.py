@@ -49,7 +49,6 @@ class DimseSettings:
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
     store_timeout: float = 30.0
-    store_retries: int = 2
     drain_timeout: float = 30.0
     tls: TLSSettings | None = None
 
@@ -295,7 +294,6 @@ def _parse(data: dict[str, Any], base: Path) -> tuple[Settings, list[ConfigError
         store_timeout=float(
             r.value(t, "dimse.", "store_timeout", (int, float), d.store_timeout, _positive)
         ),
-        store_retries=r.value(t, "dimse.", "store_retries", int, d.store_retries, _non_negative),
         drain_timeout=float(
             r.value(t, "dimse.", "drain_timeout", (int, float), d.drain_timeout, _non_negative)
         ),

@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from sqlalchemy import delete as sql_delete
 from sqlalchemy import exists, func, select, update
@@ -262,9 +262,6 @@ class Archive:
             for blob_path in unindexed:
                 self.blobs.delete(blob_path)
         return ArchiveCheck(len(rows), len(on_disk), missing, unindexed, corrupt, repair)
-
-    def open_blob(self, instance: StoredInstance) -> BinaryIO:
-        return self.blobs.open(instance.blob_path)
 
     def blob_file(self, instance: StoredInstance) -> Path:
         return self.blobs.absolute(instance.blob_path)

@@ -218,7 +218,3 @@ def dataset_sha256(path: Path) -> str:
     buffer.seek(132 if data[128:132] == b"DICM" else 0)
     pydicom.filereader._read_file_meta_info(buffer)
     return hashlib.sha256(data[buffer.tell() :]).hexdigest()
-
-
-def is_known_transfer_syntax(uid: str) -> bool:
-    return UID(uid).is_transfer_syntax
