@@ -32,8 +32,6 @@ import argparse
 import contextlib
 import fcntl
 import hashlib
-import importlib.metadata
-import importlib.util
 import io
 import json
 import linecache
@@ -43,7 +41,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -60,6 +57,21 @@ from typing import Any
 import numpy as np
 import pydicom
 import requests
+from common import (
+    child_env,
+    describe_source,
+    dicomnode_source,
+    first_line,
+    free_port,
+    group_cpu_ticks,
+    kernel_threads_cpu_seconds,
+    make_log,
+    package_version,
+    phantom_slice,
+    snapshot_source,
+    system_busy_seconds,
+    tree_hash,
+)
 from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
@@ -88,10 +100,8 @@ GIVEN_NAMES = (
     "KARL", "LENA", "MAX", "NINA", "OSKAR", "PAULA", "QUENTIN", "ROSA", "SARA", "TOM",
 )  # fmt: skip
 
-
-def log(message: str) -> None:
-    """Progress message on stderr."""
-    print(f"[dicomweb-bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+#: Progress message on stderr.
+log = make_log("dicomweb-bench")
 
 
 # --------------------------------------------------------------------------------------
@@ -153,45 +163,6 @@ def find_dicomweb_plugin() -> str:
     return candidates[0]
 
 
-def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for child processes.
-
-    Debian's dcmtk and Orthanc only disable Nagle's algorithm when ``TCP_NODELAY`` is
-    set; without it every C-STORE waits ~40 ms for a delayed ACK.
-    """
-    env = dict(os.environ)
-    env["TCP_NODELAY"] = "1"
-    env.update(extra or {})
-    return env
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def first_line(cmd: Sequence[str]) -> str:
-    """First non-empty output line of ``cmd``, or ``"unknown"``."""
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    for line in (proc.stdout + proc.stderr).splitlines():
-        if line.strip():
-            return line.strip()
-    return "unknown"
-
-
-def package_version(name: str) -> str:
-    """Installed version of a Python distribution, or ``"not installed"``."""
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
 def deb_version(name: str) -> str:
     """Version of a Debian package, or ``"unknown"``."""
     return first_line(["dpkg-query", "-W", "-f=${Version}", name])
@@ -228,50 +199,6 @@ def machine_info(tools: Tools) -> dict[str, str]:
     }
 
 
-def dicomnode_source() -> Path | None:
-    """Directory of the ``dicomnode`` package this Python would import, if any."""
-    spec = importlib.util.find_spec("dicomnode")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def tree_hash(package: Path) -> str:
-    """Short content hash of a source tree (paths and bytes, ``__pycache__`` left out)."""
-    digest = hashlib.sha256()
-    for path in sorted(package.rglob("*")):
-        if path.is_file() and "__pycache__" not in path.parts:
-            digest.update(str(path.relative_to(package)).encode() + b"\0")
-            digest.update(path.read_bytes() + b"\0")
-    return digest.hexdigest()[:12]
-
-
-def describe_source(package: Path) -> str:
-    """Git commit and content hash of the dicomnode source, for the report."""
-    repo = package.parent
-    commit = first_line(["git", "-C", str(repo), "log", "-1", "--format=%h %s"])
-    dirty = subprocess.run(
-        ["git", "-C", str(repo), "status", "--porcelain", "--", package.name],
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.strip()
-    state = " plus uncommitted changes" if dirty else ""
-    return f"source tree {tree_hash(package)} (commit {commit}{state})"
-
-
-def snapshot_source(package: Path, work_dir: Path) -> Path:
-    """Copy the package to ``work_dir/snapshot-HASH/`` and return that directory.
-
-    dicomnode then runs from the copy (``PYTHONPATH``), so that edits to the working
-    tree during the run do not mix versions.
-    """
-    root = work_dir / f"snapshot-{tree_hash(package)}"
-    if not (root / package.name).exists():
-        shutil.copytree(package, root / package.name, ignore=shutil.ignore_patterns("__pycache__"))
-    return root
-
-
 # --------------------------------------------------------------------------------------
 # Machine load
 # --------------------------------------------------------------------------------------
@@ -289,37 +216,9 @@ def other_benchmark_running(pattern: str = "store_ingest.py") -> bool:
     return any(pid.strip() and pid.strip() not in own for pid in proc.stdout.splitlines())
 
 
-def system_busy_seconds() -> float:
-    """User+nice+system CPU seconds of the whole machine since boot (all cores)."""
-    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    user, nice, system = (int(v) for v in fields[:3])
-    return (user + nice + system) / os.sysconf("SC_CLK_TCK")
-
-
 def group_cpu_seconds(pgid: int) -> float:
     """User+system CPU seconds of the process group ``pgid`` (children included)."""
-    ticks = 0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[2]) == pgid:
-            ticks += sum(int(v) for v in fields[11:15])  # utime stime cutime cstime
-    return ticks / os.sysconf("SC_CLK_TCK")
-
-
-def kernel_threads_cpu_seconds() -> float:
-    """CPU seconds of kernel threads (kthreadd and its children: writeback, journal...)."""
-    ticks = 0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            pid = int(stat.parent.name)
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError, ValueError):
-            continue
-        if pid == 2 or int(fields[1]) == 2:
-            ticks += int(fields[11]) + int(fields[12])
+    ticks = sum(group_cpu_ticks(pgid))  # utime+cutime, stime+cstime
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
@@ -484,23 +383,6 @@ def set_position(ds: Dataset, instance_number: int) -> None:
     ds.InstanceNumber = instance_number
     ds.ImagePositionPatient = ["-250.0", "-250.0", f"{z:.1f}"]
     ds.SliceLocation = f"{z:.1f}"
-
-
-def phantom_slice(
-    z: float, rng: np.random.Generator, grid: tuple[np.ndarray, np.ndarray]
-) -> np.ndarray:
-    """A crude 512x512 CT-like axial slice (stored values = HU + 1024, 12 bits used):
-    body, lungs varying with ``z``, spine, table and Gaussian noise."""
-    yy, xx = grid
-    hu = np.full((BIG_SIZE, BIG_SIZE), -1000.0, dtype=np.float32)
-    hu[((xx - 256) / 200) ** 2 + ((yy - 250) / 150) ** 2 <= 1.0] = 40.0
-    lung_r = 60 + 25 * np.sin(z / 40.0)
-    for cx in (180, 332):
-        hu[((xx - cx) / lung_r) ** 2 + ((yy - 230) / (lung_r * 1.3)) ** 2 <= 1.0] = -820.0
-    hu[(xx - 256) ** 2 + (yy - 345) ** 2 <= 22**2] = 700.0
-    hu[(yy > 410) & (yy < 418) & (np.abs(xx - 256) < 230)] = 300.0
-    hu += rng.normal(0.0, 18.0, size=hu.shape).astype(np.float32)
-    return np.clip(hu + 1024.0, 0, 4095).astype("<u2")
 
 
 def generate_small(directory: Path, studies: int, per_study: int, rng: np.random.Generator) -> dict:

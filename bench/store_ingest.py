@@ -21,9 +21,6 @@ from __future__ import annotations
 import abc
 import argparse
 import contextlib
-import hashlib
-import importlib.metadata
-import importlib.util
 import json
 import linecache
 import os
@@ -32,7 +29,6 @@ import re
 import resource
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -46,6 +42,21 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+from common import (
+    child_env,
+    describe_source,
+    dicomnode_source,
+    first_line,
+    free_port,
+    group_cpu_ticks,
+    kernel_threads_cpu_seconds,
+    make_log,
+    package_version,
+    phantom_slice,
+    snapshot_source,
+    system_busy_seconds,
+    tree_hash,
+)
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
@@ -58,6 +69,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 ALL_RECEIVERS = ("storescp", "orthanc", "dicomnode")
 PROFILE_RATE = 200  # py-spy samples per second
 START_ATTEMPTS = 3  # tries to start a receiver (a free port may be taken meanwhile)
+
+#: Progress output on stderr.
+log = make_log("bench")
 
 
 # --------------------------------------------------------------------------------------
@@ -111,44 +125,6 @@ class Tools:
         )
 
 
-def child_env() -> dict[str, str]:
-    """Environment for every child process.
-
-    Debian's dcmtk and Orthanc only disable Nagle's algorithm when ``TCP_NODELAY`` is
-    set; without it every C-STORE waits ~40 ms for a delayed ACK.
-    """
-    env = dict(os.environ)
-    env["TCP_NODELAY"] = "1"
-    return env
-
-
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def first_line(cmd: Sequence[str]) -> str:
-    """First non-empty output line of ``cmd``, or ``"unknown"``."""
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    for line in (proc.stdout + proc.stderr).splitlines():
-        if line.strip():
-            return line.strip()
-    return "unknown"
-
-
-def package_version(name: str) -> str:
-    """Installed version of a Python distribution, or ``"not installed"``."""
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
 def machine_info(tools: Tools) -> dict[str, str]:
     """Describe the machine and the software versions for the report."""
     cpu = "unknown"
@@ -177,53 +153,6 @@ def machine_info(tools: Tools) -> dict[str, str]:
         "orthanc": first_line([tools.orthanc, "--version"]),
         "dicomnode": package_version("dicomnode"),
     }
-
-
-def dicomnode_source() -> Path | None:
-    """Directory of the ``dicomnode`` package this Python would import, if any."""
-    spec = importlib.util.find_spec("dicomnode")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def _source_files(package: Path) -> list[Path]:
-    return sorted(p for p in package.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
-
-
-def tree_hash(package: Path) -> str:
-    """Short content hash of a source tree (paths and bytes, ``__pycache__`` left out)."""
-    digest = hashlib.sha256()
-    for path in _source_files(package):
-        digest.update(str(path.relative_to(package)).encode() + b"\0")
-        digest.update(path.read_bytes() + b"\0")
-    return digest.hexdigest()[:12]
-
-
-def describe_source(package: Path) -> str:
-    """Commit and content hash of the dicomnode source, for the report."""
-    repo = package.parent
-    commit = first_line(["git", "-C", str(repo), "log", "-1", "--format=%h %s"])
-    dirty = subprocess.run(
-        ["git", "-C", str(repo), "status", "--porcelain", "--", package.name],
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.strip()
-    state = " plus uncommitted changes" if dirty else ""
-    return f"source tree {tree_hash(package)} (commit {commit}{state})"
-
-
-def snapshot_source(package: Path, work_dir: Path) -> Path:
-    """Copy the package to ``work_dir/snapshot-HASH/`` and return that directory.
-
-    Running the copy (``PYTHONPATH`` first on the path, ahead of an editable install)
-    keeps every repetition on the same code while someone edits the working tree.
-    """
-    root = work_dir / f"snapshot-{tree_hash(package)}"
-    if not (root / package.name).exists():
-        shutil.copytree(package, root / package.name, ignore=shutil.ignore_patterns("__pycache__"))
-    return root
 
 
 # --------------------------------------------------------------------------------------
@@ -257,29 +186,6 @@ class DataSet:
             (dirs[index // chunk] / path.name).symlink_to(path)
         marker.touch()
         return dirs
-
-
-def phantom_slice(
-    z: float, rng: np.random.Generator, grid: tuple[np.ndarray, np.ndarray]
-) -> np.ndarray:
-    """A crude CT-like axial slice (stored values = HU + 1024, 12 bits used).
-
-    Air around an elliptic body of soft tissue, two lungs whose size varies with ``z``,
-    a spine, a table, and Gaussian noise, so the pixel data is not trivially compressible.
-    """
-    yy, xx = grid
-    hu = np.full((ROWS, COLUMNS), -1000.0, dtype=np.float32)
-    body = ((xx - 256) / 200) ** 2 + ((yy - 250) / 150) ** 2 <= 1.0
-    hu[body] = 40.0
-    lung_r = 60 + 25 * np.sin(z / 40.0)
-    for cx in (180, 332):
-        lung = ((xx - cx) / lung_r) ** 2 + ((yy - 230) / (lung_r * 1.3)) ** 2 <= 1.0
-        hu[lung] = -820.0
-    spine = (xx - 256) ** 2 + (yy - 345) ** 2 <= 22**2
-    hu[spine] = 700.0
-    hu[(yy > 410) & (yy < 418) & (np.abs(xx - 256) < 230)] = 300.0
-    hu += rng.normal(0.0, 18.0, size=hu.shape).astype(np.float32)
-    return np.clip(hu + 1024.0, 0, 4095).astype("<u2")
 
 
 def make_dataset(
@@ -410,53 +316,15 @@ def warm_page_cache(data: DataSet) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def log(message: str) -> None:
-    """Progress output on stderr."""
-    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
 def group_cpu_seconds(pgid: int) -> tuple[float, float]:
     """(user, system) CPU seconds of the process group ``pgid`` (Linux only).
 
     Sums every live (or zombie) member's own and reaped children's times, so forked
     workers (storescp ``--fork``, multiprocessing) are counted too.
     """
-    user = system = 0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[2]) == pgid:  # state, ppid, pgrp, ...
-            user += int(fields[11]) + int(fields[13])  # utime, cutime
-            system += int(fields[12]) + int(fields[14])  # stime, cstime
+    user, system = group_cpu_ticks(pgid)
     tick = os.sysconf("SC_CLK_TCK")
     return user / tick, system / tick
-
-
-def system_busy_seconds() -> float:
-    """User+nice+system CPU seconds of the whole machine since boot (all cores, Linux).
-
-    Interrupt and softirq time (much of it loopback networking on behalf of the
-    benchmark itself) and steal time are left out.
-    """
-    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    user, nice, system = (int(v) for v in fields[:3])
-    return (user + nice + system) / os.sysconf("SC_CLK_TCK")
-
-
-def kernel_threads_cpu_seconds() -> float:
-    """CPU seconds of kernel threads (children of kthreadd), e.g. writeback and journal."""
-    ticks = 0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            pid = int(stat.parent.name)
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError, ValueError):
-            continue
-        if pid == 2 or int(fields[1]) == 2:
-            ticks += int(fields[11]) + int(fields[12])
-    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def children_cpu_seconds() -> float:
