@@ -5,6 +5,9 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from waitress.server import create_server
@@ -12,45 +15,83 @@ from waitress.server import create_server
 from dicomnode import __version__
 from dicomnode.analysis.runner import AnalysisService
 from dicomnode.archive import Archive
+from dicomnode.archive.keys import load_or_create_signing_key, sign_json
 from dicomnode.config import Settings
+from dicomnode.core.errors import ConfigError
 from dicomnode.core.metrics import Metrics
 from dicomnode.dicomweb import WebServices, create_app
-from dicomnode.dicomweb.auth import TokenVerifier, load_or_create_signing_key
+from dicomnode.dicomweb.auth import TokenVerifier
 from dicomnode.egress import Egress
+from dicomnode.governance import PolicyError
 from dicomnode.intake import Intake
 from dicomnode.scp import DimseContext, DimseServer
+from dicomnode.scp.scu import DimseSender
+from dicomnode.stewardship import Stewardship
 
 log = logging.getLogger("dicomnode")
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def build_services(
+    settings: Settings, archive: Archive, metrics: Metrics, clock: Callable[[], datetime] = utc_now
+) -> tuple[Intake, Egress, Stewardship]:
+    """Intake, egress and stewardship over `archive`, with the node's peers and transports."""
+    intake = Intake(archive, metrics, clock)
+    egress = Egress(
+        archive,
+        peers={p.name: p for p in settings.peers},
+        transports={"dimse": DimseSender(settings)},
+        clock=clock,
+        delivery_attempts=settings.governance.delivery_attempts,
+    )
+    return intake, egress, Stewardship(archive, clock)
+
+
+def publish_configured_policy(settings: Settings, stewardship: Stewardship) -> None:
+    """Publish ``[governance] policy`` if its version is new (ConfigError if it is unusable)."""
+    path = settings.governance.policy
+    if path is None:
+        return
+    try:
+        stewardship.publish_policy(path.read_text(encoding="utf-8"), f"config:{path.name}")
+    except (PolicyError, OSError, ValueError) as e:
+        raise ConfigError("governance.policy", f"{path}: {e}") from None
 
 
 class Node:
     """One running dicomnode: DIMSE and HTTP over one archive."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, clock: Callable[[], datetime] = utc_now) -> None:
         self.settings = settings
         self.metrics = Metrics()
         self.archive = Archive(
             settings.node.data_dir, settings.database_url, settings.dimse.duplicate_policy
         )
-        self.intake = Intake(self.archive, self.metrics)
-        self.egress = Egress(self.archive)
+        self.intake, self.egress, self.stewardship = build_services(
+            settings, self.archive, self.metrics, clock
+        )
+        publish_configured_policy(settings, self.stewardship)
         self.dimse = DimseServer(DimseContext(settings, self.intake, self.egress, self.metrics))
         self.analysis = (
-            AnalysisService(settings.analysis, self.archive, self.intake)
+            AnalysisService(settings.analysis, self.archive, self.intake, self.egress)
             if settings.analysis.enabled
             else None
         )
         if self.analysis is not None:
             self.intake.subscribe(self.analysis.on_stored)
-        self.verifier = TokenVerifier(
-            settings.auth, load_or_create_signing_key(settings.node.data_dir)
-        )
+        self.signing_key = load_or_create_signing_key(settings.node.data_dir)
+        self.verifier = TokenVerifier(settings.auth, self.signing_key)
+        self.housekeeping = Housekeeping(self)
         self.app = create_app(
             WebServices(
                 settings=settings,
                 archive=self.archive,
                 intake=self.intake,
                 egress=self.egress,
+                stewardship=self.stewardship,
                 metrics=self.metrics,
                 verifier=self.verifier,
                 status=self.status,
@@ -72,6 +113,7 @@ class Node:
     def start(self) -> None:
         if self.analysis is not None:
             self.analysis.start()
+        self.housekeeping.start()
         dimse_port = self.dimse.start()
         http = self.settings.http
         self._http = create_server(
@@ -122,6 +164,7 @@ class Node:
             self._http.close()
         if self.analysis is not None:
             self.analysis.stop()
+        self.housekeeping.stop()
         self.archive.close()
         log.info("dicomnode stopped", extra={"event": "stopped"})
 
@@ -138,3 +181,52 @@ class Node:
         self.start()
         stop_requested.wait()
         self.stop()
+
+
+class Housekeeping:
+    """The node's periodic governance work, each task on its own interval: send due
+    deliveries (forwarded results, shares) and sign ledger checkpoints. A task that fails is
+    logged and tried again at its next turn."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        governance = node.settings.governance
+        self.worker = f"delivery-{uuid.uuid4().hex[:8]}"
+        self.tasks: list[tuple[str, float, Callable[[], object]]] = [
+            ("deliveries", governance.delivery_interval, self.send_due_deliveries)
+        ]
+        if governance.checkpoint_interval > 0:
+            self.tasks.append(("checkpoint", governance.checkpoint_interval, self.checkpoint))
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def send_due_deliveries(self) -> int:
+        backoff = timedelta(seconds=self.node.settings.governance.delivery_backoff)
+        sent = 0
+        while not self._stop.is_set() and self.node.egress.deliver_due(self.worker, backoff):
+            sent += 1
+        return sent
+
+    def checkpoint(self) -> object:
+        key = self.node.signing_key
+        return self.node.stewardship.checkpoint(lambda payload: sign_json(key, payload))
+
+    def start(self) -> None:
+        for name, interval, task in self.tasks:
+            thread = threading.Thread(
+                target=self._loop, args=(name, interval, task), name=name, daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
+
+    def _loop(self, name: str, interval: float, task: Callable[[], object]) -> None:
+        while not self._stop.wait(interval):
+            try:
+                task()
+            except Exception:
+                log.exception("%s failed; trying again in %g s", name, interval)
+
+    def stop(self, timeout: float = 10) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout)

@@ -50,7 +50,8 @@ def _seconds(text: str) -> int:
 
 
 def _token_create(args: argparse.Namespace) -> int:
-    from dicomnode.dicomweb.auth import issue_token, load_or_create_signing_key
+    from dicomnode.archive.keys import load_or_create_signing_key
+    from dicomnode.dicomweb.auth import issue_token
 
     settings = read_settings(args.config)
     key = load_or_create_signing_key(settings.node.data_dir)
@@ -114,13 +115,14 @@ def _jobs(args: argparse.Namespace) -> int:
 
 def _analysis_run(args: argparse.Namespace) -> int:
     from dicomnode.analysis.runner import AnalysisService
+    from dicomnode.app import build_services
     from dicomnode.core.metrics import Metrics
-    from dicomnode.intake import Intake
 
     settings = read_settings(args.config)
     archive = _open_archive(args.config)
     try:
-        service = AnalysisService(settings.analysis, archive, Intake(archive, Metrics()))
+        intake, egress, _ = build_services(settings, archive, Metrics())
+        service = AnalysisService(settings.analysis, archive, intake, egress)
         job_ids = service.request(args.study)
     finally:
         archive.close()

@@ -112,9 +112,22 @@ class AnalysisSettings:
     retry_backoff: float = 30.0
     sweep_interval: float = 2.0
     analyzers: tuple[tuple[str, AnalyzerSettings], ...] = ()
+    forward_to: tuple[str, ...] = ()  # peer names, or "sender": where results are sent
 
     def analyzer(self, name: str) -> AnalyzerSettings:
         return dict(self.analyzers).get(name, AnalyzerSettings())
+
+
+@dataclass(frozen=True)
+class GovernanceSettings:
+    """The governance policy file and the node's governance housekeeping."""
+
+    policy: Path | None = None  # TOML policy; published (with its notice period) at start
+    checkpoint_interval: float = 3600.0  # seconds between signed ledger checkpoints; 0 = off
+    delivery_interval: float = 2.0  # seconds between looks for due deliveries
+    delivery_attempts: int = 5  # tries per delivery (forward, share) before it stays failed
+    delivery_backoff: float = 30.0  # seconds before the first retry; doubles each time
+    stow_token_files: tuple[tuple[str, Path], ...] = ()  # recipient id -> bearer token file
 
 
 @dataclass(frozen=True)
@@ -138,6 +151,7 @@ class Settings:
     logging: LoggingSettings = field(default_factory=LoggingSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     analysis: AnalysisSettings = field(default_factory=AnalysisSettings)
+    governance: GovernanceSettings = field(default_factory=GovernanceSettings)
     peers: tuple[Peer, ...] = ()
     source: Path | None = None  # the file these settings came from
 
@@ -235,7 +249,9 @@ def _nonempty(value: str) -> str | None:
 def _parse(data: dict[str, Any], base: Path) -> tuple[Settings, list[ConfigError]]:
     r = _Reader()
     r.unknown(
-        data, "", {"node", "dimse", "http", "database", "logging", "auth", "analysis", "peers"}
+        data,
+        "",
+        {"node", "dimse", "http", "database", "logging", "auth", "analysis", "governance", "peers"},
     )
 
     t = r.table(data, "node")
@@ -396,8 +412,13 @@ def _parse(data: dict[str, Any], base: Path) -> tuple[Settings, list[ConfigError
                 ),
             )
         )
+    forward_to = r.value(t, "analysis.", "forward_to", list, [])
+    if any(not isinstance(name, str) or not name for name in forward_to):
+        r.fail("analysis.forward_to", 'must be a list of peer names or "sender"')
+        forward_to = []
     analysis = AnalysisSettings(
         enabled=r.value(t, "analysis.", "enabled", bool, an.enabled),
+        forward_to=tuple(forward_to),
         workers=r.value(t, "analysis.", "workers", int, an.workers, _non_negative),
         max_attempts=r.value(t, "analysis.", "max_attempts", int, an.max_attempts, _positive),
         retry_backoff=float(
@@ -441,6 +462,52 @@ def _parse(data: dict[str, Any], base: Path) -> tuple[Settings, list[ConfigError
         seen = [getattr(p, kind) for p in peers]
         for value in {v for v in seen if seen.count(v) > 1}:
             r.fail("peers", f"two peers share the {kind} {value!r}")
+    for name in analysis.forward_to:
+        if name != "sender" and name not in {p.name for p in peers}:
+            r.fail("analysis.forward_to", f"{name!r} is not the name of a [[peers]] entry")
+
+    t = r.table(data, "governance")
+    g = GovernanceSettings()
+    r.unknown(t, "governance.", set(GovernanceSettings.__dataclass_fields__))
+    policy_file = r.value(t, "governance.", "policy", str, "")
+    if policy_file and not (base / policy_file).is_file():
+        r.fail("governance.policy", f"file not found: {base / policy_file}")
+    tokens = r.value(t, "governance.", "stow_token_files", dict, {})
+    if any(not isinstance(v, str) or not v for v in tokens.values()):
+        r.fail("governance.stow_token_files", 'must map recipient ids to files: { lab = "..." }')
+        tokens = {}
+    governance = GovernanceSettings(
+        policy=(base / policy_file) if policy_file else None,
+        checkpoint_interval=float(
+            r.value(
+                t,
+                "governance.",
+                "checkpoint_interval",
+                (int, float),
+                g.checkpoint_interval,
+                _non_negative,
+            )
+        ),
+        delivery_interval=float(
+            r.value(
+                t, "governance.", "delivery_interval", (int, float), g.delivery_interval, _positive
+            )
+        ),
+        delivery_attempts=r.value(
+            t, "governance.", "delivery_attempts", int, g.delivery_attempts, _positive
+        ),
+        delivery_backoff=float(
+            r.value(
+                t,
+                "governance.",
+                "delivery_backoff",
+                (int, float),
+                g.delivery_backoff,
+                _non_negative,
+            )
+        ),
+        stow_token_files=tuple((k, base / v) for k, v in sorted(tokens.items())),
+    )
 
     settings = Settings(
         node=node,
@@ -450,6 +517,7 @@ def _parse(data: dict[str, Any], base: Path) -> tuple[Settings, list[ConfigError
         logging=logging_settings,
         auth=auth,
         analysis=analysis,
+        governance=governance,
         peers=tuple(peers),
     )
     return settings, r.problems

@@ -1,62 +1,196 @@
 """The only way data leaves the node: load, ask governance, record, then hand it out.
 
-C-FIND answers, C-MOVE/C-GET sub-operations and DICOMweb answers (and, later, forwarding and
-sharing) ask `Egress` first. Each decision, allow or deny, is committed to the hash-chained
-ledger with its rule before any data moves; if the ledger cannot be written, nothing leaves.
+C-FIND answers, C-MOVE/C-GET sub-operations, DICOMweb answers, analysis job records, results
+forwarded to the hospital's peers and shares to recipients all ask `Egress` first. Each
+decision, allow or deny, is committed to the hash-chained ledger with its rule, basis, consent
+references and policy version before any data moves; if the ledger cannot be written, nothing
+leaves. Processing (an analysis job) asks through the same decision point. Data that is sent
+(deliveries) records the outcome of the transfer in a second entry.
 """
 
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime
-from typing import Any
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+
+import pydicom
+from pydicom.dataset import Dataset
 
 from dicomnode import governance
 from dicomnode.archive import Archive
-from dicomnode.core.errors import NotPermitted
+from dicomnode.archive.registry import DENIED, DONE, Delivery
+from dicomnode.core.errors import DicomnodeError, NotFound, NotPermitted
 from dicomnode.core.model import LedgerKind, Level, Query, Source, StoredInstance
+from dicomnode.governance import Decision, DisclosureRequest, Party, Policy
 
 log = logging.getLogger("dicomnode.egress")
 
+DELIVERY_LEASE = timedelta(minutes=30)
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class SendReport:
+    """What a transport did with the files it was handed."""
+
+    sent: list[str] = field(default_factory=list)  # SOP Instance UIDs the recipient accepted
+    failed: dict[str, str] = field(default_factory=dict)  # SOP Instance UID -> reason
+
+    @property
+    def complete(self) -> bool:
+        return not self.failed
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a delivery goes: a configured DIMSE peer, or a DICOMweb STOW-RS endpoint."""
+
+    transport: str  # "dimse" | "stow"
+    name: str
+    peer: Any = None  # config.Peer for "dimse"
+    url: str = ""  # for "stow"
+
+
+@dataclass(frozen=True)
+class SendItem:
+    """One object to send: what it is (for negotiation) and how to load it when its turn
+    comes (so that a large study never sits in memory)."""
+
+    sop_instance_uid: str  # as stored; reports name objects by it
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    load: Callable[[], Dataset]
+
+
+class Transport(Protocol):
+    def send(self, target: Target, items: Sequence[SendItem]) -> SendReport:
+        """Send every item to `target`; report each by its stored SOP Instance UID."""
+
+
+def _party(source: Source) -> Party:
+    """The requester as the recipient of its own answer."""
+    if source.protocol == "dimse":
+        return Party("dimse", peer=source.peer or f"unconfigured:{source.caller}")
+    if source.protocol == "dicomweb":
+        return Party("dicomweb", token_subject=source.caller)
+    return Party(source.protocol, recipient_id=source.caller or None)
+
 
 class Egress:
-    def __init__(self, archive: Archive) -> None:
+    def __init__(
+        self,
+        archive: Archive,
+        peers: Mapping[str, Any] | None = None,
+        transports: Mapping[str, Transport] | None = None,
+        clock: Callable[[], datetime] = utc_now,
+        delivery_attempts: int = 5,
+    ) -> None:
         self.archive = archive
+        self.peers = dict(peers or {})
+        self.transports = dict(transports or {})
+        self.clock = clock
+        self.delivery_attempts = delivery_attempts
+        self._in_force_seen: str | None = None
 
-    def _ask(
+    # --- the decision point -----------------------------------------------------------------
+
+    def policy(self, now: datetime | None = None) -> Policy:
+        """The policy in force now; the first time a published version is seen in force, that
+        is recorded in the ledger (once, whichever process sees it first)."""
+        now = now or self.clock()
+        published = self.archive.registry.published_policies()
+        policy = governance.policy_in_force(published, now)
+        if policy.version != self._in_force_seen:
+            self._in_force_seen = policy.version
+            match = next((p for p in published if p.version == policy.version), None)
+            if match is not None:
+                self.archive.registry.note_in_force(
+                    policy.version,
+                    now,
+                    {
+                        "version": policy.version,
+                        "sha256": match.sha256,
+                        "published_at": match.published_at.isoformat(),
+                        "effective_at": match.effective_at.isoformat(),
+                        "material": match.material,
+                    },
+                )
+        return policy
+
+    def decide(
         self,
         requester: Source,
         operation: str,
-        destination: str,
+        recipient: Party,
         patient_ids: set[str],
         study_uids: set[str],
         count: int,
-    ) -> None:
-        """Ask governance; record the decision in the ledger (committed before anything is
-        sent); raise NotPermitted on a denial. A ledger that cannot be written stops the data."""
-        request = governance.DisclosureRequest(
-            requester=requester,
+        extra: dict[str, Any] | None = None,
+        record: str = "always",
+    ) -> Decision:
+        """Ask governance and record the decision in the ledger (committed before anything is
+        sent). `record="unless-allowed"` records only a refusal (processing decisions, which
+        are not disclosures). A ledger that cannot be written raises StorageUnavailable."""
+        now = self.clock()
+        policy = self.policy(now)
+        request = DisclosureRequest(
             operation=operation,
-            destination=destination,
+            party=recipient,
+            requester=requester.caller,
             patient_ids=tuple(sorted(patient_ids)),
             study_instance_uids=tuple(sorted(study_uids)),
+            purpose=requester.purpose,
         )
-        decision = governance.decide(request, datetime.now(UTC))
+        facts = self.archive.registry.facts(patient_ids) if patient_ids else {}
+        decision = governance.decide(request, facts, policy, now)
+        if record == "always" or not decision.allowed:
+            self._record(requester, request, decision, count, extra or {})
+        return decision
+
+    def _record(
+        self,
+        requester: Source,
+        request: DisclosureRequest,
+        decision: Decision,
+        count: int,
+        extra: dict[str, Any],
+    ) -> None:
         outcome = "allowed" if decision.allowed else "denied"
+        recipient = (
+            request.party.recipient_id or request.party.peer or request.party.token_subject or ""
+        )
         detail = {
-            "operation": operation,
+            "operation": request.operation,
             "protocol": requester.protocol,
             "address": requester.address,
             "peer": requester.peer,
-            "recipient": destination,
+            "recipient": decision.recipient or recipient,
+            "recipient_kind": decision.recipient_kind,
+            "activity": decision.activity,
+            "purpose": decision.purpose,
+            "basis": decision.basis,
+            "consent_refs": list(decision.consent_refs),
             "rule_id": decision.rule_id,
             "reason": decision.reason,
             "policy_version": decision.policy_version,
+            "deid_profile": decision.deid_profile,
             "patient_ids": request.patient_ids,
             "study_instance_uids": request.study_instance_uids,
+            "denied_patients": list(decision.denied_patients),
             "items": count,
+            **extra,
         }
-        kind = LedgerKind.DISCLOSURE if decision.allowed else LedgerKind.DENIAL
+        if request.operation in ("analyze", "admit"):
+            kind = LedgerKind.PROCESSING
+        else:
+            kind = LedgerKind.DISCLOSURE if decision.allowed else LedgerKind.DENIAL
         entry = self.archive.ledger.record(kind, requester.caller, outcome, detail)
         log.info(
             "disclosure %s",
@@ -65,23 +199,33 @@ class Egress:
                 "event": "disclosure",
                 "ledger_seq": entry.seq,
                 "requester": requester.caller,
-                **detail,
+                **{k: v for k, v in detail.items() if k != "sop_instance_uids"},
             },
         )
+
+    @staticmethod
+    def _refuse(decision: Decision) -> None:
         if not decision.allowed:
             raise NotPermitted(f"{decision.reason} ({decision.rule_id})")
 
+    # --- answers to the hospital's queries and retrievals ------------------------------------
+
     def find(self, query: Query, requester: Source) -> list[dict[str, Any]]:
-        """The answers to a search, once governance allows them to leave."""
+        """The answers to a search that governance allows to leave (answers about patients it
+        leaves out are dropped)."""
         rows = self.archive.search(query)
-        self._ask(
+        decision = self.decide(
             requester,
-            "find",
-            requester.caller,
+            "find" if requester.protocol == "dimse" else "qido",
+            _party(requester),
             {r["PatientID"] for r in rows if r.get("PatientID")},
             {r["StudyInstanceUID"] for r in rows if r.get("StudyInstanceUID")},
             len(rows),
         )
+        self._refuse(decision)
+        if decision.denied_patients:
+            left_out = set(decision.denied_patients)
+            rows = [r for r in rows if r.get("PatientID") not in left_out]
         return rows
 
     def account(
@@ -91,10 +235,14 @@ class Egress:
         patient_ids: set[str],
         study_uids: set[str],
         count: int,
-    ) -> None:
-        """Ask governance before information about patients' data (not the data itself, e.g.
-        analysis job records) goes to `requester`; the decision is recorded like any other."""
-        self._ask(requester, operation, requester.caller, patient_ids, study_uids, count)
+    ) -> set[str]:
+        """Ask before information about patients' data (not the data itself, e.g. analysis job
+        records) goes to `requester`; returns the patients to leave out."""
+        decision = self.decide(
+            requester, operation, _party(requester), patient_ids, study_uids, count
+        )
+        self._refuse(decision)
+        return set(decision.denied_patients)
 
     def retrieve(
         self,
@@ -102,16 +250,217 @@ class Egress:
         filters: tuple[tuple[str, str], ...],
         requester: Source,
         operation: str,
-        destination: str,
+        recipient: Party | None = None,
+        service: str = "",
     ) -> list[StoredInstance]:
-        """The instances a retrieve would send to `destination`, once governance allows it."""
+        """The instances a retrieve would send to `recipient` (default: the requester), once
+        governance allows it. `service` says which part of them (WADO-RS metadata, frames...)."""
         instances = self.archive.find_instances(level, filters)
-        self._ask(
+        decision = self.decide(
             requester,
             operation,
-            destination,
+            recipient or _party(requester),
             {i.patient_id for i in instances},
             {i.study_instance_uid for i in instances},
             len(instances),
+            {"service": service, "sop_instance_uids": [i.sop_instance_uid for i in instances]},
         )
+        self._refuse(decision)
         return instances
+
+    # --- processing ---------------------------------------------------------------------------
+
+    def permit_processing(
+        self, analyzer: str, patient_id: str, study_uid: str, job_id: int
+    ) -> Decision:
+        """Whether an analysis may run for this patient now; a refusal is recorded (processing
+        that goes ahead is in the job record, not the ledger)."""
+        return self.decide(
+            Source("analysis", analyzer),
+            "analyze",
+            Party("analysis"),
+            {patient_id},
+            {study_uid},
+            1,
+            {"job": job_id, "analyzer": analyzer},
+            record="unless-allowed",
+        )
+
+    # --- deliveries: forwarded results and shares --------------------------------------------
+
+    def queue_forward(
+        self,
+        instances: list[StoredInstance],
+        destinations: Sequence[str],
+        requested_by: str,
+        senders: set[str] = frozenset(),
+    ) -> list[int]:
+        """Queue `instances` (analysis results) for each destination: a configured peer's name,
+        or "sender" for the configured peers whose AE titles sent the study (`senders`)."""
+        if not instances:
+            return []
+        names: list[str] = []
+        for name in destinations:
+            if name == "sender":
+                names += [n for n, p in self.peers.items() if p.ae_title in senders]
+            else:
+                names.append(name)
+        ids = []
+        by_study: dict[tuple[str, str], list[str]] = {}
+        for item in instances:
+            by_study.setdefault((item.patient_id, item.study_instance_uid), []).append(
+                item.sop_instance_uid
+            )
+        for name in dict.fromkeys(names):
+            if name not in self.peers:
+                log.warning("forward destination %r is not a configured peer", name)
+                continue
+            for (patient_id, study_uid), uids in by_study.items():
+                ids.append(
+                    self.archive.registry.queue_delivery(
+                        "forward",
+                        name,
+                        "TREAT",
+                        patient_id,
+                        study_uid,
+                        uids,
+                        requested_by,
+                        self.delivery_attempts,
+                        self.clock(),
+                    )
+                )
+        return ids
+
+    def deliver_due(self, worker: str, backoff: timedelta) -> Delivery | None:
+        """Claim and send one due delivery; returns it as recorded afterwards (None: none due)."""
+        delivery = self.archive.registry.claim_delivery(worker, self.clock(), DELIVERY_LEASE)
+        if delivery is None:
+            return None
+        return self._deliver(delivery, backoff)
+
+    def deliver_now(self, delivery_id: int, backoff: timedelta) -> Delivery:
+        """Send one queued delivery at once (the CLI and API do this for a share)."""
+        delivery = self.archive.registry.claim_delivery(
+            f"now-{uuid.uuid4().hex[:8]}", self.clock(), DELIVERY_LEASE, delivery_id
+        )
+        if delivery is None:
+            raise NotFound(f"delivery {delivery_id} is not queued")
+        return self._deliver(delivery, backoff)
+
+    def _deliver(self, delivery: Delivery, backoff: timedelta) -> Delivery:
+        registry = self.archive.registry
+        operation = "forward" if delivery.kind == "forward" else "share"
+        requester = Source(
+            "cli" if operation == "share" else "analysis",
+            delivery.requested_by,
+            purpose=delivery.purpose or None,
+        )
+        party = (
+            Party("dimse", peer=delivery.recipient)
+            if operation == "forward"
+            else Party("cli", recipient_id=delivery.recipient)
+        )
+        instances = [
+            i
+            for i in self.archive.find_instances(
+                Level.STUDY, (("StudyInstanceUID", delivery.study_instance_uid),)
+            )
+            if i.sop_instance_uid in set(delivery.sop_instance_uids)
+        ]
+        try:
+            decision = self.decide(
+                requester,
+                operation,
+                party,
+                {delivery.patient_id},
+                {delivery.study_instance_uid},
+                len(instances),
+                {
+                    "delivery": delivery.id,
+                    "sop_instance_uids": [i.sop_instance_uid for i in instances],
+                },
+            )
+        except DicomnodeError as e:  # the ledger cannot be written: nothing leaves
+            registry.retry_delivery_later(delivery.id, self.clock(), str(e), backoff, {})
+            return registry.delivery(delivery.id)
+        if not decision.allowed:
+            registry.finish_delivery(
+                delivery.id,
+                DENIED,
+                self.clock(),
+                {"rule_id": decision.rule_id},
+                f"{decision.reason} ({decision.rule_id})",
+            )
+            return registry.delivery(delivery.id)
+        wanted = set(delivery.sop_instance_uids)
+        gone = sorted(wanted - {i.sop_instance_uid for i in instances})
+        try:
+            target = self._target(operation, delivery.recipient, decision)
+            items = [
+                SendItem(
+                    i.sop_instance_uid, i.sop_class_uid, i.transfer_syntax_uid, self._loader(i)
+                )
+                for i in instances
+            ]
+            report = self.transports[target.transport].send(target, items)
+        except Exception as e:  # no connection, unknown target...: every item is retried
+            report = SendReport(
+                [], {i.sop_instance_uid: f"{type(e).__name__}: {e}" for i in instances}
+            )
+        outcome = {
+            "sent": report.sent,
+            "failed": report.failed,
+            "gone": gone,
+            "rule_id": decision.rule_id,
+        }
+        self.archive.ledger.record(
+            LedgerKind.TRANSFER,
+            delivery.requested_by,
+            "complete" if report.complete else ("partial" if report.sent else "failed"),
+            {
+                "operation": operation,
+                "delivery": delivery.id,
+                "recipient": delivery.recipient,
+                "patient_ids": [delivery.patient_id],
+                "study_instance_uids": [delivery.study_instance_uid],
+                "attempt": delivery.attempts,
+                **outcome,
+            },
+        )
+        if report.complete:  # objects deleted since the delivery was queued cannot be sent
+            registry.finish_delivery(delivery.id, DONE, self.clock(), outcome)
+        else:
+            state = registry.retry_delivery_later(
+                delivery.id,
+                self.clock(),
+                "; ".join(f"{uid}: {why}" for uid, why in list(report.failed.items())[:5]),
+                backoff,
+                outcome,
+            )
+            log.warning(
+                "delivery %s to %s failed; now %s",
+                delivery.id,
+                delivery.recipient,
+                state,
+                extra={"event": "delivery", "delivery": delivery.id, "state": state},
+            )
+        return registry.delivery(delivery.id)
+
+    def _target(self, operation: str, recipient: str, decision: Decision) -> Target:
+        if operation == "forward":
+            return Target("dimse", recipient, peer=self.peers[recipient])
+        policy_recipient = self.policy().recipient(decision.recipient)
+        if policy_recipient is None:
+            raise NotFound(f"recipient {decision.recipient} is not in the policy")
+        for name in policy_recipient.peers:
+            if name in self.peers:
+                return Target("dimse", policy_recipient.id, peer=self.peers[name])
+        if policy_recipient.dicomweb_url:
+            return Target("stow", policy_recipient.id, url=policy_recipient.dicomweb_url)
+        raise NotFound(
+            f"recipient {policy_recipient.id} names no configured peer and no dicomweb_url"
+        )
+
+    def _loader(self, instance: StoredInstance) -> Callable[[], Dataset]:
+        path = self.archive.blob_file(instance)
+        return lambda: pydicom.dcmread(path)

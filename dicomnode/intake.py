@@ -1,7 +1,9 @@
 """The only way data enters the node: parse, ask governance, file, tell subscribers.
 
-C-STORE, STOW-RS and analysis results all come through `Intake`. A refusal raises one of
-the errors in `dicomnode.core.errors` and leaves the archive unchanged.
+C-STORE, STOW-RS and analysis results all come through `Intake`. Governance admits an object
+(filed and announced to subscribers such as analysis), holds it (filed aside, invisible to
+queries, retrievals and analysis, until someone releases or discards it) or refuses it. A refusal
+raises one of the errors in `dicomnode.core.errors` and leaves the archive unchanged.
 """
 
 from __future__ import annotations
@@ -10,22 +12,31 @@ import logging
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
 from dicomnode import governance
 from dicomnode.archive import Archive, received
 from dicomnode.core.errors import DatasetMismatch, DicomnodeError, NotPermitted
 from dicomnode.core.metrics import Metrics
 from dicomnode.core.model import IngestResult, Source
+from dicomnode.core.uids import validate_uid
 
 log = logging.getLogger("dicomnode.intake")
 
 Subscriber = Callable[[IngestResult, Source], None]
 
 
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
 class Intake:
-    def __init__(self, archive: Archive, metrics: Metrics) -> None:
+    def __init__(
+        self, archive: Archive, metrics: Metrics, clock: Callable[[], datetime] = utc_now
+    ) -> None:
         self.archive = archive
         self.metrics = metrics
+        self.clock = clock
         self._subscribers: list[Subscriber] = []
 
     def subscribe(self, subscriber: Subscriber) -> None:
@@ -79,19 +90,29 @@ class Intake:
         started: float,
         duplicate_policy: str | None = None,
     ) -> IngestResult:
+        now = self.clock()
+        policy = governance.policy_in_force(self.archive.registry.published_policies(), now)
         request = governance.AdmissionRequest(
-            source=source,
+            protocol=source.protocol,
+            sender=source.caller,
+            known_sender=source.protocol != "dimse" or source.peer is not None,
             patient_id=obj.patient_id,
             study_instance_uid=obj.study_instance_uid,
             sop_class_uid=obj.sop_class_uid,
         )
         try:
-            decision = governance.admit(request, datetime.now(UTC))
-            if not decision.allowed:
+            facts = self.archive.registry.facts_for_intake(obj.patient_id)
+            admission = governance.admit(request, facts, policy, now)
+            if admission.action == "refuse":
                 raise NotPermitted(
-                    f"governance refused the object: {decision.reason} ({decision.rule_id})"
+                    f"governance refused the object: {admission.reason} ({admission.rule_id})"
                 )
-            result = self.archive.store(obj, source, duplicate_policy)
+            if admission.action == "hold":
+                result = self.archive.hold(
+                    obj, source, admission.reason, admission.rule_id, admission.policy_version
+                )
+            else:
+                result = self.archive.store(obj, source, duplicate_policy)
         except DicomnodeError as e:
             self._refused(e, source, obj.sop_instance_uid)
             raise
@@ -113,12 +134,54 @@ class Intake:
                 "ms": round((time.perf_counter() - started) * 1000, 2),
             },
         )
+        if result.outcome != "held":
+            self._announce(result, source)
+        return result
+
+    def _announce(self, result: IngestResult, source: Source) -> None:
         for subscriber in self._subscribers:
             try:
                 subscriber(result, source)
             except Exception:
-                log.exception("a subscriber failed on %s", obj.sop_instance_uid)
-        return result
+                log.exception("a subscriber failed on %s", result.instance.sop_instance_uid)
+
+    def release_held(self, study_uid: str, by: str) -> list[IngestResult]:
+        """File a study's held objects into the archive (a person decided they may be
+        processed), announce them like any arrival, and record the release."""
+        study_uid = validate_uid(study_uid, "StudyInstanceUID")
+        held = self.archive.registry.held(study_uid=study_uid)
+        results = []
+        for item in held:
+            path = self.archive.held_file(item)
+            obj = received.from_part10(path.read_bytes())
+            source = Source(item.source_protocol, item.source_caller)
+            result = self.archive.store(obj, source)
+            results.append(result)
+            self._announce(result, source)
+        self._drop_held(held, by, "released", "filed into the archive by " + by)
+        return results
+
+    def discard_held(self, study_uid: str, by: str) -> int:
+        """Destroy a study's held objects (never filed), with a ledger entry."""
+        held = self.archive.registry.held(study_uid=validate_uid(study_uid, "StudyInstanceUID"))
+        self._drop_held(held, by, "discarded", "held blobs deleted, never filed")
+        return len(held)
+
+    def _drop_held(self, held: list[Any], by: str, outcome: str, method: str) -> None:
+        if not held:
+            return
+        detail = {
+            "operation": "admit",
+            "decision": outcome,
+            "method": method,
+            "patient_ids": sorted({h.patient_id for h in held}),
+            "study_instance_uids": sorted({h.study_instance_uid for h in held}),
+            "sop_instance_uids": [h.sop_instance_uid for h in held],
+            "reasons": sorted({h.reason for h in held}),
+        }
+        self.archive.registry.drop_held([h.sop_instance_uid for h in held], by, outcome, detail)
+        for item in held:
+            self.archive.blobs.delete(item.blob_path)
 
     def _refused(self, error: DicomnodeError, source: Source, sop_instance_uid: str) -> None:
         self.metrics.add("dicomnode_store_failures_total", reason=type(error).__name__)

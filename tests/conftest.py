@@ -121,6 +121,23 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return request.getfixturevalue("postgres").create_database()
 
 
+def drop_append_only_triggers(engine) -> None:
+    """Remove the triggers that keep the ledger and consents append-only, as someone with the
+    database owner's rights could, so that a test can tamper with them."""
+    from sqlalchemy import text
+
+    from dicomnode.archive.schema import APPEND_ONLY_TABLES
+
+    with engine.begin() as conn:
+        for table in APPEND_ONLY_TABLES:
+            if engine.dialect.name == "sqlite":
+                conn.execute(text(f"DROP TRIGGER IF EXISTS {table}_no_update"))
+                conn.execute(text(f"DROP TRIGGER IF EXISTS {table}_no_delete"))
+            else:
+                conn.execute(text(f"DROP TRIGGER IF EXISTS {table}_append_only ON {table}"))
+                conn.execute(text(f"DROP TRIGGER IF EXISTS {table}_no_truncate ON {table}"))
+
+
 # --- the node ---------------------------------------------------------------------------
 
 
@@ -300,7 +317,8 @@ ALL_SCOPES = ("dicomweb.read", "dicomweb.write", "dicomweb.delete")
 
 def token_for(node, scopes=ALL_SCOPES, subject: str = "tester", expires_in: int = 600) -> str:
     """A bearer token signed by `node`'s own key."""
-    from dicomnode.dicomweb.auth import issue_token, load_or_create_signing_key
+    from dicomnode.archive.keys import load_or_create_signing_key
+    from dicomnode.dicomweb.auth import issue_token
 
     key = load_or_create_signing_key(node.settings.node.data_dir)
     return issue_token(key, node.settings.auth, subject, list(scopes), expires_in)

@@ -119,7 +119,11 @@ def send_series(node: Node, count: int = 3, **attributes) -> list[Dataset]:
 
 def service_for(node: Node, *analyzers: type[Analyzer]) -> AnalysisService:
     service = AnalysisService(
-        node.settings.analysis, node.archive, node.intake, {a.name: a for a in analyzers}
+        node.settings.analysis,
+        node.archive,
+        node.intake,
+        node.egress,
+        {a.name: a for a in analyzers},
     )
     node.intake.subscribe(service.on_stored)
     return service
@@ -269,7 +273,7 @@ def test_jobs_api_and_explicit_run(start_node):
     assert [j["state"] for j in listed.json()] == ["done"]
     # job records name the patient and study: their disclosure is in the ledger
     last = list(node.archive.ledger.entries())[-1]
-    assert last.data["operation"] == "analysis-jobs"
+    assert last.data["operation"] == "job-info"
     assert last.data["study_instance_uids"] == [sent[0].StudyInstanceUID]
     shown = requests.get(f"{base}/jobs/{job_id}", headers=headers, timeout=30).json()
     assert shown["analyzer"] == "series-mean" and len(shown["outputs"]) == 1

@@ -121,7 +121,7 @@ def _local_claims(**override) -> dict:
 
 
 def _sign_with_node_key(node, claims: dict) -> str:
-    from dicomnode.dicomweb.auth import load_or_create_signing_key
+    from dicomnode.archive.keys import load_or_create_signing_key
 
     key = load_or_create_signing_key(node.settings.node.data_dir)
     return jwt.encode({"alg": "RS256", "kid": key.thumbprint()}, claims, key)

@@ -17,6 +17,7 @@ LAYERS = {
     "archive": 2,
     "intake": 3,
     "egress": 3,
+    "stewardship": 3,
     "scp": 4,
     "dicomweb": 4,
     "analysis": 4,

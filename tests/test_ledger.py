@@ -13,13 +13,23 @@ import sys
 import pydicom
 import pytest
 import requests
+from joserfc.jwk import RSAKey
 from pydicom.dataset import Dataset
 from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 
+from dicomnode.archive.keys import load_or_create_signing_key, sign_json, verify_json
 from dicomnode.core.errors import StorageUnavailable
-from tests.conftest import WORKSTATION, dicomweb_client, dicomweb_url, token_for
+from dicomnode.stewardship import checkpoint_signed_by
+from tests.conftest import (
+    WORKSTATION,
+    dicomweb_client,
+    dicomweb_url,
+    drop_append_only_triggers,
+    token_for,
+)
 from tests.factory import make_ct
 
 
@@ -64,7 +74,7 @@ def test_each_way_out_leaves_an_entry(node):
     assert statuses[-1] == 0 and len(answers) == 1
     entries = list(node.archive.ledger.entries(after=before))
     assert [(e.kind, e.outcome, e.data["operation"]) for e in entries] == [
-        ("disclosure", "allowed", "find"),
+        ("disclosure", "allowed", "qido"),
         ("disclosure", "allowed", "find"),
     ]
     qido, cfind = (e.data for e in entries)
@@ -98,9 +108,56 @@ def test_a_sound_chain_verifies(node):
 
 
 def _tamper(node, *statements: str) -> None:
+    """Edit the ledger as someone with the database owner's rights would: drop the triggers
+    that keep it append-only, then change it."""
+    drop_append_only_triggers(node.archive.engine)
     with node.archive.engine.begin() as conn:
         for statement in statements:
             conn.execute(text(statement))
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE ledger_entries SET actor = 'someone else' WHERE seq = 1",
+        "DELETE FROM ledger_entries WHERE seq = 1",
+    ],
+    ids=["update", "delete"],
+)
+def test_the_database_itself_refuses_to_edit_the_ledger(node, statement):
+    c_find(node)
+    with pytest.raises(DBAPIError, match="append-only"), node.archive.engine.begin() as conn:
+        conn.execute(text(statement))
+    assert node.archive.ledger.verify().ok
+
+
+def test_a_cut_off_tail_is_found_by_the_signed_checkpoints(node, tmp_path):
+    for patient in ("P0", "P1", "P2", "P0"):
+        c_find(node, PatientID=patient)
+    key = load_or_create_signing_key(node.settings.node.data_dir)
+    checkpoint = node.stewardship.checkpoint(lambda payload: sign_json(key, payload))
+    assert checkpoint is not None and checkpoint.seq == 4
+    exported = node.archive.ledger.checkpoints()
+    assert verify_json(key, exported[0].signature)["hash"] == checkpoint.head_hash
+
+    _tamper(node, "DELETE FROM ledger_entries WHERE seq >= 3")
+    result = node.archive.ledger.verify()
+    assert not result.ok and result.first_bad == 3 and "cut off" in result.problem
+
+    # Someone who also removes the stored checkpoints is still caught by an exported copy.
+    _tamper(node, "DELETE FROM ledger_checkpoints")
+    assert node.archive.ledger.verify().ok  # the chain alone cannot tell
+    result = node.archive.ledger.verify(checkpoints=exported)
+    assert not result.ok and "covers entry 4" in result.problem
+
+
+def test_a_forged_checkpoint_is_refused(node):
+    c_find(node)
+    foreign = RSAKey.generate_key(2048, private=True)
+    node.stewardship.checkpoint(lambda payload: sign_json(foreign, payload))
+    key = load_or_create_signing_key(node.settings.node.data_dir)
+    result = node.archive.ledger.verify(signature_ok=checkpoint_signed_by(key))
+    assert not result.ok and "not signed by this node's key" in result.problem
 
 
 SWAP_2_AND_3 = (  # move entries 2 and 3 into each other's places (via negative keys)

@@ -227,7 +227,7 @@ def test_one_json_log_line_per_association_and_stored_instance(serve_node, tmp_p
 
 
 def test_sigterm_lets_the_association_in_flight_finish(serve_node, tmp_path, database_url):
-    node = serve_node()
+    node = serve_node(drain_timeout=60)
     port = node.dimse_port
     files = write_series(tmp_path / "in", 400, size=16)
     storescu = subprocess.Popen(

@@ -4,9 +4,13 @@
   analyzers that want it; "on-receipt" analyzers get their job at once.
 - A sweeper turns units that are complete (quiet period, or the announced instance count) into
   jobs, in the same transaction that marks them queued.
-- Workers claim jobs, hand the analyzer the unit's stored files, check every output and file it
-  through intake (replacing an earlier run's result, whose UIDs are the same), then record the
-  job done; a failure, a timeout or a bad output is recorded and retried with backoff.
+- Workers claim jobs and ask governance (through egress) whether the analysis may run for the
+  patient now; a job it does not allow is held, visibly, until a consent grant or a lifted
+  restriction queues it again. Allowed jobs hand the analyzer the unit's stored files, check
+  every output and file it through intake (replacing an earlier run's result, whose UIDs are
+  the same), queue the results for the configured forwarding destinations (through egress),
+  then record the job done; a failure, a timeout or a bad output is recorded and retried with
+  backoff.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from dicomnode.archive.jobs import SKIPPED, Job, JobStore
 from dicomnode.config import AnalysisSettings
 from dicomnode.core.errors import InvalidInput
 from dicomnode.core.model import IngestResult, Level, Source
+from dicomnode.egress import Egress
 from dicomnode.intake import Intake
 
 log = logging.getLogger("dicomnode.analysis")
@@ -54,11 +59,13 @@ class AnalysisService:
         settings: AnalysisSettings,
         archive: Archive,
         intake: Intake,
+        egress: Egress,
         analyzers: dict[str, type[Analyzer]] | None = None,
     ) -> None:
         self.settings = settings
         self.archive = archive
         self.intake = intake
+        self.egress = egress
         self.jobs = JobStore(archive.index)
         available = analyzers if analyzers is not None else discover()
         self.analyzers = {
@@ -192,6 +199,17 @@ class AnalysisService:
         if job is None:
             return None
         analyzer = self.analyzers.get(job.analyzer)
+        permit = self.egress.permit_processing(
+            job.analyzer, job.patient_id, job.study_instance_uid, job.id
+        )
+        if not permit.allowed:
+            self.jobs.hold(job.id, datetime.now(UTC), f"{permit.reason} ({permit.rule_id})")
+            log.info(
+                "analysis held: %s",
+                permit.reason,
+                extra={"event": "job", "job": job.id, "analyzer": job.analyzer, "state": "held"},
+            )
+            return self.jobs.get(job.id)
         started = time.perf_counter()
         try:
             if analyzer is None:
@@ -273,6 +291,13 @@ class AnalysisService:
         summary = dict(result.summary)
         if result.warnings:
             summary["warnings"] = list(result.warnings)
+        if self.settings.forward_to:
+            summary["deliveries"] = self.egress.queue_forward(
+                [f.instance for f in filed],
+                self.settings.forward_to,
+                source.caller,
+                senders=self.archive.senders(job.study_instance_uid),
+            )
         return [f.instance.sop_instance_uid for f in filed], summary
 
     def start(self) -> None:

@@ -23,10 +23,13 @@ from dicomnode.archive.blobs import FileBlobStore
 from dicomnode.archive.index import Index, create_index_engine
 from dicomnode.archive.ledger import Ledger
 from dicomnode.archive.received import ReceivedObject, dataset_sha256
+from dicomnode.archive.registry import HeldObject, Registry
 from dicomnode.core.errors import DuplicateConflict, NotFound, StorageUnavailable
 from dicomnode.core.model import IngestResult, LedgerKind, Level, Query, Source, StoredInstance
 
 log = logging.getLogger("dicomnode.archive")
+
+HELD_PREFIX = "held/"  # blobs intake filed aside live under this folder of the blob store
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,7 @@ class Archive:
         migrations.upgrade(self.engine)
         self.index = Index(self.engine)
         self.ledger = Ledger(self.index)
+        self.registry = Registry(self.index, self.ledger)
         self.duplicate_policy = duplicate_policy
         removed = self.blobs.discard_partial_writes()
         if removed:
@@ -113,6 +117,53 @@ class Archive:
         if outcome == "replaced" and previous_path != blob_path:
             self.blobs.delete(previous_path)
         return IngestResult(stored, outcome, header=received.header)
+
+    def hold(
+        self, received: ReceivedObject, source: Source, reason: str, rule_id: str, version: str
+    ) -> IngestResult:
+        """File `received` aside, not indexed (so nothing can find, send or analyse it) until
+        it is released into the archive or discarded; the first object held for a study and
+        reason is a ledger entry. The outcome is "held"."""
+        blob_path = HELD_PREFIX + self._blob_path(received)
+        try:
+            self.blobs.write(blob_path, [received.file_meta_bytes, received.dataset_bytes])
+        except OSError as e:
+            raise StorageUnavailable(f"cannot write the blob: {e}") from e
+        held = HeldObject(
+            sop_instance_uid=received.sop_instance_uid,
+            sop_class_uid=received.sop_class_uid,
+            series_instance_uid=received.series_instance_uid,
+            study_instance_uid=received.study_instance_uid,
+            patient_id=received.patient_id,
+            blob_path=blob_path,
+            source_protocol=source.protocol,
+            source_caller=source.caller,
+            reason=reason,
+            rule_id=rule_id,
+            policy_version=version,
+            held_at=datetime.now(UTC),
+        )
+        detail = {
+            "operation": "admit",
+            "reason": reason,
+            "rule_id": rule_id,
+            "policy_version": version,
+            "protocol": source.protocol,
+            "sender": source.caller,
+            "address": source.address,
+            "patient_ids": [received.patient_id],
+            "study_instance_uids": [received.study_instance_uid],
+        }
+        try:
+            new = self.registry.hold(held, received.size, received.sha256, detail)
+        except BaseException:
+            self.blobs.delete(blob_path)
+            raise
+        stored = self._stored(received, blob_path)
+        return IngestResult(stored, "held" if new else "duplicate", header=received.header)
+
+    def held_file(self, held: HeldObject) -> Path:
+        return self.blobs.absolute(held.blob_path)
 
     def _index(
         self, received: ReceivedObject, stored: StoredInstance, source: Source, policy: str
@@ -247,9 +298,10 @@ class Archive:
                 conn.execute(select(schema.instances.c.blob_path, schema.instances.c.sha256)).all()
             )
         on_disk = {
-            str(path.relative_to(self.blobs.root))
+            relative
             for path in self.blobs.root.rglob("*.dcm")
             if path.parent != self.blobs.tmp
+            and not (relative := str(path.relative_to(self.blobs.root))).startswith(HELD_PREFIX)
         }
         missing = sorted(set(rows) - on_disk)
         unindexed = sorted(on_disk - set(rows))
@@ -262,6 +314,20 @@ class Archive:
             for blob_path in unindexed:
                 self.blobs.delete(blob_path)
         return ArchiveCheck(len(rows), len(on_disk), missing, unindexed, corrupt, repair)
+
+    def senders(self, study_uid: str) -> set[str]:
+        """The AE titles that sent objects of a study over DIMSE."""
+        i, se, st = schema.instances, schema.series, schema.studies
+        with self.index.read() as conn:
+            return set(
+                conn.execute(
+                    select(i.c.source_caller)
+                    .distinct()
+                    .join(se, i.c.series_pk == se.c.id)
+                    .join(st, se.c.study_pk == st.c.id)
+                    .where(st.c.study_instance_uid == study_uid, i.c.source_protocol == "dimse")
+                ).scalars()
+            )
 
     def blob_file(self, instance: StoredInstance) -> Path:
         return self.blobs.absolute(instance.blob_path)

@@ -24,6 +24,10 @@ from dicomnode.archive.index import Index
 from dicomnode.core.errors import NotFound
 
 QUEUED, RUNNING, DONE, FAILED, SKIPPED = "queued", "running", "done", "failed", "skipped"
+# Governance states: held (not allowed now, e.g. consent missing or processing restricted; it
+# runs again when that changes) and cancelled (consent withdrawn or refused).
+HELD, CANCELLED = "held", "cancelled"
+STATES = (QUEUED, RUNNING, DONE, FAILED, SKIPPED, HELD, CANCELLED)
 COLLECTING = "collecting"
 
 
@@ -268,17 +272,34 @@ class JobStore:
             )
             return FAILED if final else QUEUED
 
+    def hold(self, job_id: int, now: datetime, reason: str) -> None:
+        """Governance does not allow the job now: it waits, visibly, until a consent grant or a
+        lifted restriction queues it again (the attempt does not count)."""
+        jobs = schema.analysis_jobs
+        self._set(
+            job_id,
+            state=HELD,
+            attempts=jobs.c.attempts - 1,
+            lease_until=None,
+            finished_at=now,
+            error=reason[:4000],
+        )
+
     def retry(self, job_id: int, now: datetime) -> None:
-        """Queue a failed (or finished) job again with a fresh set of attempts."""
+        """Queue a failed, finished, held or cancelled job again with a fresh set of attempts
+        (a held job is asked about again when it runs)."""
         jobs = schema.analysis_jobs
         with self.index.write() as conn:
             changed = conn.execute(
                 update(jobs)
-                .where(jobs.c.id == job_id, jobs.c.state.in_((FAILED, DONE, SKIPPED)))
+                .where(
+                    jobs.c.id == job_id,
+                    jobs.c.state.in_((FAILED, DONE, SKIPPED, HELD, CANCELLED)),
+                )
                 .values(state=QUEUED, attempts=0, not_before=now, finished_at=None, error=None)
             ).rowcount
         if not changed:
-            raise NotFound(f"job {job_id} is not failed or done")
+            raise NotFound(f"job {job_id} is queued or running, not finished")
 
     def _set(self, job_id: int, **values: Any) -> None:
         with self.index.write() as conn:

@@ -5,13 +5,18 @@ sequence number, time, kind, actor, outcome and detail). Appends are serialised 
 lock; a PostgreSQL advisory lock), and sequence numbers are the primary key, so the chain can
 never fork. `verify` recomputes the chain and names the first entry that was edited, deleted or
 moved. A write that fails raises, and the caller (egress) then lets nothing leave.
+
+A hash chain alone cannot show that its tail was cut off. Checkpoints can: `checkpoint` signs
+(seq, hash) of the last entry with the node's key, and `verify` checks the chain against every
+checkpoint it is given (the table's, and any exported copy): an entry a checkpoint covers that
+is missing, or whose hash differs, is named.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -43,6 +48,22 @@ class LedgerEntry:
 
 
 @dataclass(frozen=True)
+class Checkpoint:
+    """A signed statement that entry `seq` of the ledger had hash `head_hash`."""
+
+    seq: int
+    head_hash: str
+    created_at: str
+    signature: str
+
+    def payload(self) -> dict[str, Any]:
+        return {"seq": self.seq, "hash": self.head_hash, "at": self.created_at}
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**self.payload(), "signature": self.signature}
+
+
+@dataclass(frozen=True)
 class Verification:
     """The result of checking the chain: `first_bad` names the first entry that fails."""
 
@@ -51,6 +72,7 @@ class Verification:
     first_bad: int | None = None
     problem: str = ""
     head_hash: str = GENESIS_HASH
+    checkpoints: int = 0  # checkpoints the chain was checked against
 
 
 def canonical_detail(detail: dict[str, Any]) -> str:
@@ -140,11 +162,58 @@ class Ledger:
                 select(func.count()).select_from(schema.ledger_entries)
             ).scalar_one()
 
-    def verify(self) -> Verification:
+    # --- checkpoints ------------------------------------------------------------------------
+
+    def checkpoint(self, sign: Callable[[dict[str, Any]], str]) -> Checkpoint | None:
+        """Sign the current head (None when the ledger is empty or the head is signed already)."""
+        entries, checkpoints = schema.ledger_entries, schema.ledger_checkpoints
+        with self.index.write() as conn:
+            tail = conn.execute(
+                select(entries.c.seq, entries.c.hash).order_by(entries.c.seq.desc()).limit(1)
+            ).first()
+            if tail is None:
+                return None
+            if conn.execute(select(checkpoints.c.seq).where(checkpoints.c.seq == tail.seq)).first():
+                return None
+            now = datetime.now(UTC)
+            unsigned = Checkpoint(tail.seq, tail.hash, now.isoformat(timespec="seconds"), "")
+            signed = Checkpoint(**{**unsigned.__dict__, "signature": sign(unsigned.payload())})
+            conn.execute(
+                checkpoints.insert().values(
+                    seq=signed.seq,
+                    head_hash=signed.head_hash,
+                    created_at=now,
+                    signature=signed.signature,
+                )
+            )
+            return signed
+
+    def checkpoints(self) -> list[Checkpoint]:
+        t = schema.ledger_checkpoints
+        with self.index.read() as conn:
+            rows = conn.execute(select(t).order_by(t.c.seq)).all()
+        return [Checkpoint(r.seq, r.head_hash, _iso(r.created_at), r.signature) for r in rows]
+
+    def verify(
+        self,
+        checkpoints: Iterable[Checkpoint] | None = None,
+        signature_ok: Callable[[Checkpoint], bool] | None = None,
+    ) -> Verification:
         """Recompute the chain from the first entry: an edited entry fails its hash, a deleted one
-        leaves a gap in the sequence, a moved one breaks the link to its predecessor."""
+        leaves a gap in the sequence, a moved one breaks the link to its predecessor; then hold
+        it against `checkpoints` (default: the stored ones), each checked with `signature_ok`:
+        a checkpoint beyond the last entry means the tail was cut off."""
         expected_seq, prev = 1, GENESIS_HASH
         checked = 0
+        marks = {c.seq: c for c in (self.checkpoints() if checkpoints is None else checkpoints)}
+        for mark in sorted(marks.values(), key=lambda c: c.seq):
+            if signature_ok is not None and not signature_ok(mark):
+                return Verification(
+                    False,
+                    0,
+                    mark.seq,
+                    f"the checkpoint of entry {mark.seq} is not signed by this node's key",
+                )
         for entry in self.entries():
             if entry.seq != expected_seq:
                 return Verification(
@@ -167,6 +236,32 @@ class Ledger:
                 return Verification(
                     False, checked, entry.seq, "its content does not match its hash", prev
                 )
+            mark = marks.get(entry.seq)
+            if mark is not None and mark.head_hash != entry.hash:
+                return Verification(
+                    False,
+                    checked,
+                    entry.seq,
+                    f"it differs from the checkpoint signed at {mark.created_at}",
+                    prev,
+                )
             checked += 1
             expected_seq, prev = entry.seq + 1, entry.hash
-        return Verification(True, checked, None, "", prev)
+        beyond = [c for c in marks.values() if c.seq >= expected_seq]
+        if beyond:
+            last = max(beyond, key=lambda c: c.seq)
+            return Verification(
+                False,
+                checked,
+                expected_seq,
+                f"the ledger ends at entry {expected_seq - 1}, but a checkpoint signed at "
+                f"{last.created_at} covers entry {last.seq}: entries were cut off",
+                prev,
+                len(marks),
+            )
+        return Verification(True, checked, None, "", prev, len(marks))
+
+
+def _iso(moment: datetime) -> str:
+    moment = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    return moment.isoformat(timespec="seconds")

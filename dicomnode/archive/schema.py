@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     DateTime,
     ForeignKey,
@@ -13,6 +14,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    Text,
     UniqueConstraint,
 )
 
@@ -159,3 +161,133 @@ analysis_jobs = Table(
     Column("summary", String, nullable=True),  # JSON
     Index("ix_analysis_jobs_state_not_before", "state", "not_before"),
 )
+
+# --- governance ---------------------------------------------------------------------------------
+# Policy versions as published (source kept whole: a decision names the version that made it).
+policy_versions = Table(
+    "policy_versions",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("version", String(64), nullable=False, unique=True),
+    Column("sha256", String(64), nullable=False),
+    Column("source", Text, nullable=False),
+    Column("material", Boolean, nullable=False),
+    Column("published_at", DateTime(timezone=True), nullable=False),
+    Column("effective_at", DateTime(timezone=True), nullable=False),
+    Column("published_by", String, nullable=False, server_default=""),
+    Column("activated_at", DateTime(timezone=True), nullable=True),  # first seen in force
+)
+
+# Consent versions: append-only (a trigger refuses UPDATE and DELETE).
+consents = Table(
+    "consents",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("patient_id", String, nullable=False),
+    Column("issuer_of_patient_id", String, nullable=False, server_default=""),
+    Column("purpose", String(16), nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("state", String(16), nullable=False),  # granted, refused, withdrawn
+    Column("valid_from", DateTime(timezone=True), nullable=False),
+    Column("valid_until", DateTime(timezone=True), nullable=True),
+    Column("evidence_ref", String, nullable=False, server_default=""),
+    Column("recorded_by", String, nullable=False),
+    Column("recorded_at", DateTime(timezone=True), nullable=False),
+    Column("note", String, nullable=False, server_default=""),
+    UniqueConstraint("patient_id", "issuer_of_patient_id", "purpose", "version"),
+    Index("ix_consents_patient_id", "patient_id"),
+)
+
+# Data-subject restrictions of processing (PIPA 37, GDPR 18): active until lifted.
+restrictions = Table(
+    "restrictions",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("patient_id", String, nullable=False),
+    Column("issuer_of_patient_id", String, nullable=False, server_default=""),
+    Column("reason", String, nullable=False, server_default=""),
+    Column("requested_by", String, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("lifted_at", DateTime(timezone=True), nullable=True),
+    Column("lifted_by", String, nullable=True),
+    Index("ix_restrictions_patient_id", "patient_id"),
+)
+
+# Legal holds on a patient or a study: block every deletion until released.
+legal_holds = Table(
+    "legal_holds",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("patient_id", String, nullable=True),
+    Column("study_instance_uid", String(64), nullable=True),
+    Column("owner", String, nullable=False),
+    Column("reason", String, nullable=False),
+    Column("case_ref", String, nullable=False, server_default=""),
+    Column("review_date", DateTime(timezone=True), nullable=True),
+    Column("placed_by", String, nullable=False),
+    Column("placed_at", DateTime(timezone=True), nullable=False),
+    Column("released_at", DateTime(timezone=True), nullable=True),
+    Column("released_by", String, nullable=True),
+)
+
+# Objects intake filed aside (held) instead of admitting: not indexed, not searchable, not
+# analysed, until released (then ingested) or discarded.
+held_objects = Table(
+    "held_objects",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("sop_instance_uid", String(64), nullable=False, unique=True),
+    Column("sop_class_uid", String(64), nullable=False),
+    Column("series_instance_uid", String(64), nullable=False),
+    Column("study_instance_uid", String(64), nullable=False),
+    Column("patient_id", String, nullable=False),
+    Column("blob_path", String, nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("source_protocol", String, nullable=False),
+    Column("source_caller", String, nullable=False, server_default=""),
+    Column("reason", String, nullable=False),
+    Column("rule_id", String, nullable=False),
+    Column("policy_version", String(64), nullable=False),
+    Column("held_at", DateTime(timezone=True), nullable=False),
+    Index("ix_held_objects_study", "study_instance_uid"),
+)
+
+# Data on its way out to a recipient (forwarded results, shares): queued, retried, visible.
+deliveries = Table(
+    "deliveries",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("kind", String(16), nullable=False),  # forward, share
+    Column("recipient", String, nullable=False),  # recipient id (share) or peer name (forward)
+    Column("purpose", String(16), nullable=False, server_default=""),
+    Column("patient_id", String, nullable=False),
+    Column("study_instance_uid", String(64), nullable=False),
+    Column("sop_instance_uids", Text, nullable=False),  # JSON list
+    Column("requested_by", String, nullable=False),
+    Column("state", String(16), nullable=False),  # queued, sending, done, failed, denied, cancelled
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("max_attempts", Integer, nullable=False),
+    Column("not_before", DateTime(timezone=True), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("finished_at", DateTime(timezone=True), nullable=True),
+    Column("claimed_by", String, nullable=True),
+    Column("lease_until", DateTime(timezone=True), nullable=True),
+    Column("error", String, nullable=True),
+    Column("outcome", Text, nullable=True),  # JSON: sent, failed, ledger entries
+    Index("ix_deliveries_state_not_before", "state", "not_before"),
+    Index("ix_deliveries_patient_id", "patient_id"),
+)
+
+# Signed checkpoints of the ledger: entry `seq` had hash `head_hash` when the node signed it.
+ledger_checkpoints = Table(
+    "ledger_checkpoints",
+    metadata,
+    Column("seq", BigInteger, primary_key=True, autoincrement=False),
+    Column("head_hash", String(64), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("signature", Text, nullable=False),  # compact JWS over the checkpoint
+)
+
+# Tables no one may UPDATE or DELETE rows of (migration 0004 adds the triggers).
+APPEND_ONLY_TABLES = ("ledger_entries", "consents", "ledger_checkpoints")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
@@ -13,6 +14,13 @@ class LedgerKind(StrEnum):
     DISCLOSURE = "disclosure"  # data left the node (allowed decision)
     DENIAL = "denial"  # data was refused (denied decision)
     DELETION = "deletion"  # data was destroyed
+    PROCESSING = "processing"  # a processing decision that was not a plain yes (held, skipped)
+    TRANSFER = "transfer"  # the outcome of sending data an earlier disclosure entry allowed
+    CONSENT = "consent"  # a consent version was recorded
+    POLICY = "policy"  # a policy version was published or came into force
+    SUBJECT = "subject"  # a data-subject request (restrict, export, erase) and its outcome
+    HOLD = "hold"  # a legal hold placed or released
+    CHECKPOINT = "checkpoint"  # a signed checkpoint of the chain
 
 
 class Level(StrEnum):
@@ -32,6 +40,7 @@ class Source:
     caller: str = ""
     address: str = ""
     peer: str | None = None  # configured peer name, when the caller is one
+    purpose: str | None = None  # the purpose of use the caller states (token claim, CLI flag)
 
 
 @dataclass(frozen=True)
@@ -92,3 +101,60 @@ class IngestResult:
     outcome: str
     warnings: tuple[str, ...] = field(default=())
     header: Any = None  # the parsed pydicom Dataset (without pixel data access), for subscribers
+
+
+@dataclass(frozen=True)
+class ConsentRecord:
+    """One immutable version of a patient's consent for one purpose (HL7 purpose-of-use code).
+
+    state: "granted", "refused" or "withdrawn". A change is a new version, never an edit.
+    """
+
+    patient_id: str
+    issuer_of_patient_id: str
+    purpose: str
+    version: int
+    state: str
+    valid_from: datetime
+    valid_until: datetime | None
+    evidence_ref: str
+    recorded_by: str
+    recorded_at: datetime
+    note: str = ""
+
+    @property
+    def ref(self) -> str:
+        """How decisions and the ledger name this version."""
+        issuer = f"^{self.issuer_of_patient_id}" if self.issuer_of_patient_id else ""
+        return f"consent:{self.patient_id}{issuer}:{self.purpose}:v{self.version}"
+
+    def as_dict(self) -> dict[str, Any]:
+        data = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        for key, value in data.items():
+            if isinstance(value, datetime):
+                data[key] = value.isoformat()
+        return data | {"ref": self.ref}
+
+
+@dataclass(frozen=True)
+class PatientFacts:
+    """What governance needs to know about one patient to decide: every consent version and
+    whether the patient restricted processing (a data-subject request)."""
+
+    patient_id: str
+    consents: tuple[ConsentRecord, ...] = ()
+    restricted: bool = False
+    restriction_ref: str = ""
+
+
+@dataclass(frozen=True)
+class PublishedPolicy:
+    """A policy version as the node published it: its TOML source and when it takes effect."""
+
+    version: str
+    source: str
+    sha256: str
+    published_at: datetime
+    effective_at: datetime
+    material: bool
+    published_by: str = ""

@@ -25,6 +25,7 @@ from dicomnode.dicomweb.stow import stow_blueprint
 from dicomnode.dicomweb.wado import wado_blueprint
 from dicomnode.egress import Egress
 from dicomnode.intake import Intake
+from dicomnode.stewardship import Stewardship
 
 DICOMWEB_ROOT = "/dicomweb"
 
@@ -37,6 +38,7 @@ class WebServices:
     archive: Archive
     intake: Intake
     egress: Egress
+    stewardship: Stewardship
     metrics: Metrics
     verifier: TokenVerifier
     status: Callable[[], dict[str, object]]  # the node's live status for /healthz

@@ -40,6 +40,7 @@ def requester() -> Source:
         principal.subject if principal else "",
         request.remote_addr or "",
         None,
+        principal.purpose if principal else None,
     )
 
 

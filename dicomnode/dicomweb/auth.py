@@ -1,7 +1,8 @@
 """Bearer-token authentication for DICOMweb (JWT, verified with joserfc, Authlib's JOSE library).
 
 Two sources of keys are trusted:
-- the node's own RSA signing key, created in ``data_dir/keys`` on first start; `issue_token`
+- the node's own RSA signing key (``dicomnode.archive.keys``), created in ``data_dir/keys`` on
+  first start; `issue_token`
   (and ``dicomnode token create``) signs tokens with it;
 - the hospital's OIDC provider, when ``[auth] issuer``, ``jwks_url`` and ``audience`` are set;
   its JWKS is fetched on first use and again when a token names an unknown key id.
@@ -15,13 +16,11 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import os
 import threading
 import time
 import urllib.request
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 
 from joserfc import jwt
 from joserfc.errors import JoseError
@@ -58,36 +57,23 @@ class Principal:
     subject: str
     issuer: str
     scopes: frozenset[str]
+    purpose: str | None = None  # purpose of use the token states (IHE IUA), if any
 
     def require(self, scope: str) -> None:
         if scope not in self.scopes:
             raise ScopeError(f"this request needs the {scope} scope")
 
 
-def load_or_create_signing_key(data_dir: Path) -> RSAKey:
-    """The node's signing key from ``data_dir/keys/signing-key.pem``, created on first use."""
-    path = data_dir / "keys" / "signing-key.pem"
-    if path.exists():
-        return RSAKey.import_key(path.read_bytes())
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    key = RSAKey.generate_key(2048, private=True)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(key.as_pem(private=True))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    log.info(
-        "created the node's token signing key", extra={"event": "signing_key", "path": str(path)}
-    )
-    return RSAKey.import_key(path.read_bytes())
-
-
 def issue_token(
-    key: RSAKey, settings: AuthSettings, subject: str, scopes: list[str], expires_in: int
+    key: RSAKey,
+    settings: AuthSettings,
+    subject: str,
+    scopes: list[str],
+    expires_in: int,
+    purpose: str | None = None,
 ) -> str:
-    """A token signed by the node's key for `subject` with `scopes`, valid `expires_in` seconds."""
+    """A token signed by the node's key for `subject` with `scopes`, valid `expires_in` seconds
+    (with a ``purpose_of_use`` claim when `purpose` is given)."""
     unknown = sorted(set(scopes) - set(SCOPES))
     if unknown:
         raise ValueError(f"unknown scopes {unknown}; known: {', '.join(SCOPES)}")
@@ -102,6 +88,8 @@ def issue_token(
         "exp": now + expires_in,
         "jti": uuid.uuid4().hex,
     }
+    if purpose:
+        claims["purpose_of_use"] = purpose
     return jwt.encode({"alg": "RS256", "kid": key.thumbprint()}, claims, key)
 
 
@@ -172,7 +160,21 @@ class TokenVerifier:
             raise AuthError(f"the bearer token is not valid: {e.description or e.error}") from e
         claims = decoded.claims
         scopes = claims.get("scp") or str(claims.get("scope", "")).split()
-        return Principal(str(claims["sub"]), issuer, frozenset(scopes))
+        return Principal(str(claims["sub"]), issuer, frozenset(scopes), purpose_of_use(claims))
+
+
+def purpose_of_use(claims: dict) -> str | None:
+    """The purpose of use a token states: a plain ``purpose_of_use`` claim ("HRESCH"), or IHE
+    IUA's ``extensions.ihe_iua.purpose_of_use`` (a list of codings; the first code counts)."""
+    plain = claims.get("purpose_of_use")
+    if isinstance(plain, str) and plain:
+        return plain
+    iua = (claims.get("extensions") or {}).get("ihe_iua") or {}
+    codings = iua.get("purpose_of_use") if isinstance(iua, dict) else None
+    if isinstance(codings, list) and codings and isinstance(codings[0], dict):
+        code = codings[0].get("code")
+        return str(code) if code else None
+    return None
 
 
 def _b64decode(part: str) -> bytes:

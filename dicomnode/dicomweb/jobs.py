@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from flask import Blueprint, Response, jsonify, request
 
 from dicomnode.archive.jobs import Job, JobStore
-from dicomnode.core.errors import NotFound
+from dicomnode.core.errors import NotFound, NotPermitted
 from dicomnode.core.uids import validate_uid
 from dicomnode.dicomweb.access import requester, require_token, services
 
@@ -18,20 +18,24 @@ def _store() -> JobStore:
     return JobStore(services().archive.index)
 
 
-def _disclosed(jobs: list[Job], operation: str) -> list[dict]:
-    """Job records name patients and studies: they leave through egress like any answer."""
-    services().egress.account(
+def _disclosed(jobs: list[Job]) -> list[dict]:
+    """Job records name patients and studies: they leave through egress like any answer
+    (records of patients governance leaves out are dropped)."""
+    left_out = services().egress.account(
         requester(),
-        operation,
+        "job-info",
         {job.patient_id for job in jobs},
         {job.study_instance_uid for job in jobs},
         len(jobs),
     )
-    return [job.as_dict() for job in jobs]
+    return [job.as_dict() for job in jobs if job.patient_id not in left_out]
 
 
 def _single(job: Job) -> Response:
-    return jsonify(_disclosed([job], "analysis-job")[0])
+    disclosed = _disclosed([job])
+    if not disclosed:
+        raise NotPermitted(f"job {job.id} concerns a patient whose data may not be shown")
+    return jsonify(disclosed[0])
 
 
 def jobs_blueprint() -> Blueprint:
@@ -46,7 +50,7 @@ def jobs_blueprint() -> Blueprint:
             study_uid=validate_uid(study, "study") if study else None,
             limit=min(int(request.args.get("limit", "100") or 100), 1000),
         )
-        return jsonify(_disclosed(jobs, "analysis-jobs"))
+        return jsonify(_disclosed(jobs))
 
     @bp.get("/jobs/<int:job_id>")
     def show_job(job_id: int) -> Response:

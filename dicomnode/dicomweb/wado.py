@@ -44,10 +44,10 @@ def _filters(
 
 
 def _instances(
-    operation: str, study: str, series: str | None = None, instance: str | None = None
+    service: str, study: str, series: str | None = None, instance: str | None = None
 ) -> list[StoredInstance]:
     level, filters = _filters(study, series, instance)
-    found = services().egress.retrieve(level, filters, requester(), operation, requester().caller)
+    found = services().egress.retrieve(level, filters, requester(), "wado", service=service)
     if not found:
         raise NotFound(f"no instances at {request.path.removeprefix('/dicomweb')}")
     return found
@@ -77,7 +77,7 @@ def _transcoded(path: str) -> bytes:
 
 def retrieve(study: str, series: str | None = None, instance: str | None = None) -> Response:
     wanted = media.dicom_transfer_syntax(request.headers.get("Accept"))
-    found = _instances("wado", study, series, instance)
+    found = _instances("instances", study, series, instance)
     media.check_producible({i.transfer_syntax_uid for i in found}, wanted)
     archive = services().archive
 
@@ -128,7 +128,7 @@ def _instance_metadata(item: StoredInstance) -> str:
 
 
 def metadata(study: str, series: str | None = None, instance: str | None = None) -> Response:
-    found = _instances("wado-metadata", study, series, instance)
+    found = _instances("metadata", study, series, instance)
     root = base_url()
     parts = []
     for item in found:
@@ -154,7 +154,7 @@ def _frame_numbers(text: str, total: int) -> list[int]:
 
 
 def frames(study: str, series: str, instance: str, frame_list: str) -> Response:
-    (item,) = _instances("wado-frames", study, series, instance)
+    (item,) = _instances("frames", study, series, instance)
     path = str(services().archive.blob_file(item))
     ds = pydicom.dcmread(path)
     if "PixelData" not in ds:
@@ -211,7 +211,7 @@ def _native_frames(ds: pydicom.Dataset, stored: str, numbers: list[int]) -> Resp
 
 
 def bulkdata(study: str, series: str, instance: str, path: str) -> Response:
-    (item,) = _instances("wado-bulkdata", study, series, instance)
+    (item,) = _instances("bulkdata", study, series, instance)
     ds = pydicom.dcmread(str(services().archive.blob_file(item)))
     try:
         element = resolve_bulk_path(ds, path)
@@ -227,7 +227,7 @@ def bulkdata(study: str, series: str, instance: str, path: str) -> Response:
 def rendered(
     study: str, series: str | None, instance: str | None, frame: int = 1, thumbnail: bool = False
 ) -> Response:
-    found = _instances("wado-rendered", study, series, instance)
+    found = _instances("rendered", study, series, instance)
     item = found[len(found) // 2]  # a study or series thumbnail shows its middle instance
     path = str(services().archive.blob_file(item))
     ds = pydicom.dcmread(path, stop_before_pixels=True)

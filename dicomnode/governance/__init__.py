@@ -1,62 +1,55 @@
-"""Governance: pure decisions about what may enter and what may leave the node.
+"""Governance: pure decisions about what may enter the node, be processed and leave it.
 
-Every function here is pure: ``(request, policy, now) -> Decision``, with no database, clock or
-I/O. The policy engine (consent, lawful basis, sharing rules, de-identification) is the
-governance issue's work; until it lands, the embedded policy admits every well-formed object
-and allows every disclosure to a caller the services already authenticated, and says so in
-each decision's rule id, so that the ledger shows which rule made each decision.
+Every function here is pure: ``(request, facts, policy, now) -> Decision``, with no database,
+clock or I/O. The policy (`policy.py`) is data: activities with their purpose and lawful basis,
+recipients, sharing rules, de-identification profiles, retention rules. The services gather the
+facts (consents, restrictions) and record each decision in the ledger; they never decide.
 """
 
-from __future__ import annotations
+from dicomnode.governance.decisions import (
+    Admission,
+    AdmissionRequest,
+    Decision,
+    DisclosureRequest,
+    Party,
+    admit,
+    consent_in_force,
+    current_consent,
+    decide,
+    resolve_recipient,
+    withdrawal_affects,
+)
+from dicomnode.governance.policy import (
+    Policy,
+    PolicyError,
+    diff_policies,
+    effective_at,
+    embedded_policy,
+    notice_period,
+    parse_policy,
+    policy_in_force,
+    scheduled,
+)
 
-from dataclasses import dataclass
-from datetime import datetime
-
-from dicomnode.core.model import Source
-
-EMBEDDED_POLICY_VERSION = "embedded-0"
-
-
-@dataclass(frozen=True)
-class Decision:
-    """The answer to one request, with the reason and the rule that gave it."""
-
-    allowed: bool
-    reason: str
-    rule_id: str
-    policy_version: str = EMBEDDED_POLICY_VERSION
-
-
-@dataclass(frozen=True)
-class AdmissionRequest:
-    """An object asking to enter: who sent it and whose data it is."""
-
-    source: Source
-    patient_id: str
-    study_instance_uid: str
-    sop_class_uid: str
-
-
-@dataclass(frozen=True)
-class DisclosureRequest:
-    """Data asking to leave: to whom, by which operation, about which patients and studies."""
-
-    requester: Source
-    operation: str  # "find", "move", "get", ...
-    destination: str  # AE title or recipient name the data goes to
-    patient_ids: tuple[str, ...]
-    study_instance_uids: tuple[str, ...]
-
-
-def admit(request: AdmissionRequest, now: datetime) -> Decision:
-    """Whether an arriving object may be processed."""
-    return Decision(True, "embedded policy admits every well-formed object", "embedded.admit-all")
-
-
-def decide(request: DisclosureRequest, now: datetime) -> Decision:
-    """Whether data may leave to `request.destination`."""
-    return Decision(
-        True,
-        "embedded policy allows disclosures to authenticated hospital peers",
-        "embedded.hospital-peers",
-    )
+__all__ = [
+    "Admission",
+    "AdmissionRequest",
+    "Decision",
+    "DisclosureRequest",
+    "Party",
+    "Policy",
+    "PolicyError",
+    "admit",
+    "consent_in_force",
+    "current_consent",
+    "decide",
+    "diff_policies",
+    "effective_at",
+    "embedded_policy",
+    "notice_period",
+    "parse_policy",
+    "policy_in_force",
+    "resolve_recipient",
+    "scheduled",
+    "withdrawal_affects",
+]

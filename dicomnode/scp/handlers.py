@@ -26,6 +26,7 @@ from dicomnode.core.errors import DicomnodeError, NotPermitted, UnknownDestinati
 from dicomnode.core.metrics import Metrics
 from dicomnode.core.model import Source, StoredInstance
 from dicomnode.egress import Egress
+from dicomnode.governance import Party
 from dicomnode.intake import Intake
 from dicomnode.scp import status
 from dicomnode.scp.identifiers import identifier_from_row, query_from_identifier
@@ -151,13 +152,17 @@ def handle_find(
 def dataset_to_send(
     archive_file: Any, instance: StoredInstance, accepted: list[PresentationContext]
 ) -> Dataset:
-    """Load `instance` in a transfer syntax the peer accepted: as stored when it can, else
-    decompressed to explicit VR little endian (needs the codecs extra for compressed data)."""
-    ds = pydicom.dcmread(archive_file)
-    stored_ts = instance.transfer_syntax_uid
-    offered = {
-        cx.transfer_syntax[0] for cx in accepted if cx.abstract_syntax == instance.sop_class_uid
-    }
+    """Load `instance` in a transfer syntax the peer accepted (see `fit_transfer_syntax`)."""
+    return fit_transfer_syntax(pydicom.dcmread(archive_file), instance.sop_class_uid, accepted)
+
+
+def fit_transfer_syntax(
+    ds: Dataset, sop_class_uid: str, accepted: list[PresentationContext]
+) -> Dataset:
+    """`ds` as stored when the peer accepted its transfer syntax, else decompressed to explicit
+    VR little endian (needs the codecs extra for compressed data)."""
+    stored_ts = ds.file_meta.TransferSyntaxUID
+    offered = {cx.transfer_syntax[0] for cx in accepted if cx.abstract_syntax == sop_class_uid}
     if stored_ts in offered or not UID(stored_ts).is_compressed:
         return ds
     if offered & set(UNCOMPRESSED):
@@ -167,9 +172,15 @@ def dataset_to_send(
 
 
 def retrieve_contexts(instances: list[StoredInstance]) -> list[PresentationContext]:
-    """Contexts to propose for sending `instances`: each SOP class in its stored transfer syntax,
-    plus the uncompressed ones so that a peer without codecs still gets the images."""
-    pairs = sorted({(i.sop_class_uid, i.transfer_syntax_uid) for i in instances})
+    """Contexts to propose for sending `instances` (see `contexts_for`)."""
+    return contexts_for({(i.sop_class_uid, i.transfer_syntax_uid) for i in instances})
+
+
+def contexts_for(kinds: set[tuple[str, str]]) -> list[PresentationContext]:
+    """Contexts to propose for sending objects of these (SOP class, transfer syntax) kinds:
+    each SOP class in its stored transfer syntax, plus the uncompressed ones so that a peer
+    without codecs still gets the images."""
+    pairs = sorted(kinds)
     classes = sorted({c for c, _ in pairs})
     contexts = [build_context(c, list(UNCOMPRESSED)) for c in classes]
     contexts += [build_context(c, ts) for c, ts in pairs if ts not in UNCOMPRESSED]
@@ -199,7 +210,7 @@ def _retrieve(
         query.filters,
         source,
         service,
-        destination.name if destination else source.caller,
+        Party("dimse", peer=destination.name) if destination else None,
     )
     return source, instances, destination
 

@@ -1,0 +1,48 @@
+"""Claiming due work rows (analysis jobs, deliveries) under a lease.
+
+A row is due when it is queued and its `not_before` has passed, or when it is being worked on
+but its lease ran out (its worker died). The claim takes the oldest due row: with
+``SELECT ... FOR UPDATE SKIP LOCKED`` on PostgreSQL, so several processes never take the same
+row, and under SQLite's write lock, which serialises claims.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Connection, Table, and_, or_, select, update
+
+
+def claim_due(
+    conn: Connection,
+    table: Table,
+    is_sqlite: bool,
+    now: datetime,
+    queued: str,
+    working: str,
+    values: dict[str, Any],
+) -> Any:
+    """Mark the oldest due row of `table` as `working` with `values`; returns it, or None."""
+    c = table.c
+    due = or_(
+        and_(c.state == queued, c.not_before <= now),
+        and_(c.state == working, c.lease_until < now),
+    )
+    query = select(c.id).where(due).order_by(c.not_before, c.id).limit(1)
+    if not is_sqlite:
+        query = query.with_for_update(skip_locked=True)
+    row_id = conn.execute(query).scalar()
+    if row_id is None:
+        return None
+    conn.execute(
+        update(table).where(c.id == row_id).values(state=working, attempts=c.attempts + 1, **values)
+    )
+    return conn.execute(select(table).where(c.id == row_id)).one()
+
+
+def aware(moment: datetime | None) -> datetime | None:
+    """SQLite hands back naive datetimes; the index stores UTC."""
+    if moment is None:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)

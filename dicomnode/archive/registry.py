@@ -1,0 +1,666 @@
+"""Governance records in the index: published policy versions, consent versions, restrictions,
+legal holds, objects held at intake and deliveries on their way out.
+
+Every change here that the DPO must be able to account for is written in the same transaction
+as its ledger entry. Consent versions are append-only (a database trigger refuses UPDATE and
+DELETE); a change of consent is a new version. The registry stores and returns facts; what they
+mean is decided by `dicomnode.governance`, never here.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, and_, delete, func, or_, select, update
+
+from dicomnode.archive import schema
+from dicomnode.archive.index import Index
+from dicomnode.archive.leases import aware, claim_due
+from dicomnode.archive.ledger import Ledger
+from dicomnode.core.errors import InvalidInput, NotFound
+from dicomnode.core.model import ConsentRecord, LedgerKind, PatientFacts, PublishedPolicy
+
+CACHE_SECONDS = 5.0  # how stale another process's writes may look to the cached reads
+
+# analysis job states this module moves (see archive/jobs.py for the rest)
+JOB_QUEUED, JOB_HELD, JOB_CANCELLED = "queued", "held", "cancelled"
+# delivery states
+QUEUED, SENDING, DONE, FAILED, DENIED, CANCELLED = (
+    "queued",
+    "sending",
+    "done",
+    "failed",
+    "denied",
+    "cancelled",
+)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """Data on its way to a recipient: forwarded analysis results or a share."""
+
+    id: int
+    kind: str
+    recipient: str
+    purpose: str
+    patient_id: str
+    study_instance_uid: str
+    sop_instance_uids: tuple[str, ...]
+    requested_by: str
+    state: str
+    attempts: int
+    max_attempts: int
+    not_before: datetime
+    created_at: datetime
+    finished_at: datetime | None
+    error: str | None
+    outcome: dict[str, Any] | None
+
+    def as_dict(self) -> dict[str, Any]:
+        data = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        data["sop_instance_uids"] = list(self.sop_instance_uids)
+        for key, value in data.items():
+            if isinstance(value, datetime):
+                data[key] = value.isoformat()
+        return data
+
+
+@dataclass(frozen=True)
+class HeldObject:
+    """An object intake filed aside instead of admitting, and why."""
+
+    sop_instance_uid: str
+    sop_class_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+    patient_id: str
+    blob_path: str
+    source_protocol: str
+    source_caller: str
+    reason: str
+    rule_id: str
+    policy_version: str
+    held_at: datetime
+
+    def as_dict(self) -> dict[str, Any]:
+        data = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "blob_path"}
+        data["held_at"] = self.held_at.isoformat()
+        return data
+
+
+@dataclass(frozen=True)
+class Restriction:
+    id: int
+    patient_id: str
+    issuer_of_patient_id: str
+    reason: str
+    requested_by: str
+    created_at: datetime
+    lifted_at: datetime | None
+    lifted_by: str | None
+
+    @property
+    def ref(self) -> str:
+        return f"restriction:{self.id}"
+
+
+def _consent(row: Any) -> ConsentRecord:
+    return ConsentRecord(
+        patient_id=row.patient_id,
+        issuer_of_patient_id=row.issuer_of_patient_id,
+        purpose=row.purpose,
+        version=row.version,
+        state=row.state,
+        valid_from=aware(row.valid_from),
+        valid_until=aware(row.valid_until),
+        evidence_ref=row.evidence_ref,
+        recorded_by=row.recorded_by,
+        recorded_at=aware(row.recorded_at),
+        note=row.note,
+    )
+
+
+def _delivery(row: Any) -> Delivery:
+    return Delivery(
+        id=row.id,
+        kind=row.kind,
+        recipient=row.recipient,
+        purpose=row.purpose,
+        patient_id=row.patient_id,
+        study_instance_uid=row.study_instance_uid,
+        sop_instance_uids=tuple(json.loads(row.sop_instance_uids)),
+        requested_by=row.requested_by,
+        state=row.state,
+        attempts=row.attempts,
+        max_attempts=row.max_attempts,
+        not_before=aware(row.not_before),
+        created_at=aware(row.created_at),
+        finished_at=aware(row.finished_at),
+        error=row.error,
+        outcome=json.loads(row.outcome) if row.outcome else None,
+    )
+
+
+def _restriction(row: Any) -> Restriction:
+    return Restriction(
+        row.id,
+        row.patient_id,
+        row.issuer_of_patient_id,
+        row.reason,
+        row.requested_by,
+        aware(row.created_at),
+        aware(row.lifted_at),
+        row.lifted_by,
+    )
+
+
+def _chunks(values: list[str], size: int = 500) -> list[list[str]]:
+    return [values[i : i + size] for i in range(0, len(values), size)]
+
+
+class Registry:
+    """The governance tables of the index."""
+
+    def __init__(self, index: Index, ledger: Ledger) -> None:
+        self.index = index
+        self.ledger = ledger
+        self._lock = threading.Lock()
+        self._policies: tuple[float, list[PublishedPolicy]] | None = None
+        self._governed: tuple[float, frozenset[str]] | None = None
+
+    def forget_cached(self) -> None:
+        """Drop cached reads (after a write here, or when a test moves the clock)."""
+        with self._lock:
+            self._policies = None
+            self._governed = None
+
+    # --- policy versions --------------------------------------------------------------------
+
+    def published_policies(self) -> list[PublishedPolicy]:
+        """Every published version (cached for a few seconds: read for every decision)."""
+        with self._lock:
+            cached = self._policies
+        if cached is not None and time.monotonic() - cached[0] < CACHE_SECONDS:
+            return cached[1]
+        t = schema.policy_versions
+        with self.index.read() as conn:
+            rows = conn.execute(select(t).order_by(t.c.published_at, t.c.id)).all()
+        policies = [
+            PublishedPolicy(
+                version=r.version,
+                source=r.source,
+                sha256=r.sha256,
+                published_at=aware(r.published_at),
+                effective_at=aware(r.effective_at),
+                material=r.material,
+                published_by=r.published_by,
+            )
+            for r in rows
+        ]
+        with self._lock:
+            self._policies = (time.monotonic(), policies)
+        return policies
+
+    def publish_policy(self, published: PublishedPolicy, detail: dict[str, Any]) -> bool:
+        """Record a new version (and its ledger entry); False when that exact version is
+        already published. A different text under a published version number is refused."""
+        t = schema.policy_versions
+        with self.index.write() as conn:
+            existing = conn.execute(select(t).where(t.c.version == published.version)).first()
+            if existing is not None:
+                if existing.sha256 != published.sha256:
+                    raise InvalidInput(
+                        f"policy version {published.version} is already published with other "
+                        "content; published versions are immutable, give the change a new version"
+                    )
+                return False
+            conn.execute(
+                t.insert().values(
+                    version=published.version,
+                    sha256=published.sha256,
+                    source=published.source,
+                    material=published.material,
+                    published_at=published.published_at,
+                    effective_at=published.effective_at,
+                    published_by=published.published_by,
+                )
+            )
+            self.ledger.append(conn, LedgerKind.POLICY, published.published_by, "published", detail)
+        self.forget_cached()
+        return True
+
+    def note_in_force(self, version: str, now: datetime, detail: dict[str, Any]) -> bool:
+        """Record, once, that `version` came into force (ledger entry); True the first time."""
+        t = schema.policy_versions
+        with self.index.write() as conn:
+            changed = conn.execute(
+                update(t)
+                .where(t.c.version == version, t.c.activated_at.is_(None))
+                .values(activated_at=now)
+            ).rowcount
+            if changed:
+                self.ledger.append(conn, LedgerKind.POLICY, "dicomnode", "in-force", detail)
+        return bool(changed)
+
+    def activations(self) -> dict[str, datetime | None]:
+        t = schema.policy_versions
+        with self.index.read() as conn:
+            return {r.version: aware(r.activated_at) for r in conn.execute(select(t))}
+
+    # --- consents ---------------------------------------------------------------------------
+
+    def record_consent(
+        self,
+        record: ConsentRecord,
+        cancel_activities: frozenset[str],
+        detail: dict[str, Any],
+    ) -> tuple[ConsentRecord, dict[str, list[int]]]:
+        """Store `record` as the next version for its patient and purpose, with its ledger
+        entry, in one transaction. A refusal or withdrawal cancels the patient's queued work
+        of `cancel_activities` (analysis jobs, deliveries for the purpose); a grant releases
+        analysis jobs held for want of it. Returns the stored version and what changed."""
+        c = schema.consents
+        with self.index.write() as conn:
+            latest = conn.execute(
+                select(func.max(c.c.version)).where(
+                    c.c.patient_id == record.patient_id,
+                    c.c.issuer_of_patient_id == record.issuer_of_patient_id,
+                    c.c.purpose == record.purpose,
+                )
+            ).scalar()
+            stored = ConsentRecord(**{**record.__dict__, "version": (latest or 0) + 1})
+            conn.execute(
+                c.insert().values(
+                    {k: v for k, v in stored.__dict__.items() if k in c.c}  # type: ignore[operator]
+                )
+            )
+            changed = self._consequences(conn, stored, cancel_activities)
+            self.ledger.append(
+                conn,
+                LedgerKind.CONSENT,
+                stored.recorded_by,
+                stored.state,
+                {**detail, **stored.as_dict(), **changed},
+            )
+        self.forget_cached()
+        return stored, changed
+
+    def _consequences(
+        self, conn: Connection, record: ConsentRecord, cancel_activities: frozenset[str]
+    ) -> dict[str, list[int]]:
+        jobs, d = schema.analysis_jobs, schema.deliveries
+        changed: dict[str, list[int]] = {}
+        if record.state in ("refused", "withdrawn"):
+            reason = f"cancelled: {record.ref} ({record.state})"
+            if "analysis" in cancel_activities:
+                mine = and_(
+                    jobs.c.patient_id == record.patient_id,
+                    jobs.c.state.in_((JOB_QUEUED, JOB_HELD)),
+                )
+                ids = list(conn.execute(select(jobs.c.id).where(mine)).scalars())
+                if ids:
+                    conn.execute(
+                        update(jobs)
+                        .where(jobs.c.id.in_(ids))
+                        .values(state=JOB_CANCELLED, error=reason, finished_at=record.recorded_at)
+                    )
+                changed["cancelled_jobs"] = ids
+            forward = "return-results" in cancel_activities
+            mine = and_(
+                d.c.patient_id == record.patient_id,
+                d.c.state == QUEUED,
+                or_(d.c.purpose == record.purpose, and_(d.c.kind == "forward", forward)),
+            )
+            ids = list(conn.execute(select(d.c.id).where(mine)).scalars())
+            if ids:
+                conn.execute(
+                    update(d)
+                    .where(d.c.id.in_(ids))
+                    .values(state=CANCELLED, error=reason, finished_at=record.recorded_at)
+                )
+            changed["cancelled_deliveries"] = ids
+        elif record.state == "granted":
+            changed["released_jobs"] = self._release_held_jobs(conn, record.patient_id)
+        return changed
+
+    def _release_held_jobs(self, conn: Connection, patient_id: str) -> list[int]:
+        jobs = schema.analysis_jobs
+        mine = and_(jobs.c.patient_id == patient_id, jobs.c.state == JOB_HELD)
+        ids = list(conn.execute(select(jobs.c.id).where(mine)).scalars())
+        if ids:
+            conn.execute(
+                update(jobs).where(jobs.c.id.in_(ids)).values(state=JOB_QUEUED, error=None)
+            )
+        return ids
+
+    def consents(self, patient_id: str | None = None) -> list[ConsentRecord]:
+        """Every consent version (of one patient), oldest first."""
+        c = schema.consents
+        query = select(c).order_by(c.c.recorded_at, c.c.id)
+        if patient_id is not None:
+            query = query.where(c.c.patient_id == patient_id)
+        with self.index.read() as conn:
+            return [_consent(r) for r in conn.execute(query)]
+
+    # --- restrictions -----------------------------------------------------------------------
+
+    def restrict(
+        self, patient_id: str, issuer: str, reason: str, by: str, now: datetime
+    ) -> Restriction:
+        """Restrict all processing of a patient's data until lifted (a ledger entry)."""
+        r = schema.restrictions
+        with self.index.write() as conn:
+            active = self._active_restriction(conn, patient_id)
+            if active is not None:
+                return active
+            new_id = conn.execute(
+                r.insert().values(
+                    patient_id=patient_id,
+                    issuer_of_patient_id=issuer,
+                    reason=reason,
+                    requested_by=by,
+                    created_at=now,
+                )
+            ).inserted_primary_key[0]
+            restriction = _restriction(conn.execute(select(r).where(r.c.id == new_id)).one())
+            self.ledger.append(
+                conn,
+                LedgerKind.SUBJECT,
+                by,
+                "restricted",
+                {
+                    "request": "restrict",
+                    "patient_ids": [patient_id],
+                    "reason": reason,
+                    "restriction": restriction.ref,
+                },
+            )
+        self.forget_cached()
+        return restriction
+
+    def unrestrict(self, patient_id: str, by: str, now: datetime) -> Restriction:
+        """Lift a patient's restriction; analysis held because of it may run again."""
+        r = schema.restrictions
+        with self.index.write() as conn:
+            active = self._active_restriction(conn, patient_id)
+            if active is None:
+                raise NotFound(f"patient {patient_id} has no active restriction")
+            conn.execute(update(r).where(r.c.id == active.id).values(lifted_at=now, lifted_by=by))
+            released = self._release_held_jobs(conn, patient_id)
+            self.ledger.append(
+                conn,
+                LedgerKind.SUBJECT,
+                by,
+                "unrestricted",
+                {
+                    "request": "unrestrict",
+                    "patient_ids": [patient_id],
+                    "restriction": active.ref,
+                    "released_jobs": released,
+                },
+            )
+        self.forget_cached()
+        return active
+
+    def _active_restriction(self, conn: Connection, patient_id: str) -> Restriction | None:
+        r = schema.restrictions
+        row = conn.execute(
+            select(r).where(r.c.patient_id == patient_id, r.c.lifted_at.is_(None)).limit(1)
+        ).first()
+        return _restriction(row) if row else None
+
+    def restrictions(self, patient_id: str | None = None) -> list[Restriction]:
+        r = schema.restrictions
+        query = select(r).order_by(r.c.id)
+        if patient_id is not None:
+            query = query.where(r.c.patient_id == patient_id)
+        with self.index.read() as conn:
+            return [_restriction(row) for row in conn.execute(query)]
+
+    # --- facts for decisions ----------------------------------------------------------------
+
+    def facts(self, patient_ids: set[str] | list[str]) -> dict[str, PatientFacts]:
+        """Consents and restrictions of these patients, read fresh (for disclosures)."""
+        wanted = sorted(set(patient_ids))
+        consents: dict[str, list[ConsentRecord]] = {p: [] for p in wanted}
+        restricted: dict[str, str] = {}
+        c, r = schema.consents, schema.restrictions
+        with self.index.read() as conn:
+            for chunk in _chunks(wanted):
+                for row in conn.execute(select(c).where(c.c.patient_id.in_(chunk))):
+                    consents[row.patient_id].append(_consent(row))
+                for row in conn.execute(
+                    select(r).where(r.c.patient_id.in_(chunk), r.c.lifted_at.is_(None))
+                ):
+                    restricted[row.patient_id] = f"restriction:{row.id}"
+        return {
+            p: PatientFacts(p, tuple(consents[p]), p in restricted, restricted.get(p, ""))
+            for p in wanted
+        }
+
+    def facts_for_intake(self, patient_id: str) -> PatientFacts:
+        """One patient's facts for admission: no query for a patient without any consent or
+        restriction on record (the common case), using a set refreshed every few seconds."""
+        with self._lock:
+            governed = self._governed
+        if governed is None or time.monotonic() - governed[0] >= CACHE_SECONDS:
+            c, r = schema.consents, schema.restrictions
+            with self.index.read() as conn:
+                ids = set(conn.execute(select(c.c.patient_id).distinct()).scalars())
+                ids |= set(conn.execute(select(r.c.patient_id).distinct()).scalars())
+            governed = (time.monotonic(), frozenset(ids))
+            with self._lock:
+                self._governed = governed
+        if patient_id not in governed[1]:
+            return PatientFacts(patient_id)
+        return self.facts([patient_id])[patient_id]
+
+    # --- objects held at intake -------------------------------------------------------------
+
+    def hold(self, held: HeldObject, size: int, sha256: str, detail: dict[str, Any]) -> bool:
+        """File `held` aside; the first object held for a study and reason gets a ledger entry.
+        Returns False when that object was already held (an identical re-send)."""
+        h = schema.held_objects
+        with self.index.write() as conn:
+            if conn.execute(
+                select(h.c.id).where(h.c.sop_instance_uid == held.sop_instance_uid)
+            ).first():
+                return False
+            first = (
+                conn.execute(
+                    select(h.c.id).where(
+                        h.c.study_instance_uid == held.study_instance_uid,
+                        h.c.rule_id == held.rule_id,
+                    )
+                ).first()
+                is None
+            )
+            conn.execute(
+                h.insert().values(
+                    **{k: getattr(held, k) for k in HeldObject.__dataclass_fields__},
+                    size=size,
+                    sha256=sha256,
+                )
+            )
+            if first:
+                self.ledger.append(
+                    conn, LedgerKind.PROCESSING, held.source_caller or "intake", "held", detail
+                )
+        return True
+
+    def held(self, study_uid: str | None = None, patient_id: str | None = None) -> list[HeldObject]:
+        h = schema.held_objects
+        query = select(h).order_by(h.c.held_at, h.c.id)
+        if study_uid:
+            query = query.where(h.c.study_instance_uid == study_uid)
+        if patient_id:
+            query = query.where(h.c.patient_id == patient_id)
+        with self.index.read() as conn:
+            return [
+                HeldObject(
+                    **{
+                        k: (aware(row._mapping[k]) if k == "held_at" else row._mapping[k])
+                        for k in HeldObject.__dataclass_fields__
+                    }
+                )
+                for row in conn.execute(query)
+            ]
+
+    def drop_held(
+        self, sop_instance_uids: list[str], by: str, outcome: str, detail: dict[str, Any]
+    ) -> int:
+        """Remove held rows (released into the archive, or discarded) with a ledger entry."""
+        h = schema.held_objects
+        removed = 0
+        with self.index.write() as conn:
+            for chunk in _chunks(sop_instance_uids):
+                removed += conn.execute(delete(h).where(h.c.sop_instance_uid.in_(chunk))).rowcount
+            self.ledger.append(conn, LedgerKind.PROCESSING, by, outcome, detail)
+        return removed
+
+    # --- deliveries -------------------------------------------------------------------------
+
+    def queue_delivery(
+        self,
+        kind: str,
+        recipient: str,
+        purpose: str,
+        patient_id: str,
+        study_uid: str,
+        sop_instance_uids: list[str],
+        requested_by: str,
+        max_attempts: int,
+        now: datetime,
+    ) -> int:
+        d = schema.deliveries
+        with self.index.write() as conn:
+            return int(
+                conn.execute(
+                    d.insert().values(
+                        kind=kind,
+                        recipient=recipient,
+                        purpose=purpose,
+                        patient_id=patient_id,
+                        study_instance_uid=study_uid,
+                        sop_instance_uids=json.dumps(sop_instance_uids),
+                        requested_by=requested_by,
+                        state=QUEUED,
+                        attempts=0,
+                        max_attempts=max_attempts,
+                        not_before=now,
+                        created_at=now,
+                    )
+                ).inserted_primary_key[0]
+            )
+
+    def claim_delivery(
+        self, worker: str, now: datetime, lease: timedelta, delivery_id: int | None = None
+    ) -> Delivery | None:
+        """Take the oldest due delivery (or exactly `delivery_id`, if it is queued)."""
+        d = schema.deliveries
+        values = {"claimed_by": worker, "lease_until": now + lease, "error": None}
+        with self.index.write() as conn:
+            if delivery_id is None:
+                row = claim_due(conn, d, self.index.is_sqlite, now, QUEUED, SENDING, values)
+                return _delivery(row) if row is not None else None
+            changed = conn.execute(
+                update(d)
+                .where(d.c.id == delivery_id, d.c.state == QUEUED)
+                .values(state=SENDING, attempts=d.c.attempts + 1, **values)
+            ).rowcount
+            if not changed:
+                return None
+            return _delivery(conn.execute(select(d).where(d.c.id == delivery_id)).one())
+
+    def finish_delivery(
+        self,
+        delivery_id: int,
+        state: str,
+        now: datetime,
+        outcome: dict[str, Any],
+        error: str | None = None,
+    ) -> None:
+        d = schema.deliveries
+        with self.index.write() as conn:
+            conn.execute(
+                update(d)
+                .where(d.c.id == delivery_id)
+                .values(
+                    state=state,
+                    finished_at=now,
+                    lease_until=None,
+                    outcome=json.dumps(outcome, default=str),
+                    error=error[:4000] if error else None,
+                )
+            )
+
+    def retry_delivery_later(
+        self,
+        delivery_id: int,
+        now: datetime,
+        error: str,
+        backoff: timedelta,
+        outcome: dict[str, Any],
+    ) -> str:
+        """A failed attempt: queued again after `backoff` x 2^(attempts-1), or failed for good
+        once its attempts are used; returns the new state."""
+        d = schema.deliveries
+        with self.index.write() as conn:
+            row = conn.execute(select(d).where(d.c.id == delivery_id)).one()
+            final = row.attempts >= row.max_attempts
+            conn.execute(
+                update(d)
+                .where(d.c.id == delivery_id)
+                .values(
+                    state=FAILED if final else QUEUED,
+                    finished_at=now if final else None,
+                    not_before=now + backoff * (2 ** max(row.attempts - 1, 0)),
+                    lease_until=None,
+                    error=error[:4000],
+                    outcome=json.dumps(outcome, default=str),
+                )
+            )
+            return FAILED if final else QUEUED
+
+    def requeue_delivery(self, delivery_id: int, now: datetime) -> None:
+        """Queue a failed, denied or cancelled delivery again with fresh attempts."""
+        d = schema.deliveries
+        with self.index.write() as conn:
+            changed = conn.execute(
+                update(d)
+                .where(d.c.id == delivery_id, d.c.state.in_((FAILED, DENIED, CANCELLED, DONE)))
+                .values(state=QUEUED, attempts=0, not_before=now, finished_at=None, error=None)
+            ).rowcount
+        if not changed:
+            raise NotFound(f"delivery {delivery_id} is not finished")
+
+    def delivery(self, delivery_id: int) -> Delivery:
+        d = schema.deliveries
+        with self.index.read() as conn:
+            row = conn.execute(select(d).where(d.c.id == delivery_id)).first()
+        if row is None:
+            raise NotFound(f"no delivery {delivery_id}")
+        return _delivery(row)
+
+    def deliveries(
+        self,
+        state: str | None = None,
+        patient_id: str | None = None,
+        study_uid: str | None = None,
+        limit: int = 100,
+    ) -> list[Delivery]:
+        d = schema.deliveries
+        query = select(d).order_by(d.c.id.desc()).limit(limit)
+        if state:
+            query = query.where(d.c.state == state)
+        if patient_id:
+            query = query.where(d.c.patient_id == patient_id)
+        if study_uid:
+            query = query.where(d.c.study_instance_uid == study_uid)
+        with self.index.read() as conn:
+            return [_delivery(row) for row in conn.execute(query)]
