@@ -21,6 +21,7 @@ from dicomnode.core.errors import ConfigError
 from dicomnode.core.metrics import Metrics
 from dicomnode.dicomweb import WebServices, create_app
 from dicomnode.dicomweb.auth import TokenVerifier
+from dicomnode.dicomweb.stow_client import StowSender
 from dicomnode.egress import Egress
 from dicomnode.governance import PolicyError
 from dicomnode.intake import Intake
@@ -43,7 +44,10 @@ def build_services(
     egress = Egress(
         archive,
         peers={p.name: p for p in settings.peers},
-        transports={"dimse": DimseSender(settings)},
+        transports={
+            "dimse": DimseSender(settings),
+            "stow": StowSender(dict(settings.governance.stow_token_files)),
+        },
         clock=clock,
         delivery_attempts=settings.governance.delivery_attempts,
     )
@@ -94,6 +98,7 @@ class Node:
                 stewardship=self.stewardship,
                 metrics=self.metrics,
                 verifier=self.verifier,
+                signing_key=self.signing_key,
                 status=self.status,
                 request_analysis=self.analysis.request if self.analysis else None,
             )

@@ -1,17 +1,22 @@
-"""The `dicomnode` command: serve, and check a configuration file."""
+"""The `dicomnode` command: serve, configuration, tokens, archive and analysis maintenance, and
+the governance operations (policy, consent, shares, deliveries, held objects, the ledger)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import getpass
 import json
 import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from dicomnode import __version__
 from dicomnode.config import check_settings, read_settings
-from dicomnode.core.errors import ConfigError
+from dicomnode.core.errors import ConfigError, DicomnodeError
 from dicomnode.core.logs import configure_logging
 
 
@@ -56,7 +61,9 @@ def _token_create(args: argparse.Namespace) -> int:
     settings = read_settings(args.config)
     key = load_or_create_signing_key(settings.node.data_dir)
     try:
-        token = issue_token(key, settings.auth, args.subject, args.scope.split(), args.expires)
+        token = issue_token(
+            key, settings.auth, args.subject, args.scope.split(), args.expires, args.purpose
+        )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -133,14 +140,73 @@ def _analysis_run(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _node_services(config: str | None) -> Iterator[Any]:
+    """Settings, archive, intake, egress and stewardship for one CLI command (no servers)."""
+    from types import SimpleNamespace
+
+    from dicomnode.app import build_services, publish_configured_policy
+    from dicomnode.core.metrics import Metrics
+
+    settings = read_settings(config)
+    archive = _open_archive(config)
+    try:
+        intake, egress, stewardship = build_services(settings, archive, Metrics())
+        publish_configured_policy(settings, stewardship)
+        yield SimpleNamespace(
+            settings=settings,
+            archive=archive,
+            intake=intake,
+            egress=egress,
+            stewardship=stewardship,
+        )
+    finally:
+        archive.close()
+
+
+def _who(args: argparse.Namespace) -> str:
+    return getattr(args, "by", None) or f"cli:{getpass.getuser()}"
+
+
+def _moment(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 date or date-time: {text!r}") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _read_checkpoints(path: str) -> list[Any]:
+    from dicomnode.archive.ledger import Checkpoint
+
+    marks = []
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            data = json.loads(line)
+            marks.append(Checkpoint(data["seq"], data["hash"], data["at"], data["signature"]))
+    return marks
+
+
 def _ledger_verify(args: argparse.Namespace) -> int:
+    from dicomnode.archive.keys import load_or_create_signing_key
+    from dicomnode.stewardship import checkpoint_signed_by
+
+    settings = read_settings(args.config)
     archive = _open_archive(args.config)
     try:
-        result = archive.ledger.verify()
+        extra = _read_checkpoints(args.checkpoints) if args.checkpoints else []
+        marks = {c.seq: c for c in archive.ledger.checkpoints() + extra}
+        key = load_or_create_signing_key(settings.node.data_dir)
+        result = archive.ledger.verify(list(marks.values()), checkpoint_signed_by(key))
     finally:
         archive.close()
     if result.ok:
-        print(f"ledger OK: {result.entries} entries verified; head {result.head_hash}")
+        print(
+            f"ledger OK: {result.entries} entries verified against {result.checkpoints} signed "
+            f"checkpoints; head {result.head_hash}"
+        )
         return 0
     print(
         f"ledger BROKEN at entry {result.first_bad}: {result.problem} "
@@ -148,6 +214,229 @@ def _ledger_verify(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 1
+
+
+def _ledger_checkpoint(args: argparse.Namespace) -> int:
+    from dicomnode.archive.keys import load_or_create_signing_key, sign_json
+
+    with _node_services(args.config) as node:
+        key = load_or_create_signing_key(node.settings.node.data_dir)
+        made = node.stewardship.checkpoint(lambda payload: sign_json(key, payload))
+    if made is None:
+        print("the ledger's head is already signed (or the ledger is empty)")
+    else:
+        print(json.dumps(made.as_dict()))
+    return 0
+
+
+def _ledger_checkpoints(args: argparse.Namespace) -> int:
+    archive = _open_archive(args.config)
+    try:
+        lines = [json.dumps(c.as_dict()) for c in archive.ledger.checkpoints()]
+    finally:
+        archive.close()
+    text = "".join(line + "\n" for line in lines)
+    if args.output:
+        Path(args.output).write_text(text)
+        print(f"{len(lines)} checkpoints written to {args.output}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+# --- policy -----------------------------------------------------------------------------------
+
+
+def _policy_check(args: argparse.Namespace) -> int:
+    from dicomnode.governance import PolicyError, notice_period, parse_policy
+
+    try:
+        policy = parse_policy(Path(args.file).read_text(encoding="utf-8"))
+    except (OSError, PolicyError) as e:
+        print(f"{args.file}: {e}", file=sys.stderr)
+        return 1
+    print(
+        f"{args.file}: OK: version {policy.version}, {len(policy.activities)} activities, "
+        f"{len(policy.recipients)} recipients, {len(policy.rules)} rules, "
+        f"{len(policy.retention)} retention rules; effective from "
+        f"{policy.effective_from:%Y-%m-%d %H:%M %Z} at the earliest "
+        f"({notice_period(policy.material).days} days' notice from publication)"
+    )
+    return 0
+
+
+def _policy_show(args: argparse.Namespace) -> int:
+    with _node_services(args.config) as node:
+        status = node.stewardship.policy_status()
+    policy = status.in_force
+    since = f"since {status.in_force_since:%Y-%m-%d %H:%M %Z}" if status.in_force_since else ""
+    print(f"in force: {policy.version} {since or '(the embedded default policy)'}")
+    print(f"  controller: {policy.controller}")
+    for rule in policy.rules:
+        consent = ", consent required" if rule.consent_required else ""
+        print(
+            f"  rule {rule.id}: {rule.effect} {rule.activity} to {', '.join(rule.recipients)} "
+            f"on {rule.lawful_basis}{consent}"
+        )
+    for published in status.scheduled:
+        print(
+            f"scheduled: {published.version}, published {published.published_at:%Y-%m-%d %H:%M}, "
+            f"in force from {published.effective_at:%Y-%m-%d %H:%M %Z}"
+            + (" (material change, 30 days' notice)" if published.material else "")
+        )
+    return 0
+
+
+def _policy_diff(args: argparse.Namespace) -> int:
+    from dicomnode.governance import PolicyError, diff_policies, parse_policy
+
+    try:
+        new = parse_policy(Path(args.file).read_text(encoding="utf-8"))
+    except (OSError, PolicyError) as e:
+        print(f"{args.file}: {e}", file=sys.stderr)
+        return 1
+    with _node_services(args.config) as node:
+        old = node.stewardship.policy_status().in_force
+    lines = diff_policies(old, new)
+    print(f"--- {old.version} (in force)\n+++ {new.version} ({args.file})")
+    for line in lines:
+        print(line)
+    if not lines:
+        print("(no differences)")
+    return 0
+
+
+def _policy_publish(args: argparse.Namespace) -> int:
+    from dicomnode.governance import PolicyError
+
+    with _node_services(args.config) as node:
+        try:
+            published, new = node.stewardship.publish_policy(
+                Path(args.file).read_text(encoding="utf-8"), _who(args)
+            )
+        except (OSError, PolicyError, ValueError) as e:
+            print(f"{args.file}: {e}", file=sys.stderr)
+            return 1
+    state = "published" if new else "already published"
+    print(
+        f"policy {published.version} {state}; in force from "
+        f"{published.effective_at:%Y-%m-%d %H:%M %Z}"
+    )
+    return 0
+
+
+# --- consent and data subjects ----------------------------------------------------------------
+
+
+def _consent_record(args: argparse.Namespace) -> int:
+    with _node_services(args.config) as node:
+        stored, changed = node.stewardship.record_consent(
+            patient_id=args.patient_id,
+            purpose=args.purpose,
+            state=args.state,
+            recorded_by=_who(args),
+            issuer=args.issuer or "",
+            valid_from=_moment(args.valid_from),
+            valid_until=_moment(args.valid_until),
+            evidence_ref=args.evidence or "",
+            note=args.note or "",
+        )
+    print(f"recorded {stored.ref} ({stored.state})")
+    for key, ids in changed.items():
+        if ids:
+            print(f"  {key.replace('_', ' ')}: {', '.join(map(str, ids))}")
+    return 0
+
+
+def _consent_show(args: argparse.Namespace) -> int:
+    with _node_services(args.config) as node:
+        current = node.stewardship.consent_in_force(args.patient_id)
+    if not current:
+        print(f"no consent recorded for patient {args.patient_id}")
+    for purpose, record in current.items():
+        until = f" until {record['valid_until']}" if record["valid_until"] else ""
+        state = "IN FORCE" if record["in_force"] else "not in force"
+        print(f"{purpose:<8} {record['state']:<9} v{record['version']} {state}{until}")
+    return 0
+
+
+def _consent_history(args: argparse.Namespace) -> int:
+    with _node_services(args.config) as node:
+        history = node.stewardship.consent_history(args.patient_id)
+    for record in history:
+        print(json.dumps(record.as_dict(), ensure_ascii=False))
+    return 0
+
+
+def _subject(args: argparse.Namespace) -> int:
+    with _node_services(args.config) as node:
+        if args.subject_command == "restrict":
+            restriction = node.stewardship.restrict(args.patient_id, _who(args), args.reason or "")
+            print(f"patient {args.patient_id} restricted ({restriction.ref})")
+        else:
+            restriction = node.stewardship.unrestrict(args.patient_id, _who(args))
+            print(f"patient {args.patient_id}: {restriction.ref} lifted")
+    return 0
+
+
+# --- shares, deliveries, held objects ---------------------------------------------------------
+
+
+def _print_delivery(delivery: Any) -> None:
+    sent = len((delivery.outcome or {}).get("sent", []))
+    print(
+        f"{delivery.id:>6}  {delivery.kind:<7} {delivery.state:<9} to {delivery.recipient:<16} "
+        f"{sent}/{len(delivery.sop_instance_uids)} sent, attempts {delivery.attempts}/"
+        f"{delivery.max_attempts}  {delivery.study_instance_uid}"
+        + (f"\n        {delivery.error}" if delivery.error else "")
+    )
+
+
+def _share(args: argparse.Namespace) -> int:
+    with _node_services(args.config) as node:
+        delivery_id = node.egress.queue_share(args.recipient, args.study, _who(args), args.purpose)
+        backoff = timedelta(seconds=node.settings.governance.delivery_backoff)
+        delivery = node.egress.deliver_now(delivery_id, backoff)
+    _print_delivery(delivery)
+    if delivery.state == "done":
+        return 0
+    if delivery.state == "queued":
+        print("not all sent; a running node retries it (dicomnode deliveries list)")
+    return 1
+
+
+def _deliveries(args: argparse.Namespace) -> int:
+    archive = _open_archive(args.config)
+    try:
+        registry = archive.registry
+        if args.deliveries_command == "list":
+            for delivery in registry.deliveries(args.state, args.patient_id, limit=args.limit):
+                _print_delivery(delivery)
+        elif args.deliveries_command == "show":
+            print(json.dumps(registry.delivery(args.id).as_dict(), indent=2))
+        else:
+            registry.requeue_delivery(args.id, datetime.now(UTC))
+            print(f"delivery {args.id} queued again")
+    finally:
+        archive.close()
+    return 0
+
+
+def _held(args: argparse.Namespace) -> int:
+    with _node_services(args.config) as node:
+        if args.held_command == "list":
+            for item in node.archive.registry.held(study_uid=args.study):
+                print(
+                    f"{item.held_at:%Y-%m-%d %H:%M:%S}  {item.study_instance_uid}  "
+                    f"{item.sop_instance_uid}  from {item.source_caller or '?'}: {item.reason}"
+                )
+        elif args.held_command == "release":
+            results = node.intake.release_held(args.study, _who(args))
+            print(f"{len(results)} objects of study {args.study} filed into the archive")
+        else:
+            count = node.intake.discard_held(args.study, _who(args))
+            print(f"{count} held objects of study {args.study} destroyed")
+    return 0
 
 
 LEDGER_COLUMNS = ("seq", "recorded_at", "kind", "actor", "outcome", "detail", "prev_hash", "hash")
@@ -197,13 +486,19 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument(
         "--expires", type=_seconds, default=3600, help="lifetime: 3600, 30m, 1h, 7d"
     )
+    create.add_argument(
+        "--purpose", help="purpose_of_use claim (HL7 code, e.g. HRESCH); default: none"
+    )
     create.add_argument("--config", help="settings file (for data_dir and the issuer)")
     create.set_defaults(run=_token_create)
 
     jobs = commands.add_parser("jobs", help="analysis jobs")
     jobs_commands = jobs.add_subparsers(dest="jobs_command", required=True)
     listing = jobs_commands.add_parser("list", help="recent jobs, newest first")
-    listing.add_argument("--state", choices=("queued", "running", "done", "failed", "skipped"))
+    listing.add_argument(
+        "--state",
+        choices=("queued", "running", "done", "failed", "skipped", "held", "cancelled"),
+    )
     listing.add_argument("--study", help="only jobs of this StudyInstanceUID")
     listing.add_argument("--limit", type=int, default=50)
     show = jobs_commands.add_parser("show", help="one job in full (JSON)")
@@ -233,14 +528,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     ledger = commands.add_parser("ledger", help="the hash-chained ledger of decisions")
     ledger_commands = ledger.add_subparsers(dest="ledger_command", required=True)
-    verify = ledger_commands.add_parser("verify", help="recompute the chain; exit 1 at a bad entry")
+    verify = ledger_commands.add_parser(
+        "verify", help="recompute the chain and check it against the signed checkpoints"
+    )
+    verify.add_argument(
+        "--checkpoints", help="also check against checkpoints exported earlier (JSON lines)"
+    )
     verify.add_argument("--config", help="settings file (default: $DICOMNODE_CONFIG or embedded)")
     verify.set_defaults(run=_ledger_verify)
+    signed = ledger_commands.add_parser("checkpoint", help="sign the ledger's head now")
+    signed.add_argument("--config", help="settings file")
+    signed.set_defaults(run=_ledger_checkpoint)
+    listed = ledger_commands.add_parser(
+        "checkpoints", help="export the signed checkpoints (JSON lines) to keep elsewhere"
+    )
+    listed.add_argument("--output", help="file to write (default: standard output)")
+    listed.add_argument("--config", help="settings file")
+    listed.set_defaults(run=_ledger_checkpoints)
     export = ledger_commands.add_parser("export", help="write every entry as JSON or CSV")
     export.add_argument("--format", choices=("json", "csv"), default="json")
     export.add_argument("--output", help="file to write (default: standard output)")
     export.add_argument("--config", help="settings file (default: $DICOMNODE_CONFIG or embedded)")
     export.set_defaults(run=_ledger_export)
+
+    _governance_parsers(commands)
 
     config = commands.add_parser("config", help="configuration tools")
     config_commands = config.add_subparsers(dest="config_command", required=True)
@@ -250,6 +561,115 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _governance_parsers(commands: Any) -> None:
+    def with_config(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        parser.add_argument("--config", help="settings file (default: $DICOMNODE_CONFIG)")
+        return parser
+
+    def with_by(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        parser.add_argument("--by", help="who does this (default: cli:<login name>)")
+        return parser
+
+    policy = commands.add_parser("policy", help="the governance policy")
+    policy_commands = policy.add_subparsers(dest="policy_command", required=True)
+    check = policy_commands.add_parser("check", help="validate a policy file; exit 1 if unusable")
+    check.add_argument("file")
+    check.set_defaults(run=_policy_check)
+    show = with_config(policy_commands.add_parser("show", help="versions in force and scheduled"))
+    show.set_defaults(run=_policy_show)
+    diff = with_config(
+        policy_commands.add_parser("diff", help="a file against the version in force")
+    )
+    diff.add_argument("file")
+    diff.set_defaults(run=_policy_diff)
+    publish = with_by(
+        with_config(
+            policy_commands.add_parser(
+                "publish", help="publish a version; it takes effect after its notice period"
+            )
+        )
+    )
+    publish.add_argument("file")
+    publish.set_defaults(run=_policy_publish)
+
+    consent = commands.add_parser("consent", help="the consent registry")
+    consent_commands = consent.add_subparsers(dest="consent_command", required=True)
+    record = with_by(
+        with_config(
+            consent_commands.add_parser(
+                "record", help="record a new consent version for a patient and purpose"
+            )
+        )
+    )
+    record.add_argument("--patient-id", required=True)
+    record.add_argument("--issuer", help="IssuerOfPatientID")
+    record.add_argument("--purpose", required=True, help="HL7 purpose of use: TREAT, HRESCH, ...")
+    record.add_argument("--state", required=True, choices=("granted", "refused", "withdrawn"))
+    record.add_argument("--valid-from", help="ISO 8601 (default: now)")
+    record.add_argument("--valid-until", help="ISO 8601 (default: open-ended)")
+    record.add_argument("--evidence", help="reference to the signed form, recording, ...")
+    record.add_argument("--note")
+    record.set_defaults(run=_consent_record)
+    for name, run, text in (
+        ("show", _consent_show, "the patient's current consent per purpose"),
+        ("history", _consent_history, "every consent version of the patient (JSON lines)"),
+    ):
+        sub = with_config(consent_commands.add_parser(name, help=text))
+        sub.add_argument("--patient-id", required=True)
+        sub.set_defaults(run=run)
+
+    subject = commands.add_parser("subject", help="data-subject requests")
+    subject_commands = subject.add_subparsers(dest="subject_command", required=True)
+    for name, text in (
+        ("restrict", "stop analysis and every disclosure of a patient's data"),
+        ("unrestrict", "lift a patient's restriction"),
+    ):
+        sub = with_by(with_config(subject_commands.add_parser(name, help=text)))
+        sub.add_argument("--patient-id", required=True)
+        if name == "restrict":
+            sub.add_argument("--reason")
+        sub.set_defaults(run=_subject)
+
+    share = with_by(
+        with_config(
+            commands.add_parser(
+                "share", help="send a study to a policy recipient, if the policy allows it"
+            )
+        )
+    )
+    share.add_argument("--recipient", required=True, help="the recipient's id in the policy")
+    share.add_argument("--study", required=True, help="StudyInstanceUID")
+    share.add_argument("--purpose", help="HL7 purpose of use (default: the recipient's)")
+    share.set_defaults(run=_share)
+
+    deliveries = commands.add_parser("deliveries", help="forwarded results and shares")
+    delivery_commands = deliveries.add_subparsers(dest="deliveries_command", required=True)
+    listing = with_config(delivery_commands.add_parser("list", help="newest first"))
+    listing.add_argument(
+        "--state", choices=("queued", "sending", "done", "failed", "denied", "cancelled")
+    )
+    listing.add_argument("--patient-id")
+    listing.add_argument("--limit", type=int, default=50)
+    listing.set_defaults(run=_deliveries)
+    for name, text in (("show", "one delivery in full (JSON)"), ("retry", "queue it again")):
+        sub = with_config(delivery_commands.add_parser(name, help=text))
+        sub.add_argument("id", type=int)
+        sub.set_defaults(run=_deliveries)
+
+    held = commands.add_parser("held", help="objects intake filed aside")
+    held_commands = held.add_subparsers(dest="held_command", required=True)
+    listing = with_config(held_commands.add_parser("list", help="held objects and why"))
+    listing.add_argument("--study")
+    listing.set_defaults(run=_held)
+    for name, text in (
+        ("release", "file a study's held objects into the archive (they are then analysed)"),
+        ("discard", "destroy a study's held objects"),
+    ):
+        sub = with_by(with_config(held_commands.add_parser(name, help=text)))
+        sub.add_argument("--study", required=True)
+        sub.set_defaults(run=_held)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -257,6 +677,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"configuration error: {e}", file=sys.stderr)
         return 2
+    except (DicomnodeError, argparse.ArgumentTypeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -331,6 +331,28 @@ class Egress:
                 )
         return ids
 
+    def queue_share(
+        self, recipient_id: str, study_uid: str, requested_by: str, purpose: str | None = None
+    ) -> int:
+        """Queue a share of a whole study to a policy recipient (decided when it is sent)."""
+        instances = self.archive.find_instances(Level.STUDY, (("StudyInstanceUID", study_uid),))
+        if not instances:
+            raise NotFound(f"no study {study_uid}")
+        if purpose is None:
+            recipient = self.policy().recipient(recipient_id)
+            purpose = recipient.default_purpose if recipient else ""
+        return self.archive.registry.queue_delivery(
+            "share",
+            recipient_id,
+            purpose,
+            instances[0].patient_id,
+            study_uid,
+            [i.sop_instance_uid for i in instances],
+            requested_by,
+            self.delivery_attempts,
+            self.clock(),
+        )
+
     def deliver_due(self, worker: str, backoff: timedelta) -> Delivery | None:
         """Claim and send one due delivery; returns it as recorded afterwards (None: none due)."""
         delivery = self.archive.registry.claim_delivery(worker, self.clock(), DELIVERY_LEASE)

@@ -18,7 +18,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pydicom
 import pytest
+from pydicom.dataset import Dataset
 
 from dicomnode.config import Peer, read_settings
 
@@ -308,6 +310,65 @@ def run_dcmtk(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         timeout=timeout,
         env=DCMTK_ENV,
     )
+
+
+# --- a dcmtk storescp as the C-MOVE destination -----------------------------------------
+
+
+@dataclass
+class StoreSCP:
+    ae_title: str
+    port: int
+    folder: Path
+    process: subprocess.Popen
+
+    @property
+    def peer(self) -> Peer:
+        return Peer("pacs-b", self.ae_title, "127.0.0.1", self.port, ("echo", "store"))
+
+    def received(self) -> list[Dataset]:
+        return read_folder(self.folder)
+
+
+@pytest.fixture
+def storescp(tmp_path: Path) -> Iterator[Callable[..., StoreSCP]]:
+    """Start a dcmtk storescp (by default it accepts only uncompressed transfer syntaxes)."""
+    started: list[StoreSCP] = []
+
+    def start(ae_title: str = "STORESCP", port: int | None = None) -> StoreSCP:
+        port = port or free_port()
+        folder = tmp_path / f"storescp{len(started)}"
+        folder.mkdir()
+        with (tmp_path / f"storescp{len(started)}.log").open("wb") as log:
+            process = subprocess.Popen(
+                [dcmtk_tool("storescp"), "-aet", ae_title, "-od", str(folder), str(port)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=DCMTK_ENV,
+            )
+        scp = StoreSCP(ae_title, port, folder, process)
+        started.append(scp)
+
+        def answers() -> bool:
+            assert process.poll() is None, "storescp exited early"
+            return run_dcmtk("echoscu", "-aec", ae_title, "127.0.0.1", str(port)).returncode == 0
+
+        wait_until(answers, 30, "storescp to answer C-ECHO")
+        return scp
+
+    yield start
+    for scp in started:
+        scp.process.terminate()
+        scp.process.wait(10)
+
+
+def read_folder(folder: Path) -> list[Dataset]:
+    """Every DICOM file in `folder`, read fully and then removed (so the folder can be reused)."""
+    datasets = []
+    for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        datasets.append(pydicom.dcmread(path))
+        path.unlink()
+    return datasets
 
 
 # --- DICOMweb ---------------------------------------------------------------------------

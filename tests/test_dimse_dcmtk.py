@@ -16,7 +16,6 @@ from __future__ import annotations
 import re
 import subprocess
 import zlib
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,7 +28,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
 
 from dicomnode.config import Peer
 from dicomnode.core.model import Level
-from tests.conftest import DCMTK_ENV, WORKSTATION, dcmtk_tool, free_port, run_dcmtk, wait_until
+from tests.conftest import WORKSTATION, read_folder, run_dcmtk
 from tests.factory import make_ct, write_series
 
 if TYPE_CHECKING:
@@ -125,15 +124,6 @@ class DimseResult:
         return sorted(str(ds.get(keyword, "")) for ds in self.datasets)
 
 
-def read_folder(folder: Path) -> list[Dataset]:
-    """Every DICOM file in `folder`, read fully and then removed (so the folder can be reused)."""
-    datasets = []
-    for path in sorted(p for p in folder.iterdir() if p.is_file()):
-        datasets.append(pydicom.dcmread(path))
-        path.unlink()
-    return datasets
-
-
 def keys(level: str, *extra: str) -> list[str]:
     """findscu/movescu/getscu `-k` options: the level, then each KEYWORD=VALUE or KEYWORD."""
     args = ["-k", f"QueryRetrieveLevel={level}"]
@@ -184,56 +174,6 @@ def storescu(
         *node_address(node), *map(str, paths),
     )  # fmt: skip
     return DimseResult(result)
-
-
-# --- a dcmtk storescp as the C-MOVE destination -----------------------------------------
-
-
-@dataclass
-class StoreSCP:
-    ae_title: str
-    port: int
-    folder: Path
-    process: subprocess.Popen
-
-    @property
-    def peer(self) -> Peer:
-        return Peer("pacs-b", self.ae_title, "127.0.0.1", self.port, ("echo", "store"))
-
-    def received(self) -> list[Dataset]:
-        return read_folder(self.folder)
-
-
-@pytest.fixture
-def storescp(tmp_path: Path) -> Iterator[Callable[..., StoreSCP]]:
-    """Start a dcmtk storescp (by default it accepts only uncompressed transfer syntaxes)."""
-    started: list[StoreSCP] = []
-
-    def start(ae_title: str = "STORESCP") -> StoreSCP:
-        port = free_port()
-        folder = tmp_path / f"storescp{len(started)}"
-        folder.mkdir()
-        with (tmp_path / f"storescp{len(started)}.log").open("wb") as log:
-            process = subprocess.Popen(
-                [dcmtk_tool("storescp"), "-aet", ae_title, "-od", str(folder), str(port)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=DCMTK_ENV,
-            )
-        scp = StoreSCP(ae_title, port, folder, process)
-        started.append(scp)
-
-        def answers() -> bool:
-            assert process.poll() is None, "storescp exited early"
-            return dcmtk("echoscu", "-aec", ae_title, "127.0.0.1", str(port)).returncode == 0
-
-        wait_until(answers, 30, "storescp to answer C-ECHO")
-        return scp
-
-    yield start
-    for scp in started:
-        scp.process.terminate()
-        scp.process.wait(10)
 
 
 # --- test data --------------------------------------------------------------------------

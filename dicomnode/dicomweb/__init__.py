@@ -1,7 +1,8 @@
 """The HTTP face of the node: a Flask app factory with one blueprint per concern.
 
 - `/healthz`, `/metrics`: health and Prometheus metrics;
-- `/dicomweb/...`: QIDO-RS, WADO-RS, STOW-RS and DELETE (PS3.18), bearer-token protected.
+- `/dicomweb/...`: QIDO-RS, WADO-RS, STOW-RS and DELETE (PS3.18), bearer-token protected;
+- `/analysis/...`: analysis jobs; `/governance/...`: the governance API.
 Nothing is created at import time; `create_app(services)` builds a fresh app.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from flask import Flask
 from flask_cors import CORS
@@ -18,6 +20,7 @@ from dicomnode.config import Settings
 from dicomnode.core.metrics import Metrics
 from dicomnode.dicomweb.auth import TokenVerifier
 from dicomnode.dicomweb.errors import register_error_handlers
+from dicomnode.dicomweb.governance_api import governance_blueprint
 from dicomnode.dicomweb.health import health_blueprint
 from dicomnode.dicomweb.jobs import jobs_blueprint
 from dicomnode.dicomweb.qido import qido_blueprint
@@ -41,6 +44,7 @@ class WebServices:
     stewardship: Stewardship
     metrics: Metrics
     verifier: TokenVerifier
+    signing_key: Any  # the node's RSA key (tokens, ledger checkpoints)
     status: Callable[[], dict[str, object]]  # the node's live status for /healthz
     request_analysis: Callable[[str], list[int]] | None = None  # queue a study's analyses
 
@@ -53,6 +57,7 @@ def create_app(services: WebServices) -> Flask:
     for blueprint in (qido_blueprint(), wado_blueprint(), stow_blueprint()):
         app.register_blueprint(blueprint, url_prefix=DICOMWEB_ROOT)
     app.register_blueprint(jobs_blueprint(), url_prefix="/analysis")
+    app.register_blueprint(governance_blueprint(), url_prefix="/governance")
     if services.settings.http.cors_origins:
         CORS(
             app,

@@ -21,7 +21,15 @@ def services() -> Any:
     return current_app.extensions["dicomnode"]
 
 
-def require_token(blueprint: Blueprint) -> None:
+GOVERNANCE_SCOPE_BY_METHOD = {
+    "GET": "governance.read",
+    "HEAD": "governance.read",
+    "POST": "governance.admin",
+    "DELETE": "governance.admin",
+}
+
+
+def require_token(blueprint: Blueprint, scopes: dict[str, str] = SCOPE_BY_METHOD) -> None:
     """Every request to `blueprint` needs a valid token with the scope its method needs."""
 
     @blueprint.before_request
@@ -29,7 +37,7 @@ def require_token(blueprint: Blueprint) -> None:
         if request.method == "OPTIONS":  # CORS preflight carries no credentials
             return
         principal = services().verifier.verify(request.headers.get("Authorization"))
-        principal.require(SCOPE_BY_METHOD.get(request.method, "dicomweb.write"))
+        principal.require(scopes.get(request.method, scopes["POST"]))  # unknown: as a write
         g.principal = principal
 
 

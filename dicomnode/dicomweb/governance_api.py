@@ -1,0 +1,245 @@
+"""The governance JSON API under ``/governance`` (scopes ``governance.read`` for GET,
+``governance.admin`` for changes): the policy in force and scheduled, the consent registry,
+shares to recipients, deliveries, objects held at intake, restrictions, and the ledger.
+
+Every change goes through `Stewardship`, `Intake` or `Egress`, exactly as the CLI does."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from flask import Blueprint, Response, jsonify, request
+
+from dicomnode.archive.keys import sign_json
+from dicomnode.core.errors import InvalidInput
+from dicomnode.core.uids import validate_uid
+from dicomnode.dicomweb.access import (
+    GOVERNANCE_SCOPE_BY_METHOD,
+    requester,
+    require_token,
+    services,
+)
+from dicomnode.stewardship import checkpoint_signed_by
+
+
+def _body() -> dict[str, Any]:
+    data = request.get_json(silent=True)
+    if not isinstance(data, dict):
+        raise InvalidInput("the request body must be a JSON object")
+    return data
+
+
+def _text(data: dict[str, Any], key: str, required: bool = True) -> str:
+    value = data.get(key, "")
+    if not isinstance(value, str) or (required and not value.strip()):
+        raise InvalidInput(f"{key!r} must be a non-empty string")
+    return value.strip()
+
+
+def _moment(data: dict[str, Any], key: str) -> datetime | None:
+    value = data.get(key)
+    if value in (None, ""):
+        return None
+    try:
+        moment = datetime.fromisoformat(str(value))
+    except ValueError:
+        raise InvalidInput(f"{key!r} must be an ISO 8601 date or date-time") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _who() -> str:
+    return requester().caller or "api"
+
+
+def _policy_json() -> dict[str, Any]:
+    status = services().stewardship.policy_status()
+    policy = status.in_force
+    return {
+        "in_force": {
+            "version": policy.version,
+            "since": status.in_force_since.isoformat() if status.in_force_since else None,
+            "embedded": status.in_force_since is None,
+            "controller": policy.controller,
+            "summary": policy.summary,
+            "rules": [
+                {
+                    "id": r.id,
+                    "effect": r.effect,
+                    "activity": r.activity,
+                    "recipients": list(r.recipients),
+                    "basis": r.lawful_basis,
+                    "consent_required": r.consent_required,
+                    "deid_profile": r.deid_profile,
+                }
+                for r in policy.rules
+            ],
+        },
+        "scheduled": [
+            {
+                "version": p.version,
+                "published_at": p.published_at.isoformat(),
+                "effective_at": p.effective_at.isoformat(),
+                "material": p.material,
+            }
+            for p in status.scheduled
+        ],
+        "published": [
+            {
+                "version": p.version,
+                "sha256": p.sha256,
+                "published_at": p.published_at.isoformat(),
+                "effective_at": p.effective_at.isoformat(),
+                "material": p.material,
+                "published_by": p.published_by,
+            }
+            for p in status.published
+        ],
+    }
+
+
+def governance_blueprint() -> Blueprint:
+    bp = Blueprint("governance", __name__)
+    require_token(bp, GOVERNANCE_SCOPE_BY_METHOD)
+
+    @bp.get("/policy")
+    def policy() -> Response:
+        return jsonify(_policy_json())
+
+    @bp.post("/policy")
+    def publish() -> tuple[Response, int]:
+        source = request.get_data(as_text=True)
+        if not source.strip():
+            raise InvalidInput("POST the policy's TOML text as the body")
+        try:
+            published, new = services().stewardship.publish_policy(source, _who())
+        except ValueError as e:  # PolicyError
+            raise InvalidInput(str(e)) from None
+        return jsonify(
+            {
+                "version": published.version,
+                "effective_at": published.effective_at.isoformat(),
+                "new": new,
+            }
+        ), (201 if new else 200)
+
+    @bp.get("/consents/<patient_id>")
+    def consents(patient_id: str) -> Response:
+        stewardship = services().stewardship
+        return jsonify(
+            {
+                "patient_id": patient_id,
+                "current": stewardship.consent_in_force(patient_id),
+                "history": [c.as_dict() for c in stewardship.consent_history(patient_id)],
+            }
+        )
+
+    @bp.post("/consents")
+    def record_consent() -> tuple[Response, int]:
+        data = _body()
+        stored, changed = services().stewardship.record_consent(
+            patient_id=_text(data, "patient_id"),
+            purpose=_text(data, "purpose"),
+            state=_text(data, "state"),
+            recorded_by=_text(data, "recorded_by", required=False) or _who(),
+            issuer=_text(data, "issuer_of_patient_id", required=False),
+            valid_from=_moment(data, "valid_from"),
+            valid_until=_moment(data, "valid_until"),
+            evidence_ref=_text(data, "evidence_ref", required=False),
+            note=_text(data, "note", required=False),
+        )
+        return jsonify(stored.as_dict() | changed), 201
+
+    @bp.post("/subjects/<patient_id>/restrict")
+    def restrict(patient_id: str) -> tuple[Response, int]:
+        data = request.get_json(silent=True) or {}
+        reason = str(data.get("reason", "")) if isinstance(data, dict) else ""
+        restriction = services().stewardship.restrict(patient_id, _who(), reason)
+        return jsonify({"restriction": restriction.ref, "patient_id": patient_id}), 201
+
+    @bp.post("/subjects/<patient_id>/unrestrict")
+    def unrestrict(patient_id: str) -> Response:
+        restriction = services().stewardship.unrestrict(patient_id, _who())
+        return jsonify({"lifted": restriction.ref, "patient_id": patient_id})
+
+    @bp.post("/shares")
+    def share() -> tuple[Response, int]:
+        data = _body()
+        egress = services().egress
+        delivery_id = egress.queue_share(
+            _text(data, "recipient"),
+            validate_uid(_text(data, "study"), "study"),
+            _who(),
+            _text(data, "purpose", required=False) or None,
+        )
+        backoff = timedelta(seconds=services().settings.governance.delivery_backoff)
+        delivery = egress.deliver_now(delivery_id, backoff)
+        status = {"done": 200, "denied": 403}.get(delivery.state, 202)
+        return jsonify(delivery.as_dict()), status
+
+    @bp.get("/deliveries")
+    def deliveries() -> Response:
+        registry = services().archive.registry
+        found = registry.deliveries(
+            state=request.args.get("state") or None,
+            patient_id=request.args.get("patient_id") or None,
+            limit=min(int(request.args.get("limit", "100") or 100), 1000),
+        )
+        return jsonify([d.as_dict() for d in found])
+
+    @bp.get("/deliveries/<int:delivery_id>")
+    def delivery(delivery_id: int) -> Response:
+        return jsonify(services().archive.registry.delivery(delivery_id).as_dict())
+
+    @bp.post("/deliveries/<int:delivery_id>/retry")
+    def retry_delivery(delivery_id: int) -> Response:
+        registry = services().archive.registry
+        registry.requeue_delivery(delivery_id, datetime.now(UTC))
+        return jsonify(registry.delivery(delivery_id).as_dict())
+
+    @bp.get("/held")
+    def held() -> Response:
+        study = request.args.get("study")
+        found = services().archive.registry.held(
+            study_uid=validate_uid(study, "study") if study else None
+        )
+        return jsonify([h.as_dict() for h in found])
+
+    @bp.post("/held/<study>/release")
+    def release(study: str) -> Response:
+        results = services().intake.release_held(study, _who())
+        return jsonify({"released": len(results), "study": study})
+
+    @bp.post("/held/<study>/discard")
+    def discard(study: str) -> Response:
+        return jsonify({"discarded": services().intake.discard_held(study, _who())})
+
+    @bp.get("/ledger/verify")
+    def verify() -> Response:
+        node_key = services().signing_key
+        result = services().archive.ledger.verify(signature_ok=checkpoint_signed_by(node_key))
+        return jsonify(
+            {
+                "ok": result.ok,
+                "entries": result.entries,
+                "first_bad": result.first_bad,
+                "problem": result.problem,
+                "head_hash": result.head_hash,
+                "checkpoints": result.checkpoints,
+                "verified_at": datetime.now(UTC).isoformat(),
+            }
+        )
+
+    @bp.post("/ledger/checkpoints")
+    def checkpoint() -> tuple[Response, int]:
+        key = services().signing_key
+        made = services().stewardship.checkpoint(lambda payload: sign_json(key, payload))
+        if made is None:
+            return jsonify({"checkpoint": None, "detail": "the head is already signed"}), 200
+        return jsonify({"checkpoint": made.as_dict()}), 201
+
+    @bp.get("/ledger/checkpoints")
+    def checkpoints() -> Response:
+        return jsonify([c.as_dict() for c in services().archive.ledger.checkpoints()])
+
+    return bp

@@ -1,0 +1,419 @@
+"""Governance in a running node: every way out asks the policy in force and records the
+decision; consent, restriction and intake holds change what the node does, end to end, with
+real DICOM and DICOMweb clients."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+
+import pydicom
+import pytest
+import requests
+from pydicom.dataset import Dataset
+from pynetdicom import AE
+from pynetdicom.sop_class import (
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelMove,
+)
+
+from dicomnode.config import Peer
+from dicomnode.core.errors import InvalidInput
+from dicomnode.stewardship import Stewardship
+from tests.conftest import (
+    WORKSTATION,
+    dicomweb_client,
+    dicomweb_url,
+    run_dcmtk,
+    token_for,
+)
+from tests.factory import make_ct, write_series
+
+POLICY = """
+[policy]
+version = "{version}"
+effective_from = 2026-01-01
+controller = "Example University Hospital"
+dpo_contact = "dpo@hospital.example"
+
+[intake]
+unknown_sender = "{unknown_sender}"
+
+[[activities]]
+id = "intake"
+purposes = ["TREAT"]
+lawful_basis = "PIPA-26"
+
+[[activities]]
+id = "analysis"
+purposes = ["TREAT"]
+lawful_basis = "PIPA-26"
+
+[[activities]]
+id = "return-results"
+purposes = ["TREAT"]
+lawful_basis = "PIPA-26"
+
+[[activities]]
+id = "hospital-access"
+purposes = ["TREAT"]
+lawful_basis = "PIPA-26"
+
+[[activities]]
+id = "research-sharing"
+purposes = ["HRESCH"]
+lawful_basis = "PIPA-17-1-1"
+data_categories = ["received-images"]
+
+[[recipients]]
+id = "hospital"
+name = "Example University Hospital"
+kind = "controller"
+peers = ["*"]
+token_subjects = ["*"]
+
+[[recipients]]
+id = "lab"
+name = "Imaging Research Institute"
+kind = "third-party"
+peers = ["research-pacs"]
+token_subjects = ["lab-client"]
+default_purpose = "HRESCH"
+
+[[deid_profiles]]
+id = "research"
+options = ["retain-longitudinal-modified-dates"]
+
+[[rules]]
+id = "hospital"
+effect = "allow"
+activity = "hospital-access"
+recipients = ["kind:controller"]
+
+[[rules]]
+id = "analysis"
+effect = "allow"
+activity = "analysis"
+
+[[rules]]
+id = "results"
+effect = "allow"
+activity = "return-results"
+recipients = ["kind:controller"]
+
+[[rules]]
+id = "research-with-consent"
+effect = "allow"
+activity = "research-sharing"
+recipients = ["lab"]
+lawful_basis = "PIPA-17-1-1"
+deid_profile = "research"
+"""
+
+
+def policy_text(version: str = "hospital-2026-1", unknown_sender: str = "admit") -> str:
+    return POLICY.format(version=version, unknown_sender=unknown_sender)
+
+
+def publish_days_ago(node, text: str, days: int = 8) -> None:
+    """Publish `text` as if `days` ago, so that its notice period has run."""
+    then = datetime.now(UTC) - timedelta(days=days)
+    Stewardship(node.archive, clock=lambda: then).publish_policy(text, "dpo")
+    node.archive.registry.forget_cached()
+
+
+RESEARCH_PACS = Peer("research-pacs", "RESEARCH", "127.0.0.1", 1, ("echo",))
+
+
+def as_file(ds: Dataset) -> Dataset:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    buffer.seek(0)
+    return pydicom.dcmread(buffer)
+
+
+@pytest.fixture
+def node(start_node):
+    node = start_node(peers=[WORKSTATION, RESEARCH_PACS])
+    publish_days_ago(node, policy_text())
+    dicomweb_client(node).store_instances(
+        [
+            as_file(make_ct(patient_id=p, study_uid=f"1.2.826.0.1.{n}"))
+            for n, p in enumerate(("P1", "P2"), start=1)
+        ]
+    )
+    return node
+
+
+def c_find(node, **keys) -> tuple[int, list[Dataset]]:
+    ae = AE("WORKSTATION")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate("127.0.0.1", node.dimse.port, ae_title="DICOMNODE")
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.StudyInstanceUID = ""
+    identifier.PatientID = ""
+    for keyword, value in keys.items():
+        setattr(identifier, keyword, value)
+    answers, final = [], None
+    for status, answer in assoc.send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind):
+        final = status.Status
+        if answer is not None and status.Status == 0xFF00:
+            answers.append(answer)
+    assoc.release()
+    return final, answers
+
+
+def c_move(node, destination: str, study: str) -> int:
+    ae = AE("WORKSTATION")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+    assoc = ae.associate("127.0.0.1", node.dimse.port, ae_title="DICOMNODE")
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.StudyInstanceUID = study
+    statuses = [
+        s.Status
+        for s, _ in assoc.send_c_move(
+            identifier, destination, StudyRootQueryRetrieveInformationModelMove
+        )
+        if s
+    ]
+    assoc.release()
+    return statuses[-1]
+
+
+def last_entry(node, kind: str | None = None):
+    entries = [e for e in node.archive.ledger.entries() if kind is None or e.kind == kind]
+    return entries[-1]
+
+
+def wado(node, study: str, subject: str, scopes=("dicomweb.read",)) -> requests.Response:
+    return requests.get(
+        f"{dicomweb_url(node)}/studies/{study}/metadata",
+        headers={"Authorization": f"Bearer {token_for(node, scopes, subject=subject)}"},
+        timeout=30,
+    )
+
+
+def governance_api(node, method: str, path: str, scopes=("governance.admin",), **kw):
+    token = token_for(node, scopes, subject="dpo")
+    return requests.request(
+        method,
+        f"http://127.0.0.1:{node.http_port}/governance{path}",
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=60,
+        **kw,
+    )
+
+
+# --- decisions name the policy version in force -----------------------------------------
+
+
+def test_each_decision_records_the_version_basis_and_rule(node):
+    status, answers = c_find(node, PatientID="P1")
+    assert status == 0 and len(answers) == 1
+    entry = last_entry(node, "disclosure")
+    assert entry.data["policy_version"] == "hospital-2026-1"
+    assert (entry.data["rule_id"], entry.data["basis"], entry.data["activity"]) == (
+        "hospital",
+        "PIPA-26",
+        "hospital-access",
+    )
+    assert entry.data["recipient"] == "hospital" and entry.data["purpose"] == "TREAT"
+    in_force = [e for e in node.archive.ledger.entries() if e.kind == "policy"]
+    assert [e.outcome for e in in_force] == ["published", "in-force"]
+
+
+def test_a_new_version_waits_for_its_notice_period(node):
+    text = policy_text("hospital-2026-2").replace(
+        'id = "hospital"\neffect = "allow"', ('id = "hospital"\neffect = "deny"')
+    )
+    published, new = node.stewardship.publish_policy(text, "dpo")
+    assert new and published.effective_at >= datetime.now(UTC) + timedelta(days=6, hours=23)
+    status, answers = c_find(node, PatientID="P1")
+    assert status == 0 and answers  # still the old version: notice is 7 days
+    assert last_entry(node, "disclosure").data["policy_version"] == "hospital-2026-1"
+
+    node.egress.clock = lambda: datetime.now(UTC) + timedelta(days=8)
+    status, answers = c_find(node, PatientID="P1")
+    assert answers == [] and status == 0x0124  # refused: not authorized
+    denial = last_entry(node, "denial")
+    assert denial.data["policy_version"] == "hospital-2026-2"
+    assert denial.data["rule_id"] == "hospital"
+
+
+def test_a_published_version_cannot_be_changed(node):
+    text = policy_text().replace("Example University Hospital", "Another Hospital", 1)
+    with pytest.raises(InvalidInput, match="immutable"):
+        node.stewardship.publish_policy(text, "dpo")
+
+
+# --- consent: a third party gets nothing without it -------------------------------------
+
+
+def test_without_consent_a_third_party_gets_nothing_and_each_refusal_is_recorded(node):
+    node.stewardship.record_consent("P1", "HRESCH", "granted", "dpo", evidence_ref="form 1")
+    node.stewardship.record_consent("P1", "HRESCH", "withdrawn", "dpo", evidence_ref="call")
+    before = node.archive.ledger.count()
+
+    # WADO-RS by the research institute's client
+    response = wado(node, "1.2.826.0.1.1", subject="lab-client")
+    assert response.status_code == 403
+    assert "withdrawn" in response.json()["detail"]
+    # C-MOVE to the research institute's PACS
+    assert c_move(node, "RESEARCH", "1.2.826.0.1.1") == 0xC514  # refused before it started
+    # a share
+    share = governance_api(
+        node, "POST", "/shares", json={"recipient": "lab", "study": "1.2.826.0.1.1"}
+    )
+    assert share.status_code == 403 and share.json()["state"] == "denied"
+
+    denials = [e for e in node.archive.ledger.entries(after=before) if e.kind == "denial"]
+    assert [d.data["operation"] for d in denials] == ["wado", "move", "share"]
+    for denial in denials:
+        assert denial.data["recipient"] == "lab" and denial.data["activity"] == "research-sharing"
+        assert "consent:P1:HRESCH:v2" in denial.data["reason"]
+    # the hospital itself still may
+    assert wado(node, "1.2.826.0.1.1", subject="ohif").status_code == 200
+
+
+def test_consent_versions_are_immutable_and_kept(node):
+    first, _ = node.stewardship.record_consent("P1", "HRESCH", "granted", "dpo")
+    second, _ = node.stewardship.record_consent("P1", "HRESCH", "withdrawn", "dpo")
+    assert (first.version, second.version) == (1, 2)
+    history = governance_api(node, "GET", "/consents/P1", scopes=("governance.read",)).json()
+    assert [c["state"] for c in history["history"]] == ["granted", "withdrawn"]
+    assert history["current"]["HRESCH"]["in_force"] is False
+    from sqlalchemy import text
+    from sqlalchemy.exc import DBAPIError
+
+    with pytest.raises(DBAPIError, match="append-only"), node.archive.engine.begin() as conn:
+        conn.execute(text("UPDATE consents SET state = 'granted'"))
+    consents = [e for e in node.archive.ledger.entries() if e.kind == "consent"]
+    assert [e.outcome for e in consents] == ["granted", "withdrawn"]
+
+
+def test_the_governance_api_needs_its_scopes(node):
+    assert governance_api(node, "GET", "/policy", scopes=("dicomweb.read",)).status_code == 403
+    read_only = governance_api(
+        node, "POST", "/consents", scopes=("governance.read",), json={"patient_id": "P1"}
+    )
+    assert read_only.status_code == 403
+    bad = governance_api(
+        node, "POST", "/consents", json={"patient_id": "P1", "purpose": "NOPE", "state": "granted"}
+    )
+    assert bad.status_code == 400 and "purpose" in bad.json()["detail"]
+    assert (
+        requests.get(f"http://127.0.0.1:{node.http_port}/governance/policy", timeout=10).status_code
+        == 401
+    )
+    policy = governance_api(node, "GET", "/policy", scopes=("governance.read",)).json()
+    assert policy["in_force"]["version"] == "hospital-2026-1"
+
+
+# --- restriction ------------------------------------------------------------------------
+
+
+def test_a_restricted_patient_is_left_out_of_answers_and_retrievals(node):
+    node.stewardship.restrict("P2", "dpo", "data subject request 2026-17")
+    status, answers = c_find(node)
+    assert status == 0 and {str(a.PatientID) for a in answers} == {"P1"}
+    entry = last_entry(node, "disclosure")
+    assert entry.data["denied_patients"] == ["P2"]
+    refused = wado(node, "1.2.826.0.1.2", subject="ohif")
+    assert refused.status_code == 403 and "restricted" in refused.json()["detail"]
+    node.stewardship.unrestrict("P2", "dpo")
+    assert wado(node, "1.2.826.0.1.2", subject="ohif").status_code == 200
+
+
+# --- intake holds -----------------------------------------------------------------------
+
+
+def test_an_unknown_sender_is_held_until_released(start_node, tmp_path):
+    node = start_node(peers=[WORKSTATION])
+    publish_days_ago(node, policy_text(unknown_sender="hold"))
+    files = write_series(tmp_path / "in", 3, patient_id="P7")
+    result = run_dcmtk(
+        "storescu",
+        "-aet",
+        "STRANGER",
+        "-aec",
+        "DICOMNODE",
+        "127.0.0.1",
+        str(node.dimse.port),
+        *map(str, files),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr  # durably kept: success
+    status, answers = c_find(node, PatientID="P7")
+    assert status == 0 and answers == []  # held objects are not in the archive
+    held = node.archive.registry.held()
+    assert len(held) == 3 and "STRANGER is not a known peer" in held[0].reason
+    entries = [e for e in node.archive.ledger.entries() if e.kind == "processing"]
+    assert [e.outcome for e in entries] == ["held"]  # one entry per study and reason
+    assert node.archive.check().ok  # held blobs are not "unindexed blobs"
+
+    config = str(node.settings.source)
+    listed = subprocess.run(
+        [sys.executable, "-m", "dicomnode.cli", "held", "list", "--config", config],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert listed.stdout.count("from STRANGER") == 3
+    study = held[0].study_instance_uid
+    released = governance_api(node, "POST", f"/held/{study}/release")
+    assert released.status_code == 200 and released.json()["released"] == 3
+    status, answers = c_find(node, PatientID="P7")
+    assert len(answers) == 1 and node.archive.registry.held() == []
+    assert last_entry(node, "processing").outcome == "released"
+
+
+def test_an_unknown_sender_is_refused_when_the_policy_says_so(start_node, tmp_path):
+    node = start_node(peers=[WORKSTATION])
+    publish_days_ago(node, policy_text(unknown_sender="refuse"))
+    files = write_series(tmp_path / "in", 1, patient_id="P8")
+    result = run_dcmtk(
+        "storescu",
+        "-d",
+        "-aet",
+        "STRANGER",
+        "-aec",
+        "DICOMNODE",
+        "127.0.0.1",
+        str(node.dimse.port),
+        *map(str, files),
+    )
+    assert "0x0124" in result.stdout + result.stderr  # refused: not authorized
+    assert node.archive.counts()["instances"] == 0 and node.archive.registry.held() == []
+
+
+def test_cli_policy_check_show_diff(node, tmp_path):
+    config = str(node.settings.source)
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "dicomnode.cli", *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    good = tmp_path / "policy.toml"
+    good.write_text(policy_text("hospital-2026-3"))
+    checked = cli("policy", "check", str(good))
+    assert checked.returncode == 0 and "hospital-2026-3" in checked.stdout
+    bad = tmp_path / "bad.toml"
+    bad.write_text(policy_text().replace('lawful_basis = "PIPA-17-1-1"\ndeid', "deid"))
+    refused = cli("policy", "check", str(bad))
+    assert refused.returncode == 1 and "research-with-consent" in refused.stderr
+    shown = cli("policy", "show", "--config", config)
+    assert "in force: hospital-2026-1" in shown.stdout
+    changed = tmp_path / "changed.toml"
+    changed.write_text(policy_text("hospital-2026-4").replace("dpo@hospital", "privacy@hospital"))
+    diffed = cli("policy", "diff", str(changed), "--config", config)
+    assert "~ policy.dpo_contact" in diffed.stdout
+    published = cli("policy", "publish", str(changed), "--config", config, "--by", "dpo")
+    assert published.returncode == 0 and "in force from" in published.stdout
+    assert "scheduled: hospital-2026-4" in cli("policy", "show", "--config", config).stdout
