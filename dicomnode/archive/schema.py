@@ -289,5 +289,18 @@ ledger_checkpoints = Table(
     Column("signature", Text, nullable=False),  # compact JWS over the checkpoint
 )
 
+# Local accounts of the DPO pages (used when no OIDC provider is configured).
+dpo_accounts = Table(
+    "dpo_accounts",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("username", String(64), nullable=False, unique=True),
+    Column("password_hash", String, nullable=False),
+    Column("display_name", String, nullable=False, server_default=""),
+    Column("role", String(16), nullable=False),  # dpo, auditor
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("disabled_at", DateTime(timezone=True), nullable=True),
+)
+
 # Tables no one may UPDATE or DELETE rows of (migration 0004 adds the triggers).
 APPEND_ONLY_TABLES = ("ledger_entries", "consents", "ledger_checkpoints")
