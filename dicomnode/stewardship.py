@@ -19,7 +19,7 @@ from dicomnode import governance
 from dicomnode.archive import Archive
 from dicomnode.archive.keys import verify_json
 from dicomnode.archive.ledger import Checkpoint
-from dicomnode.archive.registry import Restriction
+from dicomnode.archive.registry import LegalHold, Restriction
 from dicomnode.core.errors import InvalidInput
 from dicomnode.core.model import ConsentRecord, PublishedPolicy
 from dicomnode.governance import codes
@@ -184,6 +184,26 @@ class Stewardship:
 
     def unrestrict(self, patient_id: str, by: str) -> Restriction:
         return self.archive.registry.unrestrict(patient_id, by, self.clock())
+
+    # --- legal holds ----------------------------------------------------------------------
+
+    def place_hold(
+        self,
+        by: str,
+        owner: str,
+        reason: str,
+        patient_id: str | None = None,
+        study_uid: str | None = None,
+        case_ref: str = "",
+        review_date: datetime | None = None,
+    ) -> LegalHold:
+        """Hold a patient's or a study's data: retention and erasure skip it until released."""
+        return self.archive.registry.place_hold(
+            patient_id, study_uid, owner, reason, case_ref, review_date, by, self.clock()
+        )
+
+    def release_hold(self, hold_id: int, by: str) -> LegalHold:
+        return self.archive.registry.release_hold(hold_id, by, self.clock())
 
     # --- ledger checkpoints ---------------------------------------------------------------
     # (signing is the caller's: the node signs with its key, see checkpoint_signed_by)

@@ -109,6 +109,56 @@ class Restriction:
         return f"restriction:{self.id}"
 
 
+@dataclass(frozen=True)
+class LegalHold:
+    """A hold on a patient's or a study's data: no deletion of it until released."""
+
+    id: int
+    patient_id: str | None
+    study_instance_uid: str | None
+    owner: str
+    reason: str
+    case_ref: str
+    review_date: datetime | None
+    placed_by: str
+    placed_at: datetime
+    released_at: datetime | None
+    released_by: str | None
+
+    @property
+    def ref(self) -> str:
+        return f"hold:{self.id}"
+
+    @property
+    def active(self) -> bool:
+        return self.released_at is None
+
+    def covers(self, patient_id: str, study_uid: str) -> bool:
+        return self.active and (
+            self.patient_id == patient_id or self.study_instance_uid == study_uid
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        data = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        for key, value in data.items():
+            if isinstance(value, datetime):
+                data[key] = value.isoformat()
+        return data | {"ref": self.ref, "active": self.active}
+
+
+def _hold(row: Any) -> LegalHold:
+    return LegalHold(
+        **{
+            k: (
+                aware(row._mapping[k])
+                if k in ("review_date", "placed_at", "released_at")
+                else row._mapping[k]
+            )
+            for k in LegalHold.__dataclass_fields__
+        }
+    )
+
+
 def _consent(row: Any) -> ConsentRecord:
     return ConsentRecord(
         patient_id=row.patient_id,
@@ -421,6 +471,86 @@ class Registry:
             query = query.where(r.c.patient_id == patient_id)
         with self.index.read() as conn:
             return [_restriction(row) for row in conn.execute(query)]
+
+    # --- legal holds ------------------------------------------------------------------------
+
+    def place_hold(
+        self,
+        patient_id: str | None,
+        study_uid: str | None,
+        owner: str,
+        reason: str,
+        case_ref: str,
+        review_date: datetime | None,
+        by: str,
+        now: datetime,
+    ) -> LegalHold:
+        """Hold a patient's or a study's data against every deletion (a ledger entry)."""
+        if not (patient_id or study_uid) or (patient_id and study_uid):
+            raise InvalidInput("a legal hold is on a patient or on a study (one of them)")
+        if not owner.strip() or not reason.strip():
+            raise InvalidInput("a legal hold needs an owner and a reason")
+        h = schema.legal_holds
+        with self.index.write() as conn:
+            new_id = conn.execute(
+                h.insert().values(
+                    patient_id=patient_id,
+                    study_instance_uid=study_uid,
+                    owner=owner,
+                    reason=reason,
+                    case_ref=case_ref,
+                    review_date=review_date,
+                    placed_by=by,
+                    placed_at=now,
+                )
+            ).inserted_primary_key[0]
+            hold = _hold(conn.execute(select(h).where(h.c.id == new_id)).one())
+            self.ledger.append(
+                conn,
+                LedgerKind.HOLD,
+                by,
+                "placed",
+                hold.as_dict()
+                | {
+                    "patient_ids": [patient_id] if patient_id else [],
+                    "study_instance_uids": [study_uid] if study_uid else [],
+                },
+            )
+        return hold
+
+    def release_hold(self, hold_id: int, by: str, now: datetime) -> LegalHold:
+        h = schema.legal_holds
+        with self.index.write() as conn:
+            changed = conn.execute(
+                update(h)
+                .where(h.c.id == hold_id, h.c.released_at.is_(None))
+                .values(released_at=now, released_by=by)
+            ).rowcount
+            if not changed:
+                raise NotFound(f"no active legal hold {hold_id}")
+            hold = _hold(conn.execute(select(h).where(h.c.id == hold_id)).one())
+            self.ledger.append(
+                conn,
+                LedgerKind.HOLD,
+                by,
+                "released",
+                hold.as_dict()
+                | {
+                    "patient_ids": [hold.patient_id] if hold.patient_id else [],
+                    "study_instance_uids": (
+                        [hold.study_instance_uid] if hold.study_instance_uid else []
+                    ),
+                },
+            )
+        return hold
+
+    def holds(self, active_only: bool = False) -> list[LegalHold]:
+        h = schema.legal_holds
+        query = select(h).order_by(h.c.id)
+        if active_only:
+            query = query.where(h.c.released_at.is_(None))
+        with self.index.read() as conn:
+            return [_hold(row) for row in conn.execute(query)]
 
     # --- facts for decisions ----------------------------------------------------------------
 
