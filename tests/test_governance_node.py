@@ -201,7 +201,7 @@ def governance_api(node, method: str, path: str, scopes=("governance.admin",), *
     token = token_for(node, scopes, subject="dpo")
     return requests.request(
         method,
-        f"http://127.0.0.1:{node.http_port}/governance{path}",
+        f"http://127.0.0.1:{node.http_port}/governance/api{path}",
         headers={"Authorization": f"Bearer {token}"},
         timeout=60,
         **kw,
@@ -306,7 +306,7 @@ def test_the_governance_api_needs_its_scopes(node):
     )
     assert bad.status_code == 400 and "purpose" in bad.json()["detail"]
     assert (
-        requests.get(f"http://127.0.0.1:{node.http_port}/governance/policy", timeout=10).status_code
+        requests.get(f"http://127.0.0.1:{node.http_port}/governance/api/policy", timeout=10).status_code
         == 401
     )
     policy = governance_api(node, "GET", "/policy", scopes=("governance.read",)).json()

@@ -57,7 +57,7 @@ def create_app(services: WebServices) -> Flask:
     for blueprint in (qido_blueprint(), wado_blueprint(), stow_blueprint()):
         app.register_blueprint(blueprint, url_prefix=DICOMWEB_ROOT)
     app.register_blueprint(jobs_blueprint(), url_prefix="/analysis")
-    app.register_blueprint(governance_blueprint(), url_prefix="/governance")
+    app.register_blueprint(governance_blueprint(), url_prefix="/governance/api")
     if services.settings.http.cors_origins:
         CORS(
             app,

@@ -1,4 +1,4 @@
-"""The governance JSON API under ``/governance`` (scopes ``governance.read`` for GET,
+"""The governance JSON API under ``/governance/api`` (scopes ``governance.read`` for GET,
 ``governance.admin`` for changes): the policy in force and scheduled, the consent registry,
 shares to recipients, deliveries, objects held at intake, restrictions, and the ledger.
 
