@@ -348,7 +348,10 @@ def resolve_compound(action: str, kind: str) -> str:
         "X/Z": {"1": "Z", "2": "Z", "3": "X"},
         "X/D": {"1": "D", "2": "D", "3": "X"},
         "X/Z/D": {"1": "D", "2": "Z", "3": "X"},
-        "X/Z/U*": {"1": "U", "2": "Z", "3": "X"},
+        # Type 2 too keeps the items with their UIDs replaced: an empty reference sequence
+        # would break the conditions that tie references together (e.g. the Common Instance
+        # Reference Module of a SEG), and replaced UIDs identify nobody.
+        "X/Z/U*": {"1": "U", "2": "U", "3": "X"},
     }
     return choice[action][kind]
 
@@ -811,8 +814,9 @@ def conformance_statement(profile: DeidProfile) -> dict:
         "type_resolution": (
             "Compound actions use the attribute's Type in the object's IOD (PS3.3, CT, MR, XA, "
             "SC, US, DX/CR, MG, PET, NM, SEG, SR and KOS): Type 3 removed, Type 2 zero length, "
-            "Type 1 dummy (X/Z/U*: items kept with UIDs replaced). For other IODs the strictest "
-            "Type over all IODs is used; for an attribute of unknown Type the dummy."
+            "Type 1 dummy (X/Z/U*: Types 1 and 2 keep the items with their UIDs replaced). For "
+            "other IODs the strictest Type over all IODs is used; for an attribute of unknown "
+            "Type the dummy."
         ),
         "private_attributes": (
             "kept only if listed in PS3.15 Table E.3.10-1 (by private creator, group and "
