@@ -791,7 +791,7 @@ def _value_for(vr: str, n: int) -> str | int:
 @st.composite
 def _datasets(draw, depth: int = 0) -> Dataset:
     ds = Dataset()
-    for tag, vr in draw(st.lists(st.sampled_from(_PROTECTED_LEAVES), min_size=1, max_size=12)):
+    for tag, vr in draw(st.lists(st.sampled_from(_PROTECTED_LEAVES), min_size=4, max_size=30)):
         ds.add_new(tag, vr, _value_for(vr, draw(st.integers(0, 10**6))))
     if depth < 3:
         for container in draw(st.lists(st.sampled_from(_CONTAINERS), max_size=2)):
@@ -800,7 +800,7 @@ def _datasets(draw, depth: int = 0) -> Dataset:
     return ds
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     body=_datasets(),
     options=st.frozensets(

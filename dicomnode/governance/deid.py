@@ -22,7 +22,7 @@ import hmac
 import re
 from dataclasses import dataclass
 from datetime import date, timedelta
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -238,6 +238,7 @@ def _safe_private() -> frozenset[tuple[str, int, int]]:
 
 
 _SAFE_PRIVATE = _safe_private()
+_SAFE_PRIVATE_BLOCKS = frozenset((creator, group) for creator, group, _ in _SAFE_PRIVATE)
 
 
 def _entry_action(entry: TableEntry, options: frozenset[str]) -> str:
@@ -461,7 +462,7 @@ class _Run:
         self.patient_key = _patient_key(ds)
         self.modified_dates = "retain-longitudinal-modified-dates" in self.options
         self.shift = date_shift_days(self.patient_key, key, scope) if self.modified_dates else 0
-        self.identifiers = _collect_identifiers(ds)
+        self.source = ds
         self.uid_map: dict[str, str] = {}
 
     # --- datasets -------------------------------------------------------------------------
@@ -502,9 +503,9 @@ class _Run:
         tag = int(elem.tag)
         group, element = tag >> 16, tag & 0xFFFF
         if 0x0010 <= element <= 0x00FF:  # a creator: kept if one of its elements is safe
-            creator = creators[(group, element)]
-            safe = any(c == creator and g == group for c, g, _ in _SAFE_PRIVATE)
-            return self._copy(elem, (*path, tag), mode) if safe else None
+            if (creators[(group, element)], group) not in _SAFE_PRIVATE_BLOCKS:
+                return None
+            return self._copy(elem, (*path, tag), mode)
         creator = creators.get((group, element >> 8))
         if element < 0x1000 or (creator, group, element & 0xFF) not in _SAFE_PRIVATE:
             return None
@@ -657,6 +658,10 @@ class _Run:
         if not cleaned:
             return DataElement(elem.tag, elem.VR, "")
         return DataElement(elem.tag, elem.VR, cleaned if len(cleaned) != 1 else cleaned[0])
+
+    @cached_property
+    def identifiers(self) -> tuple[str, ...]:
+        return _collect_identifiers(self.source)
 
     def scrub(self, text: str) -> str:
         for identifier in self.identifiers:
