@@ -340,21 +340,23 @@ def attribute_type(iod: str | None, path: tuple[int, ...]) -> str:
     return _STRICTEST_BY_LEAF.get(key.rsplit("/", 1)[-1], "1")
 
 
+_COMPOUND_BY_TYPE = {
+    "Z/D": {"1": "D", "2": "Z", "3": "Z"},
+    "X/Z": {"1": "Z", "2": "Z", "3": "X"},
+    "X/D": {"1": "D", "2": "D", "3": "X"},
+    "X/Z/D": {"1": "D", "2": "Z", "3": "X"},
+    # Type 2 too keeps the items with their UIDs replaced: an empty reference sequence would
+    # break the conditions that tie references together (e.g. the Common Instance Reference
+    # Module of a SEG), and replaced UIDs identify nobody.
+    "X/Z/U*": {"1": "U", "2": "U", "3": "X"},
+}
+
+
 def resolve_compound(action: str, kind: str) -> str:
     """A simple action for a compound one, given the attribute Type (PS3.15 Table E.1-1a)."""
     if "/" not in action:
         return action
-    choice = {
-        "Z/D": {"1": "D", "2": "Z", "3": "Z"},
-        "X/Z": {"1": "Z", "2": "Z", "3": "X"},
-        "X/D": {"1": "D", "2": "D", "3": "X"},
-        "X/Z/D": {"1": "D", "2": "Z", "3": "X"},
-        # Type 2 too keeps the items with their UIDs replaced: an empty reference sequence
-        # would break the conditions that tie references together (e.g. the Common Instance
-        # Reference Module of a SEG), and replaced UIDs identify nobody.
-        "X/Z/U*": {"1": "U", "2": "U", "3": "X"},
-    }
-    return choice[action][kind]
+    return _COMPOUND_BY_TYPE[action][kind]
 
 
 def _check_key(key: bytes) -> None:
