@@ -582,6 +582,7 @@ def test_conformance_statement_lists_removed_replaced_inserted_options_and_uid_s
     assert "scope" in statement["uid_scope"] and "HMAC-SHA256" in statement["uid_scope"]
     assert "does not clean pixel data" in statement["pixel_data"]
     assert "2024b" in statement["standard"]
+    assert statement["table_sha256"] == deid.TABLE_SHA256 and len(deid.TABLE_SHA256) == 64
     assert "Table E.3.10-1" in statement["private_attributes"]
     total = sum(
         len(statement[k])

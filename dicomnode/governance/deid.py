@@ -225,6 +225,10 @@ def _parse_table() -> tuple[TableEntry, ...]:
 
 TABLE: tuple[TableEntry, ...] = _parse_table()
 EDITION = deid_table.EDITION
+# Identifies the rules in force, for the ledger entry of each de-identification.
+TABLE_SHA256 = hashlib.sha256(
+    repr((deid_table.ROWS, deid_types.TYPES, deid_private.SAFE_PRIVATE_ATTRIBUTES)).encode()
+).hexdigest()
 _PATTERN_PRIVATE, _PATTERN_CURVE = "odd-group", "50xxxxxx"
 _PATTERN_OVERLAY_DATA, _PATTERN_OVERLAY_COMMENTS = "60xx3000", "60xx4000"
 _PATTERNS = (_PATTERN_PRIVATE, _PATTERN_CURVE, _PATTERN_OVERLAY_DATA, _PATTERN_OVERLAY_COMMENTS)
@@ -798,6 +802,7 @@ def conformance_statement(profile: DeidProfile) -> dict:
     return {
         "profile": profile.name,
         "standard": f"DICOM PS3.15 Annex E, Table E.1-1 edition {EDITION}",
+        "table_sha256": TABLE_SHA256,
         "methods": [
             {"code": c, "scheme": "DCM", "meaning": CODE_MEANINGS[c]} for c in profile.codes
         ],
