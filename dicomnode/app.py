@@ -15,7 +15,11 @@ from waitress.server import create_server
 from dicomnode import __version__
 from dicomnode.analysis.runner import AnalysisService
 from dicomnode.archive import Archive
-from dicomnode.archive.keys import load_or_create_signing_key, sign_json
+from dicomnode.archive.keys import (
+    load_or_create_deid_secret,
+    load_or_create_signing_key,
+    sign_json,
+)
 from dicomnode.config import Settings
 from dicomnode.core.errors import ConfigError
 from dicomnode.core.metrics import Metrics
@@ -50,6 +54,7 @@ def build_services(
         },
         clock=clock,
         delivery_attempts=settings.governance.delivery_attempts,
+        deid_secret=load_or_create_deid_secret(settings.node.data_dir),
     )
     return intake, egress, Stewardship(archive, clock)
 

@@ -25,7 +25,7 @@ from dicomnode.archive import Archive
 from dicomnode.archive.registry import DENIED, DONE, Delivery
 from dicomnode.core.errors import DicomnodeError, NotFound, NotPermitted
 from dicomnode.core.model import LedgerKind, Level, Query, Source, StoredInstance
-from dicomnode.governance import Decision, DisclosureRequest, Party, Policy
+from dicomnode.governance import Decision, DisclosureRequest, Party, Policy, deid
 
 log = logging.getLogger("dicomnode.egress")
 
@@ -69,6 +69,13 @@ class SendItem:
     load: Callable[[], Dataset]
 
 
+@dataclass(frozen=True)
+class _Plan:
+    items: list[SendItem]
+    withheld: dict[str, str]  # SOP Instance UID -> why it may not leave
+    ledger_detail: dict[str, Any]
+
+
 class Transport(Protocol):
     def send(self, target: Target, items: Sequence[SendItem]) -> SendReport:
         """Send every item to `target`; report each by its stored SOP Instance UID."""
@@ -91,12 +98,14 @@ class Egress:
         transports: Mapping[str, Transport] | None = None,
         clock: Callable[[], datetime] = utc_now,
         delivery_attempts: int = 5,
+        deid_secret: bytes = b"",
     ) -> None:
         self.archive = archive
         self.peers = dict(peers or {})
         self.transports = dict(transports or {})
         self.clock = clock
         self.delivery_attempts = delivery_attempts
+        self.deid_secret = deid_secret
         self._in_force_seen: str | None = None
 
     # --- the decision point -----------------------------------------------------------------
@@ -140,7 +149,22 @@ class Egress:
         are not disclosures). A ledger that cannot be written raises StorageUnavailable."""
         now = self.clock()
         policy = self.policy(now)
-        request = DisclosureRequest(
+        request = self._request(requester, operation, recipient, patient_ids, study_uids)
+        facts = self.archive.registry.facts(patient_ids) if patient_ids else {}
+        decision = governance.decide(request, facts, policy, now)
+        if record == "always" or (record == "unless-allowed" and not decision.allowed):
+            self._record(requester, request, decision, count, extra or {})
+        return decision
+
+    def _request(
+        self,
+        requester: Source,
+        operation: str,
+        recipient: Party,
+        patient_ids: set[str],
+        study_uids: set[str],
+    ) -> DisclosureRequest:
+        return DisclosureRequest(
             operation=operation,
             party=recipient,
             requester=requester.caller,
@@ -148,11 +172,6 @@ class Egress:
             study_instance_uids=tuple(sorted(study_uids)),
             purpose=requester.purpose,
         )
-        facts = self.archive.registry.facts(patient_ids) if patient_ids else {}
-        decision = governance.decide(request, facts, policy, now)
-        if record == "always" or not decision.allowed:
-            self._record(requester, request, decision, count, extra or {})
-        return decision
 
     def _record(
         self,
@@ -370,6 +389,8 @@ class Egress:
         return self._deliver(delivery, backoff)
 
     def _deliver(self, delivery: Delivery, backoff: timedelta) -> Delivery:
+        """Decide, record, then send one delivery; a share leaves de-identified when its rule
+        names a profile, and objects likely to carry burned-in identity are withheld."""
         registry = self.archive.registry
         operation = "forward" if delivery.kind == "forward" else "share"
         requester = Source(
@@ -382,24 +403,31 @@ class Egress:
             if operation == "forward"
             else Party("cli", recipient_id=delivery.recipient)
         )
+        wanted = set(delivery.sop_instance_uids)
         instances = [
             i
             for i in self.archive.find_instances(
                 Level.STUDY, (("StudyInstanceUID", delivery.study_instance_uid),)
             )
-            if i.sop_instance_uid in set(delivery.sop_instance_uids)
+            if i.sop_instance_uid in wanted
         ]
+        gone = sorted(wanted - {i.sop_instance_uid for i in instances})
+        patients, studies = {delivery.patient_id}, {delivery.study_instance_uid}
         try:
             decision = self.decide(
+                requester, operation, party, patients, studies, len(instances), record="never"
+            )
+            plan = self._plan(delivery, decision, instances)
+            self._record(
                 requester,
-                operation,
-                party,
-                {delivery.patient_id},
-                {delivery.study_instance_uid},
+                self._request(requester, operation, party, patients, studies),
+                decision,
                 len(instances),
                 {
                     "delivery": delivery.id,
                     "sop_instance_uids": [i.sop_instance_uid for i in instances],
+                    "gone": gone,
+                    **plan.ledger_detail,
                 },
             )
         except DicomnodeError as e:  # the ledger cannot be written: nothing leaves
@@ -414,24 +442,17 @@ class Egress:
                 f"{decision.reason} ({decision.rule_id})",
             )
             return registry.delivery(delivery.id)
-        wanted = set(delivery.sop_instance_uids)
-        gone = sorted(wanted - {i.sop_instance_uid for i in instances})
         try:
             target = self._target(operation, delivery.recipient, decision)
-            items = [
-                SendItem(
-                    i.sop_instance_uid, i.sop_class_uid, i.transfer_syntax_uid, self._loader(i)
-                )
-                for i in instances
-            ]
-            report = self.transports[target.transport].send(target, items)
+            report = self.transports[target.transport].send(target, plan.items)
         except Exception as e:  # no connection, unknown target...: every item is retried
             report = SendReport(
-                [], {i.sop_instance_uid: f"{type(e).__name__}: {e}" for i in instances}
+                [], {i.sop_instance_uid: f"{type(e).__name__}: {e}" for i in plan.items}
             )
         outcome = {
             "sent": report.sent,
             "failed": report.failed,
+            "withheld": plan.withheld,
             "gone": gone,
             "rule_id": decision.rule_id,
         }
@@ -442,14 +463,14 @@ class Egress:
             {
                 "operation": operation,
                 "delivery": delivery.id,
-                "recipient": delivery.recipient,
+                "recipient": decision.recipient or delivery.recipient,
                 "patient_ids": [delivery.patient_id],
                 "study_instance_uids": [delivery.study_instance_uid],
                 "attempt": delivery.attempts,
                 **outcome,
             },
         )
-        if report.complete:  # objects deleted since the delivery was queued cannot be sent
+        if report.complete:  # withheld and deleted objects are not retried
             registry.finish_delivery(delivery.id, DONE, self.clock(), outcome)
         else:
             state = registry.retry_delivery_later(
@@ -467,6 +488,75 @@ class Egress:
                 extra={"event": "delivery", "delivery": delivery.id, "state": state},
             )
         return registry.delivery(delivery.id)
+
+    def _plan(
+        self, delivery: Delivery, decision: Decision, instances: list[StoredInstance]
+    ) -> _Plan:
+        """What leaves and how: each object as stored, or de-identified under the rule's
+        profile (UIDs and pseudonym computed up front for the ledger), minus those withheld."""
+        if not decision.allowed:
+            return _Plan([], {}, {})
+        rule = self.policy().deid_profile(decision.deid_profile) if decision.deid_profile else None
+        if rule is None:
+            items = [
+                SendItem(
+                    i.sop_instance_uid, i.sop_class_uid, i.transfer_syntax_uid, self._loader(i)
+                )
+                for i in instances
+            ]
+            return _Plan(items, {}, {"deidentified": False})
+        profile = deid.DeidProfile(rule.id, frozenset(rule.options))
+        scope = f"recipient:{decision.recipient}"
+        keep_uids = "retain-uids" in profile.options
+        items, withheld, uid_map = [], {}, {}
+        for instance in instances:
+            path = self.archive.blob_file(instance)
+            header = pydicom.dcmread(path, defer_size=1024)  # pixel data is not read
+            risk = deid.burned_in_risk(header, profile)
+            if risk is not None:
+                withheld[instance.sop_instance_uid] = risk
+                continue
+            if not keep_uids:
+                for uid in (
+                    instance.study_instance_uid,
+                    instance.series_instance_uid,
+                    instance.sop_instance_uid,
+                ):
+                    uid_map[uid] = deid.remap_uid(uid, self.deid_secret, scope)
+            items.append(
+                SendItem(
+                    instance.sop_instance_uid,
+                    instance.sop_class_uid,
+                    instance.transfer_syntax_uid,
+                    self._deidentifying_loader(path, profile, scope),
+                )
+            )
+        detail = {
+            "deidentified": True,
+            "deid": {
+                "profile": profile.name,
+                "options": sorted(profile.options),
+                "codes": list(profile.codes),
+                "table_edition": deid.EDITION,
+                "table_sha256": deid.TABLE_SHA256,
+                "uid_scope": scope,
+            },
+            "patient_pseudonyms": {
+                delivery.patient_id: deid.patient_pseudonym(
+                    delivery.patient_id, self.deid_secret, scope
+                )
+            },
+            "uid_map": uid_map,
+            "withheld": withheld,
+        }
+        return _Plan(items, withheld, detail)
+
+    def _deidentifying_loader(
+        self, path: Any, profile: deid.DeidProfile, scope: str
+    ) -> Callable[[], Dataset]:
+        return lambda: (
+            deid.deidentify(pydicom.dcmread(path), profile, self.deid_secret, scope).dataset
+        )
 
     def _target(self, operation: str, recipient: str, decision: Decision) -> Target:
         if operation == "forward":

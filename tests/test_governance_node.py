@@ -124,7 +124,9 @@ def publish_days_ago(node, text: str, days: int = 8) -> None:
     node.archive.registry.forget_cached()
 
 
-RESEARCH_PACS = Peer("research-pacs", "RESEARCH", "127.0.0.1", 1, ("echo",))
+def research_pacs(port: int = 1) -> Peer:
+    """The research institute's PACS, a C-MOVE destination and share target of recipient lab."""
+    return Peer("research-pacs", "RESEARCH", "127.0.0.1", port, ("echo",))
 
 
 def as_file(ds: Dataset) -> Dataset:
@@ -135,8 +137,13 @@ def as_file(ds: Dataset) -> Dataset:
 
 
 @pytest.fixture
-def node(start_node):
-    node = start_node(peers=[WORKSTATION, RESEARCH_PACS])
+def research(storescp):
+    return storescp("RESEARCH")
+
+
+@pytest.fixture
+def node(start_node, research):
+    node = start_node(peers=[WORKSTATION, research_pacs(research.port)])
     publish_days_ago(node, policy_text())
     dicomweb_client(node).store_instances(
         [
@@ -306,7 +313,9 @@ def test_the_governance_api_needs_its_scopes(node):
     )
     assert bad.status_code == 400 and "purpose" in bad.json()["detail"]
     assert (
-        requests.get(f"http://127.0.0.1:{node.http_port}/governance/api/policy", timeout=10).status_code
+        requests.get(
+            f"http://127.0.0.1:{node.http_port}/governance/api/policy", timeout=10
+        ).status_code
         == 401
     )
     policy = governance_api(node, "GET", "/policy", scopes=("governance.read",)).json()
@@ -417,3 +426,61 @@ def test_cli_policy_check_show_diff(node, tmp_path):
     published = cli("policy", "publish", str(changed), "--config", config, "--by", "dpo")
     assert published.returncode == 0 and "in force from" in published.stdout
     assert "scheduled: hospital-2026-4" in cli("policy", "show", "--config", config).stdout
+
+
+# --- shares -------------------------------------------------------------------------------
+
+
+def cli(node, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "dicomnode.cli", *args, "--config", str(node.settings.source)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_with_consent_a_share_arrives_deidentified_and_the_same_each_time(node, research):
+    study = "1.2.826.0.1.1"
+    us_image = make_ct(patient_id="P1", study_uid=study, Modality="US")  # burned-in text risk
+    dicomweb_client(node).store_instances([as_file(us_image)])
+    refused = cli(node, "share", "--recipient", "lab", "--study", study, "--by", "dpo")
+    assert refused.returncode == 1 and "denied" in refused.stdout  # no consent yet
+    node.stewardship.record_consent("P1", "HRESCH", "granted", "dpo", evidence_ref="form 9")
+
+    shared = cli(node, "share", "--recipient", "lab", "--study", study, "--by", "dpo")
+    assert shared.returncode == 0, shared.stdout + shared.stderr
+    (received,) = research.received()  # the US image was withheld
+    original = node.archive.find_instances("STUDY", (("StudyInstanceUID", study),))
+    disclosure = last_entry(node, "disclosure")
+    assert disclosure.data["operation"] == "share"
+    assert disclosure.data["consent_refs"] == ["consent:P1:HRESCH:v1"]
+    assert disclosure.data["deid"]["profile"] == "research"
+    assert disclosure.data["deid"]["table_edition"] == "2024b"
+    assert list(disclosure.data["withheld"]) == [us_image.SOPInstanceUID]
+    uid_map = disclosure.data["uid_map"]
+
+    ct = next(i for i in original if i.sop_instance_uid != us_image.SOPInstanceUID)
+    assert received.SOPInstanceUID == uid_map[ct.sop_instance_uid] != ct.sop_instance_uid
+    assert received.StudyInstanceUID == uid_map[study] != study
+    assert received.PatientID == disclosure.data["patient_pseudonyms"]["P1"] != "P1"
+    for keyword in ("PatientName", "PatientBirthDate", "ReferringPhysicianName", "AccessionNumber"):
+        assert str(received.get(keyword, "")) == "", keyword
+    assert received.PatientIdentityRemoved == "YES"
+    codes = {item.CodeValue for item in received.DeidentificationMethodCodeSequence}
+    assert codes == {"113100", "113107"}
+    assert received.LongitudinalTemporalInformationModified == "MODIFIED"
+    assert received.StudyDate and received.StudyDate != "20240315"  # shifted, not removed
+
+    transfer = last_entry(node, "transfer")
+    assert transfer.outcome == "complete" and transfer.data["sent"] == [ct.sop_instance_uid]
+
+    again = cli(node, "share", "--recipient", "lab", "--study", study, "--by", "dpo")
+    assert again.returncode == 0
+    (second,) = research.received()
+    assert (second.SOPInstanceUID, second.StudyInstanceUID, second.PatientID) == (
+        received.SOPInstanceUID,
+        received.StudyInstanceUID,
+        received.PatientID,
+    )
+    assert second.StudyDate == received.StudyDate  # the same shift for the same patient

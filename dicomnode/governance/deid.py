@@ -705,7 +705,7 @@ def deidentify(ds: Dataset, profile: DeidProfile, key: bytes, scope: str = "") -
         uid_map=dict(run.uid_map),
         patient_pseudonym=pseudonym,
         date_shift_days=run.shift,
-        held=_held_reason(ds, profile),
+        held=burned_in_risk(ds, profile),
     )
 
 
@@ -763,7 +763,7 @@ def _file_meta(source: Dataset, out: Dataset, run: _Run) -> FileMetaDataset:
     return meta
 
 
-def _held_reason(ds: Dataset, profile: DeidProfile) -> str | None:
+def burned_in_risk(ds: Dataset, profile: DeidProfile) -> str | None:
     """Why the object's pixels may carry burned-in identity (so it must not leave), or None."""
     if "clean-pixel-data" in profile.options or not any(t in ds for t in _PIXEL_TAGS):
         return None
