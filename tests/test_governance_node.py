@@ -62,6 +62,11 @@ purposes = ["TREAT"]
 lawful_basis = "PIPA-26"
 
 [[activities]]
+id = "subject-access"
+purposes = ["PATRQT"]
+lawful_basis = "PIPA-35"
+
+[[activities]]
 id = "research-sharing"
 purposes = ["HRESCH"]
 lawful_basis = "PIPA-17-1-1"
@@ -102,6 +107,11 @@ id = "results"
 effect = "allow"
 activity = "return-results"
 recipients = ["kind:controller"]
+
+[[rules]]
+id = "patients-own-data"
+effect = "allow"
+activity = "subject-access"
 
 [[rules]]
 id = "research-with-consent"
