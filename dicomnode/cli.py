@@ -312,6 +312,24 @@ def _policy_diff(args: argparse.Namespace) -> int:
     return 0
 
 
+def _policy_deid(args: argparse.Namespace) -> int:
+    from dicomnode.governance import deid
+
+    with _node_services(args.config) as node:
+        policy = node.stewardship.policy_status().in_force
+    rule = policy.deid_profile(args.profile)
+    if rule is None:
+        known = ", ".join(p.id for p in policy.deid_profiles) or "none"
+        print(
+            f"no de-identification profile {args.profile!r} in force (known: {known})",
+            file=sys.stderr,
+        )
+        return 1
+    statement = deid.conformance_statement(deid.DeidProfile(rule.id, frozenset(rule.options)))
+    print(json.dumps(statement, indent=2, ensure_ascii=False))
+    return 0
+
+
 def _policy_publish(args: argparse.Namespace) -> int:
     from dicomnode.governance import PolicyError
 
@@ -657,6 +675,14 @@ def _governance_parsers(commands: Any) -> None:
     )
     diff.add_argument("file")
     diff.set_defaults(run=_policy_diff)
+    statement = with_config(
+        policy_commands.add_parser(
+            "deid-statement",
+            help="the PS3.15 E.1.3 conformance statement of a de-identification profile",
+        )
+    )
+    statement.add_argument("profile", help="the profile's id in the policy in force")
+    statement.set_defaults(run=_policy_deid)
     publish = with_by(
         with_config(
             policy_commands.add_parser(

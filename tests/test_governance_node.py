@@ -569,3 +569,13 @@ def test_every_way_in_and_out_writes_an_audit_message(node, research, tmp_path):
     assert ("110114", "E", "4") in events  # the bad token
     assert ("110105", "D", "0") in events  # the deleted study
     assert "110113" in ids and ids.count("110113") >= 2  # and the policy publication
+
+
+def test_the_conformance_statement_of_a_profile_in_force(node):
+    statement = governance_api(node, "GET", "/deid/research", scopes=("governance.read",))
+    assert statement.status_code == 200
+    body = statement.json()
+    assert [m["code"] for m in body["methods"]] == ["113100", "113107"]
+    assert "Patient's Name" in {row["name"] for row in body["replaced_with_zero_length"]}
+    missing = governance_api(node, "GET", "/deid/nope", scopes=("governance.read",))
+    assert missing.status_code == 404

@@ -15,7 +15,7 @@ from typing import Any
 from flask import Blueprint, Response, jsonify, request
 
 from dicomnode.archive.keys import sign_json
-from dicomnode.core.errors import InvalidInput
+from dicomnode.core.errors import InvalidInput, NotFound
 from dicomnode.core.uids import validate_uid
 from dicomnode.dicomweb.access import (
     GOVERNANCE_SCOPE_BY_METHOD,
@@ -23,6 +23,7 @@ from dicomnode.dicomweb.access import (
     require_token,
     services,
 )
+from dicomnode.governance import deid
 from dicomnode.stewardship import checkpoint_signed_by
 
 
@@ -125,6 +126,15 @@ def governance_blueprint() -> Blueprint:
                 "new": new,
             }
         ), (201 if new else 200)
+
+    @bp.get("/deid/<profile_id>")
+    def deid_statement(profile_id: str) -> Response:
+        """The PS3.15 E.1.3 conformance statement of a profile of the policy in force."""
+        rule = services().stewardship.policy_status().in_force.deid_profile(profile_id)
+        if rule is None:
+            raise NotFound(f"no de-identification profile {profile_id!r} in the policy in force")
+        profile = deid.DeidProfile(rule.id, frozenset(rule.options))
+        return jsonify(deid.conformance_statement(profile))
 
     @bp.get("/consents/<patient_id>")
     def consents(patient_id: str) -> Response:
