@@ -176,7 +176,7 @@ class Egress:
         now = self.clock()
         policy = self.policy(now)
         request = self._request(requester, operation, recipient, patient_ids, study_uids)
-        facts = self.archive.registry.facts(patient_ids) if patient_ids else {}
+        facts = self.archive.registry.governed_facts(patient_ids) if patient_ids else {}
         decision = governance.decide(request, facts, policy, now)
         if record == "always" or (record == "unless-allowed" and not decision.allowed):
             self._record(requester, request, decision, count, extra or {})

@@ -573,9 +573,11 @@ class Registry:
             for p in wanted
         }
 
-    def facts_for_intake(self, patient_id: str) -> PatientFacts:
-        """One patient's facts for admission: no query for a patient without any consent or
-        restriction on record (the common case), using a set refreshed every few seconds."""
+    def governed_facts(self, patient_ids: set[str] | list[str]) -> dict[str, PatientFacts]:
+        """Facts of these patients for a decision on the hot path: no query for patients
+        without any consent or restriction on record (the common case), using the set of
+        patients that have some, refreshed every few seconds (so a change recorded by another
+        process counts within CACHE_SECONDS; one recorded here counts at once)."""
         with self._lock:
             governed = self._governed
         if governed is None or time.monotonic() - governed[0] >= CACHE_SECONDS:
@@ -586,9 +588,11 @@ class Registry:
             governed = (time.monotonic(), frozenset(ids))
             with self._lock:
                 self._governed = governed
-        if patient_id not in governed[1]:
-            return PatientFacts(patient_id)
-        return self.facts([patient_id])[patient_id]
+        wanted = set(patient_ids)
+        facts = {p: PatientFacts(p) for p in wanted - governed[1]}
+        if wanted & governed[1]:
+            facts |= self.facts(wanted & governed[1])
+        return facts
 
     # --- objects held at intake -------------------------------------------------------------
 
