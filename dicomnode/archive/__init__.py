@@ -517,7 +517,7 @@ class Archive:
         """Raise unless the index answers and the blob store is writable."""
         with self.index.read() as conn:
             conn.execute(select(1))
-        probe = self.blobs.tmp / ".healthz"
+        probe = self.blobs.temporary_path("healthz")
         probe.write_bytes(b"ok")
         probe.unlink()
 

@@ -10,9 +10,9 @@ Computed attributes (counts, ModalitiesInStudy, ...) are derived from the rows b
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
-from pydicom.datadict import dictionary_VR, tag_for_keyword
-
+from dicomnode.archive.elements import ElementReader
 from dicomnode.core.model import Level
 
 
@@ -22,9 +22,13 @@ class IndexedAttribute:
     column: str
     level: Level
 
+    @cached_property
+    def reader(self) -> ElementReader:
+        return ElementReader(self.keyword)
+
     @property
     def vr(self) -> str:
-        return dictionary_VR(tag_for_keyword(self.keyword))
+        return self.reader.vr
 
     @property
     def is_integer(self) -> bool:

@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pydicom.multival import MultiValue
 from sqlalchemy import Connection, Engine, bindparam, create_engine, event, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from dicomnode.archive import schema
-from dicomnode.archive.attributes import ATTRIBUTES_BY_LEVEL, IndexedAttribute
+from dicomnode.archive.attributes import ATTRIBUTES_BY_LEVEL, INDEXED, IndexedAttribute
 from dicomnode.core.model import Level, Source, StoredInstance
 
 # Statements of the ingest hot path, built once (building them costs more than running them).
@@ -37,10 +37,12 @@ _TOUCH_STUDY = (
     .where(schema.studies.c.id == bindparam("pk_"))
     .values(updated_at=bindparam("now_"))
 )
-_INSTANCE_BY_UID = select(schema.instances).where(
-    schema.instances.c.sop_instance_uid == bindparam("uid")
-)
+_INSTANCE_BY_UID = select(
+    schema.instances.c.id, schema.instances.c.sha256, schema.instances.c.blob_path
+).where(schema.instances.c.sop_instance_uid == bindparam("uid"))
 _INSERT_INSTANCE = schema.instances.insert()
+_SERIES_UID = INDEXED["SeriesInstanceUID"].reader
+TOUCH_SECONDS = 1.0  # how often a series' (and its study's) updated_at is rewritten at most
 
 
 def create_index_engine(url: str) -> Engine:
@@ -75,16 +77,11 @@ def create_index_engine(url: str) -> Engine:
 
 def normalized_value(attribute: IndexedAttribute, ds: Dataset) -> str | int | None:
     """The value of `attribute` in `ds` as the index stores it, or None when absent."""
-    element = ds.get(attribute.keyword)
-    if element is None or element == "":
-        return None
     if attribute.is_integer:
-        try:
-            return int(element[0] if isinstance(element, MultiValue) else element)
-        except (TypeError, ValueError):
-            return None
-    text = "\\".join(str(v) for v in element) if isinstance(element, MultiValue) else str(element)
-    text = text.strip()
+        return attribute.reader.integer(ds)
+    text = attribute.reader.text(ds)
+    if text is None:
+        return None
     if attribute.vr == "DA":
         text = text.replace(".", "")
     elif attribute.vr == "TM":
@@ -103,6 +100,7 @@ class Index:
         self.engine = engine
         self.is_sqlite = engine.dialect.name == "sqlite"
         self._write_lock = threading.Lock() if self.is_sqlite else contextlib.nullcontext()
+        self._touched: dict[int, float] = {}  # series pk -> when this process last touched it
 
     @contextlib.contextmanager
     def write(self) -> Iterator[Connection]:
@@ -135,10 +133,10 @@ class Index:
 
     def ensure_hierarchy(self, conn: Connection, header: Dataset, now: datetime) -> int:
         """Create the patient, study and series rows `header` belongs to; returns the series pk."""
-        known = conn.execute(_SERIES_BY_UID, {"uid": str(header.SeriesInstanceUID)}).first()
+        series_uid = _SERIES_UID.text(header)
+        known = conn.execute(_SERIES_BY_UID, {"uid": series_uid}).first()
         if known is not None:  # the common case: one more instance of a series we have
-            conn.execute(_TOUCH_SERIES, {"pk_": known.id, "now_": now})
-            conn.execute(_TOUCH_STUDY, {"pk_": known.study_pk, "now_": now})
+            self._touch(conn, known.id, known.study_pk, now)
             return int(known.id)
         patient = level_values(Level.PATIENT, header)
         patient["issuer_of_patient_id"] = patient["issuer_of_patient_id"] or ""
@@ -173,6 +171,19 @@ class Index:
         series_pk = self._pk(conn, schema.series, series_instance_uid=series["series_instance_uid"])
         conn.execute(_TOUCH_SERIES, {"pk_": series_pk, "now_": now})
         return series_pk
+
+    def _touch(self, conn: Connection, series_pk: int, study_pk: int, now: datetime) -> None:
+        """Set the series' and study's updated_at to `now`, at most once a second per series
+        (their updated_at is "last received", to the second), so that a stream of instances
+        of one series does not rewrite the same two rows for each of them."""
+        moment = time.monotonic()
+        if moment - self._touched.get(series_pk, -TOUCH_SECONDS) < TOUCH_SECONDS:
+            return
+        conn.execute(_TOUCH_SERIES, {"pk_": series_pk, "now_": now})
+        conn.execute(_TOUCH_STUDY, {"pk_": study_pk, "now_": now})
+        if len(self._touched) > 10_000:
+            self._touched.clear()
+        self._touched[series_pk] = moment
 
     def instance_row(self, conn: Connection, sop_instance_uid: str) -> Any:
         return conn.execute(_INSTANCE_BY_UID, {"uid": sop_instance_uid}).first()

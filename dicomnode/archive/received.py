@@ -23,6 +23,7 @@ from pydicom.filereader import data_element_generator
 from pydicom.uid import UID
 
 from dicomnode import __version__
+from dicomnode.archive.elements import ElementReader
 from dicomnode.core.errors import DatasetMismatch, InvalidInput, MissingAttribute
 from dicomnode.core.uids import validate_uid
 
@@ -128,14 +129,30 @@ def _parse_complete(dataset_bytes: bytes, transfer_syntax_uid: str) -> Dataset:
     return header
 
 
-def _required_uid(ds: Dataset, keyword: str) -> str:
+_READERS = {
+    keyword: ElementReader(keyword)
+    for keyword in (
+        "SOPClassUID",
+        "SOPInstanceUID",
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "PatientID",
+    )
+}
+
+
+def _required_text(ds: Dataset, keyword: str) -> str:
     try:
-        value = ds.get(keyword)
+        value = _READERS[keyword].text(ds)
     except Exception as e:
         raise InvalidInput(f"{keyword} cannot be read: {e}") from e
-    if value in (None, ""):
+    if value is None:
         raise MissingAttribute(keyword)
-    return validate_uid(value, keyword)
+    return value
+
+
+def _required_uid(ds: Dataset, keyword: str) -> str:
+    return validate_uid(_required_text(ds, keyword), keyword)
 
 
 def _build(file_meta_bytes: bytes, dataset_bytes: bytes, ts: str) -> ReceivedObject:
@@ -144,12 +161,7 @@ def _build(file_meta_bytes: bytes, dataset_bytes: bytes, ts: str) -> ReceivedObj
     sop_instance = _required_uid(header, "SOPInstanceUID")
     study = _required_uid(header, "StudyInstanceUID")
     series = _required_uid(header, "SeriesInstanceUID")
-    try:
-        patient_id = str(header.get("PatientID", "") or "").strip()
-    except Exception as e:
-        raise InvalidInput(f"PatientID cannot be read: {e}") from e
-    if not patient_id:
-        raise MissingAttribute("PatientID")
+    patient_id = _required_text(header, "PatientID")
     return ReceivedObject(
         header=header,
         file_meta_bytes=file_meta_bytes,

@@ -7,7 +7,6 @@ or egress (data out), and turns errors into statuses through `status.failure`.
 from __future__ import annotations
 
 import logging
-import socket
 import ssl
 import threading
 import time
@@ -30,6 +29,7 @@ from dicomnode.egress import Egress
 from dicomnode.governance import Party, audit, audit_events
 from dicomnode.intake import Intake
 from dicomnode.scp import status
+from dicomnode.scp.connection import StoreRequest, prepare
 from dicomnode.scp.identifiers import identifier_from_row, query_from_identifier
 
 log = logging.getLogger("dicomnode.scp")
@@ -50,19 +50,6 @@ class DimseContext:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def set_nodelay(event: evt.Event) -> None:
-    """Turn Nagle's algorithm off: without it each C-STORE waits ~40 ms for a delayed ACK.
-
-    Also bound every blocking read and write by the network timeout. pynetdicom leaves
-    accepted sockets without one, so a peer that stops inside a PDU without closing its
-    connection would hold the association, and the node's shutdown, forever.
-    """
-    sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
-    if sock is not None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.settimeout(event.assoc.network_timeout)
-
-
 def client_ssl_context(settings: Settings) -> ssl.SSLContext:
     """TLS for associations the node opens: trusts dimse.tls.ca_file (else the system's CAs)
     and presents the node's own certificate when it has one."""
@@ -76,9 +63,9 @@ def client_ssl_context(settings: Settings) -> ssl.SSLContext:
     return context
 
 
-def _source(event: evt.Event, ctx: DimseContext, service: str) -> Source:
+def _source(assoc: Any, ctx: DimseContext, service: str) -> Source:
     """The caller as a Source, or NotPermitted when it may not use `service`."""
-    calling = event.assoc.requestor.ae_title.strip()
+    calling = assoc.requestor.ae_title.strip()
     peer = ctx.settings.peer_by_ae_title(calling)
     if peer is not None:
         allowed = service in peer.allow
@@ -86,13 +73,13 @@ def _source(event: evt.Event, ctx: DimseContext, service: str) -> Source:
         allowed = service in ("echo", "store") and not ctx.settings.dimse.require_known_peers
     if not allowed:
         raise NotPermitted(f"{calling} may not use {service.upper()}")
-    return Source("dimse", calling, event.assoc.requestor.address, peer.name if peer else None)
+    return Source("dimse", calling, assoc.requestor.address, peer.name if peer else None)
 
 
-def _count(event: evt.Event, ctx: DimseContext, service: str, code: int) -> None:
+def _count(assoc: Any, ctx: DimseContext, service: str, code: int) -> None:
     ctx.metrics.add("dicomnode_dimse_requests_total", service=service, status=f"0x{code:04X}")
     with ctx.lock:
-        stats = ctx.associations.get(id(event.assoc))
+        stats = ctx.associations.get(id(assoc))
         if stats is not None:
             key = service if code in (status.SUCCESS, status.PENDING) else f"{service}_failed"
             stats[key] = stats.get(key, 0) + 1
@@ -100,11 +87,11 @@ def _count(event: evt.Event, ctx: DimseContext, service: str, code: int) -> None
 
 def handle_echo(event: evt.Event, ctx: DimseContext) -> int | Dataset:
     try:
-        _source(event, ctx, "echo")
+        _source(event.assoc, ctx, "echo")
     except DicomnodeError as e:
-        _count(event, ctx, "echo", status.status_for(e))
+        _count(event.assoc, ctx, "echo", status.status_for(e))
         return status.failure(e)
-    _count(event, ctx, "echo", status.SUCCESS)
+    _count(event.assoc, ctx, "echo", status.SUCCESS)
     return status.SUCCESS
 
 
@@ -115,24 +102,38 @@ def _audit(ctx: DimseContext, build: Any) -> None:
 
 
 def handle_store(event: evt.Event, ctx: DimseContext) -> int | Dataset:
+    """C-STOREs that pynetdicom decoded (the store lane of `connection` serves the others)."""
+    request = StoreRequest(
+        context_id=event.context.context_id,
+        transfer_syntax=event.context.transfer_syntax,
+        message_id=event.request.MessageID,
+        sop_class_uid=event.request.AffectedSOPClassUID,
+        sop_instance_uid=event.request.AffectedSOPInstanceUID,
+        dataset=event.encoded_dataset(include_meta=False),
+    )
+    return store(event.assoc, request, ctx)
+
+
+def store(assoc: Any, request: StoreRequest, ctx: DimseContext) -> int | Dataset:
+    """File a C-STORE request's data set through intake; the status to answer."""
     try:
-        source = _source(event, ctx, "store")
+        source = _source(assoc, ctx, "store")
         result = ctx.intake.receive_dimse(
-            event.encoded_dataset(include_meta=False),
-            event.context.transfer_syntax,
-            event.request.AffectedSOPClassUID,
-            event.request.AffectedSOPInstanceUID,
+            request.dataset,
+            request.transfer_syntax,
+            request.sop_class_uid,
+            request.sop_instance_uid,
             source,
         )
     except Exception as e:
         if not isinstance(e, DicomnodeError):
             log.exception("C-STORE failed unexpectedly")
-        _count(event, ctx, "store", status.status_for(e))
+        _count(assoc, ctx, "store", status.status_for(e))
         return status.failure(e)
-    _count(event, ctx, "store", status.SUCCESS)
+    _count(assoc, ctx, "store", status.SUCCESS)
     if result.outcome in ("stored", "replaced"):
         with ctx.lock:
-            stats = ctx.associations.get(id(event.assoc))
+            stats = ctx.associations.get(id(assoc))
             if stats is not None:
                 stats.setdefault("_received", []).append(result.instance)
     return status.SUCCESS
@@ -142,7 +143,7 @@ def handle_find(
     event: evt.Event, ctx: DimseContext
 ) -> Iterator[tuple[int | Dataset, Dataset | None]]:
     try:
-        source = _source(event, ctx, "find")
+        source = _source(event.assoc, ctx, "find")
         request = event.identifier
         query = query_from_identifier(request, event.request.AffectedSOPClassUID)
         rows = ctx.egress.find(
@@ -151,16 +152,16 @@ def handle_find(
     except Exception as e:
         if not isinstance(e, DicomnodeError):
             log.exception("C-FIND failed unexpectedly")
-        _count(event, ctx, "find", status.status_for(e))
+        _count(event.assoc, ctx, "find", status.status_for(e))
         yield status.failure(e), None
         return
     for row in rows:
         if event.is_cancelled:
-            _count(event, ctx, "find", status.CANCEL)
+            _count(event.assoc, ctx, "find", status.CANCEL)
             yield status.CANCEL, None
             return
         yield status.PENDING, identifier_from_row(row, request, ctx.settings.node.ae_title)
-    _count(event, ctx, "find", status.SUCCESS)
+    _count(event.assoc, ctx, "find", status.SUCCESS)
 
 
 def dataset_to_send(
@@ -210,7 +211,7 @@ def contexts_for(kinds: set[tuple[str, str]]) -> list[PresentationContext]:
 def _retrieve(
     event: evt.Event, ctx: DimseContext, service: str
 ) -> tuple[Source, list[StoredInstance], Any]:
-    source = _source(event, ctx, service)
+    source = _source(event.assoc, ctx, service)
     query = query_from_identifier(event.identifier, event.request.AffectedSOPClassUID)
     destination = None
     if service == "move":
@@ -234,13 +235,13 @@ def handle_move(event: evt.Event, ctx: DimseContext) -> Iterator[Any]:
         _source_, instances, peer = _retrieve(event, ctx, "move")
     except UnknownDestination as e:
         log.warning("C-MOVE refused: %s", e)
-        _count(event, ctx, "move", status.MOVE_DESTINATION_UNKNOWN)
+        _count(event.assoc, ctx, "move", status.MOVE_DESTINATION_UNKNOWN)
         yield None, None
         return
     except Exception as e:
         # pynetdicom takes no status before the destination: a raise here answers 0xC514.
         log.warning("C-MOVE refused: %s", e)
-        _count(event, ctx, "move", 0xC514)
+        _count(event.assoc, ctx, "move", 0xC514)
         raise
     store_association: list[Any] = []
 
@@ -249,7 +250,7 @@ def handle_move(event: evt.Event, ctx: DimseContext) -> Iterator[Any]:
 
     options: dict[str, Any] = {
         "contexts": retrieve_contexts(instances) or [build_context("1.2.840.10008.1.1")],
-        "evt_handlers": [(evt.EVT_CONN_OPEN, set_nodelay), (evt.EVT_ACCEPTED, remember)],
+        "evt_handlers": [(evt.EVT_CONN_OPEN, prepare), (evt.EVT_ACCEPTED, remember)],
     }
     if peer.tls:
         options["tls_args"] = (client_ssl_context(ctx.settings), None)
@@ -264,7 +265,7 @@ def handle_get(event: evt.Event, ctx: DimseContext) -> Iterator[Any]:
     except Exception as e:
         if not isinstance(e, DicomnodeError):
             log.exception("C-GET failed unexpectedly")
-        _count(event, ctx, "get", status.status_for(e))
+        _count(event.assoc, ctx, "get", status.status_for(e))
         # pynetdicom answers Success at once to a C-GET that announces no sub-operations, so
         # announce one: the refusal then reaches the caller as the final status.
         yield 1
@@ -284,7 +285,7 @@ def _send(
     archive = ctx.egress.archive
     for instance in instances:
         if event.is_cancelled:
-            _count(event, ctx, service, status.CANCEL)
+            _count(event.assoc, ctx, service, status.CANCEL)
             yield status.CANCEL, None
             return
         try:
@@ -298,7 +299,7 @@ def _send(
             continue
         ctx.metrics.add("dicomnode_instances_sent_total", service=service, result="sent")
         yield status.PENDING, ds
-    _count(event, ctx, service, status.SUCCESS)
+    _count(event.assoc, ctx, service, status.SUCCESS)
 
 
 def on_established(event: evt.Event, ctx: DimseContext) -> None:

@@ -17,12 +17,8 @@ from pynetdicom import AE, evt
 
 from dicomnode.config import Settings
 from dicomnode.egress import SendItem, SendReport, Target
-from dicomnode.scp.handlers import (
-    client_ssl_context,
-    contexts_for,
-    fit_transfer_syntax,
-    set_nodelay,
-)
+from dicomnode.scp.connection import prepare
+from dicomnode.scp.handlers import client_ssl_context, contexts_for, fit_transfer_syntax
 
 log = logging.getLogger("dicomnode.scu")
 
@@ -47,7 +43,7 @@ class DimseSender:
         options: dict[str, Any] = {
             "ae_title": peer.ae_title,
             "contexts": contexts_for(kinds),
-            "evt_handlers": [(evt.EVT_CONN_OPEN, set_nodelay)],
+            "evt_handlers": [(evt.EVT_CONN_OPEN, prepare)],
         }
         if peer.tls:
             options["tls_args"] = (client_ssl_context(self.settings), None)

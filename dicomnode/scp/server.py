@@ -7,6 +7,7 @@ import logging
 import socket
 import socketserver
 import ssl
+import threading
 import time
 from functools import partial
 from typing import Any
@@ -22,8 +23,10 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
     Verification,
 )
+from pynetdicom.transport import ThreadedAssociationServer
 
-from dicomnode.scp.handlers import HANDLERS, DimseContext, set_nodelay
+from dicomnode.scp.connection import NodeRequestHandler, prepare
+from dicomnode.scp.handlers import HANDLERS, DimseContext, store
 
 log = logging.getLogger("dicomnode.scp")
 
@@ -39,7 +42,9 @@ QUERY_RETRIEVE = (
 # Stored as received, in any of these: uncompressed, deflate, JPEG, JPEG-LS, JPEG 2000, RLE, ...
 STORAGE_TRANSFER_SYNTAXES = list(ALL_TRANSFER_SYNTAXES)
 
-# The identifiers are logged by the node itself, and decoding them costs time.
+# The node logs what happens itself: pynetdicom's own debug logging of every PDU and DIMSE
+# message (formatted whether or not anything is logged) and of identifiers costs time.
+_config.LOG_HANDLER_LEVEL = "none"
 _config.LOG_REQUEST_IDENTIFIERS = False
 _config.LOG_RESPONSE_IDENTIFIERS = False
 
@@ -48,7 +53,7 @@ class _DeferredHandshakeContext(ssl.SSLContext):
     """Wraps sockets without the TLS handshake. pynetdicom wraps each accepted socket in its
     accept loop, so a client that connects and says nothing would stop every other connection;
     deferred, the handshake runs on the association's first read, in its own thread and
-    bounded by the network timeout (see `set_nodelay`)."""
+    bounded by the network timeout (see `connection.prepare`)."""
 
     def wrap_socket(self, sock: Any, *args: Any, **kwargs: Any) -> Any:
         kwargs["do_handshake_on_connect"] = False
@@ -90,12 +95,31 @@ def build_ae(ctx: DimseContext) -> AE:
     return ae
 
 
-class DimseServer:
-    """The node's DIMSE listener."""
+class _Server(ThreadedAssociationServer):
+    """pynetdicom's threaded server, with the node's connection handling."""
 
-    def __init__(self, ctx: DimseContext) -> None:
+    reuse_port = False
+
+    def server_bind(self) -> None:
+        if self.reuse_port:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
+class _SharedPortServer(_Server):
+    """One of several processes listening on one port (SO_REUSEPORT): the kernel spreads the
+    incoming connections over them."""
+
+    reuse_port = True
+
+
+class DimseServer:
+    """The node's DIMSE listener (`shared_port`: one of several processes on its port)."""
+
+    def __init__(self, ctx: DimseContext, shared_port: bool = False) -> None:
         self.ctx = ctx
         self.ae = build_ae(ctx)
+        self.shared_port = shared_port
         self._server: Any = None
 
     @property
@@ -105,14 +129,19 @@ class DimseServer:
     def start(self) -> int:
         """Listen on the configured address; returns the port (useful when configured as 0)."""
         dimse = self.ctx.settings.dimse
-        handlers: list[Any] = [(evt.EVT_CONN_OPEN, set_nodelay)]
+        handlers: list[Any] = [(evt.EVT_CONN_OPEN, prepare)]
         handlers += [(event, partial(handler, ctx=self.ctx)) for event, handler in HANDLERS]
-        self._server = self.ae.start_server(
+        self._server = self.ae.make_server(
             (dimse.host, dimse.port),
-            block=False,
             evt_handlers=handlers,
             ssl_context=_server_ssl_context(self.ctx),
+            server_class=_SharedPortServer if self.shared_port else _Server,
+            request_handler=NodeRequestHandler,
         )
+        self._server.store_function = partial(store, ctx=self.ctx)
+        threading.Thread(
+            target=self._server.serve_forever, name="dimse-accept", daemon=True
+        ).start()
         return self.port
 
     def active_associations(self) -> int:
@@ -139,5 +168,4 @@ class DimseServer:
             deadline = time.monotonic() + 5
             while self.active_associations() and time.monotonic() < deadline:
                 time.sleep(0.05)
-        self._server.shutdown()
         self._server = None

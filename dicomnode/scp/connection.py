@@ -1,0 +1,388 @@
+"""How the node's DIMSE connections run: event-driven where pynetdicom polls.
+
+pynetdicom 3 runs two threads per association that hand work to each other through queues
+they poll: the DUL thread (socket and state machine) sleeps a millisecond whenever it finds
+nothing to do, and the association thread sleeps a millisecond between looks for a complete
+DIMSE message. A C-STORE therefore waits on up to three such sleeps (the request seen, the
+request served, the response sent), and on a busy machine each sleep lasts as long as the
+scheduler makes it. For every connection the node accepts or opens, `prepare` changes that:
+
+- the DUL thread waits in ``select`` on its socket and on a wake-up socket that is poked
+  whenever a primitive is queued for it, so it reads what arrives and sends what is queued at
+  once, and sleeps for real when there is nothing;
+- on an accepted association, C-STORE requests take a lane of their own (`_StoreLane`): the
+  DUL thread gathers the request's fragments itself, reads the few command fields it needs,
+  hands the data set to the node's store function at once and encodes the response directly,
+  without pynetdicom's DIMSE message and primitive objects, service class and events (which
+  cost more than filing the object). The peer waits for the response anyway: a C-STORE is
+  never one of several operations in flight, as the node offers no asynchronous operations
+  window. Anything else (another command, a C-STORE on a context or SOP class that is not
+  plain storage, a message during release) is replayed into pynetdicom and served by the
+  association thread as before, which now blocks until a message, a release or an abort
+  arrives instead of polling;
+- on an association the node opens to send C-STOREs (forwarding, shares, C-MOVE
+  sub-operations), the association thread never takes a message off the DIMSE queue: in
+  pynetdicom 3.0.4 it could take the response a sender waits for (a race between pausing the
+  reactor and its look at the queue) and the sender then waited for its whole DIMSE timeout.
+
+This leans on pynetdicom internals (pinned to 3.0 in setup.cfg); tests/test_connection.py
+checks each of them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import select
+import socket
+import ssl
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pynetdicom import evt
+from pynetdicom.pdu_primitives import P_DATA
+from pynetdicom.service_class import StorageServiceClass
+from pynetdicom.sop_class import uid_to_service_class
+from pynetdicom.transport import AssociationSocket, RequestHandler
+
+log = logging.getLogger("dicomnode.scp")
+
+IDLE_WAIT = 0.5  # seconds a waiting thread sleeps before looking at its flags again
+_WAKE = (None, None)  # put on the DIMSE queue to wake the association thread
+_COMMAND, _LAST = 0x01, 0x02  # message control header bits (PS3.8 E.2)
+C_STORE_RQ, C_STORE_RSP, NO_DATA_SET = 0x0001, 0x8001, 0x0101
+HANDLER_FAILED = 0xC211  # pynetdicom's status for a C-STORE handler that raised
+
+
+@dataclass(frozen=True)
+class StoreRequest:
+    """A C-STORE request as the store lane hands it over: the command fields the node uses
+    (UIDs as received, less padding) and the data set bytes exactly as they arrived."""
+
+    context_id: int
+    transfer_syntax: str
+    message_id: int
+    sop_class_uid: str
+    sop_instance_uid: str
+    dataset: bytes
+
+
+StoreFunction = Callable[[Any, StoreRequest], "int | Dataset"]  # (association, request) -> status
+
+
+class _WakeableSocket(AssociationSocket):
+    """An AssociationSocket whose readiness check waits for data or a wake-up."""
+
+    _wake_r: socket.socket
+    _wake_w: socket.socket
+
+    @property
+    def ready(self) -> bool:
+        dul = self.assoc.dul
+        if (
+            self.socket is None
+            or self._is_connected is False
+            or dul._kill_thread
+            or dul.state_machine.current_state == "Sta13"  # closing: do not linger
+            or not dul.to_provider_queue.empty()
+            or (isinstance(self.socket, ssl.SSLSocket) and self.socket.pending())
+        ):
+            return bool(super().ready)
+        try:
+            readable, _, _ = select.select([self.socket, self._wake_r], [], [], IDLE_WAIT)
+        except (OSError, ValueError):
+            return bool(super().ready)  # lets pynetdicom report the closed connection
+        if self._wake_r in readable:
+            with contextlib.suppress(OSError):
+                self._wake_r.recv(4096)
+        return self.socket in readable
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        """Read `nr_bytes` (fewer only when the connection closes), into one buffer with as
+        few calls as the kernel allows (pynetdicom reads 4 kB at a time and appends)."""
+        buffer = bytearray(nr_bytes)
+        view = memoryview(buffer)
+        read = 0
+        while read < nr_bytes:
+            count = self.socket.recv_into(view[read:])
+            if not count:
+                del view
+                del buffer[read:]
+                break
+            read += count
+        return buffer
+
+    def wake(self) -> None:
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"\0")
+
+    def close(self) -> None:
+        super().close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+
+class _DimseQueue(queue.Queue):
+    """The DIMSE message queue of an accepted association, which can be woken: a release or
+    an abort arrived for the association thread (`_WAKE` is queued)."""
+
+    def wake(self) -> None:
+        self.put(_WAKE)
+
+
+class _StoreLane:
+    """Receives the P-DATA of one accepted association in place of pynetdicom's DIMSE
+    provider: C-STORE requests are gathered and served here, on the DUL thread; every other
+    message goes to pynetdicom unchanged (replayed from its first primitive)."""
+
+    def __init__(self, assoc: Any, store: StoreFunction) -> None:
+        self.assoc = assoc
+        self.store = store
+        self.to_pynetdicom = assoc.dimse.receive_primitive
+        self._delegating = False  # pynetdicom is decoding the current message
+        self._held: list[Any] = []  # primitives of the message whose command is incomplete
+        self._command = bytearray()
+        self._request: dict[str, Any] | None = None  # the C-STORE being gathered
+        self._fragments: list[memoryview] = []
+
+    def receive(self, primitive: Any) -> None:
+        if self._delegating:
+            self.to_pynetdicom(primitive)
+            self._delegating = self.assoc.dimse.message is not None
+            return
+        self._held.append(primitive)
+        for context_id, data in primitive.presentation_data_value_list:
+            header = data[0]
+            if header & _COMMAND and self._request is not None:
+                self._reset()  # a new command inside a data set: the sender gave up on it
+                self._held.append(primitive)
+            if self._request is None:
+                if not header & _COMMAND:
+                    self._hand_over()  # a data set without a command: pynetdicom's to refuse
+                    return
+                self._command += data[1:]
+                if header & _LAST:
+                    self._request = self._store_request(context_id)
+                    if self._request is None:
+                        self._hand_over()
+                        return
+                    self._held = []
+            else:
+                self._fragments.append(memoryview(data)[1:])
+                if header & _LAST:
+                    self._serve()
+                    return
+
+    def _reset(self) -> None:
+        self._held = []
+        self._command = bytearray()
+        self._request = None
+        self._fragments = []
+
+    def _hand_over(self) -> None:
+        held = self._held
+        self._reset()
+        self._delegating = True
+        for primitive in held:
+            self.to_pynetdicom(primitive)
+            self._delegating = self.assoc.dimse.message is not None
+
+    def _store_request(self, context_id: int) -> dict[str, Any] | None:
+        """The command's fields when it is a C-STORE request the lane serves, else None."""
+        fields = _command_fields(bytes(self._command))
+        if fields is None or _us(fields.get(0x0100)) != C_STORE_RQ:
+            return None
+        message_id = _us(fields.get(0x0110))
+        sop_class = _ui(fields.get(0x0002))
+        if message_id is None or not sop_class or _us(fields.get(0x0800)) == NO_DATA_SET:
+            return None
+        context = self.assoc._accepted_cx.get(context_id)
+        if context is None or self.assoc._sent_release:
+            return None
+        if uid_to_service_class(sop_class) is not StorageServiceClass:
+            return None
+        return {
+            "context_id": context_id,
+            "transfer_syntax": str(context.transfer_syntax[0]),
+            "message_id": message_id,
+            "sop_class_uid": sop_class,
+            "sop_instance_uid": _ui(fields.get(0x1000)),
+        }
+
+    def _serve(self) -> None:
+        request = StoreRequest(dataset=b"".join(self._fragments), **self._request or {})
+        self._reset()
+        try:
+            status = self.store(self.assoc, request)
+        except Exception:
+            log.exception("C-STORE failed unexpectedly")
+            status = HANDLER_FAILED
+        if not self.assoc.is_established:
+            return
+        command = c_store_response(request, status)
+        peer_limit = self.assoc.requestor.maximum_length  # 0: no limit
+        limit = peer_limit - 6 if peer_limit and peer_limit > 6 else len(command)
+        for start in range(0, len(command), limit):
+            chunk = command[start : start + limit]
+            pdata = P_DATA()
+            last = start + limit >= len(command)
+            header = bytes([_COMMAND | (_LAST if last else 0)])
+            pdata.presentation_data_value_list.append((request.context_id, header + chunk))
+            self.assoc.dul.send_pdu(pdata)
+
+
+def _command_fields(data: bytes) -> dict[int, bytes] | None:
+    """The elements of an encoded command set (implicit VR little endian, group 0000) by
+    element number, or None when it is not one."""
+    fields: dict[int, bytes] = {}
+    offset = 0
+    while offset + 8 <= len(data):
+        group, element, length = struct.unpack_from("<HHI", data, offset)
+        offset += 8
+        if group != 0 or offset + length > len(data):
+            return None
+        fields[element] = data[offset : offset + length]
+        offset += length
+    return fields if offset == len(data) else None
+
+
+def _us(value: bytes | None) -> int | None:
+    return struct.unpack("<H", value)[0] if value is not None and len(value) == 2 else None
+
+
+def _ui(value: bytes | None) -> str:
+    return value.decode("latin-1").rstrip("\x00 ") if value else ""
+
+
+def c_store_response(request: StoreRequest, status: int | Dataset) -> bytes:
+    """The C-STORE-RSP command set for `request` (PS3.7 9.3.1.2), with the Status and, for a
+    status data set, its Error Comment."""
+    code = int(status.Status) if isinstance(status, Dataset) else int(status)
+    comment = str(status.get("ErrorComment", "")) if isinstance(status, Dataset) else ""
+    elements = [
+        (0x0002, _padded(request.sop_class_uid.encode("latin-1"), b"\x00")),
+        (0x0100, struct.pack("<H", C_STORE_RSP)),
+        (0x0120, struct.pack("<H", request.message_id)),
+        (0x0800, struct.pack("<H", NO_DATA_SET)),
+        (0x0900, struct.pack("<H", code)),
+    ]
+    if comment:
+        elements.append((0x0902, _padded(comment[:64].encode("ascii", "replace"), b" ")))
+    if request.sop_instance_uid:
+        elements.append((0x1000, _padded(request.sop_instance_uid.encode("latin-1"), b"\x00")))
+    body = b"".join(struct.pack("<HHI", 0, tag, len(value)) + value for tag, value in elements)
+    return struct.pack("<HHII", 0, 0, 4, len(body)) + body
+
+
+def _padded(value: bytes, pad: bytes) -> bytes:
+    return value + pad if len(value) % 2 else value
+
+
+def _make_wakeable(assoc: Any) -> _WakeableSocket:
+    """Swap the association's socket for the wakeable kind and let its DUL thread block."""
+    sock = assoc.dul.socket
+    sock.__class__ = _WakeableSocket
+    sock._wake_r, sock._wake_w = socket.socketpair()
+    sock._wake_r.setblocking(False)
+    sock._wake_w.setblocking(False)
+    dul = assoc.dul
+    dul._run_loop_delay = 0  # it waits in select instead
+    send_pdu, stop_dul, kill_dul = dul.send_pdu, dul.stop_dul, dul.kill_dul
+
+    def send_and_wake(primitive: Any) -> None:
+        send_pdu(primitive)
+        sock.wake()
+
+    def stop_and_wake() -> bool:
+        dul._run_loop_delay = 0.001  # pynetdicom's own wait for the thread to end
+        if dul.state_machine.current_state == "Sta1":
+            dul._kill_thread = True
+            sock.wake()
+        return bool(stop_dul())
+
+    def kill_and_wake() -> None:
+        kill_dul()
+        sock.wake()
+
+    dul.send_pdu, dul.stop_dul, dul.kill_dul = send_and_wake, stop_and_wake, kill_and_wake
+    return sock
+
+
+def _serve_accepted(assoc: Any, store: StoreFunction | None) -> None:
+    """The store lane (with a store function), and a blocking association thread."""
+    dimse = assoc.dimse
+    if store is not None:
+        dimse.receive_primitive = _StoreLane(assoc, store).receive
+    messages = _DimseQueue()
+    dimse.msg_queue = messages
+    to_user = assoc.dul.to_user_queue
+    put_for_user = to_user.put
+
+    def put_and_wake(item: Any, block: bool = True, timeout: float | None = None) -> None:
+        put_for_user(item, block, timeout)
+        messages.wake()
+
+    to_user.put = put_and_wake
+
+    def get_msg(block: bool = False) -> Any:
+        wait = dimse.dimse_timeout if block else IDLE_WAIT
+        deadline = None if wait is None else time.monotonic() + wait
+        while True:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                item = messages.get(timeout=remaining)
+            except queue.Empty:
+                return None, None
+            if item is not _WAKE or not block:
+                return item  # _WAKE is (None, None): the reactor looks at its flags
+            # a sender waits for a response: a wake-up is not one
+
+    dimse.get_msg = get_msg
+
+
+def _send_only(assoc: Any) -> None:
+    """The association thread of an association the node opened never takes a message: the
+    node only sends requests on them, and every message is a response somebody waits for."""
+    dimse = assoc.dimse
+    get_msg = dimse.get_msg
+
+    def responses_for_senders_only(block: bool = False) -> Any:
+        return get_msg(block=True) if block else (None, None)
+
+    dimse.get_msg = responses_for_senders_only
+
+
+def prepare(event: evt.Event) -> None:
+    """EVT_CONN_OPEN handler for every connection the node accepts or opens: Nagle off (each
+    C-STORE would otherwise wait ~40 ms for a delayed ACK), every blocking socket call bounded
+    by the network timeout (pynetdicom leaves accepted sockets without one, so a peer that
+    stops inside a PDU would hold the association, and the node's shutdown, forever), and the
+    event-driven threads described above."""
+    assoc = event.assoc
+    sock = assoc.dul.socket.socket if assoc.dul.socket else None
+    if sock is None:
+        return
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.settimeout(assoc.network_timeout)
+    if isinstance(assoc.dul.socket, _WakeableSocket):
+        return
+    _make_wakeable(assoc)
+    if assoc.is_requestor:
+        _send_only(assoc)
+
+
+class NodeRequestHandler(RequestHandler):
+    """Accepts a connection: the association gets the node's connection handling before its
+    threads start (so its queues can be swapped safely); C-STOREs go to the server's
+    ``store_function`` when it has one."""
+
+    def handle(self) -> None:
+        assoc = self._create_association()
+        _serve_accepted(assoc, getattr(self.server, "store_function", None))
+        evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+        assoc.start()
