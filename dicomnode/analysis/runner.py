@@ -32,6 +32,7 @@ from dicomnode.analysis.plugin import (
     deterministic_uid,
     discover,
 )
+from dicomnode.analysis.provenance import job_provenance
 from dicomnode.archive import Archive
 from dicomnode.archive.jobs import SKIPPED, Job, JobStore
 from dicomnode.config import AnalysisSettings
@@ -273,6 +274,7 @@ class AnalysisService:
         summary = dict(result.summary)
         if result.warnings:
             summary["warnings"] = list(result.warnings)
+        summary["provenance"] = job_provenance(analyzer, config.params, unit.sop_instance_uids)
         return [f.instance.sop_instance_uid for f in filed], summary
 
     def start(self) -> None:
