@@ -36,6 +36,7 @@ from dicomnode.analysis.plugin import (
     deterministic_uid,
     discover,
 )
+from dicomnode.analysis.provenance import job_provenance
 from dicomnode.archive import Archive
 from dicomnode.archive.jobs import SKIPPED, Job, JobStore
 from dicomnode.config import AnalysisSettings
@@ -291,6 +292,7 @@ class AnalysisService:
         summary = dict(result.summary)
         if result.warnings:
             summary["warnings"] = list(result.warnings)
+        summary["provenance"] = job_provenance(analyzer, config.params, unit.sop_instance_uids)
         if self.settings.forward_to:
             summary["deliveries"] = self.egress.queue_forward(
                 [f.instance for f in filed],
