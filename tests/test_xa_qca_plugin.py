@@ -635,13 +635,14 @@ def _plugin_path(folder: Path) -> Path:
 
 def test_kill_9_during_a_job_then_restart_retries_it_and_files_one_result(tmp_path, database_url):
     gate = tmp_path / "gate"
-    timeout = 20  # a dead worker's job is claimed again after its lease: timeout + 60 s
+    timeout, grace = 20, 2  # a dead worker's job is claimed again after its lease: their sum
     config = write_config(
         tmp_path / "serve.toml",
         tmp_path / "data",
         database_url,
         extra=(
             "[analysis]\nworkers = 1\nsweep_interval = 0.1\nretry_backoff = 0\n"
+            f"lease_grace = {grace}\n"
             '[analysis.analyzers."xa-qca"]\nenabled = false\n'
             '[analysis.analyzers."ct-lung"]\nenabled = false\n'
             f'[analysis.analyzers."xa-qca-gated"]\ntimeout = {timeout}\n'
@@ -681,7 +682,7 @@ def test_kill_9_during_a_job_then_restart_retries_it_and_files_one_result(tmp_pa
             found = jobs.get(job.id)
             return found if found.state in ("done", "failed", "skipped") else None
 
-        finished = wait_until(done, timeout + 60 + 90, "the job to be claimed again and done")
+        finished = wait_until(done, timeout + grace + 90, "the job to be claimed again and done")
         assert finished.state == "done", finished.error
         assert finished.attempts == 2 and finished.claimed_by != job.claimed_by
         assert second.terminate() == 0

@@ -47,8 +47,6 @@ from dicomnode.intake import Intake
 
 log = logging.getLogger("dicomnode.analysis")
 
-LEASE_GRACE = timedelta(seconds=60)  # a running job's lease: its timeout plus this
-
 
 class OutputRefused(InvalidInput):
     """An analyzer returned an object the node will not file."""
@@ -195,7 +193,9 @@ class AnalysisService:
         now = datetime.now(UTC)
         longest = max((self.settings.analyzer(n).timeout for n in self.analyzers), default=300)
         job = self.jobs.claim(
-            worker or self.worker_id, now, timedelta(seconds=longest) + LEASE_GRACE
+            worker or self.worker_id,
+            now,
+            timedelta(seconds=longest + self.settings.lease_grace),
         )
         if job is None:
             return None
