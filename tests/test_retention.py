@@ -160,6 +160,10 @@ def test_an_expired_study_is_destroyed_and_a_held_one_survives(node):
     (skip,) = [d for d in deletions if d.outcome == "skipped"]
     assert skip.data["study_instance_uids"] == [held] and hold.ref in skip.data["reason"]
 
+    from tests.test_governance_node import spooled_events
+
+    assert ("110105", "D", "0") in spooled_events(node)  # an audit "study deleted" message
+
     node.stewardship.release_hold(hold.id, "dpo")
     assert [i.study_instance_uid for i in node.stewardship.retention_sweep("dpo").destroyed] == [
         held
