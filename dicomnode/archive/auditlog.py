@@ -40,6 +40,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from dicomnode.archive.blobs import fsync_directory
 from dicomnode.config import AuditSettings, Settings
 
 try:  # SIOCOUTQ (== TIOCOUTQ on Linux): bytes the peer has not yet acknowledged
@@ -159,7 +160,7 @@ class AuditLog:
                 self._bytes += len(xml)
                 self._prune(now)
                 self._changed.notify_all()
-            _fsync_directory(self.spool_dir)
+            fsync_directory(self.spool_dir)
         except Exception:
             log.exception("audit message not spooled", extra={"event": "audit_spool_failed"})
             if tmp_name:
@@ -456,11 +457,3 @@ def _header_field(value: str, limit: int) -> str:
     """An RFC 5424 header field: printable US-ASCII without spaces, or "-" when empty."""
     printable = "".join(c for c in value if 33 <= ord(c) <= 126)[:limit]
     return printable or "-"
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

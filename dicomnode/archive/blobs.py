@@ -55,10 +55,10 @@ class FileBlobStore:
         except BaseException:
             Path(tmp_name).unlink(missing_ok=True)
             raise
-        _fsync_directory(directory)
+        fsync_directory(directory)
         if created:
-            _fsync_directory(directory.parent)
-            _fsync_directory(directory.parent.parent)
+            fsync_directory(directory.parent)
+            fsync_directory(directory.parent.parent)
 
     def open(self, relative: str) -> BinaryIO:
         return self.absolute(relative).open("rb")
@@ -101,7 +101,8 @@ class FileBlobStore:
         return count
 
 
-def _fsync_directory(directory: Path) -> None:
+def fsync_directory(directory: Path) -> None:
+    """Make a rename or a new entry in `directory` durable."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)

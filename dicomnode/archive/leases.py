@@ -8,7 +8,7 @@ row, and under SQLite's write lock, which serialises claims.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, Table, and_, or_, select, update
@@ -39,6 +39,37 @@ def claim_due(
         update(table).where(c.id == row_id).values(state=working, attempts=c.attempts + 1, **values)
     )
     return conn.execute(select(table).where(c.id == row_id)).one()
+
+
+def retry_or_fail(
+    conn: Connection,
+    table: Table,
+    row_id: int,
+    now: datetime,
+    error: str,
+    backoff: timedelta,
+    queued: str,
+    failed: str,
+    **values: Any,
+) -> str:
+    """Record a failed attempt of a claimed row: queued again after `backoff` x
+    2^(attempts-1), or `failed` for good once its attempts are used; returns the new state."""
+    c = table.c
+    row = conn.execute(select(c.attempts, c.max_attempts).where(c.id == row_id)).one()
+    final = row.attempts >= row.max_attempts
+    conn.execute(
+        update(table)
+        .where(c.id == row_id)
+        .values(
+            state=failed if final else queued,
+            finished_at=now if final else None,
+            not_before=now + backoff * (2 ** max(row.attempts - 1, 0)),
+            lease_until=None,
+            error=error[:4000],
+            **values,
+        )
+    )
+    return failed if final else queued
 
 
 def aware(moment: datetime | None) -> datetime | None:

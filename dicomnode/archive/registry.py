@@ -20,7 +20,7 @@ from sqlalchemy import Connection, and_, delete, func, or_, select, update
 
 from dicomnode.archive import schema
 from dicomnode.archive.index import Index
-from dicomnode.archive.leases import aware, claim_due
+from dicomnode.archive.leases import aware, claim_due, retry_or_fail
 from dicomnode.archive.ledger import Ledger
 from dicomnode.core.errors import InvalidInput, NotFound
 from dicomnode.core.model import ConsentRecord, LedgerKind, PatientFacts, PublishedPolicy
@@ -809,25 +809,20 @@ class Registry:
         backoff: timedelta,
         outcome: dict[str, Any],
     ) -> str:
-        """A failed attempt: queued again after `backoff` x 2^(attempts-1), or failed for good
-        once its attempts are used; returns the new state."""
-        d = schema.deliveries
+        """A failed attempt: queued again after the backoff, or failed for good once its
+        attempts are used; returns the new state."""
         with self.index.write() as conn:
-            row = conn.execute(select(d).where(d.c.id == delivery_id)).one()
-            final = row.attempts >= row.max_attempts
-            conn.execute(
-                update(d)
-                .where(d.c.id == delivery_id)
-                .values(
-                    state=FAILED if final else QUEUED,
-                    finished_at=now if final else None,
-                    not_before=now + backoff * (2 ** max(row.attempts - 1, 0)),
-                    lease_until=None,
-                    error=error[:4000],
-                    outcome=json.dumps(outcome, default=str),
-                )
+            return retry_or_fail(
+                conn,
+                schema.deliveries,
+                delivery_id,
+                now,
+                error,
+                backoff,
+                QUEUED,
+                FAILED,
+                outcome=json.dumps(outcome, default=str),
             )
-            return FAILED if final else QUEUED
 
     def requeue_delivery(self, delivery_id: int, now: datetime) -> None:
         """Queue a failed, denied or cancelled delivery again with fresh attempts."""

@@ -22,7 +22,7 @@ from functools import lru_cache
 from typing import Any
 
 from dicomnode.core.model import PublishedPolicy
-from dicomnode.governance import codes
+from dicomnode.governance import codes, deid
 from dicomnode.governance.embedded import EMBEDDED_POLICY_TOML
 
 NOTICE = timedelta(days=7)
@@ -363,7 +363,7 @@ def _parse(data: dict[str, Any], sha256: str) -> Policy:
             options=_strings(raw.get("options", []), f"{where}.options"),
         )
         for option in profile.options:
-            _check_code(option, DEID_OPTIONS, "de-identification option", where)
+            _check_code(option, deid.OPTIONS, "de-identification option", where)
         profiles.append(profile)
     _unique([p.id for p in profiles], "deid_profiles")
 
@@ -421,23 +421,6 @@ def _parse(data: dict[str, Any], sha256: str) -> Policy:
         intake=intake,
         sha256=sha256,
     )
-
-
-# CID 7050 options a profile may name (the engine in deid.py applies them).
-DEID_OPTIONS: dict[str, str] = {
-    "retain-safe-private": "113111",
-    "retain-uids": "113110",
-    "retain-device-identity": "113109",
-    "retain-institution-identity": "113112",
-    "retain-patient-characteristics": "113108",
-    "retain-longitudinal-full-dates": "113106",
-    "retain-longitudinal-modified-dates": "113107",
-    "clean-descriptors": "113105",
-    "clean-structured-content": "113104",
-    "clean-graphics": "113103",
-    "clean-pixel-data": "113101",
-    "clean-recognizable-visual-features": "113102",
-}
 
 
 def _check_rule(
