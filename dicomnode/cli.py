@@ -175,13 +175,14 @@ def _who(args: argparse.Namespace) -> str:
 
 
 def _moment(text: str | None) -> datetime | None:
+    from dicomnode.core.times import parse_moment
+
     if not text:
         return None
     try:
-        moment = datetime.fromisoformat(text)
+        return parse_moment(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an ISO 8601 date or date-time: {text!r}") from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def _read_checkpoints(path: str) -> list[Any]:

@@ -16,7 +16,7 @@ import shutil
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -30,6 +30,7 @@ from dicomnode.archive.jobs import JobStore
 from dicomnode.archive.registry import DENIED, DONE, Delivery
 from dicomnode.core.errors import DicomnodeError, NotFound, NotPermitted
 from dicomnode.core.model import LedgerKind, Level, Query, Source, StoredInstance
+from dicomnode.core.times import utc_now
 from dicomnode.governance import (
     Decision,
     DisclosureRequest,
@@ -44,10 +45,6 @@ log = logging.getLogger("dicomnode.egress")
 
 DELIVERY_LEASE = timedelta(minutes=30)
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass(frozen=True)
@@ -244,21 +241,31 @@ class Egress:
                     requester, request.operation, decision.reason, now, self.audit.source
                 )
             )
-        log.info(
+        log.info(  # who and what kind, not whose data: that stays in the ledger
             "disclosure %s",
             outcome,
             extra={
                 "event": "disclosure",
                 "ledger_seq": entry.seq,
                 "requester": requester.caller,
-                **{k: v for k, v in detail.items() if k != "sop_instance_uids"},
+                "operation": request.operation,
+                "protocol": requester.protocol,
+                "recipient": detail["recipient"],
+                "activity": decision.activity,
+                "rule_id": decision.rule_id,
+                "policy_version": decision.policy_version,
+                "patients": len(request.patient_ids),
+                "items": count,
             },
         )
 
     @staticmethod
     def _refuse(decision: Decision) -> None:
+        """Refuse, telling the caller which rule of which policy refused but nothing about the
+        patient (not even that a restriction or a consent exists): the reason in full is in
+        the ledger entry, for the DPO."""
         if not decision.allowed:
-            raise NotPermitted(f"{decision.reason} ({decision.rule_id})")
+            raise NotPermitted(refusal_message(decision))
 
     # --- answers to the hospital's queries and retrievals ------------------------------------
 
@@ -766,6 +773,16 @@ class Egress:
     def _loader(self, instance: StoredInstance) -> Callable[[], Dataset]:
         path = self.archive.blob_file(instance)
         return lambda: pydicom.dcmread(path)
+
+
+def refusal_message(decision: Decision) -> str:
+    """What a refused caller is told: the activity, the rule and the policy version."""
+    what = decision.activity or "this request"
+    to = f" to {decision.recipient}" if decision.recipient else ""
+    return (
+        f"{what}{to} is not permitted by the governance policy {decision.policy_version} "
+        f"(rule {decision.rule_id}); the node's DPO can see why in the ledger"
+    )
 
 
 def _as_dicom_query(query: Query) -> audit.Query:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from dicomnode import governance
@@ -19,15 +19,12 @@ from dicomnode.archive import Archive, received
 from dicomnode.core.errors import DatasetMismatch, DicomnodeError, NotPermitted
 from dicomnode.core.metrics import Metrics
 from dicomnode.core.model import IngestResult, Source
+from dicomnode.core.times import utc_now
 from dicomnode.core.uids import validate_uid
 
 log = logging.getLogger("dicomnode.intake")
 
 Subscriber = Callable[[IngestResult, Source], None]
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 class Intake:

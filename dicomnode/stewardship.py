@@ -13,7 +13,7 @@ import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from dicomnode import governance
@@ -30,16 +30,13 @@ from dicomnode.core.model import (
     Source,
     StudyFacts,
 )
+from dicomnode.core.times import utc_now
 from dicomnode.governance import audit_events, codes, retention
 from dicomnode.governance.retention import RetentionItem
 
 log = logging.getLogger("dicomnode.stewardship")
 
 CONSENT_STATES = ("granted", "refused", "withdrawn")
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass(frozen=True)

@@ -177,10 +177,14 @@ def test_research_sharing_needs_a_consent_in_force():
 def test_a_restriction_stops_everything_but_the_patients_own_access():
     policy = embedded_policy()
     facts = {"P1": PatientFacts("P1", restricted=True, restriction_ref="restriction:7")}
-    for operation in ("find", "move", "qido", "wado", "analyze"):
+    for operation in ("move", "wado", "analyze"):
         request = DisclosureRequest(operation, Party("dimse", peer="pacs"), "PACS", ("P1",))
         decision = decide(request, facts, policy, NOW)
         assert not decision.allowed and "restriction:7" in decision.reason, operation
+    for operation in ("find", "qido"):  # a search answers without the patient (empty)
+        request = DisclosureRequest(operation, Party("dimse", peer="pacs"), "PACS", ("P1",))
+        decision = decide(request, facts, policy, NOW)
+        assert decision.allowed and decision.denied_patients == ("P1",), operation
     own = DisclosureRequest("export", Party("cli"), "dpo", ("P1",))
     assert decide(own, facts, policy, NOW).allowed
 

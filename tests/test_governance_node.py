@@ -278,7 +278,9 @@ def test_without_consent_a_third_party_gets_nothing_and_each_refusal_is_recorded
     # WADO-RS by the research institute's client
     response = wado(node, "1.2.826.0.1.1", subject="lab-client")
     assert response.status_code == 403
-    assert "withdrawn" in response.json()["detail"]
+    detail = response.json()["detail"]  # the rule and the policy, nothing about the patient
+    assert "research-with-consent" in detail and "hospital-2026-1" in detail
+    assert "P1" not in response.text and "withdrawn" not in response.text
     # C-MOVE to the research institute's PACS
     assert c_move(node, "RESEARCH", "1.2.826.0.1.1") == 0xC514  # refused before it started
     # a share
@@ -342,7 +344,10 @@ def test_a_restricted_patient_is_left_out_of_answers_and_retrievals(node):
     entry = last_entry(node, "disclosure")
     assert entry.data["denied_patients"] == ["P2"]
     refused = wado(node, "1.2.826.0.1.2", subject="ohif")
-    assert refused.status_code == 403 and "restricted" in refused.json()["detail"]
+    assert refused.status_code == 403 and "P2" not in refused.text
+    assert "restricted" in last_entry(node, "denial").data["reason"]  # the DPO sees why
+    only_p2 = dicomweb_client(node).search_for_studies(search_filters={"PatientID": "P2"})
+    assert only_p2 == []  # an empty answer, not a refusal that would confirm the restriction
     node.stewardship.unrestrict("P2", "dpo")
     assert wado(node, "1.2.826.0.1.2", subject="ohif").status_code == 200
 

@@ -37,6 +37,7 @@ from dicomnode.core.model import (
     StoredInstance,
     StudyFacts,
 )
+from dicomnode.core.times import as_utc
 
 log = logging.getLogger("dicomnode.archive")
 
@@ -436,7 +437,7 @@ class Archive:
                 )
                 kind = "results" if is_result else "images"
                 study[kind] += count
-                last = _aware(last)
+                last = as_utc(last)
                 if study[f"{kind}_at"] is None or last > study[f"{kind}_at"]:
                     study[f"{kind}_at"] = last
                 if modality and not is_result:
@@ -523,12 +524,6 @@ class Archive:
 
 
 __all__ = ["Archive"]
-
-
-def _aware(moment: datetime | None) -> datetime | None:
-    if moment is None:
-        return None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def _date(study_date: str | None) -> datetime | None:

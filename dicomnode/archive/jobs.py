@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, select, update
@@ -23,6 +23,7 @@ from dicomnode.archive import schema
 from dicomnode.archive.index import Index
 from dicomnode.archive.leases import claim_due, retry_or_fail
 from dicomnode.core.errors import NotFound
+from dicomnode.core.times import as_utc
 
 QUEUED, RUNNING, DONE, FAILED, SKIPPED = "queued", "running", "done", "failed", "skipped"
 # Governance states: held (not allowed now, e.g. consent missing or processing restricted; it
@@ -135,7 +136,7 @@ class JobStore:
                 continue
             if row.expected is not None and row.instances >= row.expected:
                 ready.append((row.analyzer, row.unit_uid, "expected-count"))
-            elif _aware(row.last_received_at) + period <= now:
+            elif as_utc(row.last_received_at) + period <= now:
                 ready.append((row.analyzer, row.unit_uid, "quiet-period"))
         return ready
 
@@ -304,8 +305,3 @@ class JobStore:
             query = query.where(jobs.c.study_instance_uid == study_uid)
         with self.index.read() as conn:
             return [_job(row) for row in conn.execute(query)]
-
-
-def _aware(moment: datetime) -> datetime:
-    """SQLite hands back naive datetimes; the index stores UTC."""
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)

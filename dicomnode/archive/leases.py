@@ -8,7 +8,7 @@ row, and under SQLite's write lock, which serialises claims.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, Table, and_, or_, select, update
@@ -70,10 +70,3 @@ def retry_or_fail(
         )
     )
     return failed if final else queued
-
-
-def aware(moment: datetime | None) -> datetime | None:
-    """SQLite hands back naive datetimes; the index stores UTC."""
-    if moment is None:
-        return None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)

@@ -20,10 +20,11 @@ from sqlalchemy import Connection, and_, delete, func, or_, select, update
 
 from dicomnode.archive import schema
 from dicomnode.archive.index import Index
-from dicomnode.archive.leases import aware, claim_due, retry_or_fail
+from dicomnode.archive.leases import claim_due, retry_or_fail
 from dicomnode.archive.ledger import Ledger
 from dicomnode.core.errors import InvalidInput, NotFound
 from dicomnode.core.model import ConsentRecord, LedgerKind, PatientFacts, PublishedPolicy
+from dicomnode.core.times import as_utc
 
 CACHE_SECONDS = 5.0  # how stale another process's writes may look to the cached reads
 
@@ -150,7 +151,7 @@ def _hold(row: Any) -> LegalHold:
     return LegalHold(
         **{
             k: (
-                aware(row._mapping[k])
+                as_utc(row._mapping[k])
                 if k in ("review_date", "placed_at", "released_at")
                 else row._mapping[k]
             )
@@ -166,11 +167,11 @@ def _consent(row: Any) -> ConsentRecord:
         purpose=row.purpose,
         version=row.version,
         state=row.state,
-        valid_from=aware(row.valid_from),
-        valid_until=aware(row.valid_until),
+        valid_from=as_utc(row.valid_from),
+        valid_until=as_utc(row.valid_until),
         evidence_ref=row.evidence_ref,
         recorded_by=row.recorded_by,
-        recorded_at=aware(row.recorded_at),
+        recorded_at=as_utc(row.recorded_at),
         note=row.note,
     )
 
@@ -188,9 +189,9 @@ def _delivery(row: Any) -> Delivery:
         state=row.state,
         attempts=row.attempts,
         max_attempts=row.max_attempts,
-        not_before=aware(row.not_before),
-        created_at=aware(row.created_at),
-        finished_at=aware(row.finished_at),
+        not_before=as_utc(row.not_before),
+        created_at=as_utc(row.created_at),
+        finished_at=as_utc(row.finished_at),
         error=row.error,
         outcome=json.loads(row.outcome) if row.outcome else None,
     )
@@ -203,8 +204,8 @@ def _restriction(row: Any) -> Restriction:
         row.issuer_of_patient_id,
         row.reason,
         row.requested_by,
-        aware(row.created_at),
-        aware(row.lifted_at),
+        as_utc(row.created_at),
+        as_utc(row.lifted_at),
         row.lifted_by,
     )
 
@@ -245,8 +246,8 @@ class Registry:
                 version=r.version,
                 source=r.source,
                 sha256=r.sha256,
-                published_at=aware(r.published_at),
-                effective_at=aware(r.effective_at),
+                published_at=as_utc(r.published_at),
+                effective_at=as_utc(r.effective_at),
                 material=r.material,
                 published_by=r.published_by,
             )
@@ -300,7 +301,7 @@ class Registry:
     def activations(self) -> dict[str, datetime | None]:
         t = schema.policy_versions
         with self.index.read() as conn:
-            return {r.version: aware(r.activated_at) for r in conn.execute(select(t))}
+            return {r.version: as_utc(r.activated_at) for r in conn.execute(select(t))}
 
     # --- consents ---------------------------------------------------------------------------
 
@@ -638,7 +639,7 @@ class Registry:
             return [
                 HeldObject(
                     **{
-                        k: (aware(row._mapping[k]) if k == "held_at" else row._mapping[k])
+                        k: (as_utc(row._mapping[k]) if k == "held_at" else row._mapping[k])
                         for k in HeldObject.__dataclass_fields__
                     }
                 )
@@ -668,7 +669,7 @@ class Registry:
             .group_by(jobs.c.study_instance_uid)
         )
         with self.index.read() as conn:
-            return {uid: aware(done) for uid, done in conn.execute(query) if done is not None}
+            return {uid: as_utc(done) for uid, done in conn.execute(query) if done is not None}
 
     def cancel_work(
         self, study_uids: list[str], reason: str, now: datetime

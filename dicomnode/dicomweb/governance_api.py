@@ -16,6 +16,7 @@ from flask import Blueprint, Response, jsonify, request
 
 from dicomnode.archive.keys import sign_json
 from dicomnode.core.errors import InvalidInput, NotFound
+from dicomnode.core.times import parse_moment
 from dicomnode.core.uids import validate_uid
 from dicomnode.dicomweb.access import (
     GOVERNANCE_SCOPE_BY_METHOD,
@@ -46,10 +47,9 @@ def _moment(data: dict[str, Any], key: str) -> datetime | None:
     if value in (None, ""):
         return None
     try:
-        moment = datetime.fromisoformat(str(value))
+        return parse_moment(str(value))
     except ValueError:
         raise InvalidInput(f"{key!r} must be an ISO 8601 date or date-time") from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def _who() -> str:

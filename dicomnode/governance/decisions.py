@@ -276,23 +276,24 @@ def decide(
         "basis": rule.lawful_basis,
         "deid_profile": rule.deid_profile,
     }
-    if refused:
-        remaining = [p for p in request.patient_ids if p not in refused]
-        if not remaining or request.operation not in FILTERABLE_OPERATIONS:
-            first = next(iter(refused.values()))
-            more = f" (and {len(refused) - 1} more patients)" if len(refused) > 1 else ""
-            return Decision(
-                False,
-                first + more,
-                rule.id,
-                policy.version,
-                consent_refs=tuple(consent_refs),
-                denied_patients=tuple(sorted(refused)),
-                **allowed_details,  # type: ignore[arg-type]
-            )
+    if refused and request.operation not in FILTERABLE_OPERATIONS:  # a search leaves them out
+        first = next(iter(refused.values()))
+        more = f" (and {len(refused) - 1} more patients)" if len(refused) > 1 else ""
+        return Decision(
+            False,
+            first + more,
+            rule.id,
+            policy.version,
+            consent_refs=tuple(consent_refs),
+            denied_patients=tuple(sorted(refused)),
+            **allowed_details,  # type: ignore[arg-type]
+        )
     reason = rule.description or f"rule {rule.id} allows {activity_id}"
     if refused:
-        reason += f"; {len(refused)} patients left out: " + "; ".join(refused.values())
+        kept = len(request.patient_ids) - len(refused)
+        reason += f"; {len(refused)} patients left out ({kept} shown): " + "; ".join(
+            refused.values()
+        )
     return Decision(
         True,
         reason,

@@ -22,6 +22,7 @@ from functools import lru_cache
 from typing import Any
 
 from dicomnode.core.model import PublishedPolicy
+from dicomnode.core.times import as_utc
 from dicomnode.governance import codes, deid
 from dicomnode.governance.embedded import EMBEDDED_POLICY_TOML
 
@@ -251,7 +252,7 @@ def _check_code(code: str, table: dict[str, str], what: str, where: str) -> None
 
 def _aware(moment: Any, where: str) -> datetime:
     if isinstance(moment, datetime):
-        return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+        return as_utc(moment)  # type: ignore[return-value]
     if isinstance(moment, date):
         return datetime(moment.year, moment.month, moment.day, tzinfo=UTC)
     raise PolicyError(f"{where}: must be a TOML date or date-time, got {moment!r}")
