@@ -21,6 +21,7 @@ DIMSE_SERVICES = ("echo", "store", "find", "move", "get")
 DUPLICATE_POLICIES = ("reject", "replace")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("json", "text")
+SYSLOG_PROTOCOLS = ("tls", "tcp")
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,28 @@ class GovernanceSettings:
 
 
 @dataclass(frozen=True)
+class AuditSettings:
+    """DICOM audit trail messages (PS3.15 A.5): always written to a spool under data_dir and,
+    with `syslog_host` set, sent from there to the hospital's audit repository by syslog
+    (RFC 5424 over TLS, RFC 5425, or plain TCP, RFC 6587)."""
+
+    enabled: bool = True
+    syslog_host: str = ""  # empty: messages stay in the spool
+    syslog_port: int = 6514  # 6514 for "tls", 514 for "tcp" unless set
+    syslog_protocol: str = "tls"
+    ca_file: Path | None = None  # empty: the system's trusted CAs
+    cert_file: Path | None = None  # client certificate for mutual TLS
+    key_file: Path | None = None
+    check_hostname: bool = True
+    retry_interval: float = 10.0
+    send_timeout: float = 10.0
+    spool_max_bytes: int = 1024**3
+    spool_max_age_days: int = 0  # 0: no age limit
+    audit_source_id: str = ""  # empty: the node's AE title
+    enterprise_site_id: str = ""
+
+
+@dataclass(frozen=True)
 class DpoSettings:
     """The DPO's pages at /governance: sign-in (local accounts, the hospital's OIDC provider)
     and the session cookie."""
@@ -174,6 +197,7 @@ class Settings:
     auth: AuthSettings = field(default_factory=AuthSettings)
     analysis: AnalysisSettings = field(default_factory=AnalysisSettings)
     governance: GovernanceSettings = field(default_factory=GovernanceSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
     dpo: DpoSettings = field(default_factory=DpoSettings)
     peers: tuple[Peer, ...] = ()
     source: Path | None = None  # the file these settings came from
@@ -283,6 +307,7 @@ def _parse(data: dict[str, Any], base: Path) -> tuple[Settings, list[ConfigError
             "auth",
             "analysis",
             "governance",
+            "audit",
             "dpo",
             "peers",
         },
@@ -464,6 +489,56 @@ def _parse(data: dict[str, Any], base: Path) -> tuple[Settings, list[ConfigError
         analyzers=tuple(analyzers),
     )
 
+    t = r.table(data, "audit")
+    r.unknown(t, "audit.", set(AuditSettings.__dataclass_fields__))
+    au = AuditSettings()
+    protocol = r.value(
+        t, "audit.", "syslog_protocol", str, au.syslog_protocol, _one_of(SYSLOG_PROTOCOLS)
+    )
+    audit_files: dict[str, Path | None] = {}
+    for name in ("ca_file", "cert_file", "key_file"):
+        value = r.value(t, "audit.", name, str, "")
+        audit_files[name] = (base / value) if value else None
+        if value and protocol != "tls":
+            r.fail(f"audit.{name}", 'is only used with syslog_protocol = "tls"')
+        elif value and not (base / value).is_file():
+            r.fail(f"audit.{name}", f"file not found: {base / value}")
+    if audit_files["key_file"] and not audit_files["cert_file"]:
+        r.fail("audit.key_file", "needs audit.cert_file, the certificate it belongs to")
+
+    def _syslog_port(value: int) -> str | None:
+        return None if 1 <= value <= 65535 else f"must be 1-65535, got {value}"
+
+    audit = AuditSettings(
+        enabled=r.value(t, "audit.", "enabled", bool, au.enabled),
+        syslog_host=r.value(t, "audit.", "syslog_host", str, au.syslog_host).strip(),
+        syslog_port=r.value(
+            t, "audit.", "syslog_port", int, 6514 if protocol == "tls" else 514, _syslog_port
+        ),
+        syslog_protocol=protocol,
+        ca_file=audit_files["ca_file"],
+        cert_file=audit_files["cert_file"],
+        key_file=audit_files["key_file"],
+        check_hostname=r.value(t, "audit.", "check_hostname", bool, au.check_hostname),
+        retry_interval=float(
+            r.value(t, "audit.", "retry_interval", (int, float), au.retry_interval, _positive)
+        ),
+        send_timeout=float(
+            r.value(t, "audit.", "send_timeout", (int, float), au.send_timeout, _positive)
+        ),
+        spool_max_bytes=r.value(t, "audit.", "spool_max_bytes", int, au.spool_max_bytes, _positive),
+        spool_max_age_days=r.value(
+            t, "audit.", "spool_max_age_days", int, au.spool_max_age_days, _non_negative
+        ),
+        audit_source_id=(
+            r.value(t, "audit.", "audit_source_id", str, au.audit_source_id).strip()
+            or node.ae_title
+        ),
+        enterprise_site_id=r.value(
+            t, "audit.", "enterprise_site_id", str, au.enterprise_site_id
+        ).strip(),
+    )
+
     peers: list[Peer] = []
     raw_peers = data.get("peers", [])
     if not isinstance(raw_peers, list):
@@ -554,6 +629,7 @@ def _parse(data: dict[str, Any], base: Path) -> tuple[Settings, list[ConfigError
         auth=auth,
         analysis=analysis,
         governance=governance,
+        audit=audit,
         dpo=dpo,
         peers=tuple(peers),
     )

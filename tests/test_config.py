@@ -76,7 +76,7 @@ def test_shipped_example_file_is_valid_and_matches_the_defaults(monkeypatch):
     assert check_settings(REPO / "config" / "dicomnode.toml") == []
     shipped = read_settings(REPO / "config" / "dicomnode.toml")
     default = read_settings(None)
-    for section in ("node", "dimse", "http", "database", "logging", "auth"):
+    for section in ("node", "dimse", "http", "database", "logging", "auth", "audit"):
         assert getattr(shipped, section) == getattr(default, section), section
 
 
@@ -99,6 +99,19 @@ def test_shipped_example_file_is_valid_and_matches_the_defaults(monkeypatch):
         ),
         ('[dimse.tls]\ncert_file = "missing.pem"\n', "dimse.tls.cert_file", "file not found"),
         ("[http]\nport = true\n", "http.port", "must be int"),
+        ('[audit]\ncolour = "blue"\n', "audit.colour", "unknown key"),
+        ('[audit]\nsyslog_protocol = "udp"\n', "audit.syslog_protocol", "tls, tcp"),
+        ("[audit]\nsyslog_port = 0\n", "audit.syslog_port", "1-65535"),
+        ('[audit]\nca_file = "missing.pem"\n', "audit.ca_file", "file not found"),
+        ('[audit]\nsyslog_protocol = "tcp"\nca_file = "x.pem"\n', "audit.ca_file", "only used"),
+        (
+            '[audit]\nkey_file = "config/dicomnode.toml"\n',
+            "audit.key_file",
+            "needs audit.cert_file",
+        ),
+        ("[audit]\nretry_interval = 0\n", "audit.retry_interval", "greater than 0"),
+        ("[audit]\nspool_max_age_days = -1\n", "audit.spool_max_age_days", "0 or more"),
+        ("[audit]\nenabled = 1\n", "audit.enabled", "must be bool"),
     ],
 )
 def test_each_problem_names_its_key(tmp_path, text, key, words):
@@ -153,3 +166,23 @@ def test_serve_refuses_a_bad_file_naming_the_key(tmp_path):
     result = _cli("serve", "--config", str(bad))
     assert result.returncode == 2
     assert "dimse.port" in result.stderr
+
+
+def test_audit_defaults_follow_the_protocol_and_the_node(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ca.pem").write_text("not checked here")
+    path = tmp_path / "audit.toml"
+    path.write_text('[node]\nae_title = "NODE7"\n[audit]\nsyslog_host = "arr.hospital"\n')
+    audit = read_settings(path).audit
+    assert (audit.syslog_protocol, audit.syslog_port, audit.audit_source_id) == (
+        "tls",
+        6514,
+        "NODE7",
+    )
+    path.write_text(
+        '[audit]\nsyslog_host = "arr"\nsyslog_protocol = "tcp"\naudit_source_id = "SITE-A"\n'
+    )
+    audit = read_settings(path).audit
+    assert (audit.syslog_port, audit.audit_source_id, audit.ca_file) == (514, "SITE-A", None)
+    path.write_text('[audit]\nsyslog_host = "arr"\nca_file = "ca.pem"\n')
+    assert read_settings(path).audit.ca_file == tmp_path / "ca.pem"
