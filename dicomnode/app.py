@@ -15,6 +15,7 @@ from waitress.server import create_server
 from dicomnode import __version__
 from dicomnode.analysis.runner import AnalysisService
 from dicomnode.archive import Archive
+from dicomnode.archive.auditlog import AuditLog
 from dicomnode.archive.keys import (
     load_or_create_deid_secret,
     load_or_create_signing_key,
@@ -27,7 +28,7 @@ from dicomnode.dicomweb import WebServices, create_app
 from dicomnode.dicomweb.auth import TokenVerifier
 from dicomnode.dicomweb.stow_client import StowSender
 from dicomnode.egress import Egress
-from dicomnode.governance import PolicyError
+from dicomnode.governance import PolicyError, audit_events
 from dicomnode.intake import Intake
 from dicomnode.scp import DimseContext, DimseServer
 from dicomnode.scp.scu import DimseSender
@@ -43,7 +44,15 @@ def utc_now() -> datetime:
 def build_services(
     settings: Settings, archive: Archive, metrics: Metrics, clock: Callable[[], datetime] = utc_now
 ) -> tuple[Intake, Egress, Stewardship]:
-    """Intake, egress and stewardship over `archive`, with the node's peers and transports."""
+    """Intake, egress and stewardship over `archive`, with the node's peers, transports and
+    audit log (``archive.audit``)."""
+    archive.audit = AuditLog.from_settings(settings)
+    archive.audit.source = audit_events.reporter(
+        settings.node.ae_title,
+        settings.dimse.host,
+        settings.audit.audit_source_id,
+        settings.audit.enterprise_site_id,
+    )
     intake = Intake(archive, metrics, clock)
     egress = Egress(
         archive,
@@ -55,8 +64,9 @@ def build_services(
         clock=clock,
         delivery_attempts=settings.governance.delivery_attempts,
         deid_secret=load_or_create_deid_secret(settings.node.data_dir),
+        audit=archive.audit,
     )
-    return intake, egress, Stewardship(archive, clock)
+    return intake, egress, Stewardship(archive, clock, archive.audit)
 
 
 def publish_configured_policy(settings: Settings, stewardship: Stewardship) -> None:
@@ -121,6 +131,12 @@ class Node:
         }
 
     def start(self) -> None:
+        audit_log = self.archive.audit
+        audit_log.start_writer()
+        audit_log.start()
+        audit_log.submit(
+            lambda: audit_events.application(True, datetime.now(UTC), audit_log.source)
+        )
         if self.analysis is not None:
             self.analysis.start()
         self.housekeeping.start()
@@ -175,6 +191,12 @@ class Node:
         if self.analysis is not None:
             self.analysis.stop()
         self.housekeeping.stop()
+        audit_log = self.archive.audit
+        audit_log.submit(
+            lambda: audit_events.application(False, datetime.now(UTC), audit_log.source)
+        )
+        audit_log.stop_writer()
+        audit_log.stop()
         self.archive.close()
         log.info("dicomnode stopped", extra={"event": "stopped"})
 

@@ -22,14 +22,24 @@ from pydicom.dataset import Dataset
 
 from dicomnode import governance
 from dicomnode.archive import Archive
+from dicomnode.archive.auditlog import AuditLog
 from dicomnode.archive.registry import DENIED, DONE, Delivery
 from dicomnode.core.errors import DicomnodeError, NotFound, NotPermitted
 from dicomnode.core.model import LedgerKind, Level, Query, Source, StoredInstance
-from dicomnode.governance import Decision, DisclosureRequest, Party, Policy, deid
+from dicomnode.governance import (
+    Decision,
+    DisclosureRequest,
+    Party,
+    Policy,
+    audit,
+    audit_events,
+    deid,
+)
 
 log = logging.getLogger("dicomnode.egress")
 
 DELIVERY_LEASE = timedelta(minutes=30)
+STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
 
 
 def utc_now() -> datetime:
@@ -99,6 +109,7 @@ class Egress:
         clock: Callable[[], datetime] = utc_now,
         delivery_attempts: int = 5,
         deid_secret: bytes = b"",
+        audit: AuditLog | None = None,
     ) -> None:
         self.archive = archive
         self.peers = dict(peers or {})
@@ -106,7 +117,13 @@ class Egress:
         self.clock = clock
         self.delivery_attempts = delivery_attempts
         self.deid_secret = deid_secret
+        self.audit = audit
         self._in_force_seen: str | None = None
+
+    def _audit(self, build: Callable[[], bytes | list[bytes]]) -> None:
+        """Hand an audit message to the audit log (built off this thread); never raises."""
+        if self.audit is not None and self.audit.source is not None:
+            self.audit.submit(build)
 
     # --- the decision point -----------------------------------------------------------------
 
@@ -119,17 +136,22 @@ class Egress:
         if policy.version != self._in_force_seen:
             self._in_force_seen = policy.version
             match = next((p for p in published if p.version == policy.version), None)
-            if match is not None:
-                self.archive.registry.note_in_force(
-                    policy.version,
-                    now,
-                    {
-                        "version": policy.version,
-                        "sha256": match.sha256,
-                        "published_at": match.published_at.isoformat(),
-                        "effective_at": match.effective_at.isoformat(),
-                        "material": match.material,
-                    },
+            if match is not None and self.archive.registry.note_in_force(
+                policy.version,
+                now,
+                {
+                    "version": policy.version,
+                    "sha256": match.sha256,
+                    "published_at": match.published_at.isoformat(),
+                    "effective_at": match.effective_at.isoformat(),
+                    "material": match.material,
+                },
+            ):
+                what = f"governance policy {policy.version} came into force"
+                self._audit(
+                    lambda: audit_events.configuration_changed(
+                        match.published_by, what, now, self.audit.source
+                    )
                 )
         return policy
 
@@ -211,6 +233,13 @@ class Egress:
         else:
             kind = LedgerKind.DISCLOSURE if decision.allowed else LedgerKind.DENIAL
         entry = self.archive.ledger.record(kind, requester.caller, outcome, detail)
+        if not decision.allowed:
+            now = self.clock()
+            self._audit(
+                lambda: audit_events.refused(
+                    requester, request.operation, decision.reason, now, self.audit.source
+                )
+            )
         log.info(
             "disclosure %s",
             outcome,
@@ -229,9 +258,11 @@ class Egress:
 
     # --- answers to the hospital's queries and retrievals ------------------------------------
 
-    def find(self, query: Query, requester: Source) -> list[dict[str, Any]]:
+    def find(
+        self, query: Query, requester: Source, asked: audit.Query | None = None
+    ) -> list[dict[str, Any]]:
         """The answers to a search that governance allows to leave (answers about patients it
-        leaves out are dropped)."""
+        leaves out are dropped). `asked` is the query as received, for the audit message."""
         rows = self.archive.search(query)
         decision = self.decide(
             requester,
@@ -242,6 +273,12 @@ class Egress:
             len(rows),
         )
         self._refuse(decision)
+        now = self.clock()
+        self._audit(
+            lambda: audit_events.queried(
+                requester, asked or _as_dicom_query(query), now, self.audit.source
+            )
+        )
         if decision.denied_patients:
             left_out = set(decision.denied_patients)
             rows = [r for r in rows if r.get("PatientID") not in left_out]
@@ -285,6 +322,23 @@ class Egress:
             {"service": service, "sop_instance_uids": [i.sop_instance_uid for i in instances]},
         )
         self._refuse(decision)
+        now = self.clock()
+        if recipient is not None and recipient.peer in self.peers:
+            peer = self.peers[recipient.peer]
+            receiver = audit.dicom_application(peer.ae_title, peer.host)
+        else:
+            receiver = audit_events.participant(requester)
+        if instances:
+            self._audit(
+                lambda: audit_events.sent(
+                    requester,
+                    receiver,
+                    instances,
+                    now,
+                    self.audit.source,
+                    begin=operation in ("move", "get"),
+                )
+            )
         return instances
 
     # --- processing ---------------------------------------------------------------------------
@@ -442,6 +496,7 @@ class Egress:
                 f"{decision.reason} ({decision.rule_id})",
             )
             return registry.delivery(delivery.id)
+        target = None
         try:
             target = self._target(operation, delivery.recipient, decision)
             report = self.transports[target.transport].send(target, plan.items)
@@ -470,6 +525,9 @@ class Egress:
                 **outcome,
             },
         )
+        self._audit_transfer(
+            delivery, operation, target if report.sent else None, instances, report, plan
+        )
         if report.complete:  # withheld and deleted objects are not retried
             registry.finish_delivery(delivery.id, DONE, self.clock(), outcome)
         else:
@@ -488,6 +546,48 @@ class Egress:
                 extra={"event": "delivery", "delivery": delivery.id, "state": state},
             )
         return registry.delivery(delivery.id)
+
+    def _audit_transfer(
+        self,
+        delivery: Delivery,
+        operation: str,
+        target: Target | None,
+        instances: list[StoredInstance],
+        report: SendReport,
+        plan: _Plan,
+    ) -> None:
+        if target is None:
+            return
+        sent = [i for i in instances if i.sop_instance_uid in set(report.sent)]
+        now = self.clock()
+        if operation == "forward":
+            peer = target.peer
+            receiver = audit.dicom_application(peer.ae_title, peer.host)
+            self._audit(
+                lambda: audit_events.sent(
+                    Source("analysis", delivery.requested_by),
+                    receiver,
+                    sent,
+                    now,
+                    self.audit.source,
+                )
+            )
+            return
+        destination = target.url or (
+            f"dicom://{target.peer.ae_title}@{target.peer.host}:{target.peer.port}"
+        )
+        anonymized = bool(plan.ledger_detail.get("deidentified"))
+        self._audit(
+            lambda: audit_events.exported(
+                delivery.requested_by,
+                destination,
+                target.name,
+                sent,
+                anonymized,
+                now,
+                self.audit.source,
+            )
+        )
 
     def _plan(
         self, delivery: Delivery, decision: Decision, instances: list[StoredInstance]
@@ -576,3 +676,16 @@ class Egress:
     def _loader(self, instance: StoredInstance) -> Callable[[], Dataset]:
         path = self.archive.blob_file(instance)
         return lambda: pydicom.dcmread(path)
+
+
+def _as_dicom_query(query: Query) -> audit.Query:
+    """A query as a C-FIND identifier (Study Root), for the audit message of a search that
+    came without one."""
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = str(query.level)
+    for keyword, value in query.filters:
+        try:
+            setattr(identifier, keyword, value)
+        except (ValueError, TypeError, AttributeError):
+            continue  # a key pydicom cannot encode is left out of the audit copy
+    return audit.dicom_query(STUDY_ROOT_FIND, identifier)

@@ -22,7 +22,7 @@ from dicomnode.archive.ledger import Checkpoint
 from dicomnode.archive.registry import LegalHold, Restriction
 from dicomnode.core.errors import InvalidInput
 from dicomnode.core.model import ConsentRecord, PublishedPolicy
-from dicomnode.governance import codes
+from dicomnode.governance import audit_events, codes
 
 log = logging.getLogger("dicomnode.stewardship")
 
@@ -44,9 +44,12 @@ class PolicyStatus:
 
 
 class Stewardship:
-    def __init__(self, archive: Archive, clock: Callable[[], datetime] = utc_now) -> None:
+    def __init__(
+        self, archive: Archive, clock: Callable[[], datetime] = utc_now, audit: Any = None
+    ) -> None:
         self.archive = archive
         self.clock = clock
+        self.audit = audit  # the AuditLog, when the node keeps one
 
     # --- policy ---------------------------------------------------------------------------
 
@@ -81,6 +84,14 @@ class Stewardship:
                 p for p in self.archive.registry.published_policies() if p.version == policy.version
             )
             return existing, False
+        if self.audit is not None and self.audit.source is not None:
+            what = (
+                f"governance policy {policy.version} published; in force from "
+                f"{published.effective_at.isoformat()}"
+            )
+            self.audit.submit(
+                lambda: audit_events.configuration_changed(by, what, now, self.audit.source)
+            )
         log.info(
             "policy %s published; in force from %s",
             policy.version,

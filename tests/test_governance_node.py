@@ -484,3 +484,78 @@ def test_with_consent_a_share_arrives_deidentified_and_the_same_each_time(node, 
         received.PatientID,
     )
     assert second.StudyDate == received.StudyDate  # the same shift for the same patient
+
+
+# --- the audit trail --------------------------------------------------------------------
+
+
+def spooled_events(node) -> list[tuple[str, str, str]]:
+    """(EventID, EventActionCode, EventOutcomeIndicator) of every spooled audit message, each
+    validated against the shipped schema."""
+    from lxml import etree
+
+    from dicomnode.governance import audit
+
+    node.archive.audit.stop_writer()  # spool what was submitted
+    node.archive.audit.start_writer()
+    schema = etree.RelaxNG(etree.parse(str(audit.schema_path())))
+    events = []
+    for path in node.archive.audit.pending():
+        document = etree.parse(str(path))
+        assert schema.validate(document), (path.name, schema.error_log)
+        identification = document.find("EventIdentification")
+        events.append(
+            (
+                identification.find("EventID").get("csd-code"),
+                identification.get("EventActionCode"),
+                identification.get("EventOutcomeIndicator"),
+            )
+        )
+    return events
+
+
+def test_every_way_in_and_out_writes_an_audit_message(node, research, tmp_path):
+    files = write_series(tmp_path / "in", 2, patient_id="P3")
+    stored = run_dcmtk(
+        "storescu",
+        "-aet",
+        "WORKSTATION",
+        "-aec",
+        "DICOMNODE",
+        "127.0.0.1",
+        str(node.dimse.port),
+        *map(str, files),
+    )
+    assert stored.returncode == 0
+    c_find(node, PatientID="P1")
+    dicomweb_client(node).search_for_studies(search_filters={"PatientID": "P2"})
+    assert wado(node, "1.2.826.0.1.1", subject="ohif").status_code == 200
+    assert wado(node, "1.2.826.0.1.1", subject="lab-client").status_code == 403
+    node.stewardship.record_consent("P1", "HRESCH", "granted", "dpo")
+    share = governance_api(
+        node, "POST", "/shares", json={"recipient": "lab", "study": "1.2.826.0.1.1"}
+    )
+    assert share.status_code == 200
+    bad_token = requests.get(
+        f"{dicomweb_url(node)}/studies", timeout=10, headers={"Authorization": "Bearer nonsense"}
+    )
+    assert bad_token.status_code == 401
+    deleted = requests.delete(
+        f"{dicomweb_url(node)}/studies/1.2.826.0.1.2",
+        timeout=30,
+        headers={"Authorization": f"Bearer {token_for(node)}"},
+    )
+    assert deleted.status_code == 200
+
+    events = spooled_events(node)
+    ids = [e[0] for e in events]
+    assert ("110100", "E", "0") in events  # the node started
+    assert ("110104", "C", "0") in events  # received: the STOW of the fixture, the storescu
+    assert ids.count("110104") >= 3  # received twice, and sent by WADO-RS
+    assert ("110104", "R", "0") in events
+    assert ids.count("110112") == 2  # C-FIND and QIDO-RS
+    assert ("110113", "E", "4") in events  # the refused WADO-RS
+    assert ("110106", "R", "0") in events  # the share, a disclosure to a third party
+    assert ("110114", "E", "4") in events  # the bad token
+    assert ("110105", "D", "0") in events  # the deleted study
+    assert "110113" in ids and ids.count("110113") >= 2  # and the policy publication

@@ -60,6 +60,7 @@ class Archive:
         self.index = Index(self.engine)
         self.ledger = Ledger(self.index)
         self.registry = Registry(self.index, self.ledger)
+        self.audit: Any = None  # the AuditLog the services report to (set by the app)
         self.duplicate_policy = duplicate_policy
         removed = self.blobs.discard_partial_writes()
         if removed:

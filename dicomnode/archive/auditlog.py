@@ -25,6 +25,7 @@ import array
 import contextlib
 import logging
 import os
+import queue
 import re
 import select
 import socket
@@ -33,9 +34,11 @@ import tempfile
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from dicomnode.config import AuditSettings, Settings
 
@@ -118,6 +121,11 @@ class AuditLog:
         self._tls: ssl.SSLContext | None = None
         self._hostname = socket.gethostname()
         self._procid = str(os.getpid())
+        self.source: Any = None  # the AuditSource the node's messages name (set by the app)
+        self._builds: queue.Queue[Callable[[], bytes | list[bytes]] | None] = queue.Queue(
+            maxsize=10000
+        )
+        self._writer: threading.Thread | None = None
         if settings.enabled:
             self._load()
 
@@ -156,6 +164,49 @@ class AuditLog:
             log.exception("audit message not spooled", extra={"event": "audit_spool_failed"})
             if tmp_name:
                 Path(tmp_name).unlink(missing_ok=True)
+
+    def submit(self, build: Callable[[], bytes | list[bytes]]) -> None:
+        """Build and spool a message off the caller's path: `build` runs in the writer thread
+        (at once, in the caller's thread, when the writer is not running). Never raises: a full
+        queue or a builder that fails is logged (the ledger holds the record of every decision;
+        audit messages are the hospital's copy)."""
+        if not self.settings.enabled:
+            return
+        if self._writer is None:
+            self._build_and_emit(build)
+            return
+        try:
+            self._builds.put_nowait(build)
+        except queue.Full:
+            log.error("audit queue full: a message was dropped", extra={"event": "audit_dropped"})
+
+    def _build_and_emit(self, build: Callable[[], bytes | list[bytes]]) -> None:
+        try:
+            built = build()
+        except Exception:
+            log.exception("audit message not built", extra={"event": "audit_build_failed"})
+            return
+        for xml in built if isinstance(built, list) else [built]:
+            self.emit(xml)
+
+    def _write_loop(self) -> None:
+        while (build := self._builds.get()) is not None:
+            self._build_and_emit(build)
+
+    def start_writer(self) -> None:
+        """Build and spool submitted messages in a thread of their own (idempotent)."""
+        if self._writer is None and self.settings.enabled:
+            self._writer = threading.Thread(
+                target=self._write_loop, name="audit-writer", daemon=True
+            )
+            self._writer.start()
+
+    def stop_writer(self) -> None:
+        """Spool what was submitted, then stop the writer thread."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            self._builds.put(None)
+            writer.join()
 
     def pending(self) -> list[Path]:
         """The spooled messages not yet delivered, oldest first."""

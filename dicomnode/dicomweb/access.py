@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 from flask import Blueprint, current_app, g, request
 
 from dicomnode.core.model import Source
+from dicomnode.dicomweb.auth import AuthError
+from dicomnode.governance import audit_events
 
 SCOPE_BY_METHOD = {
     "GET": "dicomweb.read",
@@ -36,9 +40,26 @@ def require_token(blueprint: Blueprint, scopes: dict[str, str] = SCOPE_BY_METHOD
     def check() -> None:
         if request.method == "OPTIONS":  # CORS preflight carries no credentials
             return
-        principal = services().verifier.verify(request.headers.get("Authorization"))
+        try:
+            principal = services().verifier.verify(request.headers.get("Authorization"))
+        except AuthError as e:
+            address, now = request.remote_addr or "", datetime.now(UTC)
+            reason = f"{request.method} {request.path}: {e}"  # the request ends before the build
+            audit(
+                lambda by: audit_events.authentication_failed(
+                    "bearer-token", address, reason, now, by
+                )
+            )
+            raise
         principal.require(scopes.get(request.method, scopes["POST"]))  # unknown: as a write
         g.principal = principal
+
+
+def audit(build: Callable[[Any], bytes | list[bytes]]) -> None:
+    """Hand an audit message to the node's audit log; `build` gets the reporter."""
+    audit_log = services().archive.audit
+    if audit_log is not None and audit_log.source is not None:
+        audit_log.submit(lambda: build(audit_log.source))
 
 
 def requester() -> Source:

@@ -21,6 +21,7 @@ from dicomnode.core.model import Level, Query
 from dicomnode.core.uids import validate_uid
 from dicomnode.dicomweb.access import base_url, requester, require_token, services
 from dicomnode.dicomweb.dicomjson import row_to_json
+from dicomnode.governance import audit
 
 MAX_LIMIT = 10_000
 _CONTROL = {"includefield", "limit", "offset", "fuzzymatching"}
@@ -107,7 +108,7 @@ def search(level: Level, **path: str) -> Response:
     if "series" in path:
         fixed["SeriesInstanceUID"] = validate_uid(path["series"], "SeriesInstanceUID")
     query, fuzzy = _query(level, fixed)
-    rows = services().egress.find(query, requester())
+    rows = services().egress.find(query, requester(), audit.web_query(request.url))
     body = [row_to_json(row, {"RetrieveURL": _retrieve_url(row, level)}) for row in rows]
     response = Response(json.dumps(body), status=200, mimetype="application/dicom+json")
     if fuzzy:

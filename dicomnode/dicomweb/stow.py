@@ -11,6 +11,7 @@ path as C-STORE. The answer lists what was stored and why anything failed:
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from typing import Any
 
 import pydicom
@@ -20,10 +21,11 @@ from werkzeug.http import parse_options_header
 from dicomnode.core.errors import DicomnodeError, InvalidInput
 from dicomnode.core.statuses import status_for
 from dicomnode.core.uids import validate_uid
-from dicomnode.dicomweb.access import base_url, requester, require_token, services
+from dicomnode.dicomweb.access import audit, base_url, requester, require_token, services
 from dicomnode.dicomweb.dicomjson import sequence_item, stow_response
 from dicomnode.dicomweb.errors import UnsupportedMediaType
 from dicomnode.dicomweb.multipart import read_multipart
+from dicomnode.governance import audit_events
 
 
 def _parts() -> list:
@@ -54,6 +56,7 @@ def store(study: str | None = None) -> Response:
     intake, source = services().intake, requester()
     referenced: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []
+    filed: list[Any] = []
     for number, part in enumerate(parts, start=1):
         part_type = parse_options_header(part.content_type or "application/dicom")[0].lower()
         try:
@@ -64,6 +67,8 @@ def store(study: str | None = None) -> Response:
             failed.append(_failure(e, part, number))
             continue
         stored = result.instance
+        if result.outcome in ("stored", "replaced"):
+            filed.append(stored)
         referenced.append(
             sequence_item(
                 ReferencedSOPClassUID=stored.sop_class_uid,
@@ -72,6 +77,9 @@ def store(study: str | None = None) -> Response:
                 f"{stored.series_instance_uid}/instances/{stored.sop_instance_uid}",
             )
         )
+    if filed:
+        now = datetime.now(UTC)
+        audit(lambda by: audit_events.received(source, filed, now, by))
     status = 200 if not failed else 202 if referenced else 409
     study_url = f"{base_url()}/studies/{study}" if study else None
     body = stow_response(study_url, referenced, failed)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from io import BytesIO
 
 import pydicom
@@ -21,10 +22,11 @@ from dicomnode.core.errors import InvalidInput, NotFound
 from dicomnode.core.model import Level, StoredInstance
 from dicomnode.core.uids import validate_uid
 from dicomnode.dicomweb import media, render
-from dicomnode.dicomweb.access import base_url, requester, require_token, services
+from dicomnode.dicomweb.access import audit, base_url, requester, require_token, services
 from dicomnode.dicomweb.dicomjson import dataset_to_json, resolve_bulk_path
 from dicomnode.dicomweb.errors import NotAcceptable
 from dicomnode.dicomweb.multipart import file_chunks, new_boundary, stream_multipart
+from dicomnode.governance import audit_events
 
 log = logging.getLogger("dicomnode.wado")
 
@@ -256,6 +258,8 @@ def delete(study: str, series: str | None = None, instance: str | None = None) -
     level, filters = _filters(study, series, instance)
     who = requester()
     removed = services().archive.delete(level, filters, who.caller, "DICOMweb DELETE request")
+    now = datetime.now(UTC)
+    audit(lambda by: audit_events.deleted(who, removed, "DICOMweb DELETE request", now, by))
     log.info(
         "deleted %d instances",
         len(removed),

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import pydicom
@@ -26,7 +27,7 @@ from dicomnode.core.errors import DicomnodeError, NotPermitted, UnknownDestinati
 from dicomnode.core.metrics import Metrics
 from dicomnode.core.model import Source, StoredInstance
 from dicomnode.egress import Egress
-from dicomnode.governance import Party
+from dicomnode.governance import Party, audit, audit_events
 from dicomnode.intake import Intake
 from dicomnode.scp import status
 from dicomnode.scp.identifiers import identifier_from_row, query_from_identifier
@@ -107,10 +108,16 @@ def handle_echo(event: evt.Event, ctx: DimseContext) -> int | Dataset:
     return status.SUCCESS
 
 
+def _audit(ctx: DimseContext, build: Any) -> None:
+    audit_log = ctx.intake.archive.audit
+    if audit_log is not None and audit_log.source is not None:
+        audit_log.submit(lambda: build(audit_log.source))
+
+
 def handle_store(event: evt.Event, ctx: DimseContext) -> int | Dataset:
     try:
         source = _source(event, ctx, "store")
-        ctx.intake.receive_dimse(
+        result = ctx.intake.receive_dimse(
             event.encoded_dataset(include_meta=False),
             event.context.transfer_syntax,
             event.request.AffectedSOPClassUID,
@@ -123,6 +130,11 @@ def handle_store(event: evt.Event, ctx: DimseContext) -> int | Dataset:
         _count(event, ctx, "store", status.status_for(e))
         return status.failure(e)
     _count(event, ctx, "store", status.SUCCESS)
+    if result.outcome in ("stored", "replaced"):
+        with ctx.lock:
+            stats = ctx.associations.get(id(event.assoc))
+            if stats is not None:
+                stats.setdefault("_received", []).append(result.instance)
     return status.SUCCESS
 
 
@@ -133,7 +145,9 @@ def handle_find(
         source = _source(event, ctx, "find")
         request = event.identifier
         query = query_from_identifier(request, event.request.AffectedSOPClassUID)
-        rows = ctx.egress.find(query, source)
+        rows = ctx.egress.find(
+            query, source, audit.dicom_query(event.request.AffectedSOPClassUID, request)
+        )
     except Exception as e:
         if not isinstance(e, DicomnodeError):
             log.exception("C-FIND failed unexpectedly")
@@ -302,6 +316,13 @@ def _closed(event: evt.Event, ctx: DimseContext, outcome: str) -> None:
     ctx.metrics.add("dicomnode_associations_closed_total", how=outcome)
     ctx.metrics.add("dicomnode_associations_active", -1)
     started = stats.pop("started")
+    received = stats.pop("_received", [])
+    if received:
+        sender = Source(
+            "dimse", event.assoc.requestor.ae_title.strip(), event.assoc.requestor.address
+        )
+        now = datetime.now(UTC)
+        _audit(ctx, lambda by: audit_events.received(sender, received, now, by))
     log.info(
         "association %s",
         outcome,
@@ -326,6 +347,15 @@ def on_aborted(event: evt.Event, ctx: DimseContext) -> None:
 
 def on_rejected(event: evt.Event, ctx: DimseContext) -> None:
     ctx.metrics.add("dicomnode_associations_total", outcome="rejected")
+    caller = event.assoc.requestor.ae_title.strip() or "unknown"
+    address = event.assoc.requestor.address or "unknown"
+    now = datetime.now(UTC)
+    _audit(
+        ctx,
+        lambda by: audit_events.authentication_failed(
+            caller, address, "association rejected", now, by
+        ),
+    )
     log.info(
         "association rejected",
         extra={
