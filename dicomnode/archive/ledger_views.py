@@ -204,6 +204,18 @@ class LedgerViews:
             row = conn.execute(query.order_by(_t.c.seq.desc()).limit(1)).first()
         return _entry(row) if row else None
 
+    def patient_studies(self, patient_id: str) -> list[str]:
+        """The Study Instance UIDs the index holds under this Patient ID (any issuer)."""
+        st, p = schema.studies, schema.patients
+        with self.index.read() as conn:
+            return list(
+                conn.execute(
+                    select(st.c.study_instance_uid)
+                    .join(p, st.c.patient_pk == p.c.id)
+                    .where(p.c.patient_id == patient_id)
+                ).scalars()
+            )
+
     def recipients_with_copies(self, study_uids: list[str], before_seq: int) -> list[str]:
         """The recipients that were given a copy of any of these studies (an allowed
         disclosure of a copying operation) before entry `before_seq`."""
