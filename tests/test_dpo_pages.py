@@ -128,6 +128,10 @@ def research(storescp):
 
 @pytest.fixture
 def node(start_node, research):
+    return prepared_node(start_node, research)
+
+
+def prepared_node(start_node, research):
     """A node with the hospital's policy, two patients' studies, a DPO and an auditor."""
     node = start_node(peers=[WORKSTATION, research_pacs(research.port)])
     publish_days_ago(node, policy_text() + RETENTION)
@@ -460,7 +464,17 @@ def test_the_accounting_lists_exactly_that_patients_disclosures(node):
     assert only["recipient"] == "hospital" and only["operation"] == "find"
     assert "part of an answer about 2 patients" in only["what"]
     assert only["study_instance_uids"] == STUDY_2  # not P1's study from the same answer
+    p1 = list(
+        csv.DictReader(io.StringIO(client.get("/governance/accounting.csv?patient_id=P1").text))
+    )
+    share = next(r for r in p1 if r["operation"] == "share")
+    assert (share["recipient"], share["deidentified"], share["deid_profile"]) == (
+        "lab",
+        "yes",
+        "research",
+    )
     summary = client.get("/governance/accounting?patient_id=P1").text
+    assert "sent de-identified (profile research)" in summary
     assert "Imaging Research Institute" in summary and "HRESCH" in summary
 
 
@@ -531,6 +545,8 @@ def test_the_record_of_processing_activities_comes_from_the_policy_in_force(node
     assert research["data_categories"][0]["code"] == "received-images"
     hospital = next(a for a in record["activities"] if a["id"] == "hospital-access")
     assert hospital["recipients"] == ["hospital"]
+    analysis = next(a for a in record["activities"] if a["id"] == "analysis")
+    assert analysis["recipients"] == []  # processing, not a disclosure
     assert {r["id"] for r in record["recipients"]} == {"hospital", "lab"}
     assert record["transfers_abroad"] == []
     (limit,) = record["erasure_time_limits"]

@@ -56,6 +56,7 @@ ACCOUNTING_COLUMNS = (
     "what",
     "study_instance_uids",
     "deid_profile",
+    "deidentified",
 )
 RETENTION_COLUMNS = (
     "study_instance_uid",
@@ -168,6 +169,11 @@ def accounting_row(
         "what": what,
         "study_instance_uids": studies,
         "deid_profile": str(detail.get("deid_profile", "")),
+        # recorded by deliveries (shares): whether what left was de-identified; other
+        # operations record only the rule's profile
+        "deidentified": (
+            ("yes" if detail["deidentified"] else "no") if "deidentified" in detail else ""
+        ),
     }
 
 
@@ -202,15 +208,18 @@ def _coded(code: str, table: dict[str, str]) -> dict[str, str]:
 
 
 def _recipients_of(policy: Policy, activity_id: str) -> list[str]:
-    """The recipients a rule allows the activity to go to."""
+    """The recipients a rule allows the activity to go to (none for processing: intake,
+    analysis, and a data subject's own access)."""
     kinds = ACTIVITY_RECIPIENT_KINDS.get(activity_id, frozenset())
+    if not kinds:
+        return []
     found: list[str] = []
     for rule in policy.rules:
         if rule.effect != "allow" or rule.activity != activity_id:
             continue
         for name in rule.recipients:
             if name == "*":
-                matches = [r.id for r in policy.recipients if not kinds or r.kind in kinds]
+                matches = [r.id for r in policy.recipients if r.kind in kinds]
             elif name.startswith("kind:"):
                 kind = name.removeprefix("kind:")
                 matches = [r.id for r in policy.recipients if r.kind == kind]
