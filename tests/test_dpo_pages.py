@@ -636,6 +636,47 @@ def test_repeated_failures_lock_the_account_and_every_attempt_is_logged(node, ca
     assert (success.outcome, success.user, success.role) == ("success", "aud1", "auditor")
 
 
+def authentication_messages(node) -> list[tuple[str, str, str]]:
+    """(event type, outcome, user) of each User Authentication audit message (DCM 110114)
+    spooled, and each Audit Log Used message (110101) as ("log-used", outcome, user)."""
+    from lxml import etree
+
+    node.archive.audit.stop_writer()  # spool what was submitted
+    node.archive.audit.start_writer()
+    found = []
+    for path in node.archive.audit.pending():
+        document = etree.parse(str(path))
+        event = document.find("EventIdentification")
+        code = event.find("EventID").get("csd-code")
+        if code not in ("110114", "110101"):
+            continue
+        requestor = next(
+            p for p in document.findall("ActiveParticipant") if p.get("UserIsRequestor") == "true"
+        )
+        if code == "110114":
+            kind = event.find("EventTypeCode").get("csd-code")
+            found.append((kind, event.get("EventOutcomeIndicator"), requestor.get("UserID")))
+        else:
+            found.append(("log-used", event.get("EventOutcomeIndicator"), requestor.get("UserID")))
+    return found
+
+
+def test_sign_ins_sign_outs_and_exports_write_audit_messages(node):
+    client = browser(node)
+    assert client.sign_in("dpo1", "not the password").status_code == 401
+    client = signed_in(node)
+    assert client.get("/governance/disclosures.csv").status_code == 200
+    token = client.csrf("/governance/ledger")
+    assert client.post("/governance/signout", data={"csrf_token": token}).status_code == 200
+    login, logout, failure, success = "110122", "110123", "4", "0"
+    assert authentication_messages(node) == [
+        (login, failure, "dpo1"),
+        (login, success, "dpo1"),
+        ("log-used", success, "dpo1"),
+        (logout, success, "dpo1"),
+    ]
+
+
 def test_cli_adds_lists_and_disables_accounts(node):
     config = str(node.settings.source)
 
