@@ -145,24 +145,15 @@ class LedgerViews:
                 ).scalar_one()
             )
 
-    def iter(
-        self, f: LedgerFilter, newest_first: bool = True, batch: int = 1000
-    ) -> Iterator[LedgerEntry]:
-        """Every matching entry (all pages), read in batches: for exports."""
-        last: int | None = None
+    def iter(self, f: LedgerFilter, newest_first: bool = True) -> Iterator[LedgerEntry]:
+        """Every matching entry (all pages) from one query whose rows are streamed, not
+        loaded at once: for exports. The read stays open while the caller iterates."""
         order = _t.c.seq.desc() if newest_first else _t.c.seq
-        while True:
-            clauses = self._where(f)
-            if last is not None:
-                clauses.append(_t.c.seq < last if newest_first else _t.c.seq > last)
-            with self.index.read() as conn:
-                rows = conn.execute(
-                    select(_t).where(and_(*clauses)).order_by(order).limit(batch)
-                ).all()
-            yield from (_entry(r) for r in rows)
-            if len(rows) < batch:
-                return
-            last = rows[-1].seq
+        query = select(_t).where(and_(*self._where(f))).order_by(order)
+        with self.index.read() as conn:
+            rows = conn.execution_options(stream_results=True, yield_per=1000).execute(query)
+            for row in rows:
+                yield _entry(row)
 
     def daily_counts(self, f: LedgerFilter) -> list[tuple[str, str, int]]:
         """(UTC day, recipient, entries) for the matching entries, oldest day first."""
