@@ -87,7 +87,11 @@ class Node:
         self.settings = settings
         self.metrics = Metrics()
         self.archive = Archive(
-            settings.node.data_dir, settings.database_url, settings.dimse.duplicate_policy
+            settings.node.data_dir,
+            settings.database_url,
+            settings.dimse.duplicate_policy,
+            settings.node.quota_bytes,
+            settings.node.min_free_bytes,
         )
         self.intake, self.egress, self.stewardship = build_services(
             settings, self.archive, self.metrics, clock
@@ -217,8 +221,8 @@ class Node:
 
 class Housekeeping:
     """The node's periodic governance work, each task on its own interval: send due
-    deliveries (forwarded results, shares) and sign ledger checkpoints. A task that fails is
-    logged and tried again at its next turn."""
+    deliveries (forwarded results, shares), sweep expired data, sign ledger checkpoints. A task
+    that fails is logged and tried again at its next turn."""
 
     def __init__(self, node: Node) -> None:
         self.node = node
@@ -229,6 +233,8 @@ class Housekeeping:
         ]
         if governance.checkpoint_interval > 0:
             self.tasks.append(("checkpoint", governance.checkpoint_interval, self.checkpoint))
+        if governance.retention_interval > 0:
+            self.tasks.append(("retention", governance.retention_interval, self.retention_sweep))
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -238,6 +244,9 @@ class Housekeeping:
         while not self._stop.is_set() and self.node.egress.deliver_due(self.worker, backoff):
             sent += 1
         return sent
+
+    def retention_sweep(self) -> object:
+        return self.node.stewardship.retention_sweep("dicomnode:retention")
 
     def checkpoint(self) -> object:
         key = self.node.signing_key

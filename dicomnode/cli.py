@@ -75,7 +75,13 @@ def _open_archive(config: str | None) -> Any:
     from dicomnode.archive import Archive
 
     settings = read_settings(config)
-    return Archive(settings.node.data_dir, settings.database_url, settings.dimse.duplicate_policy)
+    return Archive(
+        settings.node.data_dir,
+        settings.database_url,
+        settings.dimse.duplicate_policy,
+        settings.node.quota_bytes,
+        settings.node.min_free_bytes,
+    )
 
 
 def _archive_check(args: argparse.Namespace) -> int:
@@ -306,6 +312,24 @@ def _policy_diff(args: argparse.Namespace) -> int:
     return 0
 
 
+def _policy_deid(args: argparse.Namespace) -> int:
+    from dicomnode.governance import deid
+
+    with _node_services(args.config) as node:
+        policy = node.stewardship.policy_status().in_force
+    rule = policy.deid_profile(args.profile)
+    if rule is None:
+        known = ", ".join(p.id for p in policy.deid_profiles) or "none"
+        print(
+            f"no de-identification profile {args.profile!r} in force (known: {known})",
+            file=sys.stderr,
+        )
+        return 1
+    statement = deid.conformance_statement(deid.DeidProfile(rule.id, frozenset(rule.options)))
+    print(json.dumps(statement, indent=2, ensure_ascii=False))
+    return 0
+
+
 def _policy_publish(args: argparse.Namespace) -> int:
     from dicomnode.governance import PolicyError
 
@@ -369,13 +393,82 @@ def _consent_history(args: argparse.Namespace) -> int:
 
 
 def _subject(args: argparse.Namespace) -> int:
+    from dicomnode.core.model import Source
+
     with _node_services(args.config) as node:
-        if args.subject_command == "restrict":
+        command = args.subject_command
+        if command == "restrict":
             restriction = node.stewardship.restrict(args.patient_id, _who(args), args.reason or "")
             print(f"patient {args.patient_id} restricted ({restriction.ref})")
-        else:
+        elif command == "unrestrict":
             restriction = node.stewardship.unrestrict(args.patient_id, _who(args))
             print(f"patient {args.patient_id}: {restriction.ref} lifted")
+        elif command == "export":
+            summary = node.egress.export_subject(
+                args.patient_id,
+                Source("cli", _who(args)),
+                Path(args.output),
+                node.stewardship.subject_context(args.patient_id),
+            )
+            print(
+                f"{len(summary['files'])} DICOM files of {len(summary['studies'])} studies and "
+                f"a summary of {len(summary['disclosures'])} disclosures written to {args.output}"
+            )
+        else:
+            outcome = node.stewardship.erase_subject(args.patient_id, _who(args))
+            print(outcome.reason, file=sys.stdout if outcome.done else sys.stderr)
+            return 0 if outcome.done else 1
+    return 0
+
+
+def _retention(args: argparse.Namespace) -> int:
+    with _node_services(args.config) as node:
+        if args.retention_command == "status":
+            for item in node.stewardship.retention_status():
+                print(
+                    f"{item.action:<9} {item.category:<16} {item.study_instance_uid}  "
+                    f"{item.instances} objects  {item.reason}"
+                )
+            return 0
+        report = node.stewardship.retention_sweep(_who(args), dry_run=args.dry_run)
+    verb = "would destroy" if report.dry_run else "destroyed"
+    for item in report.destroyed:
+        print(f"{verb}: {item.category} of study {item.study_instance_uid} ({item.reason})")
+    for item in report.skipped:
+        print(f"kept: {item.category} of study {item.study_instance_uid} ({item.reason})")
+    print(
+        f"{len(report.destroyed)} {verb}, {len(report.skipped)} kept under legal hold, "
+        f"{len({i.study_instance_uid for i in report.items})} studies considered"
+        + (" (dry run: nothing changed)" if report.dry_run else "")
+    )
+    return 0
+
+
+def _hold(args: argparse.Namespace) -> int:
+    with _node_services(args.config) as node:
+        if args.hold_command == "place":
+            hold = node.stewardship.place_hold(
+                _who(args),
+                args.owner,
+                args.reason,
+                patient_id=args.patient_id,
+                study_uid=args.study,
+                case_ref=args.case or "",
+                review_date=_moment(args.review),
+            )
+            print(f"placed {hold.ref} on {hold.patient_id or hold.study_instance_uid}")
+        elif args.hold_command == "release":
+            hold = node.stewardship.release_hold(args.id, _who(args))
+            print(f"released {hold.ref}")
+        else:
+            for hold in node.archive.registry.holds(active_only=not args.all):
+                state = "active" if hold.active else f"released {hold.released_at:%Y-%m-%d}"
+                review = f", review {hold.review_date:%Y-%m-%d}" if hold.review_date else ""
+                print(
+                    f"{hold.ref:<8} {hold.patient_id or hold.study_instance_uid}  "
+                    f"owner {hold.owner}, case {hold.case_ref or '-'}{review}: {hold.reason} "
+                    f"({state})"
+                )
     return 0
 
 
@@ -622,6 +715,14 @@ def _governance_parsers(commands: Any) -> None:
     )
     diff.add_argument("file")
     diff.set_defaults(run=_policy_diff)
+    statement = with_config(
+        policy_commands.add_parser(
+            "deid-statement",
+            help="the PS3.15 E.1.3 conformance statement of a de-identification profile",
+        )
+    )
+    statement.add_argument("profile", help="the profile's id in the policy in force")
+    statement.set_defaults(run=_policy_deid)
     publish = with_by(
         with_config(
             policy_commands.add_parser(
@@ -663,12 +764,52 @@ def _governance_parsers(commands: Any) -> None:
     for name, text in (
         ("restrict", "stop analysis and every disclosure of a patient's data"),
         ("unrestrict", "lift a patient's restriction"),
+        ("export", "write the patient's DICOM files and a summary of every disclosure"),
+        ("erase", "destroy the patient's data, unless a legal hold or retention duty applies"),
     ):
         sub = with_by(with_config(subject_commands.add_parser(name, help=text)))
         sub.add_argument("--patient-id", required=True)
         if name == "restrict":
             sub.add_argument("--reason")
+        if name == "export":
+            sub.add_argument("--output", required=True, help="folder to write (created)")
         sub.set_defaults(run=_subject)
+
+    retention = commands.add_parser("retention", help="retention and destruction")
+    retention_commands = retention.add_subparsers(dest="retention_command", required=True)
+    sweep = with_by(
+        with_config(
+            retention_commands.add_parser(
+                "sweep", help="destroy what expired (a running node does this on its own)"
+            )
+        )
+    )
+    sweep.add_argument("--dry-run", action="store_true", help="list what would go, change nothing")
+    sweep.set_defaults(run=_retention)
+    status = with_config(
+        retention_commands.add_parser(
+            "status", help="every study's expiry and what a sweep now would do"
+        )
+    )
+    status.set_defaults(run=_retention)
+
+    hold = commands.add_parser("hold", help="legal holds (block every deletion)")
+    hold_commands = hold.add_subparsers(dest="hold_command", required=True)
+    place = with_by(with_config(hold_commands.add_parser("place", help="place a legal hold")))
+    target = place.add_mutually_exclusive_group(required=True)
+    target.add_argument("--patient-id")
+    target.add_argument("--study", help="StudyInstanceUID")
+    place.add_argument("--owner", required=True, help="who answers for the hold")
+    place.add_argument("--reason", required=True)
+    place.add_argument("--case", help="case reference")
+    place.add_argument("--review", help="review date (ISO 8601)")
+    place.set_defaults(run=_hold)
+    release = with_by(with_config(hold_commands.add_parser("release", help="release a hold")))
+    release.add_argument("id", type=int)
+    release.set_defaults(run=_hold)
+    listing = with_config(hold_commands.add_parser("list", help="active holds"))
+    listing.add_argument("--all", action="store_true", help="released ones too")
+    listing.set_defaults(run=_hold)
 
     share = with_by(
         with_config(

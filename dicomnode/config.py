@@ -28,6 +28,8 @@ SYSLOG_PROTOCOLS = ("tls", "tcp")
 class NodeSettings:
     ae_title: str = "DICOMNODE"
     data_dir: Path = Path("dicomnode-data")
+    quota_bytes: int = 0  # stored objects may take this much; 0 = no quota
+    min_free_bytes: int = 256 * 1024**2  # new data is refused when less than this is free
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,7 @@ class GovernanceSettings:
     delivery_interval: float = 2.0  # seconds between looks for due deliveries
     delivery_attempts: int = 5  # tries per delivery (forward, share) before it stays failed
     delivery_backoff: float = 30.0  # seconds before the first retry; doubles each time
+    retention_interval: float = 86400.0  # seconds between retention sweeps in serve; 0 = off
     stow_token_files: tuple[tuple[str, Path], ...] = ()  # recipient id -> bearer token file
 
 
@@ -314,11 +317,14 @@ def _parse(data: dict[str, Any], base: Path) -> tuple[Settings, list[ConfigError
     )
 
     t = r.table(data, "node")
-    r.unknown(t, "node.", {"ae_title", "data_dir"})
+    r.unknown(t, "node.", set(NodeSettings.__dataclass_fields__))
     data_dir = Path(r.value(t, "node.", "data_dir", str, "dicomnode-data", _nonempty))
+    n = NodeSettings()
     node = NodeSettings(
         ae_title=r.value(t, "node.", "ae_title", str, "DICOMNODE", _ae_title).strip(),
         data_dir=data_dir if data_dir.is_absolute() else (base / data_dir),
+        quota_bytes=r.value(t, "node.", "quota_bytes", int, n.quota_bytes, _non_negative),
+        min_free_bytes=r.value(t, "node.", "min_free_bytes", int, n.min_free_bytes, _non_negative),
     )
 
     t = r.table(data, "dimse")
@@ -616,6 +622,16 @@ def _parse(data: dict[str, Any], base: Path) -> tuple[Settings, list[ConfigError
             )
         ),
         stow_token_files=tuple((k, base / v) for k, v in sorted(tokens.items())),
+        retention_interval=float(
+            r.value(
+                t,
+                "governance.",
+                "retention_interval",
+                (int, float),
+                g.retention_interval,
+                _non_negative,
+            )
+        ),
     )
 
     dpo = _parse_dpo(r, r.table(data, "dpo"), base)

@@ -10,11 +10,14 @@ leaves. Processing (an analysis job) asks through the same decision point. Data 
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, Protocol
 
 import pydicom
@@ -23,6 +26,7 @@ from pydicom.dataset import Dataset
 from dicomnode import governance
 from dicomnode.archive import Archive
 from dicomnode.archive.auditlog import AuditLog
+from dicomnode.archive.jobs import JobStore
 from dicomnode.archive.registry import DENIED, DONE, Delivery
 from dicomnode.core.errors import DicomnodeError, NotFound, NotPermitted
 from dicomnode.core.model import LedgerKind, Level, Query, Source, StoredInstance
@@ -172,7 +176,7 @@ class Egress:
         now = self.clock()
         policy = self.policy(now)
         request = self._request(requester, operation, recipient, patient_ids, study_uids)
-        facts = self.archive.registry.facts(patient_ids) if patient_ids else {}
+        facts = self.archive.registry.governed_facts(patient_ids) if patient_ids else {}
         decision = governance.decide(request, facts, policy, now)
         if record == "always" or (record == "unless-allowed" and not decision.allowed):
             self._record(requester, request, decision, count, extra or {})
@@ -358,6 +362,92 @@ class Egress:
             {"job": job_id, "analyzer": analyzer},
             record="unless-allowed",
         )
+
+    # --- data-subject access (PIPA 35, GDPR 15/20) ------------------------------------------
+
+    def export_subject(
+        self, patient_id: str, requester: Source, out_dir: Path, context: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Write every object of a patient (as stored) under `out_dir/DICOM/`, and a summary of
+        what was done with the data and every disclosure of it (`summary.json`, and the same as
+        readable text in `summary.txt`). `context` adds consents, restrictions and retention.
+        The export is a decision (subject access) recorded like any other; returns the summary."""
+        instances = self.archive.find_instances(Level.PATIENT, (("PatientID", patient_id),))
+        decision = self.decide(
+            requester,
+            "export",
+            Party("cli"),
+            {patient_id},
+            {i.study_instance_uid for i in instances},
+            len(instances),
+            {"sop_instance_uids": [i.sop_instance_uid for i in instances]},
+        )
+        self._refuse(decision)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        files = []
+        for instance in instances:
+            relative = Path("DICOM") / self.archive.blobs.relative_path(
+                instance.study_instance_uid,
+                instance.series_instance_uid,
+                instance.sop_instance_uid,
+            )
+            (out_dir / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(self.archive.blob_file(instance), out_dir / relative)
+            files.append(str(relative))
+        disclosures, processing = [], []
+        for entry in self.archive.ledger.entries():
+            data = entry.data
+            if patient_id not in (data.get("patient_ids") or ()):
+                continue
+            row = {
+                "seq": entry.seq,
+                "at": entry.recorded_at,
+                "kind": entry.kind,
+                "outcome": entry.outcome,
+                "operation": data.get("operation") or data.get("request", ""),
+                "recipient": data.get("recipient", ""),
+                "purpose": data.get("purpose", ""),
+                "basis": data.get("basis", ""),
+                "reason": data.get("reason", ""),
+            }
+            if entry.kind in ("disclosure", "transfer", "denial"):
+                disclosures.append(row)
+            else:
+                processing.append(row)
+        jobs = [
+            job.as_dict()
+            for job in JobStore(self.archive.index).list(limit=10000)
+            if job.patient_id == patient_id
+        ]
+        summary = {
+            "patient_id": patient_id,
+            "exported_at": self.clock().isoformat(),
+            "policy_version": decision.policy_version,
+            "studies": sorted({i.study_instance_uid for i in instances}),
+            "files": files,
+            "analyses": [
+                {k: j[k] for k in ("id", "analyzer", "analyzer_version", "state", "finished_at")}
+                for j in jobs
+            ],
+            "disclosures": disclosures,
+            "processing_records": processing,
+            **context,
+        }
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
+        (out_dir / "summary.txt").write_text(_readable_summary(summary), encoding="utf-8")
+        self.archive.ledger.record(
+            LedgerKind.SUBJECT,
+            requester.caller,
+            "exported",
+            {
+                "request": "export",
+                "patient_ids": [patient_id],
+                "study_instance_uids": summary["studies"],
+                "files": len(files),
+                "disclosures_listed": len(disclosures),
+            },
+        )
+        return summary
 
     # --- deliveries: forwarded results and shares --------------------------------------------
 
@@ -689,3 +779,40 @@ def _as_dicom_query(query: Query) -> audit.Query:
         except (ValueError, TypeError, AttributeError):
             continue  # a key pydicom cannot encode is left out of the audit copy
     return audit.dicom_query(STUDY_ROOT_FIND, identifier)
+
+
+def _readable_summary(summary: dict[str, Any]) -> str:
+    """The export summary as plain text a patient (or the hospital's staff) can read."""
+    lines = [
+        f"Data held about patient {summary['patient_id']}, exported {summary['exported_at']}",
+        f"Policy in force: {summary['policy_version']}",
+        "",
+        f"Studies ({len(summary['studies'])}), {len(summary['files'])} DICOM files under DICOM/:",
+        *(f"  {uid}" for uid in summary["studies"]),
+        "",
+        "Analyses run on the data:",
+        *(
+            f"  {a['finished_at'] or '-'}  {a['analyzer']} {a['analyzer_version']}: {a['state']}"
+            for a in summary["analyses"]
+        ),
+        "",
+        "Every disclosure of the data (and every refusal), from the ledger:",
+        *(
+            f"  {d['at']}  {d['kind']:<10} {d['operation']:<8} to {d['recipient'] or '-'} "
+            f"for {d['purpose'] or '-'} on {d['basis'] or '-'}: {d['outcome']}"
+            for d in summary["disclosures"]
+        ),
+        "",
+        "Consent records:",
+        *(
+            f"  {c['recorded_at']}  {c['purpose']}: {c['state']} (v{c['version']})"
+            for c in summary.get("consents", [])
+        ),
+        "",
+        "Retention:",
+        *(
+            f"  {r['study_instance_uid']} {r['category']}: {r['reason']}"
+            for r in summary.get("retention", [])
+        ),
+    ]
+    return "\n".join(lines) + "\n"

@@ -101,7 +101,7 @@ class Intake:
             sop_class_uid=obj.sop_class_uid,
         )
         try:
-            facts = self.archive.registry.facts_for_intake(obj.patient_id)
+            facts = self.archive.registry.governed_facts([obj.patient_id])[obj.patient_id]
             admission = governance.admit(request, facts, policy, now)
             if admission.action == "refuse":
                 raise NotPermitted(

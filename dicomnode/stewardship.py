@@ -8,6 +8,7 @@ transaction. The CLI and the /governance API both call these, so there is one wa
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from collections.abc import Callable
@@ -21,8 +22,16 @@ from dicomnode.archive.keys import verify_json
 from dicomnode.archive.ledger import Checkpoint
 from dicomnode.archive.registry import LegalHold, Restriction
 from dicomnode.core.errors import InvalidInput
-from dicomnode.core.model import ConsentRecord, PublishedPolicy
-from dicomnode.governance import audit_events, codes
+from dicomnode.core.model import (
+    ConsentRecord,
+    LedgerKind,
+    Level,
+    PublishedPolicy,
+    Source,
+    StudyFacts,
+)
+from dicomnode.governance import audit_events, codes, retention
+from dicomnode.governance.retention import RetentionItem
 
 log = logging.getLogger("dicomnode.stewardship")
 
@@ -31,6 +40,37 @@ CONSENT_STATES = ("granted", "refused", "withdrawn")
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class SubjectOutcome:
+    """The outcome of a data-subject request: done or refused, why, and what changed."""
+
+    done: bool
+    reason: str
+    changed: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SweepReport:
+    """What a retention sweep found and did (or, in a dry run, would do)."""
+
+    at: datetime
+    dry_run: bool
+    items: list[RetentionItem]  # every study and category considered
+    destroyed: list[RetentionItem]  # (would be) destroyed
+    skipped: list[RetentionItem]  # expired but kept under a legal hold
+    records_removed: dict[str, int]  # job and delivery records past the "logs" period
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "at": self.at.isoformat(),
+            "dry_run": self.dry_run,
+            "destroyed": [i.as_dict() for i in self.destroyed],
+            "skipped": [i.as_dict() for i in self.skipped],
+            "records_removed": self.records_removed,
+            "studies_considered": len({i.study_instance_uid for i in self.items}),
+        }
 
 
 @dataclass(frozen=True)
@@ -215,6 +255,275 @@ class Stewardship:
 
     def release_hold(self, hold_id: int, by: str) -> LegalHold:
         return self.archive.registry.release_hold(hold_id, by, self.clock())
+
+    # --- retention ------------------------------------------------------------------------
+
+    def retention_status(self) -> list[RetentionItem]:
+        """Every study's images and results with their expiry and what a sweep now would do."""
+        now = self.clock()
+        policy = governance.policy_in_force(self.archive.registry.published_policies(), now)
+        return [
+            item
+            for facts in self._retention_facts(policy)
+            for item in retention.retention_items(facts, policy, now)
+        ]
+
+    def _retention_facts(self, policy: governance.Policy) -> list[StudyFacts]:
+        registry = self.archive.registry
+        done = registry.analysis_done_at()
+        holds = registry.holds(active_only=True)
+        intake_purposes = policy.consent_purposes("intake")
+        records: dict[str, list[ConsentRecord]] = {}
+        for record in registry.consents():
+            records.setdefault(record.patient_id, []).append(record)
+        withdrawn: dict[str, datetime] = {}
+        for patient, history in records.items():
+            for purpose in intake_purposes:
+                current = governance.current_consent(tuple(history), purpose)
+                if current is not None and current.state in ("withdrawn", "refused"):
+                    withdrawn[patient] = min(
+                        withdrawn.get(patient, current.recorded_at), current.recorded_at
+                    )
+        facts = []
+        for study in self.archive.retention_facts():
+            on_hold = tuple(
+                h.ref for h in holds if h.covers(study.patient_id, study.study_instance_uid)
+            )
+            facts.append(
+                dataclasses.replace(
+                    study,
+                    analysis_done_at=done.get(study.study_instance_uid),
+                    consent_withdrawn_at=withdrawn.get(study.patient_id),
+                    holds=on_hold,
+                )
+            )
+        return facts
+
+    def retention_sweep(self, by: str, dry_run: bool = False) -> SweepReport:
+        """Destroy what expired (images take their study's results with them), record each
+        destruction in the ledger with the rule, the method and the recipients that received
+        copies, and record each expired study a legal hold keeps. The dry run decides exactly
+        the same and changes nothing."""
+        now = self.clock()
+        policy = governance.policy_in_force(self.archive.registry.published_policies(), now)
+        items = [
+            item
+            for facts in self._retention_facts(policy)
+            for item in retention.retention_items(facts, policy, now)
+        ]
+        destroy = [i for i in items if i.action == retention.DESTROY]
+        skipped = [i for i in items if i.action == retention.KEEP_HOLD]
+        logs_rules = [r for r in policy.retention if r.category == "logs"]
+        records: dict[str, int] = {}
+        if dry_run:
+            return SweepReport(now, True, items, destroy, skipped, records)
+        whole = {i.study_instance_uid for i in destroy if i.category == "received-images"}
+        copies = self._recipients_with_copies({i.study_instance_uid for i in destroy})
+        for item in destroy:
+            if item.category == "analysis-results" and item.study_instance_uid in whole:
+                continue  # goes with its images
+            self._destroy(item, by, policy.version, copies.get(item.study_instance_uid, []))
+        if destroy:
+            self.archive.registry.cancel_work(
+                sorted({i.study_instance_uid for i in destroy}), "retention: data destroyed", now
+            )
+        for item in skipped:
+            self.archive.ledger.record(
+                LedgerKind.DELETION,
+                by,
+                "skipped",
+                {
+                    "operation": "retention",
+                    "reason": item.reason,
+                    "rule_id": item.rule_id,
+                    "category": item.category,
+                    "expired_at": item.expires_at.isoformat() if item.expires_at else None,
+                    "policy_version": policy.version,
+                    "patient_ids": [item.patient_id],
+                    "study_instance_uids": [item.study_instance_uid],
+                },
+            )
+        if logs_rules:
+            rule = max(logs_rules, key=lambda r: r.priority)
+            cutoff = now - (rule.period.after(now) - now)
+            records = self.archive.registry.purge_records(cutoff)
+            if any(records.values()):
+                self.archive.ledger.record(
+                    LedgerKind.DELETION,
+                    by,
+                    "done",
+                    {
+                        "operation": "retention",
+                        "category": "logs",
+                        "rule_id": rule.id,
+                        "method": "index rows deleted",
+                        "removed": records,
+                        "finished_before": cutoff.isoformat(),
+                        "policy_version": policy.version,
+                    },
+                )
+        log.info(
+            "retention sweep: %d destroyed, %d kept under legal hold",
+            len(destroy),
+            len(skipped),
+            extra={"event": "retention", "destroyed": len(destroy), "skipped": len(skipped)},
+        )
+        return SweepReport(now, False, items, destroy, skipped, records)
+
+    def _destroy(
+        self, item: RetentionItem, by: str, version: str, recipients: list[dict[str, str]]
+    ) -> None:
+        results_only = item.category == "analysis-results"
+        reason = f"retention: {item.reason}"
+        removed = self.archive.delete(
+            Level.STUDY,
+            (("StudyInstanceUID", item.study_instance_uid),),
+            by,
+            reason,
+            {
+                "operation": "retention",
+                "category": "analysis-results" if results_only else "study",
+                "rule_id": item.rule_id,
+                "expired_at": item.expires_at.isoformat() if item.expires_at else None,
+                "policy_version": version,
+                "recipients_with_copies": recipients,
+            },
+            results_only=results_only,
+        )
+        if self.audit is not None and self.audit.source is not None:
+            now, actor = self.clock(), Source("cli", by)
+            self.audit.submit(
+                lambda: audit_events.deleted(actor, removed, reason, now, self.audit.source)
+            )
+
+    def _recipients_with_copies(self, study_uids: set[str]) -> dict[str, list[dict[str, str]]]:
+        """Per study, the recipients the ledger says received copies (transfers that sent
+        something, and allowed retrievals to others than the hospital)."""
+        found: dict[str, dict[tuple[str, str], str]] = {}
+        if not study_uids:
+            return {}
+        for entry in self.archive.ledger.entries():
+            if entry.kind not in ("transfer", "disclosure"):
+                continue
+            data = entry.data
+            studies = set(data.get("study_instance_uids") or ()) & study_uids
+            if not studies:
+                continue
+            if entry.kind == "transfer" and not data.get("sent"):
+                continue
+            retrieval = data.get("operation") in ("move", "get", "wado")
+            if entry.kind == "disclosure" and not (
+                retrieval and data.get("recipient_kind") == "third-party"
+            ):
+                continue
+            recipient = str(data.get("recipient") or "")
+            for study in studies:
+                found.setdefault(study, {})[(recipient, data.get("operation", ""))] = (
+                    entry.recorded_at
+                )
+        return {
+            study: [
+                {"recipient": r, "operation": op, "last_at": at}
+                for (r, op), at in sorted(copies.items())
+            ]
+            for study, copies in found.items()
+        }
+
+    # --- erasure (PIPA 36, GDPR 17) -------------------------------------------------------
+
+    def erase_subject(self, patient_id: str, by: str) -> SubjectOutcome:
+        """Destroy everything of a patient the node holds (studies, results, held objects,
+        queued work), unless a legal hold or a legally required retention applies: then refuse
+        with the reason. Consent records and the ledger stay (they are the evidence). Either
+        way the request and its outcome are a ledger entry."""
+        if not patient_id.strip():
+            raise InvalidInput("an erasure needs the patient's Patient ID")
+        now = self.clock()
+        registry = self.archive.registry
+        policy = governance.policy_in_force(registry.published_policies(), now)
+        facts = [f for f in self._retention_facts(policy) if f.patient_id == patient_id]
+        held = registry.held(patient_id=patient_id)
+        reasons = []
+        holds = {h.ref for h in registry.holds(active_only=True) if h.patient_id == patient_id}
+        holds |= {ref for f in facts for ref in f.holds}
+        if holds:
+            reasons.append(f"under legal hold {', '.join(sorted(holds))}")
+        for facts_of_study in facts:
+            for item in retention.retention_items(facts_of_study, policy, now):
+                if item.legal_basis and item.expires_at and item.expires_at > now:
+                    reasons.append(
+                        f"study {item.study_instance_uid} must be kept until "
+                        f"{item.expires_at:%Y-%m-%d} under {item.legal_basis} "
+                        f"(rule {item.rule_id})"
+                    )
+        studies = sorted(f.study_instance_uid for f in facts)
+        detail: dict[str, Any] = {
+            "request": "erase",
+            "patient_ids": [patient_id],
+            "study_instance_uids": studies,
+            "policy_version": policy.version,
+        }
+        if reasons:
+            reason = "erasure refused: " + "; ".join(reasons)
+            self.archive.ledger.record(
+                LedgerKind.SUBJECT, by, "refused", detail | {"reason": reason}
+            )
+            return SubjectOutcome(False, reason, {})
+        removed = []
+        if studies:
+            copies = self._recipients_with_copies(set(studies))
+            removed = self.archive.delete(
+                Level.PATIENT,
+                (("PatientID", patient_id),),
+                by,
+                "erasure requested by the data subject",
+                {
+                    "operation": "erase",
+                    "recipients_with_copies": [c for s in studies for c in copies.get(s, [])],
+                    "policy_version": policy.version,
+                },
+            )
+        cancelled = registry.cancel_work(studies, "the data subject's data was erased", now)
+        if held:
+            registry.drop_held(
+                [h.sop_instance_uid for h in held],
+                by,
+                "discarded",
+                {"operation": "erase", "patient_ids": [patient_id], "method": "held blobs deleted"},
+            )
+            for item in held:
+                self.archive.blobs.delete(item.blob_path)
+        changed = {"instances": len(removed), "held_objects": len(held), **cancelled}
+        self.archive.ledger.record(LedgerKind.SUBJECT, by, "erased", detail | changed)
+        if removed and self.audit is not None and self.audit.source is not None:
+            actor = Source("cli", by)
+            self.audit.submit(
+                lambda: audit_events.deleted(actor, removed, "erasure", now, self.audit.source)
+            )
+        return SubjectOutcome(
+            True, f"erased {len(removed)} instances of {len(studies)} studies", changed
+        )
+
+    def subject_context(self, patient_id: str) -> dict[str, Any]:
+        """What a patient's export summary says besides the disclosures: consent history,
+        restrictions, legal holds and the retention of each study."""
+        registry = self.archive.registry
+        return {
+            "consents": [c.as_dict() for c in registry.consents(patient_id)],
+            "restrictions": [
+                {
+                    "ref": r.ref,
+                    "reason": r.reason,
+                    "since": r.created_at.isoformat(),
+                    "lifted_at": r.lifted_at.isoformat() if r.lifted_at else None,
+                }
+                for r in registry.restrictions(patient_id)
+            ],
+            "legal_holds": [h.as_dict() for h in registry.holds() if h.patient_id == patient_id],
+            "retention": [
+                i.as_dict() for i in self.retention_status() if i.patient_id == patient_id
+            ],
+        }
 
     # --- ledger checkpoints ---------------------------------------------------------------
     # (signing is the caller's: the node signs with its key, see checkpoint_signed_by)

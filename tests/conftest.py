@@ -158,6 +158,7 @@ def write_config(
         "[node]",
         'ae_title = "DICOMNODE"',
         f'data_dir = "{data_dir}"',
+        "min_free_bytes = 0",  # a test machine's disk may be small; test_retention checks it
         "[dimse]",
         'host = "127.0.0.1"',
         f"port = {dimse.pop('port', 0)}",

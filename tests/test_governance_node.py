@@ -62,6 +62,11 @@ purposes = ["TREAT"]
 lawful_basis = "PIPA-26"
 
 [[activities]]
+id = "subject-access"
+purposes = ["PATRQT"]
+lawful_basis = "PIPA-35"
+
+[[activities]]
 id = "research-sharing"
 purposes = ["HRESCH"]
 lawful_basis = "PIPA-17-1-1"
@@ -102,6 +107,11 @@ id = "results"
 effect = "allow"
 activity = "return-results"
 recipients = ["kind:controller"]
+
+[[rules]]
+id = "patients-own-data"
+effect = "allow"
+activity = "subject-access"
 
 [[rules]]
 id = "research-with-consent"
@@ -559,3 +569,61 @@ def test_every_way_in_and_out_writes_an_audit_message(node, research, tmp_path):
     assert ("110114", "E", "4") in events  # the bad token
     assert ("110105", "D", "0") in events  # the deleted study
     assert "110113" in ids and ids.count("110113") >= 2  # and the policy publication
+
+
+def test_the_conformance_statement_of_a_profile_in_force(node):
+    statement = governance_api(node, "GET", "/deid/research", scopes=("governance.read",))
+    assert statement.status_code == 200
+    body = statement.json()
+    assert [m["code"] for m in body["methods"]] == ["113100", "113107"]
+    assert "Patient's Name" in {row["name"] for row in body["replaced_with_zero_length"]}
+    missing = governance_api(node, "GET", "/deid/nope", scopes=("governance.read",))
+    assert missing.status_code == 404
+
+
+def test_a_share_by_stow_rs_reaches_another_node_deidentified(start_node, tmp_path):
+    from dicomnode.app import Node
+    from dicomnode.config import read_settings
+    from tests.conftest import write_config
+
+    recipient = Node(
+        read_settings(
+            write_config(
+                tmp_path / "recipient.toml",
+                tmp_path / "recipient-data",
+                f"sqlite:///{tmp_path / 'recipient.sqlite'}",
+            )
+        )
+    )
+    recipient.start()
+    try:
+        token_file = tmp_path / "lab.token"
+        token_file.write_text(token_for(recipient, ("dicomweb.write",), subject="hospital"))
+        url = f"http://127.0.0.1:{recipient.http_port}/dicomweb"
+        node = start_node(
+            peers=[WORKSTATION],
+            extra=f'[governance]\nstow_token_files = {{ lab = "{token_file}" }}',
+        )
+        text = policy_text().replace(
+            'token_subjects = ["lab-client"]',
+            f'token_subjects = ["lab-client"]\ndicomweb_url = "{url}"',
+        )
+        publish_days_ago(node, text)
+        study = "1.2.826.0.1.77"
+        dicomweb_client(node).store_instances(
+            [as_file(make_ct(patient_id="P1", study_uid=study, instance_number=n)) for n in (1, 2)]
+        )
+        node.stewardship.record_consent("P1", "HRESCH", "granted", "dpo")
+        delivery = node.egress.deliver_now(
+            node.egress.queue_share("lab", study, "dpo"), timedelta(0)
+        )
+        assert delivery.state == "done" and len(delivery.outcome["sent"]) == 2
+        disclosure = last_entry(node, "disclosure")
+        shared_study = disclosure.data["uid_map"][study]
+        arrived = recipient.archive.find_instances("STUDY", (("StudyInstanceUID", shared_study),))
+        assert len(arrived) == 2 and {i.patient_id for i in arrived} == {
+            disclosure.data["patient_pseudonyms"]["P1"]
+        }
+        assert recipient.archive.find_instances("STUDY", (("StudyInstanceUID", study),)) == []
+    finally:
+        recipient.stop()

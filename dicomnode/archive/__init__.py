@@ -9,6 +9,9 @@ one SOP Instance UID never overwrite each other's file, even from two processes.
 from __future__ import annotations
 
 import logging
+import shutil
+import threading
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,12 +27,21 @@ from dicomnode.archive.index import Index, create_index_engine
 from dicomnode.archive.ledger import Ledger
 from dicomnode.archive.received import ReceivedObject, dataset_sha256
 from dicomnode.archive.registry import HeldObject, Registry
-from dicomnode.core.errors import DuplicateConflict, NotFound, StorageUnavailable
-from dicomnode.core.model import IngestResult, LedgerKind, Level, Query, Source, StoredInstance
+from dicomnode.core.errors import DuplicateConflict, NotFound, QuotaExceeded, StorageUnavailable
+from dicomnode.core.model import (
+    IngestResult,
+    LedgerKind,
+    Level,
+    Query,
+    Source,
+    StoredInstance,
+    StudyFacts,
+)
 
 log = logging.getLogger("dicomnode.archive")
 
 HELD_PREFIX = "held/"  # blobs intake filed aside live under this folder of the blob store
+USAGE_SECONDS = 10.0  # how stale the stored-bytes total (for the quota) may be
 
 
 @dataclass(frozen=True)
@@ -52,8 +64,20 @@ class ArchiveCheck:
 class Archive:
     """Blobs on the filesystem and an index in SQLite or PostgreSQL."""
 
-    def __init__(self, data_dir: Path, database_url: str, duplicate_policy: str = "reject") -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        database_url: str,
+        duplicate_policy: str = "reject",
+        quota_bytes: int = 0,
+        min_free_bytes: int = 0,
+    ) -> None:
         data_dir.mkdir(parents=True, exist_ok=True)
+        self.quota_bytes = quota_bytes
+        self.min_free_bytes = min_free_bytes
+        self._usage: tuple[float, int] | None = None  # (when read, stored bytes)
+        self._usage_lock = threading.Lock()
+        self._last_capacity_alert = 0.0
         self.blobs = FileBlobStore(data_dir / "blobs")
         self.engine = create_index_engine(database_url)
         migrations.upgrade(self.engine)
@@ -100,6 +124,7 @@ class Archive:
         """
         blob_path = self._blob_path(received)
         stored = self._stored(received, blob_path)
+        self.check_capacity(received.size)
         try:
             self.blobs.write(blob_path, [received.file_meta_bytes, received.dataset_bytes])
         except OSError as e:
@@ -117,7 +142,73 @@ class Archive:
             )
         if outcome == "replaced" and previous_path != blob_path:
             self.blobs.delete(previous_path)
+        if outcome == "stored":
+            self._count_stored(received.size)
         return IngestResult(stored, outcome, header=received.header)
+
+    def storage(self) -> dict[str, int | bool]:
+        """Bytes stored, the quota, the disk's free bytes, and whether new data is refused."""
+        used = self._stored_bytes()
+        free = shutil.disk_usage(self.blobs.root).free
+        refused_lately = time.monotonic() - self._last_capacity_alert < 60
+        refusing = (
+            bool(self.quota_bytes and used >= self.quota_bytes)
+            or free < self.min_free_bytes
+            or (self._last_capacity_alert > 0 and refused_lately)
+        )
+        return {
+            "used_bytes": used,
+            "quota_bytes": self.quota_bytes,
+            "free_bytes": free,
+            "min_free_bytes": self.min_free_bytes,
+            "refusing_new_data": refusing,
+        }
+
+    def check_capacity(self, size: int) -> None:
+        """Refuse an object that would take the archive over its quota, or the disk under its
+        minimum free space (QuotaExceeded). Nothing is ever deleted to make room: retention
+        decides what goes, not capacity."""
+        problem = ""
+        if self.quota_bytes:
+            used = self._stored_bytes()
+            if used + size > self.quota_bytes:
+                problem = (
+                    f"the archive is at its quota ({used} of {self.quota_bytes} bytes used); "
+                    "new objects are refused until retention frees space or the quota is raised"
+                )
+        if not problem and self.min_free_bytes:
+            free = shutil.disk_usage(self.blobs.root).free
+            if free - size < self.min_free_bytes:
+                problem = (
+                    f"the disk has {free} bytes free, under node.min_free_bytes "
+                    f"({self.min_free_bytes}); new objects are refused"
+                )
+        if problem:
+            now = time.monotonic()
+            if now - self._last_capacity_alert > 60:  # an alert a minute, not one per object
+                log.error(problem, extra={"event": "capacity", "alert": True})
+            self._last_capacity_alert = now
+            raise QuotaExceeded(problem)
+
+    def _stored_bytes(self) -> int:
+        """The bytes of every indexed instance (re-read from the index every few seconds, so
+        that other processes' writes count too)."""
+        with self._usage_lock:
+            usage = self._usage
+        if usage is None or time.monotonic() - usage[0] > USAGE_SECONDS:
+            with self.index.read() as conn:
+                total = conn.execute(
+                    select(func.coalesce(func.sum(schema.instances.c.size), 0))
+                ).scalar_one()
+            usage = (time.monotonic(), int(total))
+            with self._usage_lock:
+                self._usage = usage
+        return usage[1]
+
+    def _count_stored(self, size: int) -> None:
+        with self._usage_lock:
+            if self._usage is not None:
+                self._usage = (self._usage[0], self._usage[1] + size)
 
     def hold(
         self, received: ReceivedObject, source: Source, reason: str, rule_id: str, version: str
@@ -126,6 +217,7 @@ class Archive:
         it is released into the archive or discarded; the first object held for a study and
         reason is a ledger entry. The outcome is "held"."""
         blob_path = HELD_PREFIX + self._blob_path(received)
+        self.check_capacity(received.size)
         try:
             self.blobs.write(blob_path, [received.file_meta_bytes, received.dataset_bytes])
         except OSError as e:
@@ -230,13 +322,27 @@ class Archive:
         filters: tuple[tuple[str, str], ...],
         actor: str,
         reason: str,
+        detail: dict[str, Any] | None = None,
+        results_only: bool = False,
     ) -> list[StoredInstance]:
-        """Remove every instance under the entities matching `filters` at `level`, with the
-        series, studies and patients left empty. A deletion entry goes into the ledger in the
-        same transaction; the blobs go after it is committed."""
+        """Remove every instance under the entities matching `filters` at `level` (only those
+        the node's analyses produced, with `results_only`), with the series, studies and
+        patients left empty. A deletion entry goes into the ledger in the same transaction
+        (with `detail` added: the rule, the recipients that hold copies...); the blobs go after
+        it is committed, so nothing can retrieve them once the call returns."""
         i, se, st, p = schema.instances, schema.series, schema.studies, schema.patients
         with self.index.write() as conn:
             doomed = query.find_instances(conn, level, filters)
+            if results_only:
+                produced = set(
+                    conn.execute(
+                        select(i.c.sop_instance_uid).where(
+                            i.c.sop_instance_uid.in_([d.sop_instance_uid for d in doomed]),
+                            i.c.source_protocol == "analysis",
+                        )
+                    ).scalars()
+                )
+                doomed = [d for d in doomed if d.sop_instance_uid in produced]
             if not doomed:
                 raise NotFound(f"nothing matches {dict(filters)} at {level} level")
             uids = [d.sop_instance_uid for d in doomed]
@@ -283,11 +389,73 @@ class Archive:
                     "patient_ids": sorted({d.patient_id for d in doomed}),
                     "study_instance_uids": sorted({d.study_instance_uid for d in doomed}),
                     "sop_instance_uids": uids,
+                    **(detail or {}),
                 },
             )
         for instance in doomed:
             self.blobs.delete(instance.blob_path)
         return doomed
+
+    def retention_facts(self) -> list[StudyFacts]:
+        """Per study: patient, StudyDate, modalities, and the count and last receipt of its
+        received objects and of the objects the node's analyses produced (the parts of the
+        facts the index holds; the caller adds analysis, consent and hold facts)."""
+        i, se, st, p = schema.instances, schema.series, schema.studies, schema.patients
+        produced = i.c.source_protocol == "analysis"
+        query = (
+            select(
+                st.c.study_instance_uid,
+                p.c.patient_id,
+                st.c.study_date,
+                se.c.modality,
+                produced.label("produced"),
+                func.count(),
+                func.max(i.c.received_at),
+            )
+            .select_from(i.join(se, i.c.series_pk == se.c.id))
+            .join(st, se.c.study_pk == st.c.id)
+            .join(p, st.c.patient_pk == p.c.id)
+            .group_by(
+                st.c.study_instance_uid, p.c.patient_id, st.c.study_date, se.c.modality, produced
+            )
+        )
+        studies: dict[str, dict[str, Any]] = {}
+        with self.index.read() as conn:
+            for uid, patient, study_date, modality, is_result, count, last in conn.execute(query):
+                study = studies.setdefault(
+                    uid,
+                    {
+                        "patient": patient,
+                        "date": _date(study_date),
+                        "modalities": set(),
+                        "images": 0,
+                        "results": 0,
+                        "images_at": None,
+                        "results_at": None,
+                    },
+                )
+                kind = "results" if is_result else "images"
+                study[kind] += count
+                last = _aware(last)
+                if study[f"{kind}_at"] is None or last > study[f"{kind}_at"]:
+                    study[f"{kind}_at"] = last
+                if modality and not is_result:
+                    study["modalities"].add(modality)
+        return [
+            StudyFacts(
+                study_instance_uid=uid,
+                patient_id=s["patient"],
+                modalities=frozenset(s["modalities"]),
+                images=s["images"],
+                results=s["results"],
+                images_received_at=s["images_at"],
+                results_received_at=s["results_at"],
+                study_date=s["date"],
+                analysis_done_at=None,
+                consent_withdrawn_at=None,
+            )
+            for uid, s in sorted(studies.items())
+        ]
 
     def check(self, verify_hashes: bool = False, repair: bool = False) -> ArchiveCheck:
         """Compare the index with the blob store: rows whose blob is missing, blobs no row names
@@ -355,3 +523,17 @@ class Archive:
 
 
 __all__ = ["Archive"]
+
+
+def _aware(moment: datetime | None) -> datetime | None:
+    if moment is None:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _date(study_date: str | None) -> datetime | None:
+    """A StudyDate (YYYYMMDD) as midnight UTC, or None when absent or malformed."""
+    try:
+        return datetime.strptime(study_date or "", "%Y%m%d").replace(tzinfo=UTC)
+    except ValueError:
+        return None

@@ -573,9 +573,11 @@ class Registry:
             for p in wanted
         }
 
-    def facts_for_intake(self, patient_id: str) -> PatientFacts:
-        """One patient's facts for admission: no query for a patient without any consent or
-        restriction on record (the common case), using a set refreshed every few seconds."""
+    def governed_facts(self, patient_ids: set[str] | list[str]) -> dict[str, PatientFacts]:
+        """Facts of these patients for a decision on the hot path: no query for patients
+        without any consent or restriction on record (the common case), using the set of
+        patients that have some, refreshed every few seconds (so a change recorded by another
+        process counts within CACHE_SECONDS; one recorded here counts at once)."""
         with self._lock:
             governed = self._governed
         if governed is None or time.monotonic() - governed[0] >= CACHE_SECONDS:
@@ -586,9 +588,11 @@ class Registry:
             governed = (time.monotonic(), frozenset(ids))
             with self._lock:
                 self._governed = governed
-        if patient_id not in governed[1]:
-            return PatientFacts(patient_id)
-        return self.facts([patient_id])[patient_id]
+        wanted = set(patient_ids)
+        facts = {p: PatientFacts(p) for p in wanted - governed[1]}
+        if wanted & governed[1]:
+            facts |= self.facts(wanted & governed[1])
+        return facts
 
     # --- objects held at intake -------------------------------------------------------------
 
@@ -652,6 +656,74 @@ class Registry:
                 removed += conn.execute(delete(h).where(h.c.sop_instance_uid.in_(chunk))).rowcount
             self.ledger.append(conn, LedgerKind.PROCESSING, by, outcome, detail)
         return removed
+
+    # --- retention --------------------------------------------------------------------------
+
+    def analysis_done_at(self) -> dict[str, datetime]:
+        """Per study, when its last analysis job finished successfully."""
+        jobs = schema.analysis_jobs
+        query = (
+            select(jobs.c.study_instance_uid, func.max(jobs.c.finished_at))
+            .where(jobs.c.state == "done")
+            .group_by(jobs.c.study_instance_uid)
+        )
+        with self.index.read() as conn:
+            return {uid: aware(done) for uid, done in conn.execute(query) if done is not None}
+
+    def cancel_work(
+        self, study_uids: list[str], reason: str, now: datetime
+    ) -> dict[str, list[int]]:
+        """Cancel queued or held analysis jobs and queued deliveries of these studies (their
+        data is gone or going)."""
+        jobs, d = schema.analysis_jobs, schema.deliveries
+        cancelled: dict[str, list[int]] = {"cancelled_jobs": [], "cancelled_deliveries": []}
+        with self.index.write() as conn:
+            for chunk in _chunks(study_uids):
+                mine = and_(
+                    jobs.c.study_instance_uid.in_(chunk),
+                    jobs.c.state.in_((JOB_QUEUED, JOB_HELD)),
+                )
+                ids = list(conn.execute(select(jobs.c.id).where(mine)).scalars())
+                if ids:
+                    conn.execute(
+                        update(jobs)
+                        .where(jobs.c.id.in_(ids))
+                        .values(state=JOB_CANCELLED, error=reason, finished_at=now)
+                    )
+                cancelled["cancelled_jobs"] += ids
+                mine = and_(d.c.study_instance_uid.in_(chunk), d.c.state == QUEUED)
+                ids = list(conn.execute(select(d.c.id).where(mine)).scalars())
+                if ids:
+                    conn.execute(
+                        update(d)
+                        .where(d.c.id.in_(ids))
+                        .values(state=CANCELLED, error=reason, finished_at=now)
+                    )
+                cancelled["cancelled_deliveries"] += ids
+        return cancelled
+
+    def purge_records(self, finished_before: datetime) -> dict[str, int]:
+        """Delete job, unit and delivery records (they name patients) finished before a time:
+        the "logs" retention category. The ledger is never purged."""
+        jobs, units, d = schema.analysis_jobs, schema.analysis_units, schema.deliveries
+        finished = (DONE, FAILED, DENIED, CANCELLED, "skipped")
+        with self.index.write() as conn:
+            removed_jobs = conn.execute(
+                delete(jobs).where(jobs.c.state.in_(finished), jobs.c.finished_at < finished_before)
+            ).rowcount
+            removed_deliveries = conn.execute(
+                delete(d).where(d.c.state.in_(finished), d.c.finished_at < finished_before)
+            ).rowcount
+            removed_units = conn.execute(
+                delete(units).where(
+                    units.c.state == "queued", units.c.last_received_at < finished_before
+                )
+            ).rowcount
+        return {
+            "analysis_jobs": removed_jobs,
+            "deliveries": removed_deliveries,
+            "analysis_units": removed_units,
+        }
 
     # --- deliveries -------------------------------------------------------------------------
 

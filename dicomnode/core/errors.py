@@ -54,6 +54,11 @@ class StorageUnavailable(DicomnodeError):
     """The archive cannot store right now (disk, database)."""
 
 
+class QuotaExceeded(StorageUnavailable):
+    """The archive is at its disk quota (or the disk is nearly full): new data is refused, and
+    nothing stored is deleted to make room."""
+
+
 class ConfigError(DicomnodeError):
     """A configuration value is wrong. `key` names it, e.g. ``dimse.port``."""
 

@@ -158,3 +158,20 @@ class PublishedPolicy:
     effective_at: datetime
     material: bool
     published_by: str = ""
+
+
+@dataclass(frozen=True)
+class StudyFacts:
+    """What retention needs to know of one study (gathered by the archive, judged by governance)."""
+
+    study_instance_uid: str
+    patient_id: str
+    modalities: frozenset[str]
+    images: int  # received objects
+    results: int  # objects the node's analyses produced
+    images_received_at: datetime | None  # the last received object's time
+    results_received_at: datetime | None
+    study_date: datetime | None
+    analysis_done_at: datetime | None  # the last finished analysis job of the study
+    consent_withdrawn_at: datetime | None  # the patient withdrew consent to the intake purpose
+    holds: tuple[str, ...] = ()  # active legal holds on the patient or the study

@@ -6,13 +6,16 @@ Every change goes through `Stewardship`, `Intake` or `Egress`, exactly as the CL
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
 
 from dicomnode.archive.keys import sign_json
-from dicomnode.core.errors import InvalidInput
+from dicomnode.core.errors import InvalidInput, NotFound
 from dicomnode.core.uids import validate_uid
 from dicomnode.dicomweb.access import (
     GOVERNANCE_SCOPE_BY_METHOD,
@@ -20,6 +23,7 @@ from dicomnode.dicomweb.access import (
     require_token,
     services,
 )
+from dicomnode.governance import deid
 from dicomnode.stewardship import checkpoint_signed_by
 
 
@@ -123,6 +127,15 @@ def governance_blueprint() -> Blueprint:
             }
         ), (201 if new else 200)
 
+    @bp.get("/deid/<profile_id>")
+    def deid_statement(profile_id: str) -> Response:
+        """The PS3.15 E.1.3 conformance statement of a profile of the policy in force."""
+        rule = services().stewardship.policy_status().in_force.deid_profile(profile_id)
+        if rule is None:
+            raise NotFound(f"no de-identification profile {profile_id!r} in the policy in force")
+        profile = deid.DeidProfile(rule.id, frozenset(rule.options))
+        return jsonify(deid.conformance_statement(profile))
+
     @bp.get("/consents/<patient_id>")
     def consents(patient_id: str) -> Response:
         stewardship = services().stewardship
@@ -161,6 +174,65 @@ def governance_blueprint() -> Blueprint:
     def unrestrict(patient_id: str) -> Response:
         restriction = services().stewardship.unrestrict(patient_id, _who())
         return jsonify({"lifted": restriction.ref, "patient_id": patient_id})
+
+    @bp.post("/subjects/<patient_id>/erase")
+    def erase(patient_id: str) -> tuple[Response, int]:
+        outcome = services().stewardship.erase_subject(patient_id, _who())
+        body = {"patient_id": patient_id, "erased": outcome.done, "reason": outcome.reason}
+        return jsonify(body | outcome.changed), (200 if outcome.done else 409)
+
+    @bp.get("/subjects/<patient_id>/export")
+    def export(patient_id: str) -> Response:
+        """The patient's files and summary as one ZIP archive (built in a temporary folder)."""
+        with tempfile.TemporaryDirectory(prefix="dicomnode-export-") as folder:
+            services().egress.export_subject(
+                patient_id,
+                requester(),
+                Path(folder) / "export",
+                services().stewardship.subject_context(patient_id),
+            )
+            archive = Path(folder) / "export.zip"
+            shutil.make_archive(str(archive.with_suffix("")), "zip", Path(folder) / "export")
+            data = archive.read_bytes()
+        return Response(
+            data,
+            mimetype="application/zip",
+            headers={"Content-Disposition": 'attachment; filename="patient-export.zip"'},
+        )
+
+    @bp.get("/retention")
+    def retention_status() -> Response:
+        return jsonify([i.as_dict() for i in services().stewardship.retention_status()])
+
+    @bp.post("/retention/sweep")
+    def retention_sweep() -> Response:
+        dry_run = request.args.get("dry_run", "").lower() in ("1", "true", "yes")
+        report = services().stewardship.retention_sweep(_who(), dry_run=dry_run)
+        return jsonify(report.as_dict())
+
+    @bp.get("/holds")
+    def holds() -> Response:
+        active = request.args.get("all", "").lower() not in ("1", "true", "yes")
+        return jsonify([h.as_dict() for h in services().archive.registry.holds(active)])
+
+    @bp.post("/holds")
+    def place_hold() -> tuple[Response, int]:
+        data = _body()
+        study = _text(data, "study_instance_uid", required=False)
+        hold = services().stewardship.place_hold(
+            _who(),
+            _text(data, "owner"),
+            _text(data, "reason"),
+            patient_id=_text(data, "patient_id", required=False) or None,
+            study_uid=validate_uid(study, "study_instance_uid") if study else None,
+            case_ref=_text(data, "case_ref", required=False),
+            review_date=_moment(data, "review_date"),
+        )
+        return jsonify(hold.as_dict()), 201
+
+    @bp.post("/holds/<int:hold_id>/release")
+    def release_hold(hold_id: int) -> Response:
+        return jsonify(services().stewardship.release_hold(hold_id, _who()).as_dict())
 
     @bp.post("/shares")
     def share() -> tuple[Response, int]:

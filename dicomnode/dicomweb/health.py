@@ -14,9 +14,13 @@ def health_blueprint() -> Blueprint:
         services = current_app.extensions["dicomnode"]
         try:
             services.archive.ping()
+            storage = services.archive.storage()
         except Exception as e:  # the point of a health check is to report, not to raise
             return jsonify({"status": "failing", "error": str(e)}), 503
-        return jsonify({"status": "ok", **services.status()}), 200
+        if storage["refusing_new_data"]:  # at the quota: an alert, not a silent deletion
+            body = {"status": "refusing-new-data", "storage": storage, **services.status()}
+            return jsonify(body), 503
+        return jsonify({"status": "ok", "storage": storage, **services.status()}), 200
 
     @bp.get("/metrics")
     def metrics() -> Response:

@@ -35,12 +35,15 @@ _PIPA = {
     "PIPA-28-8-1-3": "PIPA 28-8(1)3: transfer abroad needed for a contract, disclosed",
     "PIPA-28-8-1-4": "PIPA 28-8(1)4: the recipient holds a certification",
     "PIPA-28-8-1-5": "PIPA 28-8(1)5: the recipient's country is recognised as adequate",
+    "PIPA-21-1": "PIPA 21(1) proviso: another law requires the data to be kept",
     "PIPA-35": "PIPA 35: the data subject's right of access",
     "PIPA-36": "PIPA 36: the data subject's right to correction or deletion",
     "PIPA-37": "PIPA 37: the data subject's right to suspension",
 }
 _MSA = {
     "MSA-21-2": "Medical Service Act 21-2: transfer to another medical provider with consent",
+    "MSA-22-2": "Medical Service Act 22(2): medical records kept for the periods of its "
+    "Enforcement Rule Art. 15 (radiology images and reports: 5 years)",
     **{
         f"MSA-21-3-{n}": f"Medical Service Act 21(3){n}: a listed exception to record secrecy"
         for n in range(1, 21)
@@ -61,6 +64,8 @@ _GDPR = {
     "GDPR-28": "GDPR 28: processing on behalf of the controller (processor)",
     "GDPR-15": "GDPR 15: the data subject's right of access",
     "GDPR-17": "GDPR 17: the right to erasure",
+    "GDPR-17-3-b": "GDPR 17(3)(b): kept to comply with a legal obligation (no erasure)",
+    "GDPR-17-3-e": "GDPR 17(3)(e): kept for legal claims (no erasure)",
     "GDPR-18": "GDPR 18: the right to restriction of processing",
     "GDPR-20": "GDPR 20: the right to data portability",
 }

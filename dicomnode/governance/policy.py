@@ -167,6 +167,7 @@ class RetentionRule:
     start: str
     priority: int = 0
     modalities: tuple[str, ...] = ()  # empty: every modality
+    legal_basis: str = ""  # a law requires keeping the data this long: erasure is refused
     description: str = ""
 
 
@@ -395,6 +396,8 @@ def _parse(data: dict[str, Any], sha256: str) -> Policy:
         )
         _check_code(rule.category, codes.DATA_CATEGORIES, "data category", where)
         _check_code(rule.start, codes.RETENTION_STARTS, "retention start", where)
+        if rule.legal_basis:
+            _check_code(rule.legal_basis, codes.LAWFUL_BASES, "lawful basis", where)
         retention.append(rule)
     _unique([r.id for r in retention], "retention")
 

@@ -1,0 +1,134 @@
+"""Retention decisions: when each study's data expires, by which rule, and what the sweep does.
+
+For every study and data category (received images, analysis results) the highest-priority
+retention rule of the policy that applies decides the expiry (ties: the longest period; a rule
+whose start is not known for the study does not apply). Analysis results follow their source:
+they never outlive the images they were derived from. A legal hold on the patient or the study
+keeps everything, whatever expired. Pure: the caller gathers the facts and passes the time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from dicomnode.core.model import StudyFacts
+from dicomnode.governance.policy import Policy, RetentionRule
+
+DESTROY, KEEP, KEEP_HOLD = "destroy", "keep", "keep-hold"
+
+
+@dataclass(frozen=True)
+class RetentionItem:
+    """One study's data of one category, and what retention does with it at `now`."""
+
+    study_instance_uid: str
+    patient_id: str
+    category: str  # received-images | analysis-results
+    instances: int
+    rule_id: str  # "" when no rule applies
+    expires_at: datetime | None
+    action: str  # destroy | keep | keep-hold
+    reason: str
+    legal_basis: str = ""  # set when a law requires keeping the data (erasure is refused)
+
+    def as_dict(self) -> dict[str, object]:
+        data = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        data["expires_at"] = self.expires_at.isoformat() if self.expires_at else None
+        return data
+
+
+def _start(rule: RetentionRule, facts: StudyFacts, received_at: datetime | None) -> datetime | None:
+    return {
+        "received": received_at,
+        "study-date": facts.study_date or received_at,
+        "analysis-done": facts.analysis_done_at,
+        "consent-withdrawn": facts.consent_withdrawn_at,
+    }[rule.start]
+
+
+def _applicable(
+    rules: Sequence[RetentionRule], category: str, facts: StudyFacts, received_at: datetime | None
+) -> tuple[RetentionRule, datetime] | None:
+    """The deciding rule of `category` and its expiry for this study, or None."""
+    candidates = []
+    for rule in rules:
+        if rule.category != category:
+            continue
+        if rule.modalities and not set(rule.modalities) & facts.modalities:
+            continue
+        start = _start(rule, facts, received_at)
+        if start is None:
+            continue
+        candidates.append((rule.priority, rule.period.after(start), rule))
+    if not candidates:
+        return None
+    priority, expires, rule = max(candidates, key=lambda c: (c[0], c[1]))
+    return rule, expires
+
+
+def retention_items(facts: StudyFacts, policy: Policy, now: datetime) -> list[RetentionItem]:
+    """What retention does with a study's images and results at `now`."""
+    items = []
+    images = _applicable(policy.retention, "received-images", facts, facts.images_received_at)
+    results = _applicable(
+        policy.retention,
+        "analysis-results",
+        facts,
+        facts.results_received_at or facts.images_received_at,
+    )
+    if results is None and images is not None:
+        results = images  # results follow their source
+    elif results is not None and images is not None and images[1] < results[1]:
+        results = images  # ...and never outlive it
+    for category, count, found in (
+        ("received-images", facts.images, images),
+        ("analysis-results", facts.results, results),
+    ):
+        if count == 0:
+            continue
+        if found is None:
+            items.append(
+                RetentionItem(
+                    facts.study_instance_uid,
+                    facts.patient_id,
+                    category,
+                    count,
+                    "",
+                    None,
+                    KEEP,
+                    "no retention rule of the policy applies",
+                )
+            )
+            continue
+        rule, expires = found
+        basis = rule.legal_basis
+        if expires > now:
+            action, reason = KEEP, f"kept until {expires:%Y-%m-%d %H:%M} by rule {rule.id}"
+        elif facts.holds:
+            action = KEEP_HOLD
+            reason = (
+                f"expired {expires:%Y-%m-%d} by rule {rule.id}, kept under legal hold "
+                + ", ".join(facts.holds)
+            )
+        else:
+            action = DESTROY
+            reason = (
+                f"rule {rule.id}: {rule.period.text} from {rule.start} ran out "
+                f"{expires:%Y-%m-%d %H:%M}"
+            )
+        items.append(
+            RetentionItem(
+                facts.study_instance_uid,
+                facts.patient_id,
+                category,
+                count,
+                rule.id,
+                expires,
+                action,
+                reason,
+                basis,
+            )
+        )
+    return items
