@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, cast, exists, func, literal, not_, or_, select
+from sqlalchemy import ColumnElement, and_, case, cast, exists, func, literal, not_, or_, select
 from sqlalchemy.dialects.postgresql import JSONB
 
 from dicomnode.archive import schema
@@ -23,8 +23,8 @@ from dicomnode.archive.ledger import LedgerEntry
 from dicomnode.core.model import LedgerKind
 
 DECISION_KINDS = (LedgerKind.DISCLOSURE.value, LedgerKind.DENIAL.value)
-# Operations that hand a copy of the data itself (not only attributes) to the recipient.
-COPY_OPERATIONS = ("move", "get", "wado", "share", "forward", "export")
+# Retrievals: operations that hand a copy of the data itself (not only attributes) over.
+RETRIEVALS = ("move", "get", "wado")
 FILTER_KEYS = ("recipient", "purpose", "basis", "operation")
 
 _t = schema.ledger_entries
@@ -102,6 +102,16 @@ class LedgerViews:
             return exists(select(literal(1)).select_from(items).where(items.c.value == value))
         return cast(_t.c.detail, JSONB)[key].contains([value])
 
+    def _length(self, key: str) -> ColumnElement[int]:
+        """The length of the list under `key` in the entry's detail (0 when absent)."""
+        if self.index.is_sqlite:
+            return func.coalesce(func.json_array_length(_t.c.detail, f"$.{key}"), 0)
+        value = cast(_t.c.detail, JSONB)[key]
+        return func.coalesce(
+            case((func.jsonb_typeof(value) == "array", func.jsonb_array_length(value)), else_=0),
+            0,
+        )
+
     def _where(self, f: LedgerFilter) -> list[ColumnElement[bool]]:
         clauses: list[ColumnElement[bool]] = [_t.c.kind.in_(f.kinds)]
         if f.date_from:
@@ -168,14 +178,18 @@ class LedgerViews:
             ).all()
         return [(str(d), str(r), int(n)) for d, r, n in rows]
 
-    def distinct(self, key: str, kinds: tuple[str, ...] = DECISION_KINDS) -> list[str]:
-        """The values `key` takes in entries of `kinds` (for the filters' choices)."""
-        value = self._text(key)
+    def choices(
+        self, keys: tuple[str, ...] = FILTER_KEYS, kinds: tuple[str, ...] = DECISION_KINDS
+    ) -> dict[str, list[str]]:
+        """The values each of `keys` takes in entries of `kinds` (the filters' choices), from
+        one pass over the entries."""
+        columns = [self._text(key) for key in keys]
         with self.index.read() as conn:
-            found = conn.execute(
-                select(value).where(_t.c.kind.in_(kinds), value.is_not(None)).distinct()
-            ).scalars()
-            return sorted(str(v) for v in found if v not in (None, ""))
+            rows = conn.execute(select(*columns).where(_t.c.kind.in_(kinds)).distinct()).all()
+        return {
+            key: sorted({str(row[i]) for row in rows if row[i] not in (None, "")})
+            for i, key in enumerate(keys)
+        }
 
     def entry(self, seq: int) -> LedgerEntry | None:
         with self.index.read() as conn:
@@ -208,22 +222,33 @@ class LedgerViews:
             )
 
     def recipients_with_copies(self, study_uids: list[str], before_seq: int) -> list[str]:
-        """The recipients that were given a copy of any of these studies (an allowed
-        disclosure of a copying operation) before entry `before_seq`."""
+        """The recipients the ledger says received copies of any of these studies before entry
+        `before_seq`: transfers that sent something, and allowed retrievals by a third party
+        (the rule retention's destruction records use)."""
         if not study_uids:
             return []
         found: set[str] = set()
         recipient, operation = self._text("recipient"), self._text("operation")
+        sent = self._length("sent")
+        copied = or_(
+            and_(_t.c.kind == LedgerKind.TRANSFER.value, sent > 0),
+            and_(
+                _t.c.kind == LedgerKind.DISCLOSURE.value,
+                operation.in_(RETRIEVALS),
+                self._text("recipient_kind") == "third-party",
+            ),
+        )
         for start in range(0, len(study_uids), 50):
             chunk = study_uids[start : start + 50]
+            studies = or_(*[self._lists("study_instance_uids", u) for u in chunk])
             with self.index.read() as conn:
                 rows = conn.execute(
                     select(recipient)
                     .where(
-                        _t.c.kind == LedgerKind.DISCLOSURE.value,
+                        _t.c.kind.in_((LedgerKind.TRANSFER.value, LedgerKind.DISCLOSURE.value)),
                         _t.c.seq < before_seq,
-                        operation.in_(COPY_OPERATIONS),
-                        or_(*[self._lists("study_instance_uids", u) for u in chunk]),
+                        copied,
+                        studies,
                     )
                     .distinct()
                 ).scalars()

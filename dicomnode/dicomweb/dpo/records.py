@@ -67,6 +67,7 @@ RETENTION_COLUMNS = (
     "action",
     "reason",
     "instances",
+    "legal_basis",
 )
 
 
@@ -373,6 +374,9 @@ def processing_record(
                 "from": _coded(rule.start, codes.RETENTION_STARTS),
                 "priority": rule.priority,
                 "modalities": list(rule.modalities),
+                "legal_basis": (
+                    _coded(rule.legal_basis, codes.LAWFUL_BASES) if rule.legal_basis else None
+                ),
                 "description": rule.description,
             }
             for rule in policy.retention

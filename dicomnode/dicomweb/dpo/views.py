@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from urllib.parse import urlencode
@@ -395,11 +395,7 @@ def _disclosure_routes(bp: Blueprint) -> None:
         number = _number("page", 1, 1, 10**9)
         per_page = _number("per_page", PER_PAGE, 1, MAX_PER_PAGE)
         found = views().page(f, number, per_page)
-        kinds = f.kinds
-        choices = {
-            key: views().distinct(key, kinds)
-            for key in ("recipient", "purpose", "basis", "operation")
-        }
+        choices = views().choices(kinds=f.kinds)
         chart = disclosure_chart(
             views().daily_counts(f),
             i18n.translate(g.lang, "chart_title"),
@@ -540,19 +536,23 @@ def _register_routes(bp: Blueprint) -> None:
         for entry in found.entries:
             detail = entry.data
             studies = list(detail.get("study_instance_uids", []))
-            named = detail.get("recipients")
+            recorded = detail.get("recipients_with_copies")
+            if isinstance(recorded, list):
+                recipients = sorted(
+                    {str(c.get("recipient", "")) for c in recorded if isinstance(c, dict)}
+                )
+            elif entry.outcome == "done" and studies:  # a record that does not name them
+                recipients = views().recipients_with_copies(studies, entry.seq)
+            else:
+                recipients = []
             rows.append(
                 {
                     "entry": entry,
                     "detail": detail,
                     "studies": studies,
                     "instances": len(detail.get("sop_instance_uids", [])),
-                    "recipients": (
-                        list(named)
-                        if isinstance(named, list)
-                        else views().recipients_with_copies(studies, entry.seq)
-                    ),
-                    "from_ledger": not isinstance(named, list),
+                    "recipients": recipients,
+                    "from_ledger": not isinstance(recorded, list),
                 }
             )
         return page("destructions.html", found=found, rows=rows, f=f)
@@ -570,7 +570,7 @@ def _register_routes(bp: Blueprint) -> None:
             group["reasons"].add(item.reason)
             group["since"] = min(group["since"], item.held_at)
         jobs = JobStore(archive.index)
-        retention = _retention_items()
+        retention = services().stewardship.retention_status()
         return page(
             "pending.html",
             held=list(held_by_study.values()),
@@ -579,11 +579,7 @@ def _register_routes(bp: Blueprint) -> None:
             + archive.registry.deliveries(state="denied", limit=500),
             overdue_holds=_overdue_holds(moment),
             scheduled=services().stewardship.policy_status().scheduled,
-            due=(
-                [i for i in retention if i.action == "destroy" and i.expires_at <= moment]
-                if retention is not None
-                else None
-            ),
+            due=[i for i in retention if i.action == "destroy"],
             moment=moment,
         )
 
@@ -650,15 +646,6 @@ def _ledger_routes(bp: Blueprint) -> None:
 
 
 # --- exports and reports --------------------------------------------------------------------
-
-
-def _retention_items() -> list[Any] | None:
-    """The retention status of every study (None while this node's build has no
-    `Stewardship.retention_status`)."""
-    status: Callable[[], list[Any]] | None = getattr(
-        services().stewardship, "retention_status", None
-    )
-    return status() if status is not None else None
 
 
 def _accounting(patient_id: str) -> tuple[list[dict[str, Any]], Any]:
@@ -729,11 +716,11 @@ def _report_routes(bp: Blueprint) -> None:
 
     @bp.get("/retention")
     def retention() -> Any:
-        items = _retention_items()
+        items = services().stewardship.retention_status()
         moment = now()
         soon = moment + timedelta(days=30)
         groups: dict[str, list[Any]] = {"due": [], "held": [], "soon": [], "kept": []}
-        for item in items or []:
+        for item in items:
             if item.action == "destroy":
                 groups["due"].append(item)
             elif item.action == "keep-hold":
@@ -742,24 +729,13 @@ def _report_routes(bp: Blueprint) -> None:
                 groups["soon"].append(item)
             else:
                 groups["kept"].append(item)
-        return page("retention.html", available=items is not None, groups=groups, moment=moment)
+        return page("retention.html", groups=groups, moment=moment)
 
     @bp.get("/retention.csv")
     def retention_csv() -> Response:
-        items = _retention_items()
-        if items is None:
-            abort(404, "this build has no retention status yet")
-        rows = (
-            {
-                c: (
-                    getattr(i, c).isoformat()
-                    if c == "expires_at" and getattr(i, c)
-                    else getattr(i, c)
-                )
-                for c in records.RETENTION_COLUMNS
-            }
-            for i in items
-        )
+        items = services().stewardship.retention_status()
+        log_used("retention compliance CSV export")
+        rows = (item.as_dict() for item in items)
         return _download(
             records.csv_lines(records.RETENTION_COLUMNS, rows), "retention.csv", "text/csv"
         )
