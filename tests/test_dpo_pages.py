@@ -201,6 +201,10 @@ def test_every_page_renders_for_a_dpo(node):
         assert client.get(path).status_code == 200, path
     page = client.get("/governance/disclosures").text
     assert "<svg" in page and "Disclosures per recipient over time" in page
+    allowed = entries(node, ("disclosure",))
+    for recipient in ("lab", "hospital"):  # the legend counts the allowed disclosures
+        n = sum(1 for e in allowed if e.data["recipient"] == recipient)
+        assert f"{recipient} ({n})</li>" in page, recipient
     assert "lab" in page and "hospital" in page and "P1" in page
 
 

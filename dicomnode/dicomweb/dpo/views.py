@@ -52,6 +52,7 @@ from dicomnode.dicomweb.dpo.signin import (
     signed_in_user,
     start_session,
 )
+from dicomnode.dicomweb.errors import http_status_for
 from dicomnode.governance import audit_events, codes, notice_period
 from dicomnode.stewardship import checkpoint_signed_by
 
@@ -226,16 +227,13 @@ def dpo_blueprint() -> Blueprint:
 
     @bp.errorhandler(DicomnodeError)
     def known(error: DicomnodeError) -> Response:
-        from dicomnode.dicomweb.errors import http_status_for
-
-        status = http_status_for(error)
-        return problem(status, "error_detail", detail=str(error))
+        return problem(http_status_for(error), "error_detail", detail=str(error))
 
     @bp.errorhandler(HTTPException)
     def http(error: HTTPException) -> Response:
         return problem(error.code or 500, "error_detail", detail=error.description or error.name)
 
-    @bp.app_context_processor
+    @bp.context_processor
     def context() -> dict[str, Any]:
         lang = g.get("lang", "en")
         return {
@@ -397,7 +395,7 @@ def _disclosure_routes(bp: Blueprint) -> None:
         found = views().page(f, number, per_page)
         choices = views().choices(kinds=f.kinds)
         chart = disclosure_chart(
-            views().daily_counts(f),
+            views().daily_counts(f.with_(kinds=(LedgerKind.DISCLOSURE.value,))),
             i18n.translate(g.lang, "chart_title"),
             i18n.translate(g.lang, "chart_empty"),
         )
