@@ -116,6 +116,8 @@ class AnalysisSettings:
     sweep_interval: float = 2.0
     analyzers: tuple[tuple[str, AnalyzerSettings], ...] = ()
     forward_to: tuple[str, ...] = ()  # peer names, or "sender": where results are sent
+    lease_grace: float = 60.0  # a running job's lease is its timeout plus this; a job whose
+    # worker died is claimed again when the lease runs out
 
     def analyzer(self, name: str) -> AnalyzerSettings:
         return dict(self.analyzers).get(name, AnalyzerSettings())
@@ -491,6 +493,9 @@ def _parse(data: dict[str, Any], base: Path) -> tuple[Settings, list[ConfigError
         ),
         sweep_interval=float(
             r.value(t, "analysis.", "sweep_interval", (int, float), an.sweep_interval, _positive)
+        ),
+        lease_grace=float(
+            r.value(t, "analysis.", "lease_grace", (int, float), an.lease_grace, _non_negative)
         ),
         analyzers=tuple(analyzers),
     )

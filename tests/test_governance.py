@@ -417,7 +417,10 @@ def policies(draw) -> Policy:
         summary="",
         activities=acts,
         recipients=RECIPIENTS,
-        rules=tuple(draw(st.lists(rules(acts), max_size=6))),
+        rules=tuple(  # rule ids are unique in a policy (parse_policy refuses duplicates)
+            dataclasses.replace(rule, id=f"r{n}")
+            for n, rule in enumerate(draw(st.lists(rules(acts), max_size=6)))
+        ),
     )
 
 
@@ -514,7 +517,9 @@ def test_allowed_means_an_allow_rule_matched_and_no_deny_rule(policy, request, f
 @PROPERTY
 @given(policy=policies(), request=requests(), facts=patient_facts(), extra=st.data())
 def test_adding_a_deny_rule_never_allows_more(policy, request, facts, extra):
-    stricter_rule = dataclasses.replace(extra.draw(rules(policy.activities)), effect="deny")
+    stricter_rule = dataclasses.replace(
+        extra.draw(rules(policy.activities)), id="extra", effect="deny"
+    )
     stricter = dataclasses.replace(policy, rules=(*policy.rules, stricter_rule))
     before = decide(request, facts, policy, NOW)
     after = decide(request, facts, stricter, NOW)
