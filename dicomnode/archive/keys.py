@@ -4,8 +4,9 @@
   checkpoints (compact JWS, RS256);
 - ``deid-secret``: 32 random bytes keying the HMAC that remaps UIDs and patient identifiers
   when data is de-identified, so that the same input always gives the same output and no one
-  without the secret can confirm a mapping.
-Both files are written 0600 with temp + fsync + rename.
+  without the secret can confirm a mapping;
+- ``session-secret``: 32 random bytes that sign the DPO pages' session cookies.
+The files are written 0600 with temp + fsync + rename.
 """
 
 from __future__ import annotations
@@ -35,6 +36,25 @@ def _write_private(path: Path, content: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _create_once(path: Path, content: bytes) -> bool:
+    """Write `path` (0600) unless it exists, atomically even against another process doing the
+    same: the content is written aside and linked into place; False when another won."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(content)
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def load_or_create_signing_key(data_dir: Path) -> RSAKey:
     """The node's signing key from ``data_dir/keys/signing-key.pem``, created on first use."""
     path = data_dir / "keys" / "signing-key.pem"
@@ -55,6 +75,18 @@ def load_or_create_deid_secret(data_dir: Path) -> bytes:
     secret = path.read_bytes()
     if len(secret) < 16:
         raise ValueError(f"{path} holds {len(secret)} bytes; a secret needs at least 16")
+    return secret
+
+
+def load_or_create_session_secret(data_dir: Path) -> bytes:
+    """The secret that signs the DPO pages' session cookies, ``data_dir/keys/session-secret``.
+    Every process serving one data_dir shares it; deleting it signs everyone out."""
+    path = data_dir / "keys" / "session-secret"
+    if not path.exists() and _create_once(path, secrets.token_bytes(32)):
+        log.info("created the session secret", extra={"event": "session_secret"})
+    secret = path.read_bytes()
+    if len(secret) < 32:
+        raise ValueError(f"{path} holds {len(secret)} bytes; the session secret needs 32")
     return secret
 
 
