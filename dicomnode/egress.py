@@ -135,7 +135,6 @@ class Egress:
         published = self.archive.registry.published_policies()
         policy = governance.policy_in_force(published, now)
         if policy.version != self._in_force_seen:
-            self._in_force_seen = policy.version
             match = next((p for p in published if p.version == policy.version), None)
             if match is not None and self.archive.registry.note_in_force(
                 policy.version,
@@ -154,6 +153,7 @@ class Egress:
                         match.published_by, what, now, self.audit.source
                     )
                 )
+            self._in_force_seen = policy.version  # only once the note is written
         return policy
 
     def decide(
@@ -490,7 +490,7 @@ class Egress:
                     self.archive.registry.queue_delivery(
                         "forward",
                         name,
-                        "TREAT",
+                        "",  # the recipient's (or the activity's) purpose
                         patient_id,
                         study_uid,
                         uids,
@@ -563,7 +563,9 @@ class Egress:
             if i.sop_instance_uid in wanted
         ]
         gone = sorted(wanted - {i.sop_instance_uid for i in instances})
-        patients, studies = {delivery.patient_id}, {delivery.study_instance_uid}
+        # every patient whose data is in what leaves (a study UID can carry two Patient IDs)
+        patients = {delivery.patient_id} | {i.patient_id for i in instances}
+        studies = {delivery.study_instance_uid}
         try:
             decision = self.decide(
                 requester, operation, party, patients, studies, len(instances), record="never"
@@ -616,7 +618,7 @@ class Egress:
                 "operation": operation,
                 "delivery": delivery.id,
                 "recipient": decision.recipient or delivery.recipient,
-                "patient_ids": [delivery.patient_id],
+                "patient_ids": sorted(patients),
                 "study_instance_uids": [delivery.study_instance_uid],
                 "attempt": delivery.attempts,
                 **outcome,
@@ -693,8 +695,7 @@ class Egress:
         profile (UIDs and pseudonym computed up front for the ledger), minus those withheld."""
         if not decision.allowed:
             return _Plan([], {}, {})
-        rule = self.policy().deid_profile(decision.deid_profile) if decision.deid_profile else None
-        if rule is None:
+        if not decision.deid_profile:
             items = [
                 SendItem(
                     i.sop_instance_uid, i.sop_class_uid, i.transfer_syntax_uid, self._loader(i)
@@ -702,6 +703,12 @@ class Egress:
                 for i in instances
             ]
             return _Plan(items, {}, {"deidentified": False})
+        rule = self._policy_of(decision).deid_profile(decision.deid_profile)
+        if rule is None:  # fail closed: never send originals where a profile was decided
+            raise NotFound(
+                f"de-identification profile {decision.deid_profile} is not in policy "
+                f"{decision.policy_version}"
+            )
         profile = deid.DeidProfile(rule.id, frozenset(rule.options))
         scope = f"recipient:{decision.recipient}"
         keep_uids = "retain-uids" in profile.options
@@ -739,9 +746,8 @@ class Egress:
                 "uid_scope": scope,
             },
             "patient_pseudonyms": {
-                delivery.patient_id: deid.patient_pseudonym(
-                    delivery.patient_id, self.deid_secret, scope
-                )
+                patient: deid.patient_pseudonym(patient, self.deid_secret, scope)
+                for patient in sorted({i.patient_id for i in instances})
             },
             "uid_map": uid_map,
             "withheld": withheld,
@@ -758,7 +764,7 @@ class Egress:
     def _target(self, operation: str, recipient: str, decision: Decision) -> Target:
         if operation == "forward":
             return Target("dimse", recipient, peer=self.peers[recipient])
-        policy_recipient = self.policy().recipient(decision.recipient)
+        policy_recipient = self._policy_of(decision).recipient(decision.recipient)
         if policy_recipient is None:
             raise NotFound(f"recipient {decision.recipient} is not in the policy")
         for name in policy_recipient.peers:
@@ -769,6 +775,15 @@ class Egress:
         raise NotFound(
             f"recipient {policy_recipient.id} names no configured peer and no dicomweb_url"
         )
+
+    def _policy_of(self, decision: Decision) -> Policy:
+        """The policy version that made `decision` (not whatever is in force a moment later)."""
+        policy = governance.policy_version(
+            self.archive.registry.published_policies(), decision.policy_version
+        )
+        if policy is None:
+            raise NotFound(f"policy version {decision.policy_version} is not published")
+        return policy
 
     def _loader(self, instance: StoredInstance) -> Callable[[], Dataset]:
         path = self.archive.blob_file(instance)

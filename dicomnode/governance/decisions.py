@@ -288,6 +288,17 @@ def decide(
             denied_patients=tuple(sorted(refused)),
             **allowed_details,  # type: ignore[arg-type]
         )
+    if rule.deid_profile and request.operation != "share":
+        # Only a share de-identifies: a query answer or a retrieval would leave identified.
+        return Decision(
+            False,
+            f"rule {rule.id} allows {activity_id} only de-identified ({rule.deid_profile}), "
+            "which only a share applies",
+            rule.id,
+            policy.version,
+            consent_refs=tuple(consent_refs),
+            **allowed_details,  # type: ignore[arg-type]
+        )
     reason = rule.description or f"rule {rule.id} allows {activity_id}"
     if refused:
         kept = len(request.patient_ids) - len(refused)

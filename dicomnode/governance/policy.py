@@ -541,12 +541,22 @@ def effective_at(policy: Policy, published_at: datetime) -> datetime:
 
 
 def policy_in_force(published: Sequence[PublishedPolicy], now: datetime) -> Policy:
-    """The version in force at `now`: the one that took effect last, else the embedded one."""
+    """The version in force at `now`: of those whose notice has run, the one published last
+    (a later publication supersedes an earlier one even if the earlier, with its longer notice,
+    takes effect after it), else the embedded one."""
     in_force = [p for p in published if p.effective_at <= now]
     if not in_force:
         return embedded_policy()
-    latest = max(in_force, key=lambda p: (p.effective_at, p.published_at))
+    latest = max(in_force, key=lambda p: (p.published_at, p.effective_at))
     return parse_policy(latest.source)
+
+
+def policy_version(published: Sequence[PublishedPolicy], version: str) -> Policy | None:
+    """A published (or the embedded) version by its name."""
+    if version == embedded_policy().version:
+        return embedded_policy()
+    match = next((p for p in published if p.version == version), None)
+    return parse_policy(match.source) if match else None
 
 
 def scheduled(published: Sequence[PublishedPolicy], now: datetime) -> list[PublishedPolicy]:
