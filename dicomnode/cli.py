@@ -488,9 +488,10 @@ def _print_delivery(delivery: Any) -> None:
 
 def _share(args: argparse.Namespace) -> int:
     with _node_services(args.config) as node:
-        delivery_id = node.egress.queue_share(args.recipient, args.study, _who(args), args.purpose)
         backoff = timedelta(seconds=node.settings.governance.delivery_backoff)
-        delivery = node.egress.deliver_now(delivery_id, backoff)
+        delivery = node.egress.share_now(
+            args.recipient, args.study, _who(args), backoff, args.purpose
+        )
     _print_delivery(delivery)
     if delivery.state == "done":
         return 0

@@ -165,17 +165,18 @@ class Egress:
         study_uids: set[str],
         count: int,
         extra: dict[str, Any] | None = None,
-        record: str = "always",
+        record: bool = True,
     ) -> Decision:
         """Ask governance and record the decision in the ledger (committed before anything is
-        sent). `record="unless-allowed"` records only a refusal (processing decisions, which
-        are not disclosures). A ledger that cannot be written raises StorageUnavailable."""
+        sent); with `record=False` the caller records it (`_record`) once it knows more (what
+        a share will look like de-identified). A ledger that cannot be written raises
+        StorageUnavailable."""
         now = self.clock()
         policy = self.policy(now)
         request = self._request(requester, operation, recipient, patient_ids, study_uids)
         facts = self.archive.registry.governed_facts(patient_ids) if patient_ids else {}
         decision = governance.decide(request, facts, policy, now)
-        if record == "always" or (record == "unless-allowed" and not decision.allowed):
+        if record:
             self._record(requester, request, decision, count, extra or {})
         return decision
 
@@ -357,8 +358,7 @@ class Egress:
     def permit_processing(
         self, analyzer: str, patient_id: str, study_uid: str, job_id: int
     ) -> Decision:
-        """Whether an analysis may run for this patient now; a refusal is recorded (processing
-        that goes ahead is in the job record, not the ledger)."""
+        """Whether an analysis may run for this patient now; the decision is recorded."""
         return self.decide(
             Source("analysis", analyzer),
             "analyze",
@@ -367,7 +367,6 @@ class Egress:
             {study_uid},
             1,
             {"job": job_id, "analyzer": analyzer},
-            record="unless-allowed",
         )
 
     # --- data-subject access (PIPA 35, GDPR 15/20) ------------------------------------------
@@ -387,7 +386,10 @@ class Egress:
             {patient_id},
             {i.study_instance_uid for i in instances},
             len(instances),
-            {"sop_instance_uids": [i.sop_instance_uid for i in instances]},
+            {
+                "sop_instance_uids": [i.sop_instance_uid for i in instances],
+                "recipient": f"data subject {patient_id}, handed over by {requester.caller}",
+            },
         )
         self._refuse(decision)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -502,9 +504,15 @@ class Egress:
         return ids
 
     def queue_share(
-        self, recipient_id: str, study_uid: str, requested_by: str, purpose: str | None = None
+        self,
+        recipient_id: str,
+        study_uid: str,
+        requested_by: str,
+        purpose: str | None = None,
+        claimed_by: str | None = None,
     ) -> int:
-        """Queue a share of a whole study to a policy recipient (decided when it is sent)."""
+        """Queue a share of a whole study to a policy recipient (decided when it is sent);
+        with `claimed_by`, it is queued already claimed by that worker."""
         instances = self.archive.find_instances(Level.STUDY, (("StudyInstanceUID", study_uid),))
         if not instances:
             raise NotFound(f"no study {study_uid}")
@@ -521,6 +529,8 @@ class Egress:
             requested_by,
             self.delivery_attempts,
             self.clock(),
+            claimed_by=claimed_by,
+            lease=DELIVERY_LEASE,
         )
 
     def deliver_due(self, worker: str, backoff: timedelta) -> Delivery | None:
@@ -528,18 +538,33 @@ class Egress:
         delivery = self.archive.registry.claim_delivery(worker, self.clock(), DELIVERY_LEASE)
         if delivery is None:
             return None
-        return self._deliver(delivery, backoff)
+        return self._deliver(delivery, backoff, worker)
+
+    def share_now(
+        self,
+        recipient_id: str,
+        study_uid: str,
+        requested_by: str,
+        backoff: timedelta,
+        purpose: str | None = None,
+    ) -> Delivery:
+        """Queue a share already claimed by this caller, and send it (what `dicomnode share`
+        and the share API do: no other worker can take it in between)."""
+        worker = f"now-{uuid.uuid4().hex[:8]}"
+        delivery_id = self.queue_share(recipient_id, study_uid, requested_by, purpose, worker)
+        return self._deliver(self.archive.registry.delivery(delivery_id), backoff, worker)
 
     def deliver_now(self, delivery_id: int, backoff: timedelta) -> Delivery:
         """Send one queued delivery at once (the CLI and API do this for a share)."""
+        worker = f"now-{uuid.uuid4().hex[:8]}"
         delivery = self.archive.registry.claim_delivery(
-            f"now-{uuid.uuid4().hex[:8]}", self.clock(), DELIVERY_LEASE, delivery_id
+            worker, self.clock(), DELIVERY_LEASE, delivery_id
         )
         if delivery is None:
             raise NotFound(f"delivery {delivery_id} is not queued")
-        return self._deliver(delivery, backoff)
+        return self._deliver(delivery, backoff, worker)
 
-    def _deliver(self, delivery: Delivery, backoff: timedelta) -> Delivery:
+    def _deliver(self, delivery: Delivery, backoff: timedelta, worker: str) -> Delivery:
         """Decide, record, then send one delivery; a share leaves de-identified when its rule
         names a profile, and objects likely to carry burned-in identity are withheld."""
         registry = self.archive.registry
@@ -568,7 +593,7 @@ class Egress:
         studies = {delivery.study_instance_uid}
         try:
             decision = self.decide(
-                requester, operation, party, patients, studies, len(instances), record="never"
+                requester, operation, party, patients, studies, len(instances), record=False
             )
             plan = self._plan(delivery, decision, instances)
             self._record(
@@ -584,7 +609,7 @@ class Egress:
                 },
             )
         except DicomnodeError as e:  # the ledger cannot be written: nothing leaves
-            registry.retry_delivery_later(delivery.id, self.clock(), str(e), backoff, {})
+            registry.retry_delivery_later(delivery.id, self.clock(), str(e), backoff, {}, worker)
             return registry.delivery(delivery.id)
         if not decision.allowed:
             registry.finish_delivery(
@@ -593,6 +618,7 @@ class Egress:
                 self.clock(),
                 {"rule_id": decision.rule_id},
                 f"{decision.reason} ({decision.rule_id})",
+                worker,
             )
             return registry.delivery(delivery.id)
         target = None
@@ -628,7 +654,7 @@ class Egress:
             delivery, operation, target if report.sent else None, instances, report, plan
         )
         if report.complete:  # withheld and deleted objects are not retried
-            registry.finish_delivery(delivery.id, DONE, self.clock(), outcome)
+            registry.finish_delivery(delivery.id, DONE, self.clock(), outcome, None, worker)
         else:
             state = registry.retry_delivery_later(
                 delivery.id,
@@ -636,6 +662,7 @@ class Egress:
                 "; ".join(f"{uid}: {why}" for uid, why in list(report.failed.items())[:5]),
                 backoff,
                 outcome,
+                worker,
             )
             log.warning(
                 "delivery %s to %s failed; now %s",

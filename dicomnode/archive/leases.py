@@ -22,13 +22,24 @@ def claim_due(
     queued: str,
     working: str,
     values: dict[str, Any],
+    failed: str = "failed",
 ) -> Any:
-    """Mark the oldest due row of `table` as `working` with `values`; returns it, or None."""
+    """Mark the oldest due row of `table` as `working` with `values`; returns it, or None.
+    A row whose lease ran out with all its attempts used (its worker died every time) is
+    `failed` instead of being claimed again forever."""
     c = table.c
-    due = or_(
-        and_(c.state == queued, c.not_before <= now),
-        and_(c.state == working, c.lease_until < now),
+    lapsed = and_(c.state == working, c.lease_until < now)
+    conn.execute(
+        update(table)
+        .where(lapsed, c.attempts >= c.max_attempts)
+        .values(
+            state=failed,
+            finished_at=now,
+            lease_until=None,
+            error="its worker stopped before finishing, on every attempt",
+        )
     )
+    due = or_(and_(c.state == queued, c.not_before <= now), lapsed)
     query = select(c.id).where(due).order_by(c.not_before, c.id).limit(1)
     if not is_sqlite:
         query = query.with_for_update(skip_locked=True)
@@ -50,12 +61,17 @@ def retry_or_fail(
     backoff: timedelta,
     queued: str,
     failed: str,
+    owner: Any = None,
     **values: Any,
 ) -> str:
     """Record a failed attempt of a claimed row: queued again after `backoff` x
-    2^(attempts-1), or `failed` for good once its attempts are used; returns the new state."""
+    2^(attempts-1), or `failed` for good once its attempts are used; returns the new state.
+    With `owner` (a condition, see `owned_by`), a row another worker has claimed since is
+    left alone and its current state returned."""
     c = table.c
-    row = conn.execute(select(c.attempts, c.max_attempts).where(c.id == row_id)).one()
+    row = conn.execute(select(c.attempts, c.max_attempts, c.state).where(c.id == row_id)).one()
+    if owner is not None and not conn.execute(select(c.id).where(c.id == row_id, owner)).first():
+        return str(row.state)
     final = row.attempts >= row.max_attempts
     conn.execute(
         update(table)
@@ -70,3 +86,8 @@ def retry_or_fail(
         )
     )
     return failed if final else queued
+
+
+def owned_by(table: Table, worker: str, working: str) -> Any:
+    """The condition that a row is still `worker`'s: claimed by it and still being worked on."""
+    return and_(table.c.claimed_by == worker, table.c.state == working)

@@ -20,7 +20,7 @@ from sqlalchemy import Connection, and_, delete, func, or_, select, update
 
 from dicomnode.archive import schema
 from dicomnode.archive.index import Index
-from dicomnode.archive.leases import claim_due, retry_or_fail
+from dicomnode.archive.leases import claim_due, owned_by, retry_or_fail
 from dicomnode.archive.ledger import Ledger
 from dicomnode.core.errors import InvalidInput, NotFound
 from dicomnode.core.model import ConsentRecord, LedgerKind, PatientFacts, PublishedPolicy
@@ -726,6 +726,21 @@ class Registry:
             "analysis_units": removed_units,
         }
 
+    def purge_patient_records(self, patient_id: str) -> dict[str, int]:
+        """Delete a patient's analysis job, unit and delivery records (erasure): they name the
+        patient and hold results. The ledger and the consent versions are kept."""
+        jobs, units, d = schema.analysis_jobs, schema.analysis_units, schema.deliveries
+        with self.index.write() as conn:
+            return {
+                "analysis_jobs": conn.execute(
+                    delete(jobs).where(jobs.c.patient_id == patient_id)
+                ).rowcount,
+                "analysis_units": conn.execute(
+                    delete(units).where(units.c.patient_id == patient_id)
+                ).rowcount,
+                "deliveries": conn.execute(delete(d).where(d.c.patient_id == patient_id)).rowcount,
+            }
+
     # --- deliveries -------------------------------------------------------------------------
 
     def queue_delivery(
@@ -739,8 +754,22 @@ class Registry:
         requested_by: str,
         max_attempts: int,
         now: datetime,
+        claimed_by: str | None = None,
+        lease: timedelta = timedelta(0),
     ) -> int:
+        """Queue a delivery (or, with `claimed_by`, insert it already claimed by that worker,
+        its first attempt begun)."""
         d = schema.deliveries
+        claimed = (
+            {
+                "state": SENDING,
+                "attempts": 1,
+                "claimed_by": claimed_by,
+                "lease_until": now + lease,
+            }
+            if claimed_by
+            else {"state": QUEUED, "attempts": 0}
+        )
         with self.index.write() as conn:
             return int(
                 conn.execute(
@@ -752,11 +781,10 @@ class Registry:
                         study_instance_uid=study_uid,
                         sop_instance_uids=json.dumps(sop_instance_uids),
                         requested_by=requested_by,
-                        state=QUEUED,
-                        attempts=0,
                         max_attempts=max_attempts,
                         not_before=now,
                         created_at=now,
+                        **claimed,
                     )
                 ).inserted_primary_key[0]
             )
@@ -787,19 +815,27 @@ class Registry:
         now: datetime,
         outcome: dict[str, Any],
         error: str | None = None,
-    ) -> None:
+        worker: str | None = None,
+    ) -> bool:
+        """Record how a delivery ended; with `worker`, only if it is still that worker's (a
+        worker whose lease ran out must not overwrite the one that took it over)."""
         d = schema.deliveries
+        where = [d.c.id == delivery_id]
+        if worker is not None:
+            where.append(owned_by(d, worker, SENDING))
         with self.index.write() as conn:
-            conn.execute(
-                update(d)
-                .where(d.c.id == delivery_id)
-                .values(
-                    state=state,
-                    finished_at=now,
-                    lease_until=None,
-                    outcome=json.dumps(outcome, default=str),
-                    error=error[:4000] if error else None,
-                )
+            return bool(
+                conn.execute(
+                    update(d)
+                    .where(*where)
+                    .values(
+                        state=state,
+                        finished_at=now,
+                        lease_until=None,
+                        outcome=json.dumps(outcome, default=str),
+                        error=error[:4000] if error else None,
+                    )
+                ).rowcount
             )
 
     def retry_delivery_later(
@@ -809,19 +845,22 @@ class Registry:
         error: str,
         backoff: timedelta,
         outcome: dict[str, Any],
+        worker: str | None = None,
     ) -> str:
         """A failed attempt: queued again after the backoff, or failed for good once its
-        attempts are used; returns the new state."""
+        attempts are used (only while it is still `worker`'s, when given); returns the state."""
+        d = schema.deliveries
         with self.index.write() as conn:
             return retry_or_fail(
                 conn,
-                schema.deliveries,
+                d,
                 delivery_id,
                 now,
                 error,
                 backoff,
                 QUEUED,
                 FAILED,
+                owned_by(d, worker, SENDING) if worker is not None else None,
                 outcome=json.dumps(outcome, default=str),
             )
 

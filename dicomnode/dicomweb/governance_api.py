@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from flask import Blueprint, Response, jsonify, request
+from flask import Blueprint, Response, g, jsonify, request
 
 from dicomnode.archive.keys import sign_json
 from dicomnode.core.errors import InvalidInput, NotFound
@@ -183,7 +183,9 @@ def governance_blueprint() -> Blueprint:
 
     @bp.get("/subjects/<patient_id>/export")
     def export(patient_id: str) -> Response:
-        """The patient's files and summary as one ZIP archive (built in a temporary folder)."""
+        """The patient's files and summary as one ZIP archive (built in a temporary folder).
+        It hands over images, so it needs governance.admin, not just governance.read."""
+        g.principal.require("governance.admin")
         with tempfile.TemporaryDirectory(prefix="dicomnode-export-") as folder:
             services().egress.export_subject(
                 patient_id,
@@ -238,14 +240,14 @@ def governance_blueprint() -> Blueprint:
     def share() -> tuple[Response, int]:
         data = _body()
         egress = services().egress
-        delivery_id = egress.queue_share(
+        backoff = timedelta(seconds=services().settings.governance.delivery_backoff)
+        delivery = egress.share_now(
             _text(data, "recipient"),
             validate_uid(_text(data, "study"), "study"),
             _who(),
+            backoff,
             _text(data, "purpose", required=False) or None,
         )
-        backoff = timedelta(seconds=services().settings.governance.delivery_backoff)
-        delivery = egress.deliver_now(delivery_id, backoff)
         status = {"done": 200, "denied": 403}.get(delivery.state, 202)
         return jsonify(delivery.as_dict()), status
 

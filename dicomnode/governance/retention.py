@@ -32,6 +32,7 @@ class RetentionItem:
     action: str  # destroy | keep | keep-hold
     reason: str
     legal_basis: str = ""  # set when a law requires keeping the data (erasure is refused)
+    held: bool = False  # objects intake filed aside (not in the archive proper)
 
     def as_dict(self) -> dict[str, object]:
         data = {k: getattr(self, k) for k in self.__dataclass_fields__}
