@@ -510,7 +510,7 @@ def _deliveries(args: argparse.Namespace) -> int:
         elif args.deliveries_command == "show":
             print(json.dumps(registry.delivery(args.id).as_dict(), indent=2))
         else:
-            registry.requeue_delivery(args.id, datetime.now(UTC))
+            registry.requeue_delivery(args.id, datetime.now(UTC), _who(args))
             print(f"delivery {args.id} queued again")
     finally:
         archive.close()

@@ -271,10 +271,14 @@ class Egress:
     # --- answers to the hospital's queries and retrievals ------------------------------------
 
     def find(
-        self, query: Query, requester: Source, asked: audit.Query | None = None
+        self,
+        query: Query,
+        requester: Source,
+        asked: Callable[[], audit.Query] | None = None,
     ) -> list[dict[str, Any]]:
         """The answers to a search that governance allows to leave (answers about patients it
-        leaves out are dropped). `asked` is the query as received, for the audit message."""
+        leaves out are dropped). `asked` builds the query as received, for the audit message
+        (called in the audit writer's thread, off the request's path)."""
         rows = self.archive.search(query)
         decision = self.decide(
             requester,
@@ -288,7 +292,7 @@ class Egress:
         now = self.clock()
         self._audit(
             lambda: audit_events.queried(
-                requester, asked or _as_dicom_query(query), now, self.audit.source
+                requester, asked() if asked else _as_dicom_query(query), now, self.audit.source
             )
         )
         if decision.denied_patients:

@@ -216,7 +216,7 @@ class Stewardship:
         records = tuple(self.archive.registry.consents(patient_id))
         current = {}
         for purpose in sorted({r.purpose for r in records}):
-            record = governance.current_consent(records, purpose)
+            record = governance.current_consent(records, purpose, now)
             current[purpose] = record.as_dict() | {  # type: ignore[union-attr]
                 "in_force": governance.consent_in_force(record, now)
             }
@@ -276,7 +276,7 @@ class Stewardship:
         withdrawn: dict[str, datetime] = {}
         for patient, history in records.items():
             for purpose in intake_purposes:
-                current = governance.current_consent(tuple(history), purpose)
+                current = governance.current_consent(tuple(history), purpose, self.clock())
                 if current is not None and current.state in ("withdrawn", "refused"):
                     withdrawn[patient] = min(
                         withdrawn.get(patient, current.recorded_at), current.recorded_at

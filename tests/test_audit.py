@@ -1085,7 +1085,7 @@ def test_from_settings_spools_under_data_dir(tmp_path, monkeypatch):
     assert settings.audit.audit_source_id == "NODE7"
 
 
-def test_messages_another_process_spools_are_sent_by_the_running_node(receiver, audit_log, tmp_path):
+def test_messages_another_process_spools_are_sent_by_the_node(receiver, audit_log, tmp_path):
     spool = tmp_path / "spool"
     node = audit_log(settings_for(receiver.port), spool)
     node.start()

@@ -21,7 +21,7 @@ from sqlalchemy import Connection, select, update
 
 from dicomnode.archive import schema
 from dicomnode.archive.index import Index
-from dicomnode.archive.leases import claim_due, retry_or_fail
+from dicomnode.archive.leases import any_due, claim_due, retry_or_fail
 from dicomnode.core.errors import NotFound
 from dicomnode.core.times import as_utc
 
@@ -217,6 +217,9 @@ class JobStore:
             "lease_until": now + lease,
             "error": None,
         }
+        with self.index.read() as conn:
+            if not any_due(conn, schema.analysis_jobs, now, QUEUED, RUNNING):
+                return None
         with self.index.write() as conn:
             row = claim_due(
                 conn, schema.analysis_jobs, self.index.is_sqlite, now, QUEUED, RUNNING, values

@@ -52,6 +52,17 @@ def claim_due(
     return conn.execute(select(table).where(c.id == row_id)).one()
 
 
+def any_due(conn: Connection, table: Table, now: datetime, queued: str, working: str) -> bool:
+    """Whether a claim would find anything: a read, so that idle workers polling for work do
+    not take the (SQLite) write lock that ingest needs."""
+    c = table.c
+    due = or_(
+        and_(c.state == queued, c.not_before <= now),
+        and_(c.state == working, c.lease_until < now),
+    )
+    return conn.execute(select(c.id).where(due).limit(1)).first() is not None
+
+
 def retry_or_fail(
     conn: Connection,
     table: Table,

@@ -20,12 +20,13 @@ from sqlalchemy import Connection, and_, delete, func, or_, select, update
 
 from dicomnode.archive import schema
 from dicomnode.archive.index import Index
-from dicomnode.archive.leases import claim_due, owned_by, retry_or_fail
+from dicomnode.archive.leases import any_due, claim_due, owned_by, retry_or_fail
 from dicomnode.archive.ledger import Ledger
 from dicomnode.core.errors import InvalidInput, NotFound
 from dicomnode.core.model import ConsentRecord, LedgerKind, PatientFacts, PublishedPolicy
 from dicomnode.core.times import as_utc
 
+GOVERNANCE_LOCK = 1573_0002  # serialises check-then-write changes of governance records
 CACHE_SECONDS = 5.0  # how stale another process's writes may look to the cached reads
 
 # analysis job states this module moves (see archive/jobs.py for the rest)
@@ -317,6 +318,7 @@ class Registry:
         analysis jobs held for want of it. Returns the stored version and what changed."""
         c = schema.consents
         with self.index.write() as conn:
+            self.index.serialize(conn, GOVERNANCE_LOCK)
             latest = conn.execute(
                 select(func.max(c.c.version)).where(
                     c.c.patient_id == record.patient_id,
@@ -406,6 +408,7 @@ class Registry:
         """Restrict all processing of a patient's data until lifted (a ledger entry)."""
         r = schema.restrictions
         with self.index.write() as conn:
+            self.index.serialize(conn, GOVERNANCE_LOCK)
             active = self._active_restriction(conn, patient_id)
             if active is not None:
                 return active
@@ -438,6 +441,7 @@ class Registry:
         """Lift a patient's restriction; analysis held because of it may run again."""
         r = schema.restrictions
         with self.index.write() as conn:
+            self.index.serialize(conn, GOVERNANCE_LOCK)
             active = self._active_restriction(conn, patient_id)
             if active is None:
                 raise NotFound(f"patient {patient_id} has no active restriction")
@@ -602,6 +606,7 @@ class Registry:
         Returns False when that object was already held (an identical re-send)."""
         h = schema.held_objects
         with self.index.write() as conn:
+            self.index.serialize(conn, GOVERNANCE_LOCK)
             if conn.execute(
                 select(h.c.id).where(h.c.sop_instance_uid == held.sop_instance_uid)
             ).first():
@@ -795,6 +800,10 @@ class Registry:
         """Take the oldest due delivery (or exactly `delivery_id`, if it is queued)."""
         d = schema.deliveries
         values = {"claimed_by": worker, "lease_until": now + lease, "error": None}
+        if delivery_id is None:
+            with self.index.read() as conn:
+                if not any_due(conn, d, now, QUEUED, SENDING):
+                    return None
         with self.index.write() as conn:
             if delivery_id is None:
                 row = claim_due(conn, d, self.index.is_sqlite, now, QUEUED, SENDING, values)
@@ -864,17 +873,33 @@ class Registry:
                 outcome=json.dumps(outcome, default=str),
             )
 
-    def requeue_delivery(self, delivery_id: int, now: datetime) -> None:
-        """Queue a failed, denied or cancelled delivery again with fresh attempts."""
+    def requeue_delivery(self, delivery_id: int, now: datetime, by: str) -> None:
+        """Queue a finished delivery (failed, denied, cancelled, or done: to send it again)
+        with fresh attempts, recording who did; it is decided again when it is sent."""
         d = schema.deliveries
         with self.index.write() as conn:
+            row = conn.execute(select(d).where(d.c.id == delivery_id)).first()
             changed = conn.execute(
                 update(d)
                 .where(d.c.id == delivery_id, d.c.state.in_((FAILED, DENIED, CANCELLED, DONE)))
                 .values(state=QUEUED, attempts=0, not_before=now, finished_at=None, error=None)
             ).rowcount
-        if not changed:
-            raise NotFound(f"delivery {delivery_id} is not finished")
+            if not changed:
+                raise NotFound(f"delivery {delivery_id} is not finished")
+            self.ledger.append(
+                conn,
+                LedgerKind.PROCESSING,
+                by,
+                "requeued",
+                {
+                    "operation": row.kind,
+                    "delivery": delivery_id,
+                    "previous_state": row.state,
+                    "recipient": row.recipient,
+                    "patient_ids": [row.patient_id],
+                    "study_instance_uids": [row.study_instance_uid],
+                },
+            )
 
     def delivery(self, delivery_id: int) -> Delivery:
         d = schema.deliveries

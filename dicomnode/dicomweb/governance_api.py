@@ -268,7 +268,7 @@ def governance_blueprint() -> Blueprint:
     @bp.post("/deliveries/<int:delivery_id>/retry")
     def retry_delivery(delivery_id: int) -> Response:
         registry = services().archive.registry
-        registry.requeue_delivery(delivery_id, datetime.now(UTC))
+        registry.requeue_delivery(delivery_id, datetime.now(UTC), _who())
         return jsonify(registry.delivery(delivery_id).as_dict())
 
     @bp.get("/held")

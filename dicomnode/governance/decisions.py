@@ -94,15 +94,21 @@ class Admission:
 
 
 def current_consent(
-    consents: tuple[ConsentRecord, ...], purpose: str, issuer: str | None = None
+    consents: tuple[ConsentRecord, ...],
+    purpose: str,
+    now: datetime | None = None,
+    issuer: str | None = None,
 ) -> ConsentRecord | None:
-    """The latest consent version for `purpose` (and `issuer`, when given)."""
+    """The consent version for `purpose` (and `issuer`) that counts at `now`: the latest one
+    already started (a renewal recorded ahead of its start does not suspend the one in force);
+    when none has started, the latest one, so that its start can be named."""
     matching = [
         c
         for c in consents
         if c.purpose == purpose and (issuer is None or c.issuer_of_patient_id == issuer)
     ]
-    return max(matching, key=lambda c: (c.recorded_at, c.version), default=None)
+    started = [c for c in matching if now is None or c.valid_from <= now] or matching
+    return max(started, key=lambda c: (c.recorded_at, c.version), default=None)
 
 
 def consent_in_force(record: ConsentRecord | None, now: datetime) -> bool:
@@ -251,7 +257,7 @@ def decide(
             if patient.restriction_ref:
                 refused[patient_id] += f" ({patient.restriction_ref})"
             continue
-        record = current_consent(patient.consents, purpose)
+        record = current_consent(patient.consents, purpose, now)
         if (
             activity_id != "subject-access"
             and record is not None
@@ -347,7 +353,7 @@ def admit(
         )
     intake = policy.activity("intake")
     for purpose in intake.purposes if intake else ():
-        record = current_consent(facts.consents, purpose)
+        record = current_consent(facts.consents, purpose, now)
         if record is not None and record.state in ("refused", "withdrawn"):
             candidates.append(
                 (

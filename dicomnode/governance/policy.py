@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, fields
 from datetime import UTC, date, datetime, timedelta
 from functools import lru_cache
 from typing import Any
+from urllib.parse import urlsplit
 
 from dicomnode.core.model import PublishedPolicy
 from dicomnode.core.times import as_utc
@@ -337,10 +338,11 @@ def _parse(data: dict[str, Any], sha256: str) -> Policy:
         _check_code(recipient.default_purpose, codes.PURPOSES, "purpose of use", where)
         if recipient.retention:
             _period(recipient.retention, f"{where}.retention")
-        if recipient.dicomweb_url and not recipient.dicomweb_url.startswith(
-            ("http://", "https://")
-        ):
-            raise PolicyError(f"{where}.dicomweb_url: must be an http(s) URL")
+        if recipient.dicomweb_url and not _secure_url(recipient.dicomweb_url):
+            raise PolicyError(
+                f"{where}.dicomweb_url: must be an https URL (plain http only to this machine: "
+                "127.0.0.1, ::1, localhost); shares carry patient data and a bearer token"
+            )
         home = str(head.get("home_country", "KR"))
         abroad = recipient.kind == "third-party" and recipient.country != home
         if abroad and recipient.cross_border_basis not in codes.CROSS_BORDER_BASES:
@@ -498,6 +500,13 @@ def _check_rule(
         raise PolicyError(f"{where}.consent: basis {basis} is consent; it cannot be not-required")
     required = needs_consent or consent == "required"
     return SharingRule(**{**rule.__dict__, "lawful_basis": basis, "consent_required": required})
+
+
+def _secure_url(url: str) -> bool:
+    parts = urlsplit(url)
+    if parts.scheme == "https" and parts.hostname:
+        return True
+    return parts.scheme == "http" and parts.hostname in ("127.0.0.1", "::1", "localhost")
 
 
 def _tables(data: dict[str, Any], key: str) -> list[dict[str, Any]]:
