@@ -24,6 +24,7 @@ from dicomnode.archive.keys import (
 from dicomnode.config import Settings
 from dicomnode.core.errors import ConfigError
 from dicomnode.core.metrics import Metrics
+from dicomnode.core.times import utc_now
 from dicomnode.dicomweb import WebServices, create_app
 from dicomnode.dicomweb.auth import TokenVerifier
 from dicomnode.dicomweb.stow_client import StowSender
@@ -35,10 +36,6 @@ from dicomnode.scp.scu import DimseSender
 from dicomnode.stewardship import Stewardship
 
 log = logging.getLogger("dicomnode")
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 def build_services(

@@ -175,13 +175,14 @@ def _who(args: argparse.Namespace) -> str:
 
 
 def _moment(text: str | None) -> datetime | None:
+    from dicomnode.core.times import parse_moment
+
     if not text:
         return None
     try:
-        moment = datetime.fromisoformat(text)
+        return parse_moment(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an ISO 8601 date or date-time: {text!r}") from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def _read_checkpoints(path: str) -> list[Any]:
@@ -487,9 +488,10 @@ def _print_delivery(delivery: Any) -> None:
 
 def _share(args: argparse.Namespace) -> int:
     with _node_services(args.config) as node:
-        delivery_id = node.egress.queue_share(args.recipient, args.study, _who(args), args.purpose)
         backoff = timedelta(seconds=node.settings.governance.delivery_backoff)
-        delivery = node.egress.deliver_now(delivery_id, backoff)
+        delivery = node.egress.share_now(
+            args.recipient, args.study, _who(args), backoff, args.purpose
+        )
     _print_delivery(delivery)
     if delivery.state == "done":
         return 0
@@ -508,7 +510,7 @@ def _deliveries(args: argparse.Namespace) -> int:
         elif args.deliveries_command == "show":
             print(json.dumps(registry.delivery(args.id).as_dict(), indent=2))
         else:
-            registry.requeue_delivery(args.id, datetime.now(UTC))
+            registry.requeue_delivery(args.id, datetime.now(UTC), _who(args))
             print(f"delivery {args.id} queued again")
     finally:
         archive.close()
@@ -529,6 +531,45 @@ def _held(args: argparse.Namespace) -> int:
         else:
             count = node.intake.discard_held(args.study, _who(args))
             print(f"{count} held objects of study {args.study} destroyed")
+    return 0
+
+
+# --- the DPO pages' local accounts -------------------------------------------------------------
+
+
+def _new_password(args: argparse.Namespace) -> str:
+    """The password from one line of standard input, or typed twice at a prompt."""
+    if args.password_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    first = getpass.getpass(f"password for {args.name}: ")
+    if getpass.getpass("again: ") != first:
+        raise argparse.ArgumentTypeError("the two passwords differ")
+    return first
+
+
+def _dpo_user(args: argparse.Namespace) -> int:
+    from dicomnode.archive.accounts import AccountStore
+
+    archive = _open_archive(args.config)
+    try:
+        store = AccountStore(archive.index)
+        if args.user_command == "add":
+            account = store.add(args.name, _new_password(args), args.role, args.display_name or "")
+            print(f"account {account.username} ({account.role}) added")
+        elif args.user_command == "list":
+            for account in store.list():
+                state = (
+                    f"disabled {account.disabled_at:%Y-%m-%d %H:%M}" if account.disabled_at else ""
+                )
+                print(
+                    f"{account.username:<24} {account.role:<8} "
+                    f"created {account.created_at:%Y-%m-%d %H:%M}  {account.display_name}  {state}"
+                )
+        else:
+            account = store.disable(args.name)
+            print(f"account {account.username} disabled; its sessions end at their next request")
+    finally:
+        archive.close()
     return 0
 
 
@@ -645,6 +686,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(run=_ledger_export)
 
     _governance_parsers(commands)
+    _dpo_parsers(commands)
 
     config = commands.add_parser("config", help="configuration tools")
     config_commands = config.add_subparsers(dest="config_command", required=True)
@@ -809,6 +851,28 @@ def _governance_parsers(commands: Any) -> None:
         sub = with_by(with_config(held_commands.add_parser(name, help=text)))
         sub.add_argument("--study", required=True)
         sub.set_defaults(run=_held)
+
+
+def _dpo_parsers(commands: Any) -> None:
+    dpo = commands.add_parser("dpo", help="the DPO's pages at /governance")
+    dpo_commands = dpo.add_subparsers(dest="dpo_command", required=True)
+    user = dpo_commands.add_parser("user", help="local accounts of the DPO pages")
+    user_commands = user.add_subparsers(dest="user_command", required=True)
+    add = user_commands.add_parser(
+        "add", help="add an account (the password is asked for, or read from stdin)"
+    )
+    add.add_argument("name", help="user name: letters, digits, . _ @ -")
+    add.add_argument("--role", required=True, choices=("dpo", "auditor"))
+    add.add_argument("--display-name", help="the person's name as the pages show it")
+    add.add_argument(
+        "--password-stdin", action="store_true", help="read the password from standard input"
+    )
+    listing = user_commands.add_parser("list", help="every account, disabled ones too")
+    disable = user_commands.add_parser("disable", help="stop an account from signing in")
+    disable.add_argument("name")
+    for sub in (add, listing, disable):
+        sub.add_argument("--config", help="settings file (default: $DICOMNODE_CONFIG)")
+        sub.set_defaults(run=_dpo_user)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -116,6 +116,8 @@ class AnalysisSettings:
     sweep_interval: float = 2.0
     analyzers: tuple[tuple[str, AnalyzerSettings], ...] = ()
     forward_to: tuple[str, ...] = ()  # peer names, or "sender": where results are sent
+    lease_grace: float = 60.0  # a running job's lease is its timeout plus this; a job whose
+    # worker died is claimed again when the lease runs out
 
     def analyzer(self, name: str) -> AnalyzerSettings:
         return dict(self.analyzers).get(name, AnalyzerSettings())
@@ -157,6 +159,28 @@ class AuditSettings:
 
 
 @dataclass(frozen=True)
+class DpoSettings:
+    """The DPO's pages at /governance: sign-in (local accounts, the hospital's OIDC provider)
+    and the session cookie."""
+
+    session_hours: float = 8.0  # a sign-in lasts at most this long
+    secure_cookies: bool = True  # false only to try the pages over plain HTTP off localhost
+    local_accounts: bool = True  # false: only the OIDC provider signs users in
+    max_failed_signins: int = 5  # failures in a row before an account is locked for a while
+    lockout_minutes: float = 15.0
+    oidc_issuer: str = ""  # the provider's issuer URL; empty: local accounts only
+    oidc_client_id: str = ""
+    oidc_client_secret_file: Path | None = None
+    oidc_role_claim: str = "roles"  # claim (dotted path, e.g. realm_access.roles) with roles
+    oidc_dpo_values: tuple[str, ...] = ()  # claim values that make a user a DPO
+    oidc_auditor_values: tuple[str, ...] = ()  # claim values that make a user an auditor
+
+    @property
+    def oidc_enabled(self) -> bool:
+        return bool(self.oidc_issuer)
+
+
+@dataclass(frozen=True)
 class Peer:
     """A known DICOM AE: who may call us for which services, and where C-MOVE sends to."""
 
@@ -179,6 +203,7 @@ class Settings:
     analysis: AnalysisSettings = field(default_factory=AnalysisSettings)
     governance: GovernanceSettings = field(default_factory=GovernanceSettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
+    dpo: DpoSettings = field(default_factory=DpoSettings)
     peers: tuple[Peer, ...] = ()
     source: Path | None = None  # the file these settings came from
 
@@ -288,6 +313,7 @@ def _parse(data: dict[str, Any], base: Path) -> tuple[Settings, list[ConfigError
             "analysis",
             "governance",
             "audit",
+            "dpo",
             "peers",
         },
     )
@@ -468,6 +494,9 @@ def _parse(data: dict[str, Any], base: Path) -> tuple[Settings, list[ConfigError
         sweep_interval=float(
             r.value(t, "analysis.", "sweep_interval", (int, float), an.sweep_interval, _positive)
         ),
+        lease_grace=float(
+            r.value(t, "analysis.", "lease_grace", (int, float), an.lease_grace, _non_negative)
+        ),
         analyzers=tuple(analyzers),
     )
 
@@ -610,6 +639,8 @@ def _parse(data: dict[str, Any], base: Path) -> tuple[Settings, list[ConfigError
         ),
     )
 
+    dpo = _parse_dpo(r, r.table(data, "dpo"), base)
+
     settings = Settings(
         node=node,
         dimse=dimse,
@@ -620,9 +651,57 @@ def _parse(data: dict[str, Any], base: Path) -> tuple[Settings, list[ConfigError
         analysis=analysis,
         governance=governance,
         audit=audit,
+        dpo=dpo,
         peers=tuple(peers),
     )
     return settings, r.problems
+
+
+def _parse_dpo(r: _Reader, t: dict[str, Any], base: Path) -> DpoSettings:
+    d = DpoSettings()
+    r.unknown(t, "dpo.", set(DpoSettings.__dataclass_fields__))
+    values: dict[str, tuple[str, ...]] = {}
+    for key in ("oidc_dpo_values", "oidc_auditor_values"):
+        listed = r.value(t, "dpo.", key, list, [])
+        if any(not isinstance(v, str) or not v for v in listed):
+            r.fail(f"dpo.{key}", 'must be a list of role names such as ["dpo"]')
+            listed = []
+        values[key] = tuple(listed)
+    secret_file = r.value(t, "dpo.", "oidc_client_secret_file", str, "")
+    dpo = DpoSettings(
+        session_hours=float(
+            r.value(t, "dpo.", "session_hours", (int, float), d.session_hours, _positive)
+        ),
+        secure_cookies=r.value(t, "dpo.", "secure_cookies", bool, d.secure_cookies),
+        local_accounts=r.value(t, "dpo.", "local_accounts", bool, d.local_accounts),
+        max_failed_signins=r.value(
+            t, "dpo.", "max_failed_signins", int, d.max_failed_signins, _positive
+        ),
+        lockout_minutes=float(
+            r.value(t, "dpo.", "lockout_minutes", (int, float), d.lockout_minutes, _positive)
+        ),
+        oidc_issuer=r.value(t, "dpo.", "oidc_issuer", str, "", _http_url).rstrip("/"),
+        oidc_client_id=r.value(t, "dpo.", "oidc_client_id", str, ""),
+        oidc_client_secret_file=(base / secret_file) if secret_file else None,
+        oidc_role_claim=r.value(t, "dpo.", "oidc_role_claim", str, d.oidc_role_claim, _nonempty),
+        oidc_dpo_values=values["oidc_dpo_values"],
+        oidc_auditor_values=values["oidc_auditor_values"],
+    )
+    named = [k for k in ("oidc_issuer", "oidc_client_id", "oidc_client_secret_file") if t.get(k)]
+    if named and len(named) < 3:
+        missing = sorted({"oidc_issuer", "oidc_client_id", "oidc_client_secret_file"} - set(named))
+        r.fail(
+            f"dpo.{missing[0]}",
+            "oidc_issuer, oidc_client_id and oidc_client_secret_file "
+            "are needed together for sign-in through the hospital's OIDC provider",
+        )
+    if dpo.oidc_client_secret_file is not None and not dpo.oidc_client_secret_file.is_file():
+        r.fail("dpo.oidc_client_secret_file", f"file not found: {dpo.oidc_client_secret_file}")
+    if dpo.oidc_issuer and not (dpo.oidc_dpo_values or dpo.oidc_auditor_values):
+        r.fail("dpo.oidc_dpo_values", "name the role claim values that make a user a DPO")
+    if not dpo.local_accounts and not dpo.oidc_issuer:
+        r.fail("dpo.local_accounts", "false needs an OIDC provider (dpo.oidc_issuer)")
+    return dpo
 
 
 def _load_toml(path: Path) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import shutil
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -30,6 +30,7 @@ from dicomnode.archive.jobs import JobStore
 from dicomnode.archive.registry import DENIED, DONE, Delivery
 from dicomnode.core.errors import DicomnodeError, NotFound, NotPermitted
 from dicomnode.core.model import LedgerKind, Level, Query, Source, StoredInstance
+from dicomnode.core.times import utc_now
 from dicomnode.governance import (
     Decision,
     DisclosureRequest,
@@ -44,10 +45,6 @@ log = logging.getLogger("dicomnode.egress")
 
 DELIVERY_LEASE = timedelta(minutes=30)
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass(frozen=True)
@@ -138,7 +135,6 @@ class Egress:
         published = self.archive.registry.published_policies()
         policy = governance.policy_in_force(published, now)
         if policy.version != self._in_force_seen:
-            self._in_force_seen = policy.version
             match = next((p for p in published if p.version == policy.version), None)
             if match is not None and self.archive.registry.note_in_force(
                 policy.version,
@@ -157,6 +153,7 @@ class Egress:
                         match.published_by, what, now, self.audit.source
                     )
                 )
+            self._in_force_seen = policy.version  # only once the note is written
         return policy
 
     def decide(
@@ -168,17 +165,18 @@ class Egress:
         study_uids: set[str],
         count: int,
         extra: dict[str, Any] | None = None,
-        record: str = "always",
+        record: bool = True,
     ) -> Decision:
         """Ask governance and record the decision in the ledger (committed before anything is
-        sent). `record="unless-allowed"` records only a refusal (processing decisions, which
-        are not disclosures). A ledger that cannot be written raises StorageUnavailable."""
+        sent); with `record=False` the caller records it (`_record`) once it knows more (what
+        a share will look like de-identified). A ledger that cannot be written raises
+        StorageUnavailable."""
         now = self.clock()
         policy = self.policy(now)
         request = self._request(requester, operation, recipient, patient_ids, study_uids)
         facts = self.archive.registry.governed_facts(patient_ids) if patient_ids else {}
         decision = governance.decide(request, facts, policy, now)
-        if record == "always" or (record == "unless-allowed" and not decision.allowed):
+        if record:
             self._record(requester, request, decision, count, extra or {})
         return decision
 
@@ -244,29 +242,43 @@ class Egress:
                     requester, request.operation, decision.reason, now, self.audit.source
                 )
             )
-        log.info(
+        log.info(  # who and what kind, not whose data: that stays in the ledger
             "disclosure %s",
             outcome,
             extra={
                 "event": "disclosure",
                 "ledger_seq": entry.seq,
                 "requester": requester.caller,
-                **{k: v for k, v in detail.items() if k != "sop_instance_uids"},
+                "operation": request.operation,
+                "protocol": requester.protocol,
+                "recipient": detail["recipient"],
+                "activity": decision.activity,
+                "rule_id": decision.rule_id,
+                "policy_version": decision.policy_version,
+                "patients": len(request.patient_ids),
+                "items": count,
             },
         )
 
     @staticmethod
     def _refuse(decision: Decision) -> None:
+        """Refuse, telling the caller which rule of which policy refused but nothing about the
+        patient (not even that a restriction or a consent exists): the reason in full is in
+        the ledger entry, for the DPO."""
         if not decision.allowed:
-            raise NotPermitted(f"{decision.reason} ({decision.rule_id})")
+            raise NotPermitted(refusal_message(decision))
 
     # --- answers to the hospital's queries and retrievals ------------------------------------
 
     def find(
-        self, query: Query, requester: Source, asked: audit.Query | None = None
+        self,
+        query: Query,
+        requester: Source,
+        asked: Callable[[], audit.Query] | None = None,
     ) -> list[dict[str, Any]]:
         """The answers to a search that governance allows to leave (answers about patients it
-        leaves out are dropped). `asked` is the query as received, for the audit message."""
+        leaves out are dropped). `asked` builds the query as received, for the audit message
+        (called in the audit writer's thread, off the request's path)."""
         rows = self.archive.search(query)
         decision = self.decide(
             requester,
@@ -280,7 +292,7 @@ class Egress:
         now = self.clock()
         self._audit(
             lambda: audit_events.queried(
-                requester, asked or _as_dicom_query(query), now, self.audit.source
+                requester, asked() if asked else _as_dicom_query(query), now, self.audit.source
             )
         )
         if decision.denied_patients:
@@ -350,8 +362,7 @@ class Egress:
     def permit_processing(
         self, analyzer: str, patient_id: str, study_uid: str, job_id: int
     ) -> Decision:
-        """Whether an analysis may run for this patient now; a refusal is recorded (processing
-        that goes ahead is in the job record, not the ledger)."""
+        """Whether an analysis may run for this patient now; the decision is recorded."""
         return self.decide(
             Source("analysis", analyzer),
             "analyze",
@@ -360,7 +371,6 @@ class Egress:
             {study_uid},
             1,
             {"job": job_id, "analyzer": analyzer},
-            record="unless-allowed",
         )
 
     # --- data-subject access (PIPA 35, GDPR 15/20) ------------------------------------------
@@ -380,7 +390,10 @@ class Egress:
             {patient_id},
             {i.study_instance_uid for i in instances},
             len(instances),
-            {"sop_instance_uids": [i.sop_instance_uid for i in instances]},
+            {
+                "sop_instance_uids": [i.sop_instance_uid for i in instances],
+                "recipient": f"data subject {patient_id}, handed over by {requester.caller}",
+            },
         )
         self._refuse(decision)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -483,7 +496,7 @@ class Egress:
                     self.archive.registry.queue_delivery(
                         "forward",
                         name,
-                        "TREAT",
+                        "",  # the recipient's (or the activity's) purpose
                         patient_id,
                         study_uid,
                         uids,
@@ -495,9 +508,15 @@ class Egress:
         return ids
 
     def queue_share(
-        self, recipient_id: str, study_uid: str, requested_by: str, purpose: str | None = None
+        self,
+        recipient_id: str,
+        study_uid: str,
+        requested_by: str,
+        purpose: str | None = None,
+        claimed_by: str | None = None,
     ) -> int:
-        """Queue a share of a whole study to a policy recipient (decided when it is sent)."""
+        """Queue a share of a whole study to a policy recipient (decided when it is sent);
+        with `claimed_by`, it is queued already claimed by that worker."""
         instances = self.archive.find_instances(Level.STUDY, (("StudyInstanceUID", study_uid),))
         if not instances:
             raise NotFound(f"no study {study_uid}")
@@ -514,6 +533,8 @@ class Egress:
             requested_by,
             self.delivery_attempts,
             self.clock(),
+            claimed_by=claimed_by,
+            lease=DELIVERY_LEASE,
         )
 
     def deliver_due(self, worker: str, backoff: timedelta) -> Delivery | None:
@@ -521,18 +542,33 @@ class Egress:
         delivery = self.archive.registry.claim_delivery(worker, self.clock(), DELIVERY_LEASE)
         if delivery is None:
             return None
-        return self._deliver(delivery, backoff)
+        return self._deliver(delivery, backoff, worker)
+
+    def share_now(
+        self,
+        recipient_id: str,
+        study_uid: str,
+        requested_by: str,
+        backoff: timedelta,
+        purpose: str | None = None,
+    ) -> Delivery:
+        """Queue a share already claimed by this caller, and send it (what `dicomnode share`
+        and the share API do: no other worker can take it in between)."""
+        worker = f"now-{uuid.uuid4().hex[:8]}"
+        delivery_id = self.queue_share(recipient_id, study_uid, requested_by, purpose, worker)
+        return self._deliver(self.archive.registry.delivery(delivery_id), backoff, worker)
 
     def deliver_now(self, delivery_id: int, backoff: timedelta) -> Delivery:
         """Send one queued delivery at once (the CLI and API do this for a share)."""
+        worker = f"now-{uuid.uuid4().hex[:8]}"
         delivery = self.archive.registry.claim_delivery(
-            f"now-{uuid.uuid4().hex[:8]}", self.clock(), DELIVERY_LEASE, delivery_id
+            worker, self.clock(), DELIVERY_LEASE, delivery_id
         )
         if delivery is None:
             raise NotFound(f"delivery {delivery_id} is not queued")
-        return self._deliver(delivery, backoff)
+        return self._deliver(delivery, backoff, worker)
 
-    def _deliver(self, delivery: Delivery, backoff: timedelta) -> Delivery:
+    def _deliver(self, delivery: Delivery, backoff: timedelta, worker: str) -> Delivery:
         """Decide, record, then send one delivery; a share leaves de-identified when its rule
         names a profile, and objects likely to carry burned-in identity are withheld."""
         registry = self.archive.registry
@@ -556,10 +592,12 @@ class Egress:
             if i.sop_instance_uid in wanted
         ]
         gone = sorted(wanted - {i.sop_instance_uid for i in instances})
-        patients, studies = {delivery.patient_id}, {delivery.study_instance_uid}
+        # every patient whose data is in what leaves (a study UID can carry two Patient IDs)
+        patients = {delivery.patient_id} | {i.patient_id for i in instances}
+        studies = {delivery.study_instance_uid}
         try:
             decision = self.decide(
-                requester, operation, party, patients, studies, len(instances), record="never"
+                requester, operation, party, patients, studies, len(instances), record=False
             )
             plan = self._plan(delivery, decision, instances)
             self._record(
@@ -575,7 +613,7 @@ class Egress:
                 },
             )
         except DicomnodeError as e:  # the ledger cannot be written: nothing leaves
-            registry.retry_delivery_later(delivery.id, self.clock(), str(e), backoff, {})
+            registry.retry_delivery_later(delivery.id, self.clock(), str(e), backoff, {}, worker)
             return registry.delivery(delivery.id)
         if not decision.allowed:
             registry.finish_delivery(
@@ -584,6 +622,7 @@ class Egress:
                 self.clock(),
                 {"rule_id": decision.rule_id},
                 f"{decision.reason} ({decision.rule_id})",
+                worker,
             )
             return registry.delivery(delivery.id)
         target = None
@@ -609,7 +648,7 @@ class Egress:
                 "operation": operation,
                 "delivery": delivery.id,
                 "recipient": decision.recipient or delivery.recipient,
-                "patient_ids": [delivery.patient_id],
+                "patient_ids": sorted(patients),
                 "study_instance_uids": [delivery.study_instance_uid],
                 "attempt": delivery.attempts,
                 **outcome,
@@ -619,7 +658,7 @@ class Egress:
             delivery, operation, target if report.sent else None, instances, report, plan
         )
         if report.complete:  # withheld and deleted objects are not retried
-            registry.finish_delivery(delivery.id, DONE, self.clock(), outcome)
+            registry.finish_delivery(delivery.id, DONE, self.clock(), outcome, None, worker)
         else:
             state = registry.retry_delivery_later(
                 delivery.id,
@@ -627,6 +666,7 @@ class Egress:
                 "; ".join(f"{uid}: {why}" for uid, why in list(report.failed.items())[:5]),
                 backoff,
                 outcome,
+                worker,
             )
             log.warning(
                 "delivery %s to %s failed; now %s",
@@ -686,8 +726,7 @@ class Egress:
         profile (UIDs and pseudonym computed up front for the ledger), minus those withheld."""
         if not decision.allowed:
             return _Plan([], {}, {})
-        rule = self.policy().deid_profile(decision.deid_profile) if decision.deid_profile else None
-        if rule is None:
+        if not decision.deid_profile:
             items = [
                 SendItem(
                     i.sop_instance_uid, i.sop_class_uid, i.transfer_syntax_uid, self._loader(i)
@@ -695,6 +734,12 @@ class Egress:
                 for i in instances
             ]
             return _Plan(items, {}, {"deidentified": False})
+        rule = self._policy_of(decision).deid_profile(decision.deid_profile)
+        if rule is None:  # fail closed: never send originals where a profile was decided
+            raise NotFound(
+                f"de-identification profile {decision.deid_profile} is not in policy "
+                f"{decision.policy_version}"
+            )
         profile = deid.DeidProfile(rule.id, frozenset(rule.options))
         scope = f"recipient:{decision.recipient}"
         keep_uids = "retain-uids" in profile.options
@@ -732,9 +777,8 @@ class Egress:
                 "uid_scope": scope,
             },
             "patient_pseudonyms": {
-                delivery.patient_id: deid.patient_pseudonym(
-                    delivery.patient_id, self.deid_secret, scope
-                )
+                patient: deid.patient_pseudonym(patient, self.deid_secret, scope)
+                for patient in sorted({i.patient_id for i in instances})
             },
             "uid_map": uid_map,
             "withheld": withheld,
@@ -751,7 +795,7 @@ class Egress:
     def _target(self, operation: str, recipient: str, decision: Decision) -> Target:
         if operation == "forward":
             return Target("dimse", recipient, peer=self.peers[recipient])
-        policy_recipient = self.policy().recipient(decision.recipient)
+        policy_recipient = self._policy_of(decision).recipient(decision.recipient)
         if policy_recipient is None:
             raise NotFound(f"recipient {decision.recipient} is not in the policy")
         for name in policy_recipient.peers:
@@ -763,9 +807,28 @@ class Egress:
             f"recipient {policy_recipient.id} names no configured peer and no dicomweb_url"
         )
 
+    def _policy_of(self, decision: Decision) -> Policy:
+        """The policy version that made `decision` (not whatever is in force a moment later)."""
+        policy = governance.policy_version(
+            self.archive.registry.published_policies(), decision.policy_version
+        )
+        if policy is None:
+            raise NotFound(f"policy version {decision.policy_version} is not published")
+        return policy
+
     def _loader(self, instance: StoredInstance) -> Callable[[], Dataset]:
         path = self.archive.blob_file(instance)
         return lambda: pydicom.dcmread(path)
+
+
+def refusal_message(decision: Decision) -> str:
+    """What a refused caller is told: the activity, the rule and the policy version."""
+    what = decision.activity or "this request"
+    to = f" to {decision.recipient}" if decision.recipient else ""
+    return (
+        f"{what}{to} is not permitted by the governance policy {decision.policy_version} "
+        f"(rule {decision.rule_id}); the node's DPO can see why in the ledger"
+    )
 
 
 def _as_dicom_query(query: Query) -> audit.Query:

@@ -11,23 +11,20 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from dicomnode import governance
 from dicomnode.archive import Archive, received
 from dicomnode.core.errors import DatasetMismatch, DicomnodeError, NotPermitted
 from dicomnode.core.metrics import Metrics
-from dicomnode.core.model import IngestResult, Source
+from dicomnode.core.model import IngestResult, LedgerKind, Source
+from dicomnode.core.times import utc_now
 from dicomnode.core.uids import validate_uid
 
 log = logging.getLogger("dicomnode.intake")
 
 Subscriber = Callable[[IngestResult, Source], None]
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 class Intake:
@@ -104,6 +101,23 @@ class Intake:
             facts = self.archive.registry.governed_facts([obj.patient_id])[obj.patient_id]
             admission = governance.admit(request, facts, policy, now)
             if admission.action == "refuse":
+                self.archive.ledger.record(  # a refusal is a decision: it is in the ledger
+                    LedgerKind.PROCESSING,
+                    source.caller or source.protocol,
+                    "refused",
+                    {
+                        "operation": "admit",
+                        "reason": admission.reason,
+                        "rule_id": admission.rule_id,
+                        "policy_version": admission.policy_version,
+                        "protocol": source.protocol,
+                        "sender": source.caller,
+                        "address": source.address,
+                        "patient_ids": [obj.patient_id],
+                        "study_instance_uids": [obj.study_instance_uid],
+                        "sop_instance_uids": [obj.sop_instance_uid],
+                    },
+                )
                 raise NotPermitted(
                     f"governance refused the object: {admission.reason} ({admission.rule_id})"
                 )

@@ -13,7 +13,7 @@ import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from dicomnode import governance
@@ -21,7 +21,7 @@ from dicomnode.archive import Archive
 from dicomnode.archive.keys import verify_json
 from dicomnode.archive.ledger import Checkpoint
 from dicomnode.archive.registry import LegalHold, Restriction
-from dicomnode.core.errors import InvalidInput
+from dicomnode.core.errors import InvalidInput, NotFound, NotPermitted
 from dicomnode.core.model import (
     ConsentRecord,
     LedgerKind,
@@ -30,16 +30,13 @@ from dicomnode.core.model import (
     Source,
     StudyFacts,
 )
+from dicomnode.core.times import utc_now
 from dicomnode.governance import audit_events, codes, retention
 from dicomnode.governance.retention import RetentionItem
 
 log = logging.getLogger("dicomnode.stewardship")
 
 CONSENT_STATES = ("granted", "refused", "withdrawn")
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 @dataclass(frozen=True)
@@ -219,7 +216,7 @@ class Stewardship:
         records = tuple(self.archive.registry.consents(patient_id))
         current = {}
         for purpose in sorted({r.purpose for r in records}):
-            record = governance.current_consent(records, purpose)
+            record = governance.current_consent(records, purpose, now)
             current[purpose] = record.as_dict() | {  # type: ignore[union-attr]
                 "in_force": governance.consent_in_force(record, now)
             }
@@ -279,7 +276,7 @@ class Stewardship:
         withdrawn: dict[str, datetime] = {}
         for patient, history in records.items():
             for purpose in intake_purposes:
-                current = governance.current_consent(tuple(history), purpose)
+                current = governance.current_consent(tuple(history), purpose, self.clock())
                 if current is not None and current.state in ("withdrawn", "refused"):
                     withdrawn[patient] = min(
                         withdrawn.get(patient, current.recorded_at), current.recorded_at
@@ -299,6 +296,53 @@ class Stewardship:
             )
         return facts
 
+    def _held_items(self, policy: governance.Policy, now: datetime) -> list[RetentionItem]:
+        """Objects held at intake are kept no longer than received images: per held study, its
+        retention counted from when its last object was held."""
+        by_study: dict[str, list[Any]] = {}
+        for held in self.archive.registry.held():
+            by_study.setdefault(held.study_instance_uid, []).append(held)
+        holds = self.archive.registry.holds(active_only=True)
+        items = []
+        for study, objects in sorted(by_study.items()):
+            patient = objects[0].patient_id
+            facts = StudyFacts(
+                study_instance_uid=study,
+                patient_id=patient,
+                modalities=frozenset(),
+                images=len(objects),
+                results=0,
+                images_received_at=max(o.held_at for o in objects),
+                results_received_at=None,
+                study_date=None,
+                analysis_done_at=None,
+                consent_withdrawn_at=None,
+                holds=tuple(h.ref for h in holds if h.covers(patient, study)),
+            )
+            items += [
+                dataclasses.replace(i, held=True, reason=f"held at intake; {i.reason}")
+                for i in retention.retention_items(facts, policy, now)
+            ]
+        return items
+
+    def _discard_held(self, held: list[Any], by: str, operation: str) -> None:
+        """Destroy objects held at intake (never filed), with a ledger entry."""
+        if not held:
+            return
+        self.archive.registry.drop_held(
+            [h.sop_instance_uid for h in held],
+            by,
+            "discarded",
+            {
+                "operation": operation,
+                "patient_ids": sorted({h.patient_id for h in held}),
+                "study_instance_uids": sorted({h.study_instance_uid for h in held}),
+                "method": "held blobs deleted, never filed",
+            },
+        )
+        for item in held:
+            self.archive.blobs.delete(item.blob_path)
+
     def retention_sweep(self, by: str, dry_run: bool = False) -> SweepReport:
         """Destroy what expired (images take their study's results with them), record each
         destruction in the ledger with the rule, the method and the recipients that received
@@ -310,19 +354,34 @@ class Stewardship:
             item
             for facts in self._retention_facts(policy)
             for item in retention.retention_items(facts, policy, now)
-        ]
+        ] + self._held_items(policy, now)
         destroy = [i for i in items if i.action == retention.DESTROY]
         skipped = [i for i in items if i.action == retention.KEEP_HOLD]
         logs_rules = [r for r in policy.retention if r.category == "logs"]
         records: dict[str, int] = {}
         if dry_run:
             return SweepReport(now, True, items, destroy, skipped, records)
-        whole = {i.study_instance_uid for i in destroy if i.category == "received-images"}
+        whole = {
+            i.study_instance_uid for i in destroy if i.category == "received-images" and not i.held
+        }
         copies = self._recipients_with_copies({i.study_instance_uid for i in destroy})
-        for item in destroy:
+        for item in list(destroy):
+            if item.held:
+                self._discard_held(
+                    self.archive.registry.held(study_uid=item.study_instance_uid), by, "retention"
+                )
+                continue
             if item.category == "analysis-results" and item.study_instance_uid in whole:
                 continue  # goes with its images
-            self._destroy(item, by, policy.version, copies.get(item.study_instance_uid, []))
+            try:
+                self._destroy(
+                    item, by, policy.version, copies.get(item.study_instance_uid, []), now
+                )
+            except NotFound:  # gone meanwhile (another sweep, an erasure): nothing left to do
+                continue
+            except NotPermitted as e:  # a legal hold placed since the decision: it wins
+                destroy.remove(item)
+                skipped.append(dataclasses.replace(item, action=retention.KEEP_HOLD, reason=str(e)))
         if destroy:
             self.archive.registry.cancel_work(
                 sorted({i.study_instance_uid for i in destroy}), "retention: data destroyed", now
@@ -371,7 +430,12 @@ class Stewardship:
         return SweepReport(now, False, items, destroy, skipped, records)
 
     def _destroy(
-        self, item: RetentionItem, by: str, version: str, recipients: list[dict[str, str]]
+        self,
+        item: RetentionItem,
+        by: str,
+        version: str,
+        recipients: list[dict[str, str]],
+        decided_at: datetime,
     ) -> None:
         results_only = item.category == "analysis-results"
         reason = f"retention: {item.reason}"
@@ -389,6 +453,8 @@ class Stewardship:
                 "recipients_with_copies": recipients,
             },
             results_only=results_only,
+            unless_held=True,  # a hold placed since the decision still wins
+            received_before=decided_at,  # objects that arrived since are not part of it
         )
         if self.audit is not None and self.audit.source is not None:
             now, actor = self.clock(), Source("cli", by)
@@ -472,27 +538,30 @@ class Stewardship:
         removed = []
         if studies:
             copies = self._recipients_with_copies(set(studies))
-            removed = self.archive.delete(
-                Level.PATIENT,
-                (("PatientID", patient_id),),
-                by,
-                "erasure requested by the data subject",
-                {
-                    "operation": "erase",
-                    "recipients_with_copies": [c for s in studies for c in copies.get(s, [])],
-                    "policy_version": policy.version,
-                },
-            )
+            try:
+                removed = self.archive.delete(
+                    Level.PATIENT,
+                    (("PatientID", patient_id),),
+                    by,
+                    "erasure requested by the data subject",
+                    {
+                        "operation": "erase",
+                        "recipients_with_copies": [c for s in studies for c in copies.get(s, [])],
+                        "policy_version": policy.version,
+                    },
+                    unless_held=True,  # a hold placed since the check above still wins
+                )
+            except NotPermitted as e:
+                reason = f"erasure refused: {e}"
+                self.archive.ledger.record(
+                    LedgerKind.SUBJECT, by, "refused", detail | {"reason": reason}
+                )
+                return SubjectOutcome(False, reason, {})
+            except NotFound:  # gone meanwhile
+                removed = []
         cancelled = registry.cancel_work(studies, "the data subject's data was erased", now)
-        if held:
-            registry.drop_held(
-                [h.sop_instance_uid for h in held],
-                by,
-                "discarded",
-                {"operation": "erase", "patient_ids": [patient_id], "method": "held blobs deleted"},
-            )
-            for item in held:
-                self.archive.blobs.delete(item.blob_path)
+        cancelled |= {"records_removed": registry.purge_patient_records(patient_id)}
+        self._discard_held(held, by, "erase")
         changed = {"instances": len(removed), "held_objects": len(held), **cancelled}
         self.archive.ledger.record(LedgerKind.SUBJECT, by, "erased", detail | changed)
         if removed and self.audit is not None and self.audit.source is not None:

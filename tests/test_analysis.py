@@ -328,3 +328,23 @@ def test_end_to_end_a_sent_series_gets_its_report_without_being_asked(start_node
     assert series["0020000D"]["Value"] == [study]
     (job,) = node.analysis.jobs.list(study_uid=study)
     assert job.state == "done" and job.reason == "quiet-period"
+
+
+def test_the_job_record_keeps_the_provenance(start_node):
+    """Inputs, analyzer name and version, the configured parameters and the code version are
+    stored with the job (issue 4, item 7)."""
+    from dicomnode import __version__
+
+    node = start_node(extra=analysis_toml(**{"series-mean": {"params": "{ threshold = 2.5 }"}}))
+    service = service_for(node, SeriesMean)
+    sent = send_series(node)
+    service.request(sent[0].StudyInstanceUID)
+    record = service.run_one().as_dict()
+    assert record["summary"]["provenance"] == {
+        "analyzer": "series-mean",
+        "analyzer_version": "1.0",
+        "code_version": f"dicomnode {__version__}",
+        "parameters": {"threshold": 2.5},
+        "inputs": record["inputs"],
+    }
+    assert sorted(record["inputs"]) == sorted(ds.SOPInstanceUID for ds in sent)

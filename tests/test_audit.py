@@ -10,10 +10,12 @@ from __future__ import annotations
 import base64
 import io
 import logging
+import os
 import selectors
 import socket
 import ssl
 import threading
+import time
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -1001,11 +1003,15 @@ def test_a_crash_leaves_messages_that_the_next_run_sends(receiver, audit_log, tm
     for xml in sent[:3]:
         down.emit(xml)
     down.stop()  # as if the process died: nothing was delivered
-    (spool / "tmp" / "half-written.part").write_bytes(b"<AuditMes")  # died mid-emit
+    crashed = spool / "tmp" / "half-written.part"
+    crashed.write_bytes(b"<AuditMes")  # died mid-emit, an hour and more ago
+    os.utime(crashed, (time.time() - 7200, time.time() - 7200))
+    writing = spool / "tmp" / "being-written.part"
+    writing.write_bytes(b"<AuditMes")  # another process (a CLI command) writing right now
     assert len(spooled_files(spool)) == 3
 
     again = audit_log(settings_for(receiver.port), spool)
-    assert not (spool / "tmp" / "half-written.part").exists()
+    assert not crashed.exists() and writing.exists()
     again.emit(sent[3])
     names = spooled_files(spool)
     assert [int(n.split("-")[0]) for n in names] == [1, 2, 3, 4]
@@ -1077,3 +1083,18 @@ def test_from_settings_spools_under_data_dir(tmp_path, monkeypatch):
     log = AuditLog.from_settings(settings)
     assert log.spool_dir == tmp_path / "data" / "audit-spool" and log.spool_dir.is_dir()
     assert settings.audit.audit_source_id == "NODE7"
+
+
+def test_messages_another_process_spools_are_sent_by_the_node(receiver, audit_log, tmp_path):
+    spool = tmp_path / "spool"
+    node = audit_log(settings_for(receiver.port), spool)
+    node.start()
+    node.emit(numbered(1))
+    wait_until(lambda: len(receiver.messages) == 1, what="the node's own message")
+    cli = audit_log(AuditSettings(), spool)  # a CLI command: spools, never sends
+    cli.emit(numbered(2))
+    cli.emit(numbered(3))
+    assert len(set(spooled_files(spool))) == 2  # names never collide across processes
+    wait_until(lambda: len(receiver.messages) == 3, what="the CLI's messages, sent by the node")
+    assert [xml_of(m) for m in receiver.messages] == [numbered(n) for n in (1, 2, 3)]
+    assert wait_until(lambda: not spooled_files(spool), what="an empty spool")

@@ -76,7 +76,7 @@ def test_shipped_example_file_is_valid_and_matches_the_defaults(monkeypatch):
     assert check_settings(REPO / "config" / "dicomnode.toml") == []
     shipped = read_settings(REPO / "config" / "dicomnode.toml")
     default = read_settings(None)
-    for section in ("node", "dimse", "http", "database", "logging", "auth", "audit"):
+    for section in ("node", "dimse", "http", "database", "logging", "auth", "audit", "dpo"):
         assert getattr(shipped, section) == getattr(default, section), section
 
 
@@ -186,3 +186,27 @@ def test_audit_defaults_follow_the_protocol_and_the_node(tmp_path, monkeypatch):
     assert (audit.syslog_port, audit.audit_source_id, audit.ca_file) == (514, "SITE-A", None)
     path.write_text('[audit]\nsyslog_host = "arr"\nca_file = "ca.pem"\n')
     assert read_settings(path).audit.ca_file == tmp_path / "ca.pem"
+
+
+def test_the_dpo_pages_oidc_settings_are_read_together(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative paths are relative to the working directory
+    (tmp_path / "secret").write_text("s3cret\n")
+    path = tmp_path / "dpo.toml"
+    path.write_text(
+        "[dpo]\n"
+        'oidc_issuer = "https://sso.hospital.example/realms/staff/"\n'
+        'oidc_client_id = "dicomnode"\n'
+        'oidc_client_secret_file = "secret"\n'
+        'oidc_role_claim = "realm_access.roles"\n'
+        'oidc_dpo_values = ["dpo"]\n'
+        "session_hours = 4\n"
+    )
+    assert check_settings(path) == []
+    dpo = read_settings(path).dpo
+    assert dpo.oidc_enabled and dpo.oidc_issuer == "https://sso.hospital.example/realms/staff"
+    assert dpo.oidc_client_secret_file == tmp_path / "secret"
+    assert (dpo.oidc_dpo_values, dpo.oidc_auditor_values, dpo.session_hours) == (("dpo",), (), 4)
+    assert read_settings(None).dpo.secure_cookies and not read_settings(None).dpo.oidc_enabled
+    no_roles = tmp_path / "no-roles.toml"
+    no_roles.write_text(path.read_text().replace('oidc_dpo_values = ["dpo"]\n', ""))
+    assert [p.key for p in check_settings(no_roles)] == ["dpo.oidc_dpo_values"]

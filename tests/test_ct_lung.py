@@ -121,6 +121,36 @@ def test_seg_and_sr_round_trip_and_validate(tmp_path):
     assert "RESEARCH USE" in seg.ContentDescription
 
 
+def test_outputs_carry_their_provenance(tmp_path):
+    """Each output names dicomnode as its Processing Equipment (DCM 109102, CID 7005) with the
+    analyzer as model and both versions, and its algorithm by name and version."""
+    _, _, result = _run(tmp_path)
+    seg_ds, sr_ds = (pydicom.dcmread(BytesIO(_written(ds))) for ds in result.datasets)
+    for ds in (seg_ds, sr_ds):
+        (ours,) = [i for i in ds.ContributingEquipmentSequence if i.Manufacturer == "dicomnode"]
+        purpose = ours.PurposeOfReferenceCodeSequence[0]
+        assert (purpose.CodeValue, purpose.CodingSchemeDesignator) == ("109102", "DCM")
+        assert ours.ManufacturerModelName == "ct-lung"
+        assert list(ours.SoftwareVersions) == ["ct-lung 1.0.0", "dicomnode 0.1.0"]
+        assert (ds.Manufacturer, ds.ManufacturerModelName) == ("dicomnode", "ct-lung")
+        assert ds.ContentQualification == "RESEARCH"
+    for segment in seg_ds.SegmentSequence:
+        algorithm = segment.SegmentationAlgorithmIdentificationSequence[0]
+        assert (algorithm.AlgorithmName, algorithm.AlgorithmVersion) == (
+            "dicomnode-ct-lung",
+            "1.0.0",
+        )
+    sr = hd.sr.srread(BytesIO(_written(sr_ds)))
+    for group in sr.content.get_volumetric_roi_measurement_groups():
+        texts = {
+            item.ConceptNameCodeSequence[0].CodeMeaning: item.TextValue
+            for item in group[0].ContentSequence
+            if item.ValueType == "TEXT"
+        }
+        assert texts["Algorithm Name"] == "dicomnode-ct-lung"
+        assert texts["Algorithm Version"] == "1.0.0"
+
+
 def test_outputs_pass_dciodvfy(tmp_path):
     assert shutil.which("dciodvfy"), "dciodvfy (dicom3tools) is required; .ci/run installs it"
     _, _, result = _run(tmp_path)
@@ -167,6 +197,15 @@ def test_end_to_end_storescu_then_seg_and_sr_in_qido(start_node, tmp_path):
     (job,) = node.analysis.jobs.list(study_uid=study)
     assert job.state == "done" and job.analyzer == "ct-lung"
     assert pydicom.uid.UID(job.as_dict()["outputs"][0]).is_valid
+    provenance = job.as_dict()["summary"]["provenance"]
+    assert provenance == {
+        "analyzer": "ct-lung",
+        "analyzer_version": "1.0.0",
+        "code_version": "dicomnode 0.1.0",
+        "parameters": {},
+        "inputs": job.as_dict()["inputs"],
+    }
+    assert sorted(provenance["inputs"]) == sorted(ds.SOPInstanceUID for ds in series)
 
 
 def test_a_series_that_is_not_a_volume_is_skipped_not_failed(start_node):

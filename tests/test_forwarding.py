@@ -156,3 +156,70 @@ def test_a_restricted_patient_is_not_analysed_until_the_restriction_is_lifted(st
     node.stewardship.unrestrict("P9", "dpo")
     assert service.jobs.get(held.id).state == "queued"
     assert service.run_one().state == "done"
+
+
+def test_xa_and_ct_results_arrive_at_the_pacs_that_sent_the_studies(start_node, storescp, tmp_path):
+    """End to end with the built-in analyzers: storescu (as the PACS) sends an XA cine and a
+    CT series; the SEG and SR of each are filed in their studies and sent back to that PACS."""
+    from dicomnode.analysis.ct_lung.phantom import chest_phantom, phantom_series
+    from dicomnode.analysis.xa_qca.phantom import xa_cine, xa_dataset
+    from tests.conftest import run_dcmtk, wait_until
+
+    pacs = storescp("PACS")
+    node = start_node(
+        peers=[Peer("pacs", "PACS", "127.0.0.1", pacs.port, ("echo", "store", "find"))],
+        extra="\n".join(
+            [
+                "[analysis]",
+                "workers = 1",
+                "sweep_interval = 0.1",
+                'forward_to = ["sender"]',
+                '[analysis.analyzers."ct-lung"]',
+                "quiet_period = 0.5",
+                "[governance]",
+                "delivery_interval = 0.2",
+            ]
+        ),
+    )
+    folder = tmp_path / "studies"
+    folder.mkdir()
+    cine = xa_cine(2, n_frames=6)
+    xa = xa_dataset(cine.frames, cine.pixel_spacing_mm)
+    xa.save_as(folder / "xa.dcm", enforce_file_format=True)
+    ct = phantom_series(chest_phantom(5, slices=12, size=64))
+    for ds in ct:
+        ds.save_as(folder / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
+    sent = run_dcmtk(
+        "storescu",
+        "-aet",
+        "PACS",
+        "-aec",
+        "DICOMNODE",
+        "127.0.0.1",
+        str(node.dimse.port),
+        "+sd",
+        str(folder),
+    )
+    assert sent.returncode == 0, sent.stderr
+
+    received: list = []
+
+    def four_results():
+        received.extend(pacs.received())
+        return len(received) >= 4
+
+    wait_until(four_results, 180, "the SEG and SR of both studies at the PACS")
+    by_study = {}
+    for ds in received:
+        by_study.setdefault(ds.StudyInstanceUID, set()).add(ds.Modality)
+    assert by_study == {xa.StudyInstanceUID: {"SEG", "SR"}, ct[0].StudyInstanceUID: {"SEG", "SR"}}
+    done = wait_until(
+        lambda: (
+            (found := node.archive.registry.deliveries(state="done")) and len(found) == 2 and found
+        ),
+        30,
+        "both deliveries recorded done",
+    )
+    assert {d.recipient for d in done} == {"pacs"}
+    forwards = [e for e in node.archive.ledger.entries() if e.data.get("operation") == "forward"]
+    assert [e.kind for e in forwards].count("disclosure") == 2

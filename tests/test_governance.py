@@ -177,10 +177,14 @@ def test_research_sharing_needs_a_consent_in_force():
 def test_a_restriction_stops_everything_but_the_patients_own_access():
     policy = embedded_policy()
     facts = {"P1": PatientFacts("P1", restricted=True, restriction_ref="restriction:7")}
-    for operation in ("find", "move", "qido", "wado", "analyze"):
+    for operation in ("move", "wado", "analyze"):
         request = DisclosureRequest(operation, Party("dimse", peer="pacs"), "PACS", ("P1",))
         decision = decide(request, facts, policy, NOW)
         assert not decision.allowed and "restriction:7" in decision.reason, operation
+    for operation in ("find", "qido"):  # a search answers without the patient (empty)
+        request = DisclosureRequest(operation, Party("dimse", peer="pacs"), "PACS", ("P1",))
+        decision = decide(request, facts, policy, NOW)
+        assert decision.allowed and decision.denied_patients == ("P1",), operation
     own = DisclosureRequest("export", Party("cli"), "dpo", ("P1",))
     assert decide(own, facts, policy, NOW).allowed
 
@@ -417,7 +421,10 @@ def policies(draw) -> Policy:
         summary="",
         activities=acts,
         recipients=RECIPIENTS,
-        rules=tuple(draw(st.lists(rules(acts), max_size=6))),
+        rules=tuple(  # rule ids are unique in a policy (parse_policy refuses duplicates)
+            dataclasses.replace(rule, id=f"r{n}")
+            for n, rule in enumerate(draw(st.lists(rules(acts), max_size=6)))
+        ),
     )
 
 
@@ -514,7 +521,9 @@ def test_allowed_means_an_allow_rule_matched_and_no_deny_rule(policy, request, f
 @PROPERTY
 @given(policy=policies(), request=requests(), facts=patient_facts(), extra=st.data())
 def test_adding_a_deny_rule_never_allows_more(policy, request, facts, extra):
-    stricter_rule = dataclasses.replace(extra.draw(rules(policy.activities)), effect="deny")
+    stricter_rule = dataclasses.replace(
+        extra.draw(rules(policy.activities)), id="extra", effect="deny"
+    )
     stricter = dataclasses.replace(policy, rules=(*policy.rules, stricter_rule))
     before = decide(request, facts, policy, NOW)
     after = decide(request, facts, stricter, NOW)
@@ -541,3 +550,82 @@ def test_withdrawing_consent_or_restricting_never_allows_more(policy, request, f
     after = decide(request, worse, policy, NOW)
     if after.allowed:
         assert before.allowed
+
+
+# --- regressions found in review ----------------------------------------------------------
+
+
+def test_a_later_publication_supersedes_an_earlier_one_with_a_longer_notice():
+    material = RESEARCH_POLICY.replace('version = "2026-12-research"', 'version = "v2"').replace(
+        "[policy]", "[policy]\nmaterial = true"
+    )
+    minor = RESEARCH_POLICY.replace('version = "2026-12-research"', 'version = "v3"')
+    day0 = datetime(2026, 12, 1, tzinfo=UTC)
+    day1 = day0 + timedelta(days=1)
+    published = [
+        PublishedPolicy(
+            "v2", material, "a", day0, effective_at(parse_policy(material), day0), True
+        ),
+        PublishedPolicy("v3", minor, "b", day1, effective_at(parse_policy(minor), day1), False),
+    ]
+    assert policy_in_force(published, day0 + timedelta(days=9)).version == "v3"
+    assert policy_in_force(published, day0 + timedelta(days=31)).version == "v3"  # not v2
+
+
+def test_a_renewal_recorded_ahead_does_not_suspend_the_consent_in_force():
+    policy = parse_policy(RESEARCH_POLICY)
+    renewal = consent(
+        "P1", "HRESCH", "granted", 2, valid_from=NOW + timedelta(days=30), recorded_at=NOW
+    )
+    facts = {"P1": PatientFacts("P1", (consent("P1", "HRESCH", "granted"), renewal))}
+    decision = decide(share(), facts, policy, NOW)
+    assert decision.allowed and decision.consent_refs == ("consent:P1:HRESCH:v1",)
+
+
+def test_a_rule_that_de_identifies_lets_no_identified_retrieval_through():
+    policy = parse_policy(RESEARCH_POLICY)
+    facts = {"P1": PatientFacts("P1", (consent("P1", "HRESCH", "granted"),))}
+    assert decide(share(), facts, policy, NOW).allowed
+    for operation in ("move", "wado", "qido"):
+        refused = decide(share(operation=operation), facts, policy, NOW)
+        assert not refused.allowed and "only de-identified" in refused.reason, operation
+
+
+def test_shares_go_over_https_only_except_to_this_machine():
+    def with_url(url: str) -> str:
+        return RESEARCH_POLICY.replace(
+            'default_purpose = "HRESCH"', f'default_purpose = "HRESCH"\ndicomweb_url = "{url}"'
+        )
+
+    with pytest.raises(PolicyError, match="https"):
+        parse_policy(with_url("http://research.example/dicomweb"))
+    assert parse_policy(with_url("https://research.example/dicomweb"))
+    assert parse_policy(with_url("http://127.0.0.1:8042/dicomweb"))
+
+
+def test_a_legal_retention_period_is_a_minimum_whatever_rule_decides():
+    from dicomnode.core.model import StudyFacts
+    from dicomnode.governance.retention import KEEP, retention_items
+
+    text = (
+        RESEARCH_POLICY
+        + """
+[[retention]]
+id = "short"
+category = "received-images"
+period = "P30D"
+start = "received"
+priority = 10
+
+[[retention]]
+id = "record"
+category = "received-images"
+period = "P5Y"
+start = "received"
+legal_basis = "MSA-22-2"
+"""
+    )
+    received = NOW - timedelta(days=60)
+    facts = StudyFacts("1.2.3", "P1", frozenset({"CT"}), 2, 0, received, None, None, None, None)
+    (item,) = retention_items(facts, parse_policy(text), NOW)
+    assert (item.action, item.rule_id, item.legal_basis) == (KEEP, "record", "MSA-22-2")

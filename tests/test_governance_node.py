@@ -278,7 +278,9 @@ def test_without_consent_a_third_party_gets_nothing_and_each_refusal_is_recorded
     # WADO-RS by the research institute's client
     response = wado(node, "1.2.826.0.1.1", subject="lab-client")
     assert response.status_code == 403
-    assert "withdrawn" in response.json()["detail"]
+    detail = response.json()["detail"]  # the rule and the policy, nothing about the patient
+    assert "research-with-consent" in detail and "hospital-2026-1" in detail
+    assert "P1" not in response.text and "withdrawn" not in response.text
     # C-MOVE to the research institute's PACS
     assert c_move(node, "RESEARCH", "1.2.826.0.1.1") == 0xC514  # refused before it started
     # a share
@@ -342,7 +344,10 @@ def test_a_restricted_patient_is_left_out_of_answers_and_retrievals(node):
     entry = last_entry(node, "disclosure")
     assert entry.data["denied_patients"] == ["P2"]
     refused = wado(node, "1.2.826.0.1.2", subject="ohif")
-    assert refused.status_code == 403 and "restricted" in refused.json()["detail"]
+    assert refused.status_code == 403 and "P2" not in refused.text
+    assert "restricted" in last_entry(node, "denial").data["reason"]  # the DPO sees why
+    only_p2 = dicomweb_client(node).search_for_studies(search_filters={"PatientID": "P2"})
+    assert only_p2 == []  # an empty answer, not a refusal that would confirm the restriction
     node.stewardship.unrestrict("P2", "dpo")
     assert wado(node, "1.2.826.0.1.2", subject="ohif").status_code == 200
 
@@ -627,3 +632,111 @@ def test_a_share_by_stow_rs_reaches_another_node_deidentified(start_node, tmp_pa
         assert recipient.archive.find_instances("STUDY", (("StudyInstanceUID", study),)) == []
     finally:
         recipient.stop()
+
+
+# --- regressions found in review ----------------------------------------------------------
+
+
+def test_disclosure_log_lines_carry_no_patient_data(node, caplog):
+    import logging
+
+    node.stewardship.record_consent("P1", "HRESCH", "granted", "dpo")
+    with caplog.at_level(logging.INFO, logger="dicomnode.egress"):
+        c_find(node, PatientID="P1")
+        node.egress.share_now("lab", "1.2.826.0.1.1", "dpo", timedelta(0))
+    lines = [r for r in caplog.records if getattr(r, "event", "") == "disclosure"]
+    assert len(lines) == 2
+    for record in lines:
+        fields = {k: v for k, v in record.__dict__.items() if not k.startswith("_")}
+        text = repr(fields)
+        assert "P1" not in text and "1.2.826.0.1.1" not in text and "uid_map" not in text
+
+
+def test_moments_with_an_offset_are_kept_exactly(node):
+    from datetime import timezone
+
+    seoul = timezone(timedelta(hours=9))
+    until = datetime.now(seoul) + timedelta(hours=1)
+    node.stewardship.record_consent("P1", "HRESCH", "granted", "dpo", valid_until=until)
+    (stored,) = node.archive.registry.consents("P1")
+    assert stored.valid_until == until  # the same moment, whatever the back end keeps
+    node.stewardship.clock = lambda: until + timedelta(minutes=1)
+    assert node.stewardship.consent_in_force("P1")["HRESCH"]["in_force"] is False
+
+
+def test_one_study_holds_one_patient(node):
+    study = "1.2.826.0.1.50"
+    client = dicomweb_client(node)
+    client.store_instances([as_file(make_ct(patient_id="P1", study_uid=study))])
+    with pytest.raises(requests.HTTPError):  # 409: the other patient's object is refused
+        client.store_instances([as_file(make_ct(patient_id="P4", study_uid=study))])
+    (only,) = node.archive.find_instances("STUDY", (("StudyInstanceUID", study),))
+    assert only.patient_id == "P1"
+
+
+def test_a_stale_worker_cannot_overwrite_and_a_dying_delivery_ends_failed(node):
+    registry = node.archive.registry
+    delivery_id = node.egress.queue_share("lab", "1.2.826.0.1.1", "dpo")
+    now = datetime.now(UTC)
+    first = registry.claim_delivery("worker-a", now, timedelta(seconds=1))
+    later = now + timedelta(seconds=5)  # worker-a's lease ran out; worker-b takes over
+    second = registry.claim_delivery("worker-b", later, timedelta(minutes=5))
+    assert first.id == second.id == delivery_id and second.attempts == 2
+    assert not registry.finish_delivery(delivery_id, "done", later, {}, None, "worker-a")
+    assert registry.delivery(delivery_id).state == "sending"  # still worker-b's
+    # a worker that dies on every attempt: after max_attempts the delivery ends failed
+    for n in range(3, 10):
+        registry.claim_delivery(f"worker-{n}", later + timedelta(minutes=10 * n), timedelta(0))
+    final = registry.delivery(delivery_id)
+    assert final.state == "failed" and final.attempts == final.max_attempts
+    assert "every attempt" in final.error
+
+
+def test_a_transport_keeps_what_it_sent_when_one_object_cannot_be_prepared(node, research):
+    from dicomnode.egress import SendItem, Target
+
+    study = "1.2.826.0.1.1"
+    (instance,) = node.archive.find_instances("STUDY", (("StudyInstanceUID", study),))
+    path = node.archive.blob_file(instance)
+
+    def broken():
+        raise OSError("the blob was destroyed meanwhile")
+
+    items = [
+        SendItem("9.9.9", instance.sop_class_uid, instance.transfer_syntax_uid, broken),
+        SendItem(
+            instance.sop_instance_uid,
+            instance.sop_class_uid,
+            instance.transfer_syntax_uid,
+            lambda: pydicom.dcmread(path),
+        ),
+    ]
+    target = Target("dimse", "lab", peer=research_pacs(research.port))
+    report = node.egress.transports["dimse"].send(target, items)
+    assert report.sent == [instance.sop_instance_uid]
+    assert "destroyed meanwhile" in report.failed["9.9.9"]
+
+
+def test_a_patients_export_needs_the_admin_scope(node):
+    read_only = governance_api(node, "GET", "/subjects/P1/export", scopes=("governance.read",))
+    assert read_only.status_code == 403
+    admin = governance_api(
+        node, "GET", "/subjects/P1/export", scopes=("governance.read", "governance.admin")
+    )
+    assert admin.status_code == 200 and admin.content[:2] == b"PK"
+    entry = last_entry(node, "disclosure")
+    assert entry.data["operation"] == "export" and "dpo" in entry.data["recipient"]
+
+
+def test_a_refused_object_is_a_ledger_entry(start_node, tmp_path):
+    node = start_node(peers=[WORKSTATION])
+    publish_days_ago(node, policy_text(unknown_sender="refuse"))
+    files = write_series(tmp_path / "in", 1, patient_id="P8")
+    run_dcmtk("storescu", "-aet", "STRANGER", "-aec", "DICOMNODE", "127.0.0.1",
+              str(node.dimse.port), *map(str, files))  # fmt: skip
+    entry = last_entry(node, "processing")
+    assert (entry.outcome, entry.data["operation"], entry.data["sender"]) == (
+        "refused",
+        "admit",
+        "STRANGER",
+    )

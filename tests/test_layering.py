@@ -26,6 +26,12 @@ LAYERS = {
 # Third-party packages a pure room may use: core is stdlib + pydicom; governance decides
 # without a database, clock or network.
 ALLOWED_THIRD_PARTY = {"core": {"pydicom"}, "config": set(), "governance": {"pydicom"}}
+# Standard-library modules that reach the clock, files, processes or the network: governance
+# decides from what it is handed, so it imports none of them.
+IO_MODULES = {
+    "os", "io", "shutil", "socket", "ssl", "sqlite3", "subprocess", "select", "tempfile",
+    "time", "threading", "asyncio", "http", "urllib.request", "smtplib", "logging",
+}  # fmt: skip
 
 
 def _room(path: Path) -> str:
@@ -92,6 +98,20 @@ def test_pure_rooms_use_only_the_standard_library_and_allowed_packages():
     assert violations == []
 
 
+def _io_imports(imports: list[str]) -> list[str]:
+    return [n for n in imports if n in IO_MODULES or n.split(".")[0] in IO_MODULES - {"urllib"}]
+
+
+def test_governance_does_no_io():
+    violations = [
+        f"{path.relative_to(PACKAGE)} imports {name}"
+        for path, room, imports in _modules()
+        if room == "governance"
+        for name in _io_imports(imports)
+    ]
+    assert violations == []
+
+
 def test_the_check_catches_what_it_should(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text(
@@ -101,3 +121,8 @@ def test_the_check_catches_what_it_should(tmp_path):
     assert _upward_imports("core", imports) == ["dicomnode.archive", "dicomnode.egress"]
     assert _upward_imports("intake", imports) == ["dicomnode.egress"]  # a neighbour on layer 3
     assert _upward_imports("scp", imports) == []
+    assert _io_imports(imports) == ["os"]
+    assert _io_imports(["urllib.parse", "urllib.request", "time", "datetime"]) == [
+        "urllib.request",
+        "time",
+    ]

@@ -16,6 +16,7 @@ import pytest
 import requests
 from pydicom.uid import generate_uid
 
+from dicomnode.core.errors import NotPermitted
 from dicomnode.core.model import Level, Source
 from tests.conftest import (
     WORKSTATION,
@@ -159,6 +160,10 @@ def test_an_expired_study_is_destroyed_and_a_held_one_survives(node):
     assert destroyed.data["method"] == "blob files unlinked, index rows deleted"
     (skip,) = [d for d in deletions if d.outcome == "skipped"]
     assert skip.data["study_instance_uids"] == [held] and hold.ref in skip.data["reason"]
+
+    from tests.test_governance_node import spooled_events
+
+    assert ("110105", "D", "0") in spooled_events(node)  # an audit "study deleted" message
 
     node.stewardship.release_hold(hold.id, "dpo")
     assert [i.study_instance_uid for i in node.stewardship.retention_sweep("dpo").destroyed] == [
@@ -328,3 +333,50 @@ def test_retention_from_the_command_line(node):
         timeout=120,
     )
     assert "keep" in status.stdout and "images" in status.stdout
+
+
+# --- regressions found in review ----------------------------------------------------------
+
+
+def test_a_hold_placed_after_the_decision_still_stops_the_deletion(node):
+    study = store(node, "P20")
+    node.stewardship.place_hold("dpo", "counsel", "late complaint", study_uid=study)
+    with pytest.raises(NotPermitted, match="legal hold"):  # checked in the deleting transaction
+        node.archive.delete(
+            Level.STUDY, (("StudyInstanceUID", study),), "dpo", "test", unless_held=True
+        )
+    assert in_archive(node, study) == 2
+
+
+def test_objects_that_arrive_after_the_decision_are_not_destroyed_with_it(node):
+    study = store(node, "P21")
+    decided = datetime.now(UTC)
+    store(node, "P21", study=study, count=1)  # arrives after the decision
+    removed = node.archive.delete(
+        Level.STUDY, (("StudyInstanceUID", study),), "dpo", "test", received_before=decided
+    )
+    assert len(removed) == 2 and in_archive(node, study) == 1
+
+
+def test_erasure_removes_the_patients_job_and_delivery_records(node):
+    study = store(node, "P22")
+    node.egress.queue_share("lab", study, "dpo")
+    done = node.stewardship.erase_subject("P22", "dpo")
+    assert done.done and done.changed["records_removed"]["deliveries"] == 1
+    assert node.archive.registry.deliveries(patient_id="P22") == []
+
+
+def test_held_objects_take_space_and_expire_like_received_images(start_node, tmp_path):
+    node = start_node(peers=[WORKSTATION], extra="[governance]\nretention_interval = 0")
+    publish_days_ago(node, policy_text(unknown_sender="hold") + RETENTION)
+    files = write_series(tmp_path / "in", 2, patient_id="P23")
+    sent = run_dcmtk("storescu", "-aet", "STRANGER", "-aec", "DICOMNODE", "127.0.0.1",
+                     str(node.dimse.port), *map(str, files))  # fmt: skip
+    assert sent.returncode == 0 and len(node.archive.registry.held()) == 2
+    node.archive._usage = None  # re-read the stored bytes
+    assert node.archive.storage()["used_bytes"] >= sum(f.stat().st_size for f in files) - 1024
+    later(node, 91)
+    report = node.stewardship.retention_sweep("dpo")
+    assert [(i.held, i.category) for i in report.destroyed] == [(True, "received-images")]
+    assert node.archive.registry.held() == []
+    assert not any((node.settings.node.data_dir / "blobs" / "held").rglob("*.dcm"))

@@ -36,6 +36,7 @@ from dicomnode.analysis.plugin import (
     deterministic_uid,
     discover,
 )
+from dicomnode.analysis.provenance import job_provenance
 from dicomnode.archive import Archive
 from dicomnode.archive.jobs import SKIPPED, Job, JobStore
 from dicomnode.config import AnalysisSettings
@@ -45,8 +46,6 @@ from dicomnode.egress import Egress
 from dicomnode.intake import Intake
 
 log = logging.getLogger("dicomnode.analysis")
-
-LEASE_GRACE = timedelta(seconds=60)  # a running job's lease: its timeout plus this
 
 
 class OutputRefused(InvalidInput):
@@ -194,7 +193,9 @@ class AnalysisService:
         now = datetime.now(UTC)
         longest = max((self.settings.analyzer(n).timeout for n in self.analyzers), default=300)
         job = self.jobs.claim(
-            worker or self.worker_id, now, timedelta(seconds=longest) + LEASE_GRACE
+            worker or self.worker_id,
+            now,
+            timedelta(seconds=longest + self.settings.lease_grace),
         )
         if job is None:
             return None
@@ -291,6 +292,7 @@ class AnalysisService:
         summary = dict(result.summary)
         if result.warnings:
             summary["warnings"] = list(result.warnings)
+        summary["provenance"] = job_provenance(analyzer, config.params, unit.sop_instance_uids)
         if self.settings.forward_to:
             summary["deliveries"] = self.egress.queue_forward(
                 [f.instance for f in filed],

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import delete as sql_delete
-from sqlalchemy import exists, func, select, update
+from sqlalchemy import exists, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from dicomnode.archive import migrations, query, schema
@@ -27,7 +27,13 @@ from dicomnode.archive.index import Index, create_index_engine
 from dicomnode.archive.ledger import Ledger
 from dicomnode.archive.received import ReceivedObject, dataset_sha256
 from dicomnode.archive.registry import HeldObject, Registry
-from dicomnode.core.errors import DuplicateConflict, NotFound, QuotaExceeded, StorageUnavailable
+from dicomnode.core.errors import (
+    DuplicateConflict,
+    NotFound,
+    NotPermitted,
+    QuotaExceeded,
+    StorageUnavailable,
+)
 from dicomnode.core.model import (
     IngestResult,
     LedgerKind,
@@ -37,6 +43,7 @@ from dicomnode.core.model import (
     StoredInstance,
     StudyFacts,
 )
+from dicomnode.core.times import as_utc
 
 log = logging.getLogger("dicomnode.archive")
 
@@ -196,10 +203,15 @@ class Archive:
         with self._usage_lock:
             usage = self._usage
         if usage is None or time.monotonic() - usage[0] > USAGE_SECONDS:
-            with self.index.read() as conn:
-                total = conn.execute(
-                    select(func.coalesce(func.sum(schema.instances.c.size), 0))
-                ).scalar_one()
+            with self.index.read() as conn:  # objects held at intake take space too
+                total = (
+                    conn.execute(
+                        select(func.coalesce(func.sum(schema.instances.c.size), 0))
+                    ).scalar_one()
+                    + conn.execute(
+                        select(func.coalesce(func.sum(schema.held_objects.c.size), 0))
+                    ).scalar_one()
+                )
             usage = (time.monotonic(), int(total))
             with self._usage_lock:
                 self._usage = usage
@@ -324,15 +336,49 @@ class Archive:
         reason: str,
         detail: dict[str, Any] | None = None,
         results_only: bool = False,
+        unless_held: bool = False,
+        received_before: datetime | None = None,
     ) -> list[StoredInstance]:
         """Remove every instance under the entities matching `filters` at `level` (only those
         the node's analyses produced, with `results_only`), with the series, studies and
         patients left empty. A deletion entry goes into the ledger in the same transaction
         (with `detail` added: the rule, the recipients that hold copies...); the blobs go after
-        it is committed, so nothing can retrieve them once the call returns."""
+        it is committed, so nothing can retrieve them once the call returns.
+
+        `unless_held`: refuse (NotPermitted) when an active legal hold covers a patient or
+        study of what would go, checked in the same transaction as the deletion.
+        `received_before`: leave objects received since then (they arrived after the
+        decision to delete was taken)."""
         i, se, st, p = schema.instances, schema.series, schema.studies, schema.patients
         with self.index.write() as conn:
             doomed = query.find_instances(conn, level, filters)
+            if received_before is not None and doomed:
+                late = set()
+                uids = [d.sop_instance_uid for d in doomed]
+                for start in range(0, len(uids), 500):
+                    late |= set(
+                        conn.execute(
+                            select(i.c.sop_instance_uid).where(
+                                i.c.sop_instance_uid.in_(uids[start : start + 500]),
+                                i.c.received_at >= received_before,
+                            )
+                        ).scalars()
+                    )
+                doomed = [d for d in doomed if d.sop_instance_uid not in late]
+            if unless_held and doomed:
+                holds = schema.legal_holds
+                covering = conn.execute(
+                    select(holds.c.id).where(
+                        holds.c.released_at.is_(None),
+                        or_(
+                            holds.c.patient_id.in_({d.patient_id for d in doomed}),
+                            holds.c.study_instance_uid.in_({d.study_instance_uid for d in doomed}),
+                        ),
+                    )
+                ).scalars()
+                held = [f"hold:{h}" for h in covering]
+                if held:
+                    raise NotPermitted(f"under legal hold {', '.join(held)}: nothing deleted")
             if results_only:
                 produced = set(
                     conn.execute(
@@ -436,7 +482,7 @@ class Archive:
                 )
                 kind = "results" if is_result else "images"
                 study[kind] += count
-                last = _aware(last)
+                last = as_utc(last)
                 if study[f"{kind}_at"] is None or last > study[f"{kind}_at"]:
                     study[f"{kind}_at"] = last
                 if modality and not is_result:
@@ -523,12 +569,6 @@ class Archive:
 
 
 __all__ = ["Archive"]
-
-
-def _aware(moment: datetime | None) -> datetime | None:
-    if moment is None:
-        return None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def _date(study_date: str | None) -> datetime | None:

@@ -40,6 +40,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from dicomnode.archive.blobs import fsync_directory
 from dicomnode.config import AuditSettings, Settings
 
 try:  # SIOCOUTQ (== TIOCOUTQ on Linux): bytes the peer has not yet acknowledged
@@ -63,7 +64,10 @@ MAX_BACKOFF = 16  # times retry_interval
 TLS_ACCEPTANCE_WAIT = 2.0  # seconds to wait for a TLS 1.3 server's verdict on our certificate
 
 _STAMP = "%Y%m%dT%H%M%S%fZ"
-_NAME = re.compile(r"^(\d{16})-(\d{8}T\d{12}Z)\.xml$")
+# <sequence>-<time>-<pid>.xml: the pid keeps two processes (serve, a CLI command) that write
+# to one spool from ever choosing the same name.
+_NAME = re.compile(r"^(\d{16})-(\d{8}T\d{12}Z)(?:-\d+)?\.xml$")
+STALE_PART_SECONDS = 3600  # a half-written message older than this was left by a crash
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +77,7 @@ class _Spooled:
 
     @property
     def time(self) -> datetime:
-        return datetime.strptime(self.name[17:-4], _STAMP).replace(tzinfo=UTC)
+        return datetime.strptime(self.name[17:39], _STAMP).replace(tzinfo=UTC)
 
 
 def syslog_message(xml: bytes, when: datetime, hostname: str, procid: str) -> bytes:
@@ -151,7 +155,7 @@ class AuditLog:
                 f.flush()
                 os.fsync(f.fileno())
             with self._lock:
-                name = f"{self._next_sequence:016d}-{now.strftime(_STAMP)}.xml"
+                name = f"{self._next_sequence:016d}-{now.strftime(_STAMP)}-{self._procid}.xml"
                 self._next_sequence += 1
                 os.replace(tmp_name, self.spool_dir / name)
                 tmp_name = None
@@ -159,7 +163,7 @@ class AuditLog:
                 self._bytes += len(xml)
                 self._prune(now)
                 self._changed.notify_all()
-            _fsync_directory(self.spool_dir)
+            fsync_directory(self.spool_dir)
         except Exception:
             log.exception("audit message not spooled", extra={"event": "audit_spool_failed"})
             if tmp_name:
@@ -228,22 +232,45 @@ class AuditLog:
         """Read the spool a previous run left: half-written files go, messages are queued."""
         self.spool_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # messages name patients
         self._tmp.mkdir(mode=0o700, exist_ok=True)
-        for leftover in self._tmp.iterdir():
-            leftover.unlink(missing_ok=True)
-        for path in sorted(self.spool_dir.glob("*.xml")):
-            match = _NAME.match(path.name)
-            if not match:
-                log.warning("ignoring %s in the audit spool: not a spooled message", path.name)
-                continue
-            self._queue.append(_Spooled(path.name, path.stat().st_size))
-            self._bytes += self._queue[-1].size
-            self._next_sequence = int(match.group(1)) + 1
+        stale = time.time() - STALE_PART_SECONDS
+        for leftover in self._tmp.iterdir():  # not another process's message being written
+            with contextlib.suppress(FileNotFoundError):
+                if leftover.stat().st_mtime < stale:
+                    leftover.unlink()
+        self._adopt()
         if self._queue:
             log.info(
                 "%d audit messages waiting in the spool",
                 len(self._queue),
                 extra={"event": "audit_spool_loaded", "messages": len(self._queue)},
             )
+
+    def _adopt(self) -> int:
+        """Queue the spool's messages this log does not know yet: a previous run's, and those
+        another process (a CLI command) spooled since. Returns how many (lock held or not
+        needed)."""
+        known = {m.name for m in self._queue}
+        found = 0
+        for path in sorted(self.spool_dir.glob("*.xml")):
+            if path.name in known:
+                continue
+            match = _NAME.match(path.name)
+            if not match:
+                log.warning("ignoring %s in the audit spool: not a spooled message", path.name)
+                continue
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                continue
+            self._queue.append(_Spooled(path.name, size))
+            self._bytes += size
+            self._next_sequence = max(self._next_sequence, int(match.group(1)) + 1)
+            found += 1
+        if found:
+            ordered = sorted(self._queue, key=lambda m: m.name)
+            self._queue.clear()
+            self._queue.extend(ordered)
+        return found
 
     def _prune(self, now: datetime) -> None:
         """Delete the oldest messages while the spool is over its size or age limit (lock held)."""
@@ -329,7 +356,9 @@ class AuditLog:
         """The oldest messages, up to a batch; waits while the spool is empty."""
         with self._changed:
             while not self._queue and not self._stopping.is_set():
-                self._changed.wait()
+                # look again now and then: another process may have spooled messages
+                if not self._changed.wait(self.settings.retry_interval):
+                    self._adopt()
             batch: list[_Spooled] = []
             size = 0
             for message in self._queue:
@@ -456,11 +485,3 @@ def _header_field(value: str, limit: int) -> str:
     """An RFC 5424 header field: printable US-ASCII without spaces, or "-" when empty."""
     printable = "".join(c for c in value if 33 <= ord(c) <= 126)[:limit]
     return printable or "-"
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -66,9 +66,9 @@ class FileBlobStore:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        _fsync_directory(target.parent)
+        fsync_directory(target.parent)
         for folder in created:
-            _fsync_directory(folder.parent)
+            fsync_directory(folder.parent)
 
     def open(self, relative: str) -> BinaryIO:
         return self.absolute(relative).open("rb")
@@ -155,7 +155,8 @@ def _rename_into(tmp: Path, target: Path) -> list[Path]:
     return created
 
 
-def _fsync_directory(directory: Path) -> None:
+def fsync_directory(directory: Path) -> None:
+    """Make a rename or a new entry in `directory` durable."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -16,11 +16,21 @@ from datetime import datetime
 from typing import Any
 
 from pydicom.dataset import Dataset
-from sqlalchemy import Connection, Engine, bindparam, create_engine, event, select, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    bindparam,
+    create_engine,
+    event,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 
 from dicomnode.archive import schema
 from dicomnode.archive.attributes import ATTRIBUTES_BY_LEVEL, INDEXED, IndexedAttribute
+from dicomnode.core.errors import DatasetMismatch
 from dicomnode.core.model import Level, Source, StoredInstance
 
 # Statements of the ingest hot path, built once (building them costs more than running them).
@@ -112,6 +122,13 @@ class Index:
         ):
             yield conn
 
+    def serialize(self, conn: Connection, key: int) -> None:
+        """Make this write transaction the only one holding `key` until it ends: a check then
+        an insert (the next consent version, an active restriction) cannot race another
+        process. SQLite's write lock does this already; PostgreSQL takes an advisory lock."""
+        if not self.is_sqlite:
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+
     @contextlib.contextmanager
     def read(self) -> Iterator[Connection]:
         with self.engine.connect() as conn:
@@ -159,7 +176,17 @@ class Index:
             {**study, "patient_pk": patient_pk, "created_at": now, "updated_at": now},
             ["study_instance_uid"],
         )
-        study_pk = self._pk(conn, schema.studies, study_instance_uid=study["study_instance_uid"])
+        study_row = conn.execute(
+            select(schema.studies.c.id, schema.studies.c.patient_pk).where(
+                schema.studies.c.study_instance_uid == study["study_instance_uid"]
+            )
+        ).one()
+        if study_row.patient_pk != patient_pk:  # one study, one patient
+            raise DatasetMismatch(
+                f"study {study['study_instance_uid']} belongs to another patient than "
+                f"PatientID {patient['patient_id']!r}; the object is refused"
+            )
+        study_pk = study_row.id
         conn.execute(_TOUCH_STUDY, {"pk_": study_pk, "now_": now})
         series = level_values(Level.SERIES, header)
         self._insert_ignore(

@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, and_, or_, select, update
+from sqlalchemy import Connection, select, update
 
 from dicomnode.archive import schema
 from dicomnode.archive.index import Index
+from dicomnode.archive.leases import any_due, claim_due, retry_or_fail
 from dicomnode.core.errors import NotFound
+from dicomnode.core.times import as_utc
 
 QUEUED, RUNNING, DONE, FAILED, SKIPPED = "queued", "running", "done", "failed", "skipped"
 # Governance states: held (not allowed now, e.g. consent missing or processing restricted; it
@@ -134,7 +136,7 @@ class JobStore:
                 continue
             if row.expected is not None and row.instances >= row.expected:
                 ready.append((row.analyzer, row.unit_uid, "expected-count"))
-            elif _aware(row.last_received_at) + period <= now:
+            elif as_utc(row.last_received_at) + period <= now:
                 ready.append((row.analyzer, row.unit_uid, "quiet-period"))
         return ready
 
@@ -209,31 +211,20 @@ class JobStore:
 
     def claim(self, worker: str, now: datetime, lease: timedelta) -> Job | None:
         """Take the oldest job that is due (queued, or running with an expired lease)."""
-        jobs = schema.analysis_jobs
-        due = or_(
-            and_(jobs.c.state == QUEUED, jobs.c.not_before <= now),
-            and_(jobs.c.state == RUNNING, jobs.c.lease_until < now),
-        )
-        with self.index.write() as conn:
-            query = select(jobs.c.id).where(due).order_by(jobs.c.not_before, jobs.c.id).limit(1)
-            if not self.index.is_sqlite:
-                query = query.with_for_update(skip_locked=True)
-            job_id = conn.execute(query).scalar()
-            if job_id is None:
+        values = {
+            "started_at": now,
+            "claimed_by": worker,
+            "lease_until": now + lease,
+            "error": None,
+        }
+        with self.index.read() as conn:
+            if not any_due(conn, schema.analysis_jobs, now, QUEUED, RUNNING):
                 return None
-            conn.execute(
-                update(jobs)
-                .where(jobs.c.id == job_id)
-                .values(
-                    state=RUNNING,
-                    attempts=jobs.c.attempts + 1,
-                    started_at=now,
-                    claimed_by=worker,
-                    lease_until=now + lease,
-                    error=None,
-                )
+        with self.index.write() as conn:
+            row = claim_due(
+                conn, schema.analysis_jobs, self.index.is_sqlite, now, QUEUED, RUNNING, values
             )
-            return _job(conn.execute(select(jobs).where(jobs.c.id == job_id)).one())
+            return _job(row) if row is not None else None
 
     def finish(
         self,
@@ -255,22 +246,10 @@ class JobStore:
     def fail(self, job_id: int, now: datetime, error: str, backoff: timedelta) -> str:
         """Record a failed attempt: queued again after `backoff` x 2^(attempts-1), or failed
         for good once max_attempts are used; returns the new state."""
-        jobs = schema.analysis_jobs
         with self.index.write() as conn:
-            job = conn.execute(select(jobs).where(jobs.c.id == job_id)).one()
-            final = job.attempts >= job.max_attempts
-            conn.execute(
-                update(jobs)
-                .where(jobs.c.id == job_id)
-                .values(
-                    state=FAILED if final else QUEUED,
-                    finished_at=now if final else None,
-                    not_before=now + backoff * (2 ** max(job.attempts - 1, 0)),
-                    lease_until=None,
-                    error=error[:4000],
-                )
+            return retry_or_fail(
+                conn, schema.analysis_jobs, job_id, now, error, backoff, QUEUED, FAILED
             )
-            return FAILED if final else QUEUED
 
     def hold(self, job_id: int, now: datetime, reason: str) -> None:
         """Governance does not allow the job now: it waits, visibly, until a consent grant or a
@@ -329,8 +308,3 @@ class JobStore:
             query = query.where(jobs.c.study_instance_uid == study_uid)
         with self.index.read() as conn:
             return [_job(row) for row in conn.execute(query)]
-
-
-def _aware(moment: datetime) -> datetime:
-    """SQLite hands back naive datetimes; the index stores UTC."""
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)

@@ -4,8 +4,11 @@
   checkpoints (compact JWS, RS256);
 - ``deid-secret``: 32 random bytes keying the HMAC that remaps UIDs and patient identifiers
   when data is de-identified, so that the same input always gives the same output and no one
-  without the secret can confirm a mapping.
-Both files are written 0600 with temp + fsync + rename.
+  without the secret can confirm a mapping;
+- ``session-secret``: 32 random bytes that sign the DPO pages' session cookies.
+The files are written 0600, fsynced, and linked into place: two processes starting at once
+end up with the same key. Several hosts must share ``data_dir/keys`` (the same signing key
+and de-identification secret), or their tokens, checkpoints and pseudonyms differ.
 """
 
 from __future__ import annotations
@@ -24,22 +27,31 @@ from joserfc.jwk import RSAKey
 log = logging.getLogger("dicomnode.keys")
 
 
-def _write_private(path: Path, content: bytes) -> None:
+def _create_once(path: Path, content: bytes) -> bool:
+    """Write `path` (0600) unless it exists, atomically even against another process doing the
+    same: the content is written aside and linked into place; False when another won."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(content)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(content)
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_or_create_signing_key(data_dir: Path) -> RSAKey:
     """The node's signing key from ``data_dir/keys/signing-key.pem``, created on first use."""
     path = data_dir / "keys" / "signing-key.pem"
-    if not path.exists():
-        _write_private(path, RSAKey.generate_key(2048, private=True).as_pem(private=True))
+    if not path.exists() and _create_once(
+        path, RSAKey.generate_key(2048, private=True).as_pem(private=True)
+    ):
         log.info(
             "created the node's signing key", extra={"event": "signing_key", "path": str(path)}
         )
@@ -49,12 +61,23 @@ def load_or_create_signing_key(data_dir: Path) -> RSAKey:
 def load_or_create_deid_secret(data_dir: Path) -> bytes:
     """The secret that keys de-identification, from ``data_dir/keys/deid-secret``."""
     path = data_dir / "keys" / "deid-secret"
-    if not path.exists():
-        _write_private(path, secrets.token_bytes(32))
+    if not path.exists() and _create_once(path, secrets.token_bytes(32)):
         log.info("created the de-identification secret", extra={"event": "deid_secret"})
     secret = path.read_bytes()
     if len(secret) < 16:
         raise ValueError(f"{path} holds {len(secret)} bytes; a secret needs at least 16")
+    return secret
+
+
+def load_or_create_session_secret(data_dir: Path) -> bytes:
+    """The secret that signs the DPO pages' session cookies, ``data_dir/keys/session-secret``.
+    Every process serving one data_dir shares it; deleting it signs everyone out."""
+    path = data_dir / "keys" / "session-secret"
+    if not path.exists() and _create_once(path, secrets.token_bytes(32)):
+        log.info("created the session secret", extra={"event": "session_secret"})
+    secret = path.read_bytes()
+    if len(secret) < 32:
+        raise ValueError(f"{path} holds {len(secret)} bytes; the session secret needs 32")
     return secret
 
 

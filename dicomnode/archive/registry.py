@@ -20,11 +20,13 @@ from sqlalchemy import Connection, and_, delete, func, or_, select, update
 
 from dicomnode.archive import schema
 from dicomnode.archive.index import Index
-from dicomnode.archive.leases import aware, claim_due
+from dicomnode.archive.leases import any_due, claim_due, owned_by, retry_or_fail
 from dicomnode.archive.ledger import Ledger
 from dicomnode.core.errors import InvalidInput, NotFound
 from dicomnode.core.model import ConsentRecord, LedgerKind, PatientFacts, PublishedPolicy
+from dicomnode.core.times import as_utc
 
+GOVERNANCE_LOCK = 1573_0002  # serialises check-then-write changes of governance records
 CACHE_SECONDS = 5.0  # how stale another process's writes may look to the cached reads
 
 # analysis job states this module moves (see archive/jobs.py for the rest)
@@ -150,7 +152,7 @@ def _hold(row: Any) -> LegalHold:
     return LegalHold(
         **{
             k: (
-                aware(row._mapping[k])
+                as_utc(row._mapping[k])
                 if k in ("review_date", "placed_at", "released_at")
                 else row._mapping[k]
             )
@@ -166,11 +168,11 @@ def _consent(row: Any) -> ConsentRecord:
         purpose=row.purpose,
         version=row.version,
         state=row.state,
-        valid_from=aware(row.valid_from),
-        valid_until=aware(row.valid_until),
+        valid_from=as_utc(row.valid_from),
+        valid_until=as_utc(row.valid_until),
         evidence_ref=row.evidence_ref,
         recorded_by=row.recorded_by,
-        recorded_at=aware(row.recorded_at),
+        recorded_at=as_utc(row.recorded_at),
         note=row.note,
     )
 
@@ -188,9 +190,9 @@ def _delivery(row: Any) -> Delivery:
         state=row.state,
         attempts=row.attempts,
         max_attempts=row.max_attempts,
-        not_before=aware(row.not_before),
-        created_at=aware(row.created_at),
-        finished_at=aware(row.finished_at),
+        not_before=as_utc(row.not_before),
+        created_at=as_utc(row.created_at),
+        finished_at=as_utc(row.finished_at),
         error=row.error,
         outcome=json.loads(row.outcome) if row.outcome else None,
     )
@@ -203,8 +205,8 @@ def _restriction(row: Any) -> Restriction:
         row.issuer_of_patient_id,
         row.reason,
         row.requested_by,
-        aware(row.created_at),
-        aware(row.lifted_at),
+        as_utc(row.created_at),
+        as_utc(row.lifted_at),
         row.lifted_by,
     )
 
@@ -245,8 +247,8 @@ class Registry:
                 version=r.version,
                 source=r.source,
                 sha256=r.sha256,
-                published_at=aware(r.published_at),
-                effective_at=aware(r.effective_at),
+                published_at=as_utc(r.published_at),
+                effective_at=as_utc(r.effective_at),
                 material=r.material,
                 published_by=r.published_by,
             )
@@ -300,7 +302,7 @@ class Registry:
     def activations(self) -> dict[str, datetime | None]:
         t = schema.policy_versions
         with self.index.read() as conn:
-            return {r.version: aware(r.activated_at) for r in conn.execute(select(t))}
+            return {r.version: as_utc(r.activated_at) for r in conn.execute(select(t))}
 
     # --- consents ---------------------------------------------------------------------------
 
@@ -316,6 +318,7 @@ class Registry:
         analysis jobs held for want of it. Returns the stored version and what changed."""
         c = schema.consents
         with self.index.write() as conn:
+            self.index.serialize(conn, GOVERNANCE_LOCK)
             latest = conn.execute(
                 select(func.max(c.c.version)).where(
                     c.c.patient_id == record.patient_id,
@@ -405,6 +408,7 @@ class Registry:
         """Restrict all processing of a patient's data until lifted (a ledger entry)."""
         r = schema.restrictions
         with self.index.write() as conn:
+            self.index.serialize(conn, GOVERNANCE_LOCK)
             active = self._active_restriction(conn, patient_id)
             if active is not None:
                 return active
@@ -437,6 +441,7 @@ class Registry:
         """Lift a patient's restriction; analysis held because of it may run again."""
         r = schema.restrictions
         with self.index.write() as conn:
+            self.index.serialize(conn, GOVERNANCE_LOCK)
             active = self._active_restriction(conn, patient_id)
             if active is None:
                 raise NotFound(f"patient {patient_id} has no active restriction")
@@ -601,6 +606,7 @@ class Registry:
         Returns False when that object was already held (an identical re-send)."""
         h = schema.held_objects
         with self.index.write() as conn:
+            self.index.serialize(conn, GOVERNANCE_LOCK)
             if conn.execute(
                 select(h.c.id).where(h.c.sop_instance_uid == held.sop_instance_uid)
             ).first():
@@ -638,7 +644,7 @@ class Registry:
             return [
                 HeldObject(
                     **{
-                        k: (aware(row._mapping[k]) if k == "held_at" else row._mapping[k])
+                        k: (as_utc(row._mapping[k]) if k == "held_at" else row._mapping[k])
                         for k in HeldObject.__dataclass_fields__
                     }
                 )
@@ -668,7 +674,7 @@ class Registry:
             .group_by(jobs.c.study_instance_uid)
         )
         with self.index.read() as conn:
-            return {uid: aware(done) for uid, done in conn.execute(query) if done is not None}
+            return {uid: as_utc(done) for uid, done in conn.execute(query) if done is not None}
 
     def cancel_work(
         self, study_uids: list[str], reason: str, now: datetime
@@ -725,6 +731,21 @@ class Registry:
             "analysis_units": removed_units,
         }
 
+    def purge_patient_records(self, patient_id: str) -> dict[str, int]:
+        """Delete a patient's analysis job, unit and delivery records (erasure): they name the
+        patient and hold results. The ledger and the consent versions are kept."""
+        jobs, units, d = schema.analysis_jobs, schema.analysis_units, schema.deliveries
+        with self.index.write() as conn:
+            return {
+                "analysis_jobs": conn.execute(
+                    delete(jobs).where(jobs.c.patient_id == patient_id)
+                ).rowcount,
+                "analysis_units": conn.execute(
+                    delete(units).where(units.c.patient_id == patient_id)
+                ).rowcount,
+                "deliveries": conn.execute(delete(d).where(d.c.patient_id == patient_id)).rowcount,
+            }
+
     # --- deliveries -------------------------------------------------------------------------
 
     def queue_delivery(
@@ -738,8 +759,22 @@ class Registry:
         requested_by: str,
         max_attempts: int,
         now: datetime,
+        claimed_by: str | None = None,
+        lease: timedelta = timedelta(0),
     ) -> int:
+        """Queue a delivery (or, with `claimed_by`, insert it already claimed by that worker,
+        its first attempt begun)."""
         d = schema.deliveries
+        claimed = (
+            {
+                "state": SENDING,
+                "attempts": 1,
+                "claimed_by": claimed_by,
+                "lease_until": now + lease,
+            }
+            if claimed_by
+            else {"state": QUEUED, "attempts": 0}
+        )
         with self.index.write() as conn:
             return int(
                 conn.execute(
@@ -751,11 +786,10 @@ class Registry:
                         study_instance_uid=study_uid,
                         sop_instance_uids=json.dumps(sop_instance_uids),
                         requested_by=requested_by,
-                        state=QUEUED,
-                        attempts=0,
                         max_attempts=max_attempts,
                         not_before=now,
                         created_at=now,
+                        **claimed,
                     )
                 ).inserted_primary_key[0]
             )
@@ -766,6 +800,10 @@ class Registry:
         """Take the oldest due delivery (or exactly `delivery_id`, if it is queued)."""
         d = schema.deliveries
         values = {"claimed_by": worker, "lease_until": now + lease, "error": None}
+        if delivery_id is None:
+            with self.index.read() as conn:
+                if not any_due(conn, d, now, QUEUED, SENDING):
+                    return None
         with self.index.write() as conn:
             if delivery_id is None:
                 row = claim_due(conn, d, self.index.is_sqlite, now, QUEUED, SENDING, values)
@@ -786,19 +824,27 @@ class Registry:
         now: datetime,
         outcome: dict[str, Any],
         error: str | None = None,
-    ) -> None:
+        worker: str | None = None,
+    ) -> bool:
+        """Record how a delivery ended; with `worker`, only if it is still that worker's (a
+        worker whose lease ran out must not overwrite the one that took it over)."""
         d = schema.deliveries
+        where = [d.c.id == delivery_id]
+        if worker is not None:
+            where.append(owned_by(d, worker, SENDING))
         with self.index.write() as conn:
-            conn.execute(
-                update(d)
-                .where(d.c.id == delivery_id)
-                .values(
-                    state=state,
-                    finished_at=now,
-                    lease_until=None,
-                    outcome=json.dumps(outcome, default=str),
-                    error=error[:4000] if error else None,
-                )
+            return bool(
+                conn.execute(
+                    update(d)
+                    .where(*where)
+                    .values(
+                        state=state,
+                        finished_at=now,
+                        lease_until=None,
+                        outcome=json.dumps(outcome, default=str),
+                        error=error[:4000] if error else None,
+                    )
+                ).rowcount
             )
 
     def retry_delivery_later(
@@ -808,38 +854,52 @@ class Registry:
         error: str,
         backoff: timedelta,
         outcome: dict[str, Any],
+        worker: str | None = None,
     ) -> str:
-        """A failed attempt: queued again after `backoff` x 2^(attempts-1), or failed for good
-        once its attempts are used; returns the new state."""
+        """A failed attempt: queued again after the backoff, or failed for good once its
+        attempts are used (only while it is still `worker`'s, when given); returns the state."""
         d = schema.deliveries
         with self.index.write() as conn:
-            row = conn.execute(select(d).where(d.c.id == delivery_id)).one()
-            final = row.attempts >= row.max_attempts
-            conn.execute(
-                update(d)
-                .where(d.c.id == delivery_id)
-                .values(
-                    state=FAILED if final else QUEUED,
-                    finished_at=now if final else None,
-                    not_before=now + backoff * (2 ** max(row.attempts - 1, 0)),
-                    lease_until=None,
-                    error=error[:4000],
-                    outcome=json.dumps(outcome, default=str),
-                )
+            return retry_or_fail(
+                conn,
+                d,
+                delivery_id,
+                now,
+                error,
+                backoff,
+                QUEUED,
+                FAILED,
+                owned_by(d, worker, SENDING) if worker is not None else None,
+                outcome=json.dumps(outcome, default=str),
             )
-            return FAILED if final else QUEUED
 
-    def requeue_delivery(self, delivery_id: int, now: datetime) -> None:
-        """Queue a failed, denied or cancelled delivery again with fresh attempts."""
+    def requeue_delivery(self, delivery_id: int, now: datetime, by: str) -> None:
+        """Queue a finished delivery (failed, denied, cancelled, or done: to send it again)
+        with fresh attempts, recording who did; it is decided again when it is sent."""
         d = schema.deliveries
         with self.index.write() as conn:
+            row = conn.execute(select(d).where(d.c.id == delivery_id)).first()
             changed = conn.execute(
                 update(d)
                 .where(d.c.id == delivery_id, d.c.state.in_((FAILED, DENIED, CANCELLED, DONE)))
                 .values(state=QUEUED, attempts=0, not_before=now, finished_at=None, error=None)
             ).rowcount
-        if not changed:
-            raise NotFound(f"delivery {delivery_id} is not finished")
+            if not changed:
+                raise NotFound(f"delivery {delivery_id} is not finished")
+            self.ledger.append(
+                conn,
+                LedgerKind.PROCESSING,
+                by,
+                "requeued",
+                {
+                    "operation": row.kind,
+                    "delivery": delivery_id,
+                    "previous_state": row.state,
+                    "recipient": row.recipient,
+                    "patient_ids": [row.patient_id],
+                    "study_instance_uids": [row.study_instance_uid],
+                },
+            )
 
     def delivery(self, delivery_id: int) -> Delivery:
         d = schema.deliveries

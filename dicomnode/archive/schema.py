@@ -3,6 +3,9 @@ Alembic migrations in `migrations/` create and evolve these tables."""
 
 from __future__ import annotations
 
+from datetime import datetime
+from typing import Any
+
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -15,6 +18,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    TypeDecorator,
     UniqueConstraint,
 )
 
@@ -25,6 +29,22 @@ from dicomnode.archive.attributes import (
     STUDY_ATTRIBUTES,
     IndexedAttribute,
 )
+from dicomnode.core.times import as_utc
+
+
+class UTCDateTime(TypeDecorator):
+    """A timezone-aware moment stored in UTC on every back end: SQLite keeps no offset, so a
+    moment is converted to UTC before it is written and read back as UTC."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Any) -> Any:
+        return as_utc(value) if isinstance(value, datetime) else value
+
+    def process_result_value(self, value: Any, dialect: Any) -> Any:
+        return as_utc(value) if isinstance(value, datetime) else value
+
 
 metadata = MetaData(
     naming_convention={
@@ -59,7 +79,7 @@ patients = Table(
     metadata,
     Column("id", Integer, primary_key=True),
     *_columns(PATIENT_ATTRIBUTES),
-    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
     UniqueConstraint("patient_id", "issuer_of_patient_id"),
 )
 
@@ -69,8 +89,8 @@ studies = Table(
     Column("id", Integer, primary_key=True),
     Column("patient_pk", Integer, ForeignKey("patients.id", ondelete="CASCADE"), nullable=False),
     *_columns(STUDY_ATTRIBUTES),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
     Index("ix_studies_patient_pk", "patient_pk"),
 )
 
@@ -80,8 +100,8 @@ series = Table(
     Column("id", Integer, primary_key=True),
     Column("study_pk", Integer, ForeignKey("studies.id", ondelete="CASCADE"), nullable=False),
     *_columns(SERIES_ATTRIBUTES),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
     Index("ix_series_study_pk", "study_pk"),
 )
 
@@ -95,7 +115,7 @@ instances = Table(
     Column("blob_path", String, nullable=False),
     Column("size", BigInteger, nullable=False),
     Column("sha256", String(64), nullable=False),
-    Column("received_at", DateTime(timezone=True), nullable=False),
+    Column("received_at", UTCDateTime(), nullable=False),
     Column("source_protocol", String, nullable=False),
     Column("source_caller", String, nullable=False, server_default=""),
     Index("ix_instances_series_pk", "series_pk"),
@@ -127,8 +147,8 @@ analysis_units = Table(
     Column("patient_id", String, nullable=False),
     Column("instances", Integer, nullable=False),
     Column("expected", Integer, nullable=True),  # from the headers, when they say
-    Column("first_received_at", DateTime(timezone=True), nullable=False),
-    Column("last_received_at", DateTime(timezone=True), nullable=False),
+    Column("first_received_at", UTCDateTime(), nullable=False),
+    Column("last_received_at", UTCDateTime(), nullable=False),
     Column("state", String(16), nullable=False),  # collecting, queued
     UniqueConstraint("analyzer", "unit_uid"),
     Index("ix_analysis_units_state", "state"),
@@ -149,12 +169,12 @@ analysis_jobs = Table(
     Column("state", String(16), nullable=False),  # queued, running, done, failed
     Column("attempts", Integer, nullable=False),
     Column("max_attempts", Integer, nullable=False),
-    Column("not_before", DateTime(timezone=True), nullable=False),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-    Column("started_at", DateTime(timezone=True), nullable=True),
-    Column("finished_at", DateTime(timezone=True), nullable=True),
+    Column("not_before", UTCDateTime(), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("started_at", UTCDateTime(), nullable=True),
+    Column("finished_at", UTCDateTime(), nullable=True),
     Column("claimed_by", String, nullable=True),
-    Column("lease_until", DateTime(timezone=True), nullable=True),
+    Column("lease_until", UTCDateTime(), nullable=True),
     Column("error", String, nullable=True),
     Column("inputs", String, nullable=True),  # JSON list of SOP Instance UIDs
     Column("outputs", String, nullable=True),  # JSON list of SOP Instance UIDs filed
@@ -172,10 +192,10 @@ policy_versions = Table(
     Column("sha256", String(64), nullable=False),
     Column("source", Text, nullable=False),
     Column("material", Boolean, nullable=False),
-    Column("published_at", DateTime(timezone=True), nullable=False),
-    Column("effective_at", DateTime(timezone=True), nullable=False),
+    Column("published_at", UTCDateTime(), nullable=False),
+    Column("effective_at", UTCDateTime(), nullable=False),
     Column("published_by", String, nullable=False, server_default=""),
-    Column("activated_at", DateTime(timezone=True), nullable=True),  # first seen in force
+    Column("activated_at", UTCDateTime(), nullable=True),  # first seen in force
 )
 
 # Consent versions: append-only (a trigger refuses UPDATE and DELETE).
@@ -188,11 +208,11 @@ consents = Table(
     Column("purpose", String(16), nullable=False),
     Column("version", Integer, nullable=False),
     Column("state", String(16), nullable=False),  # granted, refused, withdrawn
-    Column("valid_from", DateTime(timezone=True), nullable=False),
-    Column("valid_until", DateTime(timezone=True), nullable=True),
+    Column("valid_from", UTCDateTime(), nullable=False),
+    Column("valid_until", UTCDateTime(), nullable=True),
     Column("evidence_ref", String, nullable=False, server_default=""),
     Column("recorded_by", String, nullable=False),
-    Column("recorded_at", DateTime(timezone=True), nullable=False),
+    Column("recorded_at", UTCDateTime(), nullable=False),
     Column("note", String, nullable=False, server_default=""),
     UniqueConstraint("patient_id", "issuer_of_patient_id", "purpose", "version"),
     Index("ix_consents_patient_id", "patient_id"),
@@ -207,8 +227,8 @@ restrictions = Table(
     Column("issuer_of_patient_id", String, nullable=False, server_default=""),
     Column("reason", String, nullable=False, server_default=""),
     Column("requested_by", String, nullable=False),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-    Column("lifted_at", DateTime(timezone=True), nullable=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("lifted_at", UTCDateTime(), nullable=True),
     Column("lifted_by", String, nullable=True),
     Index("ix_restrictions_patient_id", "patient_id"),
 )
@@ -223,10 +243,10 @@ legal_holds = Table(
     Column("owner", String, nullable=False),
     Column("reason", String, nullable=False),
     Column("case_ref", String, nullable=False, server_default=""),
-    Column("review_date", DateTime(timezone=True), nullable=True),
+    Column("review_date", UTCDateTime(), nullable=True),
     Column("placed_by", String, nullable=False),
-    Column("placed_at", DateTime(timezone=True), nullable=False),
-    Column("released_at", DateTime(timezone=True), nullable=True),
+    Column("placed_at", UTCDateTime(), nullable=False),
+    Column("released_at", UTCDateTime(), nullable=True),
     Column("released_by", String, nullable=True),
 )
 
@@ -249,7 +269,7 @@ held_objects = Table(
     Column("reason", String, nullable=False),
     Column("rule_id", String, nullable=False),
     Column("policy_version", String(64), nullable=False),
-    Column("held_at", DateTime(timezone=True), nullable=False),
+    Column("held_at", UTCDateTime(), nullable=False),
     Index("ix_held_objects_study", "study_instance_uid"),
 )
 
@@ -268,11 +288,11 @@ deliveries = Table(
     Column("state", String(16), nullable=False),  # queued, sending, done, failed, denied, cancelled
     Column("attempts", Integer, nullable=False, server_default="0"),
     Column("max_attempts", Integer, nullable=False),
-    Column("not_before", DateTime(timezone=True), nullable=False),
-    Column("created_at", DateTime(timezone=True), nullable=False),
-    Column("finished_at", DateTime(timezone=True), nullable=True),
+    Column("not_before", UTCDateTime(), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("finished_at", UTCDateTime(), nullable=True),
     Column("claimed_by", String, nullable=True),
-    Column("lease_until", DateTime(timezone=True), nullable=True),
+    Column("lease_until", UTCDateTime(), nullable=True),
     Column("error", String, nullable=True),
     Column("outcome", Text, nullable=True),  # JSON: sent, failed, ledger entries
     Index("ix_deliveries_state_not_before", "state", "not_before"),
@@ -285,7 +305,7 @@ ledger_checkpoints = Table(
     metadata,
     Column("seq", BigInteger, primary_key=True, autoincrement=False),
     Column("head_hash", String(64), nullable=False),
-    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
     Column("signature", Text, nullable=False),  # compact JWS over the checkpoint
 )
 
@@ -298,8 +318,8 @@ dpo_accounts = Table(
     Column("password_hash", String, nullable=False),
     Column("display_name", String, nullable=False, server_default=""),
     Column("role", String(16), nullable=False),  # dpo, auditor
-    Column("created_at", DateTime(timezone=True), nullable=False),
-    Column("disabled_at", DateTime(timezone=True), nullable=True),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("disabled_at", UTCDateTime(), nullable=True),
 )
 
 # Tables no one may UPDATE or DELETE rows of (migration 0004 adds the triggers).

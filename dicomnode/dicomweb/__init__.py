@@ -2,7 +2,8 @@
 
 - `/healthz`, `/metrics`: health and Prometheus metrics;
 - `/dicomweb/...`: QIDO-RS, WADO-RS, STOW-RS and DELETE (PS3.18), bearer-token protected;
-- `/analysis/...`: analysis jobs; `/governance/...`: the governance API.
+- `/analysis/...`: analysis jobs; `/governance/api/...`: the governance API;
+- `/governance/...`: the DPO's pages (signed-in HTML and exports, see `dpo`).
 Nothing is created at import time; `create_app(services)` builds a fresh app.
 """
 
@@ -19,6 +20,7 @@ from dicomnode.archive import Archive
 from dicomnode.config import Settings
 from dicomnode.core.metrics import Metrics
 from dicomnode.dicomweb.auth import TokenVerifier
+from dicomnode.dicomweb.dpo import install_dpo_pages
 from dicomnode.dicomweb.errors import register_error_handlers
 from dicomnode.dicomweb.governance_api import governance_blueprint
 from dicomnode.dicomweb.health import health_blueprint
@@ -58,6 +60,7 @@ def create_app(services: WebServices) -> Flask:
         app.register_blueprint(blueprint, url_prefix=DICOMWEB_ROOT)
     app.register_blueprint(jobs_blueprint(), url_prefix="/analysis")
     app.register_blueprint(governance_blueprint(), url_prefix="/governance/api")
+    install_dpo_pages(app, services)
     if services.settings.http.cors_origins:
         CORS(
             app,

@@ -12,10 +12,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from flask import Blueprint, Response, jsonify, request
+from flask import Blueprint, Response, g, jsonify, request
 
 from dicomnode.archive.keys import sign_json
 from dicomnode.core.errors import InvalidInput, NotFound
+from dicomnode.core.times import parse_moment
 from dicomnode.core.uids import validate_uid
 from dicomnode.dicomweb.access import (
     GOVERNANCE_SCOPE_BY_METHOD,
@@ -46,10 +47,9 @@ def _moment(data: dict[str, Any], key: str) -> datetime | None:
     if value in (None, ""):
         return None
     try:
-        moment = datetime.fromisoformat(str(value))
+        return parse_moment(str(value))
     except ValueError:
         raise InvalidInput(f"{key!r} must be an ISO 8601 date or date-time") from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def _who() -> str:
@@ -183,7 +183,9 @@ def governance_blueprint() -> Blueprint:
 
     @bp.get("/subjects/<patient_id>/export")
     def export(patient_id: str) -> Response:
-        """The patient's files and summary as one ZIP archive (built in a temporary folder)."""
+        """The patient's files and summary as one ZIP archive (built in a temporary folder).
+        It hands over images, so it needs governance.admin, not just governance.read."""
+        g.principal.require("governance.admin")
         with tempfile.TemporaryDirectory(prefix="dicomnode-export-") as folder:
             services().egress.export_subject(
                 patient_id,
@@ -238,14 +240,14 @@ def governance_blueprint() -> Blueprint:
     def share() -> tuple[Response, int]:
         data = _body()
         egress = services().egress
-        delivery_id = egress.queue_share(
+        backoff = timedelta(seconds=services().settings.governance.delivery_backoff)
+        delivery = egress.share_now(
             _text(data, "recipient"),
             validate_uid(_text(data, "study"), "study"),
             _who(),
+            backoff,
             _text(data, "purpose", required=False) or None,
         )
-        backoff = timedelta(seconds=services().settings.governance.delivery_backoff)
-        delivery = egress.deliver_now(delivery_id, backoff)
         status = {"done": 200, "denied": 403}.get(delivery.state, 202)
         return jsonify(delivery.as_dict()), status
 
@@ -266,7 +268,7 @@ def governance_blueprint() -> Blueprint:
     @bp.post("/deliveries/<int:delivery_id>/retry")
     def retry_delivery(delivery_id: int) -> Response:
         registry = services().archive.registry
-        registry.requeue_delivery(delivery_id, datetime.now(UTC))
+        registry.requeue_delivery(delivery_id, datetime.now(UTC), _who())
         return jsonify(registry.delivery(delivery_id).as_dict())
 
     @bp.get("/held")

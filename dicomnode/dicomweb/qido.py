@@ -108,7 +108,8 @@ def search(level: Level, **path: str) -> Response:
     if "series" in path:
         fixed["SeriesInstanceUID"] = validate_uid(path["series"], "SeriesInstanceUID")
     query, fuzzy = _query(level, fixed)
-    rows = services().egress.find(query, requester(), audit.web_query(request.url))
+    url = request.url  # the request is gone when the audit message is built
+    rows = services().egress.find(query, requester(), lambda: audit.web_query(url))
     body = [row_to_json(row, {"RetrieveURL": _retrieve_url(row, level)}) for row in rows]
     response = Response(json.dumps(body), status=200, mimetype="application/dicom+json")
     if fuzzy:

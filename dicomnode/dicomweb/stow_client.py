@@ -73,14 +73,24 @@ class StowSender:
         else:
             conn = http.client.HTTPConnection(url.hostname, url.port, timeout=TIMEOUT)
         stored_uid_of: dict[str, str] = {}  # the UID the object left with -> the stored one
-
-        def parts() -> Iterator[tuple[dict[str, str], list[bytes]]]:
-            for item in batch:
+        unprepared: dict[str, str] = {}
+        bodies: list[bytes] = []  # one batch in memory (BATCH objects), each prepared apart
+        for item in batch:
+            try:
                 ds = item.load()
-                stored_uid_of[str(ds.SOPInstanceUID)] = item.sop_instance_uid
                 buffer = BytesIO()
                 ds.save_as(buffer, enforce_file_format=True)
-                yield {"Content-Type": "application/dicom"}, [buffer.getvalue()]
+            except Exception as e:  # one object that cannot be prepared must not lose the rest
+                unprepared[item.sop_instance_uid] = f"cannot be prepared: {type(e).__name__}: {e}"
+                continue
+            stored_uid_of[str(ds.SOPInstanceUID)] = item.sop_instance_uid
+            bodies.append(buffer.getvalue())
+        if not bodies:
+            return [], unprepared
+
+        def parts() -> Iterator[tuple[dict[str, str], list[bytes]]]:
+            for body in bodies:
+                yield {"Content-Type": "application/dicom"}, [body]
 
         boundary = new_boundary()
         try:
@@ -97,7 +107,7 @@ class StowSender:
             conn.close()
         if response.status not in (200, 202, 409):
             reason = f"STOW-RS answered HTTP {response.status}: {body[:200]!r}"
-            return [], {i.sop_instance_uid: reason for i in batch}
+            return [], {uid: reason for uid in stored_uid_of.values()} | unprepared
         answer = json.loads(body) if body.strip() else {}
         sent = [
             stored_uid_of.get(uid, uid)

@@ -28,6 +28,7 @@ from dicomnode.governance.policy import (
     notice_period,
     parse_policy,
     policy_in_force,
+    policy_version,
     scheduled,
 )
 
@@ -49,6 +50,7 @@ __all__ = [
     "notice_period",
     "parse_policy",
     "policy_in_force",
+    "policy_version",
     "resolve_recipient",
     "scheduled",
     "withdrawal_affects",

@@ -94,15 +94,21 @@ class Admission:
 
 
 def current_consent(
-    consents: tuple[ConsentRecord, ...], purpose: str, issuer: str | None = None
+    consents: tuple[ConsentRecord, ...],
+    purpose: str,
+    now: datetime | None = None,
+    issuer: str | None = None,
 ) -> ConsentRecord | None:
-    """The latest consent version for `purpose` (and `issuer`, when given)."""
+    """The consent version for `purpose` (and `issuer`) that counts at `now`: the latest one
+    already started (a renewal recorded ahead of its start does not suspend the one in force);
+    when none has started, the latest one, so that its start can be named."""
     matching = [
         c
         for c in consents
         if c.purpose == purpose and (issuer is None or c.issuer_of_patient_id == issuer)
     ]
-    return max(matching, key=lambda c: (c.recorded_at, c.version), default=None)
+    started = [c for c in matching if now is None or c.valid_from <= now] or matching
+    return max(started, key=lambda c: (c.recorded_at, c.version), default=None)
 
 
 def consent_in_force(record: ConsentRecord | None, now: datetime) -> bool:
@@ -251,7 +257,7 @@ def decide(
             if patient.restriction_ref:
                 refused[patient_id] += f" ({patient.restriction_ref})"
             continue
-        record = current_consent(patient.consents, purpose)
+        record = current_consent(patient.consents, purpose, now)
         if (
             activity_id != "subject-access"
             and record is not None
@@ -276,23 +282,35 @@ def decide(
         "basis": rule.lawful_basis,
         "deid_profile": rule.deid_profile,
     }
-    if refused:
-        remaining = [p for p in request.patient_ids if p not in refused]
-        if not remaining or request.operation not in FILTERABLE_OPERATIONS:
-            first = next(iter(refused.values()))
-            more = f" (and {len(refused) - 1} more patients)" if len(refused) > 1 else ""
-            return Decision(
-                False,
-                first + more,
-                rule.id,
-                policy.version,
-                consent_refs=tuple(consent_refs),
-                denied_patients=tuple(sorted(refused)),
-                **allowed_details,  # type: ignore[arg-type]
-            )
+    if refused and request.operation not in FILTERABLE_OPERATIONS:  # a search leaves them out
+        first = next(iter(refused.values()))
+        more = f" (and {len(refused) - 1} more patients)" if len(refused) > 1 else ""
+        return Decision(
+            False,
+            first + more,
+            rule.id,
+            policy.version,
+            consent_refs=tuple(consent_refs),
+            denied_patients=tuple(sorted(refused)),
+            **allowed_details,  # type: ignore[arg-type]
+        )
+    if rule.deid_profile and request.operation != "share":
+        # Only a share de-identifies: a query answer or a retrieval would leave identified.
+        return Decision(
+            False,
+            f"rule {rule.id} allows {activity_id} only de-identified ({rule.deid_profile}), "
+            "which only a share applies",
+            rule.id,
+            policy.version,
+            consent_refs=tuple(consent_refs),
+            **allowed_details,  # type: ignore[arg-type]
+        )
     reason = rule.description or f"rule {rule.id} allows {activity_id}"
     if refused:
-        reason += f"; {len(refused)} patients left out: " + "; ".join(refused.values())
+        kept = len(request.patient_ids) - len(refused)
+        reason += f"; {len(refused)} patients left out ({kept} shown): " + "; ".join(
+            refused.values()
+        )
     return Decision(
         True,
         reason,
@@ -335,7 +353,7 @@ def admit(
         )
     intake = policy.activity("intake")
     for purpose in intake.purposes if intake else ():
-        record = current_consent(facts.consents, purpose)
+        record = current_consent(facts.consents, purpose, now)
         if record is not None and record.state in ("refused", "withdrawn"):
             candidates.append(
                 (

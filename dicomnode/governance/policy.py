@@ -20,9 +20,11 @@ from dataclasses import dataclass, field, fields
 from datetime import UTC, date, datetime, timedelta
 from functools import lru_cache
 from typing import Any
+from urllib.parse import urlsplit
 
 from dicomnode.core.model import PublishedPolicy
-from dicomnode.governance import codes
+from dicomnode.core.times import as_utc
+from dicomnode.governance import codes, deid
 from dicomnode.governance.embedded import EMBEDDED_POLICY_TOML
 
 NOTICE = timedelta(days=7)
@@ -251,7 +253,7 @@ def _check_code(code: str, table: dict[str, str], what: str, where: str) -> None
 
 def _aware(moment: Any, where: str) -> datetime:
     if isinstance(moment, datetime):
-        return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+        return as_utc(moment)  # type: ignore[return-value]
     if isinstance(moment, date):
         return datetime(moment.year, moment.month, moment.day, tzinfo=UTC)
     raise PolicyError(f"{where}: must be a TOML date or date-time, got {moment!r}")
@@ -336,10 +338,11 @@ def _parse(data: dict[str, Any], sha256: str) -> Policy:
         _check_code(recipient.default_purpose, codes.PURPOSES, "purpose of use", where)
         if recipient.retention:
             _period(recipient.retention, f"{where}.retention")
-        if recipient.dicomweb_url and not recipient.dicomweb_url.startswith(
-            ("http://", "https://")
-        ):
-            raise PolicyError(f"{where}.dicomweb_url: must be an http(s) URL")
+        if recipient.dicomweb_url and not _secure_url(recipient.dicomweb_url):
+            raise PolicyError(
+                f"{where}.dicomweb_url: must be an https URL (plain http only to this machine: "
+                "127.0.0.1, ::1, localhost); shares carry patient data and a bearer token"
+            )
         home = str(head.get("home_country", "KR"))
         abroad = recipient.kind == "third-party" and recipient.country != home
         if abroad and recipient.cross_border_basis not in codes.CROSS_BORDER_BASES:
@@ -363,7 +366,7 @@ def _parse(data: dict[str, Any], sha256: str) -> Policy:
             options=_strings(raw.get("options", []), f"{where}.options"),
         )
         for option in profile.options:
-            _check_code(option, DEID_OPTIONS, "de-identification option", where)
+            _check_code(option, deid.OPTIONS, "de-identification option", where)
         profiles.append(profile)
     _unique([p.id for p in profiles], "deid_profiles")
 
@@ -421,23 +424,6 @@ def _parse(data: dict[str, Any], sha256: str) -> Policy:
         intake=intake,
         sha256=sha256,
     )
-
-
-# CID 7050 options a profile may name (the engine in deid.py applies them).
-DEID_OPTIONS: dict[str, str] = {
-    "retain-safe-private": "113111",
-    "retain-uids": "113110",
-    "retain-device-identity": "113109",
-    "retain-institution-identity": "113112",
-    "retain-patient-characteristics": "113108",
-    "retain-longitudinal-full-dates": "113106",
-    "retain-longitudinal-modified-dates": "113107",
-    "clean-descriptors": "113105",
-    "clean-structured-content": "113104",
-    "clean-graphics": "113103",
-    "clean-pixel-data": "113101",
-    "clean-recognizable-visual-features": "113102",
-}
 
 
 def _check_rule(
@@ -516,6 +502,13 @@ def _check_rule(
     return SharingRule(**{**rule.__dict__, "lawful_basis": basis, "consent_required": required})
 
 
+def _secure_url(url: str) -> bool:
+    parts = urlsplit(url)
+    if parts.scheme == "https" and parts.hostname:
+        return True
+    return parts.scheme == "http" and parts.hostname in ("127.0.0.1", "::1", "localhost")
+
+
 def _tables(data: dict[str, Any], key: str) -> list[dict[str, Any]]:
     value = data.get(key, [])
     if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
@@ -557,12 +550,22 @@ def effective_at(policy: Policy, published_at: datetime) -> datetime:
 
 
 def policy_in_force(published: Sequence[PublishedPolicy], now: datetime) -> Policy:
-    """The version in force at `now`: the one that took effect last, else the embedded one."""
+    """The version in force at `now`: of those whose notice has run, the one published last
+    (a later publication supersedes an earlier one even if the earlier, with its longer notice,
+    takes effect after it), else the embedded one."""
     in_force = [p for p in published if p.effective_at <= now]
     if not in_force:
         return embedded_policy()
-    latest = max(in_force, key=lambda p: (p.effective_at, p.published_at))
+    latest = max(in_force, key=lambda p: (p.published_at, p.effective_at))
     return parse_policy(latest.source)
+
+
+def policy_version(published: Sequence[PublishedPolicy], version: str) -> Policy | None:
+    """A published (or the embedded) version by its name."""
+    if version == embedded_policy().version:
+        return embedded_policy()
+    match = next((p for p in published if p.version == version), None)
+    return parse_policy(match.source) if match else None
 
 
 def scheduled(published: Sequence[PublishedPolicy], now: datetime) -> list[PublishedPolicy]:

@@ -32,6 +32,7 @@ class RetentionItem:
     action: str  # destroy | keep | keep-hold
     reason: str
     legal_basis: str = ""  # set when a law requires keeping the data (erasure is refused)
+    held: bool = False  # objects intake filed aside (not in the archive proper)
 
     def as_dict(self) -> dict[str, object]:
         data = {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -42,7 +43,7 @@ class RetentionItem:
 def _start(rule: RetentionRule, facts: StudyFacts, received_at: datetime | None) -> datetime | None:
     return {
         "received": received_at,
-        "study-date": facts.study_date or received_at,
+        "study-date": facts.study_date or received_at,  # no StudyDate: from receipt
         "analysis-done": facts.analysis_done_at,
         "consent-withdrawn": facts.consent_withdrawn_at,
     }[rule.start]
@@ -65,6 +66,12 @@ def _applicable(
     if not candidates:
         return None
     priority, expires, rule = max(candidates, key=lambda c: (c[0], c[1]))
+    # A period the law requires is a minimum, whatever rule decides: the longest one applies.
+    legal = [c for c in candidates if c[2].legal_basis]
+    if legal:
+        _, legal_expires, legal_rule = max(legal, key=lambda c: c[1])
+        if legal_expires > expires:
+            return legal_rule, legal_expires
     return rule, expires
 
 

@@ -146,9 +146,8 @@ def handle_find(
         source = _source(event.assoc, ctx, "find")
         request = event.identifier
         query = query_from_identifier(request, event.request.AffectedSOPClassUID)
-        rows = ctx.egress.find(
-            query, source, audit.dicom_query(event.request.AffectedSOPClassUID, request)
-        )
+        sop_class = event.request.AffectedSOPClassUID
+        rows = ctx.egress.find(query, source, lambda: audit.dicom_query(sop_class, request))
     except Exception as e:
         if not isinstance(e, DicomnodeError):
             log.exception("C-FIND failed unexpectedly")

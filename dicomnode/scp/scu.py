@@ -69,9 +69,13 @@ class DimseSender:
                             problem = str(e)
                             assoc = None
                             continue
-                    ds = fit_transfer_syntax(
-                        item.load(), item.sop_class_uid, assoc.accepted_contexts
-                    )
+                    try:  # one object that cannot be prepared must not lose the others
+                        ds = fit_transfer_syntax(
+                            item.load(), item.sop_class_uid, assoc.accepted_contexts
+                        )
+                    except Exception as e:
+                        problem = f"cannot be prepared: {type(e).__name__}: {e}"
+                        break
                     try:
                         status = assoc.send_c_store(ds)
                     except (ValueError, RuntimeError) as e:  # no accepted context, etc.

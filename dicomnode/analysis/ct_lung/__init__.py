@@ -11,7 +11,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import CTImageStorage
 
-from dicomnode import __version__
+from dicomnode.analysis import provenance
 from dicomnode.analysis.ct_lung.segmentation import RegionStats, body_mask, lung_mask, region_stats
 from dicomnode.analysis.plugin import (
     AnalysisContext,
@@ -21,10 +21,10 @@ from dicomnode.analysis.plugin import (
     NotApplicable,
     Selector,
 )
+from dicomnode.analysis.provenance import RESEARCH_USE
 
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
-RESEARCH_USE = "RESEARCH USE ONLY - not for diagnostic use"
 HOUNSFIELD = hd.sr.CodedConcept("[hnsf'U]", "UCUM", "Hounsfield unit")
 CUBIC_CM = hd.sr.CodedConcept("cm3", "UCUM", "cubic centimeter")
 
@@ -82,13 +82,6 @@ class CtLung(Analyzer):
         warnings = [] if lungs.any() else ["no lung region found"]
         return AnalysisResult([seg, report], summary, warnings)
 
-    def _algorithm(self) -> hd.AlgorithmIdentificationSequence:
-        return hd.AlgorithmIdentificationSequence(
-            name=f"dicomnode-{self.name}",
-            version=self.version,
-            family=codes.DCM.MorphologicalOperations,
-        )
-
     def _segmentation(
         self, slices: list[Dataset], body: np.ndarray, lungs: np.ndarray, context: AnalysisContext
     ) -> hd.seg.Segmentation:
@@ -99,7 +92,9 @@ class CtLung(Analyzer):
                 segmented_property_category=codes.SCT.AnatomicalStructure,
                 segmented_property_type=concept,
                 algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-                algorithm_identification=self._algorithm(),
+                algorithm_identification=provenance.seg_algorithm(
+                    self, codes.DCM.MorphologicalOperations
+                ),
                 tracking_uid=context.uid(f"segment-{number}"),
                 tracking_id=label,
             )
@@ -117,13 +112,15 @@ class CtLung(Analyzer):
             series_number=9901,
             sop_instance_uid=context.uid("seg"),
             instance_number=1,
-            manufacturer="dicomnode",
+            manufacturer=provenance.MANUFACTURER,
             manufacturer_model_name=self.name,
-            software_versions=f"{self.version} (dicomnode {__version__})",
+            software_versions=provenance.software_versions(self),
             device_serial_number="0",
             series_description=f"Lung segmentation ({RESEARCH_USE})"[:64],
             content_label="LUNG",
             content_description=RESEARCH_USE,
+            content_qualification="RESEARCH",
+            contributing_equipment=[provenance.contributing_equipment(self)],
         )
         return seg
 
@@ -171,19 +168,12 @@ class CtLung(Analyzer):
                         ),
                     ),
                     finding_type=site,
-                    algorithm_id=hd.sr.AlgorithmIdentification(
-                        name=f"dicomnode-{self.name}", version=self.version
-                    ),
+                    algorithm_id=provenance.sr_algorithm(self),
                     finding_sites=[hd.sr.FindingSite(site)],
                     measurements=measurements,
                 )
             )
-        observer = hd.sr.ObserverContext(
-            observer_type=codes.DCM.Device,
-            observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-                uid=context.uid("device"), name=f"dicomnode {self.name}"
-            ),
-        )
+        observer = provenance.device_observer(self, context.uid("device"))
         content = hd.sr.MeasurementReport(
             observation_context=hd.sr.ObservationContext(observer_device_context=observer),
             procedure_reported=hd.sr.CodedConcept(
@@ -198,7 +188,11 @@ class CtLung(Analyzer):
             series_number=9902,
             sop_instance_uid=context.uid("sr"),
             instance_number=1,
-            manufacturer="dicomnode",
+            manufacturer=provenance.MANUFACTURER,
+            manufacturer_model_name=self.name,
+            software_versions=provenance.software_versions(self),
+            content_qualification="RESEARCH",
             series_description=f"Lung measurements ({RESEARCH_USE})"[:64],
             is_complete=True,
+            contributing_equipment=[provenance.contributing_equipment(self)],
         )

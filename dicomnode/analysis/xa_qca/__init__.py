@@ -1,4 +1,5 @@
-"""The image-analysis core of the built-in `xa-qca` analyzer: classical quantitative coronary
-analysis (QCA) of one X-ray angiography frame (`qca.analyze_frame`), frame choice and
-calibration helpers, and a synthetic angiography phantom with known ground truth
-(`phantom`). No DICOM networking, database or plugin code lives here. Research use only."""
+"""The built-in `xa-qca` analyzer (`analyzer.XaQca`): classical quantitative coronary
+analysis (QCA) of an X-ray angiography run, written back as a DICOM SEG of the coronary lumen
+and a TID 1500 measurement report. `qca` is the image-analysis core (frame choice,
+calibration, `analyze_frame` on one frame), free of DICOM encoding, networking and database
+code; `phantom` draws synthetic angiograms with known ground truth. Research use only."""

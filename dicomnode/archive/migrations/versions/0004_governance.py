@@ -8,7 +8,8 @@ Create Date: 2026-12-01 19:28:01.091501
 import sqlalchemy as sa
 from alembic import op
 
-from dicomnode.archive.schema import APPEND_ONLY_TABLES
+# as they were when this revision was written (the schema module may change later)
+APPEND_ONLY_TABLES = ("ledger_entries", "consents", "ledger_checkpoints")
 
 revision = "0004"
 down_revision = "0003"

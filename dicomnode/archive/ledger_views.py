@@ -1,0 +1,256 @@
+"""Read-only views of the ledger for the DPO: filtered, paged, counted and exported.
+
+Every filter runs in SQL on both back ends. Filters on the entry's detail (recipient, purpose,
+lawful basis, operation, patient) read the canonical JSON with SQLite's ``json_extract`` /
+``json_each`` or PostgreSQL's ``jsonb`` operators; the detail has no index, so such a filter
+reads every entry of the kinds asked for (tens of milliseconds per 10^5 entries). Dates are UTC
+days, compared with the ISO 8601 ``recorded_at`` that is part of each entry's hash.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import ColumnElement, and_, case, cast, exists, func, literal, not_, or_, select
+from sqlalchemy.dialects.postgresql import JSONB
+
+from dicomnode.archive import schema
+from dicomnode.archive.index import Index
+from dicomnode.archive.ledger import LedgerEntry
+from dicomnode.core.model import LedgerKind
+
+DECISION_KINDS = (LedgerKind.DISCLOSURE.value, LedgerKind.DENIAL.value)
+# Retrievals: operations that hand a copy of the data itself (not only attributes) over.
+RETRIEVALS = ("move", "get", "wado")
+FILTER_KEYS = ("recipient", "purpose", "basis", "operation")
+
+_t = schema.ledger_entries
+
+
+@dataclass(frozen=True)
+class LedgerFilter:
+    """Which entries a view shows; empty values filter nothing. `date_to` is inclusive."""
+
+    kinds: tuple[str, ...] = DECISION_KINDS
+    date_from: date | None = None
+    date_to: date | None = None
+    recipient: str = ""
+    purpose: str = ""
+    basis: str = ""
+    operation: str = ""
+    patient_id: str = ""
+    outcome: str = ""
+    # only entries that gave out this patient's data: with `patient_id`, leave out entries
+    # whose decision left the patient out (denied_patients)
+    disclosed_patient_only: bool = False
+
+    def with_(self, **changes: Any) -> LedgerFilter:
+        return replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class Page:
+    entries: list[LedgerEntry]
+    total: int
+    page: int
+    per_page: int
+
+    @property
+    def pages(self) -> int:
+        return max(1, -(-self.total // self.per_page))
+
+
+def _moment(day: date) -> str:
+    """The first instant of `day` (UTC) in the ledger's own recorded_at format."""
+    return datetime(day.year, day.month, day.day, tzinfo=UTC).isoformat(timespec="microseconds")
+
+
+def _entry(row: Any) -> LedgerEntry:
+    return LedgerEntry(
+        row.seq,
+        row.recorded_at,
+        row.kind,
+        row.actor,
+        row.outcome,
+        row.detail,
+        row.prev_hash,
+        row.hash,
+    )
+
+
+class LedgerViews:
+    """Filtered reads of the ledger table."""
+
+    def __init__(self, index: Index) -> None:
+        self.index = index
+
+    # --- the JSON detail, per back end ------------------------------------------------------
+
+    def _text(self, key: str) -> ColumnElement[Any]:
+        """The string value of `key` in the entry's detail."""
+        if self.index.is_sqlite:
+            return func.json_extract(_t.c.detail, f"$.{key}")
+        return cast(_t.c.detail, JSONB)[key].astext
+
+    def _lists(self, key: str, value: str) -> ColumnElement[bool]:
+        """Whether the list under `key` in the entry's detail holds the string `value`."""
+        if self.index.is_sqlite:
+            items = func.json_each(_t.c.detail, f"$.{key}").table_valued("value")
+            return exists(select(literal(1)).select_from(items).where(items.c.value == value))
+        return cast(_t.c.detail, JSONB)[key].contains([value])
+
+    def _length(self, key: str) -> ColumnElement[int]:
+        """The length of the list under `key` in the entry's detail (0 when absent)."""
+        if self.index.is_sqlite:
+            return func.coalesce(func.json_array_length(_t.c.detail, f"$.{key}"), 0)
+        value = cast(_t.c.detail, JSONB)[key]
+        return func.coalesce(
+            case((func.jsonb_typeof(value) == "array", func.jsonb_array_length(value)), else_=0),
+            0,
+        )
+
+    def _where(self, f: LedgerFilter) -> list[ColumnElement[bool]]:
+        clauses: list[ColumnElement[bool]] = [_t.c.kind.in_(f.kinds)]
+        if f.date_from:
+            clauses.append(_t.c.recorded_at >= _moment(f.date_from))
+        if f.date_to:
+            clauses.append(_t.c.recorded_at < _moment(f.date_to + timedelta(days=1)))
+        if f.outcome:
+            clauses.append(_t.c.outcome == f.outcome)
+        for key in FILTER_KEYS:
+            value = getattr(f, key)
+            if value:
+                clauses.append(self._text(key) == value)
+        if f.patient_id:
+            clauses.append(self._lists("patient_ids", f.patient_id))
+            if f.disclosed_patient_only:
+                clauses.append(not_(self._lists("denied_patients", f.patient_id)))
+        return clauses
+
+    # --- views -------------------------------------------------------------------------------
+
+    def page(self, f: LedgerFilter, page: int = 1, per_page: int = 50) -> Page:
+        """One page of the matching entries, newest first, and how many match in all."""
+        page = max(1, page)
+        where = and_(*self._where(f))
+        with self.index.read() as conn:
+            total = conn.execute(select(func.count()).select_from(_t).where(where)).scalar_one()
+            rows = conn.execute(
+                select(_t)
+                .where(where)
+                .order_by(_t.c.seq.desc())
+                .limit(per_page)
+                .offset((page - 1) * per_page)
+            ).all()
+        return Page([_entry(r) for r in rows], int(total), page, per_page)
+
+    def count(self, f: LedgerFilter) -> int:
+        with self.index.read() as conn:
+            return int(
+                conn.execute(
+                    select(func.count()).select_from(_t).where(and_(*self._where(f)))
+                ).scalar_one()
+            )
+
+    def iter(self, f: LedgerFilter, newest_first: bool = True) -> Iterator[LedgerEntry]:
+        """Every matching entry (all pages) from one query whose rows are streamed, not
+        loaded at once: for exports. The read stays open while the caller iterates."""
+        order = _t.c.seq.desc() if newest_first else _t.c.seq
+        query = select(_t).where(and_(*self._where(f))).order_by(order)
+        with self.index.read() as conn:
+            rows = conn.execution_options(stream_results=True, yield_per=1000).execute(query)
+            for row in rows:
+                yield _entry(row)
+
+    def daily_counts(self, f: LedgerFilter) -> list[tuple[str, str, int]]:
+        """(UTC day, recipient, entries) for the matching entries, oldest day first."""
+        day = func.substr(_t.c.recorded_at, 1, 10)
+        recipient = func.coalesce(self._text("recipient"), "")
+        with self.index.read() as conn:
+            rows = conn.execute(
+                select(day, recipient, func.count())
+                .where(and_(*self._where(f)))
+                .group_by(day, recipient)
+                .order_by(day, recipient)
+            ).all()
+        return [(str(d), str(r), int(n)) for d, r, n in rows]
+
+    def choices(
+        self, keys: tuple[str, ...] = FILTER_KEYS, kinds: tuple[str, ...] = DECISION_KINDS
+    ) -> dict[str, list[str]]:
+        """The values each of `keys` takes in entries of `kinds` (the filters' choices), from
+        one pass over the entries."""
+        columns = [self._text(key) for key in keys]
+        with self.index.read() as conn:
+            rows = conn.execute(select(*columns).where(_t.c.kind.in_(kinds)).distinct()).all()
+        return {
+            key: sorted({str(row[i]) for row in rows if row[i] not in (None, "")})
+            for i, key in enumerate(keys)
+        }
+
+    def entry(self, seq: int) -> LedgerEntry | None:
+        with self.index.read() as conn:
+            row = conn.execute(select(_t).where(_t.c.seq == seq)).first()
+        return _entry(row) if row else None
+
+    def head(self) -> int:
+        """The sequence number of the last entry (0: empty)."""
+        with self.index.read() as conn:
+            return int(conn.execute(select(func.coalesce(func.max(_t.c.seq), 0))).scalar_one())
+
+    def latest(self, kind: str, outcome: str | None = None) -> LedgerEntry | None:
+        query = select(_t).where(_t.c.kind == kind)
+        if outcome is not None:
+            query = query.where(_t.c.outcome == outcome)
+        with self.index.read() as conn:
+            row = conn.execute(query.order_by(_t.c.seq.desc()).limit(1)).first()
+        return _entry(row) if row else None
+
+    def patient_studies(self, patient_id: str) -> list[str]:
+        """The Study Instance UIDs the index holds under this Patient ID (any issuer)."""
+        st, p = schema.studies, schema.patients
+        with self.index.read() as conn:
+            return list(
+                conn.execute(
+                    select(st.c.study_instance_uid)
+                    .join(p, st.c.patient_pk == p.c.id)
+                    .where(p.c.patient_id == patient_id)
+                ).scalars()
+            )
+
+    def recipients_with_copies(self, study_uids: list[str], before_seq: int) -> list[str]:
+        """The recipients the ledger says received copies of any of these studies before entry
+        `before_seq`: transfers that sent something, and allowed retrievals by a third party
+        (the rule retention's destruction records use)."""
+        if not study_uids:
+            return []
+        found: set[str] = set()
+        recipient, operation = self._text("recipient"), self._text("operation")
+        sent = self._length("sent")
+        copied = or_(
+            and_(_t.c.kind == LedgerKind.TRANSFER.value, sent > 0),
+            and_(
+                _t.c.kind == LedgerKind.DISCLOSURE.value,
+                operation.in_(RETRIEVALS),
+                self._text("recipient_kind") == "third-party",
+            ),
+        )
+        for start in range(0, len(study_uids), 50):
+            chunk = study_uids[start : start + 50]
+            studies = or_(*[self._lists("study_instance_uids", u) for u in chunk])
+            with self.index.read() as conn:
+                rows = conn.execute(
+                    select(recipient)
+                    .where(
+                        _t.c.kind.in_((LedgerKind.TRANSFER.value, LedgerKind.DISCLOSURE.value)),
+                        _t.c.seq < before_seq,
+                        copied,
+                        studies,
+                    )
+                    .distinct()
+                ).scalars()
+                found |= {str(r) for r in rows if r}
+        return sorted(found)

@@ -1,0 +1,260 @@
+"""Who is signed in to the DPO's pages: local accounts, the hospital's OIDC provider, the
+session cookie, CSRF tokens and the lockout after repeated failed sign-ins.
+
+The session is Flask's signed cookie (the only cookie the pages set): Secure, HttpOnly,
+SameSite=Strict, scoped to /governance, no Expires (it ends with the browser) and refused by
+the server after ``[dpo] session_hours``. Only while the OIDC provider sends the browser back
+(the redirect to the provider and the callback) is it SameSite=Lax, or the provider's
+cross-site redirect would arrive without the state the callback checks.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from flask import Flask, has_request_context, request, session
+from flask.sessions import SecureCookieSessionInterface
+
+from dicomnode.archive.accounts import ROLES, AccountStore
+from dicomnode.config import DpoSettings
+from dicomnode.dicomweb.access import audit, services
+from dicomnode.governance import audit as audit_messages
+
+log = logging.getLogger("dicomnode.dpo")
+
+COOKIE_NAME = "dicomnode_dpo"
+COOKIE_PATH = "/governance"
+OIDC_CLIENT = "hospital"
+_LAX_ENDPOINTS = {"dpo.oidc_login"}  # responses that send the browser to the provider
+
+
+class DpoSessionInterface(SecureCookieSessionInterface):
+    """Flask's signed cookie session, SameSite=Lax only on the way to the OIDC provider."""
+
+    def get_cookie_samesite(self, app: Flask) -> str:
+        if has_request_context() and request.endpoint in _LAX_ENDPOINTS:
+            return "Lax"
+        return "Strict"
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    role: str  # dpo | auditor
+    method: str  # local | oidc
+    display_name: str = ""
+
+    @property
+    def is_dpo(self) -> bool:
+        return self.role == "dpo"
+
+
+# --- the lockout ----------------------------------------------------------------------------
+
+
+class Throttle:
+    """Failed sign-ins per user name and per client address, in this process: after
+    `max_failures` in a row for one name (4x that from one address) sign-in is refused for
+    `lockout` seconds, whatever the password."""
+
+    def __init__(self, max_failures: int, lockout: float, clock: Any = time.monotonic) -> None:
+        self.max_failures = max_failures
+        self.lockout = lockout
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._failures: dict[str, tuple[int, float]] = {}  # key -> (failures, locked until)
+
+    def _keys(self, username: str, address: str) -> list[tuple[str, int]]:
+        return [
+            (f"user:{username.lower()}", self.max_failures),
+            (f"addr:{address}", 4 * self.max_failures),
+        ]
+
+    def locked(self, username: str, address: str) -> bool:
+        now = self.clock()
+        with self._lock:
+            return any(
+                self._failures.get(k, (0, 0.0))[1] > now for k, _ in self._keys(username, address)
+            )
+
+    def failed(self, username: str, address: str) -> bool:
+        """Count a failure; True when it locks the name or the address."""
+        now, locks = self.clock(), False
+        with self._lock:
+            if len(self._failures) > 10_000:  # forget the oldest rather than grow without bound
+                for key in list(self._failures)[:5_000]:
+                    del self._failures[key]
+            for key, limit in self._keys(username, address):
+                count, until = self._failures.get(key, (0, 0.0))
+                if until and until <= now:  # a lock that ran out starts the count again
+                    count, until = 0, 0.0
+                count += 1
+                if count >= limit:
+                    until, locks = now + self.lockout, True
+                self._failures[key] = (count, until)
+        return locks
+
+    def succeeded(self, username: str) -> None:
+        with self._lock:
+            self._failures.pop(f"user:{username.lower()}", None)
+
+
+# --- the session ----------------------------------------------------------------------------
+
+
+def csrf_token() -> str:
+    """This session's CSRF token (created on first use), for every POST form."""
+    token = session.get("csrf")
+    if not token:
+        token = session["csrf"] = secrets.token_urlsafe(32)
+    return str(token)
+
+
+def csrf_ok() -> bool:
+    sent, kept = request.form.get("csrf_token", ""), session.get("csrf", "")
+    return bool(sent and kept) and hmac.compare_digest(str(sent), str(kept))
+
+
+def start_session(user: User) -> None:
+    """Sign `user` in: a fresh session (new CSRF token), keeping only the language."""
+    lang = session.get("lang")
+    session.clear()
+    session["user"] = {
+        "name": user.name,
+        "role": user.role,
+        "method": user.method,
+        "display_name": user.display_name,
+        "at": time.time(),
+    }
+    session["csrf"] = secrets.token_urlsafe(32)
+    if lang:
+        session["lang"] = lang
+
+
+def end_session() -> None:
+    lang = session.get("lang")
+    session.clear()
+    if lang:
+        session["lang"] = lang
+
+
+def signed_in_user(settings: DpoSettings, accounts: AccountStore) -> User | None:
+    """The user of this session, if it is still good: not older than session_hours, and for a
+    local account, the account still active with the same role."""
+    data = session.get("user")
+    if not isinstance(data, dict):
+        return None
+    if time.time() - float(data.get("at", 0)) > settings.session_hours * 3600:
+        return None
+    user = User(
+        str(data.get("name", "")),
+        str(data.get("role", "")),
+        str(data.get("method", "")),
+        str(data.get("display_name", "")),
+    )
+    if user.role not in ROLES:
+        return None
+    if user.method == "local":
+        if not settings.local_accounts:
+            return None
+        account = accounts.get(user.name)
+        if account is None or not account.active or account.role != user.role:
+            return None
+    elif user.method != "oidc" or not settings.oidc_enabled:
+        return None
+    return user
+
+
+# --- OIDC -----------------------------------------------------------------------------------
+
+
+def register_oidc(app: Flask, settings: DpoSettings) -> Any:
+    """The Authlib client for the hospital's provider (discovered from its issuer)."""
+    from authlib.integrations.flask_client import OAuth
+
+    assert settings.oidc_client_secret_file is not None
+    oauth = OAuth(app)
+    return oauth.register(
+        OIDC_CLIENT,
+        client_id=settings.oidc_client_id,
+        client_secret=settings.oidc_client_secret_file.read_text(encoding="utf-8").strip(),
+        server_metadata_url=f"{settings.oidc_issuer}/.well-known/openid-configuration",
+        client_kwargs={"scope": "openid profile email"},
+    )
+
+
+def claim(claims: Mapping[str, Any], path: str) -> Any:
+    """The claim at a dotted `path` (e.g. realm_access.roles), or None."""
+    value: Any = claims
+    for part in path.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def role_from_claims(claims: Mapping[str, Any], settings: DpoSettings) -> str:
+    """dpo, auditor, or "" (no role here) from the configured role claim."""
+    value = claim(claims, settings.oidc_role_claim)
+    values = {value} if isinstance(value, str) else {str(v) for v in value or () if v}
+    if values & set(settings.oidc_dpo_values):
+        return "dpo"
+    if values & set(settings.oidc_auditor_values):
+        return "auditor"
+    return ""
+
+
+# --- what is logged -------------------------------------------------------------------------
+
+
+def record(
+    action: str, user: str, method: str, outcome: str, reason: str = "", role: str = ""
+) -> None:
+    """Log a sign-in, sign-out or failed sign-in (a JSON line) and send the DICOM audit message
+    (User Authentication, DCM 110114: Login / Logout) through the node's audit log."""
+    address = request.remote_addr or ""
+    log.log(
+        logging.INFO if outcome == "success" else logging.WARNING,
+        "DPO pages: %s %s for %s",
+        action,
+        outcome,
+        user or "?",
+        extra={
+            "event": f"dpo_{action}",
+            "outcome": outcome,
+            "user": user,
+            "method": method,
+            "role": role,
+            "address": address,
+            "reason": reason,
+        },
+    )
+    now = datetime.now(UTC)
+    failed = outcome != "success"
+
+    def message(by: Any) -> bytes:
+        return audit_messages.user_authentication(
+            login=action != "signout",
+            user=audit_messages.person(user or "unknown", address or "unknown"),
+            authenticator=by.node,
+            outcome=audit_messages.Outcome.MINOR_FAILURE
+            if failed
+            else audit_messages.Outcome.SUCCESS,
+            outcome_description=f"DPO pages ({method}): {reason}"[:1024] if failed else "",
+            time=now,
+            source=by.source,
+        )
+
+    audit(message)
+
+
+def accounts() -> AccountStore:
+    return AccountStore(services().archive.index)
