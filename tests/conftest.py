@@ -327,8 +327,9 @@ class StoreSCP:
     def peer(self) -> Peer:
         return Peer("pacs-b", self.ae_title, "127.0.0.1", self.port, ("echo", "store"))
 
-    def received(self) -> list[Dataset]:
-        return read_folder(self.folder)
+    def received(self, settled: float = 0.0) -> list[Dataset]:
+        """What storescp has written (see `read_folder`)."""
+        return read_folder(self.folder, settled)
 
 
 @pytest.fixture
@@ -363,10 +364,15 @@ def storescp(tmp_path: Path) -> Iterator[Callable[..., StoreSCP]]:
         scp.process.wait(10)
 
 
-def read_folder(folder: Path) -> list[Dataset]:
-    """Every DICOM file in `folder`, read fully and then removed (so the folder can be reused)."""
+def read_folder(folder: Path, settled: float = 0.0) -> list[Dataset]:
+    """Every DICOM file in `folder`, read fully and then removed (so the folder can be reused).
+    With `settled`, files written to in the last `settled` seconds are left for the next call
+    (for polling while storescp receives: it writes under the final name)."""
     datasets = []
+    young = time.time() - settled
     for path in sorted(p for p in folder.iterdir() if p.is_file()):
+        if path.stat().st_mtime > young:
+            continue
         datasets.append(pydicom.dcmread(path))
         path.unlink()
     return datasets

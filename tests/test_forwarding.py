@@ -205,7 +205,7 @@ def test_xa_and_ct_results_arrive_at_the_pacs_that_sent_the_studies(start_node, 
     received: list = []
 
     def four_results():
-        received.extend(pacs.received())
+        received.extend(pacs.received(settled=1.0))  # still arriving
         return len(received) >= 4
 
     wait_until(four_results, 180, "the SEG and SR of both studies at the PACS")
