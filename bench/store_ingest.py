@@ -592,9 +592,10 @@ class DicomnodeReceiver(Receiver):
     name = "dicomnode"
     ae_title = "DICOMNODE"
 
-    def __init__(self, tools: Tools, max_associations: int = 16) -> None:
+    def __init__(self, tools: Tools, max_associations: int = 16, processes: int = 1) -> None:
         super().__init__(tools)
         self.max_associations = max_associations
+        self.processes = processes
         self.data_dir = Path()
 
     def command(self) -> list[str]:
@@ -609,6 +610,7 @@ class DicomnodeReceiver(Receiver):
             'host = "127.0.0.1"\n'
             f"port = {self.port}\n"
             f"max_associations = {self.max_associations}\n"
+            f"processes = {self.processes}\n"
             "[http]\n"
             'host = "127.0.0.1"\n'
             f"port = {http_port}\n"
@@ -620,6 +622,15 @@ class DicomnodeReceiver(Receiver):
     def env(self) -> dict[str, str]:
         """:func:`child_env` plus the snapshot's ``PYTHONPATH``, if any."""
         return child_env() | self.tools.dicomnode_env
+
+    def wait_for_echo(self) -> None:
+        """C-ECHO, then the ``ready`` log line (logged once every DIMSE process serves)."""
+        super().wait_for_echo()
+        deadline = time.monotonic() + self.start_timeout
+        while '"event": "ready"' not in self.log_path.read_text(errors="replace"):
+            if time.monotonic() > deadline or self.proc is None or self.proc.poll() is not None:
+                raise ReceiverError(f"dicomnode did not log ready; log tail:\n{self.log_tail()}")
+            time.sleep(0.2)
 
     def count_stored(self) -> int:
         """``.dcm`` files under ``data_dir/blobs`` (recursively)."""
@@ -636,7 +647,8 @@ class DicomnodeReceiver(Receiver):
         )
         return (
             f"`{how} serve --config CONFIG.toml` (max_associations "
-            f"{self.max_associations}, DIMSE and HTTP on 127.0.0.1, other settings "
+            f"{self.max_associations}, processes {self.processes}, DIMSE and HTTP on "
+            "127.0.0.1, other settings "
             f"default{snapshot})"
         )
 
@@ -668,7 +680,7 @@ def make_receiver(name: str, tools: Tools, args: argparse.Namespace) -> Receiver
     if name == "orthanc":
         return OrthancReceiver(tools, sync_storage=not args.orthanc_no_sync)
     if name == "dicomnode":
-        return DicomnodeReceiver(tools)
+        return DicomnodeReceiver(tools, processes=args.dicomnode_processes)
     raise SystemExit(f"unknown receiver {name!r}; choose from {', '.join(ALL_RECEIVERS)}")
 
 
@@ -1309,6 +1321,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--orthanc-no-sync",
         action="store_true",
         help="run Orthanc with SyncStorageArea false instead of true (no fsync per file)",
+    )
+    parser.add_argument(
+        "--dicomnode-processes",
+        type=int,
+        default=1,
+        help="dimse.processes of dicomnode (its DIMSE processes: the main one and N-1 workers)",
     )
     parser.add_argument(
         "--profile",

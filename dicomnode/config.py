@@ -53,6 +53,7 @@ class DimseSettings:
     network_timeout: float = 60.0
     store_timeout: float = 30.0
     drain_timeout: float = 30.0
+    processes: int = 1  # DIMSE processes: the main one plus N-1 workers it hands connections to
     tls: TLSSettings | None = None
 
 
@@ -265,6 +266,10 @@ def _port(value: int) -> str | None:
     return None if 0 <= value <= 65535 else f"must be 0-65535 (0 picks a free port), got {value}"
 
 
+def _process_count(value: int) -> str | None:
+    return None if 1 <= value <= 64 else f"must be 1-64, got {value}"
+
+
 def _positive(value: float) -> str | None:
     return None if value > 0 else f"must be greater than 0, got {value}"
 
@@ -380,6 +385,7 @@ def _parse(data: dict[str, Any], base: Path) -> tuple[Settings, list[ConfigError
         drain_timeout=float(
             r.value(t, "dimse.", "drain_timeout", (int, float), d.drain_timeout, _non_negative)
         ),
+        processes=r.value(t, "dimse.", "processes", int, d.processes, _process_count),
         tls=tls,
     )
 

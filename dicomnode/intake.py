@@ -47,8 +47,11 @@ class Intake:
         sop_class_uid: str,
         sop_instance_uid: str,
         source: Source,
+        later: list[Callable[[], None]] | None = None,
     ) -> IngestResult:
-        """File an object received by C-STORE."""
+        """File an object received by C-STORE. With `later`, what only reports the filing
+        (metrics, the log line, the subscribers) is appended to it instead of done here, for
+        the caller to run once the sender has its answer."""
         started = time.perf_counter()
         try:
             obj = received.from_dimse(
@@ -57,7 +60,7 @@ class Intake:
         except DicomnodeError as e:
             self._refused(e, source, sop_instance_uid)
             raise
-        return self._file(obj, source, started)
+        return self._file(obj, source, started, later=later)
 
     def receive_part10(
         self,
@@ -86,6 +89,7 @@ class Intake:
         source: Source,
         started: float,
         duplicate_policy: str | None = None,
+        later: list[Callable[[], None]] | None = None,
     ) -> IngestResult:
         now = self.clock()
         policy = governance.policy_in_force(self.archive.registry.published_policies(), now)
@@ -130,6 +134,17 @@ class Intake:
         except DicomnodeError as e:
             self._refused(e, source, obj.sop_instance_uid)
             raise
+        filed_ms = round((time.perf_counter() - started) * 1000, 2)
+        if later is None:
+            self._report(result, obj, source, filed_ms)
+        else:
+            later.append(lambda: self._report(result, obj, source, filed_ms))
+        return result
+
+    def _report(
+        self, result: IngestResult, obj: received.ReceivedObject, source: Source, ms: float
+    ) -> None:
+        """Count, log and announce a filed object (observers only: nothing here undoes it)."""
         self.metrics.add("dicomnode_instances_received_total", outcome=result.outcome)
         if result.outcome != "duplicate":
             self.metrics.add("dicomnode_bytes_received_total", obj.size)
@@ -145,12 +160,11 @@ class Intake:
                 "transfer_syntax": obj.transfer_syntax_uid,
                 "protocol": source.protocol,
                 "caller": source.caller,
-                "ms": round((time.perf_counter() - started) * 1000, 2),
+                "ms": ms,
             },
         )
         if result.outcome != "held":
             self._announce(result, source)
-        return result
 
     def _announce(self, result: IngestResult, source: Source) -> None:
         for subscriber in self._subscribers:

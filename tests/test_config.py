@@ -87,6 +87,7 @@ def test_shipped_example_file_is_valid_and_matches_the_defaults(monkeypatch):
         ("[dimse]\nport = 'x'\n", "dimse.port", "must be int"),
         ("[dimse]\nport = 70000\n", "dimse.port", "0-65535"),
         ("[dimse]\nmax_associations = 0\n", "dimse.max_associations", "greater than 0"),
+        ("[dimse]\nprocesses = 0\n", "dimse.processes", "1-64"),
         ("[dimse]\nrequire_known_peers = 1\n", "dimse.require_known_peers", "must be bool"),
         ('[dimse]\nduplicate_policy = "maybe"\n', "dimse.duplicate_policy", "reject, replace"),
         ('[node]\nae_title = "MUCH_TOO_LONG_AE_TITLE"\n', "node.ae_title", "1-16"),

@@ -132,10 +132,7 @@ class Archive:
         blob_path = self._blob_path(received)
         stored = self._stored(received, blob_path)
         self.check_capacity(received.size)
-        try:
-            self.blobs.write(blob_path, [received.file_meta_bytes, received.dataset_bytes])
-        except OSError as e:
-            raise StorageUnavailable(f"cannot write the blob: {e}") from e
+        self._write_blob(received, blob_path)
         policy = duplicate_policy or self.duplicate_policy
         try:
             outcome, previous_path = self._index(received, stored, source, policy)
@@ -152,6 +149,13 @@ class Archive:
         if outcome == "stored":
             self._count_stored(received.size)
         return IngestResult(stored, outcome, header=received.header)
+
+    def _write_blob(self, received: ReceivedObject, blob_path: str) -> None:
+        """The blob of `received` at `blob_path`, durably."""
+        try:
+            self.blobs.write(blob_path, [received.file_meta_bytes, received.dataset_bytes])
+        except OSError as e:
+            raise StorageUnavailable(f"cannot write the blob: {e}") from e
 
     def storage(self) -> dict[str, int | bool]:
         """Bytes stored, the quota, the disk's free bytes, and whether new data is refused."""
@@ -230,10 +234,7 @@ class Archive:
         reason is a ledger entry. The outcome is "held"."""
         blob_path = HELD_PREFIX + self._blob_path(received)
         self.check_capacity(received.size)
-        try:
-            self.blobs.write(blob_path, [received.file_meta_bytes, received.dataset_bytes])
-        except OSError as e:
-            raise StorageUnavailable(f"cannot write the blob: {e}") from e
+        self._write_blob(received, blob_path)
         held = HeldObject(
             sop_instance_uid=received.sop_instance_uid,
             sop_class_uid=received.sop_class_uid,

@@ -1,5 +1,9 @@
 """The index: SQLAlchemy engine set-up and the write transaction of ingest.
 
+The few statements every received object runs (is it known, which series, insert it) are
+compiled once per engine into the DBAPI's own SQL (`Prepared`) and run on the transaction's
+DBAPI cursor: SQLAlchemy's per-execution work costs more than SQLite's.
+
 SQLite runs in WAL mode with synchronous=FULL, so a commit is durable when it returns;
 writers in one process take a lock so that they queue instead of failing with "database is
 locked". PostgreSQL needs neither: concurrent inserts of the same patient, study or series
@@ -13,7 +17,7 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydicom.dataset import Dataset
 from sqlalchemy import (
@@ -50,9 +54,33 @@ _TOUCH_STUDY = (
 _INSTANCE_BY_UID = select(
     schema.instances.c.id, schema.instances.c.sha256, schema.instances.c.blob_path
 ).where(schema.instances.c.sop_instance_uid == bindparam("uid"))
-_INSERT_INSTANCE = schema.instances.insert()
 _SERIES_UID = INDEXED["SeriesInstanceUID"].reader
 TOUCH_SECONDS = 1.0  # how often a series' (and its study's) updated_at is rewritten at most
+
+
+class Prepared:
+    """A Core statement compiled once for a dialect, with named parameters, run on a DBAPI
+    cursor with SQLAlchemy's own conversion of each parameter (e.g. datetimes on SQLite)."""
+
+    def __init__(self, statement: Any, dialect: Any, column_keys: list[str] | None = None):
+        if dialect.paramstyle not in ("named", "pyformat"):
+            dialect = type(dialect)(paramstyle="named")
+        compiled = statement.compile(dialect=dialect, column_keys=column_keys)
+        self.sql = str(compiled)
+        self._convert = {
+            key: convert
+            for key, bind in compiled.binds.items()
+            if (convert := bind.type.bind_processor(dialect)) is not None
+        }
+
+    def run(self, conn: Connection, params: dict[str, Any]) -> Any:
+        """Execute on `conn`'s DBAPI connection (inside its transaction); the cursor."""
+        for key, convert in self._convert.items():
+            if key in params:
+                params[key] = convert(params[key])
+        cursor = conn.connection.dbapi_connection.cursor()
+        cursor.execute(self.sql, params)
+        return cursor
 
 
 def create_index_engine(url: str) -> Engine:
@@ -103,6 +131,12 @@ def level_values(level: Level, ds: Dataset) -> dict[str, Any]:
     return {a.column: normalized_value(a, ds) for a in ATTRIBUTES_BY_LEVEL[level]}
 
 
+class _InstanceRow(NamedTuple):
+    id: int
+    sha256: str
+    blob_path: str
+
+
 class Index:
     """Reads and writes of the index tables."""
 
@@ -111,6 +145,12 @@ class Index:
         self.is_sqlite = engine.dialect.name == "sqlite"
         self._write_lock = threading.Lock() if self.is_sqlite else contextlib.nullcontext()
         self._touched: dict[int, float] = {}  # series pk -> when this process last touched it
+        dialect = engine.dialect
+        self._instance_by_uid = Prepared(_INSTANCE_BY_UID, dialect)
+        self._series_by_uid = Prepared(_SERIES_BY_UID, dialect)
+        self._touch_series = Prepared(_TOUCH_SERIES, dialect)
+        self._touch_study = Prepared(_TOUCH_STUDY, dialect)
+        self._inserts: dict[tuple[str, ...], Prepared] = {}
 
     @contextlib.contextmanager
     def write(self) -> Iterator[Connection]:
@@ -151,10 +191,11 @@ class Index:
     def ensure_hierarchy(self, conn: Connection, header: Dataset, now: datetime) -> int:
         """Create the patient, study and series rows `header` belongs to; returns the series pk."""
         series_uid = _SERIES_UID.text(header)
-        known = conn.execute(_SERIES_BY_UID, {"uid": series_uid}).first()
+        known = self._series_by_uid.run(conn, {"uid": series_uid}).fetchone()
         if known is not None:  # the common case: one more instance of a series we have
-            self._touch(conn, known.id, known.study_pk, now)
-            return int(known.id)
+            series_pk, study_pk = known
+            self._touch(conn, series_pk, study_pk, now)
+            return int(series_pk)
         patient = level_values(Level.PATIENT, header)
         patient["issuer_of_patient_id"] = patient["issuer_of_patient_id"] or ""
         self._insert_ignore(
@@ -206,17 +247,25 @@ class Index:
         moment = time.monotonic()
         if moment - self._touched.get(series_pk, -TOUCH_SECONDS) < TOUCH_SECONDS:
             return
-        conn.execute(_TOUCH_SERIES, {"pk_": series_pk, "now_": now})
-        conn.execute(_TOUCH_STUDY, {"pk_": study_pk, "now_": now})
+        self._touch_series.run(conn, {"pk_": series_pk, "now_": now})
+        self._touch_study.run(conn, {"pk_": study_pk, "now_": now})
         if len(self._touched) > 10_000:
             self._touched.clear()
         self._touched[series_pk] = moment
 
     def instance_row(self, conn: Connection, sop_instance_uid: str) -> Any:
-        return conn.execute(_INSTANCE_BY_UID, {"uid": sop_instance_uid}).first()
+        """(id, sha256, blob_path) of the instance with this SOP Instance UID, or None."""
+        row = self._instance_by_uid.run(conn, {"uid": sop_instance_uid}).fetchone()
+        return _InstanceRow(*row) if row is not None else None
 
     def insert_instance(self, conn: Connection, values: dict[str, Any]) -> None:
-        conn.execute(_INSERT_INSTANCE, values)
+        keys = tuple(values)
+        insert = self._inserts.get(keys)
+        if insert is None:
+            insert = self._inserts[keys] = Prepared(
+                schema.instances.insert(), self.engine.dialect, list(keys)
+            )
+        insert.run(conn, dict(values))
 
     def instance_values(
         self, header: Dataset, series_pk: int, stored: StoredInstance, source: Source, now: datetime

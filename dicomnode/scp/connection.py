@@ -40,7 +40,7 @@ import ssl
 import struct
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -70,6 +70,7 @@ class StoreRequest:
     sop_class_uid: str
     sop_instance_uid: str
     dataset: bytes
+    after: list[Callable[[], None]] = field(default_factory=list)  # once the answer is sent
 
 
 StoreFunction = Callable[[Any, StoreRequest], "int | Dataset"]  # (association, request) -> status
@@ -80,9 +81,12 @@ class _WakeableSocket(AssociationSocket):
 
     _wake_r: socket.socket
     _wake_w: socket.socket
+    idle_work: list[Callable[[], None]]  # to do once nothing waits to be sent
+    closing_work: list[Callable[[], None]]  # to do when the connection closes
 
     @property
     def ready(self) -> bool:
+        self._do_idle_work()  # asked only when nothing waits to be sent: the answer is out
         dul = self.assoc.dul
         if (
             self.socket is None
@@ -121,8 +125,16 @@ class _WakeableSocket(AssociationSocket):
         with contextlib.suppress(OSError):
             self._wake_w.send(b"\0")
 
+    def _do_idle_work(self) -> None:
+        if self.idle_work:
+            work, self.idle_work = self.idle_work, []
+            _run(work)
+
     def close(self) -> None:
         super().close()
+        self._do_idle_work()
+        _run(self.closing_work)
+        self.closing_work = []
         self._wake_r.close()
         self._wake_w.close()
 
@@ -178,6 +190,10 @@ class _StoreLane:
                     self._serve()
                     return
 
+    def abandon(self) -> None:
+        """The connection is gone: drop the message being gathered."""
+        self._reset()
+
     def _reset(self) -> None:
         self._held = []
         self._command = bytearray()
@@ -215,7 +231,8 @@ class _StoreLane:
         }
 
     def _serve(self) -> None:
-        request = StoreRequest(dataset=b"".join(self._fragments), **self._request or {})
+        fields = self._request or {}
+        request = StoreRequest(dataset=b"".join(self._fragments), **fields)
         self._reset()
         try:
             status = self.store(self.assoc, request)
@@ -223,6 +240,7 @@ class _StoreLane:
             log.exception("C-STORE failed unexpectedly")
             status = HANDLER_FAILED
         if not self.assoc.is_established:
+            self._run(request.after)
             return
         command = c_store_response(request, status)
         peer_limit = self.assoc.requestor.maximum_length  # 0: no limit
@@ -234,6 +252,19 @@ class _StoreLane:
             header = bytes([_COMMAND | (_LAST if last else 0)])
             pdata.presentation_data_value_list.append((request.context_id, header + chunk))
             self.assoc.dul.send_pdu(pdata)
+        idle_work = getattr(self.assoc.dul.socket, "idle_work", None)
+        if idle_work is None:
+            _run(request.after)
+        else:
+            idle_work.extend(request.after)  # done once the answer has gone
+
+
+def _run(work: list[Callable[[], None]]) -> None:
+    for item in work:
+        try:
+            item()
+        except Exception:
+            log.exception("reporting a stored object failed")
 
 
 def _command_fields(data: bytes) -> dict[int, bytes] | None:
@@ -290,6 +321,8 @@ def _make_wakeable(assoc: Any) -> _WakeableSocket:
     sock._wake_r, sock._wake_w = socket.socketpair()
     sock._wake_r.setblocking(False)
     sock._wake_w.setblocking(False)
+    sock.idle_work = []
+    sock.closing_work = []
     dul = assoc.dul
     dul._run_loop_delay = 0  # it waits in select instead
     send_pdu, stop_dul, kill_dul = dul.send_pdu, dul.stop_dul, dul.kill_dul
@@ -314,10 +347,14 @@ def _make_wakeable(assoc: Any) -> _WakeableSocket:
 
 
 def _serve_accepted(assoc: Any, store: StoreFunction | None) -> None:
-    """The store lane (with a store function), and a blocking association thread."""
+    """The wakeable DUL thread, the store lane (with a store function) and a blocking
+    association thread."""
     dimse = assoc.dimse
+    sock = _make_wakeable(assoc)
     if store is not None:
-        dimse.receive_primitive = _StoreLane(assoc, store).receive
+        lane = _StoreLane(assoc, store)
+        dimse.receive_primitive = lane.receive
+        sock.closing_work.append(lane.abandon)
     messages = _DimseQueue()
     dimse.msg_queue = messages
     to_user = assoc.dul.to_user_queue
@@ -382,7 +419,12 @@ class NodeRequestHandler(RequestHandler):
     ``store_function`` when it has one."""
 
     def handle(self) -> None:
-        assoc = self._create_association()
-        _serve_accepted(assoc, getattr(self.server, "store_function", None))
-        evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
-        assoc.start()
+        try:
+            assoc = self._create_association()
+            _serve_accepted(assoc, getattr(self.server, "store_function", None))
+            evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+            assoc.start()
+        finally:
+            started = getattr(self.server, "association_started", None)
+            if started is not None:
+                started()

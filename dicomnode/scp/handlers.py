@@ -7,6 +7,7 @@ or egress (data out), and turns errors into statuses through `status.failure`.
 from __future__ import annotations
 
 import logging
+import os
 import ssl
 import threading
 import time
@@ -111,7 +112,10 @@ def handle_store(event: evt.Event, ctx: DimseContext) -> int | Dataset:
         sop_instance_uid=event.request.AffectedSOPInstanceUID,
         dataset=event.encoded_dataset(include_meta=False),
     )
-    return store(event.assoc, request, ctx)
+    answer = store(event.assoc, request, ctx)
+    for report in request.after:
+        report()
+    return answer
 
 
 def store(assoc: Any, request: StoreRequest, ctx: DimseContext) -> int | Dataset:
@@ -124,6 +128,7 @@ def store(assoc: Any, request: StoreRequest, ctx: DimseContext) -> int | Dataset
             request.sop_class_uid,
             request.sop_instance_uid,
             source,
+            later=request.after,
         )
     except Exception as e:
         if not isinstance(e, DicomnodeError):
@@ -332,6 +337,7 @@ def _closed(event: evt.Event, ctx: DimseContext, outcome: str) -> None:
             "caller": event.assoc.requestor.ae_title.strip(),
             "address": f"{event.assoc.requestor.address}:{event.assoc.requestor.port}",
             "seconds": round(time.monotonic() - started, 3),
+            "pid": os.getpid(),  # which of the node's DIMSE processes served it
             **stats,
         },
     )

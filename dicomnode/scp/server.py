@@ -9,6 +9,7 @@ import socketserver
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -95,31 +96,73 @@ def build_ae(ctx: DimseContext) -> AE:
     return ae
 
 
-class _Server(ThreadedAssociationServer):
-    """pynetdicom's threaded server, with the node's connection handling."""
+HandOff = Callable[[socket.socket, Any, int], bool]  # (connection, address, own load) -> handed?
 
-    reuse_port = False
+
+class _Server(ThreadedAssociationServer):
+    """pynetdicom's threaded server, with the node's connection handling, and the choice of
+    which process serves an accepted connection: `hand_off` (set by the app when the node runs
+    DIMSE worker processes) may pass it to another process; the others are `take`n here. TLS
+    is set up when a connection is taken, so that a raw connection can be handed over."""
+
+    listens = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.hand_off: HandOff | None = None
+        self.store_function: Any = None
+        self._pending = 0  # connections taken whose association has not started yet
+        self._pending_lock = threading.Lock()
 
     def server_bind(self) -> None:
-        if self.reuse_port:
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
+        if self.listens:
+            super().server_bind()
+
+    def server_activate(self) -> None:
+        if self.listens:
+            super().server_activate()
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        return self.socket.accept()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if self.hand_off is not None and self.hand_off(request, client_address, self.load()):
+            return
+        self.take(request, client_address)
+
+    def take(self, request: socket.socket, client_address: Any) -> None:
+        """Serve a connection here (one this server accepted, or one handed to it)."""
+        if self.ssl_context:
+            request = self.ssl_context.wrap_socket(request, server_side=True)
+        with self._pending_lock:
+            self._pending += 1
+        super().process_request(request, client_address)
+
+    def association_started(self) -> None:
+        with self._pending_lock:
+            self._pending -= 1
+
+    def load(self) -> int:
+        """Connections this process serves now (associations, and those about to be)."""
+        return len(self.active_associations) + self._pending
 
 
-class _SharedPortServer(_Server):
-    """One of several processes listening on one port (SO_REUSEPORT): the kernel spreads the
-    incoming connections over them."""
+class _HandedServer(_Server):
+    """A server that does not listen: it serves the connections another process accepted
+    and handed to it (a DIMSE worker process)."""
 
-    reuse_port = True
+    listens = False
 
 
 class DimseServer:
-    """The node's DIMSE listener (`shared_port`: one of several processes on its port)."""
+    """The node's DIMSE server: listening on the configured address, or (`listen=False`, in a
+    DIMSE worker process) serving connections handed to it with `take`."""
 
-    def __init__(self, ctx: DimseContext, shared_port: bool = False) -> None:
+    def __init__(self, ctx: DimseContext, listen: bool = True) -> None:
         self.ctx = ctx
         self.ae = build_ae(ctx)
-        self.shared_port = shared_port
+        self.listen = listen
+        self.hand_off: HandOff | None = None
         self._server: Any = None
 
     @property
@@ -127,7 +170,8 @@ class DimseServer:
         return int(self._server.server_address[1])
 
     def start(self) -> int:
-        """Listen on the configured address; returns the port (useful when configured as 0)."""
+        """Listen on the configured address (or get ready to take connections); returns the
+        port (useful when configured as 0)."""
         dimse = self.ctx.settings.dimse
         handlers: list[Any] = [(evt.EVT_CONN_OPEN, prepare)]
         handlers += [(event, partial(handler, ctx=self.ctx)) for event, handler in HANDLERS]
@@ -135,14 +179,23 @@ class DimseServer:
             (dimse.host, dimse.port),
             evt_handlers=handlers,
             ssl_context=_server_ssl_context(self.ctx),
-            server_class=_SharedPortServer if self.shared_port else _Server,
+            server_class=_Server if self.listen else _HandedServer,
             request_handler=NodeRequestHandler,
         )
         self._server.store_function = partial(store, ctx=self.ctx)
-        threading.Thread(
-            target=self._server.serve_forever, name="dimse-accept", daemon=True
-        ).start()
+        self._server.hand_off = self.hand_off
+        if self.listen:
+            threading.Thread(
+                target=self._server.serve_forever, name="dimse-accept", daemon=True
+            ).start()
         return self.port
+
+    def take(self, connection: socket.socket, address: Any) -> None:
+        """Serve a connection accepted by another process."""
+        self._server.take(connection, address)
+
+    def load(self) -> int:
+        return self._server.load() if self._server else 0
 
     def active_associations(self) -> int:
         return len(self._server.active_associations) if self._server else 0
@@ -151,7 +204,8 @@ class DimseServer:
         """Stop accepting, let open associations finish for up to `drain_timeout` s, then abort."""
         if self._server is None:
             return
-        socketserver.TCPServer.shutdown(self._server)
+        if self.listen:
+            socketserver.TCPServer.shutdown(self._server)
         self._server.server_close()
         deadline = time.monotonic() + drain_timeout
         while self.active_associations() and time.monotonic() < deadline:
