@@ -197,7 +197,7 @@ def search(conn: Connection, query: Query) -> list[dict[str, Any]]:
 
 def _fill_computed(conn: Connection, rows: list[dict[str, Any]], keys: list[str]) -> None:
     """Fill the computed attributes of one page of rows: one grouped query for the counts of
-    a level, one per list attribute.
+    a level (a study's modalities with its counts), one for SOPClassesInStudy.
 
     Each attribute belongs to a level (COMPUTED) and is looked up by the row's key at that level,
     so a study's NumberOfPatientRelatedStudies is its patient's count.
@@ -221,29 +221,42 @@ def _fill_computed(conn: Connection, rows: list[dict[str, Any]], keys: list[str]
         "NumberOfStudyRelatedInstances": i.c.id,
         "NumberOfSeriesRelatedInstances": i.c.id,
     }
-    lists = {
-        "ModalitiesInStudy": (se.c.modality, study_series),
-        "SOPClassesInStudy": (i.c.sop_class_uid, study_instances),
-    }
+    lists = {"SOPClassesInStudy": (i.c.sop_class_uid, study_instances)}
+    with_modalities = "ModalitiesInStudy" in keys
     for level, (group, joined) in count_groups.items():
         level_keys = [k for k in keys if k in counted and COMPUTED[k] == level]
-        if not level_keys:
+        # A study's modalities come with its counts: grouped by study and modality, the counts
+        # of one study's groups add up (a series has one modality).
+        by_modality = level == Level.STUDY and with_modalities
+        if not level_keys and not by_modality:
             continue
         owner = _PK_LABEL[level]
         pks = sorted({r[owner] for r in rows})
+        groups = (group, se.c.modality) if by_modality else (group,)
         statement = (
-            select(group, *(func.count(distinct(counted[k])) for k in level_keys))
+            select(*groups, *(func.count(distinct(counted[k])) for k in level_keys))
             .select_from(joined)
             .where(group.in_(pks))
-            .group_by(group)
+            .group_by(*groups)
         )
-        found = {pk: values for pk, *values in conn.execute(statement)}
+        totals: dict[int, list[int]] = {}
+        modalities: dict[int, list[str]] = defaultdict(list)
+        for pk, *values in conn.execute(statement):
+            if by_modality:
+                modality, *values = values
+                if modality is not None:
+                    modalities[pk].append(modality)
+            sums = totals.setdefault(pk, [0] * len(level_keys))
+            for n, value in enumerate(values):
+                sums[n] += value
         for row in rows:
-            values = found.get(row[owner])
+            sums = totals.get(row[owner], [0] * len(level_keys))
             for n, key in enumerate(level_keys):
-                row[key] = values[n] if values is not None else 0
+                row[key] = sums[n]
+            if by_modality:
+                row["ModalitiesInStudy"] = "\\".join(sorted(modalities.get(row[owner], []))) or None
     for key in keys:
-        if key in counted:
+        if key in counted or key == "ModalitiesInStudy":
             continue
         owner = _PK_LABEL[COMPUTED[key]]
         if key in lists:
