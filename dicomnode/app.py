@@ -191,6 +191,9 @@ class Node:
             threads=http.threads,
             ident="dicomnode",
             max_request_body_size=http.max_request_bytes,
+            # request bodies up to 8 MiB (a STOW-RS request of ten CT slices) stay in memory
+            # instead of going through a temporary file; larger ones are still spooled to disk
+            inbuf_overflow=8 * 1024 * 1024,
         )
         self._http_thread = threading.Thread(target=self._serve_http, name="http", daemon=True)
         self._http_thread.start()

@@ -25,7 +25,7 @@ from dicomnode.analysis.runner import AnalysisService
 from dicomnode.app import Node
 from dicomnode.config import read_settings
 from dicomnode.core.model import Level, Source
-from tests.conftest import dicomweb_url, token_for
+from tests.conftest import dicomweb_url, run_dcmtk, token_for
 from tests.factory import make_ct
 
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
@@ -117,6 +117,12 @@ def send_series(node: Node, count: int = 3, **attributes) -> list[Dataset]:
     return sent
 
 
+def dimse_answers(node: Node) -> bool:
+    """The node's SCP still answers dcmtk's C-ECHO."""
+    echo = run_dcmtk("echoscu", "-aec", "DICOMNODE", "127.0.0.1", str(node.dimse.port))
+    return echo.returncode == 0
+
+
 def service_for(node: Node, *analyzers: type[Analyzer]) -> AnalysisService:
     service = AnalysisService(
         node.settings.analysis,
@@ -184,6 +190,7 @@ def test_a_failing_analyzer_is_retried_then_marked_failed_with_its_reason(node):
     assert second.state == "failed" and second.attempts == 2
     assert "ValueError: the model could not converge" in second.error
     assert service.run_one() is None
+    assert dimse_answers(node)
     service.jobs.retry(second.id, datetime.now(UTC))
     assert service.jobs.get(second.id).state == "queued"
 
@@ -196,6 +203,7 @@ def test_a_hanging_analyzer_times_out(node):
     job = service.run_one()
     assert time.monotonic() - started < 3
     assert "timeout of 0.5 s" in job.error
+    assert dimse_answers(node)
 
 
 def test_an_output_for_another_study_is_refused_and_nothing_filed(node):

@@ -29,6 +29,14 @@ from dicomnode.core.errors import StorageUnavailable
 
 GENESIS_HASH = "0" * 64
 _LEDGER_LOCK = 1573_0001  # PostgreSQL advisory lock key that serialises appends
+# Built once: an append runs on every disclosure decision, so on the request path.
+_TAKE_LEDGER_LOCK = text(f"SELECT pg_advisory_xact_lock({_LEDGER_LOCK})")
+_LEDGER_TAIL = (
+    select(schema.ledger_entries.c.seq, schema.ledger_entries.c.hash)
+    .order_by(schema.ledger_entries.c.seq.desc())
+    .limit(1)
+)
+_INSERT_ENTRY = schema.ledger_entries.insert()
 
 
 @dataclass(frozen=True)
@@ -102,26 +110,24 @@ class Ledger:
         """Append one entry inside the caller's write transaction (it commits with the change
         the entry records)."""
         if not self.index.is_sqlite:  # SQLite's write lock already serialises appends
-            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _LEDGER_LOCK})
-        table = schema.ledger_entries
-        tail = conn.execute(
-            select(table.c.seq, table.c.hash).order_by(table.c.seq.desc()).limit(1)
-        ).first()
+            conn.execute(_TAKE_LEDGER_LOCK)
+        tail = conn.execute(_LEDGER_TAIL).first()
         seq, prev = (tail.seq + 1, tail.hash) if tail else (1, GENESIS_HASH)
         recorded_at = datetime.now(UTC).isoformat(timespec="microseconds")
         body = canonical_detail(detail)
         digest = entry_hash(prev, seq, recorded_at, kind, actor, outcome, body)
         conn.execute(
-            table.insert().values(
-                seq=seq,
-                recorded_at=recorded_at,
-                kind=kind,
-                actor=actor,
-                outcome=outcome,
-                detail=body,
-                prev_hash=prev,
-                hash=digest,
-            )
+            _INSERT_ENTRY,
+            {
+                "seq": seq,
+                "recorded_at": recorded_at,
+                "kind": kind,
+                "actor": actor,
+                "outcome": outcome,
+                "detail": body,
+                "prev_hash": prev,
+                "hash": digest,
+            },
         )
         return LedgerEntry(seq, recorded_at, kind, actor, outcome, body, prev, digest)
 

@@ -196,7 +196,8 @@ def search(conn: Connection, query: Query) -> list[dict[str, Any]]:
 
 
 def _fill_computed(conn: Connection, rows: list[dict[str, Any]], keys: list[str]) -> None:
-    """Fill the computed attributes of one page of rows, one grouped query per attribute.
+    """Fill the computed attributes of one page of rows: one grouped query for the counts of
+    a level (a study's modalities with its counts), one for SOPClassesInStudy.
 
     Each attribute belongs to a level (COMPUTED) and is looked up by the row's key at that level,
     so a study's NumberOfPatientRelatedStudies is its patient's count.
@@ -204,34 +205,63 @@ def _fill_computed(conn: Connection, rows: list[dict[str, Any]], keys: list[str]
     st, se, i = schema.studies, schema.series, schema.instances
     study_series = st.join(se, se.c.study_pk == st.c.id)
     study_instances = study_series.join(i, i.c.series_pk == se.c.id)
-    # keyword -> (grouping column, counted column, joined tables)
-    counts = {
-        "NumberOfPatientRelatedStudies": (st.c.patient_pk, st.c.id, st),
-        "NumberOfPatientRelatedSeries": (st.c.patient_pk, se.c.id, study_series),
-        "NumberOfPatientRelatedInstances": (st.c.patient_pk, i.c.id, study_instances),
-        "NumberOfStudyRelatedSeries": (st.c.id, se.c.id, study_series),
-        "NumberOfStudyRelatedInstances": (st.c.id, i.c.id, study_instances),
-        "NumberOfSeriesRelatedInstances": (se.c.id, i.c.id, se.join(i, i.c.series_pk == se.c.id)),
+    # Outer joins, so that one query counts every level below its owner (DISTINCT skips NULLs).
+    below_study = st.outerjoin(se, se.c.study_pk == st.c.id).outerjoin(i, i.c.series_pk == se.c.id)
+    # owning level -> (grouping column, joined tables); keyword -> counted column
+    count_groups = {
+        Level.PATIENT: (st.c.patient_pk, below_study),
+        Level.STUDY: (st.c.id, below_study),
+        Level.SERIES: (se.c.id, se.outerjoin(i, i.c.series_pk == se.c.id)),
     }
-    lists = {
-        "ModalitiesInStudy": (se.c.modality, study_series),
-        "SOPClassesInStudy": (i.c.sop_class_uid, study_instances),
+    counted = {
+        "NumberOfPatientRelatedStudies": st.c.id,
+        "NumberOfPatientRelatedSeries": se.c.id,
+        "NumberOfPatientRelatedInstances": i.c.id,
+        "NumberOfStudyRelatedSeries": se.c.id,
+        "NumberOfStudyRelatedInstances": i.c.id,
+        "NumberOfSeriesRelatedInstances": i.c.id,
     }
-    for key in keys:
-        owner = _PK_LABEL[COMPUTED[key]]
+    lists = {"SOPClassesInStudy": (i.c.sop_class_uid, study_instances)}
+    with_modalities = "ModalitiesInStudy" in keys
+    for level, (group, joined) in count_groups.items():
+        level_keys = [k for k in keys if k in counted and COMPUTED[k] == level]
+        # A study's modalities come with its counts: grouped by study and modality, the counts
+        # of one study's groups add up (a series has one modality).
+        by_modality = level == Level.STUDY and with_modalities
+        if not level_keys and not by_modality:
+            continue
+        owner = _PK_LABEL[level]
         pks = sorted({r[owner] for r in rows})
-        if key in counts:
-            group, counted, joined = counts[key]
-            statement = (
-                select(group, func.count(distinct(counted)))
-                .select_from(joined)
-                .where(group.in_(pks))
-                .group_by(group)
-            )
-            found: dict[int, Any] = dict(conn.execute(statement).all())
-            default: Any = 0
-        elif key in lists:
+        groups = (group, se.c.modality) if by_modality else (group,)
+        statement = (
+            select(*groups, *(func.count(distinct(counted[k])) for k in level_keys))
+            .select_from(joined)
+            .where(group.in_(pks))
+            .group_by(*groups)
+        )
+        totals: dict[int, list[int]] = {}
+        modalities: dict[int, list[str]] = defaultdict(list)
+        for pk, *values in conn.execute(statement):
+            if by_modality:
+                modality, *values = values
+                if modality is not None:
+                    modalities[pk].append(modality)
+            sums = totals.setdefault(pk, [0] * len(level_keys))
+            for n, value in enumerate(values):
+                sums[n] += value
+        for row in rows:
+            sums = totals.get(row[owner], [0] * len(level_keys))
+            for n, key in enumerate(level_keys):
+                row[key] = sums[n]
+            if by_modality:
+                row["ModalitiesInStudy"] = "\\".join(sorted(modalities.get(row[owner], []))) or None
+    for key in keys:
+        if key in counted or key == "ModalitiesInStudy":
+            continue
+        owner = _PK_LABEL[COMPUTED[key]]
+        if key in lists:
             column, joined = lists[key]
+            pks = sorted({r[owner] for r in rows})
             statement = (
                 select(st.c.id, column)
                 .select_from(joined)
@@ -242,13 +272,15 @@ def _fill_computed(conn: Connection, rows: list[dict[str, Any]], keys: list[str]
             collected: dict[int, list[str]] = defaultdict(list)
             for pk, value in conn.execute(statement):
                 collected[pk].append(value)
-            found, default = {pk: "\\".join(v) for pk, v in collected.items()}, None
+            found_list = {pk: "\\".join(v) for pk, v in collected.items()}
+            for row in rows:
+                row[key] = found_list.get(row[owner])
         elif key == "AvailableTransferSyntaxUID":
-            found, default = {r[owner]: r["_ts"] for r in rows}, None
+            for row in rows:
+                row[key] = row["_ts"]
         else:  # InstanceAvailability: everything the index holds is on line
-            found, default = {}, "ONLINE"
-        for row in rows:
-            row[key] = found.get(row[owner], default)
+            for row in rows:
+                row[key] = "ONLINE"
 
 
 def find_instances(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import tempfile
 import uuid
 from collections.abc import Iterable, Iterator
@@ -43,21 +44,82 @@ def file_chunks(path: str, chunk: int = CHUNK) -> Iterator[bytes]:
 
 @dataclass
 class Part:
-    """One received part: its headers and its body, spooled to disk when large."""
+    """One received part: its headers and its body, in memory up to SPOOL_IN_MEMORY bytes and
+    in a temporary file beyond."""
 
     headers: dict[str, str]
-    body: BinaryIO = field(
-        default_factory=lambda: tempfile.SpooledTemporaryFile(SPOOL_IN_MEMORY)  # noqa: SIM115
-    )
     size: int = 0
+    _chunks: list[bytes] = field(default_factory=list)
+    _file: BinaryIO | None = None
 
     @property
     def content_type(self) -> str:
         return self.headers.get("content-type", "")
 
+    def write(self, data: bytes | memoryview) -> None:
+        self.size += len(data)
+        if self._file is None and self.size > SPOOL_IN_MEMORY:
+            self._file = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the part
+            for chunk in self._chunks:
+                self._file.write(chunk)
+            self._chunks.clear()
+        if self._file is not None:
+            self._file.write(data)
+        else:
+            self._chunks.append(bytes(data))
+
     def read(self) -> bytes:
-        self.body.seek(0)
-        return self.body.read()
+        if self._file is None:
+            return b"".join(self._chunks)
+        self._file.seek(0)
+        return self._file.read()
+
+    def open(self) -> BinaryIO:
+        """The body as a file, read from its start."""
+        if self._file is None:
+            return io.BytesIO(self.read())
+        self._file.seek(0)
+        return self._file
+
+
+class _Reader:
+    """A read buffer over `stream`: bytes are consumed from the front, more are read on demand."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self.stream = stream
+        self.buffer = bytearray()
+        self.start = 0  # the buffer's unconsumed bytes begin here
+
+    def available(self) -> int:
+        return len(self.buffer) - self.start
+
+    def fill(self) -> bool:
+        """Read one more chunk; False at the end of the stream."""
+        chunk = self.stream.read(CHUNK)
+        if not chunk:
+            return False
+        if self.start:
+            del self.buffer[: self.start]
+            self.start = 0
+        self.buffer += chunk
+        return True
+
+    def find(self, needle: bytes) -> int:
+        """Offset of `needle` from the unconsumed start, or -1."""
+        found = self.buffer.find(needle, self.start)
+        return found - self.start if found >= 0 else -1
+
+    def startswith(self, prefix: bytes) -> bool:
+        return self.buffer.startswith(prefix, self.start)
+
+    def take(self, count: int) -> memoryview:
+        """The next `count` bytes, consumed (valid until the next `fill`)."""
+        view = memoryview(self.buffer)[self.start : self.start + count]
+        self.start += count
+        return view
+
+    def skip(self, count: int) -> None:
+        self.start += count
 
 
 def read_multipart(stream: BinaryIO, boundary: str, max_part_bytes: int) -> list[Part]:
@@ -70,70 +132,57 @@ def read_multipart(stream: BinaryIO, boundary: str, max_part_bytes: int) -> list
         raise InvalidInput("the multipart boundary is missing or too long")
     opening = b"--" + boundary.encode("latin-1")
     separator = b"\r\n" + opening
-    buffer = b""
-    while len(buffer) < len(opening) + 2:
-        chunk = stream.read(CHUNK)
-        if not chunk:
-            raise InvalidInput("the body ended before the first multipart boundary")
-        buffer += chunk
-    start = buffer.find(opening)
-    if start < 0 or (start > 0 and buffer[start - 2 : start] != b"\r\n"):
-        raise InvalidInput("the body does not start with the multipart boundary in Content-Type")
-    buffer = buffer[start + len(opening) :]
-    parts: list[Part] = []
-    ended = False
-    while not ended:
-        # After a delimiter: "--" closes the body, CRLF opens a part.
-        while len(buffer) < 2:
-            chunk = stream.read(CHUNK)
-            if not chunk:
-                raise InvalidInput("the multipart body is truncated after a boundary")
-            buffer += chunk
-        if buffer.startswith(b"--"):
+    reader = _Reader(stream)
+    while (start := reader.find(opening)) < 0:  # after a preamble of at most 64 KiB
+        if reader.available() > 64 * 1024:
             break
-        if not buffer.startswith(b"\r\n"):
+        if not reader.fill():
+            if reader.available():
+                break
+            raise InvalidInput("the body ended before the first multipart boundary")
+    if start < 0 or (start > 0 and bytes(reader.take(start)[-2:]) != b"\r\n"):
+        raise InvalidInput("the body does not start with the multipart boundary in Content-Type")
+    reader.skip(len(opening))
+    parts: list[Part] = []
+    while True:
+        # After a delimiter: "--" closes the body, CRLF opens a part.
+        while reader.available() < 2:
+            if not reader.fill():
+                raise InvalidInput("the multipart body is truncated after a boundary")
+        if reader.startswith(b"--"):
+            break
+        if not reader.startswith(b"\r\n"):
             raise InvalidInput("a multipart boundary is not followed by CRLF")
-        buffer = buffer[2:]
-        while b"\r\n\r\n" not in buffer:
-            chunk = stream.read(CHUNK)
-            if not chunk or len(buffer) > 64 * 1024:
-                raise InvalidInput(
-                    f"the headers of part {len(parts) + 1} are truncated or too long"
-                )
-            buffer += chunk
-        head, buffer = buffer.split(b"\r\n\r\n", 1)
+        reader.skip(2)
+        number = len(parts) + 1
+        while (head_end := reader.find(b"\r\n\r\n")) < 0:
+            if reader.available() > 64 * 1024 or not reader.fill():
+                raise InvalidInput(f"the headers of part {number} are truncated or too long")
+        head = bytes(reader.take(head_end)).decode("latin-1")
+        reader.skip(4)
         headers = {}
-        for line in head.decode("latin-1").split("\r\n"):
+        for line in head.split("\r\n"):
             name, _, value = line.partition(":")
             if name.strip():
                 headers[name.strip().lower()] = value.strip()
         part = Part(headers)
-        while True:
-            found = buffer.find(separator)
-            if found >= 0:
-                _write(part, buffer[:found], max_part_bytes, len(parts) + 1)
-                buffer = buffer[found + len(separator) :]
-                break
-            keep = len(separator) - 1
-            _write(
-                part, buffer[:-keep] if len(buffer) > keep else b"", max_part_bytes, len(parts) + 1
-            )
-            buffer = buffer[-keep:] if len(buffer) > keep else buffer
-            chunk = stream.read(CHUNK)
-            if not chunk:
+        keep = len(separator) - 1  # bytes that may be the start of a separator cut by a chunk
+        while (found := reader.find(separator)) < 0:
+            if reader.available() > keep:
+                _write(part, reader.take(reader.available() - keep), max_part_bytes, number)
+            if not reader.fill():
                 raise InvalidInput(
-                    f"the multipart body is truncated: part {len(parts) + 1} has no closing "
-                    "boundary"
+                    f"the multipart body is truncated: part {number} has no closing boundary"
                 )
-            buffer += chunk
+        _write(part, reader.take(found), max_part_bytes, number)
+        reader.skip(len(separator))
         parts.append(part)
     return parts
 
 
-def _write(part: Part, data: bytes, limit: int, number: int) -> None:
+def _write(part: Part, data: memoryview, limit: int, number: int) -> None:
     if not data:
         return
-    part.size += len(data)
-    if part.size > limit:
+    if part.size + len(data) > limit:
         raise PartTooLarge(f"part {number} is larger than the limit of {limit} bytes")
-    part.body.write(data)
+    part.write(data)

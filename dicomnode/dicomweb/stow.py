@@ -99,8 +99,8 @@ def _failure(error: DicomnodeError, part: Any, number: int) -> dict[str, Any]:
 def _identity(part: Any) -> tuple[str, str] | None:
     """The SOP Class and Instance UIDs of a refused part, when they can be read at all."""
     try:
-        part.body.seek(0)
-        ds = pydicom.dcmread(part.body, force=True, specific_tags=["SOPClassUID", "SOPInstanceUID"])
+        wanted = ["SOPClassUID", "SOPInstanceUID"]
+        ds = pydicom.dcmread(part.open(), force=True, specific_tags=wanted)
         return str(ds.SOPClassUID), str(ds.SOPInstanceUID)
     except Exception:
         return None
