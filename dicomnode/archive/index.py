@@ -107,7 +107,7 @@ def create_index_engine(url: str) -> Engine:
             # A write transaction takes the write lock at once: a deferred one that upgrades
             # later fails with "database is locked" when another process wrote in between.
             mode = conn.get_execution_options().get("sqlite_begin", "DEFERRED")
-            conn.exec_driver_sql(f"BEGIN {mode}")
+            conn.connection.dbapi_connection.execute(f"BEGIN {mode}")  # on every transaction
 
         return engine
     return create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)

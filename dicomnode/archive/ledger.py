@@ -24,19 +24,15 @@ from typing import Any
 from sqlalchemy import Connection, func, select, text
 
 from dicomnode.archive import schema
-from dicomnode.archive.index import Index
+from dicomnode.archive.index import Index, Prepared
 from dicomnode.core.errors import StorageUnavailable
 
 GENESIS_HASH = "0" * 64
 _LEDGER_LOCK = 1573_0001  # PostgreSQL advisory lock key that serialises appends
 # Built once: an append runs on every disclosure decision, so on the request path.
 _TAKE_LEDGER_LOCK = text(f"SELECT pg_advisory_xact_lock({_LEDGER_LOCK})")
-_LEDGER_TAIL = (
-    select(schema.ledger_entries.c.seq, schema.ledger_entries.c.hash)
-    .order_by(schema.ledger_entries.c.seq.desc())
-    .limit(1)
-)
-_INSERT_ENTRY = schema.ledger_entries.insert()
+_LEDGER_TAIL = text("SELECT seq, hash FROM ledger_entries ORDER BY seq DESC LIMIT 1")
+_ENTRY_COLUMNS = ["seq", "recorded_at", "kind", "actor", "outcome", "detail", "prev_hash", "hash"]
 
 
 @dataclass(frozen=True)
@@ -103,6 +99,9 @@ class Ledger:
 
     def __init__(self, index: Index) -> None:
         self.index = index
+        dialect = index.engine.dialect
+        self._tail = Prepared(_LEDGER_TAIL, dialect)
+        self._insert = Prepared(schema.ledger_entries.insert(), dialect, _ENTRY_COLUMNS)
 
     def append(
         self, conn: Connection, kind: str, actor: str, outcome: str, detail: dict[str, Any]
@@ -111,13 +110,13 @@ class Ledger:
         the entry records)."""
         if not self.index.is_sqlite:  # SQLite's write lock already serialises appends
             conn.execute(_TAKE_LEDGER_LOCK)
-        tail = conn.execute(_LEDGER_TAIL).first()
-        seq, prev = (tail.seq + 1, tail.hash) if tail else (1, GENESIS_HASH)
+        tail = self._tail.run(conn, {}).fetchone()
+        seq, prev = (tail[0] + 1, tail[1]) if tail else (1, GENESIS_HASH)
         recorded_at = datetime.now(UTC).isoformat(timespec="microseconds")
         body = canonical_detail(detail)
         digest = entry_hash(prev, seq, recorded_at, kind, actor, outcome, body)
-        conn.execute(
-            _INSERT_ENTRY,
+        self._insert.run(
+            conn,
             {
                 "seq": seq,
                 "recorded_at": recorded_at,
