@@ -24,6 +24,7 @@ from pydicom.multival import MultiValue
 _STRING_VRS = frozenset({"AS", "CS", "DA", "DT", "LO", "PN", "SH", "TM", "UI"})
 _ESCAPE = 0x1B  # starts an ISO 2022 code extension: the bytes after it mean something else
 _BACKSLASH = 0x5C  # separates values
+_GROUP_SEPARATOR = 0x3D  # "=": separates a person name's alphabetic, ideographic, phonetic groups
 
 
 class ElementReader:
@@ -95,6 +96,8 @@ def _plain_ascii(raw: Any, vr: str) -> str | None:
     if not value:
         return ""
     if not value.isascii() or _ESCAPE in value or _BACKSLASH in value:
+        return None
+    if vr == "PN" and _GROUP_SEPARATOR in value:  # pydicom drops trailing empty groups
         return None
     return value.decode("ascii").rstrip(" \x00").strip()
 
