@@ -302,6 +302,29 @@ def dcmtk_tool(name: str) -> str:
     raise AssertionError(f"dcmtk's {name} is required; .ci/run installs the dcmtk package")
 
 
+def send_concurrently(port: int, folders: list) -> None:
+    """One storescu per folder, all at once; each must succeed."""
+    senders = [
+        subprocess.Popen(
+            [dcmtk_tool("storescu"), "-aec", "DICOMNODE", "-aet", f"SENDER{i}"]
+            + ["127.0.0.1", str(port), "+sd", str(folder)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=DCMTK_ENV,
+        )
+        for i, folder in enumerate(folders)
+    ]
+    try:
+        outputs = [sender.communicate(timeout=180)[0] for sender in senders]
+    finally:
+        for sender in senders:
+            if sender.poll() is None:
+                sender.kill()
+    for sender, output in zip(senders, outputs, strict=True):
+        assert sender.returncode == 0, output
+
+
 def run_dcmtk(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run a dcmtk tool with TCP_NODELAY on; returns the completed process (output as text)."""
     return subprocess.run(

@@ -9,12 +9,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 
 import pytest
 
 from dicomnode.archive import Archive
-from tests.conftest import DCMTK_ENV, dcmtk_tool, run_dcmtk, wait_until
+from tests.conftest import run_dcmtk, send_concurrently, wait_until
 from tests.factory import write_series
 from tests.test_serve import blob_files, http_get, metric, scrape, storescu_args
 
@@ -22,29 +21,6 @@ pytestmark = pytest.mark.dcmtk
 
 SENDERS = 4
 PER_SENDER = 25
-
-
-def send_concurrently(port: int, folders: list) -> None:
-    """One storescu per folder, all at once; each must succeed."""
-    senders = [
-        subprocess.Popen(
-            [dcmtk_tool("storescu"), "-aec", "DICOMNODE", "-aet", f"SENDER{i}"]
-            + ["127.0.0.1", str(port), "+sd", str(folder)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=DCMTK_ENV,
-        )
-        for i, folder in enumerate(folders)
-    ]
-    try:
-        outputs = [sender.communicate(timeout=180)[0] for sender in senders]
-    finally:
-        for sender in senders:
-            if sender.poll() is None:
-                sender.kill()
-    for sender, output in zip(senders, outputs, strict=True):
-        assert sender.returncode == 0, output
 
 
 def health(port: int) -> dict:

@@ -37,7 +37,7 @@ from dicomnode.app import Node
 from dicomnode.archive import Archive
 from dicomnode.config import Peer, read_settings
 from dicomnode.core.model import Level
-from tests.conftest import DCMTK_ENV, dcmtk_tool, wait_until, write_config
+from tests.conftest import DCMTK_ENV, dcmtk_tool, send_concurrently, wait_until, write_config
 from tests.factory import make_ct, write_series
 
 # --- helpers ----------------------------------------------------------------------------
@@ -374,25 +374,7 @@ def test_eight_concurrent_senders_of_200_instances_all_land(serve_node, tmp_path
     folders = [tmp_path / "in" / f"s{i}" for i in range(8)]
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(lambda folder: write_series(folder, 200, size=16), folders))
-    senders = [
-        subprocess.Popen(
-            [dcmtk_tool("storescu"), "-aec", "DICOMNODE", "-aet", f"SENDER{i}"]
-            + ["127.0.0.1", str(port), "+sd", str(folder)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=DCMTK_ENV,
-        )
-        for i, folder in enumerate(folders)
-    ]
-    try:
-        outputs = [sender.communicate(timeout=180)[0] for sender in senders]
-    finally:
-        for sender in senders:
-            if sender.poll() is None:
-                sender.kill()
-    for sender, output in zip(senders, outputs, strict=True):
-        assert sender.returncode == 0, output
+    send_concurrently(port, folders)
     assert node.terminate() == 0
     associations = node.log_events("association")
     assert len(associations) == 8

@@ -58,27 +58,27 @@ def load_or_create_signing_key(data_dir: Path) -> RSAKey:
     return RSAKey.import_key(path.read_bytes())
 
 
+def _load_or_create_secret(path: Path, what: str, event: str, minimum: int) -> bytes:
+    """The random secret in `path`, created (32 bytes) by the first process that needs it."""
+    if not path.exists() and _create_once(path, secrets.token_bytes(32)):
+        log.info(f"created the {what}", extra={"event": event})
+    secret = path.read_bytes()
+    if len(secret) < minimum:
+        raise ValueError(f"{path} holds {len(secret)} bytes; the {what} needs {minimum}")
+    return secret
+
+
 def load_or_create_deid_secret(data_dir: Path) -> bytes:
     """The secret that keys de-identification, from ``data_dir/keys/deid-secret``."""
     path = data_dir / "keys" / "deid-secret"
-    if not path.exists() and _create_once(path, secrets.token_bytes(32)):
-        log.info("created the de-identification secret", extra={"event": "deid_secret"})
-    secret = path.read_bytes()
-    if len(secret) < 16:
-        raise ValueError(f"{path} holds {len(secret)} bytes; a secret needs at least 16")
-    return secret
+    return _load_or_create_secret(path, "de-identification secret", "deid_secret", 16)
 
 
 def load_or_create_session_secret(data_dir: Path) -> bytes:
     """The secret that signs the DPO pages' session cookies, ``data_dir/keys/session-secret``.
     Every process serving one data_dir shares it; deleting it signs everyone out."""
     path = data_dir / "keys" / "session-secret"
-    if not path.exists() and _create_once(path, secrets.token_bytes(32)):
-        log.info("created the session secret", extra={"event": "session_secret"})
-    secret = path.read_bytes()
-    if len(secret) < 32:
-        raise ValueError(f"{path} holds {len(secret)} bytes; the session secret needs 32")
-    return secret
+    return _load_or_create_secret(path, "session secret", "session_secret", 32)
 
 
 def sign_json(key: RSAKey, payload: dict[str, Any]) -> str:

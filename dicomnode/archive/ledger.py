@@ -50,6 +50,20 @@ class LedgerEntry:
     def data(self) -> dict[str, Any]:
         return json.loads(self.detail)
 
+    @classmethod
+    def from_row(cls, row: Any) -> LedgerEntry:
+        """The entry of a ledger_entries row."""
+        return cls(
+            row.seq,
+            row.recorded_at,
+            row.kind,
+            row.actor,
+            row.outcome,
+            row.detail,
+            row.prev_hash,
+            row.hash,
+        )
+
 
 @dataclass(frozen=True)
 class Checkpoint:
@@ -147,16 +161,7 @@ class Ledger:
                     select(table).where(table.c.seq > after).order_by(table.c.seq).limit(batch)
                 ).all()
             for row in rows:
-                yield LedgerEntry(
-                    row.seq,
-                    row.recorded_at,
-                    row.kind,
-                    row.actor,
-                    row.outcome,
-                    row.detail,
-                    row.prev_hash,
-                    row.hash,
-                )
+                yield LedgerEntry.from_row(row)
             if len(rows) < batch:
                 return
             after = rows[-1].seq

@@ -68,19 +68,6 @@ def _moment(day: date) -> str:
     return datetime(day.year, day.month, day.day, tzinfo=UTC).isoformat(timespec="microseconds")
 
 
-def _entry(row: Any) -> LedgerEntry:
-    return LedgerEntry(
-        row.seq,
-        row.recorded_at,
-        row.kind,
-        row.actor,
-        row.outcome,
-        row.detail,
-        row.prev_hash,
-        row.hash,
-    )
-
-
 class LedgerViews:
     """Filtered reads of the ledger table."""
 
@@ -145,7 +132,7 @@ class LedgerViews:
                 .limit(per_page)
                 .offset((page - 1) * per_page)
             ).all()
-        return Page([_entry(r) for r in rows], int(total), page, per_page)
+        return Page([LedgerEntry.from_row(r) for r in rows], int(total), page, per_page)
 
     def count(self, f: LedgerFilter) -> int:
         with self.index.read() as conn:
@@ -163,7 +150,7 @@ class LedgerViews:
         with self.index.read() as conn:
             rows = conn.execution_options(stream_results=True, yield_per=1000).execute(query)
             for row in rows:
-                yield _entry(row)
+                yield LedgerEntry.from_row(row)
 
     def daily_counts(self, f: LedgerFilter) -> list[tuple[str, str, int]]:
         """(UTC day, recipient, entries) for the matching entries, oldest day first."""
@@ -194,7 +181,7 @@ class LedgerViews:
     def entry(self, seq: int) -> LedgerEntry | None:
         with self.index.read() as conn:
             row = conn.execute(select(_t).where(_t.c.seq == seq)).first()
-        return _entry(row) if row else None
+        return LedgerEntry.from_row(row) if row else None
 
     def head(self) -> int:
         """The sequence number of the last entry (0: empty)."""
@@ -207,7 +194,7 @@ class LedgerViews:
             query = query.where(_t.c.outcome == outcome)
         with self.index.read() as conn:
             row = conn.execute(query.order_by(_t.c.seq.desc()).limit(1)).first()
-        return _entry(row) if row else None
+        return LedgerEntry.from_row(row) if row else None
 
     def patient_studies(self, patient_id: str) -> list[str]:
         """The Study Instance UIDs the index holds under this Patient ID (any issuer)."""
