@@ -4,6 +4,8 @@ refused input that leaves everything as it was. Runs on SQLite and PostgreSQL.""
 from __future__ import annotations
 
 import hashlib
+import threading
+from datetime import UTC, datetime
 from io import BytesIO
 from pathlib import Path
 
@@ -12,11 +14,13 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from pydicom.data import get_testdata_file
+from sqlalchemy import event, select
 
 from dicomnode.archive import Archive, schema
 from dicomnode.archive.received import from_part10
 from dicomnode.core.errors import DuplicateConflict, InvalidInput, InvalidUID, MissingAttribute
 from dicomnode.core.model import Level, Source
+from tests.conftest import wait_until
 from tests.factory import make_ct
 
 SENDER = Source("dimse", "MODALITY", "127.0.0.1")
@@ -281,3 +285,116 @@ def test_check_finds_missing_unindexed_and_corrupt_blobs(archive, tmp_path):
     assert not archive.blobs.exists(orphan_path)
     assert archive.blob_file(stored[2].instance).exists()  # indexed blobs are never touched
     assert archive.check().unindexed_blobs == []
+
+
+# Group commit: on SQLite, writes of received objects that queue while one commit is being
+# synced are committed together (one transaction, one sync), each in a savepoint of its own.
+
+
+@pytest.fixture
+def sqlite_archive(tmp_path):
+    archive = Archive(tmp_path / "data", f"sqlite:///{tmp_path / 'index.sqlite'}")
+    yield archive
+    archive.close()
+
+
+def _add_patient(patient_id: str, then_fail: bool = False):
+    def work(conn):
+        conn.execute(
+            schema.patients.insert().values(
+                patient_id=patient_id, issuer_of_patient_id="", created_at=datetime.now(UTC)
+            )
+        )
+        if then_fail:
+            raise ValueError(f"work of {patient_id} failed after its insert")
+        return patient_id
+
+    return work
+
+
+def _patient_ids(archive) -> set[str]:
+    with archive.index.read() as conn:
+        return set(conn.execute(select(schema.patients.c.patient_id)).scalars())
+
+
+def _queue_behind_a_running_commit(archive, works):
+    """Run a first write that stays open until the `works` have queued behind it, then let
+    it finish; returns each work's outcome (its value or its error) and the commits made."""
+    index = archive.index
+    commits = []
+    event.listen(index.engine, "commit", lambda conn: commits.append(1))
+    first_open, release_first = threading.Event(), threading.Event()
+
+    def first(conn):
+        first_open.set()
+        release_first.wait(10)
+        return _add_patient("FIRST")(conn)
+
+    outcomes: dict[int, object] = {}
+
+    def run(number, work):
+        try:
+            outcomes[number] = index.write_grouped(work)
+        except Exception as e:
+            outcomes[number] = e
+
+    threads = [threading.Thread(target=run, args=(-1, first))]
+    threads[0].start()
+    assert first_open.wait(10)
+    for number, work in enumerate(works):
+        threads.append(threading.Thread(target=run, args=(number, work)))
+        threads[-1].start()
+    wait_until(lambda: len(index._queued) == len(works), timeout=10)  # all queued behind it
+    release_first.set()
+    for thread in threads:
+        thread.join(10)
+    assert outcomes.pop(-1) == "FIRST"
+    return outcomes, len(commits)
+
+
+def test_writes_queued_behind_a_commit_are_committed_together(sqlite_archive):
+    works = [_add_patient(f"P{n}") for n in range(4)]
+    outcomes, commits = _queue_behind_a_running_commit(sqlite_archive, works)
+    assert outcomes == {n: f"P{n}" for n in range(4)}
+    assert commits == 2  # the first write's, then one for the four that queued behind it
+    assert _patient_ids(sqlite_archive) == {"FIRST", "P0", "P1", "P2", "P3"}
+
+
+def test_a_failing_write_in_a_group_is_rolled_back_alone_and_raised_to_its_caller(sqlite_archive):
+    works = [_add_patient("P0"), _add_patient("P1", then_fail=True), _add_patient("P2")]
+    outcomes, commits = _queue_behind_a_running_commit(sqlite_archive, works)
+    assert isinstance(outcomes[1], ValueError)
+    assert outcomes[0] == "P0" and outcomes[2] == "P2"
+    assert commits == 2
+    assert _patient_ids(sqlite_archive) == {"FIRST", "P0", "P2"}  # P1's insert was undone
+
+
+def test_a_failed_group_commit_is_raised_to_every_caller_and_keeps_nothing(sqlite_archive):
+    failures = []
+
+    def fail_the_second_commit(conn):
+        failures.append(1)
+        if len(failures) == 2:
+            raise OSError("disk I/O error during the group's commit")
+
+    event.listen(sqlite_archive.index.engine, "commit", fail_the_second_commit)
+    works = [_add_patient(f"P{n}") for n in range(3)]
+    outcomes, _ = _queue_behind_a_running_commit(sqlite_archive, works)
+    assert all(isinstance(outcome, OSError) for outcome in outcomes.values()), outcomes
+    assert _patient_ids(sqlite_archive) == {"FIRST"}
+
+
+def test_concurrent_stores_all_land_with_exact_counts(archive):
+    """Sixteen threads storing at once (as sixteen associations would), on both back ends."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    study = make_ct().StudyInstanceUID
+    files = [
+        part10(make_ct(study_uid=study, series_uid=f"1.2.3.{n % 4}", instance_number=n, size=8))
+        for n in range(1, 161)
+    ]
+    with ThreadPoolExecutor(16) as pool:
+        outcomes = list(pool.map(lambda f: archive.store(from_part10(f), SENDER).outcome, files))
+    assert outcomes == ["stored"] * 160
+    assert archive.counts() == {"patients": 1, "studies": 1, "series": 4, "instances": 160}
+    assert archive.check(verify_hashes=True).ok

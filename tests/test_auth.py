@@ -311,3 +311,24 @@ def test_cors_for_configured_origins_only(start_node):
     assert answer.headers["Access-Control-Allow-Origin"] == "https://viewer.hospital.example"
     other = get(node, "/studies", token_for(node, READ), headers={"Origin": "https://evil.example"})
     assert "Access-Control-Allow-Origin" not in other.headers
+
+
+def test_a_verified_token_is_trusted_again_only_until_it_expires(monkeypatch):
+    """The verifier remembers a token it checked (a viewer sends one token with every request),
+    but never past the token's expiry, and a token changed by one character is checked anew."""
+    from dicomnode.config import AuthSettings
+    from dicomnode.dicomweb.auth import AuthError, TokenVerifier, issue_token
+
+    key = RSAKey.generate_key(2048, private=True)
+    settings = AuthSettings(leeway=0)
+    verifier = TokenVerifier(settings, key)
+    token = issue_token(key, settings, "viewer", list(READ), expires_in=20)
+    assert verifier.verify(f"Bearer {token}").scopes == frozenset(READ)
+    assert verifier.verify(f"Bearer {token}").subject == "viewer"  # remembered
+    tampered = token[:-2] + ("AA" if token[-2:] != "AA" else "BB")
+    with pytest.raises(AuthError, match="not valid"):
+        verifier.verify(f"Bearer {tampered}")
+    later = time.time() + 30
+    monkeypatch.setattr(time, "time", lambda: later)
+    with pytest.raises(AuthError, match="expired"):
+        verifier.verify(f"Bearer {token}")

@@ -760,3 +760,24 @@ def test_callers_get_only_the_services_they_are_allowed(start_node, storescp, tm
     assert_received(got.datasets, sent_instances(sample, "A1-CT", "A1-MR"))
 
     assert node.archive.counts() == before
+
+
+def test_each_association_gets_a_deep_copy_of_the_supported_contexts():
+    """pynetdicom copies the server's contexts for every association; the node's quick copy
+    must be as independent as copy.deepcopy's, or one negotiation could change the next."""
+    import copy
+
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage
+
+    from dicomnode.scp.server import _SupportedContexts
+
+    ae = AE()
+    ae.add_supported_context(CTImageStorage, ["1.2.840.10008.1.2.1"], scp_role=True)
+    original = _SupportedContexts(ae.supported_contexts)
+    duplicate = copy.deepcopy(original)
+    duplicate[0].context_id = 7
+    duplicate[0].transfer_syntax.append("1.2.840.10008.1.2")  # the copy's own list
+    assert original[0].context_id is None
+    assert original[0].transfer_syntax == ["1.2.840.10008.1.2.1"]
+    assert duplicate[0].abstract_syntax == CTImageStorage and duplicate[0].scp_role is True

@@ -17,8 +17,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import Connection, exists, func, or_, select, update
 from sqlalchemy import delete as sql_delete
-from sqlalchemy import exists, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from dicomnode.archive import migrations, query, schema
@@ -276,27 +276,27 @@ class Archive:
     ) -> tuple[str, str]:
         """Index `stored`; returns the outcome and the blob path of the object it found."""
         now = datetime.now(UTC)
-        try:
-            with self.index.write() as conn:
-                existing = self.index.instance_row(conn, received.sop_instance_uid)
-                if existing is not None and existing.sha256 == received.sha256:
-                    return "duplicate", existing.blob_path
-                if existing is not None and policy == "reject":
-                    raise DuplicateConflict(
-                        f"SOP Instance {received.sop_instance_uid} is already stored with "
-                        "different content; the node's duplicate policy is 'reject'"
-                    )
-                series_pk = self.index.ensure_hierarchy(conn, received.header, now)
-                values = self.index.instance_values(received.header, series_pk, stored, source, now)
-                if existing is None:
-                    self.index.insert_instance(conn, values)
-                    return "stored", stored.blob_path
-                conn.execute(
-                    update(schema.instances)
-                    .where(schema.instances.c.id == existing.id)
-                    .values(**values)
+
+        def index_instance(conn: Connection) -> tuple[str, str]:
+            existing = self.index.instance_row(conn, received.sop_instance_uid)
+            if existing is not None and existing.sha256 == received.sha256:
+                return "duplicate", existing.blob_path
+            if existing is not None and policy == "reject":
+                raise DuplicateConflict(
+                    f"SOP Instance {received.sop_instance_uid} is already stored with "
+                    "different content; the node's duplicate policy is 'reject'"
                 )
-                return "replaced", existing.blob_path
+            series_pk = self.index.ensure_hierarchy(conn, received.header, now)
+            values = self.index.instance_values(received.header, series_pk, stored, source, now)
+            if existing is None:
+                self.index.insert_instance(conn, values)
+                return "stored", stored.blob_path
+            row = schema.instances.c.id == existing.id
+            conn.execute(update(schema.instances).where(row).values(**values))
+            return "replaced", existing.blob_path
+
+        try:
+            return self.index.write_grouped(index_instance)
         except IntegrityError:
             # Another writer filed the same SOP Instance UID between our check and our insert.
             with self.index.read() as conn:

@@ -6,8 +6,10 @@ DBAPI cursor: SQLAlchemy's per-execution work costs more than SQLite's.
 
 SQLite runs in WAL mode with synchronous=FULL, so a commit is durable when it returns;
 writers in one process take a lock so that they queue instead of failing with "database is
-locked". PostgreSQL needs neither: concurrent inserts of the same patient, study or series
-are resolved by INSERT ... ON CONFLICT DO NOTHING on both back ends.
+locked", and the writes of received objects that queued while one commit was being synced
+go in together, in one transaction with one sync (`Index.write_grouped`, group commit).
+PostgreSQL needs neither: concurrent inserts of the same patient, study or series are
+resolved by INSERT ... ON CONFLICT DO NOTHING on both back ends.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from pydicom.dataset import Dataset
 from sqlalchemy import (
@@ -131,6 +133,19 @@ def level_values(level: Level, ds: Dataset) -> dict[str, Any]:
     return {a.column: normalized_value(a, ds) for a in ATTRIBUTES_BY_LEVEL[level]}
 
 
+T = TypeVar("T")
+
+
+class _QueuedWrite:
+    """One caller's part of a group commit: its work, then its result or its error."""
+
+    def __init__(self, work: Callable[[Connection], Any]) -> None:
+        self.work = work
+        self.done = False
+        self.value: Any = None
+        self.error: BaseException | None = None
+
+
 class _InstanceRow(NamedTuple):
     id: int
     sha256: str
@@ -144,6 +159,8 @@ class Index:
         self.engine = engine
         self.is_sqlite = engine.dialect.name == "sqlite"
         self._write_lock = threading.Lock() if self.is_sqlite else contextlib.nullcontext()
+        self._queued: list[_QueuedWrite] = []
+        self._queued_lock = threading.Lock()
         self._touched: dict[int, float] = {}  # series pk -> when this process last touched it
         dialect = engine.dialect
         self._instance_by_uid = Prepared(_INSTANCE_BY_UID, dialect)
@@ -161,6 +178,55 @@ class Index:
             conn.begin(),
         ):
             yield conn
+
+    def write_grouped(self, work: Callable[[Connection], T]) -> T:
+        """`work(conn)` in a write transaction that is committed before this returns, possibly
+        together with the work of other threads that waited meanwhile (on SQLite, whose writers
+        queue for one lock: one commit, one sync, for all of them). Each caller's work runs in
+        a savepoint of its own when there are several, so its error rolls back only its own
+        writes and is raised to that caller; a failed commit is raised to every caller."""
+        if not self.is_sqlite:
+            with self.write() as conn:
+                return work(conn)
+        queued = _QueuedWrite(work)
+        with self._queued_lock:
+            self._queued.append(queued)
+        with self._write_lock:  # the holder commits everything queued so far
+            if not queued.done:
+                with self._queued_lock:
+                    batch, self._queued = self._queued, []
+                self._commit_batch(batch)
+        if queued.error is not None:
+            raise queued.error
+        return queued.value  # type: ignore[no-any-return]
+
+    def _commit_batch(self, batch: list[_QueuedWrite]) -> None:
+        try:
+            with (
+                self.engine.connect().execution_options(sqlite_begin="IMMEDIATE") as conn,
+                conn.begin(),
+            ):
+                if len(batch) == 1:
+                    batch[0].value = batch[0].work(conn)
+                else:  # savepoints straight on the driver: SQLAlchemy's cost more than SQLite's
+                    cursor = conn.connection.dbapi_connection.cursor()
+                    for queued in batch:
+                        cursor.execute("SAVEPOINT queued_write")
+                        try:
+                            queued.value = queued.work(conn)
+                        except Exception as e:  # raised to its own caller, the others go on
+                            cursor.execute("ROLLBACK TO queued_write")
+                            queued.error = e
+                        cursor.execute("RELEASE queued_write")
+        except BaseException as e:
+            for queued in batch:
+                queued.error = queued.error or e
+                queued.value = None
+            if not isinstance(e, Exception):
+                raise
+        finally:
+            for queued in batch:
+                queued.done = True
 
     def serialize(self, conn: Connection, key: int) -> None:
         """Make this write transaction the only one holding `key` until it ends: a check then
@@ -247,8 +313,10 @@ class Index:
         moment = time.monotonic()
         if moment - self._touched.get(series_pk, -TOUCH_SECONDS) < TOUCH_SECONDS:
             return
-        self._touch_series.run(conn, {"pk_": series_pk, "now_": now})
+        # the study before the series, as when a series is created: writers that take row
+        # locks in one order cannot deadlock (PostgreSQL)
         self._touch_study.run(conn, {"pk_": study_pk, "now_": now})
+        self._touch_series.run(conn, {"pk_": series_pk, "now_": now})
         if len(self._touched) > 10_000:
             self._touched.clear()
         self._touched[series_pk] = moment

@@ -16,11 +16,23 @@ Attributes the index does not hold are returned empty, as PS3.4 allows.
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, Select, and_, distinct, exists, func, or_, select
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Select,
+    and_,
+    bindparam,
+    distinct,
+    exists,
+    func,
+    or_,
+    select,
+)
 
 from dicomnode.archive import schema
 from dicomnode.archive.attributes import (
@@ -195,6 +207,57 @@ def search(conn: Connection, query: Query) -> list[dict[str, Any]]:
     return rows
 
 
+_st, _se, _i = schema.studies, schema.series, schema.instances
+# Outer joins, so that one query counts every level below its owner (DISTINCT skips NULLs).
+_BELOW_STUDY = _st.outerjoin(_se, _se.c.study_pk == _st.c.id).outerjoin(
+    _i, _i.c.series_pk == _se.c.id
+)
+# owning level -> (grouping column, joined tables); keyword -> counted column
+_COUNT_GROUPS = {
+    Level.PATIENT: (_st.c.patient_pk, _BELOW_STUDY),
+    Level.STUDY: (_st.c.id, _BELOW_STUDY),
+    Level.SERIES: (_se.c.id, _se.outerjoin(_i, _i.c.series_pk == _se.c.id)),
+}
+_COUNTED = {
+    "NumberOfPatientRelatedStudies": _st.c.id,
+    "NumberOfPatientRelatedSeries": _se.c.id,
+    "NumberOfPatientRelatedInstances": _i.c.id,
+    "NumberOfStudyRelatedSeries": _se.c.id,
+    "NumberOfStudyRelatedInstances": _i.c.id,
+    "NumberOfSeriesRelatedInstances": _i.c.id,
+}
+_STUDY_INSTANCES = _st.join(_se, _se.c.study_pk == _st.c.id).join(_i, _i.c.series_pk == _se.c.id)
+_LISTS = {"SOPClassesInStudy": (_i.c.sop_class_uid, _STUDY_INSTANCES)}
+
+
+@functools.cache
+def _counts_statement(level: Level, keys: tuple[str, ...], by_modality: bool) -> Select:
+    """Counts of `keys` per entity of `level` among the pks bound as `pks` (with a study's
+    modalities, one group per modality). Built once per shape: a statement used again also
+    skips SQLAlchemy's cache-key work."""
+    group, joined = _COUNT_GROUPS[level]
+    groups = (group, _se.c.modality) if by_modality else (group,)
+    return (
+        select(*groups, *(func.count(distinct(_COUNTED[k])) for k in keys))
+        .select_from(joined)
+        .where(group.in_(bindparam("pks", expanding=True)))
+        .group_by(*groups)
+    )
+
+
+@functools.cache
+def _list_statement(key: str) -> Select:
+    """The distinct values of a list attribute (SOPClassesInStudy) per study in `pks`."""
+    column, joined = _LISTS[key]
+    return (
+        select(_st.c.id, column)
+        .select_from(joined)
+        .where(_st.c.id.in_(bindparam("pks", expanding=True)), column.is_not(None))
+        .distinct()
+        .order_by(_st.c.id, column)
+    )
+
+
 def _fill_computed(conn: Connection, rows: list[dict[str, Any]], keys: list[str]) -> None:
     """Fill the computed attributes of one page of rows: one grouped query for the counts of
     a level (a study's modalities with its counts), one for SOPClassesInStudy.
@@ -202,29 +265,9 @@ def _fill_computed(conn: Connection, rows: list[dict[str, Any]], keys: list[str]
     Each attribute belongs to a level (COMPUTED) and is looked up by the row's key at that level,
     so a study's NumberOfPatientRelatedStudies is its patient's count.
     """
-    st, se, i = schema.studies, schema.series, schema.instances
-    study_series = st.join(se, se.c.study_pk == st.c.id)
-    study_instances = study_series.join(i, i.c.series_pk == se.c.id)
-    # Outer joins, so that one query counts every level below its owner (DISTINCT skips NULLs).
-    below_study = st.outerjoin(se, se.c.study_pk == st.c.id).outerjoin(i, i.c.series_pk == se.c.id)
-    # owning level -> (grouping column, joined tables); keyword -> counted column
-    count_groups = {
-        Level.PATIENT: (st.c.patient_pk, below_study),
-        Level.STUDY: (st.c.id, below_study),
-        Level.SERIES: (se.c.id, se.outerjoin(i, i.c.series_pk == se.c.id)),
-    }
-    counted = {
-        "NumberOfPatientRelatedStudies": st.c.id,
-        "NumberOfPatientRelatedSeries": se.c.id,
-        "NumberOfPatientRelatedInstances": i.c.id,
-        "NumberOfStudyRelatedSeries": se.c.id,
-        "NumberOfStudyRelatedInstances": i.c.id,
-        "NumberOfSeriesRelatedInstances": i.c.id,
-    }
-    lists = {"SOPClassesInStudy": (i.c.sop_class_uid, study_instances)}
     with_modalities = "ModalitiesInStudy" in keys
-    for level, (group, joined) in count_groups.items():
-        level_keys = [k for k in keys if k in counted and COMPUTED[k] == level]
+    for level in _COUNT_GROUPS:
+        level_keys = tuple(k for k in keys if k in _COUNTED and COMPUTED[k] == level)
         # A study's modalities come with its counts: grouped by study and modality, the counts
         # of one study's groups add up (a series has one modality).
         by_modality = level == Level.STUDY and with_modalities
@@ -232,16 +275,10 @@ def _fill_computed(conn: Connection, rows: list[dict[str, Any]], keys: list[str]
             continue
         owner = _PK_LABEL[level]
         pks = sorted({r[owner] for r in rows})
-        groups = (group, se.c.modality) if by_modality else (group,)
-        statement = (
-            select(*groups, *(func.count(distinct(counted[k])) for k in level_keys))
-            .select_from(joined)
-            .where(group.in_(pks))
-            .group_by(*groups)
-        )
+        statement = _counts_statement(level, level_keys, by_modality)
         totals: dict[int, list[int]] = {}
         modalities: dict[int, list[str]] = defaultdict(list)
-        for pk, *values in conn.execute(statement):
+        for pk, *values in conn.execute(statement, {"pks": pks}):
             if by_modality:
                 modality, *values = values
                 if modality is not None:
@@ -256,21 +293,13 @@ def _fill_computed(conn: Connection, rows: list[dict[str, Any]], keys: list[str]
             if by_modality:
                 row["ModalitiesInStudy"] = "\\".join(sorted(modalities.get(row[owner], []))) or None
     for key in keys:
-        if key in counted or key == "ModalitiesInStudy":
+        if key in _COUNTED or key == "ModalitiesInStudy":
             continue
         owner = _PK_LABEL[COMPUTED[key]]
-        if key in lists:
-            column, joined = lists[key]
+        if key in _LISTS:
             pks = sorted({r[owner] for r in rows})
-            statement = (
-                select(st.c.id, column)
-                .select_from(joined)
-                .where(st.c.id.in_(pks), column.is_not(None))
-                .distinct()
-                .order_by(st.c.id, column)
-            )
             collected: dict[int, list[str]] = defaultdict(list)
-            for pk, value in conn.execute(statement):
+            for pk, value in conn.execute(_list_statement(key), {"pks": pks}):
                 collected[pk].append(value)
             found_list = {pk: "\\".join(v) for pk, v in collected.items()}
             for row in rows:

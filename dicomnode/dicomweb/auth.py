@@ -40,6 +40,8 @@ SCOPES = (
 ALGORITHMS = ["RS256", "RS384", "RS512", "PS256", "ES256", "ES384"]
 JWKS_REFRESH_SECONDS = 300  # the provider's key set is re-read this often
 JWKS_MIN_REFETCH_SECONDS = 30  # and at most this often when a token names an unknown key
+VERIFIED_TOKEN_SECONDS = 60  # a verified token is trusted again for this long (never past exp)
+VERIFIED_TOKENS_KEPT = 4096
 
 
 class AuthError(Exception):
@@ -102,6 +104,10 @@ class TokenVerifier:
         self._remote: KeySet | None = None
         self._remote_fetched = 0.0
         self._lock = threading.Lock()
+        # token -> (its principal, until when it is trusted without verifying it again): a
+        # viewer sends the same token with every request, and its signature check (RSA)
+        # costs more than a QIDO search
+        self._verified: dict[str, tuple[Principal, float]] = {}
 
     def _remote_keys(self, refresh: bool) -> KeySet:
         with self._lock:
@@ -128,6 +134,17 @@ class TokenVerifier:
         if scheme.lower() != "bearer" or not token.strip():
             raise AuthError("the Authorization header must be 'Bearer <token>'")
         token = token.strip()
+        known = self._verified.get(token)
+        if known is not None and time.time() < known[1]:
+            return known[0]
+        principal, expires = self._verify_token(token)
+        if len(self._verified) >= VERIFIED_TOKENS_KEPT:
+            self._verified.clear()
+        self._verified[token] = (principal, min(expires, time.time() + VERIFIED_TOKEN_SECONDS))
+        return principal
+
+    def _verify_token(self, token: str) -> tuple[Principal, float]:
+        """The principal of `token` and when it expires (with the leeway), or AuthError."""
         try:
             header = json.loads(_b64decode(token.split(".")[0]))
             unverified = json.loads(_b64decode(token.split(".")[1]))
@@ -160,7 +177,8 @@ class TokenVerifier:
             raise AuthError(f"the bearer token is not valid: {e.description or e.error}") from e
         claims = decoded.claims
         scopes = claims.get("scp") or str(claims.get("scope", "")).split()
-        return Principal(str(claims["sub"]), issuer, frozenset(scopes), purpose_of_use(claims))
+        principal = Principal(str(claims["sub"]), issuer, frozenset(scopes), purpose_of_use(claims))
+        return principal, float(claims["exp"]) + self.settings.leeway
 
 
 def purpose_of_use(claims: dict) -> str | None:
