@@ -20,6 +20,7 @@ from dicomnode.core.errors import DatasetMismatch, DicomnodeError, NotPermitted
 from dicomnode.core.metrics import Metrics
 from dicomnode.core.model import IngestResult, LedgerKind, Source
 from dicomnode.core.times import utc_now
+from dicomnode.core.turns import Turns
 from dicomnode.core.uids import validate_uid
 
 log = logging.getLogger("dicomnode.intake")
@@ -68,9 +69,11 @@ class Intake:
         source: Source,
         expected_study: str | None = None,
         duplicate_policy: str | None = None,
+        turn: tuple[Turns, int] | None = None,
     ) -> IngestResult:
         """File an object received as a DICOM Part 10 file (STOW-RS, imports); with
-        `expected_study`, refuse an object of another study (STOW-RS to /studies/{study})."""
+        `expected_study`, refuse an object of another study (STOW-RS to /studies/{study});
+        with `turn`, index it after the objects of the turns before it."""
         started = time.perf_counter()
         try:
             obj = received.from_part10(file_bytes)
@@ -81,7 +84,7 @@ class Intake:
         except DicomnodeError as e:
             self._refused(e, source, "")
             raise
-        return self._file(obj, source, started, duplicate_policy)
+        return self._file(obj, source, started, duplicate_policy, turn=turn)
 
     def _file(
         self,
@@ -90,6 +93,7 @@ class Intake:
         started: float,
         duplicate_policy: str | None = None,
         later: list[Callable[[], None]] | None = None,
+        turn: tuple[Turns, int] | None = None,
     ) -> IngestResult:
         now = self.clock()
         policy = governance.policy_in_force(self.archive.registry.published_policies(), now)
@@ -130,7 +134,7 @@ class Intake:
                     obj, source, admission.reason, admission.rule_id, admission.policy_version
                 )
             else:
-                result = self.archive.store(obj, source, duplicate_policy)
+                result = self.archive.store(obj, source, duplicate_policy, turn)
         except DicomnodeError as e:
             self._refused(e, source, obj.sop_instance_uid)
             raise

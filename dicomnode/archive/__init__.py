@@ -44,6 +44,7 @@ from dicomnode.core.model import (
     StudyFacts,
 )
 from dicomnode.core.times import as_utc
+from dicomnode.core.turns import Turns
 
 log = logging.getLogger("dicomnode.archive")
 
@@ -120,7 +121,11 @@ class Archive:
         )
 
     def store(
-        self, received: ReceivedObject, source: Source, duplicate_policy: str | None = None
+        self,
+        received: ReceivedObject,
+        source: Source,
+        duplicate_policy: str | None = None,
+        turn: tuple[Turns, int] | None = None,
     ) -> IngestResult:
         """File `received`: durable blob, then index rows in one transaction.
 
@@ -128,6 +133,7 @@ class Archive:
         SOP Instance UID raises DuplicateConflict, or replaces it when the policy says "replace".
         The blob is written before the index is asked: its name carries the content hash, so an
         identical re-send rewrites the same bytes and any other object gets a file of its own.
+        With `turn`, the index rows are written after those of the turns before it.
         """
         blob_path = self._blob_path(received)
         stored = self._stored(received, blob_path)
@@ -135,7 +141,7 @@ class Archive:
         self._write_blob(received, blob_path)
         policy = duplicate_policy or self.duplicate_policy
         try:
-            outcome, previous_path = self._index(received, stored, source, policy)
+            outcome, previous_path = self._index(received, stored, source, policy, turn)
         except BaseException:
             if not self._is_indexed_blob(blob_path):
                 self.blobs.delete(blob_path)
@@ -272,7 +278,12 @@ class Archive:
         return self.blobs.absolute(held.blob_path)
 
     def _index(
-        self, received: ReceivedObject, stored: StoredInstance, source: Source, policy: str
+        self,
+        received: ReceivedObject,
+        stored: StoredInstance,
+        source: Source,
+        policy: str,
+        turn: tuple[Turns, int] | None,
     ) -> tuple[str, str]:
         """Index `stored`; returns the outcome and the blob path of the object it found."""
         now = datetime.now(UTC)
@@ -296,7 +307,7 @@ class Archive:
             return "replaced", existing.blob_path
 
         try:
-            return self.index.write_grouped(index_instance)
+            return self.index.write_grouped(index_instance, turn)
         except IntegrityError:
             # Another writer filed the same SOP Instance UID between our check and our insert.
             with self.index.read() as conn:
