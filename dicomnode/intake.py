@@ -20,7 +20,7 @@ from dicomnode.core.errors import DatasetMismatch, DicomnodeError, NotPermitted
 from dicomnode.core.metrics import Metrics
 from dicomnode.core.model import IngestResult, LedgerKind, Source
 from dicomnode.core.times import utc_now
-from dicomnode.core.turns import Turns
+from dicomnode.core.turns import ANY_TIME, Turn
 from dicomnode.core.uids import validate_uid
 
 log = logging.getLogger("dicomnode.intake")
@@ -69,11 +69,11 @@ class Intake:
         source: Source,
         expected_study: str | None = None,
         duplicate_policy: str | None = None,
-        turn: tuple[Turns, int] | None = None,
+        turn: Turn = ANY_TIME,
     ) -> IngestResult:
         """File an object received as a DICOM Part 10 file (STOW-RS, imports); with
         `expected_study`, refuse an object of another study (STOW-RS to /studies/{study});
-        with `turn`, index it after the objects of the turns before it."""
+        it is indexed after the objects of the turns before `turn`."""
         started = time.perf_counter()
         try:
             obj = received.from_part10(file_bytes)
@@ -93,7 +93,7 @@ class Intake:
         started: float,
         duplicate_policy: str | None = None,
         later: list[Callable[[], None]] | None = None,
-        turn: tuple[Turns, int] | None = None,
+        turn: Turn = ANY_TIME,
     ) -> IngestResult:
         now = self.clock()
         policy = governance.policy_in_force(self.archive.registry.published_policies(), now)

@@ -11,12 +11,13 @@ from dicomnode.core.turns import Turns
 def test_turns_are_taken_in_order_whatever_order_the_threads_come_in():
     turns, order = Turns(), []
 
-    def take(turn: int) -> None:
-        turns.wait(turn)
-        order.append(turn)
-        turns.passed(turn)
+    def take(number: int) -> None:
+        turn = turns.turn(number)
+        turn.wait()
+        order.append(number)
+        turn.passed()
 
-    threads = [threading.Thread(target=take, args=(turn,)) for turn in reversed(range(8))]
+    threads = [threading.Thread(target=take, args=(number,)) for number in reversed(range(8))]
     for thread in threads:  # turn 7 starts first and waits for the other seven
         thread.start()
     for thread in threads:
@@ -26,13 +27,13 @@ def test_turns_are_taken_in_order_whatever_order_the_threads_come_in():
 
 def test_a_turn_that_passes_without_waiting_lets_the_next_one_go_only_after_those_before():
     turns = Turns()
-    turns.passed(1)  # turn 1 failed early; turn 2 must still wait for turn 0
-    waiting = threading.Thread(target=turns.wait, args=(2,))
+    turns.turn(1).passed()  # turn 1 failed early; turn 2 must still wait for turn 0
+    waiting = threading.Thread(target=turns.turn(2).wait)
     waiting.start()
     waiting.join(0.2)
     assert waiting.is_alive()
-    turns.passed(0)
+    turns.turn(0).passed()
     waiting.join(10)
     assert not waiting.is_alive()
-    turns.passed(0)  # passing twice is harmless
-    turns.wait(2)
+    turns.turn(0).passed()  # passing twice is harmless
+    turns.turn(2).wait()

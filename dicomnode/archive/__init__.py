@@ -44,7 +44,7 @@ from dicomnode.core.model import (
     StudyFacts,
 )
 from dicomnode.core.times import as_utc
-from dicomnode.core.turns import Turns
+from dicomnode.core.turns import ANY_TIME, Turn
 
 log = logging.getLogger("dicomnode.archive")
 
@@ -125,7 +125,7 @@ class Archive:
         received: ReceivedObject,
         source: Source,
         duplicate_policy: str | None = None,
-        turn: tuple[Turns, int] | None = None,
+        turn: Turn = ANY_TIME,
     ) -> IngestResult:
         """File `received`: durable blob, then index rows in one transaction.
 
@@ -133,7 +133,7 @@ class Archive:
         SOP Instance UID raises DuplicateConflict, or replaces it when the policy says "replace".
         The blob is written before the index is asked: its name carries the content hash, so an
         identical re-send rewrites the same bytes and any other object gets a file of its own.
-        With `turn`, the index rows are written after those of the turns before it.
+        The index rows are written after those of the turns before `turn`.
         """
         blob_path = self._blob_path(received)
         stored = self._stored(received, blob_path)
@@ -283,7 +283,7 @@ class Archive:
         stored: StoredInstance,
         source: Source,
         policy: str,
-        turn: tuple[Turns, int] | None,
+        turn: Turn,
     ) -> tuple[str, str]:
         """Index `stored`; returns the outcome and the blob path of the object it found."""
         now = datetime.now(UTC)

@@ -38,7 +38,7 @@ from dicomnode.archive import schema
 from dicomnode.archive.attributes import ATTRIBUTES_BY_LEVEL, INDEXED, IndexedAttribute
 from dicomnode.core.errors import DatasetMismatch
 from dicomnode.core.model import Level, Source, StoredInstance
-from dicomnode.core.turns import Turns
+from dicomnode.core.turns import ANY_TIME, Turn
 
 # Statements of the ingest hot path, built once (building them costs more than running them).
 _SERIES_BY_UID = select(schema.series.c.id, schema.series.c.study_pk).where(
@@ -180,33 +180,26 @@ class Index:
         ):
             yield conn
 
-    def write_grouped(
-        self, work: Callable[[Connection], T], turn: tuple[Turns, int] | None = None
-    ) -> T:
+    def write_grouped(self, work: Callable[[Connection], T], turn: Turn = ANY_TIME) -> T:
         """`work(conn)` in a write transaction that is committed before this returns, possibly
         together with the work of other threads that waited meanwhile (on SQLite, whose writers
         queue for one lock: one commit, one sync, for all of them). Each caller's work runs in
         a savepoint of its own when there are several, so its error rolls back only its own
         writes and is raised to that caller; a failed commit is raised to every caller.
-        With `turn` (turns, k), the work is queued (so also committed) after that of turns
-        before k."""
-        if turn is not None:
-            turn[0].wait(turn[1])
+        The work is queued (so its rows are written) after that of the turns before `turn`."""
+        turn.wait()
         if not self.is_sqlite:
             try:
                 with self.write() as conn:
                     value = work(conn)
-                    if turn is not None:  # our rows have their ids: the next may insert
-                        turn[0].passed(turn[1])
+                    turn.passed()  # our rows have their ids: the next turn may insert
                     return value
             finally:
-                if turn is not None:
-                    turn[0].passed(turn[1])
+                turn.passed()
         queued = _QueuedWrite(work)
         with self._queued_lock:
             self._queued.append(queued)
-        if turn is not None:
-            turn[0].passed(turn[1])
+        turn.passed()
         with self._write_lock:  # the holder commits everything queued so far
             if not queued.done:
                 with self._queued_lock:

@@ -67,15 +67,15 @@ def store(study: str | None = None) -> Response:
         """The IngestResult of one part, or the DicomnodeError that refused it."""
         number, part = numbered
         part_type = parse_options_header(part.content_type or "application/dicom")[0].lower()
+        turn = turns.turn(number - 1)
         try:
             if part_type != "application/dicom":
                 raise InvalidInput(f"part {number} is {part_type!r}, not application/dicom")
-            turn = (turns, number - 1)
             return intake.receive_part10(part.read(), source, expected_study=study, turn=turn)
         except DicomnodeError as e:
             return e
         finally:
-            turns.passed(number - 1)  # also when it failed before its index write
+            turn.passed()  # also when it failed before its index write
 
     numbered = list(enumerate(parts, start=1))
     if len(parts) == 1:
