@@ -16,6 +16,7 @@ from typing import Any
 
 from dicomnode import governance
 from dicomnode.archive import Archive, received
+from dicomnode.archive.blobs import PendingBlob
 from dicomnode.core.errors import DatasetMismatch, DicomnodeError, NotPermitted
 from dicomnode.core.metrics import Metrics
 from dicomnode.core.model import IngestResult, LedgerKind, Source
@@ -50,18 +51,29 @@ class Intake:
         source: Source,
         later: list[Callable[[], None]] | None = None,
     ) -> IngestResult:
-        """File an object received by C-STORE. With `later`, what only reports the filing
-        (metrics, the log line, the subscribers) is appended to it instead of done here, for
-        the caller to run once the sender has its answer."""
+        """File an object received by C-STORE. Its bytes go to disk while they are parsed
+        and judged, and are put in place only if it is filed. With `later`, what only reports
+        the filing (metrics, the log line, the subscribers) is appended to it instead of done
+        here, for the caller to run once the sender has its answer."""
         started = time.perf_counter()
+        blob = None
         try:
+            file_meta = received.dimse_file_meta(
+                transfer_syntax_uid, sop_class_uid, sop_instance_uid
+            )
+            blob = self.archive.begin_blob([file_meta, dataset_bytes])
             obj = received.from_dimse(
-                dataset_bytes, transfer_syntax_uid, sop_class_uid, sop_instance_uid
+                file_meta, dataset_bytes, transfer_syntax_uid, sop_class_uid, sop_instance_uid
             )
         except DicomnodeError as e:
+            if blob is not None:
+                blob.abandon()
             self._refused(e, source, sop_instance_uid)
             raise
-        return self._file(obj, source, started, later=later)
+        try:
+            return self._file(obj, source, started, later=later, blob=blob)
+        finally:
+            blob.abandon()  # unless it was filed
 
     def receive_part10(
         self,
@@ -94,6 +106,7 @@ class Intake:
         duplicate_policy: str | None = None,
         later: list[Callable[[], None]] | None = None,
         turn: Turn = ANY_TIME,
+        blob: PendingBlob | None = None,
     ) -> IngestResult:
         now = self.clock()
         policy = governance.policy_in_force(self.archive.registry.published_policies(), now)
@@ -131,10 +144,15 @@ class Intake:
                 )
             if admission.action == "hold":
                 result = self.archive.hold(
-                    obj, source, admission.reason, admission.rule_id, admission.policy_version
+                    obj,
+                    source,
+                    admission.reason,
+                    admission.rule_id,
+                    admission.policy_version,
+                    blob=blob,
                 )
             else:
-                result = self.archive.store(obj, source, duplicate_policy, turn)
+                result = self.archive.store(obj, source, duplicate_policy, turn, blob=blob)
         except DicomnodeError as e:
             self._refused(e, source, obj.sop_instance_uid)
             raise

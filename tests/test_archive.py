@@ -175,6 +175,44 @@ def test_index_failure_leaves_no_blob_and_no_row(archive, tmp_path, monkeypatch)
     assert archive.counts()["instances"] == 0
 
 
+def file_paths(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+def test_a_begun_blob_is_visible_only_once_placed_and_abandoning_it_leaves_nothing(archive):
+    """C-STORE writes an object's bytes before parsing them (`begin_blob`); until `place`
+    they are a temporary file only, and an object refused meanwhile leaves no trace."""
+    blobs = archive.blobs.root
+    placed = archive.begin_blob([b"first ", b"blob"])
+    assert [p.parent.name for p in file_paths(blobs)] == ["tmp"]
+    placed.place("1.2/3.4/5.6.dcm")
+    assert file_paths(blobs) == [blobs / "1.2/3.4/5.6.dcm"]
+    assert (blobs / "1.2/3.4/5.6.dcm").read_bytes() == b"first blob"
+    placed.abandon()  # after placing: a no-op
+    assert (blobs / "1.2/3.4/5.6.dcm").exists()
+    with pytest.raises(ValueError):
+        placed.place("1.2/3.4/7.8.dcm")
+
+    refused = archive.begin_blob([b"refused"])
+    refused.abandon()
+    refused.abandon()
+    assert file_paths(blobs) == [blobs / "1.2/3.4/5.6.dcm"]
+
+
+def test_a_blob_that_cannot_be_placed_leaves_no_temporary_file(archive, monkeypatch):
+    from dicomnode.archive import blobs as blob_module
+    from dicomnode.core.errors import StorageUnavailable
+
+    def disk_failure(_fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(blob_module, "_sync_data", disk_failure)
+    with pytest.raises(StorageUnavailable):
+        archive.store(from_part10(part10(make_ct())), SENDER)
+    assert file_paths(archive.blobs.root) == []
+    assert archive.counts()["instances"] == 0
+
+
 def test_leftovers_of_an_interrupted_write_are_discarded_at_start(tmp_path, database_url):
     Archive(tmp_path / "data", database_url).close()
     leftover = tmp_path / "data" / "blobs" / "tmp" / "abc.part"

@@ -18,6 +18,7 @@ import subprocess
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from time import sleep
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -25,6 +26,7 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, StoragePresentationContexts, evt
 
 from dicomnode.config import Peer
 from dicomnode.core.model import Level
@@ -681,6 +683,62 @@ def test_movescu_decompresses_for_a_storescp_without_codecs(start_node, storescp
     # the archive still holds them compressed, as received
     again = node.archive.find_instances(Level.IMAGE, ())
     assert sorted(i.transfer_syntax_uid for i in again) == sorted(BUNDLED[n] for n in names)
+
+
+class FlakyDestination:
+    """A move destination (a pynetdicom storage SCP) that, the first time it is sent
+    `flaky_uid`, either drops the association or answers only after `stall` seconds."""
+
+    def __init__(self, flaky_uid: str, how: str, stall: float = 0.0) -> None:
+        self.flaky_uid, self.how, self.stall = flaky_uid, how, stall
+        self.received: list[str] = []  # SOP Instance UIDs, in arrival order
+        ae = AE("FLAKY")
+        ae.supported_contexts = StoragePresentationContexts
+        handlers = [(evt.EVT_C_STORE, self.on_store)]
+        self.server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=handlers)
+        self.peer = Peer("flaky", "FLAKY", "127.0.0.1", self.server.server_address[1], ("store",))
+
+    def on_store(self, event: evt.Event) -> int:
+        uid = event.request.AffectedSOPInstanceUID
+        first_time = uid not in self.received
+        self.received.append(uid)
+        if uid == self.flaky_uid and first_time:
+            if self.how == "drops the association":
+                event.assoc.abort()
+            else:
+                sleep(self.stall)
+        return 0x0000
+
+    def stop(self) -> None:
+        self.server.shutdown()
+
+
+@pytest.mark.parametrize("how", ["drops the association", "answers too late"])
+def test_a_lost_move_sub_operation_is_resent_on_a_new_association(start_node, tmp_path, how):
+    """A C-STORE sub-operation whose response does not come (the destination dropped the
+    association, or did not answer within dimse.store_timeout) is sent again on a new
+    association; the move then completes with no failure and the rest follow."""
+    sample = write_sample(tmp_path / "sample")
+    ct_files = sample.files["A1-CT"]
+    flaky_uid = pydicom.dcmread(ct_files[1]).SOPInstanceUID
+    destination = FlakyDestination(flaky_uid, how, stall=4.0)
+    try:
+        node = start_node(peers(destination.peer), store_timeout=1.5)
+        assert storescu(node, tmp_path / "sample").process.returncode == 0
+
+        moved = movescu(
+            node, "-S", "SERIES", f"StudyInstanceUID={sample.studies['A1']}",
+            f"SeriesInstanceUID={sample.series['A1-CT']}", to="FLAKY",
+        )  # fmt: skip
+    finally:
+        destination.stop()
+
+    assert moved.final_status == SUCCESS, moved.output
+    assert moved.suboperations("Completed") == 3
+    assert moved.suboperations("Failed") == 0
+    expected = sorted(pydicom.dcmread(f).SOPInstanceUID for f in ct_files)
+    assert sorted(set(destination.received)) == expected
+    assert destination.received.count(flaky_uid) == 2, destination.received
 
 
 def test_getscu_study(start_node, tmp_path):

@@ -12,6 +12,7 @@ import logging
 import shutil
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,7 +23,7 @@ from sqlalchemy import delete as sql_delete
 from sqlalchemy.exc import IntegrityError
 
 from dicomnode.archive import migrations, query, schema
-from dicomnode.archive.blobs import FileBlobStore
+from dicomnode.archive.blobs import FileBlobStore, PendingBlob
 from dicomnode.archive.index import Index, create_index_engine
 from dicomnode.archive.ledger import Ledger
 from dicomnode.archive.received import ReceivedObject, dataset_sha256
@@ -99,6 +100,7 @@ class Archive:
             log.warning("discarded %d partial blob writes left by an interrupted run", removed)
 
     def close(self) -> None:
+        self.index.close()
         self.engine.dispose()
 
     def _blob_path(self, received: ReceivedObject) -> str:
@@ -126,6 +128,7 @@ class Archive:
         source: Source,
         duplicate_policy: str | None = None,
         turn: Turn = ANY_TIME,
+        blob: PendingBlob | None = None,
     ) -> IngestResult:
         """File `received`: durable blob, then index rows in one transaction.
 
@@ -133,12 +136,12 @@ class Archive:
         SOP Instance UID raises DuplicateConflict, or replaces it when the policy says "replace".
         The blob is written before the index is asked: its name carries the content hash, so an
         identical re-send rewrites the same bytes and any other object gets a file of its own.
-        The index rows are written after those of the turns before `turn`.
+        `blob` is its write begun earlier (`begin_blob`). The index rows are written after those
+        of the turns before `turn`.
         """
         blob_path = self._blob_path(received)
         stored = self._stored(received, blob_path)
-        self.check_capacity(received.size)
-        self._write_blob(received, blob_path)
+        self._place(blob or self.begin_blob(received.file_chunks), blob_path)
         policy = duplicate_policy or self.duplicate_policy
         try:
             outcome, previous_path = self._index(received, stored, source, policy, turn)
@@ -156,10 +159,17 @@ class Archive:
             self._count_stored(received.size)
         return IngestResult(stored, outcome, header=received.header)
 
-    def _write_blob(self, received: ReceivedObject, blob_path: str) -> None:
-        """The blob of `received` at `blob_path`, durably."""
+    def begin_blob(self, chunks: Sequence[bytes]) -> PendingBlob:
+        """Start writing an object's file (`chunks`, e.g. its File Meta group and data set,
+        parsed or not yet) durably to a temporary file, once the archive's quota and the disk's
+        free space allow it (QuotaExceeded)."""
+        self.check_capacity(sum(len(chunk) for chunk in chunks))
+        return self.blobs.begin(chunks)
+
+    def _place(self, blob: PendingBlob, blob_path: str) -> None:
+        """The begun write `blob` at `blob_path`, durably."""
         try:
-            self.blobs.write(blob_path, [received.file_meta_bytes, received.dataset_bytes])
+            blob.place(blob_path)
         except OSError as e:
             raise StorageUnavailable(f"cannot write the blob: {e}") from e
 
@@ -233,14 +243,19 @@ class Archive:
                 self._usage = (self._usage[0], self._usage[1] + size)
 
     def hold(
-        self, received: ReceivedObject, source: Source, reason: str, rule_id: str, version: str
+        self,
+        received: ReceivedObject,
+        source: Source,
+        reason: str,
+        rule_id: str,
+        version: str,
+        blob: PendingBlob | None = None,
     ) -> IngestResult:
         """File `received` aside, not indexed (so nothing can find, send or analyse it) until
         it is released into the archive or discarded; the first object held for a study and
         reason is a ledger entry. The outcome is "held"."""
         blob_path = HELD_PREFIX + self._blob_path(received)
-        self.check_capacity(received.size)
-        self._write_blob(received, blob_path)
+        self._place(blob or self.begin_blob(received.file_chunks), blob_path)
         held = HeldObject(
             sop_instance_uid=received.sop_instance_uid,
             sop_class_uid=received.sop_class_uid,

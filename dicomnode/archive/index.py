@@ -169,16 +169,40 @@ class Index:
         self._touch_series = Prepared(_TOUCH_SERIES, dialect)
         self._touch_study = Prepared(_TOUCH_STUDY, dialect)
         self._inserts: dict[tuple[str, ...], Prepared] = {}
+        self._sqlite_writer: Connection | None = None  # used only by the write lock's holder
+
+    def close(self) -> None:
+        with self._write_lock:
+            if self._sqlite_writer is not None:
+                self._sqlite_writer.close()
+                self._sqlite_writer = None
 
     @contextlib.contextmanager
     def write(self) -> Iterator[Connection]:
         """A write transaction, committed on exit."""
-        with (
-            self._write_lock,
-            self.engine.connect().execution_options(sqlite_begin="IMMEDIATE") as conn,
-            conn.begin(),
-        ):
+        if not self.is_sqlite:
+            with self.engine.connect() as conn, conn.begin():
+                yield conn
+            return
+        with self._write_lock, self._writer_transaction() as conn:
             yield conn
+
+    @contextlib.contextmanager
+    def _writer_transaction(self) -> Iterator[Connection]:
+        """A write transaction on SQLite's one writing connection, which stays open between
+        transactions (a checkout from the pool costs more than a small insert); after a
+        failed transaction it is replaced. The caller holds the write lock."""
+        conn = self._sqlite_writer
+        if conn is None:
+            conn = self.engine.connect().execution_options(sqlite_begin="IMMEDIATE")
+            self._sqlite_writer = conn
+        try:
+            with conn.begin():
+                yield conn
+        except BaseException:
+            self._sqlite_writer = None
+            conn.close()
+            raise
 
     def write_grouped(self, work: Callable[[Connection], T], turn: Turn = ANY_TIME) -> T:
         """`work(conn)` in a write transaction that is committed before this returns, possibly
@@ -211,10 +235,7 @@ class Index:
 
     def _commit_batch(self, batch: list[_QueuedWrite]) -> None:
         try:
-            with (
-                self.engine.connect().execution_options(sqlite_begin="IMMEDIATE") as conn,
-                conn.begin(),
-            ):
+            with self._writer_transaction() as conn:
                 if len(batch) == 1:
                     batch[0].value = batch[0].work(conn)
                 else:  # savepoints straight on the driver: SQLAlchemy's cost more than SQLite's

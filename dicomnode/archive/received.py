@@ -52,6 +52,11 @@ class ReceivedObject:
     def size(self) -> int:
         return len(self.file_meta_bytes) + len(self.dataset_bytes)
 
+    @property
+    def file_chunks(self) -> list[bytes]:
+        """The stored file's bytes: the File Meta group, then the data set."""
+        return [self.file_meta_bytes, self.dataset_bytes]
+
 
 def _element(element: int, vr: bytes, value: bytes) -> bytes:
     """One explicit VR little endian element of group 0002."""
@@ -176,17 +181,29 @@ def _build(file_meta_bytes: bytes, dataset_bytes: bytes, ts: str) -> ReceivedObj
     )
 
 
+def dimse_file_meta(transfer_syntax_uid: str, sop_class_uid: str, sop_instance_uid: str) -> bytes:
+    """The preamble and File Meta group an object received by C-STORE is filed with, from its
+    command's UIDs and its presentation context's transfer syntax (each validated)."""
+    return _file_meta(
+        validate_uid(sop_class_uid, "AffectedSOPClassUID"),
+        validate_uid(sop_instance_uid, "AffectedSOPInstanceUID"),
+        validate_uid(transfer_syntax_uid, "TransferSyntaxUID"),
+    )
+
+
 def from_dimse(
+    file_meta_bytes: bytes,
     dataset_bytes: bytes,
     transfer_syntax_uid: str,
     sop_class_uid: str,
     sop_instance_uid: str,
 ) -> ReceivedObject:
-    """An object received by C-STORE: the encoded data set and what its command says."""
+    """An object received by C-STORE: the encoded data set, what its command says, and the
+    File Meta group `dimse_file_meta` made of that."""
     ts = validate_uid(transfer_syntax_uid, "TransferSyntaxUID")
     command_class = validate_uid(sop_class_uid, "AffectedSOPClassUID")
     command_instance = validate_uid(sop_instance_uid, "AffectedSOPInstanceUID")
-    received = _build(_file_meta(command_class, command_instance, ts), dataset_bytes, ts)
+    received = _build(file_meta_bytes, dataset_bytes, ts)
     if received.sop_instance_uid != command_instance:
         raise DatasetMismatch(
             f"SOPInstanceUID {received.sop_instance_uid} in the data set differs from "

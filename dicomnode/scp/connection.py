@@ -7,14 +7,18 @@ DIMSE message. A C-STORE therefore waits on up to three such sleeps (the request
 request served, the response sent), and on a busy machine each sleep lasts as long as the
 scheduler makes it. For every connection the node accepts or opens, `prepare` changes that:
 
-- the DUL thread waits in ``select`` on its socket and on a wake-up socket that is poked
-  whenever a primitive is queued for it, so it reads what arrives and sends what is queued at
-  once, and sleeps for real when there is nothing;
+- the DUL thread reads at once when bytes wait (a non-blocking peek), else waits in ``select``
+  on its socket and on a wake-up socket that is poked whenever a primitive is queued for it, so
+  it reads what arrives and sends what is queued at once, and sleeps for real when there is
+  nothing; its socket stays blocking with the network timeout set in the kernel, so a read is
+  one system call;
 - on an accepted association, C-STORE requests take a lane of their own (`_StoreLane`): the
-  DUL thread gathers the request's fragments itself, reads the few command fields it needs,
-  hands the data set to the node's store function at once and encodes the response directly,
-  without pynetdicom's DIMSE message and primitive objects, service class and events (which
-  cost more than filing the object). The peer waits for the response anyway: a C-STORE is
+  DUL thread reads each P-DATA-TF PDU of the established association itself (no PDU and
+  primitive objects, no state machine step: P-DATA in Sta6 leaves the state as it is),
+  gathers the request's fragments, reads the few command fields it needs, hands the data set
+  to the node's store function at once and encodes and sends the response directly, without
+  pynetdicom's DIMSE message and primitive objects, service class and events (which cost more
+  than filing the object). The peer waits for the response anyway: a C-STORE is
   never one of several operations in flight, as the node offers no asynchronous operations
   window. Anything else (another command, a C-STORE on a context or SOP class that is not
   plain storage, a message during release) is replayed into pynetdicom and served by the
@@ -25,8 +29,9 @@ scheduler makes it. For every connection the node accepts or opens, `prepare` ch
   pynetdicom 3.0.4 it could take the response a sender waits for (a race between pausing the
   reactor and its look at the queue) and the sender then waited for its whole DIMSE timeout.
 
-This leans on pynetdicom internals (pinned to 3.0 in setup.cfg); tests/test_connection.py
-checks each of them.
+This leans on pynetdicom internals (pinned to 3.0 in setup.cfg). tests/test_connection.py
+drives the receive path with hand-built PDU streams (values cut and packed every legal way,
+malformed ones, a small peer PDU limit); the DIMSE tests drive it with dcmtk and pynetdicom.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ IDLE_WAIT = 0.5  # seconds a waiting thread sleeps before looking at its flags a
 _WAKE = (None, None)  # put on the DIMSE queue to wake the association thread
 _COMMAND, _LAST = 0x01, 0x02  # message control header bits (PS3.8 E.2)
 C_STORE_RQ, C_STORE_RSP, NO_DATA_SET = 0x0001, 0x8001, 0x0101
+P_DATA_TF_TYPE = 0x04
 HANDLER_FAILED = 0xC211  # pynetdicom's status for a C-STORE handler that raised
 
 
@@ -81,12 +87,15 @@ class _WakeableSocket(AssociationSocket):
 
     _wake_r: socket.socket
     _wake_w: socket.socket
+    _unread: bytes  # read ahead, for pynetdicom to read again
     idle_work: list[Callable[[], None]]  # to do once nothing waits to be sent
     closing_work: list[Callable[[], None]]  # to do when the connection closes
 
     @property
     def ready(self) -> bool:
         self._do_idle_work()  # asked only when nothing waits to be sent: the answer is out
+        if self._unread:
+            return True
         dul = self.assoc.dul
         if (
             self.socket is None
@@ -97,6 +106,8 @@ class _WakeableSocket(AssociationSocket):
             or (isinstance(self.socket, ssl.SSLSocket) and self.socket.pending())
         ):
             return bool(super().ready)
+        if self._has_data():
+            return True
         try:
             readable, _, _ = select.select([self.socket, self._wake_r], [], [], IDLE_WAIT)
         except (OSError, ValueError):
@@ -106,12 +117,25 @@ class _WakeableSocket(AssociationSocket):
                 self._wake_r.recv(4096)
         return self.socket in readable
 
+    def _has_data(self) -> bool:
+        """Whether bytes wait to be read, asked without waiting (cheaper than a select, and
+        mostly true while a data set arrives). Never for TLS, whose bytes are not the data."""
+        if isinstance(self.socket, ssl.SSLSocket):
+            return False
+        try:
+            return bool(self.socket.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except OSError:
+            return False  # nothing yet, or a failure the select and the read will meet
+
     def recv(self, nr_bytes: int) -> bytearray:
         """Read `nr_bytes` (fewer only when the connection closes), into one buffer with as
         few calls as the kernel allows (pynetdicom reads 4 kB at a time and appends)."""
         buffer = bytearray(nr_bytes)
         view = memoryview(buffer)
-        read = 0
+        read = min(nr_bytes, len(self._unread))
+        if read:
+            view[:read] = self._unread[:read]
+            self._unread = self._unread[read:]
         while read < nr_bytes:
             count = self.socket.recv_into(view[read:])
             if not count:
@@ -120,6 +144,21 @@ class _WakeableSocket(AssociationSocket):
                 break
             read += count
         return buffer
+
+    def read_p_data(self) -> PresentationValues | None:
+        """The presentation data values of the next PDU when it is a well-formed P-DATA-TF;
+        otherwise None, and what was read is left for pynetdicom to read (and judge) again.
+        Raises OSError when the connection fails."""
+        header = self.recv(6)
+        if len(header) == 6 and header[0] == P_DATA_TF_TYPE:
+            length = int.from_bytes(header[2:6], "big")
+            body = self.recv(length)
+            values = _presentation_values(body) if len(body) == length else None
+            if values is not None:
+                return values
+            header += body
+        self._unread = bytes(header)
+        return None
 
     def wake(self) -> None:
         with contextlib.suppress(OSError):
@@ -147,32 +186,39 @@ class _DimseQueue(queue.Queue):
         self.put(_WAKE)
 
 
+PresentationValues = list[tuple[int, Any]]  # (context id, control header + fragment)
+
+
 class _StoreLane:
     """Receives the P-DATA of one accepted association in place of pynetdicom's DIMSE
     provider: C-STORE requests are gathered and served here, on the DUL thread; every other
-    message goes to pynetdicom unchanged (replayed from its first primitive)."""
+    message goes to pynetdicom unchanged (replayed from its first PDU)."""
 
     def __init__(self, assoc: Any, store: StoreFunction) -> None:
         self.assoc = assoc
         self.store = store
         self.to_pynetdicom = assoc.dimse.receive_primitive
         self._delegating = False  # pynetdicom is decoding the current message
-        self._held: list[Any] = []  # primitives of the message whose command is incomplete
+        self._held: list[PresentationValues] = []  # PDUs of a message whose command is incomplete
         self._command = bytearray()
         self._request: dict[str, Any] | None = None  # the C-STORE being gathered
-        self._fragments: list[memoryview] = []
+        self._fragments: list[Any] = []
 
     def receive(self, primitive: Any) -> None:
+        """A P-DATA indication from pynetdicom's state machine."""
+        self.receive_values(primitive.presentation_data_value_list)
+
+    def receive_values(self, values: PresentationValues) -> None:
+        """The presentation data values of one P-DATA-TF PDU."""
         if self._delegating:
-            self.to_pynetdicom(primitive)
-            self._delegating = self.assoc.dimse.message is not None
+            self._delegate(values)
             return
-        self._held.append(primitive)
-        for context_id, data in primitive.presentation_data_value_list:
+        self._held.append(values)
+        for context_id, data in values:
             header = data[0]
             if header & _COMMAND and self._request is not None:
                 self._reset()  # a new command inside a data set: the sender gave up on it
-                self._held.append(primitive)
+                self._held.append(values)
             if self._request is None:
                 if not header & _COMMAND:
                     self._hand_over()  # a data set without a command: pynetdicom's to refuse
@@ -185,7 +231,7 @@ class _StoreLane:
                         return
                     self._held = []
             else:
-                self._fragments.append(memoryview(data)[1:])
+                self._fragments.append(data[1:])
                 if header & _LAST:
                     self._serve()
                     return
@@ -204,9 +250,14 @@ class _StoreLane:
         held = self._held
         self._reset()
         self._delegating = True
-        for primitive in held:
-            self.to_pynetdicom(primitive)
-            self._delegating = self.assoc.dimse.message is not None
+        for values in held:
+            self._delegate(values)
+
+    def _delegate(self, values: PresentationValues) -> None:
+        primitive = P_DATA()
+        primitive.presentation_data_value_list = [[cx, bytes(data)] for cx, data in values]
+        self.to_pynetdicom(primitive)
+        self._delegating = self.assoc.dimse.message is not None
 
     def _store_request(self, context_id: int) -> dict[str, Any] | None:
         """The command's fields when it is a C-STORE request the lane serves, else None."""
@@ -240,23 +291,33 @@ class _StoreLane:
             log.exception("C-STORE failed unexpectedly")
             status = HANDLER_FAILED
         if not self.assoc.is_established:
-            self._run(request.after)
+            _run(request.after)
             return
-        command = c_store_response(request, status)
-        peer_limit = self.assoc.requestor.maximum_length  # 0: no limit
-        limit = peer_limit - 6 if peer_limit and peer_limit > 6 else len(command)
-        for start in range(0, len(command), limit):
-            chunk = command[start : start + limit]
-            pdata = P_DATA()
-            last = start + limit >= len(command)
-            header = bytes([_COMMAND | (_LAST if last else 0)])
-            pdata.presentation_data_value_list.append((request.context_id, header + chunk))
-            self.assoc.dul.send_pdu(pdata)
+        self._send_command(request.context_id, c_store_response(request, status))
         idle_work = getattr(self.assoc.dul.socket, "idle_work", None)
         if idle_work is None:
             _run(request.after)
         else:
             idle_work.extend(request.after)  # done once the answer has gone
+
+    def _send_command(self, context_id: int, command: bytes) -> None:
+        """Send `command` in P-DATA-TF PDUs no longer than the peer accepts: straight to the
+        socket when nothing else waits to be sent (this runs on the DUL thread, and P-DATA in
+        Sta6 leaves the state as it is), else through pynetdicom's queue."""
+        dul = self.assoc.dul
+        peer_limit = self.assoc.requestor.maximum_length  # 0: no limit
+        limit = peer_limit - 6 if peer_limit and peer_limit > 6 else len(command)
+        direct = dul.state_machine.current_state == "Sta6" and dul.to_provider_queue.empty()
+        for start in range(0, len(command), limit):
+            chunk = command[start : start + limit]
+            header = _COMMAND | (_LAST if start + limit >= len(command) else 0)
+            if direct:
+                item = struct.pack(">IBB", len(chunk) + 2, context_id, header) + chunk
+                dul.socket.send(struct.pack(">BBI", P_DATA_TF_TYPE, 0, len(item)) + item)
+            else:
+                pdata = P_DATA()
+                pdata.presentation_data_value_list.append((context_id, bytes([header]) + chunk))
+                dul.send_pdu(pdata)
 
 
 def _run(work: list[Callable[[], None]]) -> None:
@@ -280,6 +341,24 @@ def _command_fields(data: bytes) -> dict[int, bytes] | None:
         fields[element] = data[offset : offset + length]
         offset += length
     return fields if offset == len(data) else None
+
+
+def _presentation_values(body: bytearray) -> PresentationValues | None:
+    """The (context id, control header + fragment) items of a P-DATA-TF PDU's body (PS3.8
+    9.3.5), as views of it; None when the items do not fill it exactly."""
+    view = memoryview(body)
+    values: PresentationValues = []
+    offset = 0
+    while offset < len(body):
+        if offset + 6 > len(body):
+            return None
+        length = int.from_bytes(view[offset : offset + 4], "big")
+        end = offset + 4 + length
+        if length < 2 or end > len(body):
+            return None
+        values.append((body[offset + 4], view[offset + 5 : end]))
+        offset = end
+    return values or None
 
 
 def _us(value: bytes | None) -> int | None:
@@ -319,6 +398,7 @@ def _make_wakeable(assoc: Any) -> _WakeableSocket:
     sock = assoc.dul.socket
     sock.__class__ = _WakeableSocket
     sock._wake_r, sock._wake_w = socket.socketpair()
+    sock._unread = b""
     sock._wake_r.setblocking(False)
     sock._wake_w.setblocking(False)
     sock.idle_work = []
@@ -355,6 +435,7 @@ def _serve_accepted(assoc: Any, store: StoreFunction | None) -> None:
         lane = _StoreLane(assoc, store)
         dimse.receive_primitive = lane.receive
         sock.closing_work.append(lane.abandon)
+        _read_p_data_into(lane, assoc.dul, sock)
     messages = _DimseQueue()
     dimse.msg_queue = messages
     to_user = assoc.dul.to_user_queue
@@ -382,6 +463,27 @@ def _serve_accepted(assoc: Any, store: StoreFunction | None) -> None:
     dimse.get_msg = get_msg
 
 
+def _read_p_data_into(lane: _StoreLane, dul: Any, sock: _WakeableSocket) -> None:
+    """While the association is established (Sta6, where a P-DATA-TF only hands its data to
+    DIMSE), the DUL thread reads P-DATA-TF PDUs into the lane itself; any other PDU, or one
+    it cannot read, is read by pynetdicom as before."""
+    read_pdu_data = dul._read_pdu_data
+
+    def read_p_data_or_pdu() -> None:
+        if dul.state_machine.current_state == "Sta6":
+            try:
+                values = sock.read_p_data()
+            except OSError:
+                dul.event_queue.put("Evt17")  # the connection closed, as pynetdicom reports it
+                return
+            if values is not None:
+                lane.receive_values(values)
+                return
+        read_pdu_data()
+
+    dul._read_pdu_data = read_p_data_or_pdu
+
+
 def _send_only(assoc: Any) -> None:
     """The association thread of an association the node opened never takes a message: the
     node only sends requests on them, and every message is a response somebody waits for."""
@@ -392,6 +494,21 @@ def _send_only(assoc: Any) -> None:
         return get_msg(block=True) if block else (None, None)
 
     dimse.get_msg = responses_for_senders_only
+
+
+def _bound_calls(sock: socket.socket, timeout: float | None) -> None:
+    """Bound every blocking call on `sock` by `timeout` seconds. A plain socket stays blocking
+    with the bound set in the kernel (SO_RCVTIMEO/SO_SNDTIMEO: a call that times out raises
+    OSError), so that a read is one system call, not a poll and then a read as with
+    ``settimeout``; a TLS socket takes ``settimeout``."""
+    if timeout is None or isinstance(sock, ssl.SSLSocket):
+        sock.settimeout(timeout)
+        return
+    sock.settimeout(None)
+    seconds = int(timeout)
+    bound = struct.pack("ll", seconds, int((timeout - seconds) * 1_000_000))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, bound)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, bound)
 
 
 def prepare(event: evt.Event) -> None:
@@ -405,7 +522,7 @@ def prepare(event: evt.Event) -> None:
     if sock is None:
         return
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.settimeout(assoc.network_timeout)
+    _bound_calls(sock, assoc.network_timeout)
     if isinstance(assoc.dul.socket, _WakeableSocket):
         return
     _make_wakeable(assoc)

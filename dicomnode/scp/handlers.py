@@ -36,6 +36,7 @@ from dicomnode.scp.identifiers import identifier_from_row, query_from_identifier
 log = logging.getLogger("dicomnode.scp")
 
 UNCOMPRESSED = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")
+SUB_OPERATION_ATTEMPTS = 3  # tries of a C-MOVE sub-operation whose response is lost
 MAX_CONTEXTS = 128
 
 
@@ -248,19 +249,73 @@ def handle_move(event: evt.Event, ctx: DimseContext) -> Iterator[Any]:
         _count(event.assoc, ctx, "move", 0xC514)
         raise
     store_association: list[Any] = []
-
-    def remember(store_event: evt.Event) -> None:
-        store_association.append(store_event.assoc)
-
     options: dict[str, Any] = {
         "contexts": retrieve_contexts(instances) or [build_context("1.2.840.10008.1.1")],
-        "evt_handlers": [(evt.EVT_CONN_OPEN, prepare), (evt.EVT_ACCEPTED, remember)],
+        "evt_handlers": [(evt.EVT_CONN_OPEN, prepare)],
     }
     if peer.tls:
         options["tls_args"] = (client_ssl_context(ctx.settings), None)
-    yield peer.host, peer.port, options
+
+    def reconnect() -> Any:
+        again = event.assoc.ae.associate(peer.host, peer.port, ae_title=peer.ae_title, **options)
+        return again if again.is_established else None
+
+    def remember(store_event: evt.Event) -> None:
+        store_association.append(store_event.assoc)
+        _resend_lost_sub_operations(store_event.assoc, reconnect, ctx.metrics)
+
+    yield (
+        peer.host,
+        peer.port,
+        {**options, "evt_handlers": [*options["evt_handlers"], (evt.EVT_ACCEPTED, remember)]},
+    )
     yield len(instances)
     yield from _send(event, ctx, "move", instances, lambda: store_association[0].accepted_contexts)
+
+
+def _resend_lost_sub_operations(store_assoc: Any, reconnect: Any, metrics: Metrics) -> None:
+    """Make the association pynetdicom's C-MOVE loop sends its sub-operations on resend an
+    object whose C-STORE response did not come within ``dimse.store_timeout`` (or whose
+    association dropped) on a new association to the destination, up to
+    `SUB_OPERATION_ATTEMPTS` tries; a status the destination answers, failure or not, is final.
+    The loop's own release ends whichever association is current."""
+    send_on_first, release_first = store_assoc.send_c_store, store_assoc.release
+    current: list[Any] = [store_assoc]
+
+    def send_c_store(dataset: Dataset, *args: Any, **kwargs: Any) -> Dataset:
+        answer = Dataset()
+        for attempt in range(SUB_OPERATION_ATTEMPTS):
+            assoc = current[0]
+            if assoc is None or not assoc.is_established:
+                assoc = current[0] = reconnect()
+                if assoc is None:
+                    continue
+            send = send_on_first if assoc is store_assoc else assoc.send_c_store
+            try:
+                answer = send(dataset, *args, **kwargs)
+            except RuntimeError:  # the association ended under us
+                answer = Dataset()
+            if "Status" in answer:
+                return answer
+            log.warning(
+                "no response to the C-STORE sub-operation for %s (try %d of %d)",
+                dataset.get("SOPInstanceUID", "?"),
+                attempt + 1,
+                SUB_OPERATION_ATTEMPTS,
+            )
+            metrics.add("dicomnode_suboperations_retried_total", service="move")
+            assoc.abort()
+            current[0] = None
+        return answer  # no status: pynetdicom counts the sub-operation as failed
+
+    def release() -> None:
+        assoc = current[0]
+        if assoc is not None and assoc is not store_assoc:
+            assoc.release()
+        release_first()
+
+    store_assoc.send_c_store = send_c_store
+    store_assoc.release = release
 
 
 def handle_get(event: evt.Event, ctx: DimseContext) -> Iterator[Any]:
