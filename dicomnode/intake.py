@@ -58,22 +58,21 @@ class Intake:
         started = time.perf_counter()
         blob = None
         try:
-            file_meta = received.dimse_file_meta(
-                transfer_syntax_uid, sop_class_uid, sop_instance_uid
-            )
-            blob = self.archive.begin_blob([file_meta, dataset_bytes])
-            obj = received.from_dimse(
-                file_meta, dataset_bytes, transfer_syntax_uid, sop_class_uid, sop_instance_uid
-            )
-        except DicomnodeError as e:
-            if blob is not None:
-                blob.abandon()
-            self._refused(e, source, sop_instance_uid)
-            raise
-        try:
+            try:
+                file_meta = received.dimse_file_meta(
+                    transfer_syntax_uid, sop_class_uid, sop_instance_uid
+                )
+                blob = self.archive.begin_blob([file_meta, dataset_bytes])
+                obj = received.from_dimse(
+                    file_meta, dataset_bytes, transfer_syntax_uid, sop_class_uid, sop_instance_uid
+                )
+            except DicomnodeError as e:
+                self._refused(e, source, sop_instance_uid)
+                raise
             return self._file(obj, source, started, later=later, blob=blob)
         finally:
-            blob.abandon()  # unless it was filed
+            if blob is not None:
+                blob.abandon()  # unless it was filed
 
     def receive_part10(
         self,

@@ -11,7 +11,7 @@ import os
 import ssl
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -273,7 +273,9 @@ def handle_move(event: evt.Event, ctx: DimseContext) -> Iterator[Any]:
     yield from _send(event, ctx, "move", instances, lambda: store_association[0].accepted_contexts)
 
 
-def _resend_lost_sub_operations(store_assoc: Any, reconnect: Any, metrics: Metrics) -> None:
+def _resend_lost_sub_operations(
+    store_assoc: Any, reconnect: Callable[[], Any], metrics: Metrics
+) -> None:
     """Make the association pynetdicom's C-MOVE loop sends its sub-operations on resend an
     object whose C-STORE response did not come within ``dimse.store_timeout`` (or whose
     association dropped) on a new association to the destination, up to
@@ -289,6 +291,7 @@ def _resend_lost_sub_operations(store_assoc: Any, reconnect: Any, metrics: Metri
             if assoc is None or not assoc.is_established:
                 assoc = current[0] = reconnect()
                 if assoc is None:
+                    log.warning("the move destination refused a new association")
                     continue
             send = send_on_first if assoc is store_assoc else assoc.send_c_store
             try:
@@ -303,7 +306,8 @@ def _resend_lost_sub_operations(store_assoc: Any, reconnect: Any, metrics: Metri
                 attempt + 1,
                 SUB_OPERATION_ATTEMPTS,
             )
-            metrics.add("dicomnode_suboperations_retried_total", service="move")
+            if attempt + 1 < SUB_OPERATION_ATTEMPTS:
+                metrics.add("dicomnode_suboperations_retried_total", service="move")
             assoc.abort()
             current[0] = None
         return answer  # no status: pynetdicom counts the sub-operation as failed
