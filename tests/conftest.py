@@ -21,6 +21,16 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+from pynetdicom import build_context
+from pynetdicom.pdu import A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import (
+    A_ASSOCIATE,
+    ImplementationClassUIDNotification,
+    MaximumLengthNotification,
+)
+from pynetdicom.sop_class import Verification
+from pynetdicom.transport import AddressInformation
 
 from dicomnode.config import Peer, read_settings
 
@@ -31,6 +41,31 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def associate_rq(port: int, max_length: int = 16384) -> bytes:
+    """An encoded A-ASSOCIATE-RQ from RAWSCU to DICOMNODE at `port`, for tests that speak the
+    protocol by hand: CT Image Storage (Explicit VR Little Endian) on presentation context 1,
+    Verification on context 3, and `max_length` as the largest PDU it receives."""
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
+    primitive.calling_ae_title = "RAWSCU"
+    primitive.called_ae_title = "DICOMNODE"
+    primitive.calling_presentation_address = AddressInformation("127.0.0.1", 0)
+    primitive.called_presentation_address = AddressInformation("127.0.0.1", port)
+    store_context = build_context(CTImageStorage, ExplicitVRLittleEndian)
+    store_context.context_id = 1
+    echo_context = build_context(Verification)
+    echo_context.context_id = 3
+    primitive.presentation_context_definition_list = [store_context, echo_context]
+    limit = MaximumLengthNotification()
+    limit.maximum_length_received = max_length
+    implementation = ImplementationClassUIDNotification()
+    implementation.implementation_class_uid = "1.2.826.0.1.3680043.8.498.1"
+    primitive.user_information = [limit, implementation]
+    pdu = A_ASSOCIATE_RQ()
+    pdu.from_primitive(primitive)
+    return pdu.encode()
 
 
 def wait_until(

@@ -10,22 +10,13 @@ import struct
 from io import BytesIO
 
 import pytest
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
-from pynetdicom import build_context
 from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.dsutils import decode, encode
-from pynetdicom.pdu import A_ASSOCIATE_RQ
-from pynetdicom.pdu_primitives import (
-    A_ASSOCIATE,
-    ImplementationClassUIDNotification,
-    MaximumLengthNotification,
-)
 from pynetdicom.sop_class import Verification
-from pynetdicom.transport import AddressInformation
 
 from dicomnode.core.model import Level
-from tests.conftest import wait_until
+from tests.conftest import associate_rq, wait_until
 from tests.factory import make_ct
 
 A_ASSOCIATE_AC, P_DATA_TF, A_RELEASE_RQ, A_RELEASE_RP, A_ABORT = 0x02, 0x04, 0x05, 0x06, 0x07
@@ -71,28 +62,6 @@ class RawPeer:
         self.sock.sendall(bytes([A_RELEASE_RQ, 0]) + struct.pack(">I", 4) + b"\0\0\0\0")
         assert self.read_pdu()[0] == A_RELEASE_RP
         self.sock.close()
-
-
-def associate_rq(port: int, max_length: int) -> bytes:
-    primitive = A_ASSOCIATE()
-    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
-    primitive.calling_ae_title = "RAWSCU"
-    primitive.called_ae_title = "DICOMNODE"
-    primitive.calling_presentation_address = AddressInformation("127.0.0.1", 0)
-    primitive.called_presentation_address = AddressInformation("127.0.0.1", port)
-    store_context = build_context(CTImageStorage, ExplicitVRLittleEndian)
-    store_context.context_id = 1
-    echo_context = build_context(Verification)
-    echo_context.context_id = 3
-    primitive.presentation_context_definition_list = [store_context, echo_context]
-    limit = MaximumLengthNotification()
-    limit.maximum_length_received = max_length
-    implementation = ImplementationClassUIDNotification()
-    implementation.implementation_class_uid = "1.2.826.0.1.3680043.8.498.1"
-    primitive.user_information = [limit, implementation]
-    pdu = A_ASSOCIATE_RQ()
-    pdu.from_primitive(primitive)
-    return pdu.encode()
 
 
 def p_data_tf(*values: tuple[int, int, bytes]) -> bytes:

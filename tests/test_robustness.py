@@ -20,24 +20,25 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE, _config, build_context
+from pynetdicom import AE, _config
 from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
-from pynetdicom.pdu import A_ASSOCIATE_RQ, P_DATA_TF
-from pynetdicom.pdu_primitives import (
-    A_ASSOCIATE,
-    ImplementationClassUIDNotification,
-    MaximumLengthNotification,
-)
+from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import Verification
-from pynetdicom.transport import AddressInformation
 
 from dicomnode.app import Node
 from dicomnode.archive import Archive
 from dicomnode.config import Peer, read_settings
 from dicomnode.core.model import Level
-from tests.conftest import DCMTK_ENV, dcmtk_tool, send_concurrently, wait_until, write_config
+from tests.conftest import (
+    DCMTK_ENV,
+    associate_rq,
+    dcmtk_tool,
+    send_concurrently,
+    wait_until,
+    write_config,
+)
 from tests.factory import make_ct, write_series
 
 # --- helpers ----------------------------------------------------------------------------
@@ -175,26 +176,6 @@ def test_bad_objects_are_refused_and_leave_the_archive_unchanged(
 
 
 # --- 7. a truncated PDU stream ---------------------------------------------------------------
-
-
-def associate_rq(port: int) -> bytes:
-    primitive = A_ASSOCIATE()
-    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
-    primitive.calling_ae_title = "RAWSCU"
-    primitive.called_ae_title = "DICOMNODE"
-    primitive.calling_presentation_address = AddressInformation("127.0.0.1", 0)
-    primitive.called_presentation_address = AddressInformation("127.0.0.1", port)
-    context = build_context(CTImageStorage, ExplicitVRLittleEndian)
-    context.context_id = 1
-    primitive.presentation_context_definition_list = [context]
-    max_length = MaximumLengthNotification()
-    max_length.maximum_length_received = 16384
-    implementation = ImplementationClassUIDNotification()
-    implementation.implementation_class_uid = "1.2.826.0.1.3680043.8.498.1"
-    primitive.user_information = [max_length, implementation]
-    pdu = A_ASSOCIATE_RQ()
-    pdu.from_primitive(primitive)
-    return pdu.encode()
 
 
 def read_pdu(sock: socket.socket) -> tuple[int, bytes]:
