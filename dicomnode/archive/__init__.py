@@ -139,9 +139,9 @@ class Archive:
         `blob` is its write begun earlier (`begin_blob`). The index rows are written after those
         of the turns before `turn`.
         """
-        blob_path = self._blob_path(received)
+        blob = blob or self.begin_blob(received.file_chunks)
+        blob_path = self._place(blob, received)
         stored = self._stored(received, blob_path)
-        self._place(blob or self.begin_blob(received.file_chunks), blob_path)
         policy = duplicate_policy or self.duplicate_policy
         try:
             outcome, previous_path = self._index(received, stored, source, policy, turn)
@@ -166,12 +166,17 @@ class Archive:
         self.check_capacity(sum(len(chunk) for chunk in chunks))
         return self.blobs.begin(chunks)
 
-    def _place(self, blob: PendingBlob, blob_path: str) -> None:
-        """The begun write `blob` at `blob_path`, durably."""
+    def _place(self, blob: PendingBlob, received: ReceivedObject, prefix: str = "") -> str:
+        """The begun write `blob` of `received` at its path (after `prefix`), durably; the
+        path. The data is synced first: the path carries the SHA-256 that is being computed
+        meanwhile."""
         try:
+            blob.sync()
+            blob_path = prefix + self._blob_path(received)
             blob.place(blob_path)
         except OSError as e:
             raise StorageUnavailable(f"cannot write the blob: {e}") from e
+        return blob_path
 
     def storage(self) -> dict[str, int | bool]:
         """Bytes stored, the quota, the disk's free bytes, and whether new data is refused."""
@@ -254,8 +259,8 @@ class Archive:
         """File `received` aside, not indexed (so nothing can find, send or analyse it) until
         it is released into the archive or discarded; the first object held for a study and
         reason is a ledger entry. The outcome is "held"."""
-        blob_path = HELD_PREFIX + self._blob_path(received)
-        self._place(blob or self.begin_blob(received.file_chunks), blob_path)
+        blob = blob or self.begin_blob(received.file_chunks)
+        blob_path = self._place(blob, received, prefix=HELD_PREFIX)
         held = HeldObject(
             sop_instance_uid=received.sop_instance_uid,
             sop_class_uid=received.sop_class_uid,

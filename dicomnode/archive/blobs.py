@@ -60,20 +60,33 @@ class PendingBlob:
     def __init__(self, store: FileBlobStore, tmp: Path, fd: int) -> None:
         self._store = store
         self._tmp = tmp
-        self._fd: int | None = fd
+        self._fd: int | None = fd  # open until synced
+        self._placed = False  # or abandoned
 
-    def place(self, relative: str) -> None:
-        """Sync the temporary file (fdatasync), rename it to `relative` and fsync the
-        directory (and the folders above it that this created); raises OSError."""
-        target = self._store.absolute(relative)
+    def sync(self) -> None:
+        """Wait until the temporary file's data is on disk (fdatasync); raises OSError."""
         fd, self._fd = self._fd, None
         if fd is None:
-            raise ValueError("the blob was already placed or abandoned")
+            return
         try:
             try:
                 _sync_data(fd)
             finally:
                 os.close(fd)
+        except BaseException:
+            self._placed = True
+            self._tmp.unlink(missing_ok=True)
+            raise
+
+    def place(self, relative: str) -> None:
+        """Sync the temporary file (unless `sync` did), rename it to `relative` and fsync the
+        directory (and the folders above it that this created); raises OSError."""
+        if self._placed:
+            raise ValueError("the blob was already placed or abandoned")
+        self.sync()
+        target = self._store.absolute(relative)
+        self._placed = True
+        try:
             created = _rename_into(self._tmp, target)
         except BaseException:
             self._tmp.unlink(missing_ok=True)
@@ -83,10 +96,13 @@ class PendingBlob:
             fsync_directory(folder.parent)
 
     def abandon(self) -> None:
+        if self._placed:
+            return
+        self._placed = True
         fd, self._fd = self._fd, None
         if fd is not None:
             os.close(fd)
-            self._tmp.unlink(missing_ok=True)
+        self._tmp.unlink(missing_ok=True)
 
 
 class FileBlobStore:
