@@ -5,9 +5,10 @@ directory fsynced (and the folders above it when they are new), so a crash leave
 whole file or nothing at its final path, and a blob whose write returned survives a power
 loss. Paths are built only from UIDs that passed `validate_uid`.
 
-Writing and syncing are two steps (`begin`, then `PendingBlob.place`), so that an arriving
-object's bytes are written, and the kernel starts writing them to disk, before the object is
-parsed; its final path (which needs the parse) is known by the time the sync is waited for.
+Writing and syncing are separate steps (`begin`, then `PendingBlob.sync` and `place`), so that
+an arriving object's bytes are written, and the kernel starts writing them to disk, before the
+object is parsed, and its final path (which needs the parse and the SHA-256) is formed once the
+data is on disk.
 
 Temporary files are named after the process writing them, so that a process starting up
 (another `dicomnode serve` worker, a CLI command) discards only what dead processes left.
@@ -54,8 +55,9 @@ _TEMPORARY_SERIALS = itertools.count()  # names of this process's temporary file
 
 
 class PendingBlob:
-    """A blob written to a temporary file whose sync has begun; `place` puts it at its final
-    path durably, `abandon` removes it (a no-op once placed)."""
+    """A blob written to a temporary file whose writing out has begun: `sync` waits for its
+    data, `place` puts it at its final path durably, `abandon` removes it (a no-op once
+    placed)."""
 
     def __init__(self, store: FileBlobStore, tmp: Path, fd: int) -> None:
         self._store = store
