@@ -59,13 +59,11 @@ class Intake:
         blob = None
         try:
             try:
-                file_meta = received.dimse_file_meta(
+                command = received.DimseCommand.of(
                     transfer_syntax_uid, sop_class_uid, sop_instance_uid
                 )
-                blob = self.archive.begin_blob([file_meta, dataset_bytes])
-                obj = received.from_dimse(
-                    file_meta, dataset_bytes, transfer_syntax_uid, sop_class_uid, sop_instance_uid
-                )
+                blob = self.archive.begin_blob([command.file_meta_bytes, dataset_bytes])
+                obj = received.from_dimse(command, dataset_bytes)
             except DicomnodeError as e:
                 self._refused(e, source, sop_instance_uid)
                 raise

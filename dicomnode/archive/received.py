@@ -195,38 +195,40 @@ def _build(file_meta_bytes: bytes, dataset_bytes: bytes, ts: str) -> ReceivedObj
     )
 
 
-def dimse_file_meta(transfer_syntax_uid: str, sop_class_uid: str, sop_instance_uid: str) -> bytes:
-    """The preamble and File Meta group an object received by C-STORE is filed with, from its
-    command's UIDs and its presentation context's transfer syntax (each validated)."""
-    return _file_meta(
-        validate_uid(sop_class_uid, "AffectedSOPClassUID"),
-        validate_uid(sop_instance_uid, "AffectedSOPInstanceUID"),
-        validate_uid(transfer_syntax_uid, "TransferSyntaxUID"),
-    )
+@dataclass(frozen=True)
+class DimseCommand:
+    """What a C-STORE request says of its data set (UIDs validated once, here) and the
+    preamble and File Meta group the object is filed with."""
+
+    transfer_syntax_uid: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    file_meta_bytes: bytes
+
+    @classmethod
+    def of(
+        cls, transfer_syntax_uid: str, sop_class_uid: str, sop_instance_uid: str
+    ) -> DimseCommand:
+        """The command of a C-STORE request; raises InvalidUID for a UID unfit for a file."""
+        ts = validate_uid(transfer_syntax_uid, "TransferSyntaxUID")
+        sop_class = validate_uid(sop_class_uid, "AffectedSOPClassUID")
+        sop_instance = validate_uid(sop_instance_uid, "AffectedSOPInstanceUID")
+        return cls(ts, sop_class, sop_instance, _file_meta(sop_class, sop_instance, ts))
 
 
-def from_dimse(
-    file_meta_bytes: bytes,
-    dataset_bytes: bytes,
-    transfer_syntax_uid: str,
-    sop_class_uid: str,
-    sop_instance_uid: str,
-) -> ReceivedObject:
-    """An object received by C-STORE: the encoded data set, what its command says, and the
-    File Meta group `dimse_file_meta` made of that."""
-    ts = validate_uid(transfer_syntax_uid, "TransferSyntaxUID")
-    command_class = validate_uid(sop_class_uid, "AffectedSOPClassUID")
-    command_instance = validate_uid(sop_instance_uid, "AffectedSOPInstanceUID")
-    received = _build(file_meta_bytes, dataset_bytes, ts)
-    if received.sop_instance_uid != command_instance:
+def from_dimse(command: DimseCommand, dataset_bytes: bytes) -> ReceivedObject:
+    """An object received by C-STORE: its command and the encoded data set, which must name
+    the same SOP Class and Instance."""
+    received = _build(command.file_meta_bytes, dataset_bytes, command.transfer_syntax_uid)
+    if received.sop_instance_uid != command.sop_instance_uid:
         raise DatasetMismatch(
             f"SOPInstanceUID {received.sop_instance_uid} in the data set differs from "
-            f"the C-STORE request's {command_instance}"
+            f"the C-STORE request's {command.sop_instance_uid}"
         )
-    if received.sop_class_uid != command_class:
+    if received.sop_class_uid != command.sop_class_uid:
         raise DatasetMismatch(
             f"SOPClassUID {received.sop_class_uid} in the data set differs from "
-            f"the C-STORE request's {command_class}"
+            f"the C-STORE request's {command.sop_class_uid}"
         )
     return received
 
