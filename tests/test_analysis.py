@@ -17,7 +17,7 @@ import pytest
 import requests
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from dicomnode.analysis import plugin
 from dicomnode.analysis.plugin import AnalysisResult, Analyzer, Selector
@@ -26,7 +26,7 @@ from dicomnode.app import Node
 from dicomnode.config import read_settings
 from dicomnode.core.model import Level, Source
 from tests.conftest import dicomweb_url, run_dcmtk, token_for
-from tests.factory import make_ct
+from tests.factory import make_ct, part10
 
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
 
@@ -298,6 +298,28 @@ def test_analyzers_are_found_through_entry_points(monkeypatch):
         plugin, "entry_points", lambda group: [Entry()] if group == plugin.ENTRY_POINT_GROUP else []
     )
     assert plugin.discover() == {"series-mean": SeriesMean}
+
+
+def test_a_selector_reads_an_arriving_header_as_pydicom_would():
+    """Selectors are asked of every arriving object's raw header (read without pydicom's
+    conversion); the answers are those of the values pydicom gives."""
+    from dicomnode.archive.received import from_part10
+
+    header = from_part10(
+        part10(make_ct(BodyPartExamined="CHEST ", ImagesInAcquisition="12"))
+    ).header
+    chest_ct = Selector(
+        sop_class_uids=frozenset({str(CTImageStorage)}),
+        modalities=frozenset({"CT"}),
+        attributes={"BodyPartExamined": frozenset({"CHEST"})},
+    )
+    assert chest_ct.matches(header)
+    assert not Selector(modalities=frozenset({"MR"})).matches(header)
+    assert not Selector(attributes={"BodyPartExamined": frozenset({"HEAD"})}).matches(header)
+    assert not Selector(attributes={"Laterality": frozenset({"R"})}).matches(header)  # absent
+    assert SeriesMean().unit_uid(header) == str(header.SeriesInstanceUID)
+    assert SeriesMean().expected_instances(header) == 12
+    assert SeriesMean().expected_instances(from_part10(part10(make_ct())).header) is None
 
 
 def test_deterministic_uids_are_valid_and_stable():

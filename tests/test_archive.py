@@ -21,15 +21,9 @@ from dicomnode.archive.received import from_part10
 from dicomnode.core.errors import DuplicateConflict, InvalidInput, InvalidUID, MissingAttribute
 from dicomnode.core.model import Level, Source
 from tests.conftest import wait_until
-from tests.factory import make_ct
+from tests.factory import make_ct, part10
 
 SENDER = Source("dimse", "MODALITY", "127.0.0.1")
-
-
-def part10(ds) -> bytes:
-    buffer = BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
 
 
 def files_under(folder: Path) -> dict[str, bytes]:

@@ -33,7 +33,7 @@ from pydicom.uid import (
 from requests import HTTPError
 
 from tests.conftest import ALL_SCOPES, dicomweb_client, dicomweb_url, token_for
-from tests.factory import make_ct
+from tests.factory import make_ct, part10
 
 MULTIFRAME_WORD_SC = "1.2.840.10008.5.1.4.1.1.7.3"  # Multi-frame Grayscale Word SC Image
 JPEG2000 = "1.2.840.10008.1.2.4.91"
@@ -48,12 +48,6 @@ def as_file(ds: Dataset) -> Dataset:
     """`ds` as a PACS would read it from disk: a Part 10 file with preamble and file meta
     (dicomweb-client writes a data set as it is; one made in memory has no preamble)."""
     return pydicom.dcmread(BytesIO(part10(ds)))
-
-
-def part10(ds: Dataset) -> bytes:
-    buffer = BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
 
 
 def ct(**attributes: object) -> Dataset:

@@ -9,6 +9,7 @@ UIDs that are not its inputs') and files it through intake like any received obj
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from pydicom.dataset import Dataset
+
+from dicomnode.archive.elements import ElementReader
 
 ENTRY_POINT_GROUP = "dicomnode.analyzers"
 UID_ROOT = "2.25."  # UUID-derived UIDs (PS3.5 B.2): no registered root needed
@@ -40,11 +43,23 @@ class Selector:
     attributes: Mapping[str, frozenset[str]] = field(default_factory=dict)
 
     def matches(self, header: Dataset) -> bool:
-        if self.sop_class_uids and str(header.get("SOPClassUID", "")) not in self.sop_class_uids:
+        """Whether `header` is wanted; asked of every arriving object, so the values are
+        read from its raw elements (several values compare as one text, joined by "\\")."""
+        if self.sop_class_uids and _text(header, "SOPClassUID") not in self.sop_class_uids:
             return False
-        if self.modalities and str(header.get("Modality", "")) not in self.modalities:
+        if self.modalities and _text(header, "Modality") not in self.modalities:
             return False
-        return all(str(header.get(k, "")) in values for k, values in self.attributes.items())
+        return all(_text(header, k) in values for k, values in self.attributes.items())
+
+
+@functools.cache
+def _reader(keyword: str) -> ElementReader:
+    return ElementReader(keyword)
+
+
+def _text(header: Dataset, keyword: str) -> str:
+    """The attribute's text ("" when absent or empty)."""
+    return _reader(keyword).text(header) or ""
 
 
 @dataclass(frozen=True)
@@ -90,11 +105,7 @@ class Analyzer:
 
     def expected_instances(self, header: Dataset) -> int | None:
         """How many instances the unit will hold, when the headers say so."""
-        value = header.get("ImagesInAcquisition")
-        try:
-            return int(value) if value not in (None, "") else None
-        except (TypeError, ValueError):
-            return None
+        return _reader("ImagesInAcquisition").integer(header)
 
     def unit_uid(self, header: Dataset) -> str:
         keyword = {
@@ -102,7 +113,7 @@ class Analyzer:
             "series": "SeriesInstanceUID",
             "study": "StudyInstanceUID",
         }
-        return str(header.get(keyword[self.unit]))
+        return _text(header, keyword[self.unit])
 
     def analyze(self, unit: InputUnit, context: AnalysisContext) -> AnalysisResult:
         raise NotImplementedError

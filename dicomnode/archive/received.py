@@ -114,6 +114,7 @@ def _parse_complete(dataset_bytes: bytes, transfer_syntax_uid: str) -> Dataset:
             raise InvalidInput(f"the deflated data set cannot be inflated: {e}") from e
     buffer = BytesIO(data)
     elements = {}
+    parsed_up_to = 0  # the end of the last whole element (a short read at the end moves on)
     try:
         for raw in data_element_generator(buffer, ts.is_implicit_VR, ts.is_little_endian):
             if (
@@ -127,15 +128,16 @@ def _parse_complete(dataset_bytes: bytes, transfer_syntax_uid: str) -> Dataset:
                     f"{raw.length} bytes but {len(raw.value)} arrived"
                 )
             elements[raw.tag] = raw
+            parsed_up_to = buffer.tell()
     except EOFError as e:
         raise InvalidInput(f"the data set is truncated: {e}") from e
     except InvalidInput:
         raise
     except Exception as e:  # pydicom raises many types for malformed input
         raise InvalidInput(f"cannot parse the data set: {e}") from e
-    if buffer.tell() != len(data):
+    if parsed_up_to != len(data):
         raise InvalidInput(
-            f"the data set is truncated: {len(data) - buffer.tell()} trailing bytes "
+            f"the data set is truncated: {len(data) - parsed_up_to} trailing bytes "
             "do not form an element"
         )
     header = Dataset(elements)
