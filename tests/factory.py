@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from io import BytesIO
 from pathlib import Path
 
@@ -90,3 +91,25 @@ def part10(ds: Dataset) -> bytes:
     buffer = BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
+
+
+IMPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2"
+EXPLICIT_VR_BIG_ENDIAN = "1.2.840.10008.1.2.2"
+_LONG_LENGTH_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
+
+
+def encode_elements(elements: list[tuple[int, str, bytes]], transfer_syntax: str) -> bytes:
+    """Data elements (tag, VR, value bytes, in the order given) encoded byte by byte as a
+    modality sends them: implicit VR (tag, 4-byte length) or explicit VR (a 4-byte length
+    after the VRs that have one, else 2), little or big endian."""
+    order = ">" if transfer_syntax == EXPLICIT_VR_BIG_ENDIAN else "<"
+    out = b""
+    for tag, vr, value in elements:
+        head = struct.pack(order + "HH", tag >> 16, tag & 0xFFFF)
+        if transfer_syntax == IMPLICIT_VR_LITTLE_ENDIAN:
+            out += head + struct.pack("<I", len(value)) + value
+        elif vr in _LONG_LENGTH_VRS:
+            out += head + vr.encode() + b"\0\0" + struct.pack(order + "I", len(value)) + value
+        else:
+            out += head + vr.encode() + struct.pack(order + "H", len(value)) + value
+    return out

@@ -20,6 +20,7 @@ from dicomnode.archive.attributes import INDEXED
 from dicomnode.archive.elements import ElementReader
 from dicomnode.archive.index import normalized_value
 from dicomnode.archive.received import _parse_complete
+from tests.factory import encode_elements
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 IMPLICIT_LE = "1.2.840.10008.1.2"
@@ -48,17 +49,11 @@ def reference(keyword: str, ds: Dataset) -> str | int | None:
 
 def raw_dataset(elements: list[tuple[int, str, bytes]], ts: str) -> Dataset:
     """A data set encoded byte by byte as a modality would send it, parsed by ingest."""
-    order = ">" if ts == EXPLICIT_BE else "<"
-    out = b""
-    for tag, vr, value in sorted(elements):
-        if len(value) % 2:
-            value += b"\x00" if vr == "UI" else b" "
-        head = struct.pack(order + "HH", tag >> 16, tag & 0xFFFF)
-        if ts == IMPLICIT_LE:
-            out += head + struct.pack("<I", len(value)) + value
-        else:
-            out += head + vr.encode() + struct.pack(order + "H", len(value)) + value
-    return _parse_complete(out, ts)
+    padded = [
+        (tag, vr, value + (b"\x00" if vr == "UI" else b" ") if len(value) % 2 else value)
+        for tag, vr, value in sorted(elements)
+    ]
+    return _parse_complete(encode_elements(padded, ts), ts)
 
 
 def charset_elements(charset: str | None) -> list[tuple[int, str, bytes]]:

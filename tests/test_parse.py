@@ -7,30 +7,18 @@ only the bytes of whole elements.
 
 from __future__ import annotations
 
-import struct
-
 import pytest
 
 from dicomnode.archive.received import _parse_complete
 from dicomnode.core.errors import InvalidInput
+from tests.factory import encode_elements
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 IMPLICIT_LE = "1.2.840.10008.1.2"
 
 
 def encode(elements: list[tuple[int, str, bytes]], implicit: bool) -> bytes:
-    """Little endian, as a modality writes it: implicit VR (tag, 4-byte length) or explicit
-    VR (OB with a 4-byte length, the others with 2)."""
-    out = b""
-    for tag, vr, value in elements:
-        group_element = struct.pack("<HH", tag >> 16, tag & 0xFFFF)
-        if implicit:
-            out += group_element + struct.pack("<I", len(value)) + value
-        elif vr == "OB":
-            out += group_element + b"OB\0\0" + struct.pack("<I", len(value)) + value
-        else:
-            out += group_element + vr.encode() + struct.pack("<H", len(value)) + value
-    return out
+    return encode_elements(elements, IMPLICIT_LE if implicit else EXPLICIT_LE)
 
 
 @pytest.mark.parametrize("implicit", [False, True], ids=["explicit", "implicit"])

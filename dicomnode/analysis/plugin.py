@@ -9,7 +9,6 @@ UIDs that are not its inputs') and files it through intake like any received obj
 
 from __future__ import annotations
 
-import functools
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from typing import Any, ClassVar, Literal
 
 from pydicom.dataset import Dataset
 
-from dicomnode.archive.elements import ElementReader
+from dicomnode.archive.elements import reader_for
 
 ENTRY_POINT_GROUP = "dicomnode.analyzers"
 UID_ROOT = "2.25."  # UUID-derived UIDs (PS3.5 B.2): no registered root needed
@@ -52,14 +51,9 @@ class Selector:
         return all(_text(header, k) in values for k, values in self.attributes.items())
 
 
-@functools.cache
-def _reader(keyword: str) -> ElementReader:
-    return ElementReader(keyword)
-
-
 def _text(header: Dataset, keyword: str) -> str:
     """The attribute's text ("" when absent or empty)."""
-    return _reader(keyword).text(header) or ""
+    return reader_for(keyword).text(header) or ""
 
 
 @dataclass(frozen=True)
@@ -105,7 +99,7 @@ class Analyzer:
 
     def expected_instances(self, header: Dataset) -> int | None:
         """How many instances the unit will hold, when the headers say so."""
-        return _reader("ImagesInAcquisition").integer(header)
+        return reader_for("ImagesInAcquisition").integer(header)
 
     def unit_uid(self, header: Dataset) -> str:
         keyword = {

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
-from dicomnode.archive.elements import ElementReader
+from dicomnode.archive.elements import ElementReader, reader_for
 from dicomnode.core.model import Level
 
 
@@ -24,7 +24,7 @@ class IndexedAttribute:
 
     @cached_property
     def reader(self) -> ElementReader:
-        return ElementReader(self.keyword)
+        return reader_for(self.keyword)
 
     @property
     def vr(self) -> str:

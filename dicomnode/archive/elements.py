@@ -11,6 +11,7 @@ checks that both give the same answers.
 
 from __future__ import annotations
 
+import functools
 import struct
 from typing import Any
 
@@ -80,6 +81,12 @@ class ElementReader:
             return int(value[0] if isinstance(value, MultiValue) else value)
         except (TypeError, ValueError):
             return None
+
+
+@functools.cache
+def reader_for(keyword: str) -> ElementReader:
+    """The reader of `keyword`, made once (raises ValueError for an unknown keyword)."""
+    return ElementReader(keyword)
 
 
 def _is_raw(raw: Any, vr: str) -> bool:

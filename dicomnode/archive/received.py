@@ -26,7 +26,7 @@ from pydicom.filereader import data_element_generator
 from pydicom.uid import UID
 
 from dicomnode import __version__
-from dicomnode.archive.elements import ElementReader
+from dicomnode.archive.elements import reader_for
 from dicomnode.core.errors import DatasetMismatch, InvalidInput, MissingAttribute
 from dicomnode.core.uids import validate_uid
 
@@ -149,21 +149,9 @@ def _parse_complete(dataset_bytes: bytes, transfer_syntax_uid: str) -> Dataset:
     return header
 
 
-_READERS = {
-    keyword: ElementReader(keyword)
-    for keyword in (
-        "SOPClassUID",
-        "SOPInstanceUID",
-        "StudyInstanceUID",
-        "SeriesInstanceUID",
-        "PatientID",
-    )
-}
-
-
 def _required_text(ds: Dataset, keyword: str) -> str:
     try:
-        value = _READERS[keyword].text(ds)
+        value = reader_for(keyword).text(ds)
     except Exception as e:
         raise InvalidInput(f"{keyword} cannot be read: {e}") from e
     if value is None:
