@@ -74,11 +74,15 @@ def metric(samples: dict, name: str, **labels: str) -> float:
 
 
 def connection_refused(port: int) -> bool:
+    """Whether a new connection to `port` is refused. One reset while connecting (the
+    listener closed with it in its backlog) is not an answer yet: ask again."""
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=5):
             return False
     except ConnectionRefusedError:
         return True
+    except ConnectionResetError:
+        return False
 
 
 def blob_files(data_dir: Path) -> list[Path]:
