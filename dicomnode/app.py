@@ -179,6 +179,7 @@ class Node:
         )
         if self.analysis is not None:
             self.analysis.start()
+        self.intake.recover_unindexed()  # before anything new arrives
         self.housekeeping.start()
         dimse_port = self.dimse.start()  # serves every connection until the workers are ready
         if self.workers is not None:

@@ -192,6 +192,35 @@ class Intake:
             except Exception:
                 log.exception("a subscriber failed on %s", result.instance.sop_instance_uid)
 
+    def recover_unindexed(self) -> int:
+        """File again, through this one way in, the blobs whose index rows a power loss took
+        (`Archive.unindexed_recent_blobs`); a blob that is now refused, held or in conflict
+        with a stored object, or whose object was destroyed, leaves the archive's folders.
+        Returns how many were filed."""
+        filed = 0
+        source = Source("recovery", "startup")
+        unindexed = self.archive.unindexed_recent_blobs()
+        for relative in unindexed.destroyed:
+            self.archive.blobs.delete(relative)
+        for relative in unindexed.lost_rows:
+            try:
+                path = self.archive.blobs.absolute(relative)
+                result: IngestResult | None = self.receive_part10(path.read_bytes(), source)
+            except (DicomnodeError, OSError) as e:
+                log.warning("an unindexed blob was not filed again: %s (%s)", relative, e)
+                result = None
+            if result is not None and result.instance.blob_path == relative:
+                filed += 1
+            else:
+                self.archive.blobs.delete(relative)
+        if filed:
+            log.warning(
+                "filed again %d blobs whose index rows were lost (power loss?)",
+                filed,
+                extra={"event": "recovery", "filed": filed},
+            )
+        return filed
+
     def release_held(self, study_uid: str, by: str) -> list[IngestResult]:
         """File a study's held objects into the archive (a person decided they may be
         processed), announce them like any arrival, and record the release."""

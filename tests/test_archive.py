@@ -4,7 +4,9 @@ refused input that leaves everything as it was. Runs on SQLite and PostgreSQL.""
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
+import time
 from datetime import UTC, datetime
 from io import BytesIO
 from pathlib import Path
@@ -19,7 +21,9 @@ from sqlalchemy import event, select
 from dicomnode.archive import Archive, schema
 from dicomnode.archive.received import from_part10
 from dicomnode.core.errors import DuplicateConflict, InvalidInput, InvalidUID, MissingAttribute
+from dicomnode.core.metrics import Metrics
 from dicomnode.core.model import Level, Source
+from dicomnode.intake import Intake
 from tests.conftest import wait_until
 from tests.factory import make_ct, part10
 
@@ -430,3 +434,84 @@ def test_concurrent_stores_all_land_with_exact_counts(archive):
     assert outcomes == ["stored"] * 160
     assert archive.counts() == {"patients": 1, "studies": 1, "series": 4, "instances": 160}
     assert archive.check(verify_hashes=True).ok
+
+
+# Power loss: ingest commits are not synced on their own (their blobs are, before them); the
+# rows a power loss takes are filed again from the blobs when the node starts.
+
+
+def _sync_mode(conn) -> int:
+    return conn.connection.dbapi_connection.execute("PRAGMA synchronous").fetchone()[0]
+
+
+def test_ingest_commits_alone_skip_their_own_sync_and_every_other_write_is_synced(
+    sqlite_archive,
+):
+    NORMAL, FULL = 1, 2
+    index = sqlite_archive.index
+    assert index.write_grouped(_sync_mode) == NORMAL  # received objects' rows
+    with index.write() as conn:  # the ledger, consents, deletions, everything else
+        assert _sync_mode(conn) == FULL
+    assert index.write_grouped(_sync_mode) == NORMAL
+
+
+def _lose_rows(archive, *sop_instance_uids):
+    """What a power loss does to the index commits that had not reached the disk."""
+    instances = schema.instances
+    with archive.index.write() as conn:
+        conn.execute(instances.delete().where(instances.c.sop_instance_uid.in_(sop_instance_uids)))
+
+
+def _rows(archive) -> dict[str, tuple[str, str]]:
+    with archive.index.read() as conn:
+        rows = conn.execute(schema.instances.select()).all()
+    return {row.sop_instance_uid: (row.blob_path, row.sha256) for row in rows}
+
+
+def test_rows_a_power_loss_took_are_filed_again_from_their_blobs(archive, tmp_path):
+    intake = Intake(archive, Metrics())
+    series = [make_ct(instance_number=n) for n in range(3)]
+    for ds in series:
+        intake.receive_part10(part10(ds), SENDER)
+    before_rows, before_files = _rows(archive), files_under(tmp_path / "data" / "blobs")
+    _lose_rows(archive, series[1].SOPInstanceUID, series[2].SOPInstanceUID)
+    assert archive.counts()["instances"] == 1
+
+    assert intake.recover_unindexed() == 2
+    assert _rows(archive) == before_rows  # same blob paths, same SHA-256
+    assert files_under(tmp_path / "data" / "blobs") == before_files
+    assert len(archive.find_instances(Level.PATIENT, ())) == 3
+    assert intake.recover_unindexed() == 0  # nothing left to file
+
+
+def test_an_object_destroyed_before_the_power_loss_is_not_filed_again(archive):
+    intake = Intake(archive, Metrics())
+    kept, destroyed = make_ct(instance_number=1), make_ct(instance_number=2)
+    intake.receive_part10(part10(kept), SENDER)
+    result = intake.receive_part10(part10(destroyed), SENDER)
+    blob = archive.blob_file(result.instance)
+    data = blob.read_bytes()
+    archive.delete(
+        Level.IMAGE, (("SOPInstanceUID", destroyed.SOPInstanceUID),), "retention", "expired"
+    )
+    blob.parent.mkdir(parents=True, exist_ok=True)
+    blob.write_bytes(data)  # the deletion was committed, but the unlink did not reach the disk
+
+    assert intake.recover_unindexed() == 0
+    assert not blob.exists()
+    assert set(_rows(archive)) == {kept.SOPInstanceUID}
+
+
+def test_an_unindexed_blob_older_than_the_recovery_window_is_left_to_archive_check(archive):
+    intake = Intake(archive, Metrics())
+    old, new = make_ct(instance_number=1), make_ct(instance_number=2)
+    result = intake.receive_part10(part10(old), SENDER)
+    intake.receive_part10(part10(new), SENDER)
+    _lose_rows(archive, old.SOPInstanceUID)
+    blob = archive.blob_file(result.instance)
+    an_hour_ago = time.time() - 3600
+    for path in (blob, blob.parent):
+        os.utime(path, (an_hour_ago, an_hour_ago))
+
+    assert intake.recover_unindexed() == 0  # no commit is lost an hour before the newest one
+    assert archive.check().unindexed_blobs == [result.instance.blob_path]

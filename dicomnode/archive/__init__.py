@@ -8,15 +8,17 @@ one SOP Instance UID never overwrite each other's file, even from two processes.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import shutil
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import Connection, exists, func, or_, select, update
 from sqlalchemy import delete as sql_delete
@@ -51,6 +53,10 @@ log = logging.getLogger("dicomnode.archive")
 
 HELD_PREFIX = "held/"  # blobs intake filed aside live under this folder of the blob store
 USAGE_SECONDS = 10.0  # how stale the stored-bytes total (for the quota) may be
+# How long before the newest indexed receipt a blob whose index commit a power loss took may
+# have been written: its commit followed the last one that reached the disk, and an object
+# waits at most the index's busy timeout (60 s) between its blob and its commit.
+RECOVERY_WINDOW = timedelta(minutes=10)
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,13 @@ class ArchiveCheck:
     def ok(self) -> bool:
         """No row lacks its blob and no blob is corrupt (unindexed blobs are leftovers only)."""
         return not self.missing_blobs and not self.corrupt_blobs
+
+
+class UnindexedBlobs(NamedTuple):
+    """What `Archive.unindexed_recent_blobs` found."""
+
+    lost_rows: list[str]  # blobs whose index rows were lost: to be filed again
+    destroyed: list[str]  # blobs of objects destroyed since: to be removed
 
 
 class Archive:
@@ -562,6 +575,49 @@ class Archive:
                 self.blobs.delete(blob_path)
         return ArchiveCheck(len(rows), len(on_disk), missing, unindexed, corrupt, repair)
 
+    def unindexed_recent_blobs(self, window: timedelta = RECOVERY_WINDOW) -> UnindexedBlobs:
+        """Blobs (relative paths) that no index row names, written at most `window` before the
+        newest indexed receipt (any age when nothing is indexed): what a power loss leaves
+        when it takes the last index commits of received objects, which are not synced on
+        their own (see `index`), while their blobs, synced before those commits, survive; and
+        apart, those of objects a deletion recorded since then destroyed (their unlinking did
+        not reach the disk). Held blobs and temporary files are not blobs here."""
+        with self.index.read() as conn:
+            newest = conn.execute(select(func.max(schema.instances.c.received_at))).scalar()
+        since = None if newest is None else as_utc(newest) - window
+        cutoff = since.timestamp() if since is not None else float("-inf")
+        candidates: list[str] = []
+        for study in _folders(self.blobs.root):
+            if study.path == str(self.blobs.tmp) or study.name + "/" == HELD_PREFIX:
+                continue
+            for series in _folders(study.path):
+                if series.stat().st_mtime < cutoff:  # nothing was renamed into it since
+                    continue
+                for entry in os.scandir(series.path):
+                    if entry.name.endswith(".dcm") and entry.stat().st_mtime >= cutoff:
+                        candidates.append(f"{study.name}/{series.name}/{entry.name}")
+        if not candidates:
+            return UnindexedBlobs([], [])
+        i, ledger = schema.instances, schema.ledger_entries
+        indexed: set[str] = set()
+        destroyed: set[str] = set()
+        with self.index.read() as conn:
+            for start in range(0, len(candidates), 500):
+                chunk = candidates[start : start + 500]
+                indexed |= set(
+                    conn.execute(select(i.c.blob_path).where(i.c.blob_path.in_(chunk))).scalars()
+                )
+            deletions = select(ledger.c.detail).where(ledger.c.kind == LedgerKind.DELETION)
+            if since is not None:
+                deletions = deletions.where(ledger.c.recorded_at >= since.isoformat())
+            for detail in conn.execute(deletions).scalars():
+                destroyed |= set(json.loads(detail).get("sop_instance_uids", []))
+        unindexed = sorted(path for path in candidates if path not in indexed)
+        return UnindexedBlobs(
+            lost_rows=[p for p in unindexed if _blob_sop_instance_uid(p) not in destroyed],
+            destroyed=[p for p in unindexed if _blob_sop_instance_uid(p) in destroyed],
+        )
+
     def senders(self, study_uid: str) -> set[str]:
         """The AE titles that sent objects of a study over DIMSE."""
         i, se, st = schema.instances, schema.series, schema.studies
@@ -601,6 +657,16 @@ class Archive:
 
 
 __all__ = ["Archive"]
+
+
+def _folders(path: str | Path) -> list[os.DirEntry[str]]:
+    with os.scandir(path) as entries:
+        return [entry for entry in entries if entry.is_dir(follow_symlinks=False)]
+
+
+def _blob_sop_instance_uid(relative: str) -> str:
+    """The SOP Instance UID in a blob's name (``<study>/<series>/<uid>.<hash>.dcm``)."""
+    return relative.rsplit("/", 1)[-1].rsplit(".", 2)[0]
 
 
 def _date(study_date: str | None) -> datetime | None:

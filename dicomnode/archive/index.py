@@ -6,8 +6,12 @@ DBAPI cursor: SQLAlchemy's per-execution work costs more than SQLite's.
 
 SQLite runs in WAL mode with synchronous=FULL, so a commit is durable when it returns;
 writers in one process take a lock so that they queue instead of failing with "database is
-locked", and the writes of received objects that queued while one commit was being synced
-go in together, in one transaction with one sync (`Index.write_grouped`, group commit).
+locked", and the writes of received objects that queued while one commit was being written
+go in together, in one transaction (`Index.write_grouped`, group commit). Those ingest
+commits alone run with synchronous=NORMAL: visible at once and safe from a process crash,
+but synced to disk with the next FULL commit or checkpoint instead of each on its own. Each
+of those objects' blobs is synced before its commit, so the rows a power loss could take
+are rebuilt from their blobs at the next start (`Archive.unindexed_recent_blobs`).
 PostgreSQL needs neither: concurrent inserts of the same patient, study or series are
 resolved by INSERT ... ON CONFLICT DO NOTHING on both back ends.
 """
@@ -170,6 +174,7 @@ class Index:
         self._touch_study = Prepared(_TOUCH_STUDY, dialect)
         self._inserts: dict[tuple[str, ...], Prepared] = {}
         self._sqlite_writer: Connection | None = None  # used only by the write lock's holder
+        self._writer_synchronous = "FULL"  # the writer connection's PRAGMA synchronous
 
     def close(self) -> None:
         with self._write_lock:
@@ -188,14 +193,21 @@ class Index:
             yield conn
 
     @contextlib.contextmanager
-    def _writer_transaction(self) -> Iterator[Connection]:
+    def _writer_transaction(self, synced: bool = True) -> Iterator[Connection]:
         """A write transaction on SQLite's one writing connection, which stays open between
         transactions (a checkout from the pool costs more than a small insert); after a
-        failed transaction it is replaced. The caller holds the write lock."""
+        failed transaction it is replaced. The caller holds the write lock. Unless `synced`,
+        the commit is not synced on its own (synchronous=NORMAL: a later FULL commit or
+        checkpoint syncs it): only for rows that can be rebuilt from synced blobs."""
         conn = self._sqlite_writer
         if conn is None:
             conn = self.engine.connect().execution_options(sqlite_begin="IMMEDIATE")
             self._sqlite_writer = conn
+            self._writer_synchronous = "FULL"  # as every connection starts
+        synchronous = "FULL" if synced else "NORMAL"
+        if synchronous != self._writer_synchronous:  # set between transactions, never inside
+            conn.connection.dbapi_connection.execute(f"PRAGMA synchronous={synchronous}")
+            self._writer_synchronous = synchronous
         try:
             with conn.begin():
                 yield conn
@@ -207,7 +219,9 @@ class Index:
     def write_grouped(self, work: Callable[[Connection], T], turn: Turn = ANY_TIME) -> T:
         """`work(conn)` in a write transaction that is committed before this returns, possibly
         together with the work of other threads that waited meanwhile (on SQLite, whose writers
-        queue for one lock: one commit, one sync, for all of them). Each caller's work runs in
+        queue for one lock: one commit for all of them). Only for the index rows of received
+        objects whose blobs are synced: on SQLite the commit is not synced on its own (see the
+        module's docstring). Each caller's work runs in
         a savepoint of its own when there are several, so its error rolls back only its own
         writes and is raised to that caller; a failed commit is raised to every caller.
         The work is queued (so its rows are written) after that of the turns before `turn`."""
@@ -235,7 +249,7 @@ class Index:
 
     def _commit_batch(self, batch: list[_QueuedWrite]) -> None:
         try:
-            with self._writer_transaction() as conn:
+            with self._writer_transaction(synced=False) as conn:
                 if len(batch) == 1:
                     batch[0].value = batch[0].work(conn)
                 else:  # savepoints straight on the driver: SQLAlchemy's cost more than SQLite's

@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pydicom.dataset import Dataset
+from pynetdicom import dul as pynetdicom_dul
 from pynetdicom import evt
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.service_class import StorageServiceClass
@@ -391,6 +392,28 @@ def c_store_response(request: StoreRequest, status: int | Dataset) -> bytes:
 
 def _padded(value: bytes, pad: bytes) -> bytes:
     return value + pad if len(value) % 2 else value
+
+
+class _NoZeroSleep:
+    """The `time` module as pynetdicom's DUL thread sees it: ``sleep(0)`` returns at once.
+
+    A wakeable DUL thread runs with a loop delay of 0, and pynetdicom's loop sleeps that long
+    after every turn that put no event on its queue, which is every P-DATA-TF PDU the store
+    lane reads. ``time.sleep(0)`` still gives up the GIL, so with two associations in one
+    process each PDU handed the GIL to the other association's thread, which could keep it for
+    the whole switch interval (5 ms). The thread blocks in ``select`` when it has nothing to
+    do, so skipping the zero sleep never makes it spin; other delays sleep as before."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+    @staticmethod
+    def sleep(seconds: float) -> None:
+        if seconds > 0:
+            time.sleep(seconds)
+
+
+pynetdicom_dul.time = _NoZeroSleep()  # type: ignore[assignment]
 
 
 def _make_wakeable(assoc: Any) -> _WakeableSocket:
