@@ -181,10 +181,8 @@ class Archive:
 
     def _place(self, blob: PendingBlob, received: ReceivedObject, prefix: str = "") -> str:
         """The begun write `blob` of `received` at its path (after `prefix`), durably; the
-        path. The data is synced first: the path carries the SHA-256 that is being computed
-        meanwhile."""
+        path."""
         try:
-            blob.sync()
             blob_path = prefix + self._blob_path(received)
             blob.place(blob_path)
         except OSError as e:

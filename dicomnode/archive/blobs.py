@@ -5,10 +5,10 @@ directory fsynced (and the folders above it when they are new), so a crash leave
 whole file or nothing at its final path, and a blob whose write returned survives a power
 loss. Paths are built only from UIDs that passed `validate_uid`.
 
-Writing and syncing are separate steps (`begin`, then `PendingBlob.sync` and `place`), so that
-an arriving object's bytes are written, and the kernel starts writing them to disk, before the
-object is parsed, and its final path (which needs the parse and the SHA-256) is formed once the
-data is on disk.
+Writing and placing are separate steps (`begin`, then `PendingBlob.place`, which syncs the
+data, renames and syncs the directory), so that an arriving object's bytes are written, and
+the kernel starts writing them to disk, before the object is parsed; its final path needs the
+parse and the SHA-256.
 
 Temporary files are named after the process writing them, so that a process starting up
 (another `dicomnode serve` worker, a CLI command) discards only what dead processes left.
@@ -55,9 +55,8 @@ _TEMPORARY_SERIALS = itertools.count()  # names of this process's temporary file
 
 
 class PendingBlob:
-    """A blob written to a temporary file whose writing out has begun: `sync` waits for its
-    data, `place` puts it at its final path durably, `abandon` removes it (a no-op once
-    placed)."""
+    """A blob written to a temporary file whose writing out has begun: `place` puts it at its
+    final path durably, `abandon` removes it (a no-op once placed)."""
 
     def __init__(self, store: FileBlobStore, tmp: Path, fd: int) -> None:
         self._store = store
@@ -65,7 +64,7 @@ class PendingBlob:
         self._fd: int | None = fd  # open until synced
         self._placed = False  # or abandoned
 
-    def sync(self) -> None:
+    def _sync(self) -> None:
         """Wait until the temporary file's data is on disk (fdatasync); raises OSError."""
         fd, self._fd = self._fd, None
         if fd is None:
@@ -81,11 +80,11 @@ class PendingBlob:
             raise
 
     def place(self, relative: str) -> None:
-        """Sync the temporary file (unless `sync` did), rename it to `relative` and fsync the
-        directory (and the folders above it that this created); raises OSError."""
+        """Sync the temporary file, rename it to `relative` and fsync the directory (and the
+        folders above it that this created); raises OSError."""
         if self._placed:
             raise ValueError("the blob was already placed or abandoned")
-        self.sync()
+        self._sync()
         target = self._store.absolute(relative)
         self._placed = True
         try:

@@ -1,9 +1,9 @@
 """Parsing and validation of an object as it arrives, before anything is stored.
 
 `ReceivedObject` holds the data set bytes exactly as received (they are what the archive
-keeps, with their SHA-256) and the parsed header the index reads. The SHA-256 is computed on
-a hashing thread, which runs while the receiving thread waits for the disk (hashlib lets go
-of the GIL), and is waited for when it is first asked for. Anything that cannot be
+keeps, with their SHA-256) and the parsed header the index reads. The SHA-256 is computed
+on the receiving thread (hashlib lets go of the GIL while it hashes): handing it to a
+hashing thread cost more, in thread switches, than the overlap gained. Anything that cannot be
 parsed completely, lacks a required UID or Patient ID, or carries a UID not fit for a path
 is refused here with InvalidInput.
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import struct
 import zlib
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -34,11 +33,6 @@ IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1573.1"
 IMPLEMENTATION_VERSION_NAME = f"DICOMNODE_{__version__}"[:16]
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 PREAMBLE = b"\x00" * 128 + b"DICM"
-_HASHERS = ThreadPoolExecutor(8, thread_name_prefix="sha256")
-
-
-def _sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -54,12 +48,7 @@ class ReceivedObject:
     study_instance_uid: str
     series_instance_uid: str
     patient_id: str
-    digest: Future[str]  # the data set's SHA-256, being computed
-
-    @property
-    def sha256(self) -> str:
-        """The SHA-256 of the data set bytes, in hex."""
-        return self.digest.result()
+    sha256: str  # of the data set bytes, in hex
 
     @property
     def size(self) -> int:
@@ -164,7 +153,7 @@ def _required_uid(ds: Dataset, keyword: str) -> str:
 
 
 def _build(file_meta_bytes: bytes, dataset_bytes: bytes, ts: str) -> ReceivedObject:
-    digest = _HASHERS.submit(_sha256_hex, dataset_bytes)
+    sha256 = hashlib.sha256(dataset_bytes).hexdigest()
     header = _parse_complete(dataset_bytes, ts)
     sop_class = _required_uid(header, "SOPClassUID")
     sop_instance = _required_uid(header, "SOPInstanceUID")
@@ -181,7 +170,7 @@ def _build(file_meta_bytes: bytes, dataset_bytes: bytes, ts: str) -> ReceivedObj
         study_instance_uid=study,
         series_instance_uid=series,
         patient_id=patient_id,
-        digest=digest,
+        sha256=sha256,
     )
 
 
