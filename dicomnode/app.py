@@ -177,9 +177,9 @@ class Node:
         audit_log.submit(
             lambda: audit_events.application(True, datetime.now(UTC), audit_log.source)
         )
+        self.intake.recover_unindexed()  # before anything new arrives or is produced
         if self.analysis is not None:
             self.analysis.start()
-        self.intake.recover_unindexed()  # before anything new arrives
         self.housekeeping.start()
         dimse_port = self.dimse.start()  # serves every connection until the workers are ready
         if self.workers is not None:

@@ -352,6 +352,44 @@ def test_kill_9_mid_run_loses_nothing_reported_stored(serve_node, tmp_path, data
     assert list(tmp.iterdir()) == []
 
 
+def test_rows_a_power_loss_took_are_filed_again_when_the_node_starts(
+    serve_node, tmp_path, database_url
+):
+    """Ingest commits are not synced on their own (their blobs are, before them): a power loss
+    can take the last rows. The next start files those blobs again through intake."""
+    data_dir = tmp_path / "data"
+    config = write_config(tmp_path / "node.toml", data_dir, database_url)
+    node = serve_node(config=config)
+    files = write_series(tmp_path / "in", 5, size=16)
+    assert run_dcmtk(*storescu_args(node.dimse_port, *files)).returncode == 0
+    assert node.terminate() == 0
+    archive = Archive(data_dir, database_url)
+    try:
+        with archive.index.read() as conn:
+            before = conn.execute(schema.instances.select()).all()
+        lost = [uid_of(path) for path in files[2:]]
+        instances = schema.instances
+        with archive.index.write() as conn:  # what the power loss took
+            conn.execute(instances.delete().where(instances.c.sop_instance_uid.in_(lost)))
+    finally:
+        archive.close()
+
+    restarted = serve_node(config=config)
+    assert [e["filed"] for e in restarted.log_events("recovery")] == [3]
+    assert restarted.terminate() == 0
+    archive = Archive(data_dir, database_url)
+    try:
+        with archive.index.read() as conn:
+            after = conn.execute(schema.instances.select()).all()
+    finally:
+        archive.close()
+    kept = ("sop_instance_uid", "blob_path", "sha256", "size")
+    assert sorted(tuple(getattr(r, k) for k in kept) for r in after) == sorted(
+        tuple(getattr(r, k) for k in kept) for r in before
+    )
+    assert {r.source_protocol for r in after if r.sop_instance_uid in lost} == {"recovery"}
+
+
 # --- 5. configuration errors -------------------------------------------------------------
 
 GOOD_CONFIG = """\
