@@ -54,7 +54,8 @@ class Intake:
         """File an object received by C-STORE. Its bytes go to disk while they are parsed
         and judged, and are put in place only if it is filed. With `later`, what only reports
         the filing (metrics, the log line, the subscribers) is appended to it instead of done
-        here, for the caller to run once the sender has its answer."""
+        here, for the caller to run once the sender has its answer, and so is the creation of
+        the temporary file for the next object."""
         started = time.perf_counter()
         blob = None
         try:
@@ -71,6 +72,8 @@ class Intake:
         finally:
             if blob is not None:
                 blob.abandon()  # unless it was filed
+            if later is not None:
+                later.append(self.archive.blobs.prepare_spare)
 
     def receive_part10(
         self,

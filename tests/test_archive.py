@@ -19,6 +19,7 @@ from pydicom.data import get_testdata_file
 from sqlalchemy import event, select
 
 from dicomnode.archive import Archive, schema
+from dicomnode.archive.blobs import SPARES
 from dicomnode.archive.received import from_part10
 from dicomnode.core.errors import DuplicateConflict, InvalidInput, InvalidUID, MissingAttribute
 from dicomnode.core.metrics import Metrics
@@ -195,6 +196,46 @@ def test_a_begun_blob_is_visible_only_once_placed_and_abandoning_it_leaves_nothi
     refused.abandon()
     refused.abandon()
     assert file_paths(blobs) == [blobs / "1.2/3.4/5.6.dcm"]
+
+
+def test_temporary_files_made_ahead_are_used_by_later_blobs_and_removed_on_close(
+    tmp_path, database_url
+):
+    """After answering a C-STORE the node creates the next object's temporary file, so the
+    next object does not wait for it."""
+    archive = Archive(tmp_path / "data", database_url)
+    tmp = archive.blobs.tmp
+    for _ in range(SPARES + 2):
+        archive.blobs.prepare_spare()
+    spares = sorted(tmp.iterdir())
+    assert len(spares) == SPARES and all(p.stat().st_size == 0 for p in spares)
+
+    blob = archive.begin_blob([b"next ", b"object"])
+    assert sorted(tmp.iterdir()) == spares  # one of them holds it now
+    blob.place("1.2/3.4/5.6.dcm")
+    assert (archive.blobs.root / "1.2/3.4/5.6.dcm").read_bytes() == b"next object"
+    assert len(list(tmp.iterdir())) == SPARES - 1
+    archive.close()
+    assert list(tmp.iterdir()) == []
+
+
+def test_a_c_store_leaves_the_next_objects_temporary_file_to_after_its_answer(archive):
+    intake = Intake(archive, Metrics())
+    received = from_part10(part10(make_ct()))
+    after_the_answer: list = []
+    intake.receive_dimse(
+        received.dataset_bytes,
+        received.transfer_syntax_uid,
+        received.sop_class_uid,
+        received.sop_instance_uid,
+        SENDER,
+        later=after_the_answer,
+    )
+    assert list(archive.blobs.tmp.iterdir()) == []
+    for work in after_the_answer:
+        work()
+    (spare,) = archive.blobs.tmp.iterdir()
+    assert spare.stat().st_size == 0
 
 
 def test_a_blob_that_cannot_be_placed_leaves_no_temporary_file(archive, monkeypatch):

@@ -113,6 +113,7 @@ class Archive:
             log.warning("discarded %d partial blob writes left by an interrupted run", removed)
 
     def close(self) -> None:
+        self.blobs.discard_spares()
         self.index.close()
         self.engine.dispose()
 

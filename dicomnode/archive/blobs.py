@@ -12,10 +12,13 @@ parse and the SHA-256.
 
 Temporary files are named after the process writing them, so that a process starting up
 (another `dicomnode serve` worker, a CLI command) discards only what dead processes left.
+Creating one (a metadata change the kernel may have to journal first) can be done ahead, off
+the path of the object that will use it (`prepare_spare`).
 """
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import ctypes.util
 import itertools
@@ -52,6 +55,7 @@ def _writeback_starter() -> Callable[[int], None]:
 
 _start_writeback = _writeback_starter()
 _TEMPORARY_SERIALS = itertools.count()  # names of this process's temporary files
+SPARES = 4  # empty temporary files kept ready at most
 
 
 class PendingBlob:
@@ -113,6 +117,7 @@ class FileBlobStore:
         self.root = root
         self.tmp = root / "tmp"
         self.tmp.mkdir(parents=True, exist_ok=True)
+        self._spares: collections.deque[tuple[Path, int]] = collections.deque()
 
     @staticmethod
     def relative_path(study_uid: str, series_uid: str, sop_instance_uid: str) -> str:
@@ -137,10 +142,26 @@ class FileBlobStore:
         fsync of the directory (and of the folders above it that this write created)."""
         self.begin(chunks).place(relative)
 
+    def prepare_spare(self) -> None:
+        """Create an empty temporary file for a later `begin` (unless `SPARES` wait already)."""
+        if len(self._spares) < SPARES:
+            tmp = self.temporary_path()
+            self._spares.append((tmp, os.open(tmp, _OPEN_NEW, 0o600)))
+
+    def discard_spares(self) -> None:
+        while self._spares:
+            tmp, fd = self._spares.popleft()
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+
     def begin(self, chunks: Sequence[bytes]) -> PendingBlob:
-        """Write `chunks` to a temporary file and start its writing out to disk."""
-        tmp = self.temporary_path()
-        fd = os.open(tmp, _OPEN_NEW, 0o600)
+        """Write `chunks` to a temporary file (a spare one if one is ready) and start its
+        writing out to disk."""
+        try:
+            tmp, fd = self._spares.popleft()
+        except IndexError:
+            tmp = self.temporary_path()
+            fd = os.open(tmp, _OPEN_NEW, 0o600)
         try:
             _write_all(fd, chunks)
             _start_writeback(fd)
