@@ -590,11 +590,17 @@ class Archive:
             if study.path == str(self.blobs.tmp) or study.name + "/" == HELD_PREFIX:
                 continue
             for series in _folders(study.path):
-                if series.stat().st_mtime < cutoff:  # nothing was renamed into it since
+                try:
+                    if series.stat().st_mtime < cutoff:  # nothing was renamed into it since
+                        continue
+                    with os.scandir(series.path) as entries:
+                        candidates += [
+                            f"{study.name}/{series.name}/{entry.name}"
+                            for entry in entries
+                            if entry.name.endswith(".dcm") and entry.stat().st_mtime >= cutoff
+                        ]
+                except FileNotFoundError:  # emptied and removed meanwhile (a deletion)
                     continue
-                for entry in os.scandir(series.path):
-                    if entry.name.endswith(".dcm") and entry.stat().st_mtime >= cutoff:
-                        candidates.append(f"{study.name}/{series.name}/{entry.name}")
         if not candidates:
             return UnindexedBlobs([], [])
         i, ledger = schema.instances, schema.ledger_entries
@@ -659,8 +665,11 @@ __all__ = ["Archive"]
 
 
 def _folders(path: str | Path) -> list[os.DirEntry[str]]:
-    with os.scandir(path) as entries:
-        return [entry for entry in entries if entry.is_dir(follow_symlinks=False)]
+    try:
+        with os.scandir(path) as entries:
+            return [entry for entry in entries if entry.is_dir(follow_symlinks=False)]
+    except FileNotFoundError:
+        return []
 
 
 def _blob_sop_instance_uid(relative: str) -> str:

@@ -98,10 +98,11 @@ class _WakeableSocket(AssociationSocket):
         if self._unread:
             return True
         dul = self.assoc.dul
+        if self.socket is None or self._is_connected is False:
+            time.sleep(0.001)  # closed: pynetdicom's poll until the thread is stopped
+            return False
         if (
-            self.socket is None
-            or self._is_connected is False
-            or dul._kill_thread
+            dul._kill_thread
             or dul.state_machine.current_state == "Sta13"  # closing: do not linger
             or not dul.to_provider_queue.empty()
             or (isinstance(self.socket, ssl.SSLSocket) and self.socket.pending())
@@ -402,7 +403,8 @@ class _NoZeroSleep:
     lane reads. ``time.sleep(0)`` still gives up the GIL, so with two associations in one
     process each PDU handed the GIL to the other association's thread, which could keep it for
     the whole switch interval (5 ms). The thread blocks in ``select`` when it has nothing to
-    do, so skipping the zero sleep never makes it spin; other delays sleep as before."""
+    do (and sleeps once its connection is closed), so skipping the zero sleep never makes it
+    spin; other delays sleep as before."""
 
     def __getattr__(self, name: str) -> Any:
         return getattr(time, name)
