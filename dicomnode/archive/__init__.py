@@ -51,7 +51,8 @@ from dicomnode.core.turns import ANY_TIME, Turn
 
 log = logging.getLogger("dicomnode.archive")
 
-HELD_PREFIX = "held/"  # blobs intake filed aside live under this folder of the blob store
+HELD_FOLDER = "held"  # blobs intake filed aside live under this folder of the blob store
+HELD_PREFIX = HELD_FOLDER + "/"
 USAGE_SECONDS = 10.0  # how stale the stored-bytes total (for the quota) may be
 # How long before the newest indexed receipt a blob whose index commit a power loss took may
 # have been written: its commit followed the last one that reached the disk, and an object
@@ -556,12 +557,7 @@ class Archive:
             rows = dict(
                 conn.execute(select(schema.instances.c.blob_path, schema.instances.c.sha256)).all()
             )
-        on_disk = {
-            relative
-            for path in self.blobs.root.rglob("*.dcm")
-            if path.parent != self.blobs.tmp
-            and not (relative := str(path.relative_to(self.blobs.root))).startswith(HELD_PREFIX)
-        }
+        on_disk = set(self.blobs.placed(outside=HELD_FOLDER))
         missing = sorted(set(rows) - on_disk)
         unindexed = sorted(on_disk - set(rows))
         corrupt = []
@@ -584,23 +580,9 @@ class Archive:
         with self.index.read() as conn:
             newest = conn.execute(select(func.max(schema.instances.c.received_at))).scalar()
         since = None if newest is None else as_utc(newest) - window
-        cutoff = since.timestamp() if since is not None else float("-inf")
-        candidates: list[str] = []
-        for study in _folders(self.blobs.root):
-            if study.path == str(self.blobs.tmp) or study.name + "/" == HELD_PREFIX:
-                continue
-            for series in _folders(study.path):
-                try:
-                    if series.stat().st_mtime < cutoff:  # nothing was renamed into it since
-                        continue
-                    with os.scandir(series.path) as entries:
-                        candidates += [
-                            f"{study.name}/{series.name}/{entry.name}"
-                            for entry in entries
-                            if entry.name.endswith(".dcm") and entry.stat().st_mtime >= cutoff
-                        ]
-                except FileNotFoundError:  # emptied and removed meanwhile (a deletion)
-                    continue
+        candidates = self.blobs.placed(
+            since.timestamp() if since is not None else float("-inf"), outside=HELD_FOLDER
+        )
         if not candidates:
             return UnindexedBlobs([], [])
         i, ledger = schema.instances, schema.ledger_entries
@@ -662,14 +644,6 @@ class Archive:
 
 
 __all__ = ["Archive"]
-
-
-def _folders(path: str | Path) -> list[os.DirEntry[str]]:
-    try:
-        with os.scandir(path) as entries:
-            return [entry for entry in entries if entry.is_dir(follow_symlinks=False)]
-    except FileNotFoundError:
-        return []
 
 
 def _blob_sop_instance_uid(relative: str) -> str:

@@ -171,6 +171,29 @@ class FileBlobStore:
             raise
         return PendingBlob(self, tmp, fd)
 
+    def placed(self, written_since: float = float("-inf"), outside: str = "") -> list[str]:
+        """The blobs (``<study>/<series>/<name>.dcm``, relative) written at `written_since`
+        (a Unix time) or later, not under the top folder `outside`; ``tmp/`` holds no blobs.
+        A series folder changed last before then is not listed (a rename into it changes it)."""
+        found: list[str] = []
+        for study in _folders(self.root):
+            if study.name in ("tmp", outside):
+                continue
+            for series in _folders(study.path):
+                try:
+                    if series.stat().st_mtime < written_since:
+                        continue
+                    with os.scandir(series.path) as entries:
+                        found += [
+                            f"{study.name}/{series.name}/{entry.name}"
+                            for entry in entries
+                            if entry.name.endswith(".dcm")
+                            and entry.stat().st_mtime >= written_since
+                        ]
+                except FileNotFoundError:  # emptied and removed meanwhile (a deletion)
+                    continue
+        return found
+
     def open(self, relative: str) -> BinaryIO:
         return self.absolute(relative).open("rb")
 
@@ -217,6 +240,14 @@ class FileBlobStore:
                 leftover.unlink(missing_ok=True)
             count += 1
         return count
+
+
+def _folders(path: str | Path) -> list[os.DirEntry[str]]:
+    try:
+        with os.scandir(path) as entries:
+            return [entry for entry in entries if entry.is_dir(follow_symlinks=False)]
+    except FileNotFoundError:
+        return []
 
 
 def _running(pid: int) -> bool:
