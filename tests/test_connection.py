@@ -26,8 +26,8 @@ COMMAND, LAST = 0x01, 0x02
 class RawPeer:
     """A DICOM peer written out by hand: it sends exactly the bytes a test gives it."""
 
-    def __init__(self, port: int, max_length: int = 16384) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=20)
+    def __init__(self, port: int, max_length: int = 16384, timeout: float = 20) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
         self.sock.sendall(associate_rq(port, max_length))
         pdu_type, _ = self.read_pdu()
         assert pdu_type == A_ASSOCIATE_AC
@@ -118,6 +118,23 @@ def echo_request(message_id: int) -> bytes:
 
 def fragments(data: bytes, size: int) -> list[bytes]:
     return [data[start : start + size] for start in range(0, len(data), size)]
+
+
+def test_the_association_is_accepted_without_waiting_for_bytes_while_events_are_queued(
+    start_node, monkeypatch
+):
+    """Reading the A-ASSOCIATE-RQ queues its event behind the connection's own; the DUL
+    thread must act on both before it waits for more bytes. With the wait made longer than the
+    peer's patience (it was 0.5 s per association), an association that is accepted at all
+    was accepted without it, and so is an echo and a release on it."""
+    monkeypatch.setattr("dicomnode.scp.connection.IDLE_WAIT", 60.0)
+    node = start_node()
+    for message_id in (1, 2):
+        peer = RawPeer(node.dimse.port, timeout=10)
+        peer.sock.sendall(p_data_tf((3, COMMAND | LAST, echo_request(message_id))))
+        _lengths, response = peer.read_command()
+        assert response.Status == 0x0000
+        peer.release()
 
 
 def test_a_data_set_in_many_small_fragments_and_shared_pdus_is_stored_byte_for_byte(start_node):

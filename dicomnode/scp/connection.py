@@ -105,6 +105,7 @@ class _WakeableSocket(AssociationSocket):
             dul._kill_thread
             or dul.state_machine.current_state == "Sta13"  # closing: do not linger
             or not dul.to_provider_queue.empty()
+            or not dul.event_queue.empty()  # the state machine has work: do not wait for bytes
             or (isinstance(self.socket, ssl.SSLSocket) and self.socket.pending())
         ):
             return bool(super().ready)
