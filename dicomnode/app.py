@@ -617,6 +617,7 @@ def run_dimse_worker(
     dimse = DimseServer(DimseContext(settings, intake, egress, metrics), listen=False)
     dimse.start()
     send_lock = threading.Lock()
+    counting = threading.Lock()  # a report counts a connection in both numbers or in neither
     taken = 0
 
     def take_connections() -> None:
@@ -629,14 +630,17 @@ def run_dimse_worker(
                 return
             accepted = socket.socket(fileno=fd)
             accepted.settimeout(settings.dimse.network_timeout)
-            dimse.take(accepted, address)
-            taken += 1
+            with counting:
+                dimse.take(accepted, address)
+                taken += 1
 
     threading.Thread(target=take_connections, name="dimse-take", daemon=True).start()
 
     def report() -> None:
+        with counting:
+            load = (dimse.load(), taken)
         with send_lock:
-            connection.send(("load", (dimse.load(), taken)))
+            connection.send(("load", load))
             connection.send(("metrics", metrics.take()))
             xml = audit.built()
             if xml:

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import socket
 import struct
+import threading
 from io import BytesIO
 
 import pytest
+from pynetdicom import Association
 from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.dsutils import decode, encode
@@ -135,6 +137,34 @@ def test_the_association_is_accepted_without_waiting_for_bytes_while_events_are_
         _lengths, response = peer.read_command()
         assert response.Status == 0x0000
         peer.release()
+
+
+def test_a_starting_association_counts_once_in_the_load_that_spreads_connections(
+    start_node, monkeypatch
+):
+    """With DIMSE worker processes, each connection goes to the process serving the fewest.
+    A connection counts as pending until its association starts, then as active: asked while
+    the association starts, the count must not see it twice (it did, and sent the next
+    connections elsewhere: 3 of 4 associations in one process of two)."""
+    node = start_node()
+    answers: list[int] = []
+    start = Association.start
+
+    def start_then_ask_the_load(assoc: Association) -> None:
+        start(assoc)  # the association is active from here
+        looker = threading.Thread(target=lambda: answers.append(node.dimse.load()))
+        looker.start()
+        looker.join(0.5)  # the answer comes now, or once the start is counted
+
+    monkeypatch.setattr(Association, "start", start_then_ask_the_load)
+    peers = []
+    for _ in range(2):
+        peers.append(RawPeer(node.dimse.port))
+        wait_until(lambda: len(answers) >= len(peers), 10, "the load asked during the start")
+    for peer in peers:
+        peer.release()
+
+    assert answers == [1, 2]
 
 
 def test_a_data_set_in_many_small_fragments_and_shared_pdus_is_stored_byte_for_byte(start_node):

@@ -557,17 +557,18 @@ def prepare(event: evt.Event) -> None:
 
 
 class NodeRequestHandler(RequestHandler):
-    """Accepts a connection: the association gets the node's connection handling before its
-    threads start (so its queues can be swapped safely); C-STOREs go to the server's
-    ``store_function`` when it has one."""
+    """Accepts a connection for the node's server (`server._Server`): the association gets
+    the node's connection handling before its threads start (so its queues can be swapped
+    safely), C-STOREs go to the server's ``store_function`` (when set), and the server
+    starts the association (`start_association`, which keeps its count of connections
+    exact)."""
 
     def handle(self) -> None:
         try:
             assoc = self._create_association()
-            _serve_accepted(assoc, getattr(self.server, "store_function", None))
+            _serve_accepted(assoc, self.server.store_function)
             evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
-            assoc.start()
-        finally:
-            started = getattr(self.server, "association_started", None)
-            if started is not None:
-                started()
+        except BaseException:
+            self.server.start_association(None)
+            raise
+        self.server.start_association(assoc)

@@ -155,13 +155,21 @@ class _Server(ThreadedAssociationServer):
             self._pending += 1
         super().process_request(request, client_address)
 
-    def association_started(self) -> None:
+    def start_association(self, assoc: Any | None) -> None:
+        """Start the association of a taken connection (None: it failed before it had one).
+        The connection stops counting as pending as its association starts counting as
+        active, so that `load` counts it once, never twice or not at all."""
         with self._pending_lock:
-            self._pending -= 1
+            try:
+                if assoc is not None:
+                    assoc.start()
+            finally:
+                self._pending -= 1
 
     def load(self) -> int:
         """Connections this process serves now (associations, and those about to be)."""
-        return len(self.active_associations) + self._pending
+        with self._pending_lock:
+            return len(self.active_associations) + self._pending
 
 
 class _HandedServer(_Server):
