@@ -17,7 +17,12 @@ from typing import Any
 from dicomnode import governance
 from dicomnode.archive import Archive, received
 from dicomnode.archive.blobs import PendingBlob
-from dicomnode.core.errors import DatasetMismatch, DicomnodeError, NotPermitted
+from dicomnode.core.errors import (
+    DatasetMismatch,
+    DicomnodeError,
+    NotPermitted,
+    StorageUnavailable,
+)
 from dicomnode.core.metrics import Metrics
 from dicomnode.core.model import IngestResult, LedgerKind, Source
 from dicomnode.core.times import utc_now
@@ -199,7 +204,8 @@ class Intake:
         """File again, through this one way in, the blobs whose index rows a power loss took
         (`Archive.unindexed_recent_blobs`); a blob that is now refused, held or in conflict
         with a stored object, or whose object was destroyed, leaves the archive's folders.
-        Returns how many were filed."""
+        One that cannot be filed for want of storage (quota, disk) stays where it is, for the
+        next start or `archive check`. Returns how many were filed."""
         filed = 0
         source = Source("recovery", "startup")
         unindexed = self.archive.unindexed_recent_blobs()
@@ -209,7 +215,10 @@ class Intake:
             try:
                 path = self.archive.blobs.absolute(relative)
                 result: IngestResult | None = self.receive_part10(path.read_bytes(), source)
-            except (DicomnodeError, OSError) as e:
+            except (StorageUnavailable, OSError) as e:
+                log.warning("an unindexed blob is kept, not filed yet: %s (%s)", relative, e)
+                continue
+            except DicomnodeError as e:
                 log.warning("an unindexed blob was not filed again: %s (%s)", relative, e)
                 result = None
             if result is not None and result.instance.blob_path == relative:

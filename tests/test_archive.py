@@ -525,6 +525,22 @@ def test_rows_a_power_loss_took_are_filed_again_from_their_blobs(archive, tmp_pa
     assert intake.recover_unindexed() == 0  # nothing left to file
 
 
+def test_a_blob_that_cannot_be_filed_again_for_want_of_storage_is_kept(archive, tmp_path):
+    intake = Intake(archive, Metrics())
+    ds = make_ct()
+    result = intake.receive_part10(part10(ds), SENDER)
+    blob = archive.blob_file(result.instance)
+    data = blob.read_bytes()
+    _lose_rows(archive, ds.SOPInstanceUID)
+    archive.quota_bytes = 1  # the archive is full now: nothing new may be written
+
+    assert intake.recover_unindexed() == 0
+    assert blob.read_bytes() == data  # the only copy of an object that was acknowledged
+    archive.quota_bytes = 0
+    assert intake.recover_unindexed() == 1
+    assert _rows(archive)[ds.SOPInstanceUID][0] == result.instance.blob_path
+
+
 def test_an_object_destroyed_before_the_power_loss_is_not_filed_again(archive):
     intake = Intake(archive, Metrics())
     kept, destroyed = make_ct(instance_number=1), make_ct(instance_number=2)

@@ -598,11 +598,11 @@ class Archive:
                 deletions = deletions.where(ledger.c.recorded_at >= since.isoformat())
             for detail in conn.execute(deletions).scalars():
                 destroyed |= set(json.loads(detail).get("sop_instance_uids", []))
-        unindexed = sorted(path for path in candidates if path not in indexed)
-        return UnindexedBlobs(
-            lost_rows=[p for p in unindexed if _blob_sop_instance_uid(p) not in destroyed],
-            destroyed=[p for p in unindexed if _blob_sop_instance_uid(p) in destroyed],
-        )
+        found = UnindexedBlobs(lost_rows=[], destroyed=[])
+        for path in sorted(set(candidates) - indexed):
+            kind = found.destroyed if _blob_sop_instance_uid(path) in destroyed else found.lost_rows
+            kind.append(path)
+        return found
 
     def senders(self, study_uid: str) -> set[str]:
         """The AE titles that sent objects of a study over DIMSE."""
