@@ -37,7 +37,7 @@ import tempfile
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -769,6 +769,64 @@ def settle_count(receiver: Receiver, expected: int, timeout: float) -> int:
     return count
 
 
+def _delete(directory: Path) -> None:
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+class StorageDisposal:
+    """Where the receivers' storage directories go after their runs: kept until the last
+    run is over (the default), or deleted at once.
+
+    On this machine's disk (ext4 without a journal) creating a file in a folder whose
+    block group had just lost a run's 1000 files took 0.14-0.16 ms instead of 0.007-0.009
+    ms, and stayed that slow for minutes (the kernel spent the time in ext4's
+    ``recently_deleted``: without a journal, ext4 passes over inodes freed shortly before).
+    Deleting each run's files before the next run made every receiver pay that for each
+    instance it stored, which a node receiving studies does not meet.
+    """
+
+    def __init__(self, at_once: bool) -> None:
+        self.at_once = at_once
+        self._kept: list[Path] = []
+
+    def dispose(self, directory: Path) -> None:
+        if self.at_once:
+            _delete(directory)
+        else:
+            self._kept.append(directory)
+
+    def finish(self) -> None:
+        """Delete what was kept."""
+        for directory in self._kept:
+            _delete(directory)
+        self._kept = []
+
+
+def file_creation_ms(scratch: Path, disposal: StorageDisposal, count: int = 500) -> float:
+    """Mean milliseconds to create an empty file in a new folder under ``scratch``, as the
+    receivers will (the folder goes to ``disposal``)."""
+    folder = Path(tempfile.mkdtemp(prefix="creation-probe-", dir=scratch))
+    started = time.perf_counter()
+    for n in range(count):
+        os.close(os.open(folder / f"{n}.probe", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    elapsed = time.perf_counter() - started
+    disposal.dispose(folder)
+    return elapsed / count * 1000
+
+
+def filesystem_type(path: Path) -> str:
+    """The type of the filesystem holding ``path`` (from /proc/mounts), or "unknown"."""
+    resolved = str(path.resolve()) + "/"
+    best, kind = "", "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/mounts").read_text().splitlines():
+            fields = line.split()
+            mount = fields[1].rstrip("/") + "/" if len(fields) > 2 else ""
+            if mount and resolved.startswith(mount) and len(mount) > len(best):
+                best, kind = mount, fields[2]
+    return kind
+
+
 def run_once(
     tools: Tools,
     receiver: Receiver,
@@ -777,10 +835,12 @@ def run_once(
     repetition: int,
     scratch: Path,
     keep: bool = False,
+    dispose: Callable[[Path], None] | None = None,
     quiet_cores: float = 0.3,
     quiet_timeout: float = 300.0,
 ) -> Sample:
     """Start ``receiver`` fresh, send the data set, verify, stop; return the sample.
+    Its storage directory goes to ``dispose`` afterwards (unless kept; default: deleted).
 
     Before the timed run it waits (see :func:`wait_for_quiet`) for the machine to be
     idle. ``other_cpu_s`` is the CPU that neither the receiver nor storescu nor this
@@ -857,7 +917,7 @@ def run_once(
         raise
     finally:
         if not keep:
-            shutil.rmtree(workdir, ignore_errors=True)
+            (dispose or _delete)(workdir)
         os.sync()
 
 
@@ -874,6 +934,7 @@ def measure(
     repetition: int,
     scratch: Path,
     args: argparse.Namespace,
+    disposal: StorageDisposal,
 ) -> Sample:
     """:func:`run_once`, retried when the receiver fails to start or the run was disturbed.
 
@@ -892,6 +953,7 @@ def measure(
                 repetition,
                 scratch,
                 keep=args.keep,
+                dispose=disposal.dispose,
                 quiet_cores=args.quiet_cores,
                 quiet_timeout=args.quiet_timeout,
             )
@@ -1146,6 +1208,7 @@ def render_report(
         f"- Each receiver is started fresh with an empty storage directory for each of "
         f"{args.repeats} repetitions per mode (runs interleaved across receivers), "
         "waited for with `echoscu`, and stopped afterwards; `sync` between runs.",
+        f"- Storage: {info.get('storage', 'not recorded')}.",
         "- Time: wall clock of the storescu run(s) only. MB = 10^6 bytes of the files "
         "sent. Receiver CPU = user+system CPU seconds of the receiver's process group "
         "during the storescu run(s) (system part in brackets), storescu CPU = the same "
@@ -1368,6 +1431,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "while the working tree is being edited)",
     )
     parser.add_argument("--keep", action="store_true", help="keep receivers' storage dirs")
+    parser.add_argument(
+        "--delete-each-run",
+        action="store_true",
+        help="delete each receiver's storage right after its run (less disk; see "
+        "StorageDisposal for why the default keeps them until the end)",
+    )
     return parser.parse_args(argv)
 
 
@@ -1408,6 +1477,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="runs-", dir=args.work_dir))
     info = machine_info(tools)
     info["dicomnode"] += f", {source_note}"
+    runs = args.repeats * len(receivers) * len(modes)
+    room_for_all = shutil.disk_usage(args.work_dir).free > 1.2 * runs * data.total_bytes + 2e9
+    disposal = StorageDisposal(at_once=args.delete_each_run or not room_for_all)
+    creation_ms = file_creation_ms(scratch, disposal)
+    info["storage"] = (
+        f"`{args.work_dir}` on {filesystem_type(args.work_dir)}; creating an empty file there "
+        f"took {creation_ms:.3f} ms before the first run; the receivers' storage directories "
+        + (
+            "were deleted after each run"
+            + ("" if args.delete_each_run else " (too little free disk to keep them all)")
+            if disposal.at_once
+            else "were kept until the last run was over"
+        )
+        + " (see `StorageDisposal` in bench/store_ingest.py)"
+    )
     log(
         f"{len(data.files)} files, {data.total_bytes / 1e6:.1f} MB; receivers {names}; "
         f"modes {modes}; {args.repeats} repetitions"
@@ -1418,7 +1502,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for rep in range(1, args.repeats + 1):
             for receiver in receivers:
                 for assoc in modes:
-                    sample = measure(tools, receiver, data, assoc, rep, scratch, args)
+                    sample = measure(tools, receiver, data, assoc, rep, scratch, args, disposal)
                     samples.append(sample)
                     log(
                         f"{receiver.name:9s} assoc={assoc} rep={rep}: {sample.seconds:6.2f} s "
@@ -1434,6 +1518,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 profile = summarize_collapsed(raw, search_paths=[snapshot, *sys.path])
     finally:
         # Runs with problems keep their directories (logs, storage); drop the rest.
+        disposal.finish()
         with contextlib.suppress(OSError):
             scratch.rmdir()
 
