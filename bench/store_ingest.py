@@ -37,7 +37,7 @@ import tempfile
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -769,49 +769,85 @@ def settle_count(receiver: Receiver, expected: int, timeout: float) -> int:
     return count
 
 
-def _delete(directory: Path) -> None:
-    shutil.rmtree(directory, ignore_errors=True)
+class StorageArea:
+    """Where each run's receiver keeps what it stores.
 
-
-class StorageDisposal:
-    """Where the receivers' storage directories go after their runs: kept until the last
-    run is over (the default), or deleted at once.
-
-    On this machine's disk (ext4 without a journal) creating a file in a folder whose
-    block group had just lost a run's 1000 files took 0.14-0.16 ms instead of 0.007-0.009
-    ms, and stayed that slow for minutes (the kernel spent the time in ext4's
-    ``recently_deleted``: without a journal, ext4 passes over inodes freed shortly before).
-    Deleting each run's files before the next run made every receiver pay that for each
-    instance it stored, which a node receiving studies does not meet.
+    ``fresh-ext4``: every run gets a new ext4 filesystem (mkfs defaults, so with a
+    journal) made in a sparse image file under the work directory and loop-mounted (needs
+    root), so that every receiver starts on the same empty disk. On this machine's root
+    filesystem (ext4 without a journal) what earlier runs did changed the cost of every file
+    a later run created: after a run's 1000 files were deleted, creating a file in that part
+    of the disk took 0.14-0.16 ms instead of 0.007-0.009 ms (the kernel's time went to
+    ext4's ``recently_deleted``), and with every run's files kept instead, storescp's later
+    runs took 1.0-1.7 s where its first took 0.63 s. ``directory``: a folder under the
+    work directory, deleted after the run.
     """
 
-    def __init__(self, at_once: bool) -> None:
-        self.at_once = at_once
-        self._kept: list[Path] = []
+    IMAGE_BYTES = 4 * 2**30
 
-    def dispose(self, directory: Path) -> None:
-        if self.at_once:
-            _delete(directory)
-        else:
-            self._kept.append(directory)
+    def __init__(self, kind: str, scratch: Path) -> None:
+        if kind == "auto":
+            kind = "fresh-ext4" if _can_mount_images() else "directory"
+        self.kind = kind
+        self.scratch = scratch
 
-    def finish(self) -> None:
-        """Delete what was kept."""
-        for directory in self._kept:
-            _delete(directory)
-        self._kept = []
+    def create(self, prefix: str) -> Path:
+        """An empty storage directory for one run."""
+        directory = Path(tempfile.mkdtemp(prefix=prefix, dir=self.scratch))
+        if self.kind == "fresh-ext4":
+            image = directory.with_suffix(".img")
+            with image.open("wb") as f:
+                f.truncate(self.IMAGE_BYTES)
+            try:
+                subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True)
+                subprocess.run(["mount", "-o", "loop", str(image), str(directory)], check=True)
+            except (OSError, subprocess.CalledProcessError):
+                image.unlink(missing_ok=True)
+                directory.rmdir()
+                raise
+        return directory
+
+    def release(self, directory: Path, keep: bool = False) -> None:
+        """Done with ``directory``: delete it, or with ``keep`` leave it (or its image)."""
+        if self.kind == "fresh-ext4":
+            image = directory.with_suffix(".img")
+            subprocess.run(["umount", str(directory)], check=False)
+            if keep:
+                log(f"  its storage is kept in {image} (mount -o loop {image} DIR)")
+                return
+            image.unlink(missing_ok=True)
+            directory.rmdir()
+        elif not keep:
+            shutil.rmtree(directory, ignore_errors=True)
+
+    def describe(self, creation_ms: float) -> str:
+        where = (
+            f"a new ext4 filesystem (mkfs.ext4 defaults, {self.IMAGE_BYTES // 2**30} GiB "
+            f"image, loop-mounted) for each run, on a {filesystem_type(self.scratch)} disk"
+            if self.kind == "fresh-ext4"
+            else f"a folder under `{self.scratch.parent}` ({filesystem_type(self.scratch)}) "
+            "for each run, deleted after it"
+        )
+        return (
+            f"{where}; creating an empty file there took {creation_ms:.3f} ms before the "
+            "first run (see `StorageArea` in bench/store_ingest.py)"
+        )
 
 
-def file_creation_ms(scratch: Path, disposal: StorageDisposal, count: int = 500) -> float:
-    """Mean milliseconds to create an empty file in a new folder under ``scratch``, as the
-    receivers will (the folder goes to ``disposal``)."""
-    folder = Path(tempfile.mkdtemp(prefix="creation-probe-", dir=scratch))
-    started = time.perf_counter()
-    for n in range(count):
-        os.close(os.open(folder / f"{n}.probe", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-    elapsed = time.perf_counter() - started
-    disposal.dispose(folder)
-    return elapsed / count * 1000
+def _can_mount_images() -> bool:
+    return os.geteuid() == 0 and all(shutil.which(t) for t in ("mkfs.ext4", "mount", "umount"))
+
+
+def file_creation_ms(storage: StorageArea, count: int = 500) -> float:
+    """Mean milliseconds to create an empty file in a new storage directory."""
+    folder = storage.create("creation-probe-")
+    try:
+        started = time.perf_counter()
+        for n in range(count):
+            os.close(os.open(folder / f"{n}.probe", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        return (time.perf_counter() - started) / count * 1000
+    finally:
+        storage.release(folder)
 
 
 def filesystem_type(path: Path) -> str:
@@ -833,14 +869,12 @@ def run_once(
     data: DataSet,
     associations: int,
     repetition: int,
-    scratch: Path,
+    storage: StorageArea,
     keep: bool = False,
-    dispose: Callable[[Path], None] | None = None,
     quiet_cores: float = 0.3,
     quiet_timeout: float = 300.0,
 ) -> Sample:
     """Start ``receiver`` fresh, send the data set, verify, stop; return the sample.
-    Its storage directory goes to ``dispose`` afterwards (unless kept; default: deleted).
 
     Before the timed run it waits (see :func:`wait_for_quiet`) for the machine to be
     idle. ``other_cpu_s`` is the CPU that neither the receiver nor storescu nor this
@@ -848,9 +882,7 @@ def run_once(
     work disturbed the measurement.
     """
     dirs = data.split_dir(associations)
-    workdir = Path(
-        tempfile.mkdtemp(prefix=f"{receiver.name}-{associations}-{repetition}-", dir=scratch)
-    )
+    workdir = storage.create(f"{receiver.name}-{associations}-{repetition}-")
     try:
         with receiver.running(workdir):
             assert receiver.proc is not None
@@ -916,8 +948,7 @@ def run_once(
         log(f"  receiver failed; its directory is kept: {workdir}")
         raise
     finally:
-        if not keep:
-            (dispose or _delete)(workdir)
+        storage.release(workdir, keep)
         os.sync()
 
 
@@ -932,9 +963,8 @@ def measure(
     data: DataSet,
     associations: int,
     repetition: int,
-    scratch: Path,
+    storage: StorageArea,
     args: argparse.Namespace,
-    disposal: StorageDisposal,
 ) -> Sample:
     """:func:`run_once`, retried when the receiver fails to start or the run was disturbed.
 
@@ -951,9 +981,8 @@ def measure(
                 data,
                 associations,
                 repetition,
-                scratch,
+                storage,
                 keep=args.keep,
-                dispose=disposal.dispose,
                 quiet_cores=args.quiet_cores,
                 quiet_timeout=args.quiet_timeout,
             )
@@ -1432,10 +1461,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--keep", action="store_true", help="keep receivers' storage dirs")
     parser.add_argument(
-        "--delete-each-run",
-        action="store_true",
-        help="delete each receiver's storage right after its run (less disk; see "
-        "StorageDisposal for why the default keeps them until the end)",
+        "--storage",
+        choices=("auto", "fresh-ext4", "directory"),
+        default="auto",
+        help="each run's storage: a new loop-mounted ext4 (needs root; 'auto' picks it when "
+        "it can) or a folder under --work-dir; see StorageArea",
     )
     return parser.parse_args(argv)
 
@@ -1477,21 +1507,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="runs-", dir=args.work_dir))
     info = machine_info(tools)
     info["dicomnode"] += f", {source_note}"
-    runs = args.repeats * len(receivers) * len(modes)
-    room_for_all = shutil.disk_usage(args.work_dir).free > 1.2 * runs * data.total_bytes + 2e9
-    disposal = StorageDisposal(at_once=args.delete_each_run or not room_for_all)
-    creation_ms = file_creation_ms(scratch, disposal)
-    info["storage"] = (
-        f"`{args.work_dir}` on {filesystem_type(args.work_dir)}; creating an empty file there "
-        f"took {creation_ms:.3f} ms before the first run; the receivers' storage directories "
-        + (
-            "were deleted after each run"
-            + ("" if args.delete_each_run else " (too little free disk to keep them all)")
-            if disposal.at_once
-            else "were kept until the last run was over"
-        )
-        + " (see `StorageDisposal` in bench/store_ingest.py)"
-    )
+    storage = StorageArea(args.storage, scratch)
+    info["storage"] = storage.describe(file_creation_ms(storage))
     log(
         f"{len(data.files)} files, {data.total_bytes / 1e6:.1f} MB; receivers {names}; "
         f"modes {modes}; {args.repeats} repetitions"
@@ -1502,7 +1519,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for rep in range(1, args.repeats + 1):
             for receiver in receivers:
                 for assoc in modes:
-                    sample = measure(tools, receiver, data, assoc, rep, scratch, args, disposal)
+                    sample = measure(tools, receiver, data, assoc, rep, storage, args)
                     samples.append(sample)
                     log(
                         f"{receiver.name:9s} assoc={assoc} rep={rep}: {sample.seconds:6.2f} s "
@@ -1518,7 +1535,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 profile = summarize_collapsed(raw, search_paths=[snapshot, *sys.path])
     finally:
         # Runs with problems keep their directories (logs, storage); drop the rest.
-        disposal.finish()
         with contextlib.suppress(OSError):
             scratch.rmdir()
 

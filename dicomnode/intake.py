@@ -202,10 +202,11 @@ class Intake:
 
     def recover_unindexed(self) -> int:
         """File again, through this one way in, the blobs whose index rows a power loss took
-        (`Archive.unindexed_recent_blobs`); a blob that is now refused, held or in conflict
-        with a stored object, or whose object was destroyed, leaves the archive's folders.
-        One that cannot be filed for want of storage (quota, disk) stays where it is, for the
-        next start or `archive check`. Returns how many were filed."""
+        (`Archive.unindexed_recent_blobs`); a blob whose content does not match its name (left
+        incomplete by a power loss while it was placed), that is now refused, held or in
+        conflict with a stored object, or whose object was destroyed, leaves the archive's
+        folders. One that cannot be filed for want of storage (quota, disk) stays where it
+        is, for the next start or `archive check`. Returns how many were filed."""
         filed = 0
         source = Source("recovery", "startup")
         unindexed = self.archive.unindexed_recent_blobs()
@@ -213,6 +214,10 @@ class Intake:
             self.archive.blobs.delete(relative)
         for relative in unindexed.lost_rows:
             try:
+                if not self.archive.blob_matches_its_name(relative):
+                    log.warning("an unindexed blob is incomplete and was removed: %s", relative)
+                    self.archive.blobs.delete(relative)
+                    continue
                 path = self.archive.blobs.absolute(relative)
                 result: IngestResult | None = self.receive_part10(path.read_bytes(), source)
             except (StorageUnavailable, OSError) as e:

@@ -3,6 +3,7 @@ refused input that leaves everything as it was. Runs on SQLite and PostgreSQL.""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import threading
@@ -196,6 +197,79 @@ def test_a_begun_blob_is_visible_only_once_placed_and_abandoning_it_leaves_nothi
     refused.abandon()
     refused.abandon()
     assert file_paths(blobs) == [blobs / "1.2/3.4/5.6.dcm"]
+
+
+def test_a_blob_gets_its_name_before_its_data_is_synced_so_one_commit_makes_both_durable(
+    archive, monkeypatch
+):
+    """Linking first lets a journaling filesystem make the data and the new name durable in
+    one commit (syncing first and renaming after took two); the directory is synced last."""
+    from dicomnode.archive import blobs as blob_module
+
+    target = archive.blobs.root / "1.2/3.4/5.6.dcm"
+    steps: list[str] = []
+    sync_data, fsync_directory = blob_module._sync_data, blob_module.fsync_directory
+
+    def recording_sync_data(fd: int) -> None:
+        steps.append("data synced, named" if target.exists() else "data synced, unnamed")
+        sync_data(fd)
+
+    def recording_fsync_directory(directory: Path) -> None:
+        steps.append(f"directory {directory.relative_to(archive.blobs.root)} synced")
+        fsync_directory(directory)
+
+    monkeypatch.setattr(blob_module, "_sync_data", recording_sync_data)
+    monkeypatch.setattr(blob_module, "fsync_directory", recording_fsync_directory)
+    archive.begin_blob([b"an ", b"object"]).place("1.2/3.4/5.6.dcm")
+
+    assert steps == [
+        "data synced, named",
+        "directory 1.2/3.4 synced",
+        "directory 1.2 synced",  # the folders the blob created
+        "directory . synced",
+    ]
+    assert target.read_bytes() == b"an object"
+    assert list(archive.blobs.tmp.iterdir()) == []
+
+
+def test_an_identical_re_send_keeps_the_stored_file_itself(archive):
+    """A file already at a blob's path has the same content (the name carries its hash): it
+    is synced and kept, never replaced by a file whose data is not on disk yet."""
+    intake = Intake(archive, Metrics())
+    ds = make_ct()
+    first = intake.receive_part10(part10(ds), SENDER)
+    stored = archive.blob_file(first.instance)
+    inode, data = stored.stat().st_ino, stored.read_bytes()
+
+    again = intake.receive_part10(part10(ds), SENDER)
+    assert again.outcome == "duplicate"
+    assert stored.stat().st_ino == inode and stored.read_bytes() == data
+    assert list(archive.blobs.tmp.iterdir()) == []
+
+
+def test_without_hard_links_a_blob_is_synced_then_renamed(archive, monkeypatch):
+    """Some network filesystems have no hard links: there the data is synced before the
+    file gets its name, as a rename needs."""
+    from dicomnode.archive import blobs as blob_module
+
+    def no_hard_links(_source: Path, _target: Path) -> None:
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    target = archive.blobs.root / "1.2/3.4/5.6.dcm"
+    steps: list[str] = []
+    sync_data = blob_module._sync_data
+
+    def recording_sync_data(fd: int) -> None:
+        steps.append("data synced, named" if target.exists() else "data synced, unnamed")
+        sync_data(fd)
+
+    monkeypatch.setattr(os, "link", no_hard_links)
+    monkeypatch.setattr(blob_module, "_sync_data", recording_sync_data)
+    archive.begin_blob([b"an ", b"object"]).place("1.2/3.4/5.6.dcm")
+
+    assert steps == ["data synced, unnamed"]
+    assert target.read_bytes() == b"an object"
+    assert list(archive.blobs.tmp.iterdir()) == []
 
 
 def test_temporary_files_made_ahead_are_used_by_later_blobs_and_removed_on_close(
@@ -539,6 +613,34 @@ def test_a_blob_that_cannot_be_filed_again_for_want_of_storage_is_kept(archive, 
     archive.quota_bytes = 0
     assert intake.recover_unindexed() == 1
     assert _rows(archive)[ds.SOPInstanceUID][0] == result.instance.blob_path
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(
+            lambda data: data[: -len(data) // 4] + bytes(len(data) // 4), id="tail-zeroed"
+        ),
+        pytest.param(lambda data: data[: len(data) // 2], id="half-written"),
+        pytest.param(lambda data: b"", id="empty"),
+    ],
+)
+def test_a_blob_a_power_loss_left_incomplete_is_removed_not_filed(archive, tmp_path, damage):
+    """A power loss while a blob is placed can leave its name on data that never reached the
+    disk (`PendingBlob.place`); its content then differs from the hash in its name, and
+    recovery removes it instead of filing what is left (the sender was never answered)."""
+    intake = Intake(archive, Metrics())
+    kept, interrupted = make_ct(instance_number=1), make_ct(instance_number=2)
+    intake.receive_part10(part10(kept), SENDER)
+    result = intake.receive_part10(part10(interrupted), SENDER)
+    blob = archive.blob_file(result.instance)
+    blob.write_bytes(damage(blob.read_bytes()))
+    _lose_rows(archive, interrupted.SOPInstanceUID)
+
+    assert intake.recover_unindexed() == 0
+    assert not blob.exists()
+    assert set(_rows(archive)) == {kept.SOPInstanceUID}
+    assert archive.check().ok
 
 
 def test_an_object_destroyed_before_the_power_loss_is_not_filed_again(archive):

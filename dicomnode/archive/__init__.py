@@ -123,6 +123,18 @@ class Archive:
         )
         return base.removesuffix(".dcm") + f".{received.sha256[:16]}.dcm"
 
+    def blob_matches_its_name(self, relative: str) -> bool:
+        """Whether a blob's data set has the SHA-256 its name begins (`_blob_path`): not so
+        for one a power loss left incomplete (`PendingBlob.place`). Raises OSError when the
+        file cannot be read."""
+        named = relative.rsplit("/", 1)[-1].removesuffix(".dcm").rsplit(".", 1)[-1]
+        try:
+            return dataset_sha256(self.blobs.absolute(relative))[:16] == named
+        except OSError:
+            raise
+        except Exception:  # not even a File Meta group: pydicom's errors vary
+            return False
+
     def _stored(self, received: ReceivedObject, blob_path: str) -> StoredInstance:
         return StoredInstance(
             sop_instance_uid=received.sop_instance_uid,
