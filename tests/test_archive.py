@@ -202,7 +202,7 @@ def test_a_begun_blob_is_visible_only_once_placed_and_abandoning_it_leaves_nothi
 def test_a_blob_gets_its_name_before_its_data_is_synced_so_one_commit_makes_both_durable(
     archive, monkeypatch
 ):
-    """Linking first lets a journaling filesystem make the data and the new name durable in
+    """Naming first lets a journaling filesystem make the data and the new name durable in
     one commit (syncing first and renaming after took two); the directory is synced last."""
     from dicomnode.archive import blobs as blob_module
 
@@ -211,7 +211,9 @@ def test_a_blob_gets_its_name_before_its_data_is_synced_so_one_commit_makes_both
     sync_data, fsync_directory = blob_module._sync_data, blob_module.fsync_directory
 
     def recording_sync_data(fd: int) -> None:
-        steps.append("data synced, named" if target.exists() else "data synced, unnamed")
+        named = "named" if target.exists() else "unnamed"
+        temporary = "a temporary name left" if any(archive.blobs.tmp.iterdir()) else "no other"
+        steps.append(f"data synced, {named}, {temporary}")
         sync_data(fd)
 
     def recording_fsync_directory(directory: Path) -> None:
@@ -223,7 +225,7 @@ def test_a_blob_gets_its_name_before_its_data_is_synced_so_one_commit_makes_both
     archive.begin_blob([b"an ", b"object"]).place("1.2/3.4/5.6.dcm")
 
     assert steps == [
-        "data synced, named",
+        "data synced, named, no other",  # an unlink after the sync would take a commit too
         "directory 1.2/3.4 synced",
         "directory 1.2 synced",  # the folders the blob created
         "directory . synced",

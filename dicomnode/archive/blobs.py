@@ -118,6 +118,7 @@ class PendingBlob:
             _sync_data(fd)
             return _put_into(os.replace, self._tmp, target)
         try:
+            self._tmp.unlink()  # before the sync, or syncing the directory takes another commit
             _sync_data(fd)
         except BaseException:
             target.unlink(missing_ok=True)  # never leave a name on data not known to be on disk
