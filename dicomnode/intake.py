@@ -226,10 +226,10 @@ class Intake:
             except DicomnodeError as e:
                 log.warning("an unindexed blob was not filed again: %s (%s)", relative, e)
                 result = None
-            if result is not None and result.instance.blob_path == relative:
+            if result is not None and result.outcome in ("stored", "replaced"):
                 filed += 1
-            else:
-                self.archive.blobs.delete(relative)
+            if result is None or result.instance.blob_path != relative:
+                self.archive.blobs.delete(relative)  # refused, held, a duplicate, or renamed
         if filed:
             log.warning(
                 "filed again %d blobs whose index rows were lost (power loss?)",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import struct
 import threading
 import time
 from datetime import UTC, datetime
@@ -234,42 +235,66 @@ def test_a_blob_gets_its_name_before_its_data_is_synced_so_one_commit_makes_both
     assert list(archive.blobs.tmp.iterdir()) == []
 
 
-def test_an_identical_re_send_keeps_the_stored_file_itself(archive):
+def test_an_identical_re_send_keeps_the_stored_file_itself(archive, monkeypatch):
     """A file already at a blob's path has the same content (the name carries its hash): it
     is synced and kept, never replaced by a file whose data is not on disk yet."""
+    from dicomnode.archive import blobs as blob_module
+
     intake = Intake(archive, Metrics())
     ds = make_ct()
     first = intake.receive_part10(part10(ds), SENDER)
     stored = archive.blob_file(first.instance)
     inode, data = stored.stat().st_ino, stored.read_bytes()
 
+    synced_inodes: list[int] = []
+    sync_data = blob_module._sync_data
+
+    def recording_sync_data(fd: int) -> None:
+        synced_inodes.append(os.fstat(fd).st_ino)
+        sync_data(fd)
+
+    monkeypatch.setattr(blob_module, "_sync_data", recording_sync_data)
     again = intake.receive_part10(part10(ds), SENDER)
     assert again.outcome == "duplicate"
     assert stored.stat().st_ino == inode and stored.read_bytes() == data
+    assert synced_inodes == [inode]  # its writer may not have synced it yet
     assert list(archive.blobs.tmp.iterdir()) == []
 
 
 def test_without_hard_links_a_blob_is_synced_then_renamed(archive, monkeypatch):
     """Some network filesystems have no hard links: there the data is synced before the
-    file gets its name, as a rename needs."""
+    file gets its name, as a rename needs, and the folders made for the failed link are
+    synced all the same."""
     from dicomnode.archive import blobs as blob_module
 
-    def no_hard_links(_source: Path, _target: Path) -> None:
+    def no_hard_links(source: Path, target: Path) -> None:
+        if not Path(target).parent.exists():
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory")  # asked first
         raise PermissionError(errno.EPERM, "Operation not permitted")
 
     target = archive.blobs.root / "1.2/3.4/5.6.dcm"
     steps: list[str] = []
-    sync_data = blob_module._sync_data
+    sync_data, fsync_directory = blob_module._sync_data, blob_module.fsync_directory
 
     def recording_sync_data(fd: int) -> None:
         steps.append("data synced, named" if target.exists() else "data synced, unnamed")
         sync_data(fd)
 
+    def recording_fsync_directory(directory: Path) -> None:
+        steps.append(f"directory {directory.relative_to(archive.blobs.root)} synced")
+        fsync_directory(directory)
+
     monkeypatch.setattr(os, "link", no_hard_links)
     monkeypatch.setattr(blob_module, "_sync_data", recording_sync_data)
+    monkeypatch.setattr(blob_module, "fsync_directory", recording_fsync_directory)
     archive.begin_blob([b"an ", b"object"]).place("1.2/3.4/5.6.dcm")
 
-    assert steps == ["data synced, unnamed"]
+    assert steps == [
+        "data synced, unnamed",
+        "directory 1.2/3.4 synced",
+        "directory 1.2 synced",
+        "directory . synced",
+    ]
     assert target.read_bytes() == b"an object"
     assert list(archive.blobs.tmp.iterdir()) == []
 
@@ -314,18 +339,29 @@ def test_a_c_store_leaves_the_next_objects_temporary_file_to_after_its_answer(ar
     assert spare.stat().st_size == 0
 
 
-def test_a_blob_that_cannot_be_placed_leaves_no_temporary_file(archive, monkeypatch):
+def test_a_blob_whose_data_cannot_be_synced_is_refused_and_filed_at_the_next_start(
+    archive, monkeypatch
+):
+    """A failing sync refuses the object but leaves the file under its name (an identical
+    object placed meanwhile may have taken it as its own); unindexed, the next start files
+    it again, or removes it if it is incomplete."""
     from dicomnode.archive import blobs as blob_module
     from dicomnode.core.errors import StorageUnavailable
 
     def disk_failure(_fd: int) -> None:
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(blob_module, "_sync_data", disk_failure)
-    with pytest.raises(StorageUnavailable):
-        archive.store(from_part10(part10(make_ct())), SENDER)
-    assert file_paths(archive.blobs.root) == []
+    intake = Intake(archive, Metrics())
+    with monkeypatch.context() as failing:
+        failing.setattr(blob_module, "_sync_data", disk_failure)
+        with pytest.raises(StorageUnavailable):
+            intake.receive_part10(part10(make_ct()), SENDER)
+    assert list(archive.blobs.tmp.iterdir()) == []
     assert archive.counts()["instances"] == 0
+    assert len(archive.check().unindexed_blobs) == 1
+
+    assert intake.recover_unindexed() == 1
+    assert archive.counts()["instances"] == 1 and archive.check().ok
 
 
 def test_leftovers_of_an_interrupted_write_are_discarded_at_start(tmp_path, database_url):
@@ -643,6 +679,31 @@ def test_a_blob_a_power_loss_left_incomplete_is_removed_not_filed(archive, tmp_p
     assert not blob.exists()
     assert set(_rows(archive)) == {kept.SOPInstanceUID}
     assert archive.check().ok
+
+
+def test_a_complete_blob_whose_data_set_starts_with_group_2_elements_is_filed_again(archive):
+    """Some senders put File Meta elements at the start of a C-STORE data set. The node files
+    the data set as received and its hash covers them: recovery must read it the same way
+    (after the File Meta group's declared length), not take the blob for an incomplete one.
+    Filed again as a Part 10 file, those elements count as File Meta (a new hash and name);
+    the file's bytes stay the same."""
+    intake = Intake(archive, Metrics())
+    received = from_part10(part10(make_ct()))
+    source_ae_title = struct.pack("<HH2sH", 0x0002, 0x0016, b"AE", 6) + b"MODAL "
+    result = intake.receive_dimse(
+        source_ae_title + received.dataset_bytes,
+        received.transfer_syntax_uid,
+        received.sop_class_uid,
+        received.sop_instance_uid,
+        SENDER,
+    )
+    blob_bytes = archive.blob_file(result.instance).read_bytes()
+    _lose_rows(archive, received.sop_instance_uid)
+
+    assert intake.recover_unindexed() == 1
+    (again,) = archive.find_instances(Level.IMAGE, (("SOPInstanceUID", received.sop_instance_uid),))
+    assert archive.blob_file(again).read_bytes() == blob_bytes  # every byte as received
+    assert archive.check(verify_hashes=True).ok
 
 
 def test_an_object_destroyed_before_the_power_loss_is_not_filed_again(archive):

@@ -27,7 +27,7 @@ from dicomnode.archive import migrations, query, schema
 from dicomnode.archive.blobs import FileBlobStore, PendingBlob
 from dicomnode.archive.index import Index, create_index_engine
 from dicomnode.archive.ledger import Ledger
-from dicomnode.archive.received import ReceivedObject, dataset_sha256
+from dicomnode.archive.received import ReceivedObject, dataset_sha256s
 from dicomnode.archive.registry import HeldObject, Registry
 from dicomnode.core.errors import (
     DuplicateConflict,
@@ -128,8 +128,11 @@ class Archive:
         for one a power loss left incomplete (`PendingBlob.place`). Raises OSError when the
         file cannot be read."""
         named = relative.rsplit("/", 1)[-1].removesuffix(".dcm").rsplit(".", 1)[-1]
+        if len(named) != 16 or not set(named) <= set("0123456789abcdef"):
+            return True  # a name without a hash: nothing to judge by
         try:
-            return dataset_sha256(self.blobs.absolute(relative))[:16] == named
+            hashes = dataset_sha256s(self.blobs.absolute(relative))
+            return any(sha256[:16] == named for sha256 in hashes)
         except OSError:
             raise
         except Exception:  # not even a File Meta group: pydicom's errors vary
@@ -574,7 +577,7 @@ class Archive:
         corrupt = []
         if verify_hashes:
             for blob_path in sorted(set(rows) & on_disk):
-                if dataset_sha256(self.blobs.absolute(blob_path)) != rows[blob_path]:
+                if rows[blob_path] not in dataset_sha256s(self.blobs.absolute(blob_path)):
                     corrupt.append(blob_path)
         if repair:
             for blob_path in unindexed:

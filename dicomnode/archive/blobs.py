@@ -92,8 +92,9 @@ class PendingBlob:
         fd, self._fd = self._fd, None
         assert fd is not None
         target = self._store.absolute(relative)
+        created: list[Path] = []
         try:
-            created = self._name(fd, target)
+            self._name(fd, target, created)
         finally:
             os.close(fd)
             self._tmp.unlink(missing_ok=True)
@@ -101,30 +102,34 @@ class PendingBlob:
         for folder in created:
             fsync_directory(folder.parent)
 
-    def _name(self, fd: int, target: Path) -> list[Path]:
-        """Give the file open as `fd` the name `target` and sync its data (see `place`);
-        the folders created."""
-        try:
-            created = _put_into(os.link, self._tmp, target)
-        except FileExistsError:
-            existing = _open_for_sync(target)  # the same content, perhaps not synced yet
+    def _name(self, fd: int, target: Path, created: list[Path]) -> None:
+        """Give the file open as `fd` the name `target` and sync its data (see `place`),
+        adding the folders made on the way to `created`. A failing sync leaves the name: a
+        placer of the same content may have taken the file as its own meanwhile; unindexed,
+        it is filed again or removed at the next start (`Intake.recover_unindexed`)."""
+        for _attempt in range(3):
             try:
-                _sync_data(existing)
-            finally:
-                os.close(existing)
-            return []
-        except OSError as e:
-            if e.errno not in _NO_HARD_LINKS:
-                raise
-            _sync_data(fd)
-            return _put_into(os.replace, self._tmp, target)
-        try:
+                _put_into(os.link, self._tmp, target, created)
+            except FileExistsError:
+                try:
+                    existing = _open_for_sync(target)  # the same content, perhaps not synced
+                except FileNotFoundError:
+                    continue  # deleted meanwhile: this file takes the name after all
+                try:
+                    _sync_data(existing)
+                finally:
+                    os.close(existing)
+                return
+            except OSError as e:
+                if e.errno not in _NO_HARD_LINKS:
+                    raise
+                _sync_data(fd)
+                _put_into(os.replace, self._tmp, target, created)
+                return
             self._tmp.unlink()  # before the sync, or syncing the directory takes another commit
             _sync_data(fd)
-        except BaseException:
-            target.unlink(missing_ok=True)  # never leave a name on data not known to be on disk
-            raise
-        return created
+            return
+        raise FileNotFoundError(f"{target} kept appearing and vanishing")
 
     def abandon(self) -> None:
         if self._placed:
@@ -292,15 +297,16 @@ def _write_all(fd: int, chunks: Sequence[bytes]) -> None:
             view = view[os.write(fd, view) :]
 
 
-def _put_into(move: Callable[[Path, Path], None], tmp: Path, target: Path) -> list[Path]:
+def _put_into(
+    move: Callable[[Path, Path], None], tmp: Path, target: Path, created: list[Path]
+) -> None:
     """Give `tmp` the name `target` with `move` (os.link or os.replace), creating the folders
     it needs (the first blob of a series, or one whose folder another process just emptied
-    and removed); returns those created."""
-    created: list[Path] = []
+    and removed) and adding them to `created`, also when the move fails after that."""
     for _attempt in range(3):
         try:
             move(tmp, target)
-            return created
+            return
         except FileNotFoundError:
             if not tmp.exists():
                 raise
@@ -310,7 +316,6 @@ def _put_into(move: Callable[[Path, Path], None], tmp: Path, target: Path) -> li
             folder = folder.parent
         target.parent.mkdir(parents=True, exist_ok=True)
     move(tmp, target)
-    return created
 
 
 def _open_for_sync(path: Path) -> int:

@@ -235,10 +235,19 @@ def from_part10(file_bytes: bytes) -> ReceivedObject:
     return _build(meta_bytes, file_bytes[dataset_offset:], ts)
 
 
-def dataset_sha256(path: Path) -> str:
-    """The SHA-256 of a stored file's data set (the bytes after its File Meta group)."""
+def dataset_sha256s(path: Path) -> set[str]:
+    """The SHA-256 of a stored file's data set (the bytes after its File Meta group), for each
+    place the group may end: where its (0002,0000) Group Length says (as the node writes the
+    group of a C-STORE), and after the last group-0002 element (as a Part 10 file is split on
+    arrival; the two differ when a data set starts with group-0002 elements). Raises OSError,
+    or another exception when the file has no File Meta group."""
     data = path.read_bytes()
+    start = 132 if data[128:132] == b"DICM" else 0
     buffer = BytesIO(data)
-    buffer.seek(132 if data[128:132] == b"DICM" else 0)
-    pydicom.filereader._read_file_meta_info(buffer)
-    return hashlib.sha256(data[buffer.tell() :]).hexdigest()
+    buffer.seek(start)
+    meta = pydicom.filereader._read_file_meta_info(buffer)
+    offsets = {buffer.tell()}
+    group_length = meta.get("FileMetaInformationGroupLength")
+    if isinstance(group_length, int) and data[start : start + 6] == b"\x02\x00\x00\x00UL":
+        offsets.add(start + 12 + group_length)
+    return {hashlib.sha256(data[offset:]).hexdigest() for offset in offsets}
