@@ -80,12 +80,12 @@ class PendingBlob:
         The name is given (and the temporary one removed) before the data is synced so that,
         on a journaling filesystem, one commit makes all durable (syncing first and renaming
         after took two: on a fresh ext4, 1000 CT objects over one association took 3.7 s
-        instead of 2.8, bench/RESULTS.md). A power loss before the sync can
-        leave an incomplete file at `relative`; it has no index row yet (the index is
-        written after `place`), and recovery at start-up deletes it, as its content does not
-        match the SHA-256 in its name. A file already at `relative` has the same content
-        (blob names carry it): it is kept, and synced in case its writer has not yet done so.
-        Where the filesystem has no hard links, the file is synced and then renamed."""
+        instead of 2.8, bench/RESULTS.md). A power loss before the sync can leave an
+        incomplete file at `relative`; it has no index row yet (the index is written after
+        `place`), and recovery at start-up deletes it, as its content does not match the
+        SHA-256 in its name. A file already at `relative` has the same content (blob names
+        carry it): it is kept, and synced in case its writer has not yet done so. Where the
+        filesystem has no hard links, the file is synced and then renamed."""
         if self._placed:
             raise ValueError("the blob was already placed or abandoned")
         self._placed = True
