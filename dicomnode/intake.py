@@ -214,12 +214,12 @@ class Intake:
             self.archive.blobs.delete(relative)
         for relative in unindexed.lost_rows:
             try:
-                if not self.archive.blob_matches_its_name(relative):
+                data = self.archive.blobs.absolute(relative).read_bytes()
+                if not self.archive.blob_matches_its_name(relative, data):
                     log.warning("an unindexed blob is incomplete and was removed: %s", relative)
                     self.archive.blobs.delete(relative)
                     continue
-                path = self.archive.blobs.absolute(relative)
-                result: IngestResult | None = self.receive_part10(path.read_bytes(), source)
+                result: IngestResult | None = self.receive_part10(data, source)
             except (StorageUnavailable, OSError) as e:
                 log.warning("an unindexed blob is kept, not filed yet: %s (%s)", relative, e)
                 continue

@@ -200,14 +200,11 @@ def test_a_begun_blob_is_visible_only_once_placed_and_abandoning_it_leaves_nothi
     assert file_paths(blobs) == [blobs / "1.2/3.4/5.6.dcm"]
 
 
-def test_a_blob_gets_its_name_before_its_data_is_synced_so_one_commit_makes_both_durable(
-    archive, monkeypatch
-):
-    """Naming first lets a journaling filesystem make the data and the new name durable in
-    one commit (syncing first and renaming after took two); the directory is synced last."""
+def record_placing_steps(archive, target: Path, monkeypatch) -> list[str]:
+    """The data syncs (was `target` named yet, was a temporary name left) and directory
+    syncs of the blob store, in order, from now on."""
     from dicomnode.archive import blobs as blob_module
 
-    target = archive.blobs.root / "1.2/3.4/5.6.dcm"
     steps: list[str] = []
     sync_data, fsync_directory = blob_module._sync_data, blob_module.fsync_directory
 
@@ -223,6 +220,16 @@ def test_a_blob_gets_its_name_before_its_data_is_synced_so_one_commit_makes_both
 
     monkeypatch.setattr(blob_module, "_sync_data", recording_sync_data)
     monkeypatch.setattr(blob_module, "fsync_directory", recording_fsync_directory)
+    return steps
+
+
+def test_a_blob_gets_its_name_before_its_data_is_synced_so_one_commit_makes_both_durable(
+    archive, monkeypatch
+):
+    """Naming first lets a journaling filesystem make the data and the new name durable in
+    one commit (syncing first and renaming after took two); the directory is synced last."""
+    target = archive.blobs.root / "1.2/3.4/5.6.dcm"
+    steps = record_placing_steps(archive, target, monkeypatch)
     archive.begin_blob([b"an ", b"object"]).place("1.2/3.4/5.6.dcm")
 
     assert steps == [
@@ -265,7 +272,6 @@ def test_without_hard_links_a_blob_is_synced_then_renamed(archive, monkeypatch):
     """Some network filesystems have no hard links: there the data is synced before the
     file gets its name, as a rename needs, and the folders made for the failed link are
     synced all the same."""
-    from dicomnode.archive import blobs as blob_module
 
     def no_hard_links(source: Path, target: Path) -> None:
         if not Path(target).parent.exists():
@@ -273,24 +279,12 @@ def test_without_hard_links_a_blob_is_synced_then_renamed(archive, monkeypatch):
         raise PermissionError(errno.EPERM, "Operation not permitted")
 
     target = archive.blobs.root / "1.2/3.4/5.6.dcm"
-    steps: list[str] = []
-    sync_data, fsync_directory = blob_module._sync_data, blob_module.fsync_directory
-
-    def recording_sync_data(fd: int) -> None:
-        steps.append("data synced, named" if target.exists() else "data synced, unnamed")
-        sync_data(fd)
-
-    def recording_fsync_directory(directory: Path) -> None:
-        steps.append(f"directory {directory.relative_to(archive.blobs.root)} synced")
-        fsync_directory(directory)
-
     monkeypatch.setattr(os, "link", no_hard_links)
-    monkeypatch.setattr(blob_module, "_sync_data", recording_sync_data)
-    monkeypatch.setattr(blob_module, "fsync_directory", recording_fsync_directory)
+    steps = record_placing_steps(archive, target, monkeypatch)
     archive.begin_blob([b"an ", b"object"]).place("1.2/3.4/5.6.dcm")
 
     assert steps == [
-        "data synced, unnamed",
+        "data synced, unnamed, a temporary name left",
         "directory 1.2/3.4 synced",
         "directory 1.2 synced",
         "directory . synced",

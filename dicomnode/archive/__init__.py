@@ -123,18 +123,15 @@ class Archive:
         )
         return base.removesuffix(".dcm") + f".{received.sha256[:16]}.dcm"
 
-    def blob_matches_its_name(self, relative: str) -> bool:
-        """Whether a blob's data set has the SHA-256 its name begins (`_blob_path`): not so
-        for one a power loss left incomplete (`PendingBlob.place`). Raises OSError when the
-        file cannot be read."""
-        named = relative.rsplit("/", 1)[-1].removesuffix(".dcm").rsplit(".", 1)[-1]
+    @staticmethod
+    def blob_matches_its_name(relative: str, data: bytes) -> bool:
+        """Whether a blob's bytes `data` hold a data set with the SHA-256 its name begins
+        (`_blob_path`): not so for one a power loss left incomplete (`PendingBlob.place`)."""
+        named = _blob_hash(relative)
         if len(named) != 16 or not set(named) <= set("0123456789abcdef"):
             return True  # a name without a hash: nothing to judge by
         try:
-            hashes = dataset_sha256s(self.blobs.absolute(relative))
-            return any(sha256[:16] == named for sha256 in hashes)
-        except OSError:
-            raise
+            return any(sha256[:16] == named for sha256 in dataset_sha256s(data))
         except Exception:  # not even a File Meta group: pydicom's errors vary
             return False
 
@@ -577,7 +574,8 @@ class Archive:
         corrupt = []
         if verify_hashes:
             for blob_path in sorted(set(rows) & on_disk):
-                if rows[blob_path] not in dataset_sha256s(self.blobs.absolute(blob_path)):
+                data = self.blobs.absolute(blob_path).read_bytes()
+                if rows[blob_path] not in dataset_sha256s(data):
                     corrupt.append(blob_path)
         if repair:
             for blob_path in unindexed:
@@ -663,6 +661,11 @@ __all__ = ["Archive"]
 def _blob_sop_instance_uid(relative: str) -> str:
     """The SOP Instance UID in a blob's name (``<study>/<series>/<uid>.<hash>.dcm``)."""
     return relative.rsplit("/", 1)[-1].rsplit(".", 2)[0]
+
+
+def _blob_hash(relative: str) -> str:
+    """The hash part of a blob's name (``<study>/<series>/<uid>.<hash>.dcm``)."""
+    return relative.rsplit("/", 1)[-1].rsplit(".", 2)[1]
 
 
 def _date(study_date: str | None) -> datetime | None:

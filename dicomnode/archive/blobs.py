@@ -35,6 +35,7 @@ from dicomnode.core.uids import validate_uid
 
 _sync_data = getattr(os, "fdatasync", os.fsync)  # the data and the size; no timestamps
 _OPEN_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+_OPEN_EXISTING = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
 _SYNC_FILE_RANGE_WRITE = 2  # Linux: start writing dirty pages out, do not wait
 _NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS}
 
@@ -112,7 +113,7 @@ class PendingBlob:
                 _put_into(os.link, self._tmp, target, created)
             except FileExistsError:
                 try:
-                    existing = _open_for_sync(target)  # the same content, perhaps not synced
+                    existing = os.open(target, _OPEN_EXISTING)  # same content, perhaps unsynced
                 except FileNotFoundError:
                     continue  # deleted meanwhile: this file takes the name after all
                 try:
@@ -204,7 +205,8 @@ class FileBlobStore:
     def placed(self, written_since: float = float("-inf"), outside: str = "") -> list[str]:
         """The blobs (``<study>/<series>/<name>.dcm``, relative) written at `written_since`
         (a Unix time) or later, not under the top folder `outside`; ``tmp/`` holds no blobs.
-        A series folder changed last before then is not listed (a rename into it changes it)."""
+        A series folder changed last before then is not listed (naming a blob in it changes
+        it)."""
         found: list[str] = []
         for study in _folders(self.root):
             if study.name in ("tmp", outside):
@@ -316,10 +318,6 @@ def _put_into(
             folder = folder.parent
         target.parent.mkdir(parents=True, exist_ok=True)
     move(tmp, target)
-
-
-def _open_for_sync(path: Path) -> int:
-    return os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
 
 
 def fsync_directory(directory: Path) -> None:

@@ -15,7 +15,6 @@ import struct
 import zlib
 from dataclasses import dataclass
 from io import BytesIO
-from pathlib import Path
 
 import pydicom
 from pydicom.charset import convert_encodings, default_encoding
@@ -235,13 +234,12 @@ def from_part10(file_bytes: bytes) -> ReceivedObject:
     return _build(meta_bytes, file_bytes[dataset_offset:], ts)
 
 
-def dataset_sha256s(path: Path) -> set[str]:
+def dataset_sha256s(data: bytes) -> set[str]:
     """The SHA-256 of a stored file's data set (the bytes after its File Meta group), for each
     place the group may end: where its (0002,0000) Group Length says (as the node writes the
     group of a C-STORE), and after the last group-0002 element (as a Part 10 file is split on
-    arrival; the two differ when a data set starts with group-0002 elements). Raises OSError,
-    or another exception when the file has no File Meta group."""
-    data = path.read_bytes()
+    arrival; the two differ when a data set starts with group-0002 elements). Raises an
+    exception (pydicom's vary) when the file has no File Meta group."""
     start = 132 if data[128:132] == b"DICM" else 0
     buffer = BytesIO(data)
     buffer.seek(start)
