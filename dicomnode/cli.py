@@ -410,13 +410,16 @@ def _subject(args: argparse.Namespace) -> int:
                 Source("cli", _who(args)),
                 Path(args.output),
                 node.stewardship.subject_context(args.patient_id),
+                issuer=args.issuer,
             )
             print(
                 f"{len(summary['files'])} DICOM files of {len(summary['studies'])} studies and "
                 f"a summary of {len(summary['disclosures'])} disclosures written to {args.output}"
             )
         else:
-            outcome = node.stewardship.erase_subject(args.patient_id, _who(args))
+            outcome = node.stewardship.erase_subject(
+                args.patient_id, _who(args), issuer=args.issuer
+            )
             print(outcome.reason, file=sys.stdout if outcome.done else sys.stderr)
             return 0 if outcome.done else 1
     return 0
@@ -770,7 +773,12 @@ def _governance_parsers(commands: Any) -> None:
         ("erase", "destroy the patient's data, unless a legal hold or retention duty applies"),
     ):
         sub = with_by(with_config(subject_commands.add_parser(name, help=text)))
-        sub.add_argument("--patient-id", required=True)
+        sub.add_argument("--patient-id", required=True, help="matched exactly, never a pattern")
+        if name in ("export", "erase"):
+            sub.add_argument(
+                "--issuer",
+                help="IssuerOfPatientID; needed when the ID is held under several issuers",
+            )
         if name == "restrict":
             sub.add_argument("--reason")
         if name == "export":

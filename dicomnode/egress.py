@@ -376,13 +376,21 @@ class Egress:
     # --- data-subject access (PIPA 35, GDPR 15/20) ------------------------------------------
 
     def export_subject(
-        self, patient_id: str, requester: Source, out_dir: Path, context: dict[str, Any]
+        self,
+        patient_id: str,
+        requester: Source,
+        out_dir: Path,
+        context: dict[str, Any],
+        issuer: str | None = None,
     ) -> dict[str, Any]:
         """Write every object of a patient (as stored) under `out_dir/DICOM/`, and a summary of
         what was done with the data and every disclosure of it (`summary.json`, and the same as
         readable text in `summary.txt`). `context` adds consents, restrictions and retention.
+        The patient is one exact identity (Patient ID and issuer, never a pattern).
         The export is a decision (subject access) recorded like any other; returns the summary."""
-        instances = self.archive.find_instances(Level.PATIENT, (("PatientID", patient_id),))
+        identity = self.archive.identify(patient_id, issuer)
+        patient_id = identity.patient_id
+        instances = self.archive.instances_of(identity)
         decision = self.decide(
             requester,
             "export",
@@ -427,13 +435,15 @@ class Egress:
                 disclosures.append(row)
             else:
                 processing.append(row)
+        others = self.archive.studies_of_others(identity)  # same ID, another issuer
         jobs = [
             job.as_dict()
-            for job in JobStore(self.archive.index).list(limit=10000)
-            if job.patient_id == patient_id
+            for job in JobStore(self.archive.index).list(patient_id=patient_id, limit=None)
+            if job.study_instance_uid not in others
         ]
         summary = {
             "patient_id": patient_id,
+            "issuer_of_patient_id": identity.issuer or "",
             "exported_at": self.clock().isoformat(),
             "policy_version": decision.policy_version,
             "studies": sorted({i.study_instance_uid for i in instances}),

@@ -20,6 +20,7 @@ from dicomnode import governance
 from dicomnode.archive import Archive
 from dicomnode.archive.keys import verify_json
 from dicomnode.archive.ledger import Checkpoint
+from dicomnode.archive.query import identity_keys
 from dicomnode.archive.registry import LegalHold, Restriction
 from dicomnode.core.errors import InvalidInput, NotFound, NotPermitted
 from dicomnode.core.model import (
@@ -497,35 +498,29 @@ class Stewardship:
 
     # --- erasure (PIPA 36, GDPR 17) -------------------------------------------------------
 
-    def erase_subject(self, patient_id: str, by: str) -> SubjectOutcome:
+    def erase_subject(self, patient_id: str, by: str, issuer: str | None = None) -> SubjectOutcome:
         """Destroy everything of a patient the node holds (studies, results, held objects,
         queued work), unless a legal hold or a legally required retention applies: then refuse
-        with the reason. Consent records and the ledger stay (they are the evidence). Either
-        way the request and its outcome are a ledger entry."""
+        with the reason. The patient is one exact identity (Patient ID and issuer, never a
+        pattern: `*` erases the patient whose ID is `*`). Consent records and the ledger stay
+        (they are the evidence). Either way the request and its outcome are a ledger entry."""
         if not patient_id.strip():
             raise InvalidInput("an erasure needs the patient's Patient ID")
+        identity = self.archive.identify(patient_id, issuer)
+        patient_id = identity.patient_id
         now = self.clock()
         registry = self.archive.registry
         policy = governance.policy_in_force(registry.published_policies(), now)
-        facts = [f for f in self._retention_facts(policy) if f.patient_id == patient_id]
+        mine = {i.study_instance_uid for i in self.archive.instances_of(identity)}
+        facts = [f for f in self._retention_facts(policy) if f.study_instance_uid in mine]
         held = registry.held(patient_id=patient_id)
-        reasons = []
         holds = {h.ref for h in registry.holds(active_only=True) if h.patient_id == patient_id}
-        holds |= {ref for f in facts for ref in f.holds}
-        if holds:
-            reasons.append(f"under legal hold {', '.join(sorted(holds))}")
-        for facts_of_study in facts:
-            for item in retention.retention_items(facts_of_study, policy, now):
-                if item.legal_basis and item.expires_at and item.expires_at > now:
-                    reasons.append(
-                        f"study {item.study_instance_uid} must be kept until "
-                        f"{item.expires_at:%Y-%m-%d} under {item.legal_basis} "
-                        f"(rule {item.rule_id})"
-                    )
+        reasons = self._reasons_to_keep(facts, policy, now, holds)
         studies = sorted(f.study_instance_uid for f in facts)
         detail: dict[str, Any] = {
             "request": "erase",
             "patient_ids": [patient_id],
+            "issuer_of_patient_id": identity.issuer or "",
             "study_instance_uids": studies,
             "policy_version": policy.version,
         }
@@ -541,7 +536,7 @@ class Stewardship:
             try:
                 removed = self.archive.delete(
                     Level.PATIENT,
-                    (("PatientID", patient_id),),
+                    identity_keys(identity),
                     by,
                     "erasure requested by the data subject",
                     {
@@ -560,7 +555,11 @@ class Stewardship:
             except NotFound:  # gone meanwhile
                 removed = []
         cancelled = registry.cancel_work(studies, "the data subject's data was erased", now)
-        cancelled |= {"records_removed": registry.purge_patient_records(patient_id)}
+        cancelled |= {
+            "records_removed": registry.purge_patient_records(
+                patient_id, self.archive.studies_of_others(identity)
+            )
+        }
         self._discard_held(held, by, "erase")
         changed = {"instances": len(removed), "held_objects": len(held), **cancelled}
         self.archive.ledger.record(LedgerKind.SUBJECT, by, "erased", detail | changed)
@@ -572,6 +571,92 @@ class Stewardship:
         return SubjectOutcome(
             True, f"erased {len(removed)} instances of {len(studies)} studies", changed
         )
+
+    @staticmethod
+    def _reasons_to_keep(
+        facts: list[StudyFacts], policy: governance.Policy, now: datetime, holds: set[str]
+    ) -> list[str]:
+        """Why these studies may not be destroyed on request: legal holds (`holds` plus those
+        covering the studies) and retention a law requires that has not run out."""
+        holds = holds | {ref for f in facts for ref in f.holds}
+        reasons = [f"under legal hold {', '.join(sorted(holds))}"] if holds else []
+        for facts_of_study in facts:
+            for item in retention.retention_items(facts_of_study, policy, now):
+                if item.legal_basis and item.expires_at and item.expires_at > now:
+                    reasons.append(
+                        f"study {item.study_instance_uid} must be kept until "
+                        f"{item.expires_at:%Y-%m-%d} under {item.legal_basis} "
+                        f"(rule {item.rule_id})"
+                    )
+        return reasons
+
+    # --- deletion on request (DICOMweb DELETE) ---------------------------------------------
+
+    def delete_on_request(
+        self, level: Level, keys: tuple[tuple[str, str], ...], requester: Source, reason: str
+    ) -> SubjectOutcome:
+        """Destroy a study, series or instance (selected by exact UIDs) because a client asked.
+        Governance decides as for erasure: a legal hold or a retention a law requires refuses
+        it. Both outcomes are ledger entries; an allowed deletion writes the destruction record
+        the retention sweep writes (with the recipients that hold copies). NotFound when
+        nothing matches."""
+        now = self.clock()
+        policy = governance.policy_in_force(self.archive.registry.published_policies(), now)
+        doomed = self.archive.find_instances_exactly(keys)
+        if not doomed:
+            raise NotFound(f"nothing matches {dict(keys)} at {level} level")
+        studies = {d.study_instance_uid for d in doomed}
+        patients = {d.patient_id for d in doomed}
+        facts = [f for f in self._retention_facts(policy) if f.study_instance_uid in studies]
+        holds = {
+            h.ref
+            for h in self.archive.registry.holds(active_only=True)
+            if h.patient_id in patients or h.study_instance_uid in studies
+        }
+        reasons = self._reasons_to_keep(facts, policy, now, holds)
+        detail: dict[str, Any] = {
+            "operation": "delete",
+            "request": f"{requester.protocol} DELETE",
+            "level": str(level),
+            "target": dict(keys),
+            "patient_ids": sorted(patients),
+            "study_instance_uids": sorted(studies),
+            "policy_version": policy.version,
+            "address": requester.address,
+        }
+        if reasons:
+            refusal = "deletion refused: " + "; ".join(reasons)
+            self.archive.ledger.record(
+                LedgerKind.DELETION, requester.caller, "refused", detail | {"reason": refusal}
+            )
+            return SubjectOutcome(False, refusal, {})
+        copies = self._recipients_with_copies(studies)
+        holding = [c for s in sorted(studies) for c in copies.get(s, [])]
+        try:
+            removed = self.archive.delete(
+                level,
+                keys,
+                requester.caller,
+                reason,
+                {
+                    "operation": "delete",
+                    "request": detail["request"],
+                    "policy_version": policy.version,
+                    "recipients_with_copies": holding,
+                },
+                unless_held=True,  # a hold placed since the check above still wins
+            )
+        except NotPermitted as e:
+            refusal = f"deletion refused: {e}"
+            self.archive.ledger.record(
+                LedgerKind.DELETION, requester.caller, "refused", detail | {"reason": refusal}
+            )
+            return SubjectOutcome(False, refusal, {})
+        if self.audit is not None and self.audit.source is not None:
+            self.audit.submit(
+                lambda: audit_events.deleted(requester, removed, reason, now, self.audit.source)
+            )
+        return SubjectOutcome(True, f"deleted {len(removed)} instances", {"instances": removed})
 
     def subject_context(self, patient_id: str) -> dict[str, Any]:
         """What a patient's export summary says besides the disclosures: consent history,

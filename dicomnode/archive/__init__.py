@@ -31,6 +31,7 @@ from dicomnode.archive.received import ReceivedObject, dataset_sha256s
 from dicomnode.archive.registry import HeldObject, Registry
 from dicomnode.core.errors import (
     DuplicateConflict,
+    InvalidInput,
     NotFound,
     NotPermitted,
     QuotaExceeded,
@@ -40,6 +41,7 @@ from dicomnode.core.model import (
     IngestResult,
     LedgerKind,
     Level,
+    PatientIdentity,
     Query,
     Source,
     StoredInstance,
@@ -384,6 +386,48 @@ class Archive:
         with self.index.read() as conn:
             return query.find_instances(conn, level, filters)
 
+    def identify(self, patient_id: str, issuer: str | None = None) -> PatientIdentity:
+        """The one person a data subject's request names. Without an issuer, the Patient ID
+        must be held under at most one issuer; under several, the request is ambiguous
+        (InvalidInput naming them) and must name the issuer."""
+        identity = PatientIdentity(patient_id, issuer)
+        if identity.issuer is not None:
+            return identity
+        with self.index.read() as conn:
+            issuers = query.issuers_of(conn, identity.patient_id)
+        if len(issuers) > 1:
+            named = ", ".join(repr(i) if i else "(none)" for i in issuers)
+            raise InvalidInput(
+                f"Patient ID {identity.patient_id!r} is held under several issuers ({named}): "
+                "name the IssuerOfPatientID"
+            )
+        return PatientIdentity(identity.patient_id, issuers[0]) if issuers else identity
+
+    def find_instances_exactly(self, keys: tuple[tuple[str, str], ...]) -> list[StoredInstance]:
+        """Every instance whose Patient ID/issuer/UIDs equal `keys` (never a pattern)."""
+        with self.index.read() as conn:
+            return query.find_instances_exactly(conn, keys)
+
+    def instances_of(self, identity: PatientIdentity) -> list[StoredInstance]:
+        """Every instance of this one person (exact Patient ID and issuer)."""
+        with self.index.read() as conn:
+            return query.find_instances_exactly(conn, query.identity_keys(identity))
+
+    def studies_of_others(self, identity: PatientIdentity) -> set[str]:
+        """Studies held under the same Patient ID by another issuer: another person's."""
+        p, st = schema.patients, schema.studies
+        with self.index.read() as conn:
+            return set(
+                conn.execute(
+                    select(st.c.study_instance_uid)
+                    .join(p, st.c.patient_pk == p.c.id)
+                    .where(
+                        p.c.patient_id == identity.patient_id,
+                        p.c.issuer_of_patient_id != (identity.issuer or ""),
+                    )
+                ).scalars()
+            )
+
     def delete(
         self,
         level: Level,
@@ -395,11 +439,12 @@ class Archive:
         unless_held: bool = False,
         received_before: datetime | None = None,
     ) -> list[StoredInstance]:
-        """Remove every instance under the entities matching `filters` at `level` (only those
-        the node's analyses produced, with `results_only`), with the series, studies and
-        patients left empty. A deletion entry goes into the ledger in the same transaction
-        (with `detail` added: the rule, the recipients that hold copies...); the blobs go after
-        it is committed, so nothing can retrieve them once the call returns.
+        """Remove every instance whose `filters` keys equal the given values exactly (a Patient
+        ID with its issuer, or a Study/Series/SOP Instance UID: never a query pattern) at
+        `level` (only those the node's analyses produced, with `results_only`), with the
+        series, studies and patients left empty. A deletion entry goes into the ledger in the
+        same transaction (with `detail` added: the rule, the recipients that hold copies...);
+        the blobs go after it is committed, so nothing can retrieve them once the call returns.
 
         `unless_held`: refuse (NotPermitted) when an active legal hold covers a patient or
         study of what would go, checked in the same transaction as the deletion.
@@ -407,7 +452,7 @@ class Archive:
         decision to delete was taken)."""
         i, se, st, p = schema.instances, schema.series, schema.studies, schema.patients
         with self.index.write() as conn:
-            doomed = query.find_instances(conn, level, filters)
+            doomed = query.find_instances_exactly(conn, filters)
             if received_before is not None and doomed:
                 late = set()
                 uids = [d.sop_instance_uid for d in doomed]

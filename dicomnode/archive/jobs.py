@@ -298,13 +298,22 @@ class JobStore:
         return _job(row)
 
     def list(
-        self, state: str | None = None, study_uid: str | None = None, limit: int = 100
+        self,
+        state: str | None = None,
+        study_uid: str | None = None,
+        limit: int | None = 100,
+        patient_id: str | None = None,
     ) -> list[Job]:
+        """Jobs, newest first; `patient_id` is matched exactly; `limit` None: all of them."""
         jobs = schema.analysis_jobs
-        query = select(jobs).order_by(jobs.c.id.desc()).limit(limit)
+        query = select(jobs).order_by(jobs.c.id.desc())
+        if limit is not None:
+            query = query.limit(limit)
         if state:
             query = query.where(jobs.c.state == state)
         if study_uid:
             query = query.where(jobs.c.study_instance_uid == study_uid)
+        if patient_id is not None:
+            query = query.where(jobs.c.patient_id == patient_id)
         with self.index.read() as conn:
             return [_job(row) for row in conn.execute(query)]

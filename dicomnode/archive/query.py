@@ -44,7 +44,7 @@ from dicomnode.archive.attributes import (
     levels_up_to,
 )
 from dicomnode.core.errors import InvalidInput
-from dicomnode.core.model import Level, Query, StoredInstance
+from dicomnode.core.model import Level, PatientIdentity, Query, StoredInstance
 from dicomnode.core.uids import validate_uid
 
 _TABLE = {
@@ -334,3 +334,64 @@ def find_instances(
         st.c.id, se.c.id, i.c.instance_number, i.c.id
     )
     return [StoredInstance(*row) for row in conn.execute(statement)]
+
+
+# Keys an exact selection may use: the identity of a person and the unique keys of the levels.
+_EXACT_COLUMNS = {
+    "PatientID": schema.patients.c.patient_id,
+    "IssuerOfPatientID": schema.patients.c.issuer_of_patient_id,
+    "StudyInstanceUID": schema.studies.c.study_instance_uid,
+    "SeriesInstanceUID": schema.series.c.series_instance_uid,
+    "SOPInstanceUID": schema.instances.c.sop_instance_uid,
+}
+
+
+def find_instances_exactly(
+    conn: Connection, keys: Iterable[tuple[str, str]]
+) -> list[StoredInstance]:
+    """Every stored instance whose attributes equal `keys` exactly: no wildcard, no list, no
+    range (`*` is the value `*`). What is destroyed or handed to a data subject is selected
+    this way, never with the query matcher."""
+    p, st, se, i = schema.patients, schema.studies, schema.series, schema.instances
+    conditions = []
+    for keyword, value in keys:
+        if keyword not in _EXACT_COLUMNS:
+            raise InvalidInput(f"{keyword} cannot select what to delete or export")
+        conditions.append(_EXACT_COLUMNS[keyword] == value)
+    if not conditions:
+        raise InvalidInput("an exact selection needs at least one key")
+    statement = (
+        select(
+            i.c.sop_instance_uid,
+            i.c.sop_class_uid,
+            se.c.series_instance_uid,
+            st.c.study_instance_uid,
+            p.c.patient_id,
+            i.c.transfer_syntax_uid,
+            i.c.blob_path,
+            i.c.size,
+            i.c.sha256,
+        )
+        .select_from(_joined(Level.IMAGE))
+        .where(*conditions)
+        .order_by(st.c.id, se.c.id, i.c.instance_number, i.c.id)
+    )
+    return [StoredInstance(*row) for row in conn.execute(statement)]
+
+
+def identity_keys(identity: PatientIdentity) -> tuple[tuple[str, str], ...]:
+    """The exact keys that select one person's objects (issuer included when named)."""
+    keys = (("PatientID", identity.patient_id),)
+    if identity.issuer is not None:
+        keys += (("IssuerOfPatientID", identity.issuer),)
+    return keys
+
+
+def issuers_of(conn: Connection, patient_id: str) -> list[str]:
+    """The issuers the archive holds this exact Patient ID under ("" for none recorded)."""
+    p = schema.patients
+    return sorted(
+        conn.execute(
+            select(p.c.issuer_of_patient_id).where(p.c.patient_id == patient_id).distinct()
+        ).scalars()
+    )

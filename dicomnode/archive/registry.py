@@ -731,19 +731,25 @@ class Registry:
             "analysis_units": removed_units,
         }
 
-    def purge_patient_records(self, patient_id: str) -> dict[str, int]:
+    def purge_patient_records(
+        self, patient_id: str, others_studies: set[str] | frozenset[str] = frozenset()
+    ) -> dict[str, int]:
         """Delete a patient's analysis job, unit and delivery records (erasure): they name the
-        patient and hold results. The ledger and the consent versions are kept."""
+        patient (exactly) and hold results; records of `others_studies` (the same Patient ID
+        under another issuer: another person) stay. The ledger and the consent versions are
+        kept."""
         jobs, units, d = schema.analysis_jobs, schema.analysis_units, schema.deliveries
+        others = sorted(others_studies)
+
+        def of_patient(table: Any) -> Any:
+            mine = table.c.patient_id == patient_id
+            return and_(mine, table.c.study_instance_uid.not_in(others)) if others else mine
+
         with self.index.write() as conn:
             return {
-                "analysis_jobs": conn.execute(
-                    delete(jobs).where(jobs.c.patient_id == patient_id)
-                ).rowcount,
-                "analysis_units": conn.execute(
-                    delete(units).where(units.c.patient_id == patient_id)
-                ).rowcount,
-                "deliveries": conn.execute(delete(d).where(d.c.patient_id == patient_id)).rowcount,
+                "analysis_jobs": conn.execute(delete(jobs).where(of_patient(jobs))).rowcount,
+                "analysis_units": conn.execute(delete(units).where(of_patient(units))).rowcount,
+                "deliveries": conn.execute(delete(d).where(of_patient(d))).rowcount,
             }
 
     # --- deliveries -------------------------------------------------------------------------

@@ -44,6 +44,27 @@ class Source:
 
 
 @dataclass(frozen=True)
+class PatientIdentity:
+    """One person as the archive knows them: a Patient ID, exactly, within the issuer that
+    assigned it. `issuer` None means "not named by the requester": it then stands for the one
+    issuer the archive holds that ID under (see `Archive.identify`). Never a query pattern:
+    `*` is the Patient ID `*`, not everyone."""
+
+    patient_id: str
+    issuer: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.patient_id, str) or not self.patient_id.strip():
+            raise ValueError("patient_id: a person is named by a non-empty Patient ID")
+        object.__setattr__(self, "patient_id", self.patient_id.strip())
+        if self.issuer is not None:
+            object.__setattr__(self, "issuer", self.issuer.strip())
+
+    def __str__(self) -> str:
+        return self.patient_id if not self.issuer else f"{self.patient_id} (issuer {self.issuer})"
+
+
+@dataclass(frozen=True)
 class Query:
     """A search at one level: attribute keyword -> DICOM query value, plus the keys to return.
 

@@ -177,7 +177,9 @@ def governance_blueprint() -> Blueprint:
 
     @bp.post("/subjects/<patient_id>/erase")
     def erase(patient_id: str) -> tuple[Response, int]:
-        outcome = services().stewardship.erase_subject(patient_id, _who())
+        outcome = services().stewardship.erase_subject(
+            patient_id, _who(), issuer=request.args.get("issuer")
+        )
         body = {"patient_id": patient_id, "erased": outcome.done, "reason": outcome.reason}
         return jsonify(body | outcome.changed), (200 if outcome.done else 409)
 
@@ -192,6 +194,7 @@ def governance_blueprint() -> Blueprint:
                 requester(),
                 Path(folder) / "export",
                 services().stewardship.subject_context(patient_id),
+                issuer=request.args.get("issuer"),
             )
             archive = Path(folder) / "export.zip"
             shutil.make_archive(str(archive.with_suffix("")), "zip", Path(folder) / "export")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from io import BytesIO
 
 import pydicom
@@ -22,11 +21,10 @@ from dicomnode.core.errors import InvalidInput, NotFound
 from dicomnode.core.model import Level, StoredInstance
 from dicomnode.core.uids import validate_uid
 from dicomnode.dicomweb import media, render
-from dicomnode.dicomweb.access import audit, base_url, requester, require_token, services
+from dicomnode.dicomweb.access import base_url, requester, require_token, services
 from dicomnode.dicomweb.dicomjson import dataset_to_json, resolve_bulk_path
 from dicomnode.dicomweb.errors import NotAcceptable
 from dicomnode.dicomweb.multipart import file_chunks, new_boundary, stream_multipart
-from dicomnode.governance import audit_events
 
 log = logging.getLogger("dicomnode.wado")
 
@@ -254,14 +252,18 @@ def rendered(
     return Response(image, mimetype=media_type)
 
 
-def delete(study: str, series: str | None = None, instance: str | None = None) -> Response:
+def delete(
+    study: str, series: str | None = None, instance: str | None = None
+) -> tuple[Response, int]:
+    """DELETE asks stewardship: a legal hold or a retention a law requires refuses it (409)."""
     level, filters = _filters(study, series, instance)
     who = requester()
-    removed = services().archive.delete(level, filters, who.caller, "DICOMweb DELETE request")
-    now = datetime.now(UTC)
-    audit(lambda by: audit_events.deleted(who, removed, "DICOMweb DELETE request", now, by))
+    outcome = services().stewardship.delete_on_request(
+        level, filters, who, "DICOMweb DELETE request"
+    )
+    removed = outcome.changed.get("instances", [])
     log.info(
-        "deleted %d instances",
+        "deleted %d instances" if outcome.done else "deletion refused",
         len(removed),
         extra={
             "event": "delete",
@@ -270,9 +272,12 @@ def delete(study: str, series: str | None = None, instance: str | None = None) -
             "instances": len(removed),
             "requester": who.caller,
             "address": who.address,
+            "refused": "" if outcome.done else outcome.reason,
         },
     )
-    return jsonify({"deleted": len(removed), "level": str(level)})
+    if not outcome.done:
+        return jsonify({"error": "Retained", "detail": outcome.reason, "status": 409}), 409
+    return jsonify({"deleted": len(removed), "level": str(level)}), 200
 
 
 def wado_blueprint() -> Blueprint:
