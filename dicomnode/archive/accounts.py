@@ -8,11 +8,15 @@ OIDC provider is not configured (or next to it, as the node's own accounts).
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import os
 import re
 import secrets
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select, update
@@ -170,3 +174,77 @@ class AccountStore:
         if not account.active:
             return None, "account disabled"
         return account, ""
+
+
+_SESSION_ID = re.compile(r"[0-9a-f]{64}")
+
+
+class SessionStore:
+    """The DPO pages' open sessions, one file each in `folder` (``data_dir/sessions``, shared by
+    every process serving that data_dir, as the cookie's signing secret is). A signed cookie is
+    good only while its session's file is there: signing out removes it, so a copied or kept
+    cookie reads nothing afterwards. Files older than `max_age` seconds are removed as new
+    sessions open."""
+
+    def __init__(self, folder: Path, max_age: float) -> None:
+        self.folder = folder
+        self.max_age = max_age
+
+    def _path(self, session_id: object) -> Path | None:
+        if not isinstance(session_id, str) or not _SESSION_ID.fullmatch(session_id):
+            return None
+        return self.folder / session_id
+
+    def open(self, username: str, method: str) -> str:
+        """A new session of `username` (signed in by `method`); its id goes in the cookie."""
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.prune()
+        session_id = secrets.token_hex(32)
+        record = json.dumps({"user": username, "method": method, "at": time.time()})
+        fd = os.open(self.folder / session_id, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(record)
+        return session_id
+
+    def is_open(self, session_id: object) -> bool:
+        """True while the session has not ended nor grown older than max_age."""
+        path = self._path(session_id)
+        try:
+            return path is not None and time.time() - path.stat().st_mtime <= self.max_age
+        except OSError:
+            return False
+
+    def end(self, session_id: object) -> None:
+        """End one session (signing out); an unknown or ended one is left as it is."""
+        path = self._path(session_id)
+        if path is not None:
+            path.unlink(missing_ok=True)
+
+    def end_all(self, username: str, method: str = "local") -> int:
+        """End every session of `username` (an account disabled); how many were open."""
+        ended = 0
+        for path in self._files():
+            try:
+                record = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if record.get("user") == username and record.get("method") == method:
+                path.unlink(missing_ok=True)
+                ended += 1
+        return ended
+
+    def prune(self) -> None:
+        """Remove the sessions older than max_age."""
+        cutoff = time.time() - self.max_age
+        for path in self._files():
+            try:
+                if path.stat().st_mtime < cutoff:
+                    path.unlink(missing_ok=True)
+            except OSError:
+                continue
+
+    def _files(self) -> list[Path]:
+        try:
+            return [p for p in self.folder.iterdir() if _SESSION_ID.fullmatch(p.name)]
+        except OSError:
+            return []

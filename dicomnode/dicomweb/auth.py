@@ -145,20 +145,17 @@ class TokenVerifier:
 
     def _verify_token(self, token: str) -> tuple[Principal, float]:
         """The principal of `token` and when it expires (with the leeway), or AuthError."""
-        try:
-            header = json.loads(_b64decode(token.split(".")[0]))
-            unverified = json.loads(_b64decode(token.split(".")[1]))
-        except (ValueError, IndexError) as e:
-            raise AuthError("the bearer token is not a JWT") from e
-        if header.get("alg") not in ALGORITHMS:
-            raise AuthError(f"token algorithm {header.get('alg')!r} is not accepted")
+        header, unverified = _unverified_parts(token)
+        algorithm = header.get("alg")
+        if not isinstance(algorithm, str) or algorithm not in ALGORITHMS:
+            raise AuthError(f"token algorithm {_shown(algorithm)} is not accepted")
         issuer = unverified.get("iss")
         if issuer == self.settings.local_issuer:
             keys, audience = self._local, self.settings.local_audience
         elif self.settings.issuer and issuer == self.settings.issuer:
             keys, audience = self._remote_keys(refresh=False), self.settings.audience
         else:
-            raise AuthError(f"tokens from issuer {issuer!r} are not accepted")
+            raise AuthError(f"tokens from issuer {_shown(issuer)} are not accepted")
         try:
             try:
                 decoded = jwt.decode(token, keys, algorithms=ALGORITHMS)
@@ -175,10 +172,49 @@ class TokenVerifier:
             ).validate(decoded.claims)
         except JoseError as e:
             raise AuthError(f"the bearer token is not valid: {e.description or e.error}") from e
+        except (ValueError, TypeError, KeyError, RecursionError) as e:  # malformed past the header
+            raise AuthError("the bearer token is not a valid JWT") from e
         claims = decoded.claims
-        scopes = claims.get("scp") or str(claims.get("scope", "")).split()
+        expires = claims["exp"]
+        if isinstance(expires, bool) or not isinstance(expires, int | float):
+            raise AuthError("the bearer token's exp claim is not a number")
+        scopes = _scopes(claims)
         principal = Principal(str(claims["sub"]), issuer, frozenset(scopes), purpose_of_use(claims))
-        return principal, float(claims["exp"]) + self.settings.leeway
+        return principal, float(expires) + self.settings.leeway
+
+
+def _shown(value: object) -> str:
+    """A value from a token as an error message (and the WWW-Authenticate header, latin-1) may
+    quote it: its ASCII repr, at most 64 characters."""
+    text = ascii(value)
+    return text if len(text) <= 64 else text[:61] + "..."
+
+
+def _unverified_parts(token: str) -> tuple[dict, dict]:
+    """The header and claims of a compact JWT before its signature is checked (AuthError unless
+    the token has three parts and both are base64url-encoded JSON objects)."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise AuthError("the bearer token is not a JWT")
+    try:
+        header = json.loads(_b64decode(parts[0]))
+        claims = json.loads(_b64decode(parts[1]))
+    except (ValueError, RecursionError) as e:  # binascii.Error and UnicodeError are ValueErrors
+        raise AuthError("the bearer token is not a JWT") from e
+    if not isinstance(header, dict) or not isinstance(claims, dict):
+        raise AuthError("the bearer token's header and claims must be JSON objects")
+    return header, claims
+
+
+def _scopes(claims: dict) -> list[str]:
+    """The scopes a verified token grants: ``scp`` (a list of strings, or one space-separated
+    string) or ``scope`` (space-separated); anything else grants none."""
+    granted = claims.get("scp") or claims.get("scope") or ""
+    if isinstance(granted, str):
+        return granted.split()
+    if isinstance(granted, list):
+        return [scope for scope in granted if isinstance(scope, str)]
+    return []
 
 
 def purpose_of_use(claims: dict) -> str | None:
@@ -187,7 +223,8 @@ def purpose_of_use(claims: dict) -> str | None:
     plain = claims.get("purpose_of_use")
     if isinstance(plain, str) and plain:
         return plain
-    iua = (claims.get("extensions") or {}).get("ihe_iua") or {}
+    extensions = claims.get("extensions")
+    iua = extensions.get("ihe_iua") if isinstance(extensions, dict) else None
     codings = iua.get("purpose_of_use") if isinstance(iua, dict) else None
     if isinstance(codings, list) and codings and isinstance(codings[0], dict):
         code = codings[0].get("code")

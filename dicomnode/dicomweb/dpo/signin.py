@@ -3,7 +3,9 @@ session cookie, CSRF tokens and the lockout after repeated failed sign-ins.
 
 The session is Flask's signed cookie (the only cookie the pages set): Secure, HttpOnly,
 SameSite=Strict, scoped to /governance, no Expires (it ends with the browser) and refused by
-the server after ``[dpo] session_hours``. Only while the OIDC provider sends the browser back
+the server after ``[dpo] session_hours``. It names a session the server keeps
+(``data_dir/sessions``, `SessionStore`): signing out ends that session, so the cookie is refused
+from then on even if someone kept a copy. Only while the OIDC provider sends the browser back
 (the redirect to the provider and the callback) is it SameSite=Lax, or the provider's
 cross-site redirect would arrive without the state the callback checks.
 """
@@ -23,7 +25,7 @@ from typing import Any
 from flask import Flask, has_request_context, request, session
 from flask.sessions import SecureCookieSessionInterface
 
-from dicomnode.archive.accounts import ROLES, AccountStore
+from dicomnode.archive.accounts import ROLES, AccountStore, SessionStore
 from dicomnode.config import DpoSettings
 from dicomnode.dicomweb.access import audit, services
 from dicomnode.governance import audit as audit_messages
@@ -124,26 +126,49 @@ def csrf_ok() -> bool:
 
 
 def start_session(user: User) -> None:
-    """Sign `user` in: a fresh session (new CSRF token), keeping only the language."""
-    lang = session.get("lang")
-    session.clear()
+    """Sign `user` in: a fresh session (new CSRF token, a new server-side session), keeping
+    only the language."""
+    end_session()
     session["user"] = {
         "name": user.name,
         "role": user.role,
         "method": user.method,
         "display_name": user.display_name,
         "at": time.time(),
+        "sid": sessions().open(user.name, user.method),
     }
     session["csrf"] = secrets.token_urlsafe(32)
-    if lang:
-        session["lang"] = lang
 
 
 def end_session() -> None:
+    """End this session on the server (its cookie is refused from now on) and clear the
+    cookie, keeping only the language."""
+    data = session.get("user")
+    if isinstance(data, dict):
+        sessions().end(data.get("sid"))
     lang = session.get("lang")
     session.clear()
     if lang:
         session["lang"] = lang
+
+
+def sessions() -> SessionStore:
+    """The server-side record of the pages' open sessions."""
+    settings = services().settings
+    return SessionStore(settings.node.data_dir / "sessions", settings.dpo.session_hours * 3600)
+
+
+def safe_next(target: object) -> bool:
+    """True when `target` may be where sign-in sends the browser: a path of these pages, with
+    no control characters or spaces (a CR/LF would split the Location header), no backslash
+    and not another host (no open redirect)."""
+    return (
+        isinstance(target, str)
+        and len(target) <= 2048
+        and (target == "/governance" or target.startswith("/governance/"))
+        and not any(ord(c) <= 0x20 or ord(c) == 0x7F or c == "\\" for c in target)
+        and not target.startswith(("//", "/governance/signin"))
+    )
 
 
 def signed_in_user(settings: DpoSettings, accounts: AccountStore) -> User | None:
@@ -152,8 +177,13 @@ def signed_in_user(settings: DpoSettings, accounts: AccountStore) -> User | None
     data = session.get("user")
     if not isinstance(data, dict):
         return None
-    if time.time() - float(data.get("at", 0)) > settings.session_hours * 3600:
+    try:
+        if time.time() - float(data.get("at", 0)) > settings.session_hours * 3600:
+            return None
+    except (TypeError, ValueError):
         return None
+    if not sessions().is_open(data.get("sid")):
+        return None  # signed out, or a session from before sessions were kept
     user = User(
         str(data.get("name", "")),
         str(data.get("role", "")),

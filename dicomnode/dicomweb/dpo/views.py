@@ -49,6 +49,7 @@ from dicomnode.dicomweb.dpo.signin import (
     end_session,
     record,
     role_from_claims,
+    safe_next,
     signed_in_user,
     start_session,
 )
@@ -168,14 +169,7 @@ def query_string(**changes: Any) -> str:
 
 def _safe_next(target: str | None) -> str:
     """Where to go after sign-in: a path of these pages only (no open redirect)."""
-    if (
-        target
-        and (target == "/governance" or target.startswith("/governance/"))
-        and "\\" not in target
-        and not target.startswith(("//", "/governance/signin"))
-    ):
-        return target
-    return url_for("dpo.overview")
+    return target if target and safe_next(target) else url_for("dpo.overview")
 
 
 def log_used(what: str) -> None:
