@@ -6,12 +6,18 @@ Matching follows PS3.4 C.2.2.2 by the attribute's VR:
 - DA: single date or range ``A-B``, ``A-``, ``-B``; TM and DT: a single value matches the
   whole span it names (``10`` matches 10:00:00-10:59:59.999999), ranges as for DA;
 - IS/US: numeric single value;
-- PN: case-insensitive single value or wildcard (``*``, ``?``);
+- PN: case-insensitive single value or wildcard (``*``, ``?``), by component group: a value
+  without ``=`` matches a name when it matches any of the name's groups (alphabetic,
+  ideographic, phonetic: ``홍^길동`` and ``Hong*`` both find ``Hong^Gildong=洪^吉洞=홍^길동``);
+  a value with ``=`` matches group by group, an empty or ``*`` group matching any;
 - other strings: case-sensitive single value or wildcard.
 For string VRs a backslash-separated list matches any of its values.
 Computed attributes (ModalitiesInStudy, the Number Of ... Related counts, ...) are filled from
 the levels below; ModalitiesInStudy and SOPClassesInStudy can also be matched.
 Attributes the index does not hold are returned empty, as PS3.4 allows.
+A key value is bounded (MAX_KEY_VALUE_LENGTH characters per value, MAX_KEY_VALUES UIDs or
+MAX_MATCH_VALUES other values in a list, numbers within 32 bits): beyond that the query is
+refused as InvalidInput, before any SQL runs.
 """
 
 from __future__ import annotations
@@ -25,14 +31,20 @@ from sqlalchemy import (
     ColumnElement,
     Connection,
     Select,
+    String,
     and_,
     bindparam,
     distinct,
     exists,
     func,
+    literal_column,
     or_,
     select,
+    true,
 )
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.functions import FunctionElement
+from sqlalchemy.sql.visitors import InternalTraversal
 
 from dicomnode.archive import schema
 from dicomnode.archive.attributes import (
@@ -55,6 +67,35 @@ _TABLE = {
 }
 _TIME_UPPER = "235959.999999"
 
+# Bounds on a key's value: no indexed attribute's value is longer than 64 characters per
+# component group (a range or a three-group name stays far below MAX_KEY_VALUE_LENGTH); a list of
+# UIDs may be long (one IN), a list of other values shorter (each value is one more condition).
+MAX_KEY_VALUE_LENGTH = 1024
+MAX_KEY_VALUES = 1000
+MAX_MATCH_VALUES = 100
+_INT_RANGE = (-(2**31), 2**31 - 1)  # IS and US values fit in 32 bits
+_PN_GROUPS = ("Alphabetic", "Ideographic", "Phonetic")
+
+
+def _shown(value: str, width: int = 64) -> str:
+    """`value` for an error message: quoted, cut to `width` characters."""
+    return repr(value if len(value) <= width else value[:width] + "...")
+
+
+def _values(keyword: str, value: str, most: int = MAX_MATCH_VALUES) -> list[str]:
+    """The backslash-separated values of a key, at most `most` of them, each within
+    MAX_KEY_VALUE_LENGTH; InvalidInput if not."""
+    items = value.split("\\")
+    if len(items) > most:
+        raise InvalidInput(f"{keyword}: more than {most} values")
+    for item in items:
+        if len(item) > MAX_KEY_VALUE_LENGTH:
+            raise InvalidInput(
+                f"{keyword} value too long: {len(item)} characters, limit "
+                f"{MAX_KEY_VALUE_LENGTH}: {_shown(item)}"
+            )
+    return items
+
 
 def _joined(level: Level) -> Any:
     """patients JOIN studies JOIN series JOIN instances, down to `level`."""
@@ -74,15 +115,79 @@ def _like_pattern(value: str) -> str:
     return escaped.replace("*", "%").replace("?", "_")
 
 
-def _string_condition(column: Any, value: str, case_insensitive: bool) -> ColumnElement[bool]:
-    target = func.lower(column) if case_insensitive else column
+def _item_condition(target: Any, item: str) -> ColumnElement[bool]:
+    """`target` equals `item`, or matches it as a wildcard pattern when it has `*` or `?`."""
+    if "*" in item or "?" in item:
+        return target.like(_like_pattern(item), escape="!")
+    return target == item
+
+
+def _string_condition(column: Any, value: str, keyword: str = "") -> ColumnElement[bool]:
+    """Case-sensitive single value or wildcard matching, any of a backslash list."""
+    return or_(*(_item_condition(column, item) for item in _values(keyword, value)))
+
+
+class _PersonNameGroup(FunctionElement):
+    """Component group `group` (0 alphabetic, 1 ideographic, 2 phonetic) of a PN column's
+    text, "" when the name has fewer groups (PS3.5 6.2: groups are separated by ``=``)."""
+
+    type = String()
+    inherit_cache = True
+    name = "person_name_group"
+    # The group number shapes the SQL, so it is part of the statement cache's key.
+    _traverse_internals = [
+        *FunctionElement._traverse_internals,
+        ("group", InternalTraversal.dp_plain_obj),
+    ]
+
+    def __init__(self, column: Any, group: int) -> None:
+        self.group = group
+        super().__init__(column)
+
+
+@compiles(_PersonNameGroup, "postgresql")
+def _pn_group_postgresql(element: _PersonNameGroup, compiler: Any, **kw: Any) -> str:
+    (column,) = element.clauses
+    return compiler.process(func.split_part(column, "=", element.group + 1), **kw)
+
+
+@compiles(_PersonNameGroup)
+def _pn_group_sqlite(element: _PersonNameGroup, compiler: Any, **kw: Any) -> str:
+    # SQLite has no split function: with "==" appended the text has a separator after each of
+    # its three groups, so each group runs up to the next "=" of what follows the one before.
+    (column,) = element.clauses
+    separator, one = literal_column("'='"), literal_column("1")
+    rest = column.concat(literal_column("'=='"))
+    for _ in range(element.group):
+        rest = func.substr(rest, func.instr(rest, separator) + one)
+    return compiler.process(func.substr(rest, one, func.instr(rest, separator) - one), **kw)
+
+
+def _person_name_condition(column: Any, value: str, keyword: str) -> ColumnElement[bool]:
+    """PN matching: case-insensitive, by component group (see the module docstring)."""
+    lowered = func.lower(column)
     conditions = []
-    for item in value.split("\\"):
-        item = item.lower() if case_insensitive else item
-        if "*" in item or "?" in item:
-            conditions.append(target.like(_like_pattern(item), escape="!"))
-        else:
-            conditions.append(target == item)
+    for item in _values(keyword, value.lower()):
+        groups = item.split("=")
+        if len(groups) > len(_PN_GROUPS):
+            raise InvalidInput(f"{keyword}: a person name has at most 3 component groups")
+        if len(groups) == 1:
+            # One group asked: the name matches when any of its groups does.
+            conditions.append(
+                or_(
+                    *(
+                        _item_condition(_PersonNameGroup(lowered, n), item)
+                        for n in range(len(_PN_GROUPS))
+                    )
+                )
+            )
+            continue
+        asked = [
+            _item_condition(_PersonNameGroup(lowered, n), group)
+            for n, group in enumerate(groups)
+            if group not in ("", "*")
+        ]
+        conditions.append(and_(*asked) if asked else true())
     return or_(*conditions)
 
 
@@ -100,7 +205,7 @@ def _range_condition(column: Any, value: str, vr: str, keyword: str) -> ColumnEl
         value.replace(":", "") if vr == "TM" else value.replace(".", "") if vr == "DA" else value
     )
     if value.count("-") > 1 or (vr == "DA" and not value.replace("-", "").isdigit()):
-        raise InvalidInput(f"{keyword}: not a valid {vr} match value: {value!r}")
+        raise InvalidInput(f"{keyword}: not a valid {vr} match value: {_shown(value)}")
     if "-" not in value:
         if vr == "DA":
             return column == value
@@ -112,7 +217,7 @@ def _range_condition(column: Any, value: str, vr: str, keyword: str) -> ColumnEl
     if high:
         conditions.append(column <= (high if vr == "DA" else _upper_bound(high, vr)))
     if not conditions:
-        raise InvalidInput(f"{keyword}: a range needs at least one end, got {value!r}")
+        raise InvalidInput(f"{keyword}: a range needs at least one end, got {_shown(value)}")
     return and_(*conditions)
 
 
@@ -123,17 +228,31 @@ def attribute_condition(attribute: IndexedAttribute, value: str) -> ColumnElemen
         return None
     column = _TABLE[attribute.level].c[attribute.column]
     vr = attribute.vr
+    keyword = attribute.keyword
+    values = _values(keyword, value, MAX_KEY_VALUES if vr == "UI" else MAX_MATCH_VALUES)
     if vr == "UI":
-        uids = [validate_uid(v, attribute.keyword) for v in value.split("\\") if v]
+        uids = [validate_uid(v, keyword) for v in values if v]
         return column.in_(uids)
     if vr in ("DA", "TM", "DT"):
-        return _range_condition(column, value, vr, attribute.keyword)
+        return _range_condition(column, value, vr, keyword)
     if attribute.is_integer:
-        try:
-            return column.in_([int(v) for v in value.split("\\")])
-        except ValueError:
-            raise InvalidInput(f"{attribute.keyword}: not a number: {value!r}") from None
-    return _string_condition(column, value, case_insensitive=(vr == "PN"))
+        return column.in_([_integer(keyword, v) for v in values])
+    if vr == "PN":
+        return _person_name_condition(column, value, keyword)
+    return _string_condition(column, value, keyword)
+
+
+def _integer(keyword: str, text: str) -> int:
+    """An integer key value (IS, US), within 32 bits; InvalidInput if not."""
+    text = text.strip()
+    digits = text[1:] if text[:1] in ("+", "-") else text
+    if not (digits.isascii() and digits.isdigit()):
+        raise InvalidInput(f"{keyword}: not a number: {_shown(text)}")
+    digits = digits.lstrip("0") or "0"
+    number = int(digits) * (-1 if text.startswith("-") else 1) if len(digits) <= 10 else None
+    if number is None or not _INT_RANGE[0] <= number <= _INT_RANGE[1]:
+        raise InvalidInput(f"{keyword}: {_shown(text)} is out of range for an IS or US value")
+    return number
 
 
 def _computed_condition(keyword: str, value: str) -> ColumnElement[bool] | None:
@@ -144,11 +263,11 @@ def _computed_condition(keyword: str, value: str) -> ColumnElement[bool] | None:
     if keyword == "ModalitiesInStudy":
         return exists(
             select(se.c.id).where(
-                se.c.study_pk == st.c.id, _string_condition(se.c.modality, value, False)
+                se.c.study_pk == st.c.id, _string_condition(se.c.modality, value, keyword)
             )
         )
     if keyword == "SOPClassesInStudy":
-        uids = [validate_uid(v, keyword) for v in value.split("\\") if v]
+        uids = [validate_uid(v, keyword) for v in _values(keyword, value, MAX_KEY_VALUES) if v]
         return exists(
             select(i.c.id)
             .join(se, i.c.series_pk == se.c.id)

@@ -5,11 +5,17 @@ the same matching as C-FIND, since both run the archive's one query engine; a UI
 comma-separated (PS3.18 8.3.4.1) or backslash-separated as in C-FIND. ``includefield``
 (repeated or comma-separated; ``all``), ``limit`` and ``offset`` are honoured;
 ``fuzzymatching=true`` is accepted and answered with a Warning header, as the node matches
-exactly. An empty result is ``200 []``.
+exactly. An empty result is ``200 []``. A person name is answered split into its Alphabetic,
+Ideographic and Phonetic groups (PS3.18 F.2.2), as in WADO-RS metadata.
+
+Bad input is a 400 with a JSON reason, checked before any SQL runs: ``limit`` and ``offset``
+must be whole numbers (``offset`` at most 2**63 - 1; a ``limit`` over MAX_LIMIT is served as
+MAX_LIMIT), and key values stay within the query engine's bounds.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from flask import Blueprint, Response, json, request
@@ -24,7 +30,14 @@ from dicomnode.dicomweb.dicomjson import row_to_json
 from dicomnode.governance import audit
 
 MAX_LIMIT = 10_000
+MAX_OFFSET = 2**63 - 1  # the largest OFFSET the databases take
 _CONTROL = {"includefield", "limit", "offset", "fuzzymatching"}
+_DIGITS = re.compile(r"[0-9]+")
+_PN_GROUPS = ("Alphabetic", "Ideographic", "Phonetic")
+
+
+def _shown(text: str, width: int = 64) -> str:
+    return repr(text if len(text) <= width else text[:width] + "...")
 
 
 def _keyword(name: str) -> str:
@@ -35,7 +48,9 @@ def _keyword(name: str) -> str:
     except ValueError:
         keyword = ""
     if not keyword:
-        raise InvalidInput(f"unknown query attribute {name!r}: use a keyword or an 8-digit tag")
+        raise InvalidInput(
+            f"unknown query attribute {_shown(name)}: use a keyword or an 8-digit tag"
+        )
     return keyword
 
 
@@ -45,17 +60,23 @@ def _uid_list(keyword: str, value: str) -> str:
     return value.replace(",", "\\") if dictionary_VR(keyword) == "UI" else value
 
 
-def _int_param(name: str, default: int | None) -> int | None:
+def _int_param(name: str, maximum: int | None = None) -> int | None:
+    """The whole-number query parameter `name` (ASCII digits only), None when absent; beyond
+    `maximum` it is refused, without one it is capped at MAX_LIMIT."""
     text = request.args.get(name)
     if text is None:
-        return default
-    try:
-        value = int(text)
-    except ValueError:
-        raise InvalidInput(f"{name} must be a whole number, got {text!r}") from None
-    if value < 0:
-        raise InvalidInput(f"{name} must not be negative")
-    return value
+        return None
+    text = text.strip()
+    if text.startswith("-") and _DIGITS.fullmatch(text[1:]):
+        raise InvalidInput(f"{name} must not be negative, got {_shown(text)}")
+    if not _DIGITS.fullmatch(text):
+        raise InvalidInput(f"{name} must be a whole number, got {_shown(text)}")
+    digits = text.lstrip("0") or "0"
+    if maximum is None:
+        return int(digits) if len(digits) <= len(str(MAX_LIMIT)) else MAX_LIMIT
+    if len(digits) > len(str(maximum)) or int(digits) > maximum:
+        raise InvalidInput(f"{name} must be at most {maximum}, got {_shown(text)}")
+    return int(digits)
 
 
 def _query(level: Level, fixed: dict[str, str]) -> tuple[Query, bool]:
@@ -80,13 +101,13 @@ def _query(level: Level, fixed: dict[str, str]) -> tuple[Query, bool]:
     if include_all:
         returned += [k for k, a in INDEXED.items() if a.level in levels_up_to(level)]
         returned += [k for k, lv in COMPUTED.items() if lv in levels_up_to(level)]
-    limit = _int_param("limit", None)
+    limit = _int_param("limit")
     query = Query.build(
         level,
         filters,
         list(dict.fromkeys(returned)),
         limit=min(limit, MAX_LIMIT) if limit is not None else MAX_LIMIT,
-        offset=_int_param("offset", 0) or 0,
+        offset=_int_param("offset", MAX_OFFSET) or 0,
     )
     fuzzy = request.args.get("fuzzymatching", "false").lower() == "true"
     return query, fuzzy
@@ -101,6 +122,23 @@ def _retrieve_url(row: dict[str, Any], level: Level) -> str:
     return url
 
 
+def person_name_json(name: str) -> dict[str, str]:
+    """One PN value as DICOM JSON (PS3.18 F.2.2): its component groups, empty ones left out
+    (``Hong^Gildong=洪^吉洞=홍^길동`` -> Alphabetic, Ideographic and Phonetic)."""
+    groups = name.split("=")[: len(_PN_GROUPS)]
+    return {key: group for key, group in zip(_PN_GROUPS, groups, strict=False) if group}
+
+
+def _split_person_names(attributes: dict[str, Any]) -> dict[str, Any]:
+    """`attributes` (DICOM JSON) with every PN value split into its component groups."""
+    for entry in attributes.values():
+        if entry.get("vr") == "PN" and "Value" in entry:
+            entry["Value"] = [
+                person_name_json(value.get("Alphabetic", "")) for value in entry["Value"]
+            ]
+    return attributes
+
+
 def search(level: Level, **path: str) -> Response:
     fixed = {}
     if "study" in path:
@@ -110,7 +148,10 @@ def search(level: Level, **path: str) -> Response:
     query, fuzzy = _query(level, fixed)
     url = request.url  # the request is gone when the audit message is built
     rows = services().egress.find(query, requester(), lambda: audit.web_query(url))
-    body = [row_to_json(row, {"RetrieveURL": _retrieve_url(row, level)}) for row in rows]
+    body = [
+        _split_person_names(row_to_json(row, {"RetrieveURL": _retrieve_url(row, level)}))
+        for row in rows
+    ]
     response = Response(json.dumps(body), status=200, mimetype="application/dicom+json")
     if fuzzy:
         response.headers["Warning"] = (
