@@ -67,6 +67,7 @@ class HttpSettings:
     max_part_bytes: int = 2 * 1024**3
     bulk_data_threshold: int = 1024
     public_url: str = ""
+    max_decoded_bytes: int = 1024**3  # largest image (or inflated data set) decoded for an answer
 
 
 @dataclass(frozen=True)
@@ -409,6 +410,9 @@ def _parse(data: dict[str, Any], base: Path) -> tuple[Settings, list[ConfigError
             t, "http.", "bulk_data_threshold", int, h.bulk_data_threshold, _positive
         ),
         public_url=r.value(t, "http.", "public_url", str, h.public_url, _http_url),
+        max_decoded_bytes=r.value(
+            t, "http.", "max_decoded_bytes", int, h.max_decoded_bytes, _positive
+        ),
     )
 
     t = r.table(data, "auth")

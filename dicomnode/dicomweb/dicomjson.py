@@ -1,10 +1,12 @@
-"""DICOM JSON (PS3.18 F.2): query rows, instance metadata with BulkDataURIs, STOW answers."""
+"""DICOM JSON (PS3.18 F.2): query rows, instance metadata with BulkDataURIs, STOW answers;
+and the same metadata as PS3.19 XML (the Native DICOM Model) for application/dicom+xml."""
 
 from __future__ import annotations
 
 from typing import Any
+from xml.etree import ElementTree
 
-from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
@@ -115,3 +117,42 @@ def stow_response(
     if referenced:
         body["00081199"] = {"vr": "SQ", "Value": referenced}
     return body
+
+
+_XML_NAMESPACE = "http://dicom.nema.org/PS3.19/models/NativeDICOM"
+_NAME_PARTS = ("FamilyName", "GivenName", "MiddleName", "NamePrefix", "NameSuffix")
+
+
+def _xml_attributes(parent: ElementTree.Element, entries: dict[str, Any]) -> None:
+    for tag, entry in sorted(entries.items()):
+        vr = entry.get("vr", "UN")
+        attribute = ElementTree.SubElement(parent, "DicomAttribute", tag=tag, vr=vr)
+        keyword = keyword_for_tag(int(tag, 16))
+        if keyword:
+            attribute.set("keyword", keyword)
+        if "BulkDataURI" in entry:
+            ElementTree.SubElement(attribute, "BulkData", uri=entry["BulkDataURI"])
+        elif "InlineBinary" in entry:
+            ElementTree.SubElement(attribute, "InlineBinary").text = entry["InlineBinary"]
+        for number, value in enumerate(entry.get("Value", []), start=1):
+            if vr == "SQ":
+                item = ElementTree.SubElement(attribute, "Item", number=str(number))
+                _xml_attributes(item, value)
+            elif vr == "PN":
+                name = ElementTree.SubElement(attribute, "PersonName", number=str(number))
+                for group in ("Alphabetic", "Ideographic", "Phonetic"):
+                    if value and value.get(group):
+                        element = ElementTree.SubElement(name, group)
+                        for part, text in zip(_NAME_PARTS, value[group].split("^"), strict=False):
+                            if text:
+                                ElementTree.SubElement(element, part).text = text
+            else:
+                element = ElementTree.SubElement(attribute, "Value", number=str(number))
+                element.text = "" if value is None else str(value)
+
+
+def json_to_xml(entries: dict[str, Any]) -> bytes:
+    """One instance's DICOM JSON as the PS3.19 Native DICOM Model (application/dicom+xml)."""
+    root = ElementTree.Element("NativeDicomModel", xmlns=_XML_NAMESPACE)
+    _xml_attributes(root, entries)
+    return ElementTree.tostring(root, encoding="utf-8", xml_declaration=True)

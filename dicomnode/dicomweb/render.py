@@ -7,12 +7,10 @@ from io import BytesIO
 import numpy as np
 from PIL import Image
 from pydicom.dataset import Dataset
-from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array
 
 from dicomnode.core.errors import InvalidInput, NotFound
-from dicomnode.dicomweb.errors import NotAcceptable
 
-RENDERED_TYPES = ("image/jpeg", "image/png")
 THUMBNAIL_SIZE = (128, 128)
 
 
@@ -63,7 +61,6 @@ def _to_8bit(frame: np.ndarray, ds: Dataset, window: tuple[float, float] | None)
 
 
 def render(
-    source: str,
     ds: Dataset,
     frame: int,
     media_type: str,
@@ -71,13 +68,24 @@ def render(
     viewport: tuple[int, int] | None = None,
     quality: int = 90,
 ) -> bytes:
-    """Frame `frame` (1-based) of the instance in file `source`, encoded as `media_type`."""
+    """Frame `frame` (1-based) of the image `ds` (read with its pixels), encoded as
+    `media_type`: greyscale windowed to 8 bits, colour as RGB (YBR converted, palette applied),
+    a 1-bit segmentation as black and white."""
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if not 1 <= frame <= frames:
         raise NotFound(f"frame {frame} does not exist; the instance has {frames}")
-    array = pixel_array(source, index=frame - 1)
-    if int(ds.get("SamplesPerPixel", 1)) == 1:
-        image = Image.fromarray(_to_8bit(array, ds, window), mode="L")
+    array = pixel_array(ds, index=frame - 1)
+    photometric = str(ds.get("PhotometricInterpretation", ""))
+    if photometric == "PALETTE COLOR":
+        array = apply_color_lut(array, ds)
+        if array.dtype != np.uint8:
+            array = (array >> 8).astype(np.uint8)
+        image = Image.fromarray(array, mode="RGB")
+    elif int(ds.get("SamplesPerPixel", 1)) == 1:
+        if int(ds.get("BitsAllocated", 8)) == 1:
+            image = Image.fromarray((array > 0).astype(np.uint8) * 255, mode="L")
+        else:
+            image = Image.fromarray(_to_8bit(array, ds, window), mode="L")
     else:
         if array.dtype != np.uint8:
             array = (array.astype(np.float64) / max(float(array.max()), 1) * 255).astype(np.uint8)
@@ -90,18 +98,3 @@ def render(
     else:
         image.save(out, format="JPEG", quality=max(1, min(quality, 100)))
     return out.getvalue()
-
-
-def rendered_type(accept: str | None) -> str:
-    """image/jpeg unless the Accept header prefers image/png."""
-    for item in (accept or "").split(","):
-        media = item.split(";")[0].strip().lower()
-        if media in RENDERED_TYPES:
-            return media
-        if media in ("image/*", "*/*"):
-            return "image/jpeg"
-    if accept and accept.strip():
-        raise NotAcceptable(
-            f"rendered images are image/jpeg or image/png; the request accepts {accept!r}"
-        )
-    return "image/jpeg"

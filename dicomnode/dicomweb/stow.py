@@ -28,6 +28,7 @@ from dicomnode.core.uids import validate_uid
 from dicomnode.dicomweb.access import audit, base_url, requester, require_token, services
 from dicomnode.dicomweb.dicomjson import sequence_item, stow_response
 from dicomnode.dicomweb.errors import UnsupportedMediaType
+from dicomnode.dicomweb.media import options_header
 from dicomnode.dicomweb.multipart import read_multipart
 from dicomnode.governance import audit_events
 
@@ -35,7 +36,7 @@ FILING_THREADS = 4  # parts of one request filed at once
 
 
 def _parts() -> list:
-    media_type, params = parse_options_header(request.headers.get("Content-Type", ""))
+    media_type, params = options_header(request.headers.get("Content-Type", ""))
     if media_type.lower() != "multipart/related":
         raise UnsupportedMediaType(
             'STOW-RS takes multipart/related; type="application/dicom", '

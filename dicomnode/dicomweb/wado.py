@@ -9,20 +9,19 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from io import BytesIO
 
 import pydicom
-from flask import Blueprint, Response, jsonify, request
-from pydicom.encaps import generate_fragmented_frames
+from flask import Blueprint, Response, jsonify, request, stream_with_context
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from dicomnode.core.errors import InvalidInput, NotFound
 from dicomnode.core.model import Level, StoredInstance
 from dicomnode.core.uids import validate_uid
-from dicomnode.dicomweb import media, render
+from dicomnode.dicomweb import media, pixels, render
 from dicomnode.dicomweb.access import base_url, requester, require_token, services
-from dicomnode.dicomweb.dicomjson import dataset_to_json, resolve_bulk_path
+from dicomnode.dicomweb.dicomjson import dataset_to_json, json_to_xml, resolve_bulk_path
 from dicomnode.dicomweb.errors import NotAcceptable
 from dicomnode.dicomweb.multipart import file_chunks, new_boundary, stream_multipart
 
@@ -63,11 +62,26 @@ def _multipart(parts: Iterator[tuple[dict[str, str], Iterator[bytes]]], part_typ
     )
 
 
-def _transcoded(path: str) -> bytes:
+def _acceptable() -> list[media.MediaRange]:
+    """The request's acceptable media ranges: the ``accept`` query parameter, then Accept."""
+    return media.parse_accept(request.args.get("accept"), request.headers.get("Accept"))
+
+
+def _limit() -> int:
+    return services().settings.http.max_decoded_bytes
+
+
+def _read(item: StoredInstance, **options: object) -> pydicom.Dataset:
+    return pixels.read_instance(services().archive.blob_file(item), _limit(), **options)
+
+
+def _transcoded(path: str, limit: int) -> bytes:
     """The instance at `path` as a Part 10 file in explicit VR little endian: the same instance,
     so its SOP Instance UID is kept (pydicom would otherwise generate a new one)."""
-    ds = pydicom.dcmread(path)
+    ds = pixels.read_instance(path, limit)
     if ds.file_meta.TransferSyntaxUID.is_compressed:
+        if "PixelData" in ds:
+            pixels.check_decoded_size(ds, limit)
         ds.decompress(generate_instance_uid=False)
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     out = BytesIO()
@@ -75,27 +89,67 @@ def _transcoded(path: str) -> bytes:
     return out.getvalue()
 
 
+def _producible(found: list[StoredInstance]) -> Callable[[str], str | None]:
+    """For a transfer syntax asked for `found`: why it cannot be sent (None when it can)."""
+    stored = {i.transfer_syntax_uid for i in found}
+
+    def reason(wanted: str) -> str | None:
+        if wanted == media.AS_STORED:
+            return None  # implicit VR little endian objects go as explicit VR (served_syntax)
+        if wanted == media.IMPLICIT_VR_LE:
+            return "implicit VR little endian is not sent to web clients"
+        if not UID(wanted).is_transfer_syntax:
+            return f"{wanted!r} is not a transfer syntax"
+        if wanted != media.EXPLICIT_VR_LE:
+            others = sorted(stored - {wanted})
+            if others:
+                return f"{wanted} is sent only for objects stored in it; these are {others}"
+            return None
+        refusals = sorted({r for ts in stored if (r := pixels.decode_refusal(ts))})
+        if refusals:
+            return "; ".join(refusals) + " (transfer-syntax=* sends them as stored)"
+        return None
+
+    return reason
+
+
 def retrieve(study: str, series: str | None = None, instance: str | None = None) -> Response:
-    wanted = media.dicom_transfer_syntax(request.headers.get("Accept"))
+    ranges = _acceptable()
     found = _instances("instances", study, series, instance)
-    media.check_producible({i.transfer_syntax_uid for i in found}, wanted)
-    archive = services().archive
+    choice = media.choose_instances(ranges, instance is not None, _producible(found))
+    archive, limit = services().archive, _limit()  # the parts are made after the request
+
+    def body(item: StoredInstance) -> tuple[str, Iterator[bytes]]:
+        ts = media.served_syntax(item.transfer_syntax_uid, choice.transfer_syntax)
+        if ts == item.transfer_syntax_uid:
+            return ts, file_chunks(str(archive.blob_file(item)))
+        return ts, iter([_transcoded(str(archive.blob_file(item)), limit)])
+
+    if choice.single_part:
+        ts, chunks = body(found[0])
+        return Response(
+            chunks,
+            content_type=f"{media.DICOM}; transfer-syntax={ts}",
+            direct_passthrough=True,
+        )
 
     def parts() -> Iterator[tuple[dict[str, str], Iterator[bytes]]]:
         for item in found:
-            path = str(archive.blob_file(item))
-            if wanted in (media.AS_STORED, item.transfer_syntax_uid):
-                ts, chunks = item.transfer_syntax_uid, file_chunks(path)
-            else:
-                ts, chunks = wanted, iter([_transcoded(path)])
-            yield {"Content-Type": f"application/dicom; transfer-syntax={ts}"}, chunks
+            ts, chunks = body(item)
+            yield {"Content-Type": f"{media.DICOM}; transfer-syntax={ts}"}, chunks
 
-    return _multipart(parts(), "application/dicom")
+    return _multipart(parts(), media.DICOM)
 
 
-def _read_header(path: str) -> tuple[pydicom.Dataset, bool]:
+def _read_header(item: StoredInstance) -> tuple[pydicom.Dataset, bool]:
     """The instance's attributes without reading bulk values; and whether Pixel Data follows."""
     threshold = services().settings.http.bulk_data_threshold
+    path = services().archive.blob_file(item)
+    if UID(item.transfer_syntax_uid).is_deflated:
+        ds = pixels.read_instance(path, _limit())
+        has_pixels = "PixelData" in ds
+        del ds.PixelData
+        return ds, has_pixels
     with open(path, "rb") as f:
         ds = pydicom.dcmread(f, defer_size=threshold + 1, stop_before_pixels=True)
         position = f.tell()
@@ -117,7 +171,7 @@ def _instance_metadata(item: StoredInstance) -> str:
         return cached.read_text()
     except FileNotFoundError:
         pass
-    ds, has_pixels = _read_header(str(blobs.absolute(item.blob_path)))
+    ds, has_pixels = _read_header(item)
     entry = dataset_to_json(ds, _BULK_BASE, services().settings.http.bulk_data_threshold)
     if has_pixels:
         vr = "OW" if ds.get("BitsAllocated", 8) > 8 else "OB"
@@ -128,6 +182,9 @@ def _instance_metadata(item: StoredInstance) -> str:
 
 
 def metadata(study: str, series: str | None = None, instance: str | None = None) -> Response:
+    ranges = _acceptable()
+    media.check_charset(ranges, request.args.get("charset"))
+    kind = media.choose_metadata(ranges, xml_available=True)
     found = _instances("metadata", study, series, instance)
     root = base_url()
     parts = []
@@ -137,7 +194,11 @@ def metadata(study: str, series: str | None = None, instance: str | None = None)
             f"/instances/{item.sop_instance_uid}/bulkdata"
         )
         parts.append(_instance_metadata(item).replace(f'"{_BULK_BASE}', f'"{bulk}'))
-    return Response("[" + ",".join(parts) + "]", mimetype="application/dicom+json")
+    if kind == media.DICOM_XML:
+        documents = [json_to_xml(json.loads(part)) for part in parts]
+        headers = {"Content-Type": f"{media.DICOM_XML}; charset=utf-8"}
+        return _multipart(((headers, iter([doc])) for doc in documents), media.DICOM_XML)
+    return Response("[" + ",".join(parts) + "]", content_type=f"{media.DICOM_JSON}; charset=utf-8")
 
 
 def _frame_numbers(text: str, total: int) -> list[int]:
@@ -153,95 +214,100 @@ def _frame_numbers(text: str, total: int) -> list[int]:
     return numbers
 
 
+def _is_lossy(ds: pydicom.Dataset, stored: str) -> bool:
+    return media.is_lossy(stored) or str(ds.get("LossyImageCompression", "")) == "01"
+
+
+def _send_frames(ds: pydicom.Dataset, stored: str, numbers: list[int]) -> Response:
+    """The frames `numbers` of `ds` in the media type the request accepts."""
+    ranges = _acceptable()
+
+    def decodable() -> str | None:
+        reason = pixels.decode_refusal(stored)
+        if reason is None and pixels.decoded_size(ds) > _limit():
+            reason = (
+                f"the image decodes to {pixels.decoded_size(ds)} bytes, over this node's limit "
+                f"of {_limit()} (http.max_decoded_bytes)"
+            )
+        return reason and reason + "; transfer-syntax=* sends the frames as stored"
+
+    choice = media.choose_frames(
+        ranges, stored, _is_lossy(ds, stored), len(numbers) == 1, decodable
+    )
+    if choice.decoded or not UID(stored).is_compressed:
+        bodies = pixels.native_frames(ds, numbers, _limit())
+        content_type = f"{media.OCTET_STREAM}; transfer-syntax={media.EXPLICIT_VR_LE}"
+        part_headers = {"Content-Type": content_type}
+    else:
+        bodies = pixels.stored_frames(ds, numbers)
+        content_type = f"{choice.part_type}; transfer-syntax={stored}"
+        part_headers = {"Content-Type": content_type}
+    if choice.single_part:
+        return Response(next(iter(bodies)), content_type=content_type)
+    return _multipart(((part_headers, iter([body])) for body in bodies), choice.part_type)
+
+
 def frames(study: str, series: str, instance: str, frame_list: str) -> Response:
     (item,) = _instances("frames", study, series, instance)
-    path = str(services().archive.blob_file(item))
-    ds = pydicom.dcmread(path)
+    ds = _read(item)
     if "PixelData" not in ds:
         raise NotFound("the instance has no pixel data")
+    if int(ds.get("NumberOfFrames", 1) or 1) > 0 and not ds.get("Rows"):
+        raise NotFound("the instance has no image pixel data")
     total = int(ds.get("NumberOfFrames", 1) or 1)
     numbers = _frame_numbers(frame_list, total)
-    stored = item.transfer_syntax_uid
-    compressed_type = media.FRAME_MEDIA_TYPE.get(stored)
-    for choice in media.accepted(request.headers.get("Accept")):
-        part_type = _frame_part_type(choice)
-        if part_type == "application/octet-stream":
-            return _native_frames(ds, stored, numbers)
-        if compressed_type and part_type == compressed_type:
-            fragments = list(generate_fragmented_frames(ds.PixelData, number_of_frames=total))
-            headers = {"Content-Type": f"{compressed_type}; transfer-syntax={stored}"}
-            parts = ((headers, iter([b"".join(fragments[n - 1])])) for n in numbers)
-            return _multipart(parts, compressed_type)
-    raise NotAcceptable(
-        'frames are served as multipart/related; type="application/octet-stream"'
-        + (f' or type="{compressed_type}"' if compressed_type else "")
-    )
-
-
-def _frame_part_type(choice: media.MediaRange) -> str:
-    if choice.media_type == "multipart/related":
-        wildcard = choice.related_type in ("", "*", "*/*")
-        part_type = "application/octet-stream" if wildcard else choice.related_type
-    elif choice.media_type in ("*/*", "multipart/*"):
-        part_type = "application/octet-stream"
-    else:
-        part_type = choice.media_type
-    return media.FRAME_MEDIA_TYPE_ALIASES.get(part_type, part_type)
-
-
-def _native_frames(ds: pydicom.Dataset, stored: str, numbers: list[int]) -> Response:
-    if UID(stored).is_compressed:
-        if not media.can_decode(stored):
-            raise NotAcceptable(f"frames stored as {stored} cannot be decompressed here")
-        ds.decompress()
-    rows, columns = int(ds.Rows), int(ds.Columns)
-    samples, bits = int(ds.get("SamplesPerPixel", 1)), int(ds.BitsAllocated)
-    frame_bytes = rows * columns * samples * bits // 8
-    if bits == 1:
-        raise NotAcceptable("single-bit frames are not served individually")
-    data = ds.PixelData
-    parts = (
-        (
-            {"Content-Type": "application/octet-stream"},
-            iter([data[(n - 1) * frame_bytes : n * frame_bytes]]),
-        )
-        for n in numbers
-    )
-    return _multipart(parts, "application/octet-stream")
+    return _send_frames(ds, item.transfer_syntax_uid, numbers)
 
 
 def bulkdata(study: str, series: str, instance: str, path: str) -> Response:
     (item,) = _instances("bulkdata", study, series, instance)
-    ds = pydicom.dcmread(str(services().archive.blob_file(item)))
+    ds = _read(item)
     try:
         element = resolve_bulk_path(ds, path)
     except (KeyError, IndexError, ValueError):
         raise NotFound(f"no bulk data at {path}") from None
+    if element.tag == 0x7FE00010 and path.strip("/").upper() == "7FE00010" and ds.get("Rows"):
+        stored = item.transfer_syntax_uid
+        if UID(stored).is_compressed:  # Pixel Data: its frames, in the asked media type
+            total = int(ds.get("NumberOfFrames", 1) or 1)
+            return _send_frames(ds, stored, list(range(1, total + 1)))
     value = element.value if isinstance(element.value, bytes) else bytes(element.value or b"")
+    ranges = _acceptable()
+    if not any(
+        media.OCTET_STREAM in (r.media_type, r.related_type)
+        or r.media_type in ("*/*", "application/*", "multipart/*")
+        or (r.media_type == media.MULTIPART and r.related_type in ("", "*", "*/*"))
+        for r in ranges
+    ):
+        raise media.not_acceptable(
+            "bulk data",
+            [f'multipart/related; type="{media.OCTET_STREAM}"'],
+            [],
+            media.described(ranges),
+        )
     return _multipart(
-        iter([({"Content-Type": "application/octet-stream"}, iter([value]))]),
-        "application/octet-stream",
+        iter([({"Content-Type": media.OCTET_STREAM}, iter([value]))]),
+        media.OCTET_STREAM,
     )
 
 
-def rendered(
-    study: str, series: str | None, instance: str | None, frame: int = 1, thumbnail: bool = False
-) -> Response:
-    found = _instances("rendered", study, series, instance)
-    item = found[len(found) // 2]  # a study or series thumbnail shows its middle instance
-    path = str(services().archive.blob_file(item))
-    ds = pydicom.dcmread(path, stop_before_pixels=True)
-    if not media.can_decode(item.transfer_syntax_uid):
-        raise NotAcceptable(f"images stored as {item.transfer_syntax_uid} cannot be rendered here")
-    media_type = render.rendered_type(request.headers.get("Accept"))
-    viewport = render.parse_viewport(request.args.get("viewport"))
-    if thumbnail and viewport is None:
-        viewport = render.THUMBNAIL_SIZE
+def _render_one(
+    item: StoredInstance, frame: int, media_type: str, viewport: tuple[int, int] | None
+) -> bytes:
+    ds = _read(item)
+    if "PixelData" not in ds or not ds.get("Rows"):
+        raise NotAcceptable(
+            f"the instance ({ds.get('Modality', '?')}, SOP class {ds.get('SOPClassUID', '?')}) "
+            "has no image to render; rendered images are image/jpeg or image/png of images"
+        )
+    reason = pixels.decode_refusal(item.transfer_syntax_uid)
+    if reason:
+        raise pixels.CannotDecode(f"this image cannot be rendered here: {reason}")
+    pixels.check_decoded_size(ds, _limit())
     quality = request.args.get("quality", "90")
     if not quality.isdigit():
         raise InvalidInput(f"quality must be 1-100, got {quality!r}")
-    image = render.render(
-        path,
+    return render.render(
         ds,
         frame,
         media_type,
@@ -249,7 +315,48 @@ def rendered(
         viewport,
         int(quality),
     )
-    return Response(image, mimetype=media_type)
+
+
+def _has_image(item: StoredInstance) -> bool:
+    ds = _read(item, stop_before_pixels=True)
+    return bool(ds.get("Rows")) and bool(ds.get("Columns"))
+
+
+def rendered(
+    study: str,
+    series: str | None,
+    instance: str | None,
+    frame: int | None = None,
+    thumbnail: bool = False,
+) -> Response:
+    single = thumbnail or instance is not None
+    media_type, single_part = media.choose_rendered(_acceptable(), single)
+    found = _instances("rendered", study, series, instance)
+    viewport = render.parse_viewport(request.args.get("viewport"))
+    if thumbnail and viewport is None:
+        viewport = render.THUMBNAIL_SIZE
+    if single:
+        item = found[0]
+        if len(found) > 1:  # a study or series thumbnail shows its middle image
+            middle = len(found) // 2
+            order = sorted(range(len(found)), key=lambda i: abs(i - middle))
+            item = next((found[i] for i in order if _has_image(found[i])), found[middle])
+        if frame is None and thumbnail:
+            ds = _read(item, stop_before_pixels=True)
+            frame = (int(ds.get("NumberOfFrames", 1) or 1) + 1) // 2
+        image = _render_one(item, frame or 1, media_type, viewport)
+        if single_part:
+            return Response(image, mimetype=media_type)
+        return _multipart(iter([({"Content-Type": media_type}, iter([image]))]), media_type)
+    images = [item for item in found if _has_image(item)]
+    if not images:
+        raise NotAcceptable("nothing here has an image to render (no instance has pixel data)")
+
+    def parts() -> Iterator[tuple[dict[str, str], Iterator[bytes]]]:
+        for item in images:
+            yield {"Content-Type": media_type}, iter([_render_one(item, 1, media_type, viewport)])
+
+    return _multipart(stream_with_context(parts()), media_type)
 
 
 def delete(
@@ -298,6 +405,14 @@ def wado_blueprint() -> Blueprint:
     bp.add_url_rule(instance_url + "/metadata", "instance_metadata", metadata)
     bp.add_url_rule(instance_url + "/frames/<frame_list>", "frames", frames)
     bp.add_url_rule(instance_url + "/bulkdata/<path:path>", "bulkdata", bulkdata)
+
+    @bp.get(study_url + "/rendered")
+    def study_rendered(study: str) -> Response:
+        return rendered(study, None, None)
+
+    @bp.get(series_url + "/rendered")
+    def series_rendered(study: str, series: str) -> Response:
+        return rendered(study, series, None)
 
     @bp.get(instance_url + "/rendered")
     def instance_rendered(study: str, series: str, instance: str) -> Response:
