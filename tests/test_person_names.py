@@ -8,11 +8,15 @@ Runs on SQLite and PostgreSQL (the group of a name is computed in SQL on each).
 
 from __future__ import annotations
 
+from email.parser import BytesParser
+from email.policy import HTTP
 from io import BytesIO
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pydicom
 import pytest
+import requests
 from pydicom.dataset import Dataset
 from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
@@ -20,7 +24,7 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 from dicomnode.app import Node
 from dicomnode.config import Peer, read_settings
 from dicomnode.core.model import Source
-from tests.conftest import dicomweb_client, run_dcmtk, write_config
+from tests.conftest import dicomweb_client, dicomweb_url, run_dcmtk, token_for, write_config
 from tests.factory import make_ct
 
 FINDER = Peer("finder", "FINDER", "127.0.0.1", 0, ("find",))
@@ -181,3 +185,33 @@ def test_a_patient_id_keeps_its_wildcards(node):
     finally:
         assoc.release()
     assert {str(a.PatientID) for a in answers} == set(PATIENTS)
+
+
+def test_qido_answers_in_xml_carry_the_groups(node):
+    """multipart/related; type="application/dicom+xml" (PS3.18 10.6.3.3, required): one PS3.19
+    document per match, the name in its three groups; an Accept it cannot meet is a 406."""
+    headers = {"Authorization": f"Bearer {token_for(node, ('dicomweb.read',))}"}
+    url = f"{dicomweb_url(node)}/studies"
+    response = requests.get(
+        url,
+        params={"PatientName": "홍^길동"},
+        headers={**headers, "Accept": 'multipart/related; type="application/dicom+xml"'},
+        timeout=30,
+    )
+    assert response.status_code == 200
+    assert response.headers["Content-Type"].startswith("multipart/related")
+    head = f"Content-Type: {response.headers['Content-Type']}\r\n\r\n".encode()
+    message = BytesParser(policy=HTTP).parsebytes(head + response.content)
+    documents = [part.get_payload(decode=True) for part in message.iter_parts()]
+    assert len(documents) == 1
+    ns = "{http://dicom.nema.org/PS3.19/models/NativeDICOM}"
+    name = ElementTree.fromstring(documents[0]).find(
+        f"{ns}DicomAttribute[@tag='00100010']/{ns}PersonName"
+    )
+    groups = {
+        group: "^".join(part.text for part in name.find(f"{ns}{group}"))
+        for group in ("Alphabetic", "Ideographic", "Phonetic")
+    }
+    assert groups == {"Alphabetic": "Hong^Gildong", "Ideographic": "洪^吉洞", "Phonetic": "홍^길동"}
+    refused = requests.get(url, headers={**headers, "Accept": "image/png"}, timeout=30)
+    assert refused.status_code == 406 and refused.json()["error"] == "NotAcceptable"

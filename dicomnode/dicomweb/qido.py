@@ -5,7 +5,10 @@ the same matching as C-FIND, since both run the archive's one query engine; a UI
 comma-separated (PS3.18 8.3.4.1) or backslash-separated as in C-FIND. ``includefield``
 (repeated or comma-separated; ``all``), ``limit`` and ``offset`` are honoured;
 ``fuzzymatching=true`` is accepted and answered with a Warning header, as the node matches
-exactly. An empty result is ``200 []``. A person name is answered split into its Alphabetic,
+exactly. An empty result is ``200 []``. Answers are application/dicom+json (the default) or,
+when asked, multipart/related; type="application/dicom+xml" with one PS3.19 document per match
+(PS3.18 10.6.3.3: both are required of an origin server); a request that accepts neither is
+answered 406. A person name is answered split into its Alphabetic,
 Ideographic and Phonetic groups (PS3.18 F.2.2), as in WADO-RS metadata.
 
 Bad input is a 400 with a JSON reason, checked before any SQL runs: ``limit`` and ``offset``
@@ -25,13 +28,15 @@ from dicomnode.archive.attributes import COMPUTED, INDEXED, default_return_keys,
 from dicomnode.core.errors import InvalidInput
 from dicomnode.core.model import Level, Query
 from dicomnode.core.uids import validate_uid
+from dicomnode.dicomweb import media
 from dicomnode.dicomweb.access import base_url, requester, require_token, services
-from dicomnode.dicomweb.dicomjson import row_to_json
+from dicomnode.dicomweb.dicomjson import json_to_xml, row_to_json
+from dicomnode.dicomweb.multipart import new_boundary, stream_multipart
 from dicomnode.governance import audit
 
 MAX_LIMIT = 10_000
 MAX_OFFSET = 2**63 - 1  # the largest OFFSET the databases take
-_CONTROL = {"includefield", "limit", "offset", "fuzzymatching"}
+_CONTROL = {"includefield", "limit", "offset", "fuzzymatching", "accept", "charset"}
 _DIGITS = re.compile(r"[0-9]+")
 _PN_GROUPS = ("Alphabetic", "Ideographic", "Phonetic")
 
@@ -139,7 +144,24 @@ def _split_person_names(attributes: dict[str, Any]) -> dict[str, Any]:
     return attributes
 
 
+def _answer(body: list[dict[str, Any]], kind: str) -> Response:
+    """The matches as DICOM JSON, or as multipart XML (one Native DICOM Model per match)."""
+    if kind == media.DICOM_XML:
+        boundary = new_boundary()
+        headers = {"Content-Type": f"{media.DICOM_XML}; charset=utf-8"}
+        parts = ((headers, [json_to_xml(entry)]) for entry in body)
+        return Response(
+            b"".join(stream_multipart(parts, boundary)),
+            status=200,
+            content_type=f'multipart/related; type="{media.DICOM_XML}"; boundary={boundary}',
+        )
+    return Response(json.dumps(body), status=200, mimetype="application/dicom+json")
+
+
 def search(level: Level, **path: str) -> Response:
+    ranges = media.parse_accept(request.args.get("accept"), request.headers.get("Accept"))
+    media.check_charset(ranges, request.args.get("charset"))
+    kind = media.choose_metadata(ranges, xml_available=True)
     fixed = {}
     if "study" in path:
         fixed["StudyInstanceUID"] = validate_uid(path["study"], "StudyInstanceUID")
@@ -152,7 +174,7 @@ def search(level: Level, **path: str) -> Response:
         _split_person_names(row_to_json(row, {"RetrieveURL": _retrieve_url(row, level)}))
         for row in rows
     ]
-    response = Response(json.dumps(body), status=200, mimetype="application/dicom+json")
+    response = _answer(body, kind)
     if fuzzy:
         response.headers["Warning"] = (
             '299 dicomnode "fuzzymatching is not supported; matched exactly"'
