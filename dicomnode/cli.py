@@ -278,6 +278,8 @@ def _policy_show(args: argparse.Namespace) -> int:
     policy = status.in_force
     since = f"since {status.in_force_since:%Y-%m-%d %H:%M %Z}" if status.in_force_since else ""
     print(f"in force: {policy.version} {since or '(the embedded default policy)'}")
+    for narrowing in policy.narrowed_by:
+        print(f"  narrowed by {narrowing.version} (a request must be allowed by it too)")
     print(f"  controller: {policy.controller}")
     for rule in policy.rules:
         consent = ", consent required" if rule.consent_required else ""
@@ -302,6 +304,8 @@ def _policy_diff(args: argparse.Namespace) -> int:
     except (OSError, PolicyError) as e:
         print(f"{args.file}: {e}", file=sys.stderr)
         return 1
+    from dicomnode.governance.notice import NARROWER, classify_change
+
     with _node_services(args.config) as node:
         old = node.stewardship.policy_status().in_force
     lines = diff_policies(old, new)
@@ -310,6 +314,13 @@ def _policy_diff(args: argparse.Namespace) -> int:
         print(line)
     if not lines:
         print("(no differences)")
+    change = classify_change(old, new)
+    if change.kind == NARROWER:
+        print("change: narrower (takes effect at once when published)")
+    else:
+        print(f"change: {change.kind} ({change.notice.days} days' notice); widens:")
+        for finding in change.widens:
+            print(f"  {finding}")
     return 0
 
 
@@ -337,7 +348,7 @@ def _policy_publish(args: argparse.Namespace) -> int:
     with _node_services(args.config) as node:
         try:
             published, new = node.stewardship.publish_policy(
-                Path(args.file).read_text(encoding="utf-8"), _who(args)
+                Path(args.file).read_text(encoding="utf-8"), _who(args), args.reason
             )
         except (OSError, PolicyError, ValueError) as e:
             print(f"{args.file}: {e}", file=sys.stderr)
@@ -731,11 +742,19 @@ def _governance_parsers(commands: Any) -> None:
     publish = with_by(
         with_config(
             policy_commands.add_parser(
-                "publish", help="publish a version; it takes effect after its notice period"
+                "publish",
+                help="publish a version: a narrowing takes effect at once, a widening after "
+                "its notice period",
             )
         )
     )
     publish.add_argument("file")
+    publish.add_argument(
+        "--reason",
+        default="",
+        help="why (ledgered); initial-deployment: the first version replacing the embedded "
+        "policy takes effect at once",
+    )
     publish.set_defaults(run=_policy_publish)
 
     consent = commands.add_parser("consent", help="the consent registry")

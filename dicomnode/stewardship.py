@@ -32,7 +32,7 @@ from dicomnode.core.model import (
     StudyFacts,
 )
 from dicomnode.core.times import utc_now
-from dicomnode.governance import audit_events, codes, retention
+from dicomnode.governance import audit_events, codes, notice, retention
 from dicomnode.governance.retention import RetentionItem
 
 log = logging.getLogger("dicomnode.stewardship")
@@ -91,19 +91,30 @@ class Stewardship:
 
     # --- policy ---------------------------------------------------------------------------
 
-    def publish_policy(self, source: str, by: str) -> tuple[PublishedPolicy, bool]:
-        """Publish the policy in `source` now; it takes effect at its effective_from, but not
-        before its notice period (7 days, 30 when material) has run. Returns the published
-        version and whether it is new (publishing the same version again changes nothing).
-        Raises PolicyError for a policy that cannot be used."""
+    def publish_policy(
+        self, source: str, by: str, reason: str = ""
+    ) -> tuple[PublishedPolicy, bool]:
+        """Publish the policy in `source` now. A narrowing of the policy in force takes effect
+        at once; the first version replacing the embedded one, published with the reason
+        "initial-deployment", at its effective_from (at once when that has passed); any other
+        at its effective_from, but not before its notice period (7 days, 30 when material) has
+        run. The classification and the reason are ledgered. Returns the published version and
+        whether it is new (publishing the same version again changes nothing). Raises
+        PolicyError for a policy that cannot be used, ValueError for a misused reason."""
         policy = governance.parse_policy(source)
         now = self.clock()
+        self.archive.registry.forget_cached()
+        already = self.archive.registry.published_policies()
+        same = next((p for p in already if p.version == policy.version), None)
+        if same is not None and same.source == source:
+            return same, False
+        schedule = notice.schedule_publication(already, policy, now, reason)
         published = PublishedPolicy(
             version=policy.version,
             source=source,
             sha256=hashlib.sha256(source.encode()).hexdigest(),
             published_at=now,
-            effective_at=governance.effective_at(policy, now),
+            effective_at=schedule.effective_at,
             material=policy.material,
             published_by=by,
         )
@@ -111,7 +122,12 @@ class Stewardship:
             "version": policy.version,
             "sha256": published.sha256,
             "material": policy.material,
-            "notice_days": governance.notice_period(policy.material).days,
+            "change": schedule.change.kind,
+            "widens": list(schedule.change.widens),
+            "compared_with": governance.policy_in_force(already, now).version,
+            "notice_days": (published.effective_at - now).days,
+            "reason": schedule.reason,
+            "initial_deployment": schedule.initial_deployment,
             "effective_from": policy.effective_from.isoformat(),
             "effective_at": published.effective_at.isoformat(),
             "published_at": now.isoformat(),
@@ -142,7 +158,9 @@ class Stewardship:
         now = self.clock()
         published = self.archive.registry.published_policies()
         in_force = governance.policy_in_force(published, now)
-        since = next((p.effective_at for p in published if p.version == in_force.version), None)
+        since = max(
+            (p.effective_at for p in published if p.version in in_force.versions), default=None
+        )
         return PolicyStatus(in_force, since, governance.scheduled(published, now), published)
 
     # --- consent --------------------------------------------------------------------------

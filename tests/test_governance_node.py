@@ -244,8 +244,11 @@ def test_each_decision_records_the_version_basis_and_rule(node):
 
 
 def test_a_new_version_waits_for_its_notice_period(node):
-    text = policy_text("hospital-2026-2").replace(
-        'id = "hospital"\neffect = "allow"', ('id = "hospital"\neffect = "deny"')
+    # a new controller widens (data subjects must be told), so the whole version waits
+    text = (
+        policy_text("hospital-2026-2")
+        .replace('id = "hospital"\neffect = "allow"', ('id = "hospital"\neffect = "deny"'))
+        .replace("Example University Hospital", "Example University Hospital Group", 1)
     )
     published, new = node.stewardship.publish_policy(text, "dpo")
     assert new and published.effective_at >= datetime.now(UTC) + timedelta(days=6, hours=23)
@@ -435,9 +438,14 @@ def test_cli_policy_check_show_diff(node, tmp_path):
     shown = cli("policy", "show", "--config", config)
     assert "in force: hospital-2026-1" in shown.stdout
     changed = tmp_path / "changed.toml"
-    changed.write_text(policy_text("hospital-2026-4").replace("dpo@hospital", "privacy@hospital"))
+    changed.write_text(
+        policy_text("hospital-2026-4")
+        .replace("dpo@hospital", "privacy@hospital")
+        .replace("Example University Hospital", "Example University Hospital Group", 1)
+    )
     diffed = cli("policy", "diff", str(changed), "--config", config)
     assert "~ policy.dpo_contact" in diffed.stdout
+    assert "change: wider (7 days' notice)" in diffed.stdout
     published = cli("policy", "publish", str(changed), "--config", config, "--by", "dpo")
     assert published.returncode == 0 and "in force from" in published.stdout
     assert "scheduled: hospital-2026-4" in cli("policy", "show", "--config", config).stdout

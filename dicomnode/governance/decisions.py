@@ -7,12 +7,15 @@ granted and in its period at `now`; an explicit refusal or withdrawal of consent
 is honoured whatever the rule's basis. Every decision carries its reason, the rule that made it, the
 policy version, the lawful basis and the consent versions it relied on, so that the ledger can
 say why data left or did not.
+
+A narrowed policy (a version with narrowings in force on top of it, `policy.narrow`) allows a
+request only when each of its parts does; the decision names the narrowed policy's version.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 from dicomnode.core.model import ConsentRecord, PatientFacts
@@ -195,6 +198,8 @@ def decide(
     now: datetime,
 ) -> Decision:
     """Whether the data in `request` may leave (or be processed), by `policy` at `now`."""
+    if policy.narrowed_by:
+        return _decide_narrowed(request, facts, policy, now)
     recipient = None
     if request.operation not in ("analyze", "export", "admit"):
         recipient = resolve_recipient(policy, request.party)
@@ -322,6 +327,36 @@ def decide(
     )
 
 
+def _decide_narrowed(
+    request: DisclosureRequest,
+    facts: Mapping[str, PatientFacts],
+    policy: Policy,
+    now: datetime,
+) -> Decision:
+    """A narrowed policy's decision: the first refusal of its parts (base first), else the
+    base's allowance with every part's left-out patients and consent versions, and the
+    de-identification profile of the latest part that names one."""
+    decisions = [decide(request, facts, part, now) for part in policy.parts]
+    refusal = next((d for d in decisions if not d.allowed), None)
+    if refusal is not None:
+        return replace(refusal, policy_version=policy.version)
+    base = decisions[0]
+    reason = base.reason
+    left_out = set(base.denied_patients)
+    for part, decision in zip(policy.narrowed_by, decisions[1:], strict=True):
+        if set(decision.denied_patients) - left_out:
+            reason += f"; narrowed by {part.version}: {decision.reason}"
+            left_out |= set(decision.denied_patients)
+    return replace(
+        base,
+        reason=reason,
+        policy_version=policy.version,
+        denied_patients=tuple(sorted(left_out)),
+        consent_refs=tuple(dict.fromkeys(r for d in decisions for r in d.consent_refs)),
+        deid_profile=next((d.deid_profile for d in reversed(decisions) if d.deid_profile), ""),
+    )
+
+
 _SEVERITY = {"admit": 0, "hold": 1, "refuse": 2}
 
 
@@ -329,7 +364,12 @@ def admit(
     request: AdmissionRequest, facts: PatientFacts, policy: Policy, now: datetime
 ) -> Admission:
     """Whether an arriving object is filed (admit), filed aside until someone decides (hold),
-    or refused, by the policy's [intake] rules; the most severe applicable rule wins."""
+    or refused, by the policy's [intake] rules; the most severe applicable rule wins (in a
+    narrowed policy, over all its parts)."""
+    if policy.narrowed_by:
+        answers = [admit(request, facts, part, now) for part in policy.parts]
+        worst = max(answers, key=lambda a: _SEVERITY[a.action])  # the first of equals: base
+        return replace(worst, policy_version=policy.version)
     if request.protocol == "analysis":  # the node's own results of admitted data
         return Admission(
             "admit", "a result of the node's own analysis", "intake.own", policy.version
@@ -371,4 +411,6 @@ def withdrawal_affects(policy: Policy, purpose: str) -> frozenset[str]:
     """The activities whose queued work a withdrawn or refused consent to `purpose` cancels:
     every activity carried out for that purpose (an explicit "no" is honoured whatever the
     activity's basis)."""
-    return frozenset(a.id for a in policy.activities if purpose in a.purposes)
+    return frozenset(
+        a.id for part in policy.parts for a in part.activities if purpose in a.purposes
+    )

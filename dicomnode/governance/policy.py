@@ -4,9 +4,15 @@ A policy names the controller (the hospital), the processing activities with the
 lawful basis, the recipients data may go to, the rules that allow or deny each disclosure, the
 de-identification profiles those rules apply, retention rules and what intake does with objects
 it may not process. `parse_policy` refuses a policy with unknown codes, a rule that can never
-match or a third-party rule without a basis, naming the rule (PolicyError). A published version
-takes effect only after its notice period (7 days; 30 when material): `effective_at` computes
-when, `policy_in_force` picks the version in force at a given moment.
+match or a third-party rule without a basis, naming the rule (PolicyError).
+
+When a published version takes effect depends on the change (`notice.py` classifies it): a
+widening waits for its notice period (7 days; 30 when material), a narrowing takes effect at
+once, and the first version replacing the embedded one takes effect at once when published for
+the initial deployment. `policy_in_force` computes the policy in force at a moment: the latest
+published non-narrowing version in force (the base), narrowed by every narrowing in force that
+was published after it (`narrow`: a request must be allowed by each, the shortest retention
+applies). A narrowing is stored as a publication that took effect when it was published.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import hashlib
 import re
 import tomllib
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, date, datetime, timedelta
 from functools import lru_cache
 from typing import Any
@@ -29,6 +35,8 @@ from dicomnode.governance.embedded import EMBEDDED_POLICY_TOML
 
 NOTICE = timedelta(days=7)
 MATERIAL_NOTICE = timedelta(days=30)
+# Joins the versions of a narrowed policy: "2026-1 ∩ 2026-2-brake" (refused in version names).
+NARROWED_SEPARATOR = " ∩ "
 
 # Which operations and recipient kinds each activity can ever be asked about.
 ACTIVITY_OPERATIONS: dict[str, frozenset[str]] = {
@@ -200,6 +208,20 @@ class Policy:
     retention: tuple[RetentionRule, ...] = ()
     intake: IntakeRules = field(default_factory=IntakeRules)
     sha256: str = ""
+    # Narrowings in force on top of this (base) version, oldest first; empty for a plain version.
+    narrowed_by: tuple[Policy, ...] = ()
+
+    @property
+    def parts(self) -> tuple[Policy, ...]:
+        """The versions a request must satisfy: this one, then each narrowing of it."""
+        if not self.narrowed_by:
+            return (self,)
+        return (replace(self, narrowed_by=()), *self.narrowed_by)
+
+    @property
+    def versions(self) -> tuple[str, ...]:
+        """The published versions that make up this policy (one unless narrowed)."""
+        return tuple(self.version.split(NARROWED_SEPARATOR))
 
     def activity(self, activity_id: str) -> Activity | None:
         return next((a for a in self.activities if a.id == activity_id), None)
@@ -208,7 +230,12 @@ class Policy:
         return next((r for r in self.recipients if r.id == recipient_id), None)
 
     def deid_profile(self, profile_id: str) -> DeidProfileRule | None:
-        return next((p for p in self.deid_profiles if p.id == profile_id), None)
+        """The profile by its id; in a narrowed policy the latest narrowing's comes first."""
+        for part in (*reversed(self.narrowed_by), self):
+            found = next((p for p in part.deid_profiles if p.id == profile_id), None)
+            if found is not None:
+                return found
+        return None
 
     def consent_purposes(self, activity_id: str) -> tuple[str, ...]:
         activity = self.activity(activity_id)
@@ -293,6 +320,8 @@ def _parse(data: dict[str, Any], sha256: str) -> Policy:
     version = head.get("version")
     if not isinstance(version, str) or not version.strip():
         raise PolicyError("policy.version: a non-empty string is required")
+    if NARROWED_SEPARATOR.strip() in version:
+        raise PolicyError(f"policy.version: {NARROWED_SEPARATOR.strip()!r} is reserved")
     if "effective_from" not in head:
         raise PolicyError("policy.effective_from: a date or date-time is required")
 
@@ -549,19 +578,74 @@ def effective_at(policy: Policy, published_at: datetime) -> datetime:
     return max(policy.effective_from, published_at + notice_period(policy.material))
 
 
+def is_narrowing(published: PublishedPolicy) -> bool:
+    """Whether a publication (not the first) was a narrowing: it took effect before a notice
+    period could have run (a widening's effective_at is at least a notice period later)."""
+    return published.effective_at - published.published_at < NOTICE
+
+
 def policy_in_force(published: Sequence[PublishedPolicy], now: datetime) -> Policy:
-    """The version in force at `now`: of those whose notice has run, the one published last
-    (a later publication supersedes an earlier one even if the earlier, with its longer notice,
-    takes effect after it), else the embedded one."""
-    in_force = [p for p in published if p.effective_at <= now]
-    if not in_force:
-        return embedded_policy()
-    latest = max(in_force, key=lambda p: (p.published_at, p.effective_at))
-    return parse_policy(latest.source)
+    """The policy in force at `now`. Its base is, of the versions in force that are not
+    narrowings, the one published last (a later publication supersedes an earlier one even if
+    the earlier, with its longer notice, takes effect after it), else the embedded one; every
+    narrowing in force published after the base narrows it (`narrow`). The first publication
+    is always a base (it replaces the embedded policy)."""
+    ordered = sorted(published, key=lambda p: p.published_at)  # stable: the registry's order
+    in_force = [(i, p) for i, p in enumerate(ordered) if p.effective_at <= now]
+    bases = [(i, p) for i, p in in_force if i == 0 or not is_narrowing(p)]
+    base_index, base = max(
+        bases, key=lambda b: (b[1].published_at, b[1].effective_at, b[0]), default=(-1, None)
+    )
+    narrowings = tuple(
+        p.source
+        for i, p in in_force
+        if i > 0
+        and is_narrowing(p)
+        and (base is None or (p.published_at, i) > (base.published_at, base_index))
+    )
+    return _narrowed(base.source if base else EMBEDDED_POLICY_TOML, narrowings)
+
+
+@lru_cache(maxsize=32)
+def _narrowed(base_source: str, narrowing_sources: tuple[str, ...]) -> Policy:
+    base = parse_policy(base_source)
+    if not narrowing_sources:
+        return base
+    return narrow(base, [parse_policy(s) for s in narrowing_sources])
+
+
+_SEVERITY = {"admit": 0, "hold": 1, "refuse": 2}
+
+
+def narrow(base: Policy, narrowings: Sequence[Policy]) -> Policy:
+    """`base` narrowed by `narrowings`: a request is allowed only when each allows it
+    (decisions.decide), intake does the most severe of their actions, retention keeps for the
+    shortest of their periods; the descriptive fields, activities and recipients are the
+    base's. Its version names them all, joined by NARROWED_SEPARATOR."""
+    parts = (base, *narrowings)
+    intake = IntakeRules(
+        **{
+            f.name: max((getattr(p.intake, f.name) for p in parts), key=_SEVERITY.__getitem__)
+            for f in fields(IntakeRules)
+        }
+    )
+    return replace(
+        base,
+        version=NARROWED_SEPARATOR.join(p.version for p in parts),
+        intake=intake,
+        sha256=hashlib.sha256(" ".join(p.sha256 for p in parts).encode()).hexdigest(),
+        narrowed_by=tuple(narrowings),
+    )
 
 
 def policy_version(published: Sequence[PublishedPolicy], version: str) -> Policy | None:
-    """A published (or the embedded) version by its name."""
+    """A published (or the embedded) version by its name; a narrowed policy's name
+    ("a ∩ b") gives that narrowed policy."""
+    if NARROWED_SEPARATOR in version:
+        parts = [policy_version(published, v) for v in version.split(NARROWED_SEPARATOR)]
+        if any(p is None for p in parts):
+            return None
+        return narrow(parts[0], parts[1:])  # type: ignore[arg-type]
     if version == embedded_policy().version:
         return embedded_policy()
     match = next((p for p in published if p.version == version), None)

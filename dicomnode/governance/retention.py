@@ -76,7 +76,14 @@ def _applicable(
 
 
 def retention_items(facts: StudyFacts, policy: Policy, now: datetime) -> list[RetentionItem]:
-    """What retention does with a study's images and results at `now`."""
+    """What retention does with a study's images and results at `now`; by a narrowed
+    policy, each category's earliest expiry of its parts (keeping is never longer)."""
+    if policy.narrowed_by:
+        per_part = [retention_items(facts, part, now) for part in policy.parts]
+        return [
+            min(same, key=lambda i: (i.expires_at is None, i.expires_at or now))
+            for same in zip(*per_part, strict=True)
+        ]
     items = []
     images = _applicable(policy.retention, "received-images", facts, facts.images_received_at)
     results = _applicable(
