@@ -161,6 +161,30 @@ def _inflate(source, limit: int) -> bytes:
     return bytes(out + inflater.flush())
 
 
+def check_transcodable(path: str | Path, limit: int) -> None:
+    """ImageTooLarge when re-encoding the object at `path` uncompressed would decode or inflate
+    more than `limit` bytes (nothing is kept: a deflated one is inflated and dropped in steps)."""
+    with open(path, "rb") as f:
+        read_preamble(f, False)
+        meta = _read_file_meta_info(f)
+        syntax = UID(meta.get("TransferSyntaxUID", ""))
+        if syntax.is_deflated:
+            inflater, total = zlib.decompressobj(-zlib.MAX_WBITS), 0
+            while (chunk := f.read(_INFLATE_CHUNK)) and not inflater.eof:
+                while chunk:
+                    total += len(inflater.decompress(chunk, _INFLATE_CHUNK))
+                    if total > limit:
+                        raise ImageTooLarge(
+                            f"the deflated data set inflates to more than {limit} bytes, this "
+                            "node's limit (http.max_decoded_bytes); ask for transfer-syntax=* "
+                            "to receive it as stored"
+                        )
+                    chunk = inflater.unconsumed_tail
+            return
+    if syntax.is_compressed:
+        check_decoded_size(pydicom.dcmread(path, stop_before_pixels=True), limit)
+
+
 def read_instance(
     path: str | Path, limit: int, stop_before_pixels: bool = False, defer_size: int | None = None
 ) -> Dataset:

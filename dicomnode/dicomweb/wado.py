@@ -108,6 +108,14 @@ def _producible(found: list[StoredInstance]) -> Callable[[str], str | None]:
         refusals = sorted({r for ts in stored if (r := pixels.decode_refusal(ts))})
         if refusals:
             return "; ".join(refusals) + " (transfer-syntax=* sends them as stored)"
+        archive, limit = services().archive, _limit()
+        for item in found:  # checked before the answer starts: no 500 in the middle of it
+            ts = UID(item.transfer_syntax_uid)
+            if ts.is_compressed or ts.is_deflated:
+                try:
+                    pixels.check_transcodable(archive.blob_file(item), limit)
+                except pixels.ImageTooLarge as e:
+                    return str(e)
         return None
 
     return reason
