@@ -6,15 +6,21 @@ multipart reader."""
 from __future__ import annotations
 
 import base64
+import io
 import json
+import os
+import socket
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
 
 from dicomnode.archive.accounts import AccountStore
-from tests.conftest import dicomweb_url
+from dicomnode.dicomweb.multipart import read_multipart
+from tests.conftest import dicomweb_url, token_for, wait_until
 from tests.test_dpo_pages import PASSWORD, Browser
 
 INTERNALS = ("Traceback", "object has no attribute", 'File "', "sqlalchemy", "SELECT ")
@@ -197,3 +203,246 @@ def test_disabling_an_account_ends_its_open_sessions(dpo_node):
     AccountStore(dpo_node.archive.index).disable("dpo1")
     answer = client.get("/governance/ledger", follow=False)
     assert answer.status_code == 302 and "/governance/signin" in answer.headers["Location"]
+
+
+# --- item 5: STOW bodies of junk parts --------------------------------------------------------
+
+
+def _rss() -> int:
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+class PeakRss:
+    """The highest resident set size of this process (the node runs in it) while in use."""
+
+    def __init__(self) -> None:
+        self.peak, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss())
+            self._stop.wait(0.005)
+
+    def __enter__(self) -> PeakRss:
+        self.base = _rss()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def growth(self) -> int:
+        return self.peak - self.base
+
+
+JUNK_BOUNDARY = "junk-boundary"
+STOW_JUNK_TYPE = f'multipart/related; type="application/dicom"; boundary={JUNK_BOUNDARY}'
+
+
+def _junk_body(parts: int, part_size: int) -> Iterator[bytes]:
+    """A STOW-RS body of `parts` junk parts, streamed (chunked): zeros (what made pydicom's
+    forced read take ~2 s a part) and random bytes, alternately."""
+    zeros, noise = bytes(1 << 20), os.urandom(1 << 20)
+    for number in range(parts):
+        yield f"--{JUNK_BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        filler = zeros if number % 2 == 0 else noise
+        for _ in range(part_size // len(filler)):
+            yield filler
+        yield b"\r\n"
+    yield f"--{JUNK_BOUNDARY}--\r\n".encode()
+
+
+def test_512_mib_of_junk_parts_take_little_memory_and_cpu(start_node):
+    node = start_node()
+    before = node.archive.counts()
+    parts, part_size = 64, 8 << 20  # 512 MiB
+    cpu_before = time.process_time()
+    with PeakRss() as rss:
+        answer = requests.post(
+            f"{dicomweb_url(node)}/studies",
+            data=_junk_body(parts, part_size),
+            headers={"Authorization": f"Bearer {token_for(node)}", "Content-Type": STOW_JUNK_TYPE},
+            timeout=600,
+        )
+    cpu_per_part = (time.process_time() - cpu_before) / parts  # the node's and the client's
+    assert answer.status_code == 409, answer.text[:300]
+    failed = answer.json()["00081198"]["Value"]
+    assert len(failed) == parts
+    assert "not a DICOM Part 10 file" in failed[0]["00000902"]["Value"][0]
+    assert node.archive.counts() == before
+    assert rss.growth < 256 << 20, f"RSS grew by {rss.growth >> 20} MiB"
+    print(f"RSS +{rss.growth >> 20} MiB, {cpu_per_part:.3f} s CPU per junk part")
+    assert cpu_per_part < 0.25, f"{cpu_per_part:.3f} s of CPU per junk part"
+
+
+def test_many_small_parts_share_one_spool_file_and_a_bounded_memory(monkeypatch):
+    from dicomnode.dicomweb import multipart
+
+    opened = []
+    real = multipart.tempfile.TemporaryFile
+
+    def counted(*args: object, **kw: object):
+        opened.append(1)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(multipart.tempfile, "TemporaryFile", counted)
+    small = [bytes([n % 256]) * 100_000 for n in range(100)]  # 10 MB of 100 kB parts
+    stream = b"".join(
+        [b"--b\r\nContent-Type: application/dicom\r\n\r\n" + p + b"\r\n" for p in small]
+    )
+    parts = read_multipart(io.BytesIO(stream + b"--b--\r\n"), "b", 1 << 20)
+    in_memory = sum(p.size for p in parts if p._file is None)
+    assert 0 < in_memory <= multipart.REQUEST_IN_MEMORY
+    assert len(opened) == 1  # one temporary file for all the parts that did not fit
+    assert [p.read() for p in parts] == small
+    assert [p.head(10) for p in parts] == [p[:10] for p in small]
+
+
+# --- item 4: slow connections -----------------------------------------------------------------
+
+
+class SlowLoris:
+    """`count` connections from `source` that each send a request one byte every `interval`
+    seconds (`kind` "headers": the request line and headers never end; "body": the headers end,
+    the body dribbles; "idle": nothing at all), reopened when the node closes them, until
+    `stop()` or `seconds` pass (a bounded loop on one thread)."""
+
+    def __init__(
+        self,
+        port: int,
+        count: int,
+        kind: str = "headers",
+        source: str = "127.0.0.1",
+        interval: float = 0.5,
+        seconds: float = 60,
+    ) -> None:
+        self.port, self.count, self.kind, self.source = port, count, kind, source
+        self.interval, self.seconds = interval, seconds
+        self.closed_by_node = 0
+        self.opened = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _open(self) -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind((self.source, 0))
+        sock.setblocking(False)
+        sock.connect_ex(("127.0.0.1", self.port))
+        self.opened += 1
+        if self.kind == "body":
+            head = b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n"
+            self._send(sock, head)
+        return sock
+
+    @staticmethod
+    def _send(sock: socket.socket, data: bytes) -> bool:
+        try:
+            sock.send(data)
+            return True
+        except BlockingIOError:
+            return True  # not connected yet (waiting in the backlog) or the buffer is full
+        except OSError:
+            return False
+
+    @staticmethod
+    def _closed(sock: socket.socket) -> bool:
+        try:
+            return sock.recv(4096) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+
+    def _run(self) -> None:
+        socks = [self._open() for _ in range(self.count)]
+        dribble = b"GET /healthz HTTP/1.1\r\nX-Slow: " if self.kind == "headers" else b""
+        step, deadline = 0, time.monotonic() + self.seconds
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            for index, sock in enumerate(socks):
+                if self._closed(sock):
+                    self.closed_by_node += 1
+                    sock.close()
+                    socks[index] = sock = self._open()
+                if self.kind == "idle":
+                    continue
+                byte = dribble[step : step + 1] if step < len(dribble) else b"a"
+                if not self._send(sock, byte):
+                    self.closed_by_node += 1
+                    sock.close()
+                    socks[index] = self._open()
+            step += 1
+            self._stop.wait(self.interval)
+        for sock in socks:
+            sock.close()
+
+    def __enter__(self) -> SlowLoris:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+
+def _served(node, rounds: int = 4, timeout: float = 15) -> list[float]:
+    """A well-behaved client's QIDO-RS search and /healthz, `rounds` times, each on a new
+    connection: how long each took (raises when one is not answered in `timeout` seconds)."""
+    took = []
+    headers = {"Authorization": f"Bearer {token_for(node)}", "Connection": "close"}
+    for _ in range(rounds):
+        for url, extra in (
+            (f"{dicomweb_url(node)}/studies", headers),
+            (f"http://127.0.0.1:{node.http_port}/healthz", {"Connection": "close"}),
+        ):
+            started = time.monotonic()
+            answer = requests.get(url, headers=extra, timeout=timeout)
+            assert answer.status_code in (200, 204), (url, answer.status_code)
+            took.append(time.monotonic() - started)
+    return took
+
+
+def test_a_slow_loris_of_150_connections_does_not_keep_clients_out(start_node):
+    """150 connections dribbling their headers (waitress's limit of 100 held QIDO-RS and
+    /healthz off until the attack stopped)."""
+    node = start_node(http={"header_timeout": 2})
+    assert max(_served(node, rounds=1)) < 5
+    with SlowLoris(node.http_port, 150, "headers", seconds=60) as attack:
+        wait_until(lambda: attack.opened >= 150, 10, "the attack's connections")
+        took = _served(node)
+        wait_until(lambda: attack.closed_by_node >= 150, 20, "the node to close slow ones")
+    assert max(took) < 10, took
+
+
+@pytest.mark.parametrize("kind", ["headers", "body", "idle"])
+def test_slow_connections_past_the_limit_are_closed_at_their_deadline(start_node, kind):
+    """Three times the connection limit in slow connections of one kind, reopened as soon as
+    the node closes them: the deadlines free the slots, and a well-behaved client gets one."""
+    limit = 20
+    node = start_node(
+        http={
+            "connection_limit": limit,
+            "header_timeout": 2,
+            "min_upload_rate": 1024,
+            "max_connections_per_client": 0,
+        }
+    )
+    with SlowLoris(node.http_port, 3 * limit, kind, interval=0.25, seconds=60) as attack:
+        wait_until(lambda: attack.opened >= 3 * limit, 10, "the attack's connections")
+        took = _served(node, rounds=1)
+        wait_until(lambda: attack.closed_by_node >= limit, 20, "the node to close slow ones")
+    assert max(took) < 10, took
+
+
+def test_connections_from_one_address_past_its_limit_are_closed_at_once(start_node):
+    node = start_node(http={"max_connections_per_client": 10, "header_timeout": 30})
+    with SlowLoris(node.http_port, 40, "headers", source="127.0.0.2", seconds=60) as attack:
+        wait_until(lambda: attack.closed_by_node >= 30, 20, "connections past the limit closed")
+        took = _served(node)  # from 127.0.0.1
+    assert max(took) < 5, took

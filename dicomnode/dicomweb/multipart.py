@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import tempfile
 import uuid
 from collections.abc import Iterable, Iterator
@@ -12,7 +13,8 @@ from typing import BinaryIO
 from dicomnode.core.errors import InvalidInput
 
 CHUNK = 1024 * 1024
-SPOOL_IN_MEMORY = 8 * 1024 * 1024
+SPOOL_IN_MEMORY = 256 * 1024  # a part up to this size stays in memory ...
+REQUEST_IN_MEMORY = 4 * 1024 * 1024  # ... while a request's parts in memory stay under this
 
 
 class PartTooLarge(InvalidInput):
@@ -42,15 +44,55 @@ def file_chunks(path: str, chunk: int = CHUNK) -> Iterator[bytes]:
             yield data
 
 
+class _Spool:
+    """Where the parts of one request go: in memory while they are small and few (at most
+    REQUEST_IN_MEMORY bytes in all), else one after the other into one temporary file (one file
+    descriptor per request, however many parts it has)."""
+
+    def __init__(self) -> None:
+        self.memory_left = REQUEST_IN_MEMORY
+        self.file: BinaryIO | None = None
+        self.end = 0  # bytes written to the file
+
+    def append(self, data: bytes | memoryview) -> int:
+        """Write `data` at the file's end; the offset it starts at."""
+        if self.file is None:
+            self.file = tempfile.TemporaryFile()  # noqa: SIM115 - closed with the parts
+        offset = self.end
+        self.file.seek(offset)
+        self.file.write(data)
+        self.end += len(data)
+        return offset
+
+    def written(self) -> None:
+        """Every part is in: flush the file, so parts read it (from any thread) with pread."""
+        if self.file is not None:
+            self.file.flush()
+
+    def pread(self, size: int, offset: int) -> bytes:
+        assert self.file is not None
+        chunks, fd = [], self.file.fileno()
+        while size > 0:
+            chunk = os.pread(fd, size, offset)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size -= len(chunk)
+            offset += len(chunk)
+        return b"".join(chunks)
+
+
 @dataclass
 class Part:
-    """One received part: its headers and its body, in memory up to SPOOL_IN_MEMORY bytes and
-    in a temporary file beyond."""
+    """One received part: its headers and its body, in memory while small (SPOOL_IN_MEMORY,
+    within the request's REQUEST_IN_MEMORY), else in the request's temporary file."""
 
     headers: dict[str, str]
     size: int = 0
     _chunks: list[bytes] = field(default_factory=list)
-    _file: BinaryIO | None = None
+    _spool: _Spool = field(default_factory=_Spool)
+    _file: BinaryIO | None = None  # the spool's file once this part is in it
+    _offset: int = 0  # where this part starts in that file
 
     @property
     def content_type(self) -> str:
@@ -58,28 +100,36 @@ class Part:
 
     def write(self, data: bytes | memoryview) -> None:
         self.size += len(data)
-        if self._file is None and self.size > SPOOL_IN_MEMORY:
-            self._file = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the part
-            for chunk in self._chunks:
-                self._file.write(chunk)
+        if self._file is None and self.size > min(SPOOL_IN_MEMORY, self._spool.memory_left):
+            held = b"".join(self._chunks)
             self._chunks.clear()
+            self._offset = self._spool.append(held)
+            self._file = self._spool.file
         if self._file is not None:
-            self._file.write(data)
+            self._spool.append(data)
         else:
             self._chunks.append(bytes(data))
+
+    def finish(self) -> None:
+        """The part is whole: what it holds in memory counts against the request's share."""
+        if self._file is None:
+            self._spool.memory_left -= self.size
+
+    def head(self, count: int) -> bytes:
+        """The first `count` bytes (fewer when the part is shorter)."""
+        count = min(count, self.size)
+        if self._file is None:
+            return b"".join(self._chunks)[:count]
+        return self._spool.pread(count, self._offset)
 
     def read(self) -> bytes:
         if self._file is None:
             return b"".join(self._chunks)
-        self._file.seek(0)
-        return self._file.read()
+        return self._spool.pread(self.size, self._offset)
 
     def open(self) -> BinaryIO:
         """The body as a file, read from its start."""
-        if self._file is None:
-            return io.BytesIO(self.read())
-        self._file.seek(0)
-        return self._file
+        return io.BytesIO(self.read())
 
 
 class _Reader:
@@ -144,6 +194,7 @@ def read_multipart(stream: BinaryIO, boundary: str, max_part_bytes: int) -> list
         raise InvalidInput("the body does not start with the multipart boundary in Content-Type")
     reader.skip(len(opening))
     parts: list[Part] = []
+    spool = _Spool()
     while True:
         # After a delimiter: "--" closes the body, CRLF opens a part.
         while reader.available() < 2:
@@ -165,7 +216,7 @@ def read_multipart(stream: BinaryIO, boundary: str, max_part_bytes: int) -> list
             name, _, value = line.partition(":")
             if name.strip():
                 headers[name.strip().lower()] = value.strip()
-        part = Part(headers)
+        part = Part(headers, _spool=spool)
         keep = len(separator) - 1  # bytes that may be the start of a separator cut by a chunk
         while (found := reader.find(separator)) < 0:
             if reader.available() > keep:
@@ -175,8 +226,10 @@ def read_multipart(stream: BinaryIO, boundary: str, max_part_bytes: int) -> list
                     f"the multipart body is truncated: part {number} has no closing boundary"
                 )
         _write(part, reader.take(found), max_part_bytes, number)
+        part.finish()
         reader.skip(len(separator))
         parts.append(part)
+    spool.written()
     return parts
 
 

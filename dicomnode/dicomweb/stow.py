@@ -12,6 +12,7 @@ lists what was stored and why anything failed:
 
 from __future__ import annotations
 
+import io
 import json
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -33,6 +34,9 @@ from dicomnode.dicomweb.multipart import read_multipart
 from dicomnode.governance import audit_events
 
 FILING_THREADS = 4  # parts of one request filed at once
+PART10_HEAD = 138  # bytes enough to tell a Part 10 file: preamble, "DICM", a first element's tag
+IDENTITY_HEAD = 64 * 1024  # a refused part's File Meta group is looked for in this many bytes
+FILE_META_VRS = (b"UL", b"OB", b"UI", b"SH", b"AE")  # (0002,xxxx) elements' VRs
 
 
 def _parts() -> list:
@@ -72,6 +76,8 @@ def store(study: str | None = None) -> Response:
         try:
             if part_type != "application/dicom":
                 raise InvalidInput(f"part {number} is {part_type!r}, not application/dicom")
+            if not looks_like_part10(part.head(PART10_HEAD)):
+                raise InvalidInput(f"part {number} is not a DICOM Part 10 file")
             return intake.receive_part10(part.read(), source, expected_study=study, turn=turn)
         except DicomnodeError as e:
             return e
@@ -121,14 +127,30 @@ def _failure(error: DicomnodeError, part: Any, number: int) -> dict[str, Any]:
     return item
 
 
+def looks_like_part10(head: bytes) -> bool:
+    """True when `head` (a part's first bytes) may start a DICOM Part 10 file: the 128-byte
+    preamble and "DICM", or a File Meta group without them, either way followed by a group-0002
+    element in explicit VR. Anything else is refused before it is parsed (cheap for junk)."""
+    start = 132 if head[128:132] == b"DICM" else 0
+    first = head[start : start + 6]
+    return len(first) == 6 and first[:2] == b"\x02\x00" and first[4:6] in FILE_META_VRS
+
+
 def _identity(part: Any) -> tuple[str, str] | None:
-    """The SOP Class and Instance UIDs of a refused part, when they can be read at all."""
-    try:
-        wanted = ["SOPClassUID", "SOPInstanceUID"]
-        ds = pydicom.dcmread(part.open(), force=True, specific_tags=wanted)
-        return str(ds.SOPClassUID), str(ds.SOPInstanceUID)
-    except Exception:
+    """The SOP Class and Instance UIDs of a refused part, from its File Meta group (Media
+    Storage SOP Class and Instance UIDs) within its first IDENTITY_HEAD bytes, when they can be
+    read at all: bounded work, whatever the part holds."""
+    head = part.head(IDENTITY_HEAD)
+    if not looks_like_part10(head):
         return None
+    try:
+        buffer = io.BytesIO(head)
+        buffer.seek(132 if head[128:132] == b"DICM" else 0)
+        meta = pydicom.filereader._read_file_meta_info(buffer)
+        sop_class, sop_instance = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    except Exception:  # noqa: BLE001 - a refused part's identity is shown only when readable
+        return None
+    return str(sop_class), str(sop_instance)
 
 
 def stow_blueprint() -> Blueprint:
