@@ -54,6 +54,13 @@ class DimseSettings:
     store_timeout: float = 30.0
     drain_timeout: float = 30.0
     processes: int = 1  # DIMSE processes: the main one plus N-1 workers it hands connections to
+    max_associate_pdu: int = 256 * 1024  # largest PDU other than P-DATA-TF (and before association)
+    pdu_timeout: float = 30.0  # seconds a PDU may take from its first byte, plus its length ...
+    min_transfer_rate: int = 16 * 1024  # ... at this many bytes per second
+    listen_backlog: int = 64  # connections the kernel queues before the node accepts them
+    max_pending_connections: int = 32  # accepted connections without an A-ASSOCIATE-RQ yet
+    sender_objects_per_minute: int = 20_000  # per calling AE title and address; 0 = no limit
+    sender_bytes_per_hour: int = 100 * 1024**3  # per calling AE title and address; 0 = no limit
     tls: TLSSettings | None = None
 
 
@@ -275,6 +282,13 @@ def _positive(value: float) -> str | None:
     return None if value > 0 else f"must be greater than 0, got {value}"
 
 
+def _at_least(minimum: int) -> Callable[[int], str | None]:
+    def check(value: int) -> str | None:
+        return None if value >= minimum else f"must be at least {minimum}"
+
+    return check
+
+
 def _non_negative(value: float) -> str | None:
     return None if value >= 0 else f"must be 0 or more, got {value}"
 
@@ -387,6 +401,30 @@ def _parse(data: dict[str, Any], base: Path) -> tuple[Settings, list[ConfigError
             r.value(t, "dimse.", "drain_timeout", (int, float), d.drain_timeout, _non_negative)
         ),
         processes=r.value(t, "dimse.", "processes", int, d.processes, _process_count),
+        max_associate_pdu=r.value(
+            t, "dimse.", "max_associate_pdu", int, d.max_associate_pdu, _at_least(1024)
+        ),
+        pdu_timeout=float(
+            r.value(t, "dimse.", "pdu_timeout", (int, float), d.pdu_timeout, _positive)
+        ),
+        min_transfer_rate=r.value(
+            t, "dimse.", "min_transfer_rate", int, d.min_transfer_rate, _positive
+        ),
+        listen_backlog=r.value(t, "dimse.", "listen_backlog", int, d.listen_backlog, _positive),
+        max_pending_connections=r.value(
+            t, "dimse.", "max_pending_connections", int, d.max_pending_connections, _positive
+        ),
+        sender_objects_per_minute=r.value(
+            t,
+            "dimse.",
+            "sender_objects_per_minute",
+            int,
+            d.sender_objects_per_minute,
+            _non_negative,
+        ),
+        sender_bytes_per_hour=r.value(
+            t, "dimse.", "sender_bytes_per_hour", int, d.sender_bytes_per_hour, _non_negative
+        ),
         tls=tls,
     )
 

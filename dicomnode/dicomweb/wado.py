@@ -7,6 +7,7 @@ byte is sent. Instances are streamed from their blobs, so a large study never si
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from collections.abc import Callable, Iterator
@@ -250,9 +251,11 @@ def _send_frames(ds: pydicom.Dataset, stored: str, numbers: list[int]) -> Respon
         bodies = pixels.stored_frames(ds, numbers)
         content_type = f"{choice.part_type}; transfer-syntax={stored}"
         part_headers = {"Content-Type": content_type}
+    first = next(iter(bodies))  # made before the answer starts: an error is still a JSON 4xx
     if choice.single_part:
-        return Response(next(iter(bodies)), content_type=content_type)
-    return _multipart(((part_headers, iter([body])) for body in bodies), choice.part_type)
+        return Response(first, content_type=content_type)
+    every = itertools.chain([first], bodies)
+    return _multipart(((part_headers, iter([body])) for body in every), choice.part_type)
 
 
 def frames(study: str, series: str, instance: str, frame_list: str) -> Response:
@@ -356,13 +359,21 @@ def rendered(
         if single_part:
             return Response(image, mimetype=media_type)
         return _multipart(iter([({"Content-Type": media_type}, iter([image]))]), media_type)
-    images = [item for item in found if _has_image(item)]
+    images = [
+        item
+        for item in found
+        if not pixels.decode_refusal(item.transfer_syntax_uid) and _has_image(item)
+    ]
     if not images:
-        raise NotAcceptable("nothing here has an image to render (no instance has pixel data)")
+        raise NotAcceptable("nothing here has an image that can be rendered here")
 
     def parts() -> Iterator[tuple[dict[str, str], Iterator[bytes]]]:
         for item in images:
-            yield {"Content-Type": media_type}, iter([_render_one(item, 1, media_type, viewport)])
+            try:
+                image = _render_one(item, 1, media_type, viewport)
+            except NotAcceptable:  # over the decoding bound: the others are still rendered
+                continue
+            yield {"Content-Type": media_type}, iter([image])
 
     return _multipart(stream_with_context(parts()), media_type)
 

@@ -29,6 +29,13 @@ scheduler makes it. For every connection the node accepts or opens, `prepare` ch
   pynetdicom 3.0.4 it could take the response a sender waits for (a race between pausing the
   reactor and its look at the queue) and the sender then waited for its whole DIMSE timeout.
 
+Every PDU is read by `_WakeableSocket.read_pdu`, within bounds (`PduBounds`): a PDU longer
+than the negotiated maximum (P-DATA-TF once associated) or than ``max_associate_pdu`` (any
+other PDU, and every PDU before the association is negotiated) is refused before its body is
+read, a PDU that does not arrive within ``pdu_timeout`` plus its length at ``min_transfer_rate``
+is refused, and memory is allocated as bytes arrive (never for a length a peer merely
+announces). A refused PDU gets an A-ABORT and the connection is closed.
+
 This leans on pynetdicom internals (pinned to 3.0 in setup.cfg). tests/test_connection.py
 drives the receive path with hand-built PDU streams (values cut and packed every legal way,
 malformed ones, a small peer PDU limit); the DIMSE tests drive it with dcmtk and pynetdicom.
@@ -51,6 +58,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pynetdicom import dul as pynetdicom_dul
 from pynetdicom import evt
+from pynetdicom.fsm import TRANSITION_TABLE
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
@@ -64,6 +72,46 @@ _COMMAND, _LAST = 0x01, 0x02  # message control header bits (PS3.8 E.2)
 C_STORE_RQ, C_STORE_RSP, NO_DATA_SET = 0x0001, 0x8001, 0x0101
 P_DATA_TF_TYPE = 0x04
 HANDLER_FAILED = 0xC211  # pynetdicom's status for a C-STORE handler that raised
+PDU_TYPES = range(0x01, 0x08)  # A-ASSOCIATE-RQ ... A-ABORT (PS3.8 9.3)
+FIRST_ALLOCATION = 1 << 20  # bytes allocated for a PDU before more of it has arrived
+UNASSOCIATED_STATES = ("Sta1", "Sta2", "Sta3", "Sta4", "Sta5")  # before a negotiated maximum
+TOO_LARGE, TOO_SLOW = "pdu_too_large", "pdu_too_slow"
+DONTWAIT = socket.MSG_DONTWAIT
+_ABORT_REASON = {TOO_LARGE: 0x06, TOO_SLOW: 0x00}  # invalid-PDU-parameter value; not specified
+_LOCAL_EVENTS = ("Evt1", "Evt7", "Evt8", "Evt9", "Evt11", "Evt14", "Evt15")  # from the user
+
+
+@dataclass(frozen=True)
+class PduBounds:
+    """Limits on the PDUs a connection reads (see ``[dimse]`` in config/dicomnode.toml).
+
+    max_pdu: largest P-DATA-TF once associated, as the node negotiated it (0: no limit; memory
+    still grows only with the bytes that arrive). max_associate_pdu: largest PDU of any other
+    type, and of any type before the association is negotiated. A PDU must arrive within
+    pdu_timeout seconds of its first byte plus its length at min_transfer_rate bytes/s."""
+
+    max_pdu: int = 0
+    max_associate_pdu: int = 256 * 1024
+    pdu_timeout: float = 30.0
+    min_transfer_rate: int = 16 * 1024
+
+    def limit(self, pdu_type: int, state: str) -> int:
+        """The largest length a PDU of `pdu_type` may announce in state `state`."""
+        if pdu_type == P_DATA_TF_TYPE and state not in UNASSOCIATED_STATES:
+            return self.max_pdu or 0xFFFFFFFF
+        return self.max_associate_pdu
+
+    def deadline(self, started: float, length: int) -> float:
+        """When a PDU of `length` bytes whose first byte came at `started` must be whole."""
+        return started + self.pdu_timeout + length / max(self.min_transfer_rate, 1)
+
+
+class PduRefused(Exception):
+    """A PDU the node will not read: too large (`TOO_LARGE`) or too slow (`TOO_SLOW`)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -88,15 +136,13 @@ class _WakeableSocket(AssociationSocket):
 
     _wake_r: socket.socket
     _wake_w: socket.socket
-    _unread: bytes  # read ahead, for pynetdicom to read again
+    bounds: PduBounds
     idle_work: list[Callable[[], None]]  # to do once nothing waits to be sent
     closing_work: list[Callable[[], None]]  # to do when the connection closes
 
     @property
     def ready(self) -> bool:
         self._do_idle_work()  # asked only when nothing waits to be sent: the answer is out
-        if self._unread:
-            return True
         dul = self.assoc.dul
         if self.socket is None or self._is_connected is False:
             time.sleep(0.001)  # closed: pynetdicom's poll until the thread is stopped
@@ -130,38 +176,60 @@ class _WakeableSocket(AssociationSocket):
         except OSError:
             return False  # nothing yet, or a failure the select and the read will meet
 
-    def recv(self, nr_bytes: int) -> bytearray:
-        """Read `nr_bytes` (fewer only when the connection closes), into one buffer with as
-        few calls as the kernel allows (pynetdicom reads 4 kB at a time and appends)."""
-        buffer = bytearray(nr_bytes)
-        view = memoryview(buffer)
-        read = min(nr_bytes, len(self._unread))
-        if read:
-            view[:read] = self._unread[:read]
-            self._unread = self._unread[read:]
-        while read < nr_bytes:
-            count = self.socket.recv_into(view[read:])
-            if not count:
-                del view
+    def read_pdu(self, state: str) -> bytearray | None:
+        """The next PDU, header and body, read in state `state` within `bounds`; None when the
+        connection closes before it is whole. Raises PduRefused for a PDU over its limit or
+        slower than its deadline, OSError when the connection fails. An unknown PDU type is
+        returned after its header only (pynetdicom refuses it without reading on)."""
+        started = time.monotonic()
+        header = self._read(6, started + self.bounds.pdu_timeout)
+        if len(header) < 6:
+            return None
+        length = int.from_bytes(header[2:6], "big")
+        if header[0] not in PDU_TYPES:
+            return header
+        limit = self.bounds.limit(header[0], state)
+        if length > limit:
+            raise PduRefused(
+                TOO_LARGE, f"PDU type 0x{header[0]:02X} of {length} bytes (limit {limit})"
+            )
+        body = self._read(length, self.bounds.deadline(started, length), header)
+        return body if len(body) == 6 + length else None
+
+    def _read(self, count: int, deadline: float, before: bytearray | None = None) -> bytearray:
+        """`count` bytes after `before` (fewer only when the connection closes), in a buffer
+        that grows as they arrive: at most FIRST_ALLOCATION, then twice what has arrived."""
+        buffer = before if before is not None else bytearray()
+        start = len(buffer)
+        end = start + count
+        buffer += bytes(min(count, FIRST_ALLOCATION))
+        read = start
+        while read < end:
+            if read == len(buffer):
+                buffer += bytes(min(end - read, read))
+            with memoryview(buffer) as view, view[read:] as rest:
+                got = self._recv_into(rest, deadline)
+            if not got:
                 del buffer[read:]
                 break
-            read += count
+            read += got
         return buffer
 
-    def read_p_data(self) -> PresentationValues | None:
-        """The presentation data values of the next PDU when it is a well-formed P-DATA-TF;
-        otherwise None, and what was read is left for pynetdicom to read (and judge) again.
-        Raises OSError when the connection fails."""
-        header = self.recv(6)
-        if len(header) == 6 and header[0] == P_DATA_TF_TYPE:
-            length = int.from_bytes(header[2:6], "big")
-            body = self.recv(length)
-            values = _presentation_values(body) if len(body) == length else None
-            if values is not None:
-                return values
-            header += body
-        self._unread = bytes(header)
-        return None
+    def _recv_into(self, view: memoryview, deadline: float) -> int:
+        """Read what has arrived into `view`, waiting for bytes at most until `deadline`."""
+        sock = self.socket
+        if isinstance(sock, ssl.SSLSocket):
+            if sock.pending():
+                return int(sock.recv_into(view))
+        else:
+            try:
+                return sock.recv_into(view, 0, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                pass
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not _readable(sock, remaining):
+            raise PduRefused(TOO_SLOW, "a PDU arrived slower than its deadline allows")
+        return int(sock.recv_into(view))
 
     def wake(self) -> None:
         with contextlib.suppress(OSError):
@@ -346,10 +414,10 @@ def _command_fields(data: bytes) -> dict[int, bytes] | None:
     return fields if offset == len(data) else None
 
 
-def _presentation_values(body: bytearray) -> PresentationValues | None:
+def _presentation_values(body: memoryview) -> PresentationValues | None:
     """The (context id, control header + fragment) items of a P-DATA-TF PDU's body (PS3.8
     9.3.5), as views of it; None when the items do not fill it exactly."""
-    view = memoryview(body)
+    view = body
     values: PresentationValues = []
     offset = 0
     while offset < len(body):
@@ -424,7 +492,9 @@ def _make_wakeable(assoc: Any) -> _WakeableSocket:
     sock = assoc.dul.socket
     sock.__class__ = _WakeableSocket
     sock._wake_r, sock._wake_w = socket.socketpair()
-    sock._unread = b""
+    sock.bounds = getattr(assoc.ae, "pdu_bounds", None) or PduBounds(
+        max_pdu=assoc.ae.maximum_pdu_size or 0
+    )
     sock._wake_r.setblocking(False)
     sock._wake_w.setblocking(False)
     sock.idle_work = []
@@ -447,8 +517,15 @@ def _make_wakeable(assoc: Any) -> _WakeableSocket:
     def kill_and_wake() -> None:
         kill_dul()
         sock.wake()
+        if assoc.is_acceptor and not getattr(assoc, "association_requested", False):
+            # The connection ended before its A-ASSOCIATE-RQ: the association thread, which
+            # waits for one up to the ACSE timeout (its connection counting as pending that
+            # long), reads this as "none came" and ends.
+            dul.to_user_queue.put(None)
 
     dul.send_pdu, dul.stop_dul, dul.kill_dul = send_and_wake, stop_and_wake, kill_and_wake
+    _read_within_bounds(assoc, sock, None)
+    _drop_late_primitives(dul)
     return sock
 
 
@@ -461,7 +538,7 @@ def _serve_accepted(assoc: Any, store: StoreFunction | None) -> None:
         lane = _StoreLane(assoc, store)
         dimse.receive_primitive = lane.receive
         sock.closing_work.append(lane.abandon)
-        _read_p_data_into(lane, assoc.dul, sock)
+        _read_within_bounds(assoc, sock, lane)
     messages = _DimseQueue()
     dimse.msg_queue = messages
     to_user = assoc.dul.to_user_queue
@@ -489,25 +566,108 @@ def _serve_accepted(assoc: Any, store: StoreFunction | None) -> None:
     dimse.get_msg = get_msg
 
 
-def _read_p_data_into(lane: _StoreLane, dul: Any, sock: _WakeableSocket) -> None:
-    """While the association is established (Sta6, where a P-DATA-TF only hands its data to
-    DIMSE), the DUL thread reads P-DATA-TF PDUs into the lane itself; any other PDU, or one
-    it cannot read, is read by pynetdicom as before."""
-    read_pdu_data = dul._read_pdu_data
+def _read_within_bounds(assoc: Any, sock: _WakeableSocket, lane: _StoreLane | None) -> None:
+    """The DUL thread reads every PDU with `sock.read_pdu` (within its bounds) in place of
+    pynetdicom's reader, and decodes it as pynetdicom does. While the association is
+    established (Sta6, where a P-DATA-TF only hands its data to DIMSE), a well-formed P-DATA-TF
+    goes to the store lane (when there is one) without pynetdicom's PDU and primitive objects.
+    A refused PDU ends the connection (`_refuse`)."""
+    dul = assoc.dul
 
-    def read_p_data_or_pdu() -> None:
-        if dul.state_machine.current_state == "Sta6":
-            try:
-                values = sock.read_p_data()
-            except OSError:
-                dul.event_queue.put("Evt17")  # the connection closed, as pynetdicom reports it
-                return
+    def read_pdu_data() -> None:
+        state = dul.state_machine.current_state
+        try:
+            pdu = sock.read_pdu(state)
+        except PduRefused as refused:
+            _refuse(assoc, sock, refused)
+            return
+        except OSError:
+            pdu = None
+        if pdu is None:
+            dul.event_queue.put("Evt17")  # the connection closed, as pynetdicom reports it
+            return
+        if pdu[0] not in PDU_TYPES:
+            log.warning("unknown PDU type 0x%02X from %s", pdu[0], _peer(assoc))
+            dul.event_queue.put("Evt19")
+            return
+        if lane is not None and pdu[0] == P_DATA_TF_TYPE and state == "Sta6":
+            values = _presentation_values(memoryview(pdu)[6:])
             if values is not None:
                 lane.receive_values(values)
                 return
-        read_pdu_data()
+        if pdu[0] == 0x01:
+            assoc.association_requested = True  # counts against max_associations from now
+        try:
+            decoded, event = dul._decode_pdu(pdu)
+        except Exception as e:
+            log.warning("undecodable PDU from %s: %s", _peer(assoc), e)
+            dul.event_queue.put("Evt19")
+            return
+        dul.event_queue.put(event)
+        dul._recv_pdu.put(decoded)
 
-    dul._read_pdu_data = read_p_data_or_pdu
+    dul._read_pdu_data = read_pdu_data
+
+
+def _drop_late_primitives(dul: Any) -> None:
+    """A primitive the association thread queued for a connection that is closing already
+    (Sta13, Sta1: say an A-ASSOCIATE-AC for a request the peer followed with an invalid PDU)
+    is dropped. pynetdicom's state machine raised for it, which ended the DUL thread with an
+    exception instead of letting the connection close."""
+    machine = dul.state_machine
+    do_action = machine.do_action
+
+    def do_action_or_drop(event: str) -> None:
+        state = machine.current_state
+        if event in _LOCAL_EVENTS and (event, state) not in TRANSITION_TABLE:
+            with contextlib.suppress(queue.Empty, IndexError):
+                dul.to_provider_queue.get(block=False)
+            log.debug("dropped %s in %s: the connection is closing", event, state)
+            return
+        do_action(event)
+
+    machine.do_action = do_action_or_drop
+
+
+def _refuse(assoc: Any, sock: _WakeableSocket, refused: PduRefused) -> None:
+    """Answer a refused PDU: an A-ABORT (source: service provider), the connection closed,
+    and the association ended as for a closed connection."""
+    log.warning(
+        "refused a PDU from %s: %s",
+        _peer(assoc),
+        refused,
+        extra={"event": "pdu_refused", "reason": refused.reason, "address": _peer(assoc)},
+    )
+    report = getattr(assoc.ae, "on_pdu_refused", None)
+    if report is not None:
+        try:
+            report(refused.reason)
+        except Exception:
+            log.exception("reporting a refused PDU failed")
+    abort = bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 2, _ABORT_REASON[refused.reason]])
+    raw = sock.socket
+    if raw is not None:
+        with contextlib.suppress(OSError, ValueError):  # never waits for a peer that stopped
+            raw.sendall(abort) if isinstance(raw, ssl.SSLSocket) else raw.send(abort, DONTWAIT)
+        with contextlib.suppress(OSError, ValueError):
+            raw.shutdown(socket.SHUT_RDWR)
+    assoc.dul.event_queue.put("Evt17")  # as for a closed connection
+
+
+def _peer(assoc: Any) -> str:
+    raw = getattr(assoc.dul.socket, "socket", None)
+    try:
+        host, port = raw.getpeername()[:2] if raw is not None else ("?", 0)
+    except OSError:
+        host, port = assoc.requestor.address or "?", assoc.requestor.port or 0
+    return f"{host}:{port}"
+
+
+def _readable(sock: socket.socket, timeout: float) -> bool:
+    """Whether `sock` has bytes (or its end) to read within `timeout` seconds."""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN | select.POLLPRI)
+    return bool(poller.poll(max(1, int(timeout * 1000))))
 
 
 def _send_only(assoc: Any) -> None:

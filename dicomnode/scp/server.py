@@ -11,9 +11,11 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
+from pydicom.dataset import Dataset
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
 from pynetdicom.presentation import AllStoragePresentationContexts, PresentationContext
 from pynetdicom.sop_class import (
@@ -27,11 +29,15 @@ from pynetdicom.sop_class import (
 )
 from pynetdicom.transport import ThreadedAssociationServer
 
-from dicomnode.scp.connection import NodeRequestHandler, prepare
+from dicomnode.core.model import Source
+from dicomnode.governance import audit_events
+from dicomnode.scp.connection import NodeRequestHandler, PduBounds, StoreRequest, prepare
 from dicomnode.scp.handlers import HANDLERS, DimseContext, store
+from dicomnode.scp.limits import SenderLimits
 
 log = logging.getLogger("dicomnode.scp")
 
+SENDER_LIMIT_STATUS = 0xA700  # Refused: Out of Resources (PS3.4 B.2.3): modalities retry later
 QUERY_RETRIEVE = (
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelMove,
@@ -75,11 +81,40 @@ def _server_ssl_context(ctx: DimseContext) -> ssl.SSLContext | None:
     return context
 
 
+class _NodeAE(AE):
+    """The node's AE. Its associations, as pynetdicom counts them against
+    ``maximum_associations``, are those it opened and those whose A-ASSOCIATE-RQ has been
+    read: a connection that has not asked for an association yet (idle, or slow) holds no
+    association slot. Such connections are bounded by ``max_pending_connections`` instead
+    (`_Server.take`), their PDUs by ``pdu_bounds`` (`connection.PduBounds`)."""
+
+    pdu_bounds: PduBounds | None = None
+    on_pdu_refused: Callable[[str], None] | None = None
+    listen_backlog: int = 64
+    max_pending_connections: int = 32
+
+    @property
+    def active_associations(self) -> list[Any]:
+        return [
+            assoc
+            for assoc in super().active_associations
+            if not assoc.is_acceptor or getattr(assoc, "association_requested", False)
+        ]
+
+
 def build_ae(ctx: DimseContext) -> AE:
     """The node's AE: Verification, Storage for every storage SOP class pynetdicom knows
     (also in the SCP role, for C-GET), and Patient/Study Root Query/Retrieve."""
     dimse = ctx.settings.dimse
-    ae = AE(ae_title=ctx.settings.node.ae_title)
+    ae = _NodeAE(ae_title=ctx.settings.node.ae_title)
+    ae.pdu_bounds = PduBounds(
+        max_pdu=dimse.max_pdu,
+        max_associate_pdu=dimse.max_associate_pdu,
+        pdu_timeout=dimse.pdu_timeout,
+        min_transfer_rate=dimse.min_transfer_rate,
+    )
+    ae.listen_backlog = dimse.listen_backlog
+    ae.max_pending_connections = dimse.max_pending_connections
     ae.maximum_associations = dimse.max_associations
     ae.maximum_pdu_size = dimse.max_pdu
     ae.acse_timeout = dimse.acse_timeout
@@ -130,12 +165,15 @@ class _Server(ThreadedAssociationServer):
         self.store_function: Any = None
         self._pending = 0  # connections taken whose association has not started yet
         self._pending_lock = threading.Lock()
+        self.refused_connections = 0  # closed at once for max_pending_connections
+        self._refusal_logged = -10.0
 
     def server_bind(self) -> None:
         if self.listens:
             super().server_bind()
 
     def server_activate(self) -> None:
+        self.request_queue_size = getattr(self.ae, "listen_backlog", self.request_queue_size)
         if self.listens:
             super().server_activate()
 
@@ -148,7 +186,13 @@ class _Server(ThreadedAssociationServer):
         self.take(request, client_address)
 
     def take(self, request: socket.socket, client_address: Any) -> None:
-        """Serve a connection here (one this server accepted, or one handed to it)."""
+        """Serve a connection here (one this server accepted, or one handed to it), unless
+        ``max_pending_connections`` connections wait for their association already: then it
+        is closed at once."""
+        limit = getattr(self.ae, "max_pending_connections", None)
+        if limit is not None and self.pending_connections() >= limit:
+            self._refuse_connection(request, client_address, limit)
+            return
         if self.ssl_context:
             request = self.ssl_context.wrap_socket(request, server_side=True)
         with self._pending_lock:
@@ -165,6 +209,32 @@ class _Server(ThreadedAssociationServer):
                     assoc.start()
             finally:
                 self._pending -= 1
+
+    def pending_connections(self) -> int:
+        """Connections taken here whose A-ASSOCIATE-RQ has not been read yet."""
+        with self._pending_lock:
+            waiting = self._pending
+            threads = list(self.active_associations)
+        return waiting + sum(1 for a in threads if not getattr(a, "association_requested", False))
+
+    def _refuse_connection(self, request: socket.socket, client_address: Any, limit: int) -> None:
+        with contextlib.suppress(OSError):
+            request.close()
+        now = time.monotonic()
+        self.refused_connections += 1
+        if now - self._refusal_logged >= 10:  # a flood of connections is not a flood of lines
+            self._refusal_logged = now
+            log.warning(
+                "closed a connection from %s: %d connections wait for their association "
+                "already (dimse.max_pending_connections); %d closed so far",
+                client_address[0],
+                limit,
+                self.refused_connections,
+                extra={"event": "connection_refused", "address": str(client_address[0])},
+            )
+        report = getattr(self.ae, "on_pdu_refused", None)
+        if report is not None:
+            report("too_many_connections")
 
     def load(self) -> int:
         """Connections this process serves now (associations, and those about to be)."""
@@ -189,6 +259,8 @@ class DimseServer:
         self.listen = listen
         self.hand_off: HandOff | None = None
         self._server: Any = None
+        dimse = ctx.settings.dimse
+        self.limits = SenderLimits(dimse.sender_objects_per_minute, dimse.sender_bytes_per_hour)
 
     @property
     def port(self) -> int:
@@ -199,7 +271,11 @@ class DimseServer:
         port (useful when configured as 0)."""
         dimse = self.ctx.settings.dimse
         handlers: list[Any] = [(evt.EVT_CONN_OPEN, prepare)]
-        handlers += [(event, partial(handler, ctx=self.ctx)) for event, handler in HANDLERS]
+        for event, handler in HANDLERS:
+            bound = partial(handler, ctx=self.ctx)
+            if event is evt.EVT_C_STORE:
+                bound = partial(self._store_event_within_limits, bound)
+            handlers.append((event, bound))
         self._server = self.ae.make_server(
             (dimse.host, dimse.port),
             evt_handlers=handlers,
@@ -207,13 +283,68 @@ class DimseServer:
             server_class=_Server if self.listen else _HandedServer,
             request_handler=NodeRequestHandler,
         )
-        self._server.store_function = partial(store, ctx=self.ctx)
+        self._server.store_function = self._store_within_limits
+        self.ae.on_pdu_refused = self._count_refusal
         self._server.hand_off = self.hand_off
         if self.listen:
             threading.Thread(
                 target=self._server.serve_forever, name="dimse-accept", daemon=True
             ).start()
         return self.port
+
+    def _store_within_limits(self, assoc: Any, request: StoreRequest) -> int | Dataset:
+        """The store lane's store function: `handlers.store` for a sender within its limits."""
+        refused = self._over_sender_limit(assoc, len(request.dataset))
+        return refused if refused is not None else store(assoc, request, ctx=self.ctx)
+
+    def _store_event_within_limits(self, handle: Any, event: evt.Event) -> int | Dataset:
+        """The EVT_C_STORE handler (C-STOREs pynetdicom decodes) for a sender within limits."""
+        dataset = event.request.DataSet
+        size = dataset.getbuffer().nbytes if dataset is not None else 0
+        refused = self._over_sender_limit(event.assoc, size)
+        return refused if refused is not None else handle(event)
+
+    def _over_sender_limit(self, assoc: Any, size: int) -> Dataset | None:
+        """None when the sender may store `size` more bytes now (counted), else the status to
+        answer; the sender's first refusal in a window is logged and audited."""
+        caller = assoc.requestor.ae_title.strip()
+        address = str(assoc.requestor.address)
+        refusal = self.limits.admit(caller, address, size)
+        if refusal is None:
+            return None
+        metrics = self.ctx.metrics
+        metrics.add("dicomnode_store_failures_total", reason="sender_limit")
+        metrics.add("dicomnode_dimse_requests_total", service="store", status="0xA700")
+        if refusal.alert:
+            log.warning(
+                "C-STOREs from %s at %s refused: %s (dimse.sender_* limits)",
+                caller,
+                address,
+                refusal.reason,
+                extra={
+                    "event": "sender_limit",
+                    "caller": caller,
+                    "address": address,
+                    "reason": refusal.reason,
+                },
+            )
+            audit_log = self.ctx.intake.archive.audit
+            if audit_log is not None and audit_log.source is not None:
+                sender = Source("dimse", caller, address)
+                now = datetime.now(UTC)
+                audit_log.submit(
+                    lambda: audit_events.refused(
+                        sender, "store", f"sender limit: {refusal.reason}", now, audit_log.source
+                    )
+                )
+        status = Dataset()
+        status.Status = SENDER_LIMIT_STATUS
+        status.ErrorComment = f"sender limit: {refusal.reason}"[:64]
+        return status
+
+    def _count_refusal(self, reason: str) -> None:
+        """A connection ended for a PDU refused (`connection.PduRefused`) or closed at once."""
+        self.ctx.metrics.add("dicomnode_associations_total", outcome=f"refused_{reason}")
 
     def take(self, connection: socket.socket, address: Any) -> None:
         """Serve a connection accepted by another process."""
