@@ -29,8 +29,6 @@ from multiprocessing.connection import Connection, wait
 from multiprocessing.reduction import recv_handle, send_handle
 from typing import Any
 
-from waitress.server import create_server
-
 from dicomnode import __version__
 from dicomnode.analysis.runner import AnalysisService
 from dicomnode.archive import Archive
@@ -48,6 +46,7 @@ from dicomnode.core.times import utc_now
 from dicomnode.dicomweb import WebServices, create_app
 from dicomnode.dicomweb.auth import TokenVerifier
 from dicomnode.dicomweb.stow_client import StowSender
+from dicomnode.dicomweb.server import create_http_server
 from dicomnode.egress import Egress
 from dicomnode.governance import PolicyError, audit_events
 from dicomnode.intake import Intake
@@ -185,17 +184,7 @@ class Node:
         if self.workers is not None:
             self.workers.start(dimse_port)
         http = self.settings.http
-        self._http = create_server(
-            self.app,
-            host=http.host,
-            port=http.port,
-            threads=http.threads,
-            ident="dicomnode",
-            max_request_body_size=http.max_request_bytes,
-            # request bodies up to 8 MiB (a STOW-RS request of ten CT slices) stay in memory
-            # instead of going through a temporary file; larger ones are still spooled to disk
-            inbuf_overflow=8 * 1024 * 1024,
-        )
+        self._http = create_http_server(self.app, http)
         self._http_thread = threading.Thread(target=self._serve_http, name="http", daemon=True)
         self._http_thread.start()
         log.info(
