@@ -126,6 +126,21 @@ class Egress:
         if self.audit is not None and self.audit.source is not None:
             self.audit.submit(build)
 
+    def _alert_refusal(
+        self, requester: Source, operation: str, reason: str, ref: audit_events.DisclosureRef
+    ) -> None:
+        """110113 for a refused request, aggregated per requester and minute."""
+        if self.audit is None or self.audit.source is None:
+            return
+        now, source = self.clock(), self.audit.source
+        self.audit.submit_alert(
+            ("refused", requester.protocol, requester.address or requester.caller, operation),
+            lambda count: audit_events.refused(
+                requester, operation, reason, now, source, count=count, ref=ref
+            ),
+            now,
+        )
+
     # --- the decision point -----------------------------------------------------------------
 
     def policy(self, now: datetime | None = None) -> Policy:
@@ -204,8 +219,11 @@ class Egress:
         decision: Decision,
         count: int,
         extra: dict[str, Any],
-    ) -> None:
+    ) -> str:
+        """Write the decision's ledger entry; returns its `disclosure_id`, the identifier the
+        audit messages of the same disclosure carry (given in `extra`, or made here)."""
         outcome = "allowed" if decision.allowed else "denied"
+        disclosure_id = str(extra.get("disclosure_id") or uuid.uuid4().hex)
         recipient = (
             request.party.recipient_id or request.party.peer or request.party.token_subject or ""
         )
@@ -229,6 +247,7 @@ class Egress:
             "denied_patients": list(decision.denied_patients),
             "items": count,
             **extra,
+            "disclosure_id": disclosure_id,
         }
         if request.operation in ("analyze", "admit"):
             kind = LedgerKind.PROCESSING
@@ -236,11 +255,11 @@ class Egress:
             kind = LedgerKind.DISCLOSURE if decision.allowed else LedgerKind.DENIAL
         entry = self.archive.ledger.record(kind, requester.caller, outcome, detail)
         if not decision.allowed:
-            now = self.clock()
-            self._audit(
-                lambda: audit_events.refused(
-                    requester, request.operation, decision.reason, now, self.audit.source
-                )
+            self._alert_refusal(
+                requester,
+                request.operation,
+                decision.reason,
+                audit_events.DisclosureRef(disclosure_id, decision.consent_refs),
             )
         log.info(  # who and what kind, not whose data: that stays in the ledger
             "disclosure %s",
@@ -259,6 +278,7 @@ class Egress:
                 "items": count,
             },
         )
+        return disclosure_id
 
     @staticmethod
     def _refuse(decision: Decision) -> None:
@@ -328,6 +348,7 @@ class Egress:
         """The instances a retrieve would send to `recipient` (default: the requester), once
         governance allows it. `service` says which part of them (WADO-RS metadata, frames...)."""
         instances = self.archive.find_instances(level, filters)
+        disclosure_id = uuid.uuid4().hex
         decision = self.decide(
             requester,
             operation,
@@ -335,27 +356,65 @@ class Egress:
             {i.patient_id for i in instances},
             {i.study_instance_uid for i in instances},
             len(instances),
-            {"service": service, "sop_instance_uids": [i.sop_instance_uid for i in instances]},
+            {
+                "service": service,
+                "sop_instance_uids": [i.sop_instance_uid for i in instances],
+                "disclosure_id": disclosure_id,
+            },
         )
         self._refuse(decision)
+        if instances:
+            self._audit_retrieval(
+                requester, operation, recipient, instances, decision, disclosure_id
+            )
+        return instances
+
+    def _audit_retrieval(
+        self,
+        requester: Source,
+        operation: str,
+        recipient: Party | None,
+        instances: list[StoredInstance],
+        decision: Decision,
+        disclosure_id: str,
+    ) -> None:
+        """110104/110102 for what a retrieval sends and, when governance counted it as a
+        disclosure to a third party, 110106 Export too; each carries the ledger entry's
+        DisclosureID and the consent versions the decision rested on."""
         now = self.clock()
+        ref = audit_events.DisclosureRef(disclosure_id, decision.consent_refs)
         if recipient is not None and recipient.peer in self.peers:
             peer = self.peers[recipient.peer]
             receiver = audit.dicom_application(peer.ae_title, peer.host)
+            destination = f"dicom://{peer.ae_title}@{peer.host}:{peer.port}"
         else:
             receiver = audit_events.participant(requester)
-        if instances:
+            destination = f"{requester.protocol}://{requester.address or requester.caller}"
+        self._audit(
+            lambda: audit_events.sent(
+                requester,
+                receiver,
+                instances,
+                now,
+                self.audit.source,
+                begin=operation in ("move", "get"),
+                ref=ref,
+            )
+        )
+        if decision.recipient_kind == "third-party":
+            recipient_name = decision.recipient or requester.caller or "third party"
             self._audit(
-                lambda: audit_events.sent(
-                    requester,
-                    receiver,
+                lambda: audit_events.exported(
+                    requester.caller,
+                    destination,
+                    recipient_name,
                     instances,
+                    bool(decision.deid_profile),
                     now,
                     self.audit.source,
-                    begin=operation in ("move", "get"),
+                    ref=ref,
                 )
             )
-        return instances
 
     # --- processing ---------------------------------------------------------------------------
 
@@ -610,7 +669,7 @@ class Egress:
                 requester, operation, party, patients, studies, len(instances), record=False
             )
             plan = self._plan(delivery, decision, instances)
-            self._record(
+            disclosure_id = self._record(
                 requester,
                 self._request(requester, operation, party, patients, studies),
                 decision,
@@ -661,11 +720,13 @@ class Egress:
                 "patient_ids": sorted(patients),
                 "study_instance_uids": [delivery.study_instance_uid],
                 "attempt": delivery.attempts,
+                "disclosure_id": disclosure_id,
                 **outcome,
             },
         )
+        ref = audit_events.DisclosureRef(disclosure_id, decision.consent_refs)
         self._audit_transfer(
-            delivery, operation, target if report.sent else None, instances, report, plan
+            delivery, operation, target if report.sent else None, instances, report, plan, ref
         )
         if report.complete:  # withheld and deleted objects are not retried
             registry.finish_delivery(delivery.id, DONE, self.clock(), outcome, None, worker)
@@ -695,6 +756,7 @@ class Egress:
         instances: list[StoredInstance],
         report: SendReport,
         plan: _Plan,
+        ref: audit_events.DisclosureRef,
     ) -> None:
         if target is None:
             return
@@ -710,6 +772,7 @@ class Egress:
                     sent,
                     now,
                     self.audit.source,
+                    ref=ref,
                 )
             )
             return
@@ -726,6 +789,7 @@ class Egress:
                 anonymized,
                 now,
                 self.audit.source,
+                ref=ref,
             )
         )
 

@@ -28,6 +28,7 @@ from dicomnode.core.model import IngestResult, LedgerKind, Source
 from dicomnode.core.times import utc_now
 from dicomnode.core.turns import ANY_TIME, Turn
 from dicomnode.core.uids import validate_uid
+from dicomnode.governance import audit_events
 
 log = logging.getLogger("dicomnode.intake")
 
@@ -290,3 +291,12 @@ class Intake:
                 "caller": source.caller,
             },
         )
+        audit_log = self.archive.audit
+        if isinstance(error, NotPermitted) and audit_log is not None and audit_log.source:
+            # 110113: governance refused an object; one message per sender and minute
+            now, reason, by = self.clock(), str(error), audit_log.source
+            audit_log.submit_alert(
+                ("intake-refused", source.protocol, source.address or source.caller),
+                lambda count: audit_events.refused(source, "store", reason, now, by, count=count),
+                now,
+            )

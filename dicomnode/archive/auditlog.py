@@ -68,6 +68,8 @@ _STAMP = "%Y%m%dT%H%M%S%fZ"
 # to one spool from ever choosing the same name.
 _NAME = re.compile(r"^(\d{16})-(\d{8}T\d{12}Z)(?:-\d+)?\.xml$")
 STALE_PART_SECONDS = 3600  # a half-written message older than this was left by a crash
+ALERT_WINDOW = timedelta(minutes=1)  # security alerts of one source and kind: one per window
+MAX_ALERT_SOURCES = 10_000  # windows kept at most (a scan from many addresses stays bounded)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +109,16 @@ def tls_context(settings: AuditSettings) -> ssl.SSLContext:
     return context
 
 
+@dataclass
+class _AlertWindow:
+    """One source's alerts of one kind within ALERT_WINDOW: when the window opened, how many
+    arrived after the first (not sent yet), and how to build the message that reports them."""
+
+    opened: datetime
+    unsent: int = 0
+    build: Callable[[int], bytes | list[bytes]] | None = None
+
+
 class AuditLog:
     """The spool folder `spool_dir` and, when `settings.syslog_host` is set, its sender."""
 
@@ -130,8 +142,48 @@ class AuditLog:
             maxsize=10000
         )
         self._writer: threading.Thread | None = None
+        self._alerts: dict[tuple[str, ...], _AlertWindow] = {}
+        self._alerts_lock = threading.Lock()
         if settings.enabled:
             self._load()
+
+    def submit_alert(
+        self, key: tuple[str, ...], build: Callable[[int], bytes | list[bytes]], now: datetime
+    ) -> None:
+        """A security alert, aggregated per `key` (kind, source) and minute: the first of a
+        window is sent at once; the ones after it in that window are counted and sent as one
+        message (`build(count)`) when the window has passed, noticed at the next alert of any
+        key or at `flush_alerts`. An attack cannot flood the audit queue this way."""
+        if not self.settings.enabled:
+            return
+        due: list[tuple[Callable[[int], bytes | list[bytes]], int]] = []
+        with self._alerts_lock:
+            for other, window in list(self._alerts.items()):
+                if now - window.opened >= ALERT_WINDOW:
+                    if window.unsent and window.build is not None:
+                        due.append((window.build, window.unsent))
+                    del self._alerts[other]
+            window = self._alerts.get(key)
+            if window is not None:
+                window.unsent += 1
+                window.build = build
+            elif len(self._alerts) < MAX_ALERT_SOURCES:
+                self._alerts[key] = _AlertWindow(now)
+                due.append((build, 1))
+            else:  # too many sources at once: one window for all the others
+                overflow = self._alerts.setdefault(("overflow",), _AlertWindow(now))
+                overflow.unsent += 1
+                overflow.build = build
+        for make, count in due:
+            self.submit(lambda make=make, count=count: make(count))
+
+    def flush_alerts(self) -> None:
+        """Send the counts of alerts still held in their windows (at stop)."""
+        with self._alerts_lock:
+            held = [(w.build, w.unsent) for w in self._alerts.values() if w.unsent and w.build]
+            self._alerts.clear()
+        for make, count in held:
+            self.submit(lambda make=make, count=count: make(count))
 
     @classmethod
     def from_settings(cls, settings: Settings) -> AuditLog:
@@ -206,7 +258,8 @@ class AuditLog:
             self._writer.start()
 
     def stop_writer(self) -> None:
-        """Spool what was submitted, then stop the writer thread."""
+        """Spool what was submitted (with the alerts still counted), then stop the writer."""
+        self.flush_alerts()
         writer, self._writer = self._writer, None
         if writer is not None:
             self._builds.put(None)

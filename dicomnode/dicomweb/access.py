@@ -9,7 +9,7 @@ from typing import Any
 from flask import Blueprint, current_app, g, request
 
 from dicomnode.core.model import Source
-from dicomnode.dicomweb.auth import AuthError
+from dicomnode.dicomweb.auth import AuthError, ScopeError
 from dicomnode.governance import audit_events
 
 SCOPE_BY_METHOD = {
@@ -40,19 +40,39 @@ def require_token(blueprint: Blueprint, scopes: dict[str, str] = SCOPE_BY_METHOD
     def check() -> None:
         if request.method == "OPTIONS":  # CORS preflight carries no credentials
             return
+        address, now = request.remote_addr or "", datetime.now(UTC)
+        reason = f"{request.method} {request.path}"  # the request ends before the build
         try:
             principal = services().verifier.verify(request.headers.get("Authorization"))
         except AuthError as e:
-            address, now = request.remote_addr or "", datetime.now(UTC)
-            reason = f"{request.method} {request.path}: {e}"  # the request ends before the build
-            audit(
-                lambda by: audit_events.authentication_failed(
-                    "bearer-token", address, reason, now, by
-                )
+            why = f"{reason}: {e}"  # `e` is gone when the message is built
+            alert(
+                ("token-invalid", address),
+                lambda by, count: audit_events.authentication_failed(
+                    "bearer-token", address, why, now, by, count=count
+                ),
             )
             raise
-        principal.require(scopes.get(request.method, scopes["POST"]))  # unknown: as a write
+        try:
+            principal.require(scopes.get(request.method, scopes["POST"]))  # unknown: as a write
+        except ScopeError as e:
+            who, why = Source("dicomweb", principal.subject, address), f"{reason}: {e}"
+            alert(
+                ("token-refused", address, principal.subject),
+                lambda by, count: audit_events.refused(
+                    who, "token scope", why, now, by, count=count
+                ),
+            )
+            raise
         g.principal = principal
+
+
+def alert(key: tuple[str, ...], build: Callable[[Any, int], bytes | list[bytes]]) -> None:
+    """A security-relevant refusal for the audit log, aggregated per `key` and minute (one
+    message, with the count, however many arrive); `build` gets the reporter and the count."""
+    audit_log = services().archive.audit
+    if audit_log is not None and audit_log.source is not None:
+        audit_log.submit_alert(key, lambda count: build(audit_log.source, count), datetime.now(UTC))
 
 
 def audit(build: Callable[[Any], bytes | list[bytes]]) -> None:

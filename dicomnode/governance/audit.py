@@ -228,6 +228,9 @@ class Patient:
 
     patient_id: str
     name: str = ""
+    # ParticipantObjectDetail type-value pairs: the ledger entry this message shares an
+    # identifier with ("DisclosureID"), the consent versions a decision rested on ("ConsentRef")
+    details: tuple[tuple[str, bytes], ...] = ()
 
     def __post_init__(self) -> None:
         _require(self.patient_id, "Patient.patient_id")
@@ -727,7 +730,12 @@ def _transfer_participants(
 
 def _patient_object(patient: Patient) -> ParticipantObject:
     return ParticipantObject(
-        patient.patient_id, ID_PATIENT_NUMBER, TYPE_PERSON, ROLE_PATIENT, name=patient.name
+        patient.patient_id,
+        ID_PATIENT_NUMBER,
+        TYPE_PERSON,
+        ROLE_PATIENT,
+        name=patient.name,
+        details=patient.details,
     )
 
 

@@ -28,6 +28,24 @@ def reporter(ae_title: str, host: str, source_id: str = "", site_id: str = "") -
     )
 
 
+@dataclass(frozen=True)
+class DisclosureRef:
+    """What ties an audit message to its ledger entry: the identifier both carry, and the
+    consent versions (or policy rules) the decision rested on."""
+
+    disclosure_id: str
+    consent_refs: tuple[str, ...] = ()
+
+    def details(self) -> tuple[tuple[str, bytes], ...]:
+        return (("DisclosureID", self.disclosure_id.encode("ascii")),) + tuple(
+            ("ConsentRef", ref.encode("utf-8")) for ref in self.consent_refs
+        )
+
+
+def _patient(patient_id: str, ref: DisclosureRef | None) -> audit.Patient:
+    return audit.Patient(patient_id, details=ref.details() if ref else ())
+
+
 def participant(source: Source, is_requestor: bool = True) -> audit.Participant:
     """The caller as an active participant: a DICOM application (AE title) or a person or
     process (token subject, CLI user, analyzer)."""
@@ -78,6 +96,7 @@ def sent(
     time: datetime,
     by: Reporter,
     begin: bool = False,
+    ref: DisclosureRef | None = None,
 ) -> list[bytes]:
     """110104 (action R) for instances sent, or 110102 when a C-MOVE/C-GET begins."""
     others = () if receiver.user_id == participant(requester).user_id else (participant(requester),)
@@ -87,7 +106,7 @@ def sent(
         build(
             sender=by.node,
             receiver=receiver,
-            patient=audit.Patient(patient),
+            patient=_patient(patient, ref),
             studies=studies,
             time=time,
             source=by.source,
@@ -106,13 +125,15 @@ def exported(
     anonymized: bool,
     time: datetime,
     by: Reporter,
+    ref: DisclosureRef | None = None,
 ) -> bytes:
-    """110106: a share left the node's security domain for a recipient."""
+    """110106: data left the node's security domain for a third party (a share, or a
+    retrieval by WADO-RS, C-MOVE or C-GET that governance counted as a disclosure)."""
     studies = [s for group in _studies(instances, anonymized).values() for s in group]
     return audit.export(
         exporters=[audit.person(requested_by or "dicomnode", is_requestor=True), by.node],
         media=audit.destination_media(destination),
-        patients=[audit.Patient(p) for p in sorted({i.patient_id for i in instances})],
+        patients=[_patient(p, ref) for p in sorted({i.patient_id for i in instances})],
         studies=studies,
         recipients=[audit.person(recipient, is_requestor=False)],
         life_cycle=audit.DataLifeCycle.DISCLOSURE,
@@ -132,19 +153,34 @@ def queried(requester: Source, query: audit.Query, time: datetime, by: Reporter)
     )
 
 
-def refused(requester: Source, operation: str, reason: str, time: datetime, by: Reporter) -> bytes:
-    """110113 (Use of Restricted Function): a request governance refused."""
+def refused(
+    requester: Source,
+    operation: str,
+    reason: str,
+    time: datetime,
+    by: Reporter,
+    count: int = 1,
+    alert_type: audit.Code = audit.USE_OF_RESTRICTED_FUNCTION,
+    ref: DisclosureRef | None = None,
+) -> bytes:
+    """110113 (Use of Restricted Function, or Node Authentication for a refused association):
+    a request governance or the node refused. `count` > 1: this many refusals of this source
+    and kind were aggregated into one message (an attack must not flood the audit queue)."""
+    subjects = [
+        audit.AlertSubject(
+            requester.address or requester.caller or "unknown", f"{operation}: {reason}"[:1024]
+        )
+    ]
+    if ref is not None:
+        subjects.append(audit.AlertSubject(ref.disclosure_id, "ledger DisclosureID"))
+    times = f" ({count} times within a minute)" if count > 1 else ""
     return audit.security_alert(
-        alert_type=audit.USE_OF_RESTRICTED_FUNCTION,
+        alert_type=alert_type,
         reporters=[by.node],
         performers=[participant(requester, is_requestor=False)],
-        subjects=[
-            audit.AlertSubject(
-                requester.address or requester.caller or "unknown", f"{operation}: {reason}"
-            )
-        ],
+        subjects=subjects,
         outcome=audit.Outcome.MINOR_FAILURE,
-        outcome_description=f"{operation} refused: {reason}"[:1024],
+        outcome_description=f"{operation} refused{times}: {reason}"[:1024],
         time=time,
         source=by.source,
     )
@@ -181,15 +217,17 @@ def configuration_changed(who: str, what: str, time: datetime, by: Reporter) -> 
 
 
 def authentication_failed(
-    who: str, address: str, reason: str, time: datetime, by: Reporter
+    who: str, address: str, reason: str, time: datetime, by: Reporter, count: int = 1
 ) -> bytes:
-    """110114 (failure): a request whose credentials were refused."""
+    """110114 (failure): a request whose credentials were refused (`count` of them from this
+    address within a minute, aggregated into one message)."""
+    times = f" ({count} times within a minute)" if count > 1 else ""
     return audit.user_authentication(
         login=True,
         user=audit.person(who or "unknown", address or "unknown", is_requestor=True),
         authenticator=by.node,
         outcome=audit.Outcome.MINOR_FAILURE,
-        outcome_description=reason[:1024],
+        outcome_description=(reason + times)[:1024],
         time=time,
         source=by.source,
     )

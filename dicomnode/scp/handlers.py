@@ -415,12 +415,23 @@ def on_rejected(event: evt.Event, ctx: DimseContext) -> None:
     caller = event.assoc.requestor.ae_title.strip() or "unknown"
     address = event.assoc.requestor.address or "unknown"
     now = datetime.now(UTC)
-    _audit(
-        ctx,
-        lambda by: audit_events.authentication_failed(
-            caller, address, "association rejected", now, by
-        ),
-    )
+    audit_log = ctx.intake.archive.audit
+    if audit_log is not None and audit_log.source is not None:
+        # 110113 Node Authentication, one message per caller and minute (with the count)
+        caller_source = Source("dimse", caller, address)
+        audit_log.submit_alert(
+            ("association-rejected", address, caller),
+            lambda count: audit_events.refused(
+                caller_source,
+                "association",
+                "association rejected",
+                now,
+                audit_log.source,
+                count=count,
+                alert_type=audit.NODE_AUTHENTICATION,
+            ),
+            now,
+        )
     log.info(
         "association rejected",
         extra={
