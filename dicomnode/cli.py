@@ -114,7 +114,7 @@ def _jobs(args: argparse.Namespace) -> int:
                 print(
                     f"{job.id:>6}  {job.state:<8} {job.analyzer:<16} attempts {job.attempts}/"
                     f"{job.max_attempts}  {job.created_at:%Y-%m-%d %H:%M:%S}  {job.unit_uid}"
-                    + (f"  error: {job.error}" if job.error else "")
+                    + (f"  {_job_note(job.state)}: {job.error}" if job.error else "")
                 )
         elif args.jobs_command == "show":
             print(json.dumps(store.get(args.id).as_dict(), indent=2))
@@ -124,6 +124,11 @@ def _jobs(args: argparse.Namespace) -> int:
     finally:
         archive.close()
     return 0
+
+
+def _job_note(state: str) -> str:
+    """How `jobs list` labels a job's error column: why it did not run, or what failed."""
+    return "why" if state in ("held", "not-applicable", "cancelled") else "error"
 
 
 def _analysis_run(args: argparse.Namespace) -> int:
@@ -645,7 +650,16 @@ def build_parser() -> argparse.ArgumentParser:
     listing = jobs_commands.add_parser("list", help="recent jobs, newest first")
     listing.add_argument(
         "--state",
-        choices=("queued", "running", "done", "failed", "skipped", "held", "cancelled"),
+        choices=(
+            "queued",
+            "running",
+            "done",
+            "failed",
+            "skipped",
+            "held",
+            "cancelled",
+            "not-applicable",
+        ),
     )
     listing.add_argument("--study", help="only jobs of this StudyInstanceUID")
     listing.add_argument("--limit", type=int, default=50)

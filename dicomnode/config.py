@@ -120,6 +120,12 @@ class AnalyzerSettings:
     quiet_period: float = 30.0
     timeout: float = 300.0
     params: dict[str, Any] = field(default_factory=dict)
+    # The site's clinical-fit rules (ANALYZER_FIT_KEYS: body_parts, anatomic_regions, protocols,
+    # excluded_image_types); a key set here replaces the analyzer's default for it.
+    fit: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+ANALYZER_FIT_KEYS = ("body_parts", "anatomic_regions", "protocols", "excluded_image_types")
 
 
 @dataclass(frozen=True)
@@ -528,8 +534,22 @@ def _parse(data: dict[str, Any], base: Path) -> tuple[Settings, list[ConfigError
         if not isinstance(table, dict):
             r.fail(prefix.rstrip("."), "must be a table")
             continue
-        r.unknown(table, prefix, set(AnalyzerSettings.__dataclass_fields__))
+        r.unknown(
+            table,
+            prefix,
+            (set(AnalyzerSettings.__dataclass_fields__) - {"fit"}) | set(ANALYZER_FIT_KEYS),
+        )
         d = AnalyzerSettings()
+        fit = {}
+        for key in ANALYZER_FIT_KEYS:
+            if key in table:
+                values = table[key]
+                if not isinstance(values, list) or not all(
+                    isinstance(v, str) and v.strip() for v in values
+                ):
+                    r.fail(f"{prefix}{key}", "must be a list of non-empty strings")
+                    continue
+                fit[key] = tuple(v.strip() for v in values)
         analyzers.append(
             (
                 name,
@@ -549,6 +569,7 @@ def _parse(data: dict[str, Any], base: Path) -> tuple[Settings, list[ConfigError
                         r.value(table, prefix, "timeout", (int, float), d.timeout, _positive)
                     ),
                     params=r.value(table, prefix, "params", dict, {}),
+                    fit=fit,
                 ),
             )
         )

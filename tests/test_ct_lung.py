@@ -218,9 +218,13 @@ def test_a_series_that_is_not_a_volume_is_skipped_not_failed(start_node):
     study, series = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
     for number in (1, 2):
         buffer = BytesIO()
-        make_ct(study_uid=study, series_uid=series, instance_number=number, size=8).save_as(
-            buffer, enforce_file_format=True
-        )
+        make_ct(
+            study_uid=study,
+            series_uid=series,
+            instance_number=number,
+            size=8,
+            BodyPartExamined="CHEST",
+        ).save_as(buffer, enforce_file_format=True)
         node.intake.receive_part10(buffer.getvalue(), Source("dimse", "CT"))
     (job_id,) = node.analysis.request(study)
     job = node.analysis.run_one()

@@ -1,7 +1,9 @@
 """The analyzer interface: what a plugin declares and what it is handed.
 
 An analyzer is a class with a name, a version, a declarative `Selector` of what it wants, the
-unit it works on (one instance, a series or a study), and the SOP classes it may output. It
+`ClinicalFit` a unit must show before it is processed (minimum data: a head CT is no lung
+analysis' business; site-tunable), the unit it works on (one instance, a series or a study),
+and the SOP classes it may output. It
 implements ``analyze(unit, context) -> AnalysisResult``. The node decides when a unit is
 complete, runs the analyzer in a job, checks every output (same study, an allowed SOP class,
 UIDs that are not its inputs') and files it through intake like any received object.
@@ -9,9 +11,10 @@ UIDs that are not its inputs') and files it through intake like any received obj
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -20,6 +23,7 @@ from typing import Any, ClassVar, Literal
 from pydicom.dataset import Dataset
 
 from dicomnode.archive.elements import reader_for
+from dicomnode.config import ANALYZER_FIT_KEYS
 
 ENTRY_POINT_GROUP = "dicomnode.analyzers"
 UID_ROOT = "2.25."  # UUID-derived UIDs (PS3.5 B.2): no registered root needed
@@ -56,6 +60,88 @@ def _text(header: Dataset, keyword: str) -> str:
     return reader_for(keyword).text(header) or ""
 
 
+# The settings keys of a clinical fit ([analysis.analyzers."<name>"] body_parts = [...], ...).
+FIT_KEYS = ANALYZER_FIT_KEYS
+
+
+def _body_part(value: str) -> str:
+    """BodyPartExamined compared without case, spaces or underscores ("Coronary artery")."""
+    return "".join(c for c in value.upper() if c not in " _")
+
+
+@dataclass(frozen=True)
+class ClinicalFit:
+    """Whether a unit clinically suits an analyzer (minimum data: only what the purpose needs).
+
+    A unit fits when none of its ImageType values is excluded and at least one of: its
+    BodyPartExamined is one of `body_parts`; a code of its Anatomic Region Sequence
+    ("SCHEME:VALUE", e.g. "SCT:51185008") is one of `anatomic_regions`; its ProtocolName
+    matches one of the `protocols` glob patterns (case-insensitive). With no body parts, regions
+    or protocols at all, every unit fits."""
+
+    purpose: str  # what fits, for the reason given when a unit does not ("a chest CT")
+    body_parts: frozenset[str] = frozenset()
+    anatomic_regions: frozenset[str] = frozenset()
+    protocols: tuple[str, ...] = ()
+    excluded_image_types: frozenset[str] = frozenset()
+
+    def tuned(self, settings: Mapping[str, Sequence[str]]) -> ClinicalFit:
+        """This fit with the site's settings (FIT_KEYS present there replace the defaults)."""
+        values: dict[str, Any] = {}
+        for key in FIT_KEYS:
+            if key in settings:
+                given = [str(v) for v in settings[key]]
+                values[key] = tuple(given) if key == "protocols" else frozenset(given)
+        return replace(self, **values)
+
+    def misfit(self, header: Dataset) -> str:
+        """ "" when `header`'s unit fits, else why not."""
+        image_types = {str(v).strip().upper() for v in _values(header, "ImageType")}
+        excluded = image_types & {t.upper() for t in self.excluded_image_types}
+        if excluded:
+            return f"ImageType {', '.join(sorted(excluded))} is never analysed as {self.purpose}"
+        if not (self.body_parts or self.anatomic_regions or self.protocols):
+            return ""
+        body_part = _body_part(str(header.get("BodyPartExamined", "") or ""))
+        regions = [
+            f"{item.get('CodingSchemeDesignator', '')}:{item.get('CodeValue', '')}"
+            for item in header.get("AnatomicRegionSequence", None) or ()
+        ]
+        protocol = str(header.get("ProtocolName", "") or "").strip()
+        if body_part and body_part in {_body_part(b) for b in self.body_parts}:
+            return ""
+        if set(regions) & set(self.anatomic_regions):
+            return ""
+        if protocol and any(fnmatch.fnmatch(protocol.upper(), p.upper()) for p in self.protocols):
+            return ""
+        seen = [
+            f"BodyPartExamined {body_part}" if body_part else "",
+            f"anatomic region {', '.join(regions)}" if regions else "",
+            f"ProtocolName {protocol!r}" if protocol else "",
+        ]
+        said = ", ".join(s for s in seen if s) or "no body part, anatomic region or protocol"
+        return f"not {self.purpose}: {said} ({self.describe()})"
+
+    def describe(self) -> str:
+        """What fits, in a line."""
+        parts = [
+            f"body parts {', '.join(sorted(self.body_parts))}" if self.body_parts else "",
+            f"anatomic regions {', '.join(sorted(self.anatomic_regions))}"
+            if self.anatomic_regions
+            else "",
+            f"protocols {', '.join(self.protocols)}" if self.protocols else "",
+        ]
+        return "fits: " + "; ".join(p for p in parts if p)
+
+
+def _values(header: Dataset, keyword: str) -> list[str]:
+    """A multi-valued attribute's values ([] when absent)."""
+    value = header.get(keyword, None)
+    if value is None or value == "":
+        return []
+    return [value] if isinstance(value, str) else [str(v) for v in value]
+
+
 @dataclass(frozen=True)
 class InputUnit:
     """What an analyzer is handed: the unit's key and its stored files, in instance order."""
@@ -90,6 +176,9 @@ class Analyzer:
     name: ClassVar[str]
     version: ClassVar[str]
     selector: ClassVar[Selector]
+    # What a unit must show to be processed (None: whatever the selector takes fits); the
+    # site tunes it in the analyzer's settings (FIT_KEYS).
+    fit: ClassVar[ClinicalFit | None] = None
     unit: ClassVar[Unit] = "series"
     # "on-receipt" runs a unit as soon as it arrives (self-contained multi-frame instances);
     # "quiet-period" waits until nothing more arrived for the configured time, unless the
@@ -108,6 +197,10 @@ class Analyzer:
             "study": "StudyInstanceUID",
         }
         return _text(header, keyword[self.unit])
+
+    def clinical_fit(self, settings: Mapping[str, Sequence[str]]) -> ClinicalFit | None:
+        """The analyzer's fit as the site tuned it."""
+        return self.fit.tuned(settings) if self.fit is not None else None
 
     def analyze(self, unit: InputUnit, context: AnalysisContext) -> AnalysisResult:
         raise NotImplementedError

@@ -4,7 +4,9 @@
   analyzers that want it; "on-receipt" analyzers get their job at once.
 - A sweeper turns units that are complete (quiet period, or the announced instance count) into
   jobs, in the same transaction that marks them queued.
-- Workers claim jobs and ask governance (through egress) whether the analysis may run for the
+- Workers claim jobs, check that the unit fits the analyzer clinically (its `ClinicalFit`, as
+  the site tuned it: a unit that does not fit ends "not-applicable" with the reason, nothing of
+  it processed), and ask governance (through egress) whether the analysis may run for the
   patient now; a job it does not allow is held, visibly, until a consent grant or a lifted
   restriction queues it again. Allowed jobs hand the analyzer the unit's stored files, check
   every output and file it through intake (replacing an earlier run's result, whose UIDs are
@@ -38,7 +40,7 @@ from dicomnode.analysis.plugin import (
 )
 from dicomnode.analysis.provenance import job_provenance
 from dicomnode.archive import Archive
-from dicomnode.archive.jobs import SKIPPED, Job, JobStore
+from dicomnode.archive.jobs import NOT_APPLICABLE, SKIPPED, Job, JobStore
 from dicomnode.config import AnalysisSettings
 from dicomnode.core.errors import InvalidInput
 from dicomnode.core.model import IngestResult, Level, Source
@@ -200,6 +202,20 @@ class AnalysisService:
         if job is None:
             return None
         analyzer = self.analyzers.get(job.analyzer)
+        misfit = self._misfit(job, analyzer) if analyzer is not None else ""
+        if misfit:  # minimum data: nothing of the unit is processed
+            self.jobs.not_applicable(job.id, datetime.now(UTC), misfit)
+            log.info(
+                "analysis not applicable: %s",
+                misfit,
+                extra={
+                    "event": "job",
+                    "job": job.id,
+                    "analyzer": job.analyzer,
+                    "state": NOT_APPLICABLE,
+                },
+            )
+            return self.jobs.get(job.id)
         permit = self.egress.permit_processing(
             job.analyzer, job.patient_id, job.study_instance_uid, job.id
         )
@@ -256,6 +272,18 @@ class AnalysisService:
             },
         )
         return self.jobs.get(job.id)
+
+    def _misfit(self, job: Job, analyzer: Analyzer) -> str:
+        """Why the job's unit does not fit the analyzer clinically ("" when it does), judged
+        on its first instance's header, by the analyzer's fit as the site tuned it."""
+        fit = analyzer.clinical_fit(self.settings.analyzer(job.analyzer).fit)
+        if fit is None:
+            return ""
+        instances = self._unit_instances(analyzer, job.unit_uid)
+        if not instances:
+            return ""  # the run says so
+        header = pydicom.dcmread(self.archive.blob_file(instances[0]), stop_before_pixels=True)
+        return fit.misfit(header)
 
     def _run(self, job: Job, analyzer: Analyzer) -> tuple[list[str], dict]:
         instances = self._unit_instances(analyzer, job.unit_uid)

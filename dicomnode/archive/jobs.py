@@ -29,7 +29,10 @@ QUEUED, RUNNING, DONE, FAILED, SKIPPED = "queued", "running", "done", "failed", 
 # Governance states: held (not allowed now, e.g. consent missing or processing restricted; it
 # runs again when that changes) and cancelled (consent withdrawn or refused).
 HELD, CANCELLED = "held", "cancelled"
-STATES = (QUEUED, RUNNING, DONE, FAILED, SKIPPED, HELD, CANCELLED)
+# Minimum data: the unit does not fit the analyzer clinically (a head CT for a lung analysis);
+# it is not processed, and the reason is the job's error.
+NOT_APPLICABLE = "not-applicable"
+STATES = (QUEUED, RUNNING, DONE, FAILED, SKIPPED, HELD, CANCELLED, NOT_APPLICABLE)
 COLLECTING = "collecting"
 
 
@@ -264,16 +267,31 @@ class JobStore:
             error=reason[:4000],
         )
 
+    def not_applicable(self, job_id: int, now: datetime, reason: str) -> None:
+        """The unit does not fit the analyzer clinically: it is not processed (the attempt does
+        not count); `reason` says why. A retry (after the site widened the fit) asks again."""
+        jobs = schema.analysis_jobs
+        self._set(
+            job_id,
+            state=NOT_APPLICABLE,
+            attempts=jobs.c.attempts - 1,
+            lease_until=None,
+            finished_at=now,
+            error=reason[:4000],
+            summary=json.dumps({"not_applicable": reason}),
+        )
+
     def retry(self, job_id: int, now: datetime) -> None:
-        """Queue a failed, finished, held or cancelled job again with a fresh set of attempts
-        (a held job is asked about again when it runs)."""
+        """Queue a failed, finished, held, cancelled or not-applicable job again with a fresh
+        set of attempts (a held job is asked about again when it runs, a not-applicable one is
+        checked against the analyzer's fit again)."""
         jobs = schema.analysis_jobs
         with self.index.write() as conn:
             changed = conn.execute(
                 update(jobs)
                 .where(
                     jobs.c.id == job_id,
-                    jobs.c.state.in_((FAILED, DONE, SKIPPED, HELD, CANCELLED)),
+                    jobs.c.state.in_((FAILED, DONE, SKIPPED, HELD, CANCELLED, NOT_APPLICABLE)),
                 )
                 .values(state=QUEUED, attempts=0, not_before=now, finished_at=None, error=None)
             ).rowcount

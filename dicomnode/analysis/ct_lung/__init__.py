@@ -13,6 +13,7 @@ from pydicom.uid import CTImageStorage
 
 from dicomnode.analysis import provenance
 from dicomnode.analysis.ct_lung.segmentation import RegionStats, body_mask, lung_mask, region_stats
+from dicomnode.analysis.fits import CHEST_CT
 from dicomnode.analysis.plugin import (
     AnalysisContext,
     AnalysisResult,
@@ -61,6 +62,7 @@ class CtLung(Analyzer):
     name = "ct-lung"
     version = "1.0.0"
     selector = Selector(sop_class_uids=frozenset({CTImageStorage}), modalities=frozenset({"CT"}))
+    fit = CHEST_CT  # minimum data: only chest CTs (site-tunable)
     unit = "series"
     output_sop_classes = frozenset({SEGMENTATION_STORAGE, COMPREHENSIVE_3D_SR})
 

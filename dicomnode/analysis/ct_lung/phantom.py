@@ -101,6 +101,7 @@ def phantom_series(
         ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "CT", 1, index + 1
         ds.Manufacturer = "dicomnode phantom"
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.BodyPartExamined = "CHEST"
         ds.ImagePositionPatient = [-columns * column_mm / 2, -rows * row_mm / 2, index * slice_mm]
         ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
         ds.PixelSpacing = [row_mm, column_mm]

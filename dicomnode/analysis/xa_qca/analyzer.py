@@ -34,6 +34,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
 from dicomnode.analysis import provenance
+from dicomnode.analysis.fits import CORONARY_ANGIOGRAPHY
 from dicomnode.analysis.plugin import (
     AnalysisContext,
     AnalysisResult,
@@ -122,6 +123,7 @@ class XaQca(Analyzer):
     name = "xa-qca"
     version = "1.0.0"
     selector = Selector(sop_class_uids=frozenset({XA_IMAGE_STORAGE}), modalities=frozenset({"XA"}))
+    fit = CORONARY_ANGIOGRAPHY  # minimum data: only coronary angiograms (site-tunable)
     unit = "instance"
     completion = "on-receipt"
     output_sop_classes = frozenset({SEGMENTATION_STORAGE, COMPREHENSIVE_SR})

@@ -533,6 +533,7 @@ def xa_dataset(
     ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "XA", 1, 1
     ds.Manufacturer = "dicomnode phantom"
     ds.ImageType = ["ORIGINAL", "PRIMARY", "SINGLE PLANE"]
+    ds.BodyPartExamined = "HEART"
     ds.PatientOrientation = ""
     ds.PositionerMotion = "STATIC"
     ds.KVP = 80
