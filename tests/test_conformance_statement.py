@@ -12,6 +12,7 @@ constants the code reads (pynetdicom's lists, the node's settings).
 from __future__ import annotations
 
 import re
+import ssl
 import threading
 from io import BytesIO
 from pathlib import Path
@@ -32,6 +33,7 @@ from pynetdicom.sop_class import (
     CTImageStorage,
     PatientRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
 )
 
@@ -40,6 +42,7 @@ from dicomnode.config import Peer, read_settings
 from dicomnode.core.model import Source
 from tests.conftest import dicomweb_url, free_port, run_dcmtk, token_for, write_config
 from tests.factory import make_ct
+from tests.test_robustness import issue, make_ca
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "conformance-statement.md"
 CALLER = "CONFORMANCE"
@@ -601,3 +604,81 @@ def test_media_rows_named_as_depending_on_other_work_exist():
     """The marked rows are rows of the statement (so they can be found and adjusted)."""
     rows = {(r["Resource"], r["Media type"]) for r in table("4-2")}
     assert rows >= DEPENDS_ON_MEDIA_WORK
+
+
+@pytest.mark.parametrize("offered", ["uncompressed", "rle"])
+def test_cget_sends_as_stored_or_decompressed(node, offered):
+    """3.2.5 Query/Retrieve - GET: sub-operations over the caller's association, in its SCP
+    role; as stored when the caller accepted the stored syntax, else Explicit VR Little
+    Endian."""
+    rle = make_ct(f"CGET-{offered}", "Get^Me", size=16)
+    rle.compress(RLELossless)
+    node.intake.receive_part10(part10(rle), Source("test"))
+    syntaxes = [RLELossless] if offered == "rle" else ["1.2.840.10008.1.2.1"]
+    ae = AE(CALLER)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    ae.add_requested_context(CTImageStorage, syntaxes)
+    received: dict[str, str] = {}
+
+    def stored(event: evt.Event) -> int:
+        received[str(event.dataset.SOPInstanceUID)] = event.context.transfer_syntax
+        return 0x0000
+
+    assoc = ae.associate(
+        "127.0.0.1",
+        node.dimse.port,
+        ae_title="DICOMNODE",
+        ext_neg=[build_role(CTImageStorage, scp_role=True)],
+        evt_handlers=[(evt.EVT_C_STORE, stored)],
+    )
+    assert assoc.is_established
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.StudyInstanceUID = rle.StudyInstanceUID
+    try:
+        statuses = [
+            s.Status
+            for s, _ in assoc.send_c_get(identifier, StudyRootQueryRetrieveInformationModelGet)
+        ]
+    finally:
+        assoc.release()
+    assert statuses[-1] == 0x0000, [hex(s) for s in statuses]
+    assert received == {str(rle.SOPInstanceUID): syntaxes[0]}
+
+
+def test_tls_as_described(tmp_path):
+    """3.3: DICOM TLS 1.2 or later with the node's certificate; plain TCP is not answered."""
+    ca = make_ca(tmp_path, "hospital-ca")
+    server = issue(
+        tmp_path, ca, "localhost",
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+    )  # fmt: skip
+    pki = {"server_cert": server[0], "server_key": server[1]}
+    config = write_config(
+        tmp_path / "tls.toml", tmp_path / "data", f"sqlite:///{tmp_path / 'i.sqlite'}",
+        acse_timeout=2,
+    )  # fmt: skip
+    with config.open("a") as f:
+        f.write(
+            f'[dimse.tls]\ncert_file = "{pki["server_cert"]}"\nkey_file = "{pki["server_key"]}"\n'
+        )
+    tls_node = Node(read_settings(config))
+    tls_node.start()
+    try:
+        for version in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
+            context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca[0]))
+            context.minimum_version = context.maximum_version = version
+            ae = AE(CALLER)
+            ae.add_requested_context("1.2.840.10008.1.1")
+            assoc = ae.associate(
+                "127.0.0.1", tls_node.dimse.port, ae_title="DICOMNODE",
+                tls_args=(context, "localhost"),
+            )  # fmt: skip
+            assert assoc.is_established, version
+            assert assoc.send_c_echo().Status == 0x0000
+            assoc.release()
+        plain = AE(CALLER)
+        plain.add_requested_context("1.2.840.10008.1.1")
+        assert not plain.associate("127.0.0.1", tls_node.dimse.port).is_established
+    finally:
+        tls_node.stop()
