@@ -682,3 +682,74 @@ def test_tls_as_described(tmp_path):
         assert not plain.associate("127.0.0.1", tls_node.dimse.port).is_established
     finally:
         tls_node.stop()
+
+
+def store_status(node: Node, ds: Dataset, calling: str = CALLER) -> int:
+    ae = AE(calling)
+    ae.add_requested_context(CTImageStorage, "1.2.840.10008.1.2.1")
+    assoc = ae.associate("127.0.0.1", node.dimse.port, ae_title="DICOMNODE")
+    assert assoc.is_established
+    try:
+        return assoc.send_c_store(ds).Status
+    finally:
+        assoc.release()
+
+
+def test_cstore_statuses_as_listed(node):
+    """Table 3-6, the statuses a peer can provoke; a caller not configured may store and echo
+    (3.2.2.1, require_known_peers is off by default) but not query."""
+    listed = {r["Status"] for r in table("3-6")}
+    assert {"0x0000", "0x0111", "0xC000"} <= listed
+    ds = make_ct("STATUS1", "Status^One", size=8)
+    assert store_status(node, ds, calling="STRANGER") == 0x0000
+    assert store_status(node, ds) == 0x0000  # the same object again: success, nothing new
+    changed = make_ct("STATUS1", "Status^Changed", size=8, sop_uid=ds.SOPInstanceUID)
+    assert store_status(node, changed) == 0x0111
+    anonymous = make_ct("", "No^Id", size=8)
+    del anonymous.PatientID
+    assert store_status(node, anonymous) == 0xC000
+    ae = AE("STRANGER")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate("127.0.0.1", node.dimse.port, ae_title="DICOMNODE")
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.PatientID = "*"
+    try:
+        found = [
+            s.Status
+            for s, _ in assoc.send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind)
+        ]
+    finally:
+        assoc.release()
+    assert found == [0x0124] and "0x0124" in {r["Status"] for r in table("3-8")}
+
+
+def test_query_and_retrieve_failures_as_listed(node, stored):
+    """Table 3-8's 0xA900 for a level the model has not, 3.2.5's 0xA801 for an unknown C-MOVE
+    destination."""
+    assert "0xA900" in {r["Status"] for r in table("3-8")}
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "PATIENT"  # Study Root has no PATIENT level
+    identifier.PatientID = "CONF1"
+    ae = AE(CALLER)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+    assoc = ae.associate("127.0.0.1", node.dimse.port, ae_title="DICOMNODE")
+    try:
+        found = [
+            s.Status
+            for s, _ in assoc.send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind)
+        ]
+        move = Dataset()
+        move.QueryRetrieveLevel = "STUDY"
+        move.StudyInstanceUID = stored.StudyInstanceUID
+        moved = [
+            s.Status
+            for s, _ in assoc.send_c_move(
+                move, "NOWHERE", StudyRootQueryRetrieveInformationModelMove
+            )
+        ]
+    finally:
+        assoc.release()
+    assert found == [0xA900]
+    assert moved == [0xA801]
