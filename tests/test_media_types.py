@@ -343,3 +343,18 @@ def test_dicomweb_client_retrieves_frames_and_single_instances(node, stored):
     assert as_stored[:4] == b"\x02\x00\x00\x00"
     instance = client.retrieve_instance(*where, media_types=(("application/dicom", "*"),))
     assert instance.file_meta.TransferSyntaxUID == RLE
+
+
+def test_single_part_frames_for_one_frame_only(node, stored):
+    rle, frames = stored["rle"], stored["frames"]
+    one = get(node, path_of(rle, "/frames/2"), Accept=OCTET)
+    assert one.status_code == 200, one.text
+    assert media.parse_media_type(one.headers["Content-Type"]).media_type == OCTET
+    assert one.content == frames[1].tobytes()
+    bitstream = get(node, path_of(rle, "/frames/2"), Accept="image/dicom-rle")
+    assert bitstream.status_code == 200
+    assert syntax_of(bitstream.headers["Content-Type"]) == RLE
+    assert bitstream.content[:4] == b"\x02\x00\x00\x00"
+    several = get(node, path_of(rle, "/frames/1,2"), Accept=OCTET)
+    assert several.status_code == 406
+    assert "only for one frame" in several.json()["detail"]
