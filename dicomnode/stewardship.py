@@ -20,6 +20,7 @@ from dicomnode import governance
 from dicomnode.archive import Archive
 from dicomnode.archive.keys import verify_json
 from dicomnode.archive.ledger import Checkpoint
+from dicomnode.archive.ledger_views import LedgerViews
 from dicomnode.archive.query import identity_keys
 from dicomnode.archive.registry import LegalHold, Restriction
 from dicomnode.core.errors import InvalidInput, NotFound, NotPermitted
@@ -482,37 +483,8 @@ class Stewardship:
             )
 
     def _recipients_with_copies(self, study_uids: set[str]) -> dict[str, list[dict[str, str]]]:
-        """Per study, the recipients the ledger says received copies (transfers that sent
-        something, and allowed retrievals to others than the hospital)."""
-        found: dict[str, dict[tuple[str, str], str]] = {}
-        if not study_uids:
-            return {}
-        for entry in self.archive.ledger.entries():
-            if entry.kind not in ("transfer", "disclosure"):
-                continue
-            data = entry.data
-            studies = set(data.get("study_instance_uids") or ()) & study_uids
-            if not studies:
-                continue
-            if entry.kind == "transfer" and not data.get("sent"):
-                continue
-            retrieval = data.get("operation") in ("move", "get", "wado")
-            if entry.kind == "disclosure" and not (
-                retrieval and data.get("recipient_kind") == "third-party"
-            ):
-                continue
-            recipient = str(data.get("recipient") or "")
-            for study in studies:
-                found.setdefault(study, {})[(recipient, data.get("operation", ""))] = (
-                    entry.recorded_at
-                )
-        return {
-            study: [
-                {"recipient": r, "operation": op, "last_at": at}
-                for (r, op), at in sorted(copies.items())
-            ]
-            for study, copies in found.items()
-        }
+        """Per study, the recipients the ledger says received copies (one SQL query)."""
+        return LedgerViews(self.archive.index).copies_by_study(study_uids)
 
     # --- erasure (PIPA 36, GDPR 17) -------------------------------------------------------
 

@@ -9,6 +9,7 @@ days, compared with the ISO 8601 ``recorded_at`` that is part of each entry's ha
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
@@ -208,36 +209,54 @@ class LedgerViews:
                 ).scalars()
             )
 
-    def recipients_with_copies(self, study_uids: list[str], before_seq: int) -> list[str]:
-        """The recipients the ledger says received copies of any of these studies before entry
-        `before_seq`: transfers that sent something, and allowed retrievals by a third party
-        (the rule retention's destruction records use)."""
-        if not study_uids:
-            return []
-        found: set[str] = set()
-        recipient, operation = self._text("recipient"), self._text("operation")
-        sent = self._length("sent")
+    def copies_by_study(
+        self, study_uids: list[str] | set[str], before_seq: int | None = None
+    ) -> dict[str, list[dict[str, str]]]:
+        """Per study, the recipients the ledger says received copies (before entry
+        `before_seq`, when given): transfers that sent something, and allowed retrievals by a
+        third party; each with the operation and when it last happened. The one rule that
+        destruction records, erasure and the DPO pages use."""
+        wanted = sorted(set(study_uids))
+        if not wanted:
+            return {}
         copied = or_(
-            and_(_t.c.kind == LedgerKind.TRANSFER.value, sent > 0),
+            and_(_t.c.kind == LedgerKind.TRANSFER.value, self._length("sent") > 0),
             and_(
                 _t.c.kind == LedgerKind.DISCLOSURE.value,
-                operation.in_(RETRIEVALS),
+                self._text("operation").in_(RETRIEVALS),
                 self._text("recipient_kind") == "third-party",
             ),
         )
-        for start in range(0, len(study_uids), 50):
-            chunk = study_uids[start : start + 50]
-            studies = or_(*[self._lists("study_instance_uids", u) for u in chunk])
+        found: dict[str, dict[tuple[str, str], str]] = {}
+        for start in range(0, len(wanted), 50):
+            chunk = wanted[start : start + 50]
+            clauses = [
+                _t.c.kind.in_((LedgerKind.TRANSFER.value, LedgerKind.DISCLOSURE.value)),
+                copied,
+                or_(*[self._lists("study_instance_uids", u) for u in chunk]),
+            ]
+            if before_seq is not None:
+                clauses.append(_t.c.seq < before_seq)
             with self.index.read() as conn:
                 rows = conn.execute(
-                    select(recipient)
-                    .where(
-                        _t.c.kind.in_((LedgerKind.TRANSFER.value, LedgerKind.DISCLOSURE.value)),
-                        _t.c.seq < before_seq,
-                        copied,
-                        studies,
-                    )
-                    .distinct()
-                ).scalars()
-                found |= {str(r) for r in rows if r}
-        return sorted(found)
+                    select(_t.c.detail, _t.c.recorded_at).where(*clauses).order_by(_t.c.seq)
+                ).all()
+            for detail, recorded_at in rows:
+                data = json.loads(detail)
+                for study in set(data.get("study_instance_uids") or ()) & set(chunk):
+                    key = (str(data.get("recipient") or ""), str(data.get("operation") or ""))
+                    found.setdefault(study, {})[key] = recorded_at
+        return {
+            study: [
+                {"recipient": r, "operation": op, "last_at": at}
+                for (r, op), at in sorted(copies.items())
+            ]
+            for study, copies in found.items()
+        }
+
+    def recipients_with_copies(self, study_uids: list[str], before_seq: int) -> list[str]:
+        """The recipients that received copies of any of these studies before `before_seq`."""
+        copies = self.copies_by_study(study_uids, before_seq)
+        return sorted(
+            {c["recipient"] for found in copies.values() for c in found if c["recipient"]}
+        )

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from dicomnode.archive.jobs import JobStore
+from dicomnode.archive.ledger_views import LedgerFilter, LedgerViews
 from dicomnode.core.model import LedgerKind, Source
 from dicomnode.egress.gate import Gate
 from dicomnode.governance import (
@@ -62,10 +63,9 @@ class SubjectExport(Gate):
             shutil.copyfile(self.archive.blob_file(instance), out_dir / relative)
             files.append(str(relative))
         disclosures, processing = [], []
-        for entry in self.archive.ledger.entries():
+        everything = LedgerFilter(kinds=tuple(k.value for k in LedgerKind), patient_id=patient_id)
+        for entry in LedgerViews(self.archive.index).iter(everything, newest_first=False):
             data = entry.data
-            if patient_id not in (data.get("patient_ids") or ()):
-                continue
             row = {
                 "seq": entry.seq,
                 "at": entry.recorded_at,
