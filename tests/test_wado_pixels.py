@@ -430,3 +430,17 @@ def test_images_over_the_decoding_bound_are_406_and_deflated_objects_are_not_inf
     ((content_type, body),) = parts_of(as_stored)
     assert syntax_of(content_type) == DeflatedExplicitVRLittleEndian
     assert len(body) < 100_000  # the stored, deflated bytes
+
+
+def test_frames_of_a_big_endian_image_come_as_little_endian_values(node):
+    ds, pixels = gradient_ct(frames=2, size=8)
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.2"  # explicit VR big endian (retired)
+    ds.PixelData = pixels.astype(">u2").tobytes()
+    encoded = BytesIO()
+    pydicom.dcmwrite(encoded, ds, little_endian=False, implicit_vr=False, enforce_file_format=True)
+    dicomweb_client(node).store_instances([pydicom.dcmread(BytesIO(encoded.getvalue()))])
+    response = get(node, path_of(ds, "/frames/2"), Accept=f"multipart/related; type={OCTET}")
+    assert response.status_code == 200, response.text
+    ((content_type, body),) = parts_of(response)
+    assert syntax_of(content_type) == ExplicitVRLittleEndian
+    assert body == pixels[1].astype("<u2").tobytes()

@@ -297,7 +297,7 @@ def choose_frames(
         if part_type == OCTET_STREAM or part_type == "application/*":
             if ts == AS_STORED and compressed:
                 return FrameChoice(False, OCTET_STREAM, stored, single)
-            if ts in (None, AS_STORED, EXPLICIT_VR_LE) or (ts == stored and not compressed):
+            if ts in (None, AS_STORED, EXPLICIT_VR_LE):
                 if compressed:
                     reason = can_decode()
                     if reason:

@@ -257,7 +257,8 @@ def native_frames(ds: Dataset, numbers: list[int], limit: int) -> Iterator[bytes
     CannotDecode or ImageTooLarge before anything is decoded."""
     stored = str(ds.file_meta.TransferSyntaxUID)
     check_decoded_size(ds, limit)
-    if not UID(stored).is_compressed:
+    syntax = UID(stored)
+    if not syntax.is_compressed and (syntax.is_little_endian or int(ds.BitsAllocated) == 8):
         data = ds.PixelData
         if int(ds.BitsAllocated) == 1:
             frame_bits = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1))
@@ -268,10 +269,10 @@ def native_frames(ds: Dataset, numbers: list[int], limit: int) -> Iterator[bytes
         for n in numbers:
             yield data[(n - 1) * size : n * size]
         return
-    reason = decode_refusal(stored)
+    reason = decode_refusal(stored) if syntax.is_compressed else None
     if reason:
         raise CannotDecode(f"these frames cannot be decoded: {reason}")
-    decoder = get_decoder(stored)
+    decoder = get_decoder(stored)  # big endian native values come back as little endian too
     photometric = str(ds.get("PhotometricInterpretation", ""))
     for n in numbers:
         array, _ = decoder.as_array(ds, index=n - 1, as_rgb=False)
