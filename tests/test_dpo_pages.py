@@ -624,9 +624,12 @@ def test_the_record_of_processing_activities_comes_from_the_policy_in_force(node
 
 
 def test_policy_versions_in_force_scheduled_and_published(node):
-    later = policy_text("hospital-2026-2") + RETENTION
+    # a new controller widens (notice is due); material: 30 days
+    later = policy_text("hospital-2026-2").replace(
+        "Example University Hospital", "Example University Hospital Group", 1
+    )
     published, _ = node.stewardship.publish_policy(
-        later.replace(
+        (later + RETENTION).replace(
             "effective_from = 2026-01-01", "effective_from = 2026-01-01\nmaterial = true"
         ),
         "dpo",
