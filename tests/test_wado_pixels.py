@@ -255,6 +255,15 @@ def test_a_syntax_that_cannot_be_decoded_is_406_json_and_served_as_stored(node):
     ((_, body),) = parts_of(as_stored)
     assert pydicom.dcmread(BytesIO(body)).PixelData == ds.PixelData
 
+    # The stream itself, as stored, from the Pixel Data bulk data (OHIF asks it that way).
+    (metadata,) = get(node, path_of(ds, "/metadata")).json()
+    bulk = metadata["7FE00010"]["BulkDataURI"].split("/dicomweb", 1)[1]
+    stream = get(node, bulk + "?accept=video/mpeg", Accept="application/json")
+    assert stream.status_code == 200, stream.text
+    assert stream.headers["Content-Type"].startswith("video/mpeg")
+    assert stream.content == b"\x00\x00\x01\xb3" + bytes(60)
+    assert get(node, bulk, Accept="image/jpeg").status_code == 406
+
 
 # --- transfer syntaxes as asked (item 4) ------------------------------------------------
 

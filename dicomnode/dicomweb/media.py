@@ -47,8 +47,12 @@ LOSSY_SYNTAXES = {
     "1.2.840.10008.1.2.4.91",
     "1.2.840.10008.1.2.4.203",
 }
-# Video: served as stored only (frames of an MPEG or HEVC stream are not cut out here).
-VIDEO_SYNTAXES = {f"1.2.840.10008.1.2.4.{n}" for n in range(100, 109)}
+# Video: served as stored only, as a whole stream (its frames are not cut out here).
+VIDEO_MEDIA_TYPE = {
+    **{f"1.2.840.10008.1.2.4.{n}": "video/mpeg" for n in (100, 101)},
+    **{f"1.2.840.10008.1.2.4.{n}": "video/mp4" for n in range(102, 107)},
+    **{f"1.2.840.10008.1.2.4.{n}": "video/H265" for n in (107, 108)},
+}
 
 DICOM = "application/dicom"
 DICOM_JSON = "application/dicom+json"
@@ -281,6 +285,12 @@ def choose_frames(
     that type and the asked transfer syntax (if any) is the stored one or ``*``. A lossless
     syntax is never answered with a lossy bitstream. `can_decode()` says why the frames cannot
     be decoded (None when they can)."""
+    if stored in VIDEO_MEDIA_TYPE:
+        raise NotAcceptable(
+            f"frames of a video ({UID(stored).name}) are not sent one by one; its Pixel Data "
+            f"bulk data gives the whole stream as stored ({VIDEO_MEDIA_TYPE[stored]}), and the "
+            "instance is sent as stored with transfer-syntax=*"
+        )
     compressed = UID(stored).is_compressed
     stored_type = FRAME_MEDIA_TYPE.get(stored)
     reasons: list[str] = []
@@ -400,3 +410,16 @@ def options_header(text: str | None) -> tuple[str, dict[str, str]]:
     the ``/``."""
     media = parse_media_type(text or "")
     return media.media_type, dict(media.params)
+
+
+def choose_video(ranges: list[MediaRange], video_type: str) -> bool | None:
+    """Whether a video stream of `video_type` goes as a single part (True) or in
+    multipart/related (False); None when the request accepts neither."""
+    for media in ranges:
+        if media.media_type == MULTIPART and _matches(media.related_type or "*/*", video_type):
+            return False
+        if media.media_type == "multipart/*":
+            return False
+        if media.media_type != MULTIPART and _matches(media.media_type, video_type.lower()):
+            return True
+    return None

@@ -28,6 +28,7 @@ from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
 from pydicom.pixels.decoders.base import DecodeRunner, get_decoder
 from pydicom.uid import UID, JPEGExtended12Bit
 
+from dicomnode.dicomweb import media
 from dicomnode.dicomweb.errors import NotAcceptable
 
 try:
@@ -106,7 +107,7 @@ def decode_refusal(transfer_syntax: str) -> str | None:
         return f"{transfer_syntax} is not a transfer syntax this node knows"
     if not ts.is_compressed:
         return None if ts.is_little_endian else f"big endian {ts.name} is not converted"
-    if transfer_syntax in {f"1.2.840.10008.1.2.4.{n}" for n in range(100, 109)}:
+    if transfer_syntax in media.VIDEO_MEDIA_TYPE:
         return f"{ts.name} is video; it is sent only as stored (transfer-syntax=*)"
     try:
         decoder = get_decoder(ts)
@@ -211,9 +212,10 @@ def _pixels_stop(tag, vr, length) -> bool:  # noqa: ANN001 (pydicom's callback)
 # --- frames -----------------------------------------------------------------------------
 
 
-def stored_frames(ds: Dataset, numbers: list[int]) -> Iterator[bytes]:
-    """The stored bitstream of each frame in `numbers` (1-based) of encapsulated Pixel Data."""
-    total = int(ds.get("NumberOfFrames", 1) or 1)
+def stored_frames(ds: Dataset, numbers: list[int], single_stream: bool = False) -> Iterator[bytes]:
+    """The stored bitstream of each frame in `numbers` (1-based) of encapsulated Pixel Data
+    (`single_stream`: all fragments are one stream, as in video)."""
+    total = 1 if single_stream else int(ds.get("NumberOfFrames", 1) or 1)
     fragments = list(generate_fragmented_frames(ds.PixelData, number_of_frames=total))
     for n in numbers:
         yield b"".join(fragments[n - 1])

@@ -279,6 +279,8 @@ def bulkdata(study: str, series: str, instance: str, path: str) -> Response:
         raise NotFound(f"no bulk data at {path}") from None
     if element.tag == 0x7FE00010 and path.strip("/").upper() == "7FE00010" and ds.get("Rows"):
         stored = item.transfer_syntax_uid
+        if stored in media.VIDEO_MEDIA_TYPE:
+            return _video(ds, stored)
         if UID(stored).is_compressed:  # Pixel Data: its frames, in the asked media type
             total = int(ds.get("NumberOfFrames", 1) or 1)
             return _send_frames(ds, stored, list(range(1, total + 1)))
@@ -300,6 +302,22 @@ def bulkdata(study: str, series: str, instance: str, path: str) -> Response:
         iter([({"Content-Type": media.OCTET_STREAM}, iter([value]))]),
         media.OCTET_STREAM,
     )
+
+
+def _video(ds: pydicom.Dataset, stored: str) -> Response:
+    """A video's Pixel Data as stored: its fragments joined into one stream."""
+    kind = media.VIDEO_MEDIA_TYPE[stored]
+    ranges = _acceptable()
+    single = media.choose_video(ranges, kind)
+    if single is None:
+        raise media.not_acceptable(
+            "this video", [kind, f'multipart/related; type="{kind}"'], [], media.described(ranges)
+        )
+    (stream,) = pixels.stored_frames(ds, [1], single_stream=True)
+    content_type = f"{kind}; transfer-syntax={stored}"
+    if single:
+        return Response(stream, content_type=content_type)
+    return _multipart(iter([({"Content-Type": content_type}, iter([stream]))]), kind)
 
 
 def _render_one(
