@@ -6,6 +6,7 @@ multipart reader."""
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import json
 import os
@@ -17,8 +18,13 @@ from pathlib import Path
 
 import pytest
 import requests
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from dicomnode.archive.accounts import AccountStore
+from dicomnode.config import AuthSettings
+from dicomnode.core.errors import InvalidInput
+from dicomnode.dicomweb.auth import AuthError, TokenVerifier
 from dicomnode.dicomweb.multipart import read_multipart
 from tests.conftest import dicomweb_url, token_for, wait_until
 from tests.test_dpo_pages import PASSWORD, Browser
@@ -446,3 +452,149 @@ def test_connections_from_one_address_past_its_limit_are_closed_at_once(start_no
         wait_until(lambda: attack.closed_by_node >= 30, 20, "connections past the limit closed")
         took = _served(node)  # from 127.0.0.1
     assert max(took) < 5, took
+
+
+# --- fuzzing: the token parser and the multipart reader -----------------------------------------
+# Each target is bounded by its example count (about 10-40 s here; CI's limit is ~60 s a target).
+# For a longer run by hand: DICOMNODE_FUZZ_EXAMPLES=20000 pytest tests/test_hostile_http.py -k fuzz
+
+FUZZ_EXAMPLES = int(os.environ.get("DICOMNODE_FUZZ_EXAMPLES", "0")) or None
+FUZZ = settings(
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+
+@functools.cache
+def _fuzz_verifier() -> tuple[TokenVerifier, object]:
+    from joserfc.jwk import RSAKey
+
+    key = RSAKey.generate_key(2048, private=True)
+    return TokenVerifier(AuthSettings(), key), key
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+claim_values = json_values | st.sampled_from(
+    ["dicomweb.read", "dicomnode", "", 2**63, -1, 1e308, [], {}, ["dicomweb.read"]]
+)
+
+
+def _verify_answers(token: str) -> None:
+    """verify() either gives a principal or refuses with AuthError, nothing else."""
+    verifier, _ = _fuzz_verifier()
+    try:
+        principal = verifier.verify(f"Bearer {token}")
+    except AuthError as refused:
+        text = str(refused)
+        assert len(text) < 400 and "Traceback" not in text
+        text.encode("latin-1")  # it may go into the WWW-Authenticate header
+        return
+    assert isinstance(principal.subject, str)
+    assert all(isinstance(scope, str) for scope in principal.scopes)
+
+
+@settings(FUZZ, max_examples=FUZZ_EXAMPLES or 1500)
+@given(
+    token=st.one_of(
+        st.text(max_size=200),
+        st.lists(st.text(alphabet="AZaz09-_=.%", max_size=40), min_size=1, max_size=5).map(
+            ".".join
+        ),
+        st.tuples(json_values, json_values, st.binary(max_size=64)).map(
+            lambda t: _token(t[0], t[1], t[2])
+        ),
+        st.tuples(
+            st.dictionaries(st.sampled_from(["alg", "kid", "typ", "crit"]), claim_values),
+            st.dictionaries(
+                st.sampled_from(["iss", "aud", "sub", "exp", "nbf", "scope", "scp"]), claim_values
+            ),
+        ).map(lambda t: _token(t[0], t[1])),
+    )
+)
+def test_fuzz_the_token_parser_refuses_or_accepts_never_crashes(token):
+    _verify_answers(token)
+
+
+@settings(FUZZ, max_examples=FUZZ_EXAMPLES or 1000)
+@given(
+    claims=st.fixed_dictionaries(
+        {
+            "iss": st.just("dicomnode"),
+            "aud": st.just("dicomnode") | claim_values,
+            "sub": st.just("fuzz") | claim_values,
+            "exp": st.just(4102444800) | claim_values,
+        },
+        optional={
+            name: claim_values
+            for name in ("nbf", "iat", "scope", "scp", "purpose_of_use", "extensions")
+        },
+    ),
+    header=st.dictionaries(st.sampled_from(["typ", "cty", "crit", "x"]), claim_values, max_size=2),
+)
+def test_fuzz_signed_tokens_with_claims_of_any_type(claims, header):
+    """Tokens signed by the node's key (so the claims' checks after the signature run too)."""
+    from joserfc import jwt as joserfc_jwt
+    from joserfc.errors import JoseError
+
+    _, key = _fuzz_verifier()
+    try:
+        token = joserfc_jwt.encode({**header, "alg": "RS256"}, claims, key)
+    except (JoseError, ValueError, TypeError):
+        return  # joserfc would not sign it; nothing to send
+    _verify_answers(token)
+
+
+fuzz_boundary = st.sampled_from(["b", "b0undary", "--", "a b", "\u20ac", "x" * 201, ""])
+body_pieces = st.sampled_from(
+    [
+        b"--b\r\n",
+        b"--b--\r\n",
+        b"--b0undary\r\n",
+        b"\r\n--b",
+        b"\r\n\r\n",
+        b"Content-Type: application/dicom\r\n",
+        b"\r\n",
+        b"--",
+        b"x" * 70_000,
+    ]
+) | st.binary(max_size=64)
+
+
+@settings(FUZZ, max_examples=FUZZ_EXAMPLES or 2000)
+@given(
+    pieces=st.lists(body_pieces, max_size=16),
+    boundary=fuzz_boundary,
+    step=st.integers(min_value=1, max_value=4096),
+    limit=st.integers(min_value=1, max_value=200_000),
+)
+def test_fuzz_the_multipart_reader_parses_or_refuses_never_crashes(pieces, boundary, step, limit):
+    """Any body, boundary, chunking and part limit: parts whose sizes add up to no more than
+    the body, or InvalidInput (PartTooLarge is one); never another exception."""
+    data = b"".join(pieces)
+    step = max(step, len(data) // 256)  # a byte at a time through 70 kB only makes it slow
+
+    class Trickle(io.RawIOBase):
+        def __init__(self) -> None:
+            self.at = 0
+
+        def read(self, size: int = -1) -> bytes:
+            chunk = data[self.at : self.at + min(step, size if size >= 0 else step)]
+            self.at += len(chunk)
+            return chunk
+
+    try:
+        parts = read_multipart(Trickle(), boundary, limit)
+    except InvalidInput:
+        return
+    assert sum(part.size for part in parts) <= len(data)
+    for part in parts:
+        assert part.size <= limit
+        assert len(part.read()) == part.size
+        assert part.head(8) == part.read()[:8]

@@ -180,7 +180,10 @@ def read_multipart(stream: BinaryIO, boundary: str, max_part_bytes: int) -> list
     """
     if not boundary or len(boundary) > 200:
         raise InvalidInput("the multipart boundary is missing or too long")
-    opening = b"--" + boundary.encode("latin-1")
+    try:
+        opening = b"--" + boundary.encode("latin-1")
+    except UnicodeEncodeError:
+        raise InvalidInput("the multipart boundary has characters outside latin-1") from None
     separator = b"\r\n" + opening
     reader = _Reader(stream)
     while (start := reader.find(opening)) < 0:  # after a preamble of at most 64 KiB
