@@ -38,6 +38,7 @@ from dicomnode.archive.keys import (
     load_or_create_signing_key,
     sign_json,
 )
+from dicomnode.casework import Casework, review_settings
 from dicomnode.config import Settings
 from dicomnode.core.errors import ConfigError
 from dicomnode.core.logs import configure_logging
@@ -117,6 +118,9 @@ class Node:
             settings, self.archive, self.metrics, clock
         )
         publish_configured_policy(settings, self.stewardship)
+        self.casework = Casework(
+            self.archive, self.stewardship, self.egress, clock, review_settings(settings.dpo)
+        )
         self.dimse = DimseServer(DimseContext(settings, self.intake, self.egress, self.metrics))
         self.workers = (
             DimseWorkers(settings, self.metrics, self.archive.audit)

@@ -715,6 +715,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _governance_parsers(commands)
     _dpo_parsers(commands)
+    _casework_parsers(commands)
 
     config = commands.add_parser("config", help="configuration tools")
     config_commands = config.add_subparsers(dest="config_command", required=True)
@@ -914,6 +915,265 @@ def _dpo_parsers(commands: Any) -> None:
     for sub in (add, listing, disable):
         sub.add_argument("--config", help="settings file (default: $DICOMNODE_CONFIG)")
         sub.set_defaults(run=_dpo_user)
+
+
+# --- the DPO's casework: breaches, the monthly review, data-subject request tickets ----------
+
+
+@contextlib.contextmanager
+def _casework(config: str | None) -> Iterator[Any]:
+    from dicomnode.casework import Casework, review_settings
+
+    with _node_services(config) as node:
+        yield Casework(
+            node.archive,
+            node.stewardship,
+            node.egress,
+            review=review_settings(node.settings.dpo),
+        )
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, ensure_ascii=False, indent=2, default=str))
+
+
+def _required_moment(text: str) -> datetime:
+    moment = _moment(text)
+    assert moment is not None
+    return moment
+
+
+def _breach(args: argparse.Namespace) -> int:
+    with _casework(args.config) as casework:
+        command = args.breach_command
+        if command == "record":
+            record = casework.record_breach(
+                _who(args),
+                _required_moment(args.aware_at),
+                args.what,
+                _moment(args.occurred_at),
+                how=args.how,
+                subjects=args.subjects,
+                records=args.records,
+                patient_ids=args.patient or [],
+                study_instance_uids=args.study or [],
+                categories=args.category or [],
+                external_access=args.external_access,
+                emr_linked=args.emr_linked,
+                gdpr=args.gdpr,
+                consequences=args.consequences,
+                measures=args.measures,
+                subject_actions=args.subject_actions,
+                remedy=args.remedy,
+                contact=args.contact,
+                risk_unlikely=args.risk_unlikely,
+                harm_contained=args.harm_contained,
+            )
+            view = casework.breach_view(record)
+            print(f"{record.ref} recorded")
+            for d in view["deadlines"]:
+                print(f"  {d['duty']}: due {d['due_at']} ({d['law']}) {d['status']}")
+        elif command == "list":
+            for record in casework.breaches():
+                view = casework.breach_view(record)
+                print(
+                    json.dumps(
+                        record.as_dict() | {"overdue": view["overdue"]},
+                        ensure_ascii=False,
+                    )
+                )
+        elif command == "show":
+            view = casework.breach_view(casework.breach(args.id))
+            _print_json(view | {"record": view["record"].as_dict(), "now": view["now"]})
+        elif command == "notify":
+            record = casework.notify_breach(
+                args.id, args.to, _who(args), _moment(args.at), args.note or ""
+            )
+            print(f"{record.ref}: {args.to} notified; state {record.state}")
+        else:
+            record = casework.close_breach(args.id, _who(args), args.reason)
+            print(f"{record.ref} closed")
+    return 0
+
+
+def _write_review(report: dict[str, Any], fmt: str, out: Any) -> None:
+    from dicomnode.governance.casework import REVIEW_CSV_COLUMNS, review_rows
+
+    if fmt == "csv":
+        writer = csv.DictWriter(out, fieldnames=REVIEW_CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(review_rows(report))
+    else:
+        out.write(json.dumps(report, ensure_ascii=False, indent=2) + "\n")
+
+
+def _review(args: argparse.Namespace) -> int:
+    with _casework(args.config) as casework:
+        command = args.review_command
+        if command == "report":
+            report = casework.review_report(args.month)
+            if args.output:
+                with open(args.output, "w", newline="", encoding="utf-8") as out:
+                    _write_review(report, args.format, out)
+            else:
+                _write_review(report, args.format, sys.stdout)
+        elif command == "sign":
+            entry = casework.sign_review(
+                args.month, _who(args), args.finding, args.follow_up or "", args.sha256
+            )
+            print(f"review of {args.month} signed: ledger entry {entry.seq} ({entry.kind})")
+        else:
+            for entry in casework.reviews(args.month):
+                print(json.dumps({"seq": entry.seq, "actor": entry.actor} | entry.data))
+    return 0
+
+
+def _ticket(args: argparse.Namespace) -> int:
+    with _casework(args.config) as casework:
+        command = args.ticket_command
+        if command == "open":
+            ticket = casework.open_ticket(
+                args.kind,
+                args.patient_id,
+                _who(args),
+                requester=args.requester or "",
+                regimes=tuple(args.law or ["pipa"]),
+                details=args.details or "",
+                issuer=args.issuer or "",
+                received_at=_moment(args.received_at),
+            )
+            print(
+                f"{ticket.ref} opened: {ticket.kind} for {ticket.patient_id}, due {ticket.due_at}"
+            )
+            return 0
+        if command == "list":
+            for ticket in casework.tickets():
+                overdue = casework.is_overdue(ticket)
+                if not args.overdue or overdue:
+                    print(json.dumps(ticket.as_dict() | {"overdue": overdue}, ensure_ascii=False))
+            return 0
+        if command == "show":
+            ticket = casework.ticket(args.id)
+            _print_json(ticket.as_dict() | {"overdue": casework.is_overdue(ticket)})
+            return 0
+        if command == "carry-out":
+            output = Path(args.output) if args.output else None
+            ticket = casework.carry_out(args.id, _who(args), output)
+        elif command == "done":
+            ticket = casework.complete(args.id, _who(args), args.note)
+        elif command == "refuse":
+            ticket = casework.refuse(args.id, _who(args), args.code, args.reason)
+        else:
+            ticket = casework.extend(args.id, _who(args), _required_moment(args.until), args.reason)
+        print(f"{ticket.ref} {ticket.state}: {ticket.outcome}")
+        return 0 if ticket.state != "refused" else 1
+
+
+def _casework_parsers(commands: Any) -> None:
+    from dicomnode.governance.casework import EXEMPTIONS, TICKET_KINDS
+
+    def common(parser: argparse.ArgumentParser, by: bool = True) -> argparse.ArgumentParser:
+        parser.add_argument("--config", help="settings file (default: $DICOMNODE_CONFIG)")
+        if by:
+            parser.add_argument("--by", help="who does this (default: cli:<login name>)")
+        return parser
+
+    breach = commands.add_parser("breach", help="the breach register (GDPR 33, PIPA 34)")
+    breach_commands = breach.add_subparsers(dest="breach_command", required=True)
+    record = common(breach_commands.add_parser("record", help="record an incident"))
+    record.add_argument("--aware-at", required=True, help="when the hospital became aware")
+    record.add_argument("--what", required=True, help="what happened")
+    record.add_argument("--occurred-at", help="when it happened, if known")
+    record.add_argument("--how", default="", help="how it happened")
+    record.add_argument("--subjects", type=int, default=0, help="approximate data subjects")
+    record.add_argument("--records", type=int, default=0, help="approximate records")
+    record.add_argument("--patient", action="append", help="an affected Patient ID (repeat)")
+    record.add_argument("--study", action="append", help="an affected Study UID (repeat)")
+    record.add_argument("--category", action="append", help="a data category (repeat)")
+    for flag, text in (
+        ("--external-access", "unlawful access from outside (PIPA Decree 40(1)3)"),
+        ("--emr-linked", "electronic medical records involved (MSA 23-3 report to MOHW)"),
+        ("--gdpr", "EU data subjects: GDPR 33 applies"),
+        ("--risk-unlikely", "GDPR 33(1): unlikely to result in a risk"),
+        ("--harm-contained", "PIPA Decree 40(1) proviso: recovered or deleted"),
+    ):
+        record.add_argument(flag, action="store_true", help=text)
+    for option in ("consequences", "measures", "subject-actions", "remedy", "contact"):
+        record.add_argument(f"--{option}", default="")
+    record.set_defaults(run=_breach)
+    common(breach_commands.add_parser("list", help="every breach"), False).set_defaults(run=_breach)
+    show = common(breach_commands.add_parser("show", help="deadlines and drafts (JSON)"), False)
+    show.add_argument("id", type=int)
+    show.set_defaults(run=_breach)
+    notify = common(breach_commands.add_parser("notify", help="record a notification made"))
+    notify.add_argument("id", type=int)
+    notify.add_argument(
+        "--to", required=True, choices=("subjects", "pipc", "supervisory-authority", "mohw")
+    )
+    notify.add_argument("--at", help="when (default: now)")
+    notify.add_argument("--note", help="how, reference of the report")
+    notify.set_defaults(run=_breach)
+    close = common(breach_commands.add_parser("close", help="close a breach"))
+    close.add_argument("id", type=int)
+    close.add_argument("--reason", required=True)
+    close.set_defaults(run=_breach)
+
+    review = commands.add_parser("review", help="the monthly access review")
+    review_commands = review.add_subparsers(dest="review_command", required=True)
+    report = common(review_commands.add_parser("report", help="a month's report"), False)
+    report.add_argument("--month", required=True, help="YYYY-MM")
+    report.add_argument("--format", choices=("json", "csv"), default="json")
+    report.add_argument("--output", help="file (default: standard output)")
+    report.set_defaults(run=_review)
+    sign = common(review_commands.add_parser("sign", help="sign a month's review off"))
+    sign.add_argument("--month", required=True, help="YYYY-MM")
+    sign.add_argument("--finding", required=True)
+    sign.add_argument("--follow-up")
+    sign.add_argument("--sha256", help="the report's hash as read (refused if it changed)")
+    sign.set_defaults(run=_review)
+    listing = common(review_commands.add_parser("list", help="sign-offs, newest first"), False)
+    listing.add_argument("--month")
+    listing.set_defaults(run=_review)
+
+    ticket = commands.add_parser("ticket", help="data-subject request tickets")
+    ticket_commands = ticket.add_subparsers(dest="ticket_command", required=True)
+    opened = common(ticket_commands.add_parser("open", help="record a request"))
+    opened.add_argument("--kind", required=True, choices=TICKET_KINDS)
+    opened.add_argument("--patient-id", required=True)
+    opened.add_argument("--issuer")
+    opened.add_argument("--requester", help="who asked (default: the data subject)")
+    opened.add_argument("--law", action="append", choices=("pipa", "gdpr"), help="repeatable")
+    opened.add_argument("--details")
+    opened.add_argument("--received-at", help="when it was received (default: now)")
+    opened.set_defaults(run=_ticket)
+    listing = common(ticket_commands.add_parser("list", help="every ticket"), False)
+    listing.add_argument("--overdue", action="store_true")
+    listing.set_defaults(run=_ticket)
+    show = common(ticket_commands.add_parser("show", help="one ticket (JSON)"), False)
+    show.add_argument("id", type=int)
+    show.set_defaults(run=_ticket)
+    carry = common(
+        ticket_commands.add_parser(
+            "carry-out", help="erase, restrict or export as the request asks"
+        )
+    )
+    carry.add_argument("id", type=int)
+    carry.add_argument("--output", help="folder for an access or portability export")
+    carry.set_defaults(run=_ticket)
+    done = common(ticket_commands.add_parser("done", help="mark done, saying what was done"))
+    done.add_argument("id", type=int)
+    done.add_argument("--note", required=True)
+    done.set_defaults(run=_ticket)
+    refuse = common(ticket_commands.add_parser("refuse", help="refuse with a coded exemption"))
+    refuse.add_argument("id", type=int)
+    refuse.add_argument("--code", required=True, choices=tuple(EXEMPTIONS))
+    refuse.add_argument("--reason", required=True)
+    refuse.set_defaults(run=_ticket)
+    extend = common(ticket_commands.add_parser("extend", help="extend the deadline"))
+    extend.add_argument("id", type=int)
+    extend.add_argument("--until", required=True)
+    extend.add_argument("--reason", required=True)
+    extend.set_defaults(run=_ticket)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -195,6 +195,12 @@ class DpoSettings:
     oidc_role_claim: str = "roles"  # claim (dotted path, e.g. realm_access.roles) with roles
     oidc_dpo_values: tuple[str, ...] = ()  # claim values that make a user a DPO
     oidc_auditor_values: tuple[str, ...] = ()  # claim values that make a user an auditor
+    # the monthly access review: the node's time zone, the working day (local hours, Monday to
+    # Friday; anything else is off-hours) and the instance count that makes a retrieval bulk
+    review_timezone: str = "UTC"
+    review_day_starts: int = 8
+    review_day_ends: int = 19
+    review_bulk_instances: int = 500
 
     @property
     def oidc_enabled(self) -> bool:
@@ -751,6 +757,21 @@ def _parse(data: dict[str, Any], base: Path) -> tuple[Settings, list[ConfigError
     return settings, r.problems
 
 
+def _zone(value: str) -> str | None:
+    """A problem with an IANA time zone name such as Asia/Seoul, or None."""
+    import zoneinfo
+
+    try:
+        zoneinfo.ZoneInfo(value)
+    except (ValueError, zoneinfo.ZoneInfoNotFoundError):
+        return f"is not a time zone name such as Asia/Seoul: {value!r}"
+    return None
+
+
+def _hour(value: int) -> str | None:
+    return None if 0 <= value <= 24 else f"must be an hour from 0 to 24, got {value}"
+
+
 def _parse_dpo(r: _Reader, t: dict[str, Any], base: Path) -> DpoSettings:
     d = DpoSettings()
     r.unknown(t, "dpo.", set(DpoSettings.__dataclass_fields__))
@@ -780,7 +801,15 @@ def _parse_dpo(r: _Reader, t: dict[str, Any], base: Path) -> DpoSettings:
         oidc_role_claim=r.value(t, "dpo.", "oidc_role_claim", str, d.oidc_role_claim, _nonempty),
         oidc_dpo_values=values["oidc_dpo_values"],
         oidc_auditor_values=values["oidc_auditor_values"],
+        review_timezone=r.value(t, "dpo.", "review_timezone", str, d.review_timezone, _zone),
+        review_day_starts=r.value(t, "dpo.", "review_day_starts", int, 8, _hour),
+        review_day_ends=r.value(t, "dpo.", "review_day_ends", int, 19, _hour),
+        review_bulk_instances=r.value(
+            t, "dpo.", "review_bulk_instances", int, d.review_bulk_instances, _positive
+        ),
     )
+    if dpo.review_day_starts >= dpo.review_day_ends:
+        r.fail("dpo.review_day_ends", "must be later than review_day_starts")
     named = [k for k in ("oidc_issuer", "oidc_client_id", "oidc_client_secret_file") if t.get(k)]
     if named and len(named) < 3:
         missing = sorted({"oidc_issuer", "oidc_client_id", "oidc_client_secret_file"} - set(named))

@@ -18,6 +18,7 @@ LAYERS = {
     "intake": 3,
     "egress": 3,
     "stewardship": 3,
+    "casework": 3,
     "scp": 4,
     "dicomweb": 4,
     "analysis": 4,

@@ -324,3 +324,58 @@ dpo_accounts = Table(
 
 # Tables no one may UPDATE or DELETE rows of (migration 0004 adds the triggers).
 APPEND_ONLY_TABLES = ("ledger_entries", "consents", "ledger_checkpoints")
+
+# --- the DPO's casework (migration 0006) ----------------------------------------------------
+
+# Personal data breaches: when the controller became aware, what happened, whom it affects,
+# the notifications made; every change is also a ledger entry (kind "breach").
+breaches = Table(
+    "breaches",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("aware_at", UTCDateTime(), nullable=False),
+    Column("occurred_at", UTCDateTime(), nullable=True),
+    Column("what", Text, nullable=False),
+    Column("facts", Text, nullable=False),  # JSON: how, counts, categories, flags, texts
+    Column("state", String(16), nullable=False),  # open, notified, closed
+    Column("notifications", Text, nullable=False, server_default="[]"),  # JSON list
+    Column("recorded_by", String, nullable=False),
+    Column("recorded_at", UTCDateTime(), nullable=False),
+    Column("closed_at", UTCDateTime(), nullable=True),
+    Column("closed_by", String, nullable=True),
+)
+
+# Data-subject requests (access, correction, deletion, suspension, portability) with their
+# deadline, state and coded exemptions; every change is also a ledger entry (kind "ticket").
+subject_tickets = Table(
+    "subject_tickets",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("kind", String(16), nullable=False),
+    Column("patient_id", String, nullable=False),
+    Column("issuer_of_patient_id", String, nullable=False, server_default=""),
+    Column("requester", String, nullable=False),  # who asked (the subject, a representative)
+    Column("regimes", String(16), nullable=False),  # "pipa", "gdpr" or "pipa,gdpr"
+    Column("details", Text, nullable=False, server_default=""),
+    Column("received_at", UTCDateTime(), nullable=False),
+    Column("due_at", UTCDateTime(), nullable=False),
+    Column("state", String(16), nullable=False),  # open, extended, done, refused
+    Column("exemptions", Text, nullable=False, server_default="[]"),  # JSON list
+    Column("outcome", Text, nullable=False, server_default=""),  # what was done, or the notice
+    Column("recorded_by", String, nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
+    Column("updated_by", String, nullable=False),
+    Index("ix_subject_tickets_state", "state"),
+)
+
+# Failed authentication, counted per hour, kind and address (bounded: one row per triple).
+auth_failures = Table(
+    "auth_failures",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("hour", UTCDateTime(), nullable=False),
+    Column("kind", String(32), nullable=False),  # bearer-token, dpo-signin, ...
+    Column("address", String(64), nullable=False),
+    Column("count", Integer, nullable=False),
+    UniqueConstraint("hour", "kind", "address", name="uq_auth_failures_hour"),
+)

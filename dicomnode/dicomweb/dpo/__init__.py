@@ -12,6 +12,12 @@ from flask import Flask
 
 from dicomnode.archive.keys import load_or_create_session_secret
 from dicomnode.config import DpoSettings
+from dicomnode.dicomweb.dpo.casework_views import EXTENSION_KEY as CASEWORK_KEY
+from dicomnode.dicomweb.dpo.casework_views import (
+    count_failed_authentication,
+    install_casework_routes,
+    make_casework,
+)
 from dicomnode.dicomweb.dpo.signin import (
     COOKIE_NAME,
     COOKIE_PATH,
@@ -51,4 +57,8 @@ def install_dpo_pages(app: Flask, services: Any) -> None:
         Throttle(settings.max_failed_signins, settings.lockout_minutes * 60),
         register_oidc(app, settings) if settings.oidc_enabled else None,
     )
-    app.register_blueprint(dpo_blueprint(), url_prefix=URL_PREFIX)
+    blueprint = dpo_blueprint()
+    install_casework_routes(blueprint)  # breaches, the monthly review, request tickets
+    app.extensions[CASEWORK_KEY] = make_casework(services)
+    count_failed_authentication(app)
+    app.register_blueprint(blueprint, url_prefix=URL_PREFIX)
