@@ -263,7 +263,7 @@ def frames(study: str, series: str, instance: str, frame_list: str) -> Response:
     ds = _read(item)
     if "PixelData" not in ds:
         raise NotFound("the instance has no pixel data")
-    if int(ds.get("NumberOfFrames", 1) or 1) > 0 and not ds.get("Rows"):
+    if not ds.get("Rows") or not ds.get("Columns"):
         raise NotFound("the instance has no image pixel data")
     total = int(ds.get("NumberOfFrames", 1) or 1)
     numbers = _frame_numbers(frame_list, total)
