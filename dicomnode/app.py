@@ -75,6 +75,8 @@ def build_services(
         settings.audit.enterprise_site_id,
     )
     intake = Intake(archive, metrics, clock)
+    intake.max_inflated_bytes = settings.node.max_inflated_bytes
+    archive.index.ingest_busy_seconds = settings.node.index_busy_seconds
     egress = Egress(
         archive,
         peers={p.name: p for p in settings.peers},

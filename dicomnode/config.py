@@ -30,6 +30,8 @@ class NodeSettings:
     data_dir: Path = Path("dicomnode-data")
     quota_bytes: int = 0  # stored objects may take this much; 0 = no quota
     min_free_bytes: int = 256 * 1024**2  # new data is refused when less than this is free
+    max_inflated_bytes: int = 128 * 1024**2  # a deflated data set inflating past this: refused
+    index_busy_seconds: float = 15.0  # an ingest write waits this long for the index, then 0xA700
 
 
 @dataclass(frozen=True)
@@ -365,6 +367,12 @@ def _parse(data: dict[str, Any], base: Path) -> tuple[Settings, list[ConfigError
         data_dir=data_dir if data_dir.is_absolute() else (base / data_dir),
         quota_bytes=r.value(t, "node.", "quota_bytes", int, n.quota_bytes, _non_negative),
         min_free_bytes=r.value(t, "node.", "min_free_bytes", int, n.min_free_bytes, _non_negative),
+        max_inflated_bytes=r.value(
+            t, "node.", "max_inflated_bytes", int, n.max_inflated_bytes, _positive
+        ),
+        index_busy_seconds=float(
+            r.value(t, "node.", "index_busy_seconds", (int, float), n.index_busy_seconds, _positive)
+        ),
     )
 
     t = r.table(data, "dimse")

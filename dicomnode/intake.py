@@ -22,6 +22,7 @@ from dicomnode.core.errors import (
     DicomnodeError,
     NotPermitted,
     StorageUnavailable,
+    storage_failure,
 )
 from dicomnode.core.metrics import Metrics
 from dicomnode.core.model import IngestResult, LedgerKind, Source
@@ -42,6 +43,7 @@ class Intake:
         self.archive = archive
         self.metrics = metrics
         self.clock = clock
+        self.max_inflated_bytes = received.MAX_INFLATED_BYTES  # ``[node] max_inflated_bytes``
         self._subscribers: list[Subscriber] = []
 
     def subscribe(self, subscriber: Subscriber) -> None:
@@ -70,7 +72,7 @@ class Intake:
                     transfer_syntax_uid, sop_class_uid, sop_instance_uid
                 )
                 blob = self.archive.begin_blob([command.file_meta_bytes, dataset_bytes])
-                obj = received.from_dimse(command, dataset_bytes)
+                obj = received.from_dimse(command, dataset_bytes, self.max_inflated_bytes)
             except DicomnodeError as e:
                 self._refused(e, source, sop_instance_uid)
                 raise
@@ -80,6 +82,7 @@ class Intake:
                 blob.abandon()  # unless it was filed
             if later is not None:
                 later.append(self.archive.blobs.prepare_spare)
+                later.append(self.archive.settle_placements)
 
     def receive_part10(
         self,
@@ -94,7 +97,7 @@ class Intake:
         it is indexed after the objects of the turns before `turn`."""
         started = time.perf_counter()
         try:
-            obj = received.from_part10(file_bytes)
+            obj = received.from_part10(file_bytes, self.max_inflated_bytes)
             if expected_study is not None and obj.study_instance_uid != expected_study:
                 raise DatasetMismatch(
                     f"StudyInstanceUID {obj.study_instance_uid} differs from {expected_study}"
@@ -102,7 +105,10 @@ class Intake:
         except DicomnodeError as e:
             self._refused(e, source, "")
             raise
-        return self._file(obj, source, started, duplicate_policy, turn=turn)
+        try:
+            return self._file(obj, source, started, duplicate_policy, turn=turn)
+        finally:
+            self.archive.settle_placements()
 
     def _file(
         self,
@@ -162,6 +168,13 @@ class Intake:
         except DicomnodeError as e:
             self._refused(e, source, obj.sop_instance_uid)
             raise
+        except Exception as e:  # the index failing while governance reads or records
+            failure = storage_failure(e)
+            if failure is None:
+                raise
+            log.error("storage failure: %s: %s", type(e).__name__, e, extra={"event": "storage"})
+            self._refused(failure, source, obj.sop_instance_uid)
+            raise failure from e
         filed_ms = round((time.perf_counter() - started) * 1000, 2)
         if later is None:
             self._report(result, obj, source, filed_ms)
@@ -202,10 +215,12 @@ class Intake:
                 log.exception("a subscriber failed on %s", result.instance.sop_instance_uid)
 
     def recover_unindexed(self) -> int:
-        """File again, through this one way in, the blobs whose index rows a power loss took
-        (`Archive.unindexed_recent_blobs`); a blob whose content does not match its name (left
-        incomplete by a power loss while it was placed), that is now refused, held or in
-        conflict with a stored object, or whose object was destroyed, leaves the archive's
+        """File again, through this one way in, the blobs whose index rows a power loss took,
+        or whose sender a crash left without an answer (`Archive.unindexed_recent_blobs`, from
+        the placement journal: a blob whose sender was refused was withdrawn then); a blob
+        whose content does not match its name (left incomplete by a power loss while it was
+        placed), that is now refused, held or in conflict with a stored object, or whose
+        object was destroyed, leaves the archive's
         folders. One that cannot be filed for want of storage (quota, disk) stays where it
         is, for the next start or `archive check`. Returns how many were filed."""
         filed = 0
@@ -213,12 +228,14 @@ class Intake:
         unindexed = self.archive.unindexed_recent_blobs()
         for relative in unindexed.destroyed:
             self.archive.blobs.delete(relative)
+            self.archive.settle_recovered(relative)
         for relative in unindexed.lost_rows:
             try:
                 data = self.archive.blobs.absolute(relative).read_bytes()
                 if not self.archive.blob_matches_its_name(relative, data):
                     log.warning("an unindexed blob is incomplete and was removed: %s", relative)
                     self.archive.blobs.delete(relative)
+                    self.archive.settle_recovered(relative)
                     continue
                 result: IngestResult | None = self.receive_part10(data, source)
             except (StorageUnavailable, OSError) as e:
@@ -231,6 +248,7 @@ class Intake:
                 filed += 1
             if result is None or result.instance.blob_path != relative:
                 self.archive.blobs.delete(relative)  # refused, held, a duplicate, or renamed
+            self.archive.settle_recovered(relative)
         if filed:
             log.warning(
                 "filed again %d blobs whose index rows were lost (power loss?)",

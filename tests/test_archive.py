@@ -215,7 +215,10 @@ def record_placing_steps(archive, target: Path, monkeypatch) -> list[str]:
         sync_data(fd)
 
     def recording_fsync_directory(directory: Path) -> None:
-        steps.append(f"directory {directory.relative_to(archive.blobs.root)} synced")
+        if directory == archive.blobs.journal.folder:
+            steps.append("placement journal synced")
+        else:
+            steps.append(f"directory {directory.relative_to(archive.blobs.root)} synced")
         fsync_directory(directory)
 
     monkeypatch.setattr(blob_module, "_sync_data", recording_sync_data)
@@ -236,7 +239,7 @@ def test_a_blob_gets_its_name_before_its_data_is_synced_so_one_commit_makes_both
         "data synced, named, no other",  # an unlink after the sync would take a commit too
         "directory 1.2/3.4 synced",
         "directory 1.2 synced",  # the folders the blob created
-        "directory . synced",
+        "directory . synced",  # not the placement journal's: the same commit holds its entry
     ]
     assert target.read_bytes() == b"an object"
     assert list(archive.blobs.tmp.iterdir()) == []
@@ -287,7 +290,7 @@ def test_without_hard_links_a_blob_is_synced_then_renamed(archive, monkeypatch):
         "data synced, unnamed, a temporary name left",
         "directory 1.2/3.4 synced",
         "directory 1.2 synced",
-        "directory . synced",
+        "directory . synced",  # not the placement journal's: the same commit holds its entry
     ]
     assert target.read_bytes() == b"an object"
     assert list(archive.blobs.tmp.iterdir()) == []
@@ -333,12 +336,10 @@ def test_a_c_store_leaves_the_next_objects_temporary_file_to_after_its_answer(ar
     assert spare.stat().st_size == 0
 
 
-def test_a_blob_whose_data_cannot_be_synced_is_refused_and_filed_at_the_next_start(
-    archive, monkeypatch
-):
-    """A failing sync refuses the object but leaves the file under its name (an identical
-    object placed meanwhile may have taken it as its own); unindexed, the next start files
-    it again, or removes it if it is incomplete."""
+def test_a_blob_whose_data_cannot_be_synced_is_refused_and_never_filed_later(archive, monkeypatch):
+    """A failing sync refuses the object (0xA700: try again) and withdraws its blob: the
+    sender was told it failed, so the next start must not file it (issue 18 item 7; it
+    used to be filed again)."""
     from dicomnode.archive import blobs as blob_module
     from dicomnode.core.errors import StorageUnavailable
 
@@ -348,14 +349,16 @@ def test_a_blob_whose_data_cannot_be_synced_is_refused_and_filed_at_the_next_sta
     intake = Intake(archive, Metrics())
     with monkeypatch.context() as failing:
         failing.setattr(blob_module, "_sync_data", disk_failure)
-        with pytest.raises(StorageUnavailable):
+        with pytest.raises(StorageUnavailable) as refused:
             intake.receive_part10(part10(make_ct()), SENDER)
+    assert "Input/output" not in str(refused.value)  # words for the sender, not internals
     assert list(archive.blobs.tmp.iterdir()) == []
     assert archive.counts()["instances"] == 0
-    assert len(archive.check().unindexed_blobs) == 1
+    assert archive.check().unindexed_blobs == []
+    assert list(archive.blobs.journal.folder.iterdir()) == []
 
-    assert intake.recover_unindexed() == 1
-    assert archive.counts()["instances"] == 1 and archive.check().ok
+    assert intake.recover_unindexed() == 0
+    assert archive.counts()["instances"] == 0 and archive.check().ok
 
 
 def test_leftovers_of_an_interrupted_write_are_discarded_at_start(tmp_path, database_url):

@@ -8,6 +8,7 @@ one SOP Instance UID never overwrite each other's file, even from two processes.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import shutil
@@ -17,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, NoReturn
 
 from sqlalchemy import Connection, exists, func, or_, select, update
 from sqlalchemy import delete as sql_delete
@@ -36,6 +37,7 @@ from dicomnode.core.errors import (
     NotPermitted,
     QuotaExceeded,
     StorageUnavailable,
+    storage_failure,
 )
 from dicomnode.core.model import (
     IngestResult,
@@ -59,6 +61,10 @@ USAGE_SECONDS = 10.0  # how stale the stored-bytes total (for the quota) may be
 # have been written: its commit followed the last one that reached the disk, and an object
 # waits at most the index's busy timeout (60 s) between its blob and its commit.
 RECOVERY_WINDOW = timedelta(minutes=10)
+# How long a filed blob's placement journal entry stays before it is settled (the index synced,
+# the entry removed): entries are settled in batches, one sync of the index for many objects.
+SETTLE_SECONDS = 60.0
+FAILING_SECONDS = 60.0  # how long /healthz reports an index or disk failure this process saw
 
 
 @dataclass(frozen=True)
@@ -102,7 +108,11 @@ class Archive:
         self._usage: tuple[float, int] | None = None  # (when read, stored bytes)
         self._usage_lock = threading.Lock()
         self._last_capacity_alert = 0.0
-        self.blobs = FileBlobStore(data_dir / "blobs")
+        self.blobs = FileBlobStore(data_dir / "blobs", data_dir / "placing")
+        self._unsettled: collections.deque[tuple[float, Path]] = collections.deque()
+        self._unsettled_lock = threading.Lock()
+        self._failing: tuple[float, StorageUnavailable] | None = None  # the last one seen
+        self._recovering: dict[str, list[Path]] = {}  # blob -> its journal entries left
         self.engine = create_index_engine(database_url)
         migrations.upgrade(self.engine)
         self.index = Index(self.engine)
@@ -173,10 +183,14 @@ class Archive:
         policy = duplicate_policy or self.duplicate_policy
         try:
             outcome, previous_path = self._index(received, stored, source, policy, turn)
-        except BaseException:
-            if not self._is_indexed_blob(blob_path):
-                self.blobs.delete(blob_path)
-            raise
+        except BaseException as e:
+            self._withdraw(blob)
+            self._raise_as_answered(e)
+        if outcome == "duplicate":  # the row naming this blob was there before: its own
+            blob.settle()  # placing is settled, or is still in the journal
+        else:
+            self._settle_later(blob)
+        self._failing = None
         if outcome == "duplicate":
             return IngestResult(
                 self._stored(received, previous_path), outcome, header=received.header
@@ -192,17 +206,93 @@ class Archive:
         parsed or not yet) durably to a temporary file, once the archive's quota and the disk's
         free space allow it (QuotaExceeded)."""
         self.check_capacity(sum(len(chunk) for chunk in chunks))
-        return self.blobs.begin(chunks)
+        try:
+            return self.blobs.begin(chunks)
+        except OSError as e:
+            self._raise_as_answered(e)
 
     def _place(self, blob: PendingBlob, received: ReceivedObject, prefix: str = "") -> str:
         """The begun write `blob` of `received` at its path (after `prefix`), durably; the
-        path."""
+        path. When it fails, the blob is withdrawn (StorageUnavailable)."""
+        blob_path = prefix + self._blob_path(received)
         try:
-            blob_path = prefix + self._blob_path(received)
             blob.place(blob_path)
         except OSError as e:
-            raise StorageUnavailable(f"cannot write the blob: {e}") from e
+            self._withdraw(blob)
+            self._raise_as_answered(e)
         return blob_path
+
+    def _storage_failure(self, error: BaseException) -> BaseException:
+        """`error` as the node answers it: a failure of the disk or the index database
+        becomes StorageUnavailable in words without internals (logged here in full, and
+        remembered for /healthz); any other error is itself."""
+        failure = storage_failure(error)
+        if failure is None:
+            return error
+        if failure is not error:
+            log.error(
+                "storage failure: %s: %s",
+                type(error).__name__,
+                error,
+                extra={"event": "storage", "alert": True, "kind": type(failure).__name__},
+            )
+        if not isinstance(failure, QuotaExceeded):
+            self._failing = (time.monotonic(), failure)
+        return failure
+
+    def _raise_as_answered(self, error: BaseException) -> NoReturn:
+        """Raise `error` as the node answers it (`_storage_failure`)."""
+        failure = self._storage_failure(error)
+        if failure is error:
+            raise error
+        raise failure from error
+
+    def failing(self) -> StorageUnavailable | None:
+        """The index or disk failure this process saw last, unless a store succeeded since or
+        it is older than `FAILING_SECONDS`."""
+        failing = self._failing
+        if failing is None or time.monotonic() - failing[0] > FAILING_SECONDS:
+            return None
+        return failing[1]
+
+    def _withdraw(self, blob: PendingBlob) -> None:
+        """Take back a placed blob whose object was refused (`PendingBlob.withdraw`)."""
+        try:
+            blob.withdraw()
+        except OSError as e:  # the blob may stay, unindexed; its entry is gone or not
+            log.error(
+                "a refused object's blob could not be removed: %s (%s)",
+                blob.relative,
+                e,
+                extra={"event": "storage", "alert": True},
+            )
+
+    def _settle_later(self, blob: PendingBlob) -> None:
+        entry, blob.entry = blob.entry, None
+        if entry is not None:
+            with self._unsettled_lock:
+                self._unsettled.append((time.monotonic(), entry))
+
+    def settle_placements(self, older_than: float = SETTLE_SECONDS) -> int:
+        """Sync the index and drop the placement journal entries of blobs filed at least
+        `older_than` seconds ago (their rows are durable now); returns how many."""
+        now = time.monotonic()
+        with self._unsettled_lock:
+            if not self._unsettled or now - self._unsettled[0][0] < older_than:
+                return 0
+            settled = []
+            while self._unsettled and now - self._unsettled[0][0] >= older_than:
+                settled.append(self._unsettled.popleft()[1])
+        try:
+            self.index.make_durable()
+        except OSError as e:
+            log.error("cannot sync the index: %s", e, extra={"event": "storage", "alert": True})
+            with self._unsettled_lock:
+                self._unsettled.extendleft(reversed([(now, entry) for entry in settled]))
+            return 0
+        for entry in settled:
+            entry.unlink(missing_ok=True)
+        return len(settled)
 
     def storage(self) -> dict[str, int | bool]:
         """Bytes stored, the quota, the disk's free bytes, and whether new data is refused."""
@@ -314,9 +404,10 @@ class Archive:
         }
         try:
             new = self.registry.hold(held, received.size, received.sha256, detail)
-        except BaseException:
-            self.blobs.delete(blob_path)
-            raise
+        except BaseException as e:
+            self._withdraw(blob)
+            self._raise_as_answered(e)
+        blob.settle()  # the registry's commits are synced
         stored = self._stored(received, blob_path)
         return IngestResult(stored, "held" if new else "duplicate", header=received.header)
 
@@ -364,15 +455,6 @@ class Archive:
                 f"SOP Instance {received.sop_instance_uid} was stored concurrently with "
                 "different content"
             ) from None
-
-    def _is_indexed_blob(self, blob_path: str) -> bool:
-        with self.index.read() as conn:
-            return (
-                conn.execute(
-                    select(schema.instances.c.id).where(schema.instances.c.blob_path == blob_path)
-                ).first()
-                is not None
-            )
 
     def search(self, q: Query) -> list[dict[str, Any]]:
         """Matching entities at the query's level (see `query.search`)."""
@@ -628,39 +710,72 @@ class Archive:
         return ArchiveCheck(len(rows), len(on_disk), missing, unindexed, corrupt, repair)
 
     def unindexed_recent_blobs(self, window: timedelta = RECOVERY_WINDOW) -> UnindexedBlobs:
-        """Blobs (relative paths) that no index row names, written at most `window` before the
-        newest indexed receipt (any age when nothing is indexed): what a power loss leaves
-        when it takes the last index commits of received objects, which are not synced on
-        their own (see `index`), while their blobs, synced before those commits, survive; and
-        apart, those of objects a deletion recorded since then destroyed (their unlinking did
-        not reach the disk). Held blobs and temporary files are not blobs here."""
-        with self.index.read() as conn:
-            newest = conn.execute(select(func.max(schema.instances.c.received_at))).scalar()
-        since = None if newest is None else as_utc(newest) - window
-        candidates = self.blobs.placed(
-            since.timestamp() if since is not None else float("-inf"), outside=HELD_FOLDER
-        )
-        if not candidates:
+        """The placed blobs whose outcome did not become durable (the placement journal's
+        entries left by processes no longer running, and this one's; no folder is walked):
+        those that no index row names, written at most `window` before the newest indexed
+        receipt (any age when nothing is indexed), are what a crash (the sender got no answer)
+        or a power loss (it took the last index commits of received objects, which are not
+        synced on their own, see `index`, while their blobs, synced before those commits,
+        survive) leaves; and apart, those of objects a deletion recorded since then destroyed
+        (their unlinking did not reach the disk). The entries of blobs that are indexed, held
+        or gone (refused) are settled here; the others, once handled, by `settle_recovered`.
+        A held blob with no held row (its sender was refused or got no answer) is removed."""
+        entries = self.blobs.journal.left()
+        if not entries:
             return UnindexedBlobs([], [])
-        i, ledger = schema.instances, schema.ledger_entries
-        indexed: set[str] = set()
-        destroyed: set[str] = set()
+        by_blob: dict[str, list[Path]] = {}
+        for entry in entries:
+            by_blob.setdefault(entry.relative, []).append(entry.path)
+        mtimes = {entry.relative: entry.mtime for entry in entries}
+        i, held, ledger = schema.instances, schema.held_objects, schema.ledger_entries
+        filed: set[str] = set()
+        blobs = sorted(by_blob)
         with self.index.read() as conn:
-            for start in range(0, len(candidates), 500):
-                chunk = candidates[start : start + 500]
-                indexed |= set(
+            newest = conn.execute(select(func.max(i.c.received_at))).scalar()
+            for start in range(0, len(blobs), 500):
+                chunk = blobs[start : start + 500]
+                filed |= set(
                     conn.execute(select(i.c.blob_path).where(i.c.blob_path.in_(chunk))).scalars()
                 )
+                filed |= set(
+                    conn.execute(
+                        select(held.c.blob_path).where(held.c.blob_path.in_(chunk))
+                    ).scalars()
+                )
+            since = None if newest is None else as_utc(newest) - window
             deletions = select(ledger.c.detail).where(ledger.c.kind == LedgerKind.DELETION)
             if since is not None:
                 deletions = deletions.where(ledger.c.recorded_at >= since.isoformat())
+            destroyed_uids: set[str] = set()
             for detail in conn.execute(deletions).scalars():
-                destroyed |= set(json.loads(detail).get("sop_instance_uids", []))
+                destroyed_uids |= set(json.loads(detail).get("sop_instance_uids", []))
+        self.index.make_durable()  # the rows found are durable before their entries go
         found = UnindexedBlobs(lost_rows=[], destroyed=[])
-        for path in sorted(set(candidates) - indexed):
-            kind = found.destroyed if _blob_sop_instance_uid(path) in destroyed else found.lost_rows
-            kind.append(path)
+        for relative in blobs:
+            if relative in filed or not self.blobs.exists(relative):
+                self._settle_entries(by_blob[relative])  # filed, or withdrawn (refused)
+                continue
+            if relative.startswith(HELD_PREFIX):
+                self.blobs.delete(relative)
+                self._settle_entries(by_blob[relative])
+                continue
+            if since is not None and mtimes[relative] < since.timestamp():
+                continue  # no commit is lost that long before the newest: `archive check`'s
+            if _blob_sop_instance_uid(relative) in destroyed_uids:
+                found.destroyed.append(relative)
+            else:
+                found.lost_rows.append(relative)
+        self._recovering = by_blob
         return found
+
+    def _settle_entries(self, entries: list[Path]) -> None:
+        for entry in entries:
+            entry.unlink(missing_ok=True)
+
+    def settle_recovered(self, relative: str) -> None:
+        """Drop the journal entries of a blob `unindexed_recent_blobs` found, once recovery
+        filed it or removed it."""
+        self._settle_entries(self._recovering.pop(relative, []))
 
     def senders(self, study_uid: str) -> set[str]:
         """The AE titles that sent objects of a study over DIMSE."""
@@ -692,12 +807,21 @@ class Archive:
             }
 
     def ping(self) -> None:
-        """Raise unless the index answers and the blob store is writable."""
-        with self.index.read() as conn:
-            conn.execute(select(1))
-        probe = self.blobs.temporary_path("healthz")
-        probe.write_bytes(b"ok")
-        probe.unlink()
+        """Raise unless the index answers and takes a write, the blob store is writable, and
+        no index or disk failure was seen lately (`failing`); a failure of the storage is
+        raised as StorageUnavailable in words without internals."""
+        try:
+            with self.index.read() as conn:
+                conn.execute(select(1))
+            self.index.probe_write()
+            probe = self.blobs.temporary_path("healthz")
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except Exception as e:
+            self._raise_as_answered(e)
+        failing = self.failing()
+        if failing is not None:
+            raise failing
 
 
 __all__ = ["Archive"]

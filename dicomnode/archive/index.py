@@ -13,12 +13,18 @@ but synced to disk with the next FULL commit or checkpoint instead of each on it
 of those objects' blobs is synced before its commit, so the rows a power loss could take
 are rebuilt from their blobs at the next start (`Archive.unindexed_recent_blobs`).
 PostgreSQL needs neither: concurrent inserts of the same patient, study or series are
-resolved by INSERT ... ON CONFLICT DO NOTHING on both back ends.
+resolved by INSERT ... ON CONFLICT DO NOTHING on both back ends. `Index.make_durable` syncs
+SQLite's WAL file, after which the blobs' placement journal entries of those rows may go.
+
+An ingest write waits at most `ingest_busy_seconds` for the write lock (in this process and
+SQLite's, held by another process): then the sender is answered "out of resources" (0xA700)
+while it still waits for the answer, instead of after its own timeout gave up on the node.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -40,7 +46,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from dicomnode.archive import schema
 from dicomnode.archive.attributes import ATTRIBUTES_BY_LEVEL, INDEXED, IndexedAttribute
-from dicomnode.core.errors import DatasetMismatch
+from dicomnode.core.errors import DatasetMismatch, IndexUnavailable
 from dicomnode.core.model import Level, Source, StoredInstance
 from dicomnode.core.turns import ANY_TIME, Turn
 
@@ -63,6 +69,8 @@ _INSTANCE_BY_UID = select(
 ).where(schema.instances.c.sop_instance_uid == bindparam("uid"))
 _SERIES_UID = INDEXED["SeriesInstanceUID"].reader
 TOUCH_SECONDS = 1.0  # how often a series' (and its study's) updated_at is rewritten at most
+BUSY_MS = 60_000  # how long a write waits for SQLite's lock (PRAGMA busy_timeout)
+INGEST_BUSY_SECONDS = 15.0  # how long an ingest write waits at most (under senders' timeouts)
 
 
 class Prepared:
@@ -104,7 +112,7 @@ def create_index_engine(url: str) -> Engine:
                 "synchronous=FULL",
                 "foreign_keys=ON",
                 "case_sensitive_like=ON",
-                "busy_timeout=60000",
+                f"busy_timeout={BUSY_MS}",
             ):
                 cursor.execute(f"PRAGMA {pragma}")
             cursor.close()
@@ -163,7 +171,8 @@ class Index:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.is_sqlite = engine.dialect.name == "sqlite"
-        self._write_lock = threading.Lock() if self.is_sqlite else contextlib.nullcontext()
+        self._sqlite_lock = threading.Lock()  # SQLite's writers in this process queue for it
+        self._write_lock = self._sqlite_lock if self.is_sqlite else contextlib.nullcontext()
         self._queued: list[_QueuedWrite] = []
         self._queued_lock = threading.Lock()
         self._touched: dict[int, float] = {}  # series pk -> when this process last touched it
@@ -175,6 +184,8 @@ class Index:
         self._inserts: dict[tuple[str, ...], Prepared] = {}
         self._sqlite_writer: Connection | None = None  # used only by the write lock's holder
         self._writer_synchronous = "FULL"  # the writer connection's PRAGMA synchronous
+        self._writer_busy_ms = BUSY_MS  # and its PRAGMA busy_timeout
+        self.ingest_busy_seconds = INGEST_BUSY_SECONDS
 
     def close(self) -> None:
         with self._write_lock:
@@ -192,8 +203,29 @@ class Index:
         with self._write_lock, self._writer_transaction() as conn:
             yield conn
 
+    def probe_write(self, timeout: float = 2.0) -> None:
+        """Raise unless a write transaction can be committed within about `timeout` seconds
+        (for /healthz: reads keep working while writes fail on a full disk, a read-only or
+        locked database, or a PostgreSQL standby)."""
+        if not self.is_sqlite:
+            with self.write() as conn:
+                conn.execute(text(f"SET LOCAL statement_timeout = {int(timeout * 1000)}"))
+                conn.execute(text("SELECT pg_catalog.txid_current()"))  # fails when read-only
+            return
+        if not self._sqlite_lock.acquire(timeout=timeout):
+            raise IndexUnavailable("the index database is busy with other writes")
+        try:
+            with self._writer_transaction(busy_ms=int(timeout * 1000)) as conn:
+                driver = conn.connection.dbapi_connection
+                version = driver.execute("PRAGMA user_version").fetchone()[0]
+                driver.execute(f"PRAGMA user_version = {int(version)}")  # a write of page 1
+        finally:
+            self._sqlite_lock.release()
+
     @contextlib.contextmanager
-    def _writer_transaction(self, synced: bool = True) -> Iterator[Connection]:
+    def _writer_transaction(
+        self, synced: bool = True, busy_ms: int | None = None
+    ) -> Iterator[Connection]:
         """A write transaction on SQLite's one writing connection, which stays open between
         transactions (a checkout from the pool costs more than a small insert); after a
         failed transaction it is replaced. The caller holds the write lock. Unless `synced`,
@@ -204,10 +236,16 @@ class Index:
             conn = self.engine.connect().execution_options(sqlite_begin="IMMEDIATE")
             self._sqlite_writer = conn
             self._writer_synchronous = "FULL"  # as every connection starts
+            self._writer_busy_ms = BUSY_MS
         synchronous = "FULL" if synced else "NORMAL"
         if synchronous != self._writer_synchronous:  # set between transactions, never inside
             conn.connection.dbapi_connection.execute(f"PRAGMA synchronous={synchronous}")
             self._writer_synchronous = synchronous
+        if busy_ms is None:
+            busy_ms = BUSY_MS if synced else max(1, int(self.ingest_busy_seconds * 1000))
+        if busy_ms != self._writer_busy_ms:
+            conn.connection.dbapi_connection.execute(f"PRAGMA busy_timeout={busy_ms}")
+            self._writer_busy_ms = busy_ms
         try:
             with conn.begin():
                 yield conn
@@ -238,14 +276,41 @@ class Index:
         with self._queued_lock:
             self._queued.append(queued)
         turn.passed()
-        with self._write_lock:  # the holder commits everything queued so far
+        if not self._sqlite_lock.acquire(timeout=self.ingest_busy_seconds):
+            with self._queued_lock:
+                if queued in self._queued:  # not taken into a commit: it never will be
+                    self._queued.remove(queued)
+                    raise IndexUnavailable(
+                        "the index database stayed busy with other writes past its timeout; "
+                        "try again later"
+                    )
+            self._sqlite_lock.acquire()  # a commit holding it is writing this one: wait for it
+        try:  # the holder commits everything queued so far
             if not queued.done:
                 with self._queued_lock:
                     batch, self._queued = self._queued, []
                 self._commit_batch(batch)
+        finally:
+            self._sqlite_lock.release()
         if queued.error is not None:
             raise queued.error
         return queued.value  # type: ignore[no-any-return]
+
+    def make_durable(self) -> None:
+        """Sync every commit made so far: SQLite's ingest commits are not synced on their own
+        (`write_grouped`); syncing the WAL file they were appended to makes them durable.
+        PostgreSQL's commits are durable when they return."""
+        database = self.engine.url.database if self.is_sqlite else None
+        if not database or database == ":memory:":
+            return
+        try:
+            fd = os.open(database + "-wal", os.O_RDONLY)
+        except FileNotFoundError:
+            return  # checkpointed and removed: everything is in the database file
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def _commit_batch(self, batch: list[_QueuedWrite]) -> None:
         try:

@@ -25,13 +25,18 @@ from pydicom.uid import UID
 
 from dicomnode import __version__
 from dicomnode.archive.elements import reader_for
-from dicomnode.core.errors import DatasetMismatch, InvalidInput, MissingAttribute
+from dicomnode.core.errors import DatasetMismatch, InvalidInput, MissingAttribute, TooLarge
 from dicomnode.core.uids import validate_uid
 
 IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1573.1"
 IMPLEMENTATION_VERSION_NAME = f"DICOMNODE_{__version__}"[:16]
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 PREAMBLE = b"\x00" * 128 + b"DICM"
+# The most a deflated data set (1.2.840.10008.1.2.1.99) may inflate to: ``[node]
+# max_inflated_bytes``. Deflate is used for objects without pixel data in practice; a "bomb"
+# of 1 MiB that inflates to 1 GiB is refused after this much, inflated in steps.
+MAX_INFLATED_BYTES = 128 * 1024**2
+_INFLATE_STEP = 1024**2
 
 
 @dataclass(frozen=True)
@@ -89,18 +94,43 @@ def _file_meta(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: s
     return PREAMBLE + group_length + body
 
 
-def _parse_complete(dataset_bytes: bytes, transfer_syntax_uid: str) -> Dataset:
-    """Parse the data set in one pass, refusing one that ends inside an element."""
+def _inflate(deflated: bytes, limit: int) -> BytesIO:
+    """A deflated data set inflated in steps, refused (TooLarge) as soon as it passes `limit`
+    bytes: memory and time stay bounded whatever the ratio."""
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    buffer = BytesIO()
+    pending = deflated
+    try:
+        while True:
+            chunk = inflater.decompress(pending, _INFLATE_STEP)
+            if buffer.tell() + len(chunk) > limit:
+                raise TooLarge(
+                    f"the deflated data set inflates to more than {limit} bytes "
+                    "(node.max_inflated_bytes); it is refused"
+                )
+            buffer.write(chunk)
+            pending = inflater.unconsumed_tail
+            if not pending and len(chunk) < _INFLATE_STEP:
+                break
+    except zlib.error as e:
+        raise InvalidInput(f"the deflated data set cannot be inflated: {e}") from e
+    if not inflater.eof:
+        raise InvalidInput("the deflated data set cannot be inflated: it is truncated")
+    buffer.seek(0)
+    return buffer
+
+
+def _parse_complete(
+    dataset_bytes: bytes, transfer_syntax_uid: str, max_inflated: int = MAX_INFLATED_BYTES
+) -> Dataset:
+    """Parse the data set in one pass, refusing one that ends inside an element, or a
+    deflated one that inflates past `max_inflated` bytes."""
     ts = UID(transfer_syntax_uid)
     if not ts.is_transfer_syntax:
         raise InvalidInput(f"unknown transfer syntax {transfer_syntax_uid}")
-    data = dataset_bytes
-    if ts.is_deflated:
-        try:
-            data = zlib.decompress(dataset_bytes, -zlib.MAX_WBITS)
-        except zlib.error as e:
-            raise InvalidInput(f"the deflated data set cannot be inflated: {e}") from e
-    buffer = BytesIO(data)
+    buffer = _inflate(dataset_bytes, max_inflated) if ts.is_deflated else BytesIO(dataset_bytes)
+    size = buffer.seek(0, 2)
+    buffer.seek(0)
     elements = {}
     parsed_up_to = 0  # the end of the last whole element (a short read at the end moves on)
     try:
@@ -123,9 +153,9 @@ def _parse_complete(dataset_bytes: bytes, transfer_syntax_uid: str) -> Dataset:
         raise
     except Exception as e:  # pydicom raises many types for malformed input
         raise InvalidInput(f"cannot parse the data set: {e}") from e
-    if parsed_up_to != len(data):
+    if parsed_up_to != size:
         raise InvalidInput(
-            f"the data set is truncated: {len(data) - parsed_up_to} trailing bytes "
+            f"the data set is truncated: {size - parsed_up_to} trailing bytes "
             "do not form an element"
         )
     header = Dataset(elements)
@@ -151,9 +181,11 @@ def _required_uid(ds: Dataset, keyword: str) -> str:
     return validate_uid(_required_text(ds, keyword), keyword)
 
 
-def _build(file_meta_bytes: bytes, dataset_bytes: bytes, ts: str) -> ReceivedObject:
+def _build(
+    file_meta_bytes: bytes, dataset_bytes: bytes, ts: str, max_inflated: int = MAX_INFLATED_BYTES
+) -> ReceivedObject:
     sha256 = hashlib.sha256(dataset_bytes).hexdigest()
-    header = _parse_complete(dataset_bytes, ts)
+    header = _parse_complete(dataset_bytes, ts, max_inflated)
     sop_class = _required_uid(header, "SOPClassUID")
     sop_instance = _required_uid(header, "SOPInstanceUID")
     study = _required_uid(header, "StudyInstanceUID")
@@ -194,10 +226,14 @@ class DimseCommand:
         return cls(ts, sop_class, sop_instance, _file_meta(sop_class, sop_instance, ts))
 
 
-def from_dimse(command: DimseCommand, dataset_bytes: bytes) -> ReceivedObject:
+def from_dimse(
+    command: DimseCommand, dataset_bytes: bytes, max_inflated: int = MAX_INFLATED_BYTES
+) -> ReceivedObject:
     """An object received by C-STORE: its command and the encoded data set, which must name
-    the same SOP Class and Instance."""
-    received = _build(command.file_meta_bytes, dataset_bytes, command.transfer_syntax_uid)
+    the same SOP Class and Instance (a deflated one inflating to at most `max_inflated`)."""
+    received = _build(
+        command.file_meta_bytes, dataset_bytes, command.transfer_syntax_uid, max_inflated
+    )
     if received.sop_instance_uid != command.sop_instance_uid:
         raise DatasetMismatch(
             f"SOPInstanceUID {received.sop_instance_uid} in the data set differs from "
@@ -211,7 +247,7 @@ def from_dimse(command: DimseCommand, dataset_bytes: bytes) -> ReceivedObject:
     return received
 
 
-def from_part10(file_bytes: bytes) -> ReceivedObject:
+def from_part10(file_bytes: bytes, max_inflated: int = MAX_INFLATED_BYTES) -> ReceivedObject:
     """An object received as a DICOM Part 10 file (STOW-RS parts, imports).
 
     A file that starts directly with its File Meta group, without the 128-byte preamble and
@@ -231,7 +267,7 @@ def from_part10(file_bytes: bytes) -> ReceivedObject:
     meta_bytes = (
         file_bytes[:dataset_offset] if has_preamble else PREAMBLE + file_bytes[:dataset_offset]
     )
-    return _build(meta_bytes, file_bytes[dataset_offset:], ts)
+    return _build(meta_bytes, file_bytes[dataset_offset:], ts, max_inflated)
 
 
 def dataset_sha256s(data: bytes) -> set[str]:

@@ -13,6 +13,7 @@ from dicomnode.core.errors import (
     NotPermitted,
     StorageUnavailable,
     UnknownDestination,
+    storage_failure,
 )
 
 SUCCESS = 0x0000
@@ -39,7 +40,11 @@ _STATUS_BY_ERROR: tuple[tuple[type[BaseException], int], ...] = (
 
 
 def status_for(error: BaseException) -> int:
-    """The DICOM status for `error`; an unexpected error is 0xC001 (unable to process)."""
+    """The DICOM status for `error`. A failure of the disk or the index database, also one
+    not yet turned into StorageUnavailable, is 0xA700 (out of resources: senders try again
+    later); an object too large to take (TooLarge) is 0xC000 (cannot understand: a retry
+    cannot succeed); any other unexpected error is 0xC001 (unable to process)."""
+    error = storage_failure(error) or error
     for error_class, status in _STATUS_BY_ERROR:
         if isinstance(error, error_class):
             return status

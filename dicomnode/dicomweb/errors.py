@@ -14,6 +14,7 @@ from dicomnode.core.errors import (
     NotFound,
     NotPermitted,
     StorageUnavailable,
+    storage_failure,
 )
 from dicomnode.dicomweb.auth import AuthError, ScopeError
 from dicomnode.dicomweb.multipart import PartTooLarge
@@ -51,10 +52,15 @@ def http_status_for(error: BaseException) -> int:
     return 500
 
 
+RETRY_AFTER_SECONDS = 30  # what a 503 (storage or index failing) asks clients to wait
+
+
 def error_response(error: BaseException) -> Response:
     status = http_status_for(error)
     response = jsonify({"error": type(error).__name__, "detail": str(error), "status": status})
     response.status_code = status
+    if status == 503:
+        response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
     if status == 401:
         detail = str(error).replace('"', "'")
         response.headers["WWW-Authenticate"] = (
@@ -78,7 +84,12 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(Exception)
     def unexpected(error: Exception) -> Response:
+        failure = storage_failure(error)  # the index or the disk failing: 503, not 500
+        if failure is not None:
+            log.error("storage failure: %s", error, extra={"event": "storage", "alert": True})
+            return error_response(failure)
         log.exception("request failed unexpectedly")
-        response = jsonify({"error": "InternalError", "detail": str(error), "status": 500})
+        detail = "the node failed to process the request; its log has the details"
+        response = jsonify({"error": "InternalError", "detail": detail, "status": 500})
         response.status_code = 500
         return response

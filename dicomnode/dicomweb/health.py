@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from flask import Blueprint, Response, current_app, jsonify, request
 
+from dicomnode.core.errors import DicomnodeError, storage_failure
+
 
 def health_blueprint() -> Blueprint:
     bp = Blueprint("health", __name__)
@@ -16,7 +18,9 @@ def health_blueprint() -> Blueprint:
             services.archive.ping()
             storage = services.archive.storage()
         except Exception as e:  # the point of a health check is to report, not to raise
-            return jsonify({"status": "failing", "error": str(e)}), 503
+            failure = storage_failure(e) or e
+            error = str(failure) if isinstance(failure, DicomnodeError) else "storage check failed"
+            return jsonify({"status": "failing", "error": error}), 503
         if storage["refusing_new_data"]:  # at the quota: an alert, not a silent deletion
             body = {"status": "refusing-new-data", "storage": storage, **services.status()}
             return jsonify(body), 503
