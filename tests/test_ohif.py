@@ -216,9 +216,10 @@ class Session:
             ),
         )
         self.page.on("requestfailed", lambda r: self.failed.append(f"{r.failure} {r.url}"))
+        self.console_errors: list[str] = []
         self.page.on(
             "console",
-            lambda m: self.errors.append(f"console: {m.text}") if "TypeError" in m.text else None,
+            lambda m: self.console_errors.append(m.text) if m.type == "error" else None,
         )
 
     def open(self, study: str) -> None:
@@ -384,11 +385,8 @@ def test_a_colour_image_shows_its_colours(session, studies, syntax):
     space (a YBR_FULL_422 JPEG converted twice shows red as bright green)."""
     ds = colour_instance(generate_uid(), syntax, "colour blocks")
     study = studies.store([ds])
+    # pydicom's decode, in RGB (pydicom converts YBR_FULL_422 JPEG to RGB as a viewer must)
     reference = pydicom.dcmread(io.BytesIO(_part10(ds))).pixel_array
-    if ds.PhotometricInterpretation.startswith("YBR"):
-        from pydicom.pixels import convert_color_space
-
-        reference = convert_color_space(reference, ds.PhotometricInterpretation, "RGB")
     session.open(study)
     points = grid(96, 96, 16, 8.0)  # block centres
 
@@ -433,28 +431,38 @@ SEGMENTATION_JS = """() => {
 }"""
 
 
-@pytest.mark.parametrize("which", ["xa", "ct"])
+XA_SEG_LIMIT = (
+    "OHIF 3.13 loads a SEG only with a Plane Orientation (Patient) functional group "
+    "(checkOrientation in its SEG adapter); an XA has no patient coordinate system to give one "
+    "without faking it"
+)
+
+
+@pytest.mark.parametrize(
+    "which", [pytest.param("xa", marks=pytest.mark.xfail(strict=True, reason=XA_SEG_LIMIT)), "ct"]
+)
 def test_the_nodes_seg_opens_as_a_display_set(session, studies, which, request):
     study = request.getfixturevalue(f"{which}_study")
     seg = analysis_outputs(studies, study)["SEG"]
     session.open(study)
     session.sample([(1.0, 1.0)])  # the image series is displayed
+    before = len(session.console_errors)
     session.open_display_set("SEG")
     segmentations = wait_until(
-        lambda: [s for s in session.page.evaluate(SEGMENTATION_JS) if s["segments"]] or None,
+        lambda: (
+            [s for s in session.page.evaluate(SEGMENTATION_JS) if s["segments"]]
+            or (len(session.console_errors) > before and ["error"])
+        ),
         60,
-        "OHIF to load the SEG",
+        "OHIF to load the SEG (or log an error)",
     )
+    assert segmentations != ["error"], session.console_errors
     assert segmentations[0]["segments"] == len(seg.SegmentSequence)
     # the labelmap is drawn over the image: coloured where the SEG has its first segment
     mask = hd_mask(seg)
     rows, columns = np.nonzero(mask)
-    inside = [
-        (float(c) + 0.5, float(r) + 0.5)
-        for r, c in zip(
-            rows[:: max(1, len(rows) // 40)], columns[:: max(1, len(rows) // 40)], strict=True
-        )
-    ]
+    step = max(1, len(rows) // 40)
+    inside = [(c + 0.5, r + 0.5) for r, c in zip(rows[::step], columns[::step], strict=True)]
 
     def tinted(shown: dict) -> None:
         rgb = np.array([s["rgb"] for s in shown["samples"]], dtype=float)
@@ -462,6 +470,29 @@ def test_the_nodes_seg_opens_as_a_display_set(session, studies, which, request):
         assert np.median(chroma) >= 20, chroma
 
     wait_for_match(session, inside, tinted)
+    session.assert_no_http_errors()
+
+
+def test_opening_the_xa_seg_leaves_the_viewer_working(session, studies, xa_study):
+    """A SEG without the Pixel Measures functional group made the whole viewer fail
+    ("Cannot destructure property 'SpacingBetweenSlices' of 'PixelMeasures'"): after trying
+    to open the xa-qca SEG, the XA is still displayed as stored."""
+    analysis_outputs(studies, xa_study)
+    session.open(xa_study)
+    points = grid(512, 512, 64, 32.25)
+    wait_for_match(session, points, lambda s: assert_grey_matches(studies, s, 4.0))
+    before = len(session.console_errors)
+    session.open_display_set("SEG")
+    wait_until(
+        lambda: (
+            len(session.console_errors) > before
+            or [s for s in session.page.evaluate(SEGMENTATION_JS) if s["segments"]]
+        ),
+        60,
+        "OHIF to load the SEG or give up",
+    )
+    assert not any("SpacingBetweenSlices" in e for e in session.console_errors)
+    wait_for_match(session, points, lambda s: assert_grey_matches(studies, s, 4.0))
     session.assert_no_http_errors()
 
 
@@ -496,12 +527,15 @@ def test_the_qca_sr_opens_with_every_measurement_told_apart(session, studies, xa
     session.open(xa_study)
     session.sample([(1.0, 1.0)])
     session.open_display_set("SR")
-    # OHIF draws each measurement group's values beside its region, "meaning: value unit"
-    svg = session.page.locator("svg")
 
+    # OHIF draws each measurement group's values beside its region, "meaning: value unit",
+    # one SVG tspan per line
     def drawn() -> list[str]:
-        text = "\n".join(svg.all_inner_texts())
-        return [line.strip() for line in text.splitlines() if line.strip()]
+        return [
+            line.strip()
+            for line in session.page.locator("svg text tspan").all_text_contents()
+            if line.strip()
+        ]
 
     def drawn_with_values() -> list[str] | None:
         found = drawn()

@@ -364,6 +364,32 @@ def _lesion_polyline(result: QcaResult, lesion: Lesion) -> np.ndarray:
     return result.centerline_polyline(start, stop)
 
 
+# TID 3214 codes MLD and the reference diameter as one concept, (397413000, SCT, "Vessel lumen
+# diameter"), told apart by a Derivation (minimum) and a Measurement Method (interpolated local
+# reference). Viewers that show only the concept name's Code Meaning (OHIF draws "meaning: value
+# unit") would show two "Vessel lumen diameter" lines. The code stays the template's; its Code
+# Meaning, a human-readable text that is not matched on (PS3.3 8.3), carries the modifier too,
+# and each item says the same in its TID 300 "Equivalent Meaning of Concept Name" (121050, DCM).
+MLD_NAME = hd.sr.CodedConcept("397413000", "SCT", "Vessel lumen diameter, minimum (MLD)")
+REFERENCE_DIAMETER_NAME = hd.sr.CodedConcept(
+    "397413000", "SCT", "Vessel lumen diameter, interpolated reference"
+)
+
+
+def _with_equivalent_meaning(measurement: hd.sr.Measurement, text: str) -> hd.sr.Measurement:
+    """`measurement` with a TID 300 Equivalent Meaning of Concept Name (HAS CONCEPT MOD TEXT):
+    the concept name and its modifiers in words."""
+    item = measurement[0]
+    item.ContentSequence.append(
+        hd.sr.TextContentItem(
+            name=codes.DCM.EquivalentMeaningOfConceptName,
+            value=text,
+            relationship_type=hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD,
+        )
+    )
+    return measurement
+
+
 def _lesion_measurements(
     result: QcaResult,
     lesion: Lesion,
@@ -386,19 +412,25 @@ def _lesion_measurements(
     start_mm = float(result.arc_px[lesion.start_index]) * result.mm_per_pixel
     end_mm = float(result.arc_px[lesion.end_index]) * result.mm_per_pixel
     out += [
-        hd.sr.Measurement(
-            name=codes.SCT.VesselLumenDiameter,
-            value=round(lesion.mld_mm, 3),
-            unit=MILLIMETRE,
-            derivation=codes.SCT.Minimum,
-            referenced_images=measured_on,
+        _with_equivalent_meaning(
+            hd.sr.Measurement(
+                name=MLD_NAME,
+                value=round(lesion.mld_mm, 3),
+                unit=MILLIMETRE,
+                derivation=codes.SCT.Minimum,
+                referenced_images=measured_on,
+            ),
+            "Minimum lumen diameter (MLD)",
         ),
-        hd.sr.Measurement(
-            name=codes.SCT.VesselLumenDiameter,
-            value=round(lesion.reference_diameter_mm, 3),
-            unit=MILLIMETRE,
-            method=codes.DCM.InterpolatedLocalReference,
-            referenced_images=measured_on,
+        _with_equivalent_meaning(
+            hd.sr.Measurement(
+                name=REFERENCE_DIAMETER_NAME,
+                value=round(lesion.reference_diameter_mm, 3),
+                unit=MILLIMETRE,
+                method=codes.DCM.InterpolatedLocalReference,
+                referenced_images=measured_on,
+            ),
+            "Reference vessel diameter at the MLD site (interpolated)",
         ),
         hd.sr.Measurement(
             name=codes.SCT.StenoticLesionLength,
@@ -429,8 +461,8 @@ def _lesion_measurements(
 
 
 # the stand-in's differences from its XA: no pixels, a single frame, and no PixelSpacing
-# (highdicom would make it a Pixel Measures functional group, which needs a SliceThickness that
-# a projection image does not have; the SEG is in the XA's pixel grid either way)
+# (highdicom would make a Pixel Measures functional group from it; `pixel_measures_of` writes
+# that group from the XA's own spacing after the SEG is built)
 _NOT_IN_STAND_IN = frozenset(
     {"PixelData", "NumberOfFrames", "FrameIncrementPointer", "PixelSpacing"}
 )
@@ -493,4 +525,27 @@ def segmentation_of_frame(
         for item in series.ReferencedInstanceSequence:
             item.ReferencedSOPClassUID = source_class
     seg.PatientOrientation = source.get("PatientOrientation", "")
+    measures = pixel_measures_of(source)
+    if measures is not None:
+        seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence = [measures]
     return seg
+
+
+def pixel_measures_of(source: Dataset) -> Dataset | None:
+    """The SEG's Pixel Measures item (PS3.3 C.7.6.16.2.1) for a projection image, claiming no
+    calibration the source does not. The SEG is in the XA's pixel grid, so its PixelSpacing is
+    the XA's own: its PixelSpacing when it has one (the modality's or a site's calibration),
+    else its ImagerPixelSpacing (at the detector, as the XA states it, with no magnification
+    correction: a viewer measures the SEG exactly as it measures the XA; the isocenter estimate
+    the analysis may use is recorded with its method in the SR, not here). A projection has no
+    slice: SliceThickness is the nominal one-pixel layer (the row spacing) that highdicom's
+    reader requires; no SpacingBetweenSlices. Viewers need the item (OHIF reads it on load).
+    None when the XA has neither spacing: the group is then left out (it is conditional in the
+    SEG IOD), since an item without PixelSpacing is one highdicom cannot read back."""
+    spacing = source.get("PixelSpacing") or source.get("ImagerPixelSpacing")
+    if spacing is None or len(spacing) != 2:
+        return None
+    item = Dataset()
+    item.PixelSpacing = copy.deepcopy(spacing)
+    item.SliceThickness = spacing[0]
+    return item
