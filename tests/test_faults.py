@@ -610,3 +610,26 @@ def test_a_deflated_data_set_within_the_bound_is_stored(tmp_path):
         assert "max_inflated_bytes" in str(refused.value)
     finally:
         archive.close()
+
+
+# --- SQLite's shared memory file (item 10) ------------------------------------------------------
+
+
+def test_the_index_shared_memory_is_allocated_up_front_and_a_fatal_signal_is_logged(
+    start_serve, tmp_path
+):
+    """SQLite grows its WAL index (-shm) by mapping more of it; a page a full disk cannot back
+    killed the node with SIGBUS and no log line. Its space is now allocated at start, and a
+    fatal signal leaves the Python stacks in the node's log (faulthandler)."""
+    from dicomnode.archive.index import SHM_PREALLOCATED_BYTES
+
+    database = tmp_path / "index.sqlite"
+    config = write_config(tmp_path / "node.toml", tmp_path / "data", f"sqlite:///{database}")
+    served = start_serve(config)
+    shm = Path(f"{database}-shm")
+    assert shm.stat().st_blocks * 512 >= SHM_PREALLOCATED_BYTES
+    os.kill(served.process.pid, signal.SIGBUS)
+    assert served.process.wait(30) == -signal.SIGBUS
+    log = served.log_path.read_text()
+    assert "Fatal Python error: Bus error" in log
+    assert "Current thread" in log or "Thread 0x" in log  # the stacks

@@ -24,6 +24,8 @@ while it still waits for the answer, instead of after its own timeout gave up on
 from __future__ import annotations
 
 import contextlib
+import faulthandler
+import logging
 import os
 import threading
 import time
@@ -71,6 +73,13 @@ _SERIES_UID = INDEXED["SeriesInstanceUID"].reader
 TOUCH_SECONDS = 1.0  # how often a series' (and its study's) updated_at is rewritten at most
 BUSY_MS = 60_000  # how long a write waits for SQLite's lock (PRAGMA busy_timeout)
 INGEST_BUSY_SECONDS = 15.0  # how long an ingest write waits at most (under senders' timeouts)
+# SQLite maps its WAL index (the "-shm" file) into memory and grows it 32 KiB at a time; a page
+# of it the filesystem cannot back (full, on a filesystem whose blocks are smaller than a
+# memory page) kills the process with SIGBUS, without a log line. The node allocates this
+# much of it up front (room for ~130,000 WAL frames), so that growing it never needs new space.
+SHM_PREALLOCATED_BYTES = 1024**2
+
+log = logging.getLogger("dicomnode.index")
 
 
 class Prepared:
@@ -115,7 +124,9 @@ def create_index_engine(url: str) -> Engine:
                 f"busy_timeout={BUSY_MS}",
             ):
                 cursor.execute(f"PRAGMA {pragma}")
+            cursor.execute("SELECT count(*) FROM sqlite_master").fetchall()  # opens the -shm
             cursor.close()
+            _preallocate_shared_memory(url)
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn: Connection) -> None:
@@ -126,6 +137,34 @@ def create_index_engine(url: str) -> Engine:
 
         return engine
     return create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+
+
+def _preallocate_shared_memory(url: str) -> None:
+    """Give SQLite's WAL index file (``<database>-shm``) `SHM_PREALLOCATED_BYTES` of allocated
+    space, so that mapping more of it never meets a full disk (SIGBUS, see above); and let a
+    fatal signal still leave a trace: faulthandler writes the Python stacks to stderr (the
+    node's log) before the process dies. A disk too full for it is logged, not fatal."""
+    if not faulthandler.is_enabled():
+        faulthandler.enable()
+    database = url.split("///", 1)[-1].split("?", 1)[0]
+    if not database or database == ":memory:" or not os.path.exists(database + "-shm"):
+        return
+    try:
+        fd = os.open(database + "-shm", os.O_RDWR)
+    except OSError:
+        return
+    try:
+        if os.fstat(fd).st_blocks * 512 < SHM_PREALLOCATED_BYTES:
+            os.posix_fallocate(fd, 0, SHM_PREALLOCATED_BYTES)
+    except OSError as e:
+        log.error(
+            "cannot allocate space for the index's shared memory file (%s): if the disk stays "
+            "full, SQLite may have to stop the node",
+            e,
+            extra={"event": "storage", "alert": True},
+        )
+    finally:
+        os.close(fd)
 
 
 def normalized_value(attribute: IndexedAttribute, ds: Dataset) -> str | int | None:
