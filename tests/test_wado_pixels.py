@@ -422,8 +422,12 @@ def test_images_over_the_decoding_bound_are_406_and_deflated_objects_are_not_inf
     )
     assert stored.status_code == 200
 
+    # Its metadata is read by inflating only up to the Pixel Data (which would pass the bound).
+    metadata = get(node, path_of(deflated, "/metadata"), Accept="application/dicom+json")
+    assert metadata.status_code == 200, metadata.text
+    (entry,) = metadata.json()
+    assert entry["00280010"]["Value"] == [512] and "BulkDataURI" in entry["7FE00010"]
     for path, accept in (
-        ("/metadata", "application/dicom+json"),
         ("/frames/1", f"multipart/related; type={OCTET}"),
         ("/rendered", "image/jpeg"),
     ):

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Iterator
-from io import BytesIO
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pydicom
@@ -143,23 +143,54 @@ def check_decoded_size(ds: Dataset, limit: int) -> None:
         )
 
 
-def _inflate(source, limit: int) -> bytes:
-    """The raw-deflate stream in `source`, inflated in steps; ImageTooLarge past `limit`."""
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    out = bytearray()
-    while chunk := source.read(_INFLATE_CHUNK):
-        while chunk:
-            out += inflater.decompress(chunk, limit + 1 - len(out))
-            if len(out) > limit:
-                raise ImageTooLarge(
-                    f"the deflated data set inflates to more than {limit} bytes, this node's "
-                    "limit (http.max_decoded_bytes); ask for transfer-syntax=* to receive it "
-                    "as stored"
-                )
-            chunk = inflater.unconsumed_tail
-            if inflater.eof:
-                return bytes(out)
-    return bytes(out + inflater.flush())
+def _inflated_too_far(limit: int) -> ImageTooLarge:
+    return ImageTooLarge(
+        f"the deflated data set inflates to more than {limit} bytes, this node's limit "
+        "(http.max_decoded_bytes); ask for transfer-syntax=* to receive it as stored"
+    )
+
+
+class _Inflating:
+    """A read-only file over a raw-deflate stream, inflated only as far as it is read (so a
+    header read stops before the Pixel Data is inflated), never past `limit` bytes."""
+
+    def __init__(self, source: BinaryIO, limit: int) -> None:
+        self._source, self._limit = source, limit
+        self._inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        self._data = bytearray()
+        self._position = 0
+        self._pending = b""
+
+    def _fill(self, wanted: int | None) -> None:
+        while wanted is None or len(self._data) < wanted:
+            if not self._pending:
+                if self._inflater.eof or not (chunk := self._source.read(_INFLATE_CHUNK)):
+                    self._data += self._inflater.flush()
+                    return
+                self._pending = chunk
+            step = _INFLATE_CHUNK if wanted is None else max(wanted - len(self._data), 65536)
+            step = min(step, self._limit + 1 - len(self._data))
+            self._data += self._inflater.decompress(self._pending, step)
+            self._pending = self._inflater.unconsumed_tail
+            if len(self._data) > self._limit:
+                raise _inflated_too_far(self._limit)
+
+    def read(self, size: int = -1) -> bytes:
+        end = None if size is None or size < 0 else self._position + size
+        self._fill(end)
+        chunk = bytes(self._data[self._position : end])
+        self._position += len(chunk)
+        return chunk
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if whence == 2:
+            self._fill(None)
+        base = {0: 0, 1: self._position, 2: len(self._data)}[whence]
+        self._position = max(base + offset, 0)
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
 
 
 def check_transcodable(path: str | Path, limit: int) -> None:
@@ -175,11 +206,7 @@ def check_transcodable(path: str | Path, limit: int) -> None:
                 while chunk:
                     total += len(inflater.decompress(chunk, _INFLATE_CHUNK))
                     if total > limit:
-                        raise ImageTooLarge(
-                            f"the deflated data set inflates to more than {limit} bytes, this "
-                            "node's limit (http.max_decoded_bytes); ask for transfer-syntax=* "
-                            "to receive it as stored"
-                        )
+                        raise _inflated_too_far(limit)
                     chunk = inflater.unconsumed_tail
             return
     if syntax.is_compressed:
@@ -189,17 +216,16 @@ def check_transcodable(path: str | Path, limit: int) -> None:
 def read_instance(
     path: str | Path, limit: int, stop_before_pixels: bool = False, defer_size: int | None = None
 ) -> Dataset:
-    """The stored object at `path`; a deflated one is inflated within `limit` bytes."""
+    """The stored object at `path`; a deflated one is inflated within `limit` bytes, and only
+    up to its Pixel Data when `stop_before_pixels`."""
     with open(path, "rb") as f:
         read_preamble(f, False)
         meta = _read_file_meta_info(f)
         if not UID(meta.get("TransferSyntaxUID", "")).is_deflated:
             f.seek(0)
             return pydicom.dcmread(f, stop_before_pixels=stop_before_pixels, defer_size=defer_size)
-        inflated = _inflate(f, limit)
-    ds = read_dataset(
-        BytesIO(inflated), False, True, stop_when=_pixels_stop if stop_before_pixels else None
-    )
+        stop = _pixels_stop if stop_before_pixels else None
+        ds = read_dataset(_Inflating(f, limit), False, True, stop_when=stop)
     ds.file_meta = FileMetaDataset(meta)
     ds.set_original_encoding(False, True)
     return ds

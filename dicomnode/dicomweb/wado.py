@@ -154,10 +154,9 @@ def _read_header(item: StoredInstance) -> tuple[pydicom.Dataset, bool]:
     """The instance's attributes without reading bulk values; and whether Pixel Data follows."""
     threshold = services().settings.http.bulk_data_threshold
     path = services().archive.blob_file(item)
-    if UID(item.transfer_syntax_uid).is_deflated:
-        ds = pixels.read_instance(path, _limit())
-        has_pixels = "PixelData" in ds
-        del ds.PixelData
+    if UID(item.transfer_syntax_uid).is_deflated:  # inflated up to its Pixel Data only
+        ds = pixels.read_instance(path, _limit(), stop_before_pixels=True)
+        has_pixels = ds.get("Rows") is not None
         return ds, has_pixels
     with open(path, "rb") as f:
         ds = pydicom.dcmread(f, defer_size=threshold + 1, stop_before_pixels=True)
