@@ -155,9 +155,16 @@ def test_a_narrowing_takes_effect_at_once_end_to_end(deployed, research, tmp_pat
     denial = last_entry(deployed, "denial")
     assert denial.data["policy_version"] == "hospital-2026-1 ∩ hospital-2026-2-brake"
     assert denial.data["rule_id"] == "research-with-consent"
-    publication = [e for e in deployed.archive.ledger.entries() if e.kind == "policy"][-1]
+    policy_entries = [e for e in deployed.archive.ledger.entries() if e.kind == "policy"]
+    publication = [e for e in policy_entries if e.outcome == "published"][-1]
     assert publication.data["change"] == "narrower" and publication.data["notice_days"] == 0
     assert publication.data["published_at"] == publication.data["effective_at"]
+    # the brake's coming into force is noted too, as part of the narrowed policy in force
+    in_force = [e.data for e in policy_entries if e.outcome == "in-force"]
+    assert {
+        "version": "hospital-2026-2-brake",
+        "in_force_as": denial.data["policy_version"],
+    }.items() <= in_force[-1].items()
 
 
 def test_policy_diff_shows_the_classification(deployed, tmp_path):
@@ -339,3 +346,16 @@ def test_every_field_is_classified(change, kind, finding):
     assert (
         any(w.startswith(finding) for w in classified.widens) if finding else not classified.widens
     )
+
+
+def test_the_governance_api_publishes_the_initial_deployment_at_once(start_node):
+    from tests.test_governance_node import governance_api
+
+    node = start_node(peers=[WORKSTATION])
+    answer = governance_api(
+        node, "POST", "/policy?reason=initial-deployment", data=policy_text("hospital-2026-1")
+    )
+    assert answer.status_code == 201, answer.text
+    assert node.stewardship.policy_status().in_force.version == "hospital-2026-1"
+    (stored,) = node.archive.registry.published_policies()
+    assert stored.effective_at == stored.published_at

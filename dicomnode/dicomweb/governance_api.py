@@ -116,7 +116,9 @@ def governance_blueprint() -> Blueprint:
         if not source.strip():
             raise InvalidInput("POST the policy's TOML text as the body")
         try:
-            published, new = services().stewardship.publish_policy(source, _who())
+            published, new = services().stewardship.publish_policy(
+                source, _who(), reason=request.args.get("reason", "")
+            )
         except ValueError as e:  # PolicyError
             raise InvalidInput(str(e)) from None
         return jsonify(

@@ -94,26 +94,36 @@ class Gate:
         published = self.archive.registry.published_policies()
         policy = governance.policy_in_force(published, now)
         if policy.version != self._in_force_seen:
-            match = next((p for p in published if p.version == policy.version), None)
-            if match is not None and self.archive.registry.note_in_force(
-                policy.version,
-                now,
-                {
-                    "version": policy.version,
-                    "sha256": match.sha256,
-                    "published_at": match.published_at.isoformat(),
-                    "effective_at": match.effective_at.isoformat(),
-                    "material": match.material,
-                },
-            ):
-                what = f"governance policy {policy.version} came into force"
-                self._audit(
-                    lambda: audit_events.configuration_changed(
-                        match.published_by, what, now, self.audit.source
-                    )
-                )
-            self._in_force_seen = policy.version  # only once the note is written
+            # a narrowed policy ("A ∩ B") is several published versions: note each of them
+            for match in (p for p in published if p.version in policy.versions):
+                self._note_in_force(match, policy.version, now)
+            self._in_force_seen = policy.version  # only once the notes are written
         return policy
+
+    def _note_in_force(self, match: Any, in_force: str, now: datetime) -> None:
+        """Record once (whichever process sees it first) that a published version is in
+        force, with a 110113 Security Configuration message."""
+        if not self.archive.registry.note_in_force(
+            match.version,
+            now,
+            {
+                "version": match.version,
+                "in_force_as": in_force,
+                "sha256": match.sha256,
+                "published_at": match.published_at.isoformat(),
+                "effective_at": match.effective_at.isoformat(),
+                "material": match.material,
+            },
+        ):
+            return
+        what = f"governance policy {match.version} came into force"
+        if in_force != match.version:
+            what += f" (the policy in force is {in_force})"
+        self._audit(
+            lambda: audit_events.configuration_changed(
+                match.published_by, what, now, self.audit.source
+            )
+        )
 
     def decide(
         self,

@@ -54,7 +54,7 @@ from dicomnode.dicomweb.dpo.signin import (
     start_session,
 )
 from dicomnode.dicomweb.errors import http_status_for
-from dicomnode.governance import audit_events, codes, notice_period
+from dicomnode.governance import audit_events, codes
 from dicomnode.stewardship import checkpoint_signed_by
 
 log = logging.getLogger("dicomnode.dpo")
@@ -740,7 +740,9 @@ def _report_routes(bp: Blueprint) -> None:
             "policy.html",
             status=status,
             activations=activations,
-            notice_days={p.version: notice_period(p.material).days for p in status.published},
+            notice_days={
+                p.version: (p.effective_at - p.published_at).days for p in status.published
+            },
         )
 
 
