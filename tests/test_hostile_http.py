@@ -9,6 +9,7 @@ import base64
 import functools
 import io
 import json
+import logging
 import os
 import socket
 import threading
@@ -26,7 +27,7 @@ from dicomnode.config import AuthSettings
 from dicomnode.core.errors import InvalidInput
 from dicomnode.dicomweb.auth import AuthError, TokenVerifier
 from dicomnode.dicomweb.multipart import read_multipart
-from tests.conftest import dicomweb_url, token_for, wait_until
+from tests.conftest import dicomweb_client, dicomweb_url, token_for, wait_until
 from tests.test_dpo_pages import PASSWORD, Browser
 
 INTERNALS = ("Traceback", "object has no attribute", 'File "', "sqlalchemy", "SELECT ")
@@ -598,3 +599,42 @@ def test_fuzz_the_multipart_reader_parses_or_refuses_never_crashes(pieces, bound
         assert part.size <= limit
         assert len(part.read()) == part.size
         assert part.head(8) == part.read()[:8]
+
+
+def test_clients_that_do_not_read_their_answers_do_not_hold_every_thread(start_node, caplog):
+    """12 clients (the node has 8 threads) ask for a 32 MiB instance and read nothing: each
+    held a worker thread for good once waitress buffered 16 MiB of its answer, and QIDO-RS
+    waited in the queue; now they are closed after a header_timeout window without progress."""
+    from pydicom import dcmread
+
+    from tests.factory import make_ct, part10
+
+    caplog.set_level(logging.INFO, "dicomnode.http")
+    node = start_node(http={"header_timeout": 2})
+    big = make_ct(size=4096)  # 32 MiB of pixels
+    dicomweb_client(node).store_instances([dcmread(io.BytesIO(part10(big)))])
+    path = (
+        f"/dicomweb/studies/{big.StudyInstanceUID}/series/{big.SeriesInstanceUID}"
+        f"/instances/{big.SOPInstanceUID}"
+    )
+    request = (
+        f"GET {path} HTTP/1.1\r\nHost: node\r\n"
+        'Accept: multipart/related; type="application/dicom"\r\n'
+        f"Authorization: Bearer {token_for(node)}\r\n\r\n"
+    ).encode()
+    readers = []
+    try:
+        for _ in range(node.settings.http.threads + 4):
+            reader = socket.create_connection(("127.0.0.1", node.http_port), timeout=10)
+            reader.sendall(request)
+            readers.append(reader)
+        took = _served(node, rounds=2)
+
+        def closed_unread() -> int:
+            return sum("answer not read" in r.getMessage() for r in caplog.records)
+
+        wait_until(lambda: closed_unread() >= len(readers), 30, "every non-reader closed")
+    finally:
+        for reader in readers:
+            reader.close()
+    assert max(took) < 10, took

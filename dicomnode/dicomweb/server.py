@@ -10,6 +10,9 @@ loris) is never idle. Here, besides waitress's own limits (``[http] connection_l
   opened or its previous request was read (an idle connection that never sends counts too);
 - its request body arrives slower than ``min_upload_rate`` bytes/s over any window of
   ``header_timeout`` seconds;
+- it does not read its answer: with at least 256 KiB waiting to be sent, fewer than
+  ``min_upload_rate`` bytes/s go out over such a window (a slow reader holds a worker thread
+  once waitress has 16 MiB of its answer buffered);
 - its client address already holds ``max_connections_per_client`` connections (refused at
   once; 0: no such limit, for a node behind a proxy).
 """
@@ -32,6 +35,7 @@ from dicomnode.config import HttpSettings
 log = logging.getLogger("dicomnode.http")
 
 MAINTENANCE_SECONDS = 1  # how often slow connections are looked for
+STALLED_ANSWER_BYTES = 256 * 1024  # an answer this far ahead of its client may be stalled
 
 
 class GuardedChannel(HTTPChannel):
@@ -44,6 +48,8 @@ class GuardedChannel(HTTPChannel):
         self.waiting_since: float | None = time.monotonic()  # a new connection owes a request
         self.window_start = self.waiting_since
         self.window_bytes = 0
+        self.sent_bytes = 0  # of answers, counted by send() (on any thread)
+        self.send_window: tuple[float, int] | None = None  # (since, sent_bytes then)
 
     def received(self, data: bytes) -> bool:
         if self.waiting_since is None:  # the first bytes of a request
@@ -55,10 +61,17 @@ class GuardedChannel(HTTPChannel):
             self.waiting_since = None
         return bool(result)
 
+    def send(self, data: bytes, do_close: bool = True) -> int:
+        sent = super().send(data, do_close=do_close)
+        self.sent_bytes += sent
+        return sent
+
     def too_slow(self, now: float, header_timeout: float, min_rate: float) -> str:
         """Why this connection is to be closed (empty: it is not)."""
-        if self.requests or self.waiting_since is None:
-            return ""  # being served (the application's time), or idle between requests
+        if self.requests:
+            return self._not_reading(now, header_timeout, min_rate)
+        if self.waiting_since is None:
+            return ""  # idle between requests
         request = self.request
         if request is None or not request.headers_finished:
             if now - self.waiting_since > header_timeout:
@@ -69,6 +82,25 @@ class GuardedChannel(HTTPChannel):
             if self.window_bytes < min_rate * elapsed:
                 return "request body arriving too slowly"
             self.window_start, self.window_bytes = now, 0
+        return ""
+
+    def _not_reading(self, now: float, window: float, min_rate: float) -> str:
+        """While a request is served: the client does not read its answer (slow read) when
+        at least STALLED_ANSWER_BYTES wait to be sent and fewer than `min_rate` bytes/s went
+        out over `window` seconds. Such a client holds a worker thread (waitress blocks the
+        application once 16 MiB wait), so it is closed, which frees the thread."""
+        if self.total_outbufs_len < STALLED_ANSWER_BYTES:
+            self.send_window = None  # the application's time, or a client keeping up
+            return ""
+        if self.send_window is None:
+            self.send_window = (now, self.sent_bytes)
+            return ""
+        since, sent_then = self.send_window
+        if now - since < window:
+            return ""
+        if self.sent_bytes - sent_then < min_rate * (now - since):
+            return "answer not read by the client"
+        self.send_window = (now, self.sent_bytes)
         return ""
 
 
@@ -124,7 +156,9 @@ class GuardedServer(TcpWSGIServer):
                     why,
                     extra={"event": "http_slow_client", "address": _host(channel.addr)},
                 )
-                channel.will_close = True
+                # at once: will_close waits for the socket to be writable, which a client
+                # that reads nothing never makes it; a blocked worker thread is woken up
+                channel.handle_close()
 
 
 def _host(addr: Any) -> str:
