@@ -216,7 +216,9 @@ class _WakeableSocket(AssociationSocket):
         return buffer
 
     def _recv_into(self, view: memoryview, deadline: float) -> int:
-        """Read what has arrived into `view`, waiting for bytes at most until `deadline`."""
+        """Read what has arrived into `view`, waiting for bytes at most until `deadline` (then
+        PduRefused) and at most the network timeout (then TimeoutError, as a blocking read
+        bounded by it raised before)."""
         sock = self.socket
         if isinstance(sock, ssl.SSLSocket):
             if sock.pending():
@@ -227,7 +229,12 @@ class _WakeableSocket(AssociationSocket):
             except BlockingIOError:
                 pass
         remaining = deadline - time.monotonic()
-        if remaining <= 0 or not _readable(sock, remaining):
+        assoc = getattr(self, "assoc", None)
+        silence = assoc.network_timeout if assoc is not None else None
+        if silence is not None and 0 < silence < remaining:
+            if not _readable(sock, silence):  # a peer that stopped: as a timed-out read
+                raise TimeoutError(f"no byte for {silence} s inside a PDU")
+        elif remaining <= 0 or not _readable(sock, remaining):
             raise PduRefused(TOO_SLOW, "a PDU arrived slower than its deadline allows")
         return int(sock.recv_into(view))
 
