@@ -20,7 +20,7 @@ from dicomnode.archive.accounts import AccountStore
 from dicomnode.core.model import Level
 from dicomnode.governance import casework as rules
 from tests.conftest import WORKSTATION, dicomweb_client, dicomweb_url
-from tests.test_dpo_pages import PASSWORD, make_history, signed_in
+from tests.test_dpo_pages import PASSWORD, browser, make_history, signed_in
 from tests.test_dpo_pages import RETENTION as TEN_YEARS
 from tests.test_governance_node import as_file, policy_text, publish_days_ago, research_pacs
 from tests.test_retention import RETENTION, store
@@ -470,6 +470,7 @@ def test_item_24_the_report_is_generated_for_a_given_month_and_sign_off_is_a_dpo
         )
         assert forged.status_code == 401
     assert requests.get(f"{dicomweb_url(node)}/studies", timeout=30).status_code == 401  # no token
+    assert browser(node).sign_in("dpo1", "not the password").status_code == 401
     month = datetime.now(ZoneInfo("Asia/Seoul")).strftime("%Y-%m")
 
     made = cli(node, "review", "report", "--month", month)
@@ -481,7 +482,8 @@ def test_item_24_the_report_is_generated_for_a_given_month_and_sign_off_is_a_dpo
     assert any(b["requester"] == "ohif" and b["operation"] == "wado" for b in report["bulk"])
     assert {d["requester"] for d in report["denials"]} == {"lab-client", "dpo"}
     assert report["failed_authentication"] == [
-        {"kind": "bearer-token", "address": "127.0.0.1", "count": 3}
+        {"kind": "bearer-token", "address": "127.0.0.1", "count": 3},
+        {"kind": "dpo-signin", "address": "127.0.0.1", "count": 1},
     ]
     as_csv = cli(node, "review", "report", "--month", month, "--format", "csv")
     rows = list(csv.DictReader(io.StringIO(as_csv.stdout)))
