@@ -52,7 +52,6 @@ ANALYSIS = (
     "[analysis]\nworkers = 1\nsweep_interval = 0.1\n"
     '[analysis.analyzers."ct-lung"]\nquiet_period = 0.5\n'
 )
-SEG, SR = "1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.88.33"
 
 
 # --- test data --------------------------------------------------------------------------------
@@ -197,7 +196,8 @@ def browser() -> Iterator[object]:
 
 
 class Session:
-    """One page of the viewer, recording every response and failed request."""
+    """One page of the viewer, recording every 4xx/5xx response, failed request and console
+    error."""
 
     def __init__(self, browser, viewer: ViewerServer) -> None:
         self.context = browser.new_context(
@@ -215,7 +215,13 @@ class Session:
                 else None
             ),
         )
-        self.page.on("requestfailed", lambda r: self.failed.append(f"{r.failure} {r.url}"))
+        # a request the viewer cancels itself (net::ERR_ABORTED) is not a failure
+        self.page.on(
+            "requestfailed",
+            lambda r: (
+                self.failed.append(f"{r.failure} {r.url}") if "ABORTED" not in r.failure else None
+            ),
+        )
         self.console_errors: list[str] = []
         self.page.on(
             "console",
@@ -227,10 +233,9 @@ class Session:
 
     def sample(self, points: list[tuple[float, float]], timeout: float = 60.0) -> dict:
         """The viewport's samples at image `points`, once an image is displayed."""
-        found = wait_until(
+        return wait_until(
             lambda: self.page.evaluate(SAMPLE_JS, points), timeout, "OHIF to display an image"
         )
-        return found
 
     def open_display_set(self, modality: str) -> None:
         """Double-click the study browser's entry of the `modality` series, as a user does (the

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.client
 import mimetypes
+import sys
 import threading
 import urllib.parse
 from collections.abc import Callable
@@ -29,6 +30,16 @@ HOP_BY_HOP = frozenset(
 mimetypes.add_type("application/wasm", ".wasm")
 mimetypes.add_type("application/javascript", ".js")
 mimetypes.add_type("font/woff2", ".woff2")
+
+
+class _QuietServer(ThreadingHTTPServer):
+    """Ignores a browser closing its connection mid-answer (a page or context closed)."""
+
+    daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
 
 class ViewerServer:
@@ -68,7 +79,7 @@ class ViewerServer:
 
             do_POST = do_PUT = do_DELETE = do_HEAD = do_OPTIONS = do_GET
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = _QuietServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
