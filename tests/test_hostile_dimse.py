@@ -1,7 +1,10 @@
 """Hostile DIMSE peers (issue 18, items 2, 4 and 11): PDUs that announce more than they may,
 peers that send too slowly or not at all, and a sender that stores too much. Each test checks
 the node's answer, that nothing stored changed where nothing should, and that a well-behaved
-client is served during the attack. Loopback only; every loop is bounded."""
+client is served during the attack. Loopback only; every loop is bounded.
+
+The two fuzz tests take a few seconds to ~40 s in CI; for a longer run by hand multiply their
+examples: ``DICOMNODE_FUZZ_SCALE=50 python -m pytest tests/test_hostile_dimse.py -k fuzz``."""
 
 from __future__ import annotations
 
@@ -22,11 +25,13 @@ from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import CTImageStorage, Verification
 
 from dicomnode.scp.connection import FIRST_ALLOCATION, PduBounds, PduRefused, _WakeableSocket
+from dicomnode.scp.limits import SenderLimits
 from tests.conftest import associate_rq, run_dcmtk, wait_until
 from tests.factory import make_ct
 
 A_ABORT = 0x07
 MiB = 1024 * 1024
+FUZZ_SCALE = int(os.environ.get("DICOMNODE_FUZZ_SCALE", "1"))  # longer fuzzing by hand
 
 
 @pytest.fixture
@@ -301,7 +306,7 @@ streams = st.lists(
 
 
 @settings(
-    max_examples=300,
+    max_examples=300 * FUZZ_SCALE,
     deadline=2000,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
@@ -346,7 +351,7 @@ def test_fuzz_the_live_node_survives_any_stream_and_keeps_serving(start_node, mo
     before = rss_bytes(os.getpid())
     request = associate_rq(node.dimse.port)
 
-    @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=150 * FUZZ_SCALE, deadline=None, suppress_health_check=list(HealthCheck))
     @given(data=streams, associate_first=st.booleans())
     def attack(data: bytes, associate_first: bool) -> None:
         sock = connect(node.dimse.port)
@@ -367,3 +372,25 @@ def test_fuzz_the_live_node_survives_any_stream_and_keeps_serving(start_node, mo
     assert caught == []
     assert rss_bytes(os.getpid()) - before < 256 * MiB
     assert echo(node.dimse.port)
+
+
+def test_sender_limits_slide_per_sender_and_alert_once_per_window():
+    """The windows slide: a refused sender is admitted again once its oldest objects have left
+    the minute (bytes: the hour); senders count apart; one alert per sender and window."""
+    now = [1000.0]
+    limits = SenderLimits(objects_per_minute=2, bytes_per_hour=1000, clock=lambda: now[0])
+    assert limits.admit("CT", "10.0.0.1", 10) is None
+    now[0] += 30
+    assert limits.admit("CT", "10.0.0.1", 10) is None
+    first = limits.admit("CT", "10.0.0.1", 10)
+    assert first is not None and first.alert and "objects per minute" in first.reason
+    again = limits.admit("CT", "10.0.0.1", 10)
+    assert again is not None and not again.alert
+    assert limits.admit("CT", "10.0.0.2", 10) is None  # another address is another sender
+    now[0] += 31  # the first object has left the minute
+    assert limits.admit("CT", "10.0.0.1", 10) is None
+    assert limits.admit("MR", "10.0.0.1", 990) is None
+    over = limits.admit("MR", "10.0.0.1", 20)
+    assert over is not None and "bytes per hour" in over.reason
+    now[0] += 3600
+    assert limits.admit("MR", "10.0.0.1", 990) is None
