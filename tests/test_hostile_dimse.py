@@ -260,6 +260,13 @@ def test_a_sender_over_its_objects_per_minute_is_refused_with_a700_and_alerted(s
     alerts = [r for r in caplog.records if getattr(r, "event", "") == "sender_limit"]
     assert len(alerts) == 1 and alerts[0].caller == "STRANGER"
 
+    def audited() -> list[str]:
+        spooled = node.settings.node.data_dir.rglob("*.xml")
+        return [t for p in spooled if "sender limit" in (t := p.read_text(errors="replace"))]
+
+    [alert] = wait_until(audited, 20, "the security alert in the audit spool")
+    assert "STRANGER" in alert and "objects per minute" in alert
+
 
 def test_a_sender_over_its_bytes_per_hour_is_refused(start_node):
     probe = make_ct(patient_id="B0", size=64)
