@@ -61,6 +61,17 @@ def review_settings(dpo_settings: Any) -> rules.ReviewSettings:
     )
 
 
+MAX_LINE = 2000  # characters of a note, reason, finding or name
+
+
+def _line(name: str, value: str, limit: int = MAX_LINE) -> str:
+    """`value` stripped, or InvalidInput when it is longer than `limit` characters."""
+    value = value.strip()
+    if len(value) > limit:
+        raise InvalidInput(f"{name} is longer than {limit} characters")
+    return value
+
+
 def _facts_from(values: dict[str, Any]) -> dict[str, Any]:
     """The stored facts of a breach from what the DPO entered, checked and normalised."""
     unknown = set(values) - set(BREACH_FACT_KEYS)
@@ -198,20 +209,22 @@ class Casework:
             raise InvalidInput("a notification is made between aware_at and now")
         if record.state == "closed":
             raise InvalidInput(f"{record.ref} is closed")
-        notification = {"to": to, "at": at.isoformat(), "by": by, "note": note.strip()}
+        note = _line("note", note)
+        notification = {"to": to, "at": at.isoformat(), "by": by, "note": note}
         rules.next_breach_state(record.state, "notified")
         return self.store.change_breach(
             breach_id,
             record.state,
             by,
             "notified",
-            {"notified": to, "at": at.isoformat(), "note": note.strip()},
+            {"notified": to, "at": at.isoformat(), "note": note},
             state="notified",
             notifications=[*record.notifications, notification],
         )
 
     def close_breach(self, breach_id: int, by: str, reason: str) -> BreachRecord:
-        if not reason.strip():
+        reason = _line("reason", reason)
+        if not reason:
             raise InvalidInput("closing a breach needs a reason")
         record = self.store.breach(breach_id)
         try:
@@ -258,7 +271,8 @@ class Casework:
         """The DPO's sign-off of the month's review: a ledger entry of kind dpo_review with the
         report's hash (the report regenerated now; `expected_sha256`, when given, must match
         what the DPO read)."""
-        if not finding.strip():
+        finding, follow_up = _line("finding", finding), _line("follow_up", follow_up)
+        if not finding:
             raise InvalidInput("a sign-off needs the finding (e.g. 'no irregularities')")
         report = self.review_report(month)
         if expected_sha256 and expected_sha256 != report["sha256"]:
@@ -299,7 +313,9 @@ class Casework:
         deadline: 10 days under PIPA, one month under GDPR."""
         if kind not in rules.TICKET_KINDS:
             raise InvalidInput(f"a request is one of {', '.join(rules.TICKET_KINDS)}")
-        if not patient_id.strip():
+        patient_id, issuer = _line("patient_id", patient_id, 64), _line("issuer", issuer, 64)
+        requester = _line("requester", requester)
+        if not patient_id:
             raise InvalidInput("a request needs the patient's Patient ID")
         now = self.clock()
         received_at = received_at or now
@@ -431,7 +447,8 @@ class Casework:
 
     def complete(self, ticket_id: int, by: str, note: str) -> TicketRecord:
         """Mark a request done, saying what was done (e.g. the correction made in the EMR)."""
-        if not note.strip():
+        note = _line("note", note)
+        if not note:
             raise InvalidInput("say what was done")
         return self._done(self.store.ticket(ticket_id), by, note.strip(), {"operation": "manual"})
 
@@ -439,7 +456,8 @@ class Casework:
         """Refuse a request with a coded exemption and the reason; the notice is drafted."""
         if code not in rules.EXEMPTIONS:
             raise InvalidInput(f"an exemption is one of {', '.join(rules.EXEMPTIONS)}")
-        if not reason.strip():
+        reason = _line("reason", reason)
+        if not reason:
             raise InvalidInput("a refusal needs the reason")
         ticket = self.store.ticket(ticket_id)
         return self._refuse(
@@ -449,7 +467,8 @@ class Casework:
     def extend(self, ticket_id: int, by: str, until: datetime, reason: str) -> TicketRecord:
         """Extend the deadline (GDPR 12(3): two further months at most; PIPA 35(3): a
         postponement for a justified reason), telling the subject why."""
-        if not reason.strip():
+        reason = _line("reason", reason)
+        if not reason:
             raise InvalidInput("an extension needs the reason told to the data subject")
         ticket = self.store.ticket(ticket_id)
         try:

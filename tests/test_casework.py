@@ -527,3 +527,38 @@ def test_item_24_the_report_is_generated_for_a_given_month_and_sign_off_is_a_dpo
     exported = pages.get(f"/governance/review.json?month={month}").json()
     assert exported["requesters"] == report["requesters"]
     assert pages.get(f"/governance/review.csv?month={month}").text.startswith("section,seq,at")
+
+
+def test_the_pages_refuse_auditors_missing_csrf_and_bad_input_without_storing_anything(node):
+    AccountStore(node.archive.index).add("dpo1", PASSWORD, "dpo")
+    AccountStore(node.archive.index).add("aud1", PASSWORD, "auditor")
+    form = {"aware_at": "2026-12-01T09:00", "what": "lost CD", "categories": "images"}
+    auditor = signed_in(node, "aud1")
+    assert auditor.get("/governance/breaches").status_code == 200
+    refused = auditor.post(
+        "/governance/breaches", data=form | {"csrf_token": auditor.csrf("/governance/breaches")}
+    )
+    assert refused.status_code == 403
+    dpo = signed_in(node, "dpo1")
+    assert dpo.post("/governance/breaches", data=form).status_code == 403  # no CSRF token
+    token = dpo.csrf("/governance/breaches")
+    for bad in (
+        {"aware_at": "yesterday"},
+        {"what": "x" * 30000},
+        {"subjects": "many"},
+        {"aware_at": (datetime.now(UTC) + timedelta(days=1)).strftime("%Y-%m-%dT%H:%M")},
+    ):
+        answer = dpo.post("/governance/breaches", data=form | bad | {"csrf_token": token})
+        assert answer.status_code == 400, (bad, answer.status_code)
+    for path in ("/governance/breaches/7", "/governance/tickets/7"):
+        assert dpo.get(path).status_code == 404
+    ticket = {"kind": "deletion", "patient_id": "P" * 65, "law_pipa": "1", "csrf_token": token}
+    assert dpo.post("/governance/tickets", data=ticket).status_code == 400
+    assert dpo.post("/governance/tickets", data=ticket | {"kind": "erase"}).status_code == 400
+    assert dpo.get("/governance/review?month=2026-13").status_code == 400
+    assert node.casework.breaches() == [] and node.casework.tickets() == []
+    assert [e for e in node.archive.ledger.entries() if e.kind in ("breach", "ticket")] == []
+
+    made = dpo.post("/governance/breaches", data=form | {"csrf_token": token})
+    assert made.status_code == 200 and made.url.endswith("/governance/breaches/1")
+    assert "lost CD" in made.text
