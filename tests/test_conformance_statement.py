@@ -12,6 +12,7 @@ constants the code reads (pynetdicom's lists, the node's settings).
 from __future__ import annotations
 
 import re
+import socket
 import ssl
 import threading
 from io import BytesIO
@@ -753,3 +754,20 @@ def test_query_and_retrieve_failures_as_listed(node, stored):
         assoc.release()
     assert found == [0xA900]
     assert moved == [0xA801]
+
+
+def test_an_oversized_pdu_before_association_is_aborted(node):
+    """3.2.2: a PDU announcing more than 256 KiB before the association is agreed gets an
+    A-ABORT (service provider, invalid PDU parameter value) before its body is read."""
+    text = DOC.read_text(encoding="utf-8")
+    assert "longer than 256 KiB (`max_associate_pdu`)" in text
+    with socket.create_connection(("127.0.0.1", node.dimse.port), timeout=30) as raw:
+        raw.sendall(b"\x01\x00" + (256 * 1024 + 1).to_bytes(4, "big") + b"\x00\x01")
+        answer = b""
+        while len(answer) < 10:
+            chunk = raw.recv(10 - len(answer))
+            if not chunk:
+                break
+            answer += chunk
+    # A-ABORT: type 07, length 4, two reserved bytes, source 2 (service provider), reason 6
+    assert answer == b"\x07\x00\x00\x00\x00\x04\x00\x00\x02\x06"
