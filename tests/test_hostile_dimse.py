@@ -216,7 +216,8 @@ def test_connections_beyond_max_pending_connections_are_closed_at_once(start_nod
     wait_until(lambda: node.dimse.load() >= 3, 10, "the idle connections to be taken")
     extra = connect(node.dimse.port)
     received, seconds = answer_of(extra, 10)
-    assert received == b"" and seconds < 2
+    assert received == b"", received
+    assert seconds < 5, f"closed after {seconds:.1f} s, not at once (acse_timeout is 30 s)"
     assert node.metrics.value(
         "dicomnode_associations_total", outcome="refused_too_many_connections"
     )
