@@ -48,7 +48,12 @@ def ohif_dist(version: str = OHIF_VERSION) -> Path:
     partial = folder.with_name(folder.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     with tarfile.open(tarball) as archive:
-        archive.extractall(partial, filter="data")
+        if hasattr(tarfile, "data_filter"):  # Python 3.11.4+
+            archive.extractall(partial, filter="data")
+        else:
+            names = [m.name for m in archive.getmembers()]
+            assert all(n.startswith("package/") and ".." not in n for n in names), names[:5]
+            archive.extractall(partial)
     shutil.rmtree(folder, ignore_errors=True)
     partial.rename(folder)
     return dist
