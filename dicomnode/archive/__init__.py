@@ -186,7 +186,9 @@ class Archive:
         except BaseException as e:
             self._withdraw(blob)
             self._raise_as_answered(e)
-        if outcome == "duplicate":  # the row naming this blob was there before: its own
+        if outcome == "duplicate" and previous_path != blob_path:
+            self._withdraw(blob)  # the object is filed under another name: this one goes
+        elif outcome == "duplicate":  # the row naming this blob was there before: its own
             blob.settle()  # placing is settled, or is still in the journal
         else:
             self._settle_later(blob)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import faulthandler
 import logging
+import mmap
 import os
 import threading
 import time
@@ -73,11 +74,13 @@ _SERIES_UID = INDEXED["SeriesInstanceUID"].reader
 TOUCH_SECONDS = 1.0  # how often a series' (and its study's) updated_at is rewritten at most
 BUSY_MS = 60_000  # how long a write waits for SQLite's lock (PRAGMA busy_timeout)
 INGEST_BUSY_SECONDS = 15.0  # how long an ingest write waits at most (under senders' timeouts)
-# SQLite maps its WAL index (the "-shm" file) into memory and grows it 32 KiB at a time; a page
-# of it the filesystem cannot back (full, on a filesystem whose blocks are smaller than a
-# memory page) kills the process with SIGBUS, without a log line. The node allocates this
-# much of it up front (room for ~130,000 WAL frames), so that growing it never needs new space.
-SHM_PREALLOCATED_BYTES = 1024**2
+# SQLite maps its WAL index (the "-shm" file) into memory and grows it 32 KiB at a time, by
+# writing one byte per memory page; on a filesystem whose blocks are smaller than a page, the
+# rest of the page is allocated only when written through the mapping, and a full disk then
+# kills the process with SIGBUS. The node warns at start of such a filesystem, and makes a
+# fatal signal leave the Python stacks in its log (faulthandler) instead of dying silently.
+# (Allocating the file up front was tried: SQLite's own handling of the file's size then
+# raised SIGBUS in another process, so the file is left to SQLite.)
 
 log = logging.getLogger("dicomnode.index")
 
@@ -110,6 +113,7 @@ class Prepared:
 def create_index_engine(url: str) -> Engine:
     """An engine for `url`, with SQLite tuned for a durable, concurrent archive."""
     if url.startswith("sqlite"):
+        _guard_shared_memory(url)
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 60})
 
         @event.listens_for(engine, "connect")
@@ -124,9 +128,7 @@ def create_index_engine(url: str) -> Engine:
                 f"busy_timeout={BUSY_MS}",
             ):
                 cursor.execute(f"PRAGMA {pragma}")
-            cursor.execute("SELECT count(*) FROM sqlite_master").fetchall()  # opens the -shm
             cursor.close()
-            _preallocate_shared_memory(url)
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn: Connection) -> None:
@@ -139,32 +141,28 @@ def create_index_engine(url: str) -> Engine:
     return create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
 
 
-def _preallocate_shared_memory(url: str) -> None:
-    """Give SQLite's WAL index file (``<database>-shm``) `SHM_PREALLOCATED_BYTES` of allocated
-    space, so that mapping more of it never meets a full disk (SIGBUS, see above); and let a
-    fatal signal still leave a trace: faulthandler writes the Python stacks to stderr (the
-    node's log) before the process dies. A disk too full for it is logged, not fatal."""
+def _guard_shared_memory(url: str) -> None:
+    """Make a fatal signal (SIGBUS from SQLite's mapped WAL index, see above) write the Python
+    stacks to stderr, the node's log, before the process dies; and warn at start when the
+    index's filesystem has blocks smaller than a memory page, where a full disk can do that."""
     if not faulthandler.is_enabled():
         faulthandler.enable()
     database = url.split("///", 1)[-1].split("?", 1)[0]
-    if not database or database == ":memory:" or not os.path.exists(database + "-shm"):
+    if not database or database == ":memory:":
         return
     try:
-        fd = os.open(database + "-shm", os.O_RDWR)
+        block = os.statvfs(os.path.dirname(os.path.abspath(database))).f_frsize
     except OSError:
         return
-    try:
-        if os.fstat(fd).st_blocks * 512 < SHM_PREALLOCATED_BYTES:
-            os.posix_fallocate(fd, 0, SHM_PREALLOCATED_BYTES)
-    except OSError as e:
-        log.error(
-            "cannot allocate space for the index's shared memory file (%s): if the disk stays "
-            "full, SQLite may have to stop the node",
-            e,
+    if block < mmap.PAGESIZE:
+        log.warning(
+            "the index's filesystem has %d-byte blocks, smaller than a memory page (%d): when "
+            "that disk fills, SQLite's shared memory file can stop the node (SIGBUS); put the "
+            "index on a filesystem with blocks of at least a page",
+            block,
+            mmap.PAGESIZE,
             extra={"event": "storage", "alert": True},
         )
-    finally:
-        os.close(fd)
 
 
 def normalized_value(attribute: IndexedAttribute, ds: Dataset) -> str | int | None:
