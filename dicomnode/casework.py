@@ -10,6 +10,9 @@ they answered. The CLI (`dicomnode breach|review|ticket`) and the DPO pages both
 
 from __future__ import annotations
 
+import logging
+import threading
+from collections import Counter
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -23,6 +26,8 @@ from dicomnode.core.errors import InvalidInput
 from dicomnode.core.model import Source
 from dicomnode.core.times import utc_now
 from dicomnode.governance import casework as rules
+
+log = logging.getLogger("dicomnode.casework")
 
 BREACH_FACT_KEYS = (
     "how",
@@ -100,6 +105,47 @@ def _facts_from(values: dict[str, Any]) -> dict[str, Any]:
     return facts
 
 
+class FailureCounts:
+    """Failed authentications counted in memory per (hour, kind, address) and written to the
+    store `window` seconds after the first one of a batch (a timer thread), so that a flood of
+    refused requests makes one write per key and window. At most `max_keys` keys are kept
+    between writes; further addresses count as "other". Counts not yet written are lost if the
+    process dies."""
+
+    def __init__(self, store: CaseStore, window: float = 5.0, max_keys: int = 10000) -> None:
+        self.store = store
+        self.window = window
+        self.max_keys = max_keys
+        self._lock = threading.Lock()
+        self._pending: Counter[tuple[datetime, str, str]] = Counter()
+        self._timer: threading.Timer | None = None
+
+    def add(self, kind: str, address: str, now: datetime) -> None:
+        hour = now.replace(minute=0, second=0, microsecond=0)
+        with self._lock:
+            key = (hour, kind, address)
+            if key not in self._pending and len(self._pending) >= self.max_keys:
+                key = (hour, kind, "other")
+            self._pending[key] += 1
+            if self._timer is None:
+                self._timer = threading.Timer(self.window, self.flush)
+                self._timer.daemon = True
+                self._timer.start()
+
+    def flush(self) -> None:
+        """Write what is counted so far."""
+        with self._lock:
+            pending, self._pending = self._pending, Counter()
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+        for (hour, kind, address), count in pending.items():
+            try:
+                self.store.count_auth_failure(kind, address, hour, count)
+            except Exception:  # the index is unavailable: these counts are lost, say so
+                log.exception("%d failed authentications from %s not counted", count, address)
+
+
 class Casework:
     """Breaches, reviews and tickets over `archive`; `stewardship` and `egress` carry out the
     requests (erase, restrict, export)."""
@@ -118,6 +164,7 @@ class Casework:
         self.egress = egress
         self.clock = clock
         self.review = review or rules.ReviewSettings()
+        self.failures = FailureCounts(self.store)
 
     # --- breaches ---------------------------------------------------------------------------
 
@@ -256,6 +303,7 @@ class Casework:
             raise InvalidInput(str(e)) from None
         if start > self.clock():
             raise InvalidInput(f"{month} has not begun")
+        self.failures.flush()  # this process's counts so far
         entries = self.store.entries_between(start, end, ("disclosure", "denial"))
         failures = self.store.auth_failures(start, end)
         return rules.review_report(month, entries, failures, self.review)
@@ -294,7 +342,12 @@ class Casework:
         return self.store.reviews(month)
 
     def count_auth_failure(self, kind: str, address: str) -> None:
-        self.store.count_auth_failure(kind, address, self.clock())
+        """Count a failed authentication: kept in memory and written at most every few seconds
+        per hour, kind and address (a flood of bad tokens costs no write per request)."""
+        self.failures.add(kind, address, self.clock())
+
+    def flush_auth_failures(self) -> None:
+        self.failures.flush()
 
     # --- data-subject request tickets ---------------------------------------------------------
 

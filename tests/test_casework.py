@@ -15,14 +15,23 @@ from zoneinfo import ZoneInfo
 
 import pytest
 import requests
+from sqlalchemy import func, select
 
+from dicomnode.archive import schema
 from dicomnode.archive.accounts import AccountStore
 from dicomnode.core.model import Level
 from dicomnode.governance import casework as rules
 from tests.conftest import WORKSTATION, dicomweb_client, dicomweb_url
-from tests.test_dpo_pages import PASSWORD, browser, make_history, signed_in
+from tests.test_dpo_pages import PASSWORD, STUDY_1, STUDY_2, browser, signed_in
 from tests.test_dpo_pages import RETENTION as TEN_YEARS
-from tests.test_governance_node import as_file, policy_text, publish_days_ago, research_pacs
+from tests.test_governance_node import (
+    as_file,
+    c_find,
+    policy_text,
+    publish_days_ago,
+    research_pacs,
+    wado,
+)
 from tests.test_retention import RETENTION, store
 
 T0 = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)
@@ -450,7 +459,6 @@ def reviewed_node(start_node, storescp):
     )
     publish_days_ago(node, policy_text() + TEN_YEARS)
     from tests.factory import make_ct
-    from tests.test_dpo_pages import STUDY_1, STUDY_2
 
     dicomweb_client(node).store_instances(
         [as_file(make_ct(patient_id=p, study_uid=s)) for p, s in (("P1", STUDY_1), ("P2", STUDY_2))]
@@ -463,14 +471,19 @@ def test_item_24_the_report_is_generated_for_a_given_month_and_sign_off_is_a_dpo
     reviewed_node,
 ):
     node = reviewed_node
-    make_history(node)
-    for _ in range(3):  # a forged token: refused with 401 and counted
+    assert c_find(node, PatientID="P1")[0] == 0  # a query by the workstation
+    assert wado(node, STUDY_1, subject="ohif").status_code == 200  # a retrieval (bulk: >= 1)
+    assert wado(node, STUDY_2, subject="lab-client").status_code == 403  # a denial
+    for _ in range(30):  # a forged token: refused with 401 and counted
         forged = requests.get(
             f"{dicomweb_url(node)}/studies", headers={"Authorization": "Bearer x.y.z"}, timeout=30
         )
         assert forged.status_code == 401
     assert requests.get(f"{dicomweb_url(node)}/studies", timeout=30).status_code == 401  # no token
     assert browser(node).sign_in("dpo1", "not the password").status_code == 401
+    node.app.extensions["dicomnode_casework"].flush_auth_failures()  # written every 5 s
+    with node.archive.index.read() as conn:  # one row per hour, kind and address
+        assert conn.execute(select(func.count()).select_from(schema.auth_failures)).scalar() == 2
     month = datetime.now(ZoneInfo("Asia/Seoul")).strftime("%Y-%m")
 
     made = cli(node, "review", "report", "--month", month)
@@ -480,9 +493,10 @@ def test_item_24_the_report_is_generated_for_a_given_month_and_sign_off_is_a_dpo
     ohif = next(r for r in report["requesters"] if r["requester"] == "ohif")
     assert ohif["retrievals"] == 1 and ohif["instances"] == 1
     assert any(b["requester"] == "ohif" and b["operation"] == "wado" for b in report["bulk"])
-    assert {d["requester"] for d in report["denials"]} == {"lab-client", "dpo"}
+    assert [d["requester"] for d in report["denials"]] == ["lab-client"]
+    assert next(r for r in report["requesters"] if r["requester"] == "WORKSTATION")["queries"] == 1
     assert report["failed_authentication"] == [
-        {"kind": "bearer-token", "address": "127.0.0.1", "count": 3},
+        {"kind": "bearer-token", "address": "127.0.0.1", "count": 30},
         {"kind": "dpo-signin", "address": "127.0.0.1", "count": 1},
     ]
     as_csv = cli(node, "review", "report", "--month", month, "--format", "csv")
@@ -562,3 +576,42 @@ def test_the_pages_refuse_auditors_missing_csrf_and_bad_input_without_storing_an
     made = dpo.post("/governance/breaches", data=form | {"csrf_token": token})
     assert made.status_code == 200 and made.url.endswith("/governance/breaches/1")
     assert "lost CD" in made.text
+
+
+def test_failed_authentications_are_written_in_batches_with_bounded_memory(node):
+    from dicomnode.casework import FailureCounts
+
+    counts = FailureCounts(node.casework.store, window=3600, max_keys=2)
+    now = datetime.now(UTC)
+    for address in ("10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4", "10.0.0.1"):
+        counts.add("bearer-token", address, now)
+    hour = now.replace(minute=0, second=0, microsecond=0)
+    assert node.casework.store.auth_failures(hour, hour + timedelta(hours=1)) == []  # not yet
+    counts.flush()
+    written = node.casework.store.auth_failures(hour, hour + timedelta(hours=1))
+    assert sorted((f["address"], f["count"]) for f in written) == [
+        ("10.0.0.1", 2),
+        ("10.0.0.2", 1),
+        ("other", 2),
+    ]
+    counts.add("bearer-token", "10.0.0.1", now)
+    counts.flush()
+    written = node.casework.store.auth_failures(hour, hour + timedelta(hours=1))
+    assert ("10.0.0.1", 3) in [(f["address"], f["count"]) for f in written]
+
+
+def test_the_review_settings_are_checked(tmp_path):
+    config = tmp_path / "bad.toml"
+    config.write_text(
+        '[dpo]\nreview_timezone = "Mars/Olympus"\nreview_day_starts = 20\nreview_day_ends = 8\n'
+    )
+    checked = subprocess.run(
+        [sys.executable, "-m", "dicomnode.cli", "config", "check", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    said = checked.stdout + checked.stderr
+    assert checked.returncode != 0
+    assert "dpo.review_timezone" in said and "Mars/Olympus" in said
+    assert "dpo.review_day_ends: must be later than review_day_starts" in said

@@ -334,19 +334,19 @@ class CaseStore:
 
     # --- failed authentication ----------------------------------------------------------------
 
-    def count_auth_failure(self, kind: str, address: str, now: datetime) -> None:
-        """Count one failed authentication in its hour (one row per hour, kind and address)."""
+    def count_auth_failure(self, kind: str, address: str, now: datetime, count: int = 1) -> None:
+        """Add `count` failed authentications to their hour (one row per hour, kind, address)."""
         t = schema.auth_failures
         hour = now.replace(minute=0, second=0, microsecond=0)
         key = (t.c.hour == hour, t.c.kind == kind[:32], t.c.address == address[:MAX_ADDRESS])
         for _ in range(3):
             try:
                 with self.index.write() as conn:
-                    if conn.execute(update(t).where(*key).values(count=t.c.count + 1)).rowcount:
+                    if conn.execute(update(t).where(*key).values(count=t.c.count + count)).rowcount:
                         return
                     conn.execute(
                         t.insert().values(
-                            hour=hour, kind=kind[:32], address=address[:MAX_ADDRESS], count=1
+                            hour=hour, kind=kind[:32], address=address[:MAX_ADDRESS], count=count
                         )
                     )
                 return
