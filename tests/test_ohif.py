@@ -637,3 +637,74 @@ def test_the_ct_lung_sr_opens_with_its_measurements_drawn(session, studies, ct_s
     for volume in volumes:
         assert any(line.startswith(f"Volume: {volume:.2f}") for line in lines), lines
     session.assert_no_http_errors()
+
+
+# --- what the viewer reads, checked without a browser --------------------------------------------
+
+
+def _xa_qca_outputs(tmp_path: Path, **spacing: object) -> tuple[Dataset, Dataset, Dataset]:
+    """(XA, SEG, SR) of one xa-qca run, the SEG and SR as written to a file and read back."""
+    from datetime import UTC, datetime
+
+    from dicomnode.analysis.plugin import AnalysisContext, InputUnit, deterministic_uid
+    from dicomnode.analysis.xa_qca.analyzer import XaQca
+
+    cine = xa_cine(4, n_frames=4)
+    xa = xa_dataset(cine.frames, cine.pixel_spacing_mm, representative_frame_number=3)
+    for keyword, value in spacing.items():
+        setattr(xa, keyword, value)
+    path = tmp_path / "xa.dcm"
+    xa.save_as(path, enforce_file_format=True)
+    unit = InputUnit(xa.SOPInstanceUID, xa.StudyInstanceUID, xa.PatientID, [path], ["xa"])
+    context = AnalysisContext(
+        params={},
+        uid=lambda role: deterministic_uid("xa-qca", "ohif", unit.key, role),
+        deadline=datetime.now(UTC),
+        workdir=tmp_path,
+    )
+    seg, sr = XaQca().analyze(unit, context).datasets
+    return xa, pydicom.dcmread(io.BytesIO(_part10(seg))), pydicom.dcmread(io.BytesIO(_part10(sr)))
+
+
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_the_xa_seg_carries_the_xas_own_pixel_spacing(tmp_path, calibrated):
+    """The Pixel Measures group OHIF reads on load: the XA's PixelSpacing when it has one,
+    else its ImagerPixelSpacing as stated (no magnification correction); highdicom reads it."""
+    import highdicom as hd
+
+    extra = {"PixelSpacing": ["0.21", "0.21"]} if calibrated else {}
+    xa, seg, _ = _xa_qca_outputs(tmp_path, **extra)
+    (measures,) = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence
+    expected = xa.PixelSpacing if calibrated else xa.ImagerPixelSpacing
+    assert [float(v) for v in measures.PixelSpacing] == [float(v) for v in expected]
+    assert float(measures.SliceThickness) == float(expected[0])
+    assert "SpacingBetweenSlices" not in measures
+    assert "PlaneOrientationSequence" not in seg.SharedFunctionalGroupsSequence[0]
+    assert "FrameOfReferenceUID" not in seg
+    hd.seg.Segmentation.from_dataset(seg)  # highdicom's reader accepts it
+
+
+def test_the_qca_srs_mld_and_reference_diameter_read_apart(tmp_path):
+    """One TID 3214 concept, two Code Meanings and TID 300 Equivalent Meanings."""
+    _, _, sr = _xa_qca_outputs(tmp_path)
+    found = {}
+
+    def walk(items) -> None:
+        for item in items:
+            name = item.ConceptNameCodeSequence[0]
+            if item.ValueType == "NUM" and name.CodeValue == "397413000":
+                texts = [
+                    m.TextValue
+                    for m in item.ContentSequence
+                    if m.ConceptNameCodeSequence[0].CodeValue == "121050"
+                ]
+                found[name.CodeMeaning] = texts
+            walk(item.get("ContentSequence", []))
+
+    walk(sr.ContentSequence)
+    assert found == {
+        "Vessel lumen diameter, minimum (MLD)": ["Minimum lumen diameter (MLD)"],
+        "Vessel lumen diameter, interpolated reference": [
+            "Reference vessel diameter at the MLD site (interpolated)"
+        ],
+    }
