@@ -541,6 +541,9 @@ def test_item_24_the_report_is_generated_for_a_given_month_and_sign_off_is_a_dpo
     exported = pages.get(f"/governance/review.json?month={month}").json()
     assert exported["requesters"] == report["requesters"]
     assert pages.get(f"/governance/review.csv?month={month}").text.startswith("section,seq,at")
+    # without ?month= the page shows the node's month in its time zone, not UTC's
+    node.stewardship.clock = lambda: datetime(2026, 10, 31, 16, 0, tzinfo=UTC)  # 1 Nov in Seoul
+    assert 'name="month" value="2026-11"' in pages.get("/governance/review").text
 
 
 def test_the_pages_refuse_auditors_missing_csrf_and_bad_input_without_storing_anything(node):

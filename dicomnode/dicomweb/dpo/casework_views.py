@@ -13,7 +13,7 @@ import csv
 import io
 import json
 import logging
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, g, redirect, request, url_for
@@ -117,7 +117,10 @@ def _moment_field(name: str, required: bool = True) -> datetime | None:
 
 def _month() -> str:
     month = request.args.get("month", "").strip()
-    return month or datetime.now(UTC).strftime("%Y-%m")
+    if month:
+        return month
+    work = casework()
+    return work.clock().astimezone(work.review.zone).strftime("%Y-%m")  # the node's month
 
 
 def _tickets_context() -> dict[str, Any]:
