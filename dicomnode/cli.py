@@ -376,11 +376,12 @@ def _consent_record(args: argparse.Namespace) -> int:
             purpose=args.purpose,
             state=args.state,
             recorded_by=_who(args),
-            issuer=args.issuer or "",
+            issuer=args.issuer or None,
             valid_from=_moment(args.valid_from),
             valid_until=_moment(args.valid_until),
             evidence_ref=args.evidence or "",
             note=args.note or "",
+            recipients=[r.strip() for r in (args.recipients or "").split(",") if r.strip()],
         )
     print(f"recorded {stored.ref} ({stored.state})")
     for key, ids in changed.items():
@@ -391,7 +392,7 @@ def _consent_record(args: argparse.Namespace) -> int:
 
 def _consent_show(args: argparse.Namespace) -> int:
     with _node_services(args.config) as node:
-        current = node.stewardship.consent_in_force(args.patient_id)
+        current = node.stewardship.consent_in_force(args.patient_id, args.issuer)
     if not current:
         print(f"no consent recorded for patient {args.patient_id}")
     for purpose, record in current.items():
@@ -403,7 +404,7 @@ def _consent_show(args: argparse.Namespace) -> int:
 
 def _consent_history(args: argparse.Namespace) -> int:
     with _node_services(args.config) as node:
-        history = node.stewardship.consent_history(args.patient_id)
+        history = node.stewardship.consent_history(args.patient_id, args.issuer)
     for record in history:
         print(json.dumps(record.as_dict(), ensure_ascii=False))
     return 0
@@ -415,10 +416,12 @@ def _subject(args: argparse.Namespace) -> int:
     with _node_services(args.config) as node:
         command = args.subject_command
         if command == "restrict":
-            restriction = node.stewardship.restrict(args.patient_id, _who(args), args.reason or "")
+            restriction = node.stewardship.restrict(
+                args.patient_id, _who(args), args.reason or "", issuer=args.issuer or ""
+            )
             print(f"patient {args.patient_id} restricted ({restriction.ref})")
         elif command == "unrestrict":
-            restriction = node.stewardship.unrestrict(args.patient_id, _who(args))
+            restriction = node.stewardship.unrestrict(args.patient_id, _who(args), args.issuer)
             print(f"patient {args.patient_id}: {restriction.ref} lifted")
         elif command == "export":
             summary = node.egress.export_subject(
@@ -475,6 +478,7 @@ def _hold(args: argparse.Namespace) -> int:
                 study_uid=args.study,
                 case_ref=args.case or "",
                 review_date=_moment(args.review),
+                issuer=args.issuer,
             )
             print(f"placed {hold.ref} on {hold.patient_id or hold.study_instance_uid}")
         elif args.hold_command == "release":
@@ -789,6 +793,10 @@ def _governance_parsers(commands: Any) -> None:
     record.add_argument("--valid-until", help="ISO 8601 (default: open-ended)")
     record.add_argument("--evidence", help="reference to the signed form, recording, ...")
     record.add_argument("--note")
+    record.add_argument(
+        "--recipients",
+        help="comma-separated policy recipient ids the consent names (PIPA 17(2)); default: any",
+    )
     record.set_defaults(run=_consent_record)
     for name, run, text in (
         ("show", _consent_show, "the patient's current consent per purpose"),
@@ -796,6 +804,7 @@ def _governance_parsers(commands: Any) -> None:
     ):
         sub = with_config(consent_commands.add_parser(name, help=text))
         sub.add_argument("--patient-id", required=True)
+        sub.add_argument("--issuer", help="IssuerOfPatientID: the consents that count for it")
         sub.set_defaults(run=run)
 
     subject = commands.add_parser("subject", help="data-subject requests")
@@ -812,6 +821,10 @@ def _governance_parsers(commands: Any) -> None:
             sub.add_argument(
                 "--issuer",
                 help="IssuerOfPatientID; needed when the ID is held under several issuers",
+            )
+        if name in ("restrict", "unrestrict"):
+            sub.add_argument(
+                "--issuer", help="IssuerOfPatientID (restrict without it: the ID under any issuer)"
             )
         if name == "restrict":
             sub.add_argument("--reason")
@@ -846,6 +859,9 @@ def _governance_parsers(commands: Any) -> None:
     place.add_argument("--owner", required=True, help="who answers for the hold")
     place.add_argument("--reason", required=True)
     place.add_argument("--case", help="case reference")
+    place.add_argument(
+        "--issuer", help="IssuerOfPatientID of --patient-id (without it: the ID under any issuer)"
+    )
     place.add_argument("--review", help="review date (ISO 8601)")
     place.set_defaults(run=_hold)
     release = with_by(with_config(hold_commands.add_parser("release", help="release a hold")))

@@ -172,15 +172,23 @@ class Stewardship:
         purpose: str,
         state: str,
         recorded_by: str,
-        issuer: str = "",
+        issuer: str | None = None,
         valid_from: datetime | None = None,
         valid_until: datetime | None = None,
         evidence_ref: str = "",
         note: str = "",
+        recipients: tuple[str, ...] | list[str] = (),
     ) -> tuple[ConsentRecord, dict[str, list[int]]]:
         """Record a new consent version for a patient and purpose of use. A refusal or
         withdrawal cancels the patient's queued work for that purpose; a grant releases the
-        analysis held for want of it. Returns the stored version and what changed."""
+        analysis held for want of it. Returns the stored version and what changed.
+
+        The patient is a Patient ID within `issuer`. Without an issuer ("" or None) the consent
+        is recorded under the one issuer the archive holds the ID under; under several it is
+        ambiguous and refused (InvalidInput naming them); when the archive does not hold the
+        ID yet, it is recorded without an issuer and counts for the ID under any issuer.
+        `recipients` (policy recipient ids, PIPA 17(2)1): the only recipients the consent lets
+        data go to; empty: any recipient of the purpose."""
         if not patient_id.strip():
             raise InvalidInput("a consent needs the patient's Patient ID")
         if purpose not in codes.PURPOSES:
@@ -196,9 +204,18 @@ class Stewardship:
         valid_from = valid_from or now
         if valid_until is not None and valid_until <= valid_from:
             raise InvalidInput("a consent's period must end after it starts")
+        identity = self.archive.identify(patient_id, (issuer or "").strip() or None)
+        policy = governance.policy_in_force(self.archive.registry.published_policies(), now)
+        named = tuple(dict.fromkeys(str(r).strip() for r in recipients if str(r).strip()))
+        unknown = [r for r in named if not any(part.recipient(r) for part in policy.parts)]
+        if unknown:
+            raise InvalidInput(
+                f"recipient {unknown[0]!r} is not a recipient of the policy in force "
+                f"({policy.version}): {', '.join(r.id for r in policy.recipients) or 'none'}"
+            )
         record = ConsentRecord(
-            patient_id=patient_id.strip(),
-            issuer_of_patient_id=issuer.strip(),
+            patient_id=identity.patient_id,
+            issuer_of_patient_id=identity.issuer or "",
             purpose=purpose,
             version=0,  # the registry numbers it
             state=state,
@@ -208,8 +225,8 @@ class Stewardship:
             recorded_by=recorded_by,
             recorded_at=now,
             note=note,
+            recipients=named,
         )
-        policy = governance.policy_in_force(self.archive.registry.published_policies(), now)
         cancel = (
             governance.withdrawal_affects(policy, purpose)
             if state in ("refused", "withdrawn")
@@ -227,16 +244,21 @@ class Stewardship:
         )
         return stored, changed
 
-    def consent_history(self, patient_id: str) -> list[ConsentRecord]:
-        return self.archive.registry.consents(patient_id)
+    def consent_history(self, patient_id: str, issuer: str | None = None) -> list[ConsentRecord]:
+        """Every consent version of the Patient ID (with `issuer`: those that count for that
+        issuer's patient: recorded under it or without an issuer)."""
+        return self.archive.registry.consents(patient_id, issuer)
 
-    def consent_in_force(self, patient_id: str) -> dict[str, dict[str, Any]]:
-        """Per purpose, the patient's current consent version and whether it grants now."""
+    def consent_in_force(
+        self, patient_id: str, issuer: str | None = None
+    ) -> dict[str, dict[str, Any]]:
+        """Per purpose, the patient's current consent version and whether it grants now (with
+        `issuer`: for that issuer's patient)."""
         now = self.clock()
-        records = tuple(self.archive.registry.consents(patient_id))
+        records = tuple(self.archive.registry.consents(patient_id, issuer))
         current = {}
         for purpose in sorted({r.purpose for r in records}):
-            record = governance.current_consent(records, purpose, now)
+            record = governance.current_consent(records, purpose, now, issuer)
             current[purpose] = record.as_dict() | {  # type: ignore[union-attr]
                 "in_force": governance.consent_in_force(record, now)
             }
@@ -244,14 +266,22 @@ class Stewardship:
 
     # --- restriction (PIPA 37, GDPR 18) ---------------------------------------------------
 
-    def restrict(self, patient_id: str, by: str, reason: str = "", issuer: str = "") -> Restriction:
-        """Stop analysis and every disclosure of the patient's data until lifted."""
+    def restrict(
+        self, patient_id: str, by: str, reason: str = "", issuer: str | None = ""
+    ) -> Restriction:
+        """Stop analysis and every disclosure of the patient's data until lifted: of the
+        Patient ID within `issuer`, or, without one, of the ID under every issuer."""
         if not patient_id.strip():
             raise InvalidInput("a restriction needs the patient's Patient ID")
-        return self.archive.registry.restrict(patient_id, issuer, reason, by, self.clock())
+        return self.archive.registry.restrict(
+            patient_id.strip(), (issuer or "").strip(), reason, by, self.clock()
+        )
 
-    def unrestrict(self, patient_id: str, by: str) -> Restriction:
-        return self.archive.registry.unrestrict(patient_id, by, self.clock())
+    def unrestrict(self, patient_id: str, by: str, issuer: str | None = None) -> Restriction:
+        """Lift the restriction recorded under `issuer` (without it: the only active one)."""
+        return self.archive.registry.unrestrict(
+            patient_id.strip(), by, self.clock(), None if issuer is None else issuer.strip()
+        )
 
     # --- legal holds ----------------------------------------------------------------------
 
@@ -264,10 +294,14 @@ class Stewardship:
         study_uid: str | None = None,
         case_ref: str = "",
         review_date: datetime | None = None,
+        issuer: str | None = None,
     ) -> LegalHold:
-        """Hold a patient's or a study's data: retention and erasure skip it until released."""
+        """Hold a patient's or a study's data: retention and erasure skip it until released. A
+        hold on a patient with `issuer` holds that issuer's patient only; without one, the
+        Patient ID under every issuer."""
+        issuer = issuer.strip() if issuer and issuer.strip() else None
         return self.archive.registry.place_hold(
-            patient_id, study_uid, owner, reason, case_ref, review_date, by, self.clock()
+            patient_id, study_uid, owner, reason, case_ref, review_date, by, self.clock(), issuer
         )
 
     def release_hold(self, hold_id: int, by: str) -> LegalHold:
@@ -301,10 +335,12 @@ class Stewardship:
                     withdrawn[patient] = min(
                         withdrawn.get(patient, current.recorded_at), current.recorded_at
                     )
+        identities = registry.study_identities() if holds else {}
         facts = []
         for study in self.archive.retention_facts():
+            issuer = getattr(identities.get(study.study_instance_uid), "issuer", None)
             on_hold = tuple(
-                h.ref for h in holds if h.covers(study.patient_id, study.study_instance_uid)
+                h.ref for h in holds if h.covers(study.patient_id, study.study_instance_uid, issuer)
             )
             facts.append(
                 dataclasses.replace(
@@ -504,7 +540,11 @@ class Stewardship:
         mine = {i.study_instance_uid for i in self.archive.instances_of(identity)}
         facts = [f for f in self._retention_facts(policy) if f.study_instance_uid in mine]
         held = registry.held(patient_id=patient_id)
-        holds = {h.ref for h in registry.holds(active_only=True) if h.patient_id == patient_id}
+        holds = {
+            h.ref
+            for h in registry.holds(active_only=True)
+            if h.holds_patient(patient_id, identity.issuer)
+        }
         reasons = self._reasons_to_keep(facts, policy, now, holds)
         studies = sorted(f.study_instance_uid for f in facts)
         detail: dict[str, Any] = {
@@ -596,20 +636,15 @@ class Stewardship:
         if not doomed:
             raise NotFound(f"nothing matches {dict(keys)} at {level} level")
         studies = {d.study_instance_uid for d in doomed}
-        patients = {d.patient_id for d in doomed}
         facts = [f for f in self._retention_facts(policy) if f.study_instance_uid in studies]
-        holds = {
-            h.ref
-            for h in self.archive.registry.holds(active_only=True)
-            if h.patient_id in patients or h.study_instance_uid in studies
-        }
+        holds = {ref for f in facts for ref in f.holds}  # by study and by (Patient ID, issuer)
         reasons = self._reasons_to_keep(facts, policy, now, holds)
         detail: dict[str, Any] = {
             "operation": "delete",
             "request": f"{requester.protocol} DELETE",
             "level": str(level),
             "target": dict(keys),
-            "patient_ids": sorted(patients),
+            "patient_ids": sorted({d.patient_id for d in doomed}),
             "study_instance_uids": sorted(studies),
             "policy_version": policy.version,
             "address": requester.address,

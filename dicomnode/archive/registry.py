@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -23,7 +24,13 @@ from dicomnode.archive.index import Index
 from dicomnode.archive.leases import any_due, claim_due, owned_by, retry_or_fail
 from dicomnode.archive.ledger import Ledger
 from dicomnode.core.errors import InvalidInput, NotFound
-from dicomnode.core.model import ConsentRecord, LedgerKind, PatientFacts, PublishedPolicy
+from dicomnode.core.model import (
+    ConsentRecord,
+    LedgerKind,
+    PatientFacts,
+    PatientIdentity,
+    PublishedPolicy,
+)
 from dicomnode.core.times import as_utc
 
 GOVERNANCE_LOCK = 1573_0002  # serialises check-then-write changes of governance records
@@ -126,6 +133,7 @@ class LegalHold:
     placed_at: datetime
     released_at: datetime | None
     released_by: str | None
+    issuer_of_patient_id: str | None = None  # None: the Patient ID under any issuer
 
     @property
     def ref(self) -> str:
@@ -135,9 +143,20 @@ class LegalHold:
     def active(self) -> bool:
         return self.released_at is None
 
-    def covers(self, patient_id: str, study_uid: str) -> bool:
+    def holds_patient(self, patient_id: str, issuer: str | None = None) -> bool:
+        """Whether this hold is on that patient: the same Patient ID, and the same issuer when
+        both the hold and the object name one (an unknown side counts: conservative)."""
+        return self.patient_id == patient_id and (
+            self.issuer_of_patient_id is None
+            or issuer is None
+            or self.issuer_of_patient_id == issuer
+        )
+
+    def covers(self, patient_id: str, study_uid: str, issuer: str | None = None) -> bool:
+        """Whether this active hold covers a study of this patient (issuer: of the study's
+        Patient ID, None when not known)."""
         return self.active and (
-            self.patient_id == patient_id or self.study_instance_uid == study_uid
+            self.holds_patient(patient_id, issuer) or self.study_instance_uid == study_uid
         )
 
     def as_dict(self) -> dict[str, Any]:
@@ -174,6 +193,7 @@ def _consent(row: Any) -> ConsentRecord:
         recorded_by=row.recorded_by,
         recorded_at=as_utc(row.recorded_at),
         note=row.note,
+        recipients=tuple(json.loads(row.recipients)) if row.recipients else (),
     )
 
 
@@ -327,11 +347,9 @@ class Registry:
                 )
             ).scalar()
             stored = ConsentRecord(**{**record.__dict__, "version": (latest or 0) + 1})
-            conn.execute(
-                c.insert().values(
-                    {k: v for k, v in stored.__dict__.items() if k in c.c}  # type: ignore[operator]
-                )
-            )
+            values = {k: v for k, v in stored.__dict__.items() if k in c.c}  # type: ignore[operator]
+            values["recipients"] = json.dumps(list(stored.recipients)) if stored.recipients else ""
+            conn.execute(c.insert().values(values))
             changed = self._consequences(conn, stored, cancel_activities)
             self.ledger.append(
                 conn,
@@ -391,12 +409,17 @@ class Registry:
             )
         return ids
 
-    def consents(self, patient_id: str | None = None) -> list[ConsentRecord]:
-        """Every consent version (of one patient), oldest first."""
+    def consents(
+        self, patient_id: str | None = None, issuer: str | None = None
+    ) -> list[ConsentRecord]:
+        """Every consent version (of one Patient ID; with `issuer`, those recorded under that
+        issuer or without one), oldest first."""
         c = schema.consents
         query = select(c).order_by(c.c.recorded_at, c.c.id)
         if patient_id is not None:
             query = query.where(c.c.patient_id == patient_id)
+        if issuer is not None:
+            query = query.where(c.c.issuer_of_patient_id.in_({issuer, ""}))
         with self.index.read() as conn:
             return [_consent(r) for r in conn.execute(query)]
 
@@ -405,11 +428,12 @@ class Registry:
     def restrict(
         self, patient_id: str, issuer: str, reason: str, by: str, now: datetime
     ) -> Restriction:
-        """Restrict all processing of a patient's data until lifted (a ledger entry)."""
+        """Restrict all processing of a patient's data until lifted (a ledger entry); `issuer`
+        "" restricts the Patient ID under every issuer."""
         r = schema.restrictions
         with self.index.write() as conn:
             self.index.serialize(conn, GOVERNANCE_LOCK)
-            active = self._active_restriction(conn, patient_id)
+            active = self._active_restriction(conn, patient_id, issuer)
             if active is not None:
                 return active
             new_id = conn.execute(
@@ -430,6 +454,7 @@ class Registry:
                 {
                     "request": "restrict",
                     "patient_ids": [patient_id],
+                    "issuer_of_patient_id": issuer,
                     "reason": reason,
                     "restriction": restriction.ref,
                 },
@@ -437,12 +462,27 @@ class Registry:
         self.forget_cached()
         return restriction
 
-    def unrestrict(self, patient_id: str, by: str, now: datetime) -> Restriction:
-        """Lift a patient's restriction; analysis held because of it may run again."""
+    def unrestrict(
+        self, patient_id: str, by: str, now: datetime, issuer: str | None = None
+    ) -> Restriction:
+        """Lift a patient's restriction (the one recorded under `issuer`; without it, the only
+        active one of the Patient ID); analysis held because of it may run again."""
         r = schema.restrictions
         with self.index.write() as conn:
             self.index.serialize(conn, GOVERNANCE_LOCK)
-            active = self._active_restriction(conn, patient_id)
+            if issuer is None:
+                rows = conn.execute(
+                    select(r).where(r.c.patient_id == patient_id, r.c.lifted_at.is_(None))
+                ).all()
+                if len(rows) > 1:
+                    named = ", ".join(repr(row.issuer_of_patient_id) for row in rows)
+                    raise InvalidInput(
+                        f"patient {patient_id} has restrictions under several issuers "
+                        f"({named}): name the IssuerOfPatientID"
+                    )
+                active = _restriction(rows[0]) if rows else None
+            else:
+                active = self._active_restriction(conn, patient_id, issuer)
             if active is None:
                 raise NotFound(f"patient {patient_id} has no active restriction")
             conn.execute(update(r).where(r.c.id == active.id).values(lifted_at=now, lifted_by=by))
@@ -462,10 +502,18 @@ class Registry:
         self.forget_cached()
         return active
 
-    def _active_restriction(self, conn: Connection, patient_id: str) -> Restriction | None:
+    def _active_restriction(
+        self, conn: Connection, patient_id: str, issuer: str
+    ) -> Restriction | None:
         r = schema.restrictions
         row = conn.execute(
-            select(r).where(r.c.patient_id == patient_id, r.c.lifted_at.is_(None)).limit(1)
+            select(r)
+            .where(
+                r.c.patient_id == patient_id,
+                r.c.issuer_of_patient_id == issuer,
+                r.c.lifted_at.is_(None),
+            )
+            .limit(1)
         ).first()
         return _restriction(row) if row else None
 
@@ -489,10 +537,14 @@ class Registry:
         review_date: datetime | None,
         by: str,
         now: datetime,
+        issuer: str | None = None,
     ) -> LegalHold:
-        """Hold a patient's or a study's data against every deletion (a ledger entry)."""
+        """Hold a patient's or a study's data against every deletion (a ledger entry); a hold
+        on a patient without `issuer` holds the Patient ID under every issuer."""
         if not (patient_id or study_uid) or (patient_id and study_uid):
             raise InvalidInput("a legal hold is on a patient or on a study (one of them)")
+        if issuer is not None and not patient_id:
+            raise InvalidInput("an IssuerOfPatientID goes with a hold on a patient")
         if not owner.strip() or not reason.strip():
             raise InvalidInput("a legal hold needs an owner and a reason")
         h = schema.legal_holds
@@ -500,6 +552,7 @@ class Registry:
             new_id = conn.execute(
                 h.insert().values(
                     patient_id=patient_id,
+                    issuer_of_patient_id=issuer,
                     study_instance_uid=study_uid,
                     owner=owner,
                     reason=reason,
@@ -559,26 +612,110 @@ class Registry:
 
     # --- facts for decisions ----------------------------------------------------------------
 
-    def facts(self, patient_ids: set[str] | list[str]) -> dict[str, PatientFacts]:
-        """Consents and restrictions of these patients, read fresh (for disclosures)."""
-        wanted = sorted(set(patient_ids))
+    def facts(
+        self,
+        patients: Iterable[str | PatientIdentity],
+        study_uids: Iterable[str] = (),
+    ) -> dict[str, PatientFacts]:
+        """Consents and restrictions of these patients, read fresh (for disclosures), keyed by
+        Patient ID. Each ID's facts name the issuers of the persons the decision is about: the
+        ones given (a PatientIdentity with an issuer), else those its studies among
+        `study_uids` are held under, else every issuer the archive holds the ID under. A
+        restriction counts when recorded without an issuer or under one of them; every
+        consent version of the ID is given (`decisions` picks those of each issuer)."""
+        named: dict[str, set[str]] = {}
+        for patient in patients:
+            if isinstance(patient, PatientIdentity):
+                issuers = named.setdefault(patient.patient_id, set())
+                if patient.issuer is not None:
+                    issuers.add(patient.issuer)
+            else:
+                named.setdefault(patient, set())
+        wanted = sorted(named)
         consents: dict[str, list[ConsentRecord]] = {p: [] for p in wanted}
-        restricted: dict[str, str] = {}
+        restrictions: dict[str, list[Restriction]] = {p: [] for p in wanted}
         c, r = schema.consents, schema.restrictions
         with self.index.read() as conn:
+            issuers = self._issuers(conn, named, sorted(set(study_uids)))
             for chunk in _chunks(wanted):
                 for row in conn.execute(select(c).where(c.c.patient_id.in_(chunk))):
                     consents[row.patient_id].append(_consent(row))
                 for row in conn.execute(
                     select(r).where(r.c.patient_id.in_(chunk), r.c.lifted_at.is_(None))
                 ):
-                    restricted[row.patient_id] = f"restriction:{row.id}"
-        return {
-            p: PatientFacts(p, tuple(consents[p]), p in restricted, restricted.get(p, ""))
-            for p in wanted
-        }
+                    restrictions[row.patient_id].append(_restriction(row))
+        facts = {}
+        for p in wanted:
+            mine = issuers[p]
+            applying = [
+                x for x in restrictions[p] if not mine or x.issuer_of_patient_id in ("", *mine)
+            ]
+            facts[p] = PatientFacts(
+                p,
+                tuple(consents[p]),
+                bool(applying),
+                ", ".join(x.ref for x in applying),
+                tuple(sorted(mine)),
+            )
+        return facts
 
-    def governed_facts(self, patient_ids: set[str] | list[str]) -> dict[str, PatientFacts]:
+    @staticmethod
+    def _issuers(
+        conn: Connection, named: dict[str, set[str]], study_uids: list[str]
+    ) -> dict[str, set[str]]:
+        """Per Patient ID, the issuers of the persons a decision is about (see `facts`)."""
+        p, st = schema.patients, schema.studies
+        found = {pid: set(issuers) for pid, issuers in named.items()}
+        open_ids = sorted(pid for pid, issuers in found.items() if not issuers)
+        for chunk in _chunks(study_uids):
+            if not open_ids:
+                break
+            rows = conn.execute(
+                select(p.c.patient_id, p.c.issuer_of_patient_id)
+                .join(st, st.c.patient_pk == p.c.id)
+                .where(st.c.study_instance_uid.in_(chunk), p.c.patient_id.in_(open_ids))
+                .distinct()
+            )
+            for pid, issuer in rows:
+                found[pid].add(issuer or "")
+        open_ids = sorted(pid for pid, issuers in found.items() if not issuers)
+        for chunk in _chunks(open_ids):
+            rows = conn.execute(
+                select(p.c.patient_id, p.c.issuer_of_patient_id)
+                .where(p.c.patient_id.in_(chunk))
+                .distinct()
+            )
+            for pid, issuer in rows:
+                found[pid].add(issuer or "")
+        return found
+
+    def study_identities(
+        self, study_uids: Iterable[str] | None = None
+    ) -> dict[str, PatientIdentity]:
+        """Per study (all, or these), the identity of its patient (Patient ID and issuer, ""
+        for objects without one)."""
+        p, st = schema.patients, schema.studies
+        query = select(st.c.study_instance_uid, p.c.patient_id, p.c.issuer_of_patient_id).join(
+            p, st.c.patient_pk == p.c.id
+        )
+        found: dict[str, PatientIdentity] = {}
+        with self.index.read() as conn:
+            if study_uids is None:
+                rows = list(conn.execute(query))
+            else:
+                rows = []
+                for chunk in _chunks(sorted(set(study_uids))):
+                    rows += conn.execute(query.where(st.c.study_instance_uid.in_(chunk))).all()
+        for uid, pid, issuer in rows:
+            if pid and pid.strip():
+                found[uid] = PatientIdentity(pid, issuer or "")
+        return found
+
+    def governed_facts(
+        self,
+        patients: Iterable[str | PatientIdentity],
+        study_uids: Iterable[str] = (),
+    ) -> dict[str, PatientFacts]:
         """Facts of these patients for a decision on the hot path: no query for patients
         without any consent or restriction on record (the common case), using the set of
         patients that have some, refreshed every few seconds (so a change recorded by another
@@ -593,10 +730,16 @@ class Registry:
             governed = (time.monotonic(), frozenset(ids))
             with self._lock:
                 self._governed = governed
-        wanted = set(patient_ids)
+        patients = list(patients)
+        wanted = {p.patient_id if isinstance(p, PatientIdentity) else p for p in patients}
         facts = {p: PatientFacts(p) for p in wanted - governed[1]}
         if wanted & governed[1]:
-            facts |= self.facts(wanted & governed[1])
+            mine = [
+                p
+                for p in patients
+                if (p.patient_id if isinstance(p, PatientIdentity) else p) in governed[1]
+            ]
+            facts |= self.facts(mine, study_uids)
         return facts
 
     # --- objects held at intake -------------------------------------------------------------

@@ -379,3 +379,9 @@ auth_failures = Table(
     Column("count", Integer, nullable=False),
     UniqueConstraint("hour", "kind", "address", name="uq_auth_failures_hour"),
 )
+
+# --- identity and named recipients (migration 0007) ---------------------------------------------
+# A legal hold on a patient names the issuer of the Patient ID (NULL: the ID under any issuer);
+# a consent may name its recipients (PIPA 17(2)1; a JSON list, "" or "[]": any recipient).
+legal_holds.append_column(Column("issuer_of_patient_id", String, nullable=True))
+consents.append_column(Column("recipients", Text, nullable=False, server_default=""))

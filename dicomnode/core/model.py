@@ -142,6 +142,8 @@ class ConsentRecord:
     recorded_by: str
     recorded_at: datetime
     note: str = ""
+    # PIPA 17(2)1: the recipients the consent names; empty: any recipient of the purpose
+    recipients: tuple[str, ...] = ()
 
     @property
     def ref(self) -> str:
@@ -166,6 +168,9 @@ class PatientFacts:
     consents: tuple[ConsentRecord, ...] = ()
     restricted: bool = False
     restriction_ref: str = ""
+    # the IssuerOfPatientID of each person the decision is about ("" for objects without
+    # one); empty: not known, every consent of the Patient ID counts
+    issuers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,16 @@ def _text(data: dict[str, Any], key: str, required: bool = True) -> str:
     return value.strip()
 
 
+def _recipients(data: dict[str, Any]) -> list[str]:
+    """The recipients a consent names: a list of recipient ids (absent: any recipient)."""
+    value = data.get("recipients", [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InvalidInput("'recipients' must be a list of recipient ids")
+    if len(value) > 100:
+        raise InvalidInput("'recipients': at most 100")
+    return value
+
+
 def _moment(data: dict[str, Any], key: str) -> datetime | None:
     value = data.get(key)
     if value in (None, ""):
@@ -162,6 +172,7 @@ def governance_blueprint() -> Blueprint:
             valid_until=_moment(data, "valid_until"),
             evidence_ref=_text(data, "evidence_ref", required=False),
             note=_text(data, "note", required=False),
+            recipients=_recipients(data),
         )
         return jsonify(stored.as_dict() | changed), 201
 
@@ -169,12 +180,16 @@ def governance_blueprint() -> Blueprint:
     def restrict(patient_id: str) -> tuple[Response, int]:
         data = request.get_json(silent=True) or {}
         reason = str(data.get("reason", "")) if isinstance(data, dict) else ""
-        restriction = services().stewardship.restrict(patient_id, _who(), reason)
+        issuer = data.get("issuer_of_patient_id", "") if isinstance(data, dict) else ""
+        issuer = request.args.get("issuer") or (issuer if isinstance(issuer, str) else "")
+        restriction = services().stewardship.restrict(patient_id, _who(), reason, issuer=issuer)
         return jsonify({"restriction": restriction.ref, "patient_id": patient_id}), 201
 
     @bp.post("/subjects/<patient_id>/unrestrict")
     def unrestrict(patient_id: str) -> Response:
-        restriction = services().stewardship.unrestrict(patient_id, _who())
+        restriction = services().stewardship.unrestrict(
+            patient_id, _who(), request.args.get("issuer")
+        )
         return jsonify({"lifted": restriction.ref, "patient_id": patient_id})
 
     @bp.post("/subjects/<patient_id>/erase")
@@ -234,6 +249,7 @@ def governance_blueprint() -> Blueprint:
             study_uid=validate_uid(study, "study_instance_uid") if study else None,
             case_ref=_text(data, "case_ref", required=False),
             review_date=_moment(data, "review_date"),
+            issuer=_text(data, "issuer_of_patient_id", required=False) or None,
         )
         return jsonify(hold.as_dict()), 201
 

@@ -143,7 +143,8 @@ class Gate:
         now = self.clock()
         policy = self.policy(now)
         request = self._request(requester, operation, recipient, patient_ids, study_uids)
-        facts = self.archive.registry.governed_facts(patient_ids) if patient_ids else {}
+        # the facts of the persons whose objects these are: (Patient ID, issuer) of the studies
+        facts = self.archive.registry.governed_facts(patient_ids, study_uids) if patient_ids else {}
         decision = governance.decide(request, facts, policy, now)
         if record:
             self._record(requester, request, decision, count, extra or {})

@@ -117,6 +117,65 @@ THIRD_PARTY_BASES = frozenset(
 ) | frozenset(k for k in _MSA if k.startswith("MSA-21-3-"))
 CROSS_BORDER_BASES = frozenset(k for k in _PIPA if k.startswith("PIPA-28-8-"))
 
+# What an allow rule relying on a basis must state for the basis to hold, as the law words it;
+# `parse_policy` refuses a rule that lacks any of it, naming the rule and the article. Keys:
+#   deid_profile: the rule de-identifies what it gives (a [[deid_profiles]] id);
+#   purposes: the purposes of use the basis can serve;
+#   legal_provision: the rule names the other law and article relied on;
+#   collection_bases: the rule's collection_basis, the 15(1) ground the data was collected on;
+#   within_collection_purposes: the purposes are among the intake activity's (collection's);
+#   compatibility: the rule records its judgement on each Decree 14-2(1) factor;
+#   published_in: where the privacy policy publishes those criteria (Decree 14-2(2)).
+BASIS_CONDITIONS: dict[str, dict[str, object]] = {
+    "PIPA-28-2": {
+        "law": "PIPA 28-2: pseudonymised information may be processed without consent for "
+        "statistics, scientific research and public-interest archiving; given to a third party "
+        "it must not include information that could identify a specific person (28-2(2))",
+        "deid_profile": True,
+        # scientific research (industrial research and development included), statistics
+        # (population health), public-interest archiving (records management)
+        "purposes": (
+            "HRESCH",
+            "CLINTRCH",
+            "CLINTRCHNPC",
+            "BIORCH",
+            "SYSDEV",
+            "TRAIN",
+            "POPHLTH",
+            "RECORDMGT",
+        ),
+    },
+    "PIPA-17-1-2": {
+        "law": "PIPA 17(1)2: provision within the purposes the data was collected for under "
+        "Article 15(1)2, 3 and 5 to 7",
+        "collection_bases": (
+            "PIPA-15-1-2",
+            "PIPA-15-1-3",
+            "PIPA-15-1-5",
+            "PIPA-15-1-6",
+            "PIPA-15-1-7",
+        ),
+        "within_collection_purposes": True,
+    },
+    "PIPA-17-4": {
+        "law": "PIPA 17(4) and Decree 14-2: provision without consent within a scope reasonably "
+        "related to the original purpose, judged on relevance to it, predictability, no undue "
+        "infringement and safeguards such as pseudonymisation or encryption; when ongoing, the "
+        "criteria are published in the privacy policy and the privacy officer checks them",
+        "compatibility": ("relevance", "predictability", "no_undue_infringement", "safeguards"),
+        "published_in": True,
+    },
+    "PIPA-18-2-2": {
+        "law": "PIPA 18(2)2: use or provision beyond the purpose where another law has a special "
+        "provision for it",
+        "legal_provision": True,
+    },
+    "PIPA-23-1-2": {
+        "law": "PIPA 23(1)2: a law requires or permits processing the sensitive information",
+        "legal_provision": True,
+    },
+}
+
 # --- purposes of use (HL7 v3 ActReason) --------------------------------------------------------
 
 PURPOSES: dict[str, str] = {

@@ -8,6 +8,11 @@ is honoured whatever the rule's basis. Every decision carries its reason, the ru
 policy version, the lawful basis and the consent versions it relied on, so that the ledger can
 say why data left or did not.
 
+A person is a Patient ID within its issuer: a consent recorded under an issuer counts only for
+objects of that issuer's patient, one recorded without an issuer for the ID under any issuer
+(`PatientFacts.issuers` names the issuers of the objects decided on; every one must pass). A
+consent naming recipients (PIPA 17(2)1) lets the data go to those recipients only.
+
 A narrowed policy (a version with narrowings in force on top of it, `policy.narrow`) allows a
 request only when each of its parts does; the decision names the narrowed policy's version.
 """
@@ -102,13 +107,14 @@ def current_consent(
     now: datetime | None = None,
     issuer: str | None = None,
 ) -> ConsentRecord | None:
-    """The consent version for `purpose` (and `issuer`) that counts at `now`: the latest one
-    already started (a renewal recorded ahead of its start does not suspend the one in force);
-    when none has started, the latest one, so that its start can be named."""
+    """The consent version for `purpose` that counts at `now` for the person with `issuer`
+    (a version recorded under that issuer or without one; `issuer` None: any version): the
+    latest one already started (a renewal recorded ahead of its start does not suspend the one
+    in force); when none has started, the latest one, so that its start can be named."""
     matching = [
         c
         for c in consents
-        if c.purpose == purpose and (issuer is None or c.issuer_of_patient_id == issuer)
+        if c.purpose == purpose and (issuer is None or c.issuer_of_patient_id in (issuer, ""))
     ]
     started = [c for c in matching if now is None or c.valid_from <= now] or matching
     return max(started, key=lambda c: (c.recorded_at, c.version), default=None)
@@ -262,23 +268,13 @@ def decide(
             if patient.restriction_ref:
                 refused[patient_id] += f" ({patient.restriction_ref})"
             continue
-        record = current_consent(patient.consents, purpose, now)
-        if (
-            activity_id != "subject-access"
-            and record is not None
-            and record.state in ("refused", "withdrawn")
-        ):
-            # An explicit "no" is honoured whatever the rule's basis.
-            refused[patient_id] = f"patient {patient_id}: consent to {purpose} was {record.state}"
-            refused[patient_id] += f" ({record.ref})"
+        problem, refs = _consent_of_each(
+            patient, purpose, now, rule, recipient, activity_id == "subject-access"
+        )
+        if problem:
+            refused[patient_id] = problem
             continue
-        if rule.consent_required:
-            if not consent_in_force(record, now):
-                refused[patient_id] = (
-                    f"patient {patient_id}: {_consent_problem(record, purpose, now)}"
-                )
-                continue
-            consent_refs.append(record.ref)  # type: ignore[union-attr]
+        consent_refs += refs
     allowed_details = {
         "activity": activity_id,
         "purpose": purpose,
@@ -325,6 +321,44 @@ def decide(
         denied_patients=tuple(sorted(refused)),
         **allowed_details,  # type: ignore[arg-type]
     )
+
+
+def _consent_of_each(
+    patient: PatientFacts,
+    purpose: str,
+    now: datetime,
+    rule: SharingRule,
+    recipient: Recipient | None,
+    own_data: bool,
+) -> tuple[str, list[str]]:
+    """Whether the consent of every person the decision is about (one per issuer of the
+    Patient ID; one of unknown issuer when none is known) lets the data go: an explicit
+    refusal or withdrawal stops it whatever the rule's basis; a consent-based rule needs a
+    grant in force that names the recipient, when it names recipients (PIPA 17(2)1). Returns
+    the problem ("" when none) and the consent versions relied on."""
+    refs: list[str] = []
+    several = len(patient.issuers) > 1
+    for issuer in patient.issuers or (None,):
+        who = patient.patient_id
+        if several or issuer:
+            who += f" (issuer {issuer or 'none'})"
+        record = current_consent(patient.consents, purpose, now, issuer)
+        if not own_data and record is not None and record.state in ("refused", "withdrawn"):
+            # An explicit "no" is honoured whatever the rule's basis.
+            return f"patient {who}: consent to {purpose} was {record.state} ({record.ref})", []
+        if not rule.consent_required:
+            continue
+        if not consent_in_force(record, now):
+            return f"patient {who}: {_consent_problem(record, purpose, now)}", []
+        assert record is not None
+        if recipient is not None and record.recipients and recipient.id not in record.recipients:
+            return (
+                f"patient {who}: consent to {purpose} ({record.ref}) names its recipients "
+                f"({', '.join(record.recipients)}), not {recipient.id}",
+                [],
+            )
+        refs.append(record.ref)
+    return "", list(dict.fromkeys(refs))
 
 
 def _decide_narrowed(
@@ -392,8 +426,12 @@ def admit(
             )
         )
     intake = policy.activity("intake")
-    for purpose in intake.purposes if intake else ():
-        record = current_consent(facts.consents, purpose, now)
+    for purpose, issuer in (
+        (purpose, issuer)
+        for purpose in (intake.purposes if intake else ())
+        for issuer in facts.issuers or (None,)
+    ):
+        record = current_consent(facts.consents, purpose, now, issuer)
         if record is not None and record.state in ("refused", "withdrawn"):
             candidates.append(
                 (

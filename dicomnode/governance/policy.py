@@ -155,6 +155,13 @@ class SharingRule:
     consent_required: bool = False
     deid_profile: str = ""
     description: str = ""
+    # what the basis needs stated (codes.BASIS_CONDITIONS): the other law and article relied
+    # on, the 15(1) ground of collection, the Decree 14-2 compatibility judgement (factor ->
+    # text) and where the privacy policy publishes its criteria
+    legal_provision: str = ""
+    collection_basis: str = ""
+    compatibility: tuple[tuple[str, str], ...] = ()
+    published_in: str = ""
 
 
 @dataclass(frozen=True)
@@ -373,11 +380,13 @@ def _parse(data: dict[str, Any], sha256: str) -> Policy:
                 "127.0.0.1, ::1, localhost); shares carry patient data and a bearer token"
             )
         home = str(head.get("home_country", "KR"))
-        abroad = recipient.kind == "third-party" and recipient.country != home
+        # PIPA 28-8(1): provision, entrusted processing and storage abroad alike are transfers
+        abroad = recipient.kind != "controller" and recipient.country != home
         if abroad and recipient.cross_border_basis not in codes.CROSS_BORDER_BASES:
             raise PolicyError(
-                f"{where}: a recipient in {recipient.country} needs a cross_border_basis "
-                f"(one of {', '.join(sorted(codes.CROSS_BORDER_BASES))}), PIPA 28-8"
+                f"{where}: a {recipient.kind} in {recipient.country} needs a cross_border_basis "
+                f"(one of {', '.join(sorted(codes.CROSS_BORDER_BASES))}): PIPA 28-8(1) covers "
+                "provision, entrusted processing and storage abroad"
             )
         recipients.append(recipient)
     _unique([r.id for r in recipients], "recipients")
@@ -412,8 +421,11 @@ def _parse(data: dict[str, Any], sha256: str) -> Policy:
             recipients=_strings(raw.get("recipients", ["*"]), f"{where}.recipients"),
             operations=_strings(raw.get("operations", ["*"]), f"{where}.operations"),
             purposes=_strings(raw.get("purposes", []), f"{where}.purposes"),
+            compatibility=_judgements(raw.get("compatibility", {}), f"{where}.compatibility"),
         )
-        rules.append(_check_rule(rule, consent, where, by_activity, by_recipient, profiles))
+        rule = _check_rule(rule, consent, where, by_activity, by_recipient, profiles)
+        _check_basis_conditions(rule, where, by_activity)
+        rules.append(rule)
     _unique([r.id for r in rules], "rules")
 
     retention = []
@@ -529,6 +541,69 @@ def _check_rule(
         raise PolicyError(f"{where}.consent: basis {basis} is consent; it cannot be not-required")
     required = needs_consent or consent == "required"
     return SharingRule(**{**rule.__dict__, "lawful_basis": basis, "consent_required": required})
+
+
+def _judgements(value: Any, where: str) -> tuple[tuple[str, str], ...]:
+    """A table of factor = "judgement" texts, as sorted pairs."""
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise PolicyError(f'{where}: must be a table of texts (factor = "judgement")')
+    return tuple(sorted((str(k), v.strip()) for k, v in value.items()))
+
+
+def _check_basis_conditions(rule: SharingRule, where: str, activities: dict[str, Activity]) -> None:
+    """Refuse an allow rule whose lawful basis does not hold as the law states it
+    (codes.BASIS_CONDITIONS): what the basis needs must be stated in the rule."""
+    if rule.collection_basis:
+        _check_code(rule.collection_basis, codes.LAWFUL_BASES, "lawful basis", where)
+    conditions = codes.BASIS_CONDITIONS.get(rule.lawful_basis)
+    if rule.effect != "allow" or conditions is None:
+        return
+    law = conditions["law"]
+    activity = activities[rule.activity]
+    purposes = rule.purposes or activity.purposes
+
+    def refuse(what: str) -> PolicyError:
+        return PolicyError(f"{where}: basis {rule.lawful_basis} {what} ({law})")
+
+    if conditions.get("deid_profile") and not rule.deid_profile:
+        raise refuse("gives only pseudonymised data: set deid_profile")
+    allowed = conditions.get("purposes")
+    if isinstance(allowed, tuple) and set(purposes) - set(allowed):
+        outside = sorted(set(purposes) - set(allowed))
+        raise refuse(
+            f"does not cover purpose {', '.join(outside)} (only {', '.join(allowed)}): "
+            "narrow the rule's purposes"
+        )
+    if conditions.get("legal_provision") and not rule.legal_provision.strip():
+        raise refuse("rests on another law: name it and its article in legal_provision")
+    grounds = conditions.get("collection_bases")
+    if isinstance(grounds, tuple) and rule.collection_basis not in grounds:
+        raise refuse(
+            "needs the ground the data was collected on: set collection_basis to one of "
+            + ", ".join(grounds)
+        )
+    if conditions.get("within_collection_purposes"):
+        intake = activities.get("intake")
+        collected = set(intake.purposes) if intake else set()
+        if set(purposes) - collected:
+            raise refuse(
+                f"covers only the purposes of collection ({', '.join(sorted(collected))}), "
+                f"not {', '.join(sorted(set(purposes) - collected))}"
+            )
+    factors = conditions.get("compatibility")
+    if isinstance(factors, tuple):
+        stated = {k for k, v in rule.compatibility if v}
+        missing = [f for f in factors if f not in stated]
+        if missing:
+            raise refuse(
+                "needs the compatibility judgement recorded: set compatibility."
+                + ", compatibility.".join(missing)
+            )
+        unknown = sorted({k for k, _ in rule.compatibility} - set(factors))
+        if unknown:
+            raise PolicyError(f"{where}.compatibility: unknown factor {unknown[0]!r}")
+    if conditions.get("published_in") and not rule.published_in.strip():
+        raise refuse("needs its criteria published: say where in published_in")
 
 
 def _secure_url(url: str) -> bool:
