@@ -396,8 +396,18 @@ def test_item_37_a_deletion_under_statutory_retention_is_refused_with_coded_reas
     assert node.archive.find_instances(Level.PATIENT, (("PatientID", "P8"),)) == []
 
 
-def test_suspension_is_a_restriction_and_late_requests_are_flagged(node):
+def test_suspension_is_a_restriction_and_late_requests_are_flagged(node, tmp_path):
     store(node, "P9")
+    access = node.casework.open_ticket("portability", "P9", "dpo:kim", regimes=("gdpr",))
+    needs = cli(node, "ticket", "carry-out", str(access.id))
+    assert needs.returncode == 1 and "output folder" in needs.stderr
+    exported = cli(node, "ticket", "carry-out", str(access.id), "--output", str(tmp_path / "out"))
+    assert exported.returncode == 0 and "2 DICOM files of 1 studies" in exported.stdout
+    assert len(list((tmp_path / "out").rglob("*.dcm"))) == 2
+    assert [(e.outcome, e.data.get("operation")) for e in ledger(node, "ticket")] == [
+        ("opened", None),
+        ("done", "export"),
+    ]
     received = datetime.now(UTC) - timedelta(days=11)
     late = cli(
         node,
@@ -414,11 +424,11 @@ def test_suspension_is_a_restriction_and_late_requests_are_flagged(node):
     listed = [
         json.loads(line) for line in cli(node, "ticket", "list", "--overdue").stdout.splitlines()
     ]
-    assert [(t["ref"], t["overdue"]) for t in listed] == [("ticket-1", True)]
-    ticket = node.casework.carry_out(1, "dpo:kim")
+    assert [(t["ref"], t["overdue"]) for t in listed] == [("ticket-2", True)]
+    ticket = node.casework.carry_out(2, "dpo:kim")
     assert ticket.state == "done" and "restricted" in ticket.outcome
     (restriction,) = node.archive.registry.restrictions("P9")
-    assert restriction.lifted_at is None and "ticket-1" in restriction.reason
+    assert restriction.lifted_at is None and "ticket-2" in restriction.reason
     assert node.casework.overdue_tickets() == []
 
     fixed = node.casework.open_ticket("correction", "P9", "dpo:kim", regimes=("gdpr",))
