@@ -6,7 +6,6 @@ modality it can C-STORE to, C-FIND and C-MOVE from."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,7 +125,3 @@ def start_orthanc(
         orthanc.stop()
         raise
     return orthanc
-
-
-def remove(folder: Path) -> None:
-    shutil.rmtree(folder, ignore_errors=True)
