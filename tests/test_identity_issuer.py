@@ -131,3 +131,21 @@ def test_a_legal_hold_under_hospital_a_keeps_only_a_and_one_without_issuer_both(
     assert actions() == {A_STUDY: retention.KEEP_HOLD, B_STUDY: retention.KEEP_HOLD}
     refused = node.stewardship.erase_subject("P1", "dpo", issuer="HOSPITAL-B")
     assert not refused.done and everyone.ref in refused.reason
+
+
+def test_a_withdrawal_under_hospital_a_cancels_only_the_work_of_a(node):
+    for issuer in ("HOSPITAL-A", "HOSPITAL-B"):
+        node.stewardship.record_consent("P1", "HRESCH", "granted", "dpo", issuer=issuer)
+    to_a = node.egress.queue_share("lab", A_STUDY, "dpo")
+    to_b = node.egress.queue_share("lab", B_STUDY, "dpo")
+
+    _, changed = node.stewardship.record_consent(
+        "P1", "HRESCH", "withdrawn", "dpo", issuer="HOSPITAL-A"
+    )
+
+    assert changed["cancelled_deliveries"] == [to_a]
+    registry = node.archive.registry
+    assert (registry.delivery(to_a).state, registry.delivery(to_b).state) == (
+        "cancelled",
+        "queued",
+    )

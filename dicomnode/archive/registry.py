@@ -366,11 +366,15 @@ class Registry:
     ) -> dict[str, list[int]]:
         jobs, d = schema.analysis_jobs, schema.deliveries
         changed: dict[str, list[int]] = {}
+        # a consent under an issuer is that issuer's patient's: work on studies of the same
+        # Patient ID under another issuer (another person) stays
+        others = self._studies_of_others(conn, record.patient_id, record.issuer_of_patient_id)
         if record.state in ("refused", "withdrawn"):
             reason = f"cancelled: {record.ref} ({record.state})"
             if "analysis" in cancel_activities:
                 mine = and_(
                     jobs.c.patient_id == record.patient_id,
+                    jobs.c.study_instance_uid.not_in(others),
                     jobs.c.state.in_((JOB_QUEUED, JOB_HELD)),
                 )
                 ids = list(conn.execute(select(jobs.c.id).where(mine)).scalars())
@@ -384,6 +388,7 @@ class Registry:
             forward = "return-results" in cancel_activities
             mine = and_(
                 d.c.patient_id == record.patient_id,
+                d.c.study_instance_uid.not_in(others),
                 d.c.state == QUEUED,
                 or_(d.c.purpose == record.purpose, and_(d.c.kind == "forward", forward)),
             )
@@ -396,12 +401,31 @@ class Registry:
                 )
             changed["cancelled_deliveries"] = ids
         elif record.state == "granted":
-            changed["released_jobs"] = self._release_held_jobs(conn, record.patient_id)
+            changed["released_jobs"] = self._release_held_jobs(conn, record.patient_id, others)
         return changed
 
-    def _release_held_jobs(self, conn: Connection, patient_id: str) -> list[int]:
+    @staticmethod
+    def _studies_of_others(conn: Connection, patient_id: str, issuer: str) -> list[str]:
+        """Studies of this Patient ID under issuers other than `issuer` (none when `issuer` is
+        "": a record without an issuer is about the ID under every issuer)."""
+        if not issuer:
+            return []
+        p, st = schema.patients, schema.studies
+        return list(
+            conn.execute(
+                select(st.c.study_instance_uid)
+                .join(p, st.c.patient_pk == p.c.id)
+                .where(p.c.patient_id == patient_id, p.c.issuer_of_patient_id != issuer)
+            ).scalars()
+        )
+
+    def _release_held_jobs(
+        self, conn: Connection, patient_id: str, others: list[str] | None = None
+    ) -> list[int]:
         jobs = schema.analysis_jobs
         mine = and_(jobs.c.patient_id == patient_id, jobs.c.state == JOB_HELD)
+        if others:
+            mine = and_(mine, jobs.c.study_instance_uid.not_in(others))
         ids = list(conn.execute(select(jobs.c.id).where(mine)).scalars())
         if ids:
             conn.execute(
@@ -486,7 +510,8 @@ class Registry:
             if active is None:
                 raise NotFound(f"patient {patient_id} has no active restriction")
             conn.execute(update(r).where(r.c.id == active.id).values(lifted_at=now, lifted_by=by))
-            released = self._release_held_jobs(conn, patient_id)
+            others = self._studies_of_others(conn, patient_id, active.issuer_of_patient_id)
+            released = self._release_held_jobs(conn, patient_id, others)
             self.ledger.append(
                 conn,
                 LedgerKind.SUBJECT,
