@@ -7,6 +7,8 @@ the object's own (Patient ID, issuer)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -91,6 +93,13 @@ def test_a_consent_without_issuer_for_an_id_held_under_two_issuers_is_refused(no
     )
     eight, _ = node.stewardship.record_consent("P8", "HRESCH", "granted", "dpo")
     assert eight.issuer_of_patient_id == "HOSPITAL-A"
+    # an ID not held yet: recorded without an issuer, it counts for the ID under any issuer
+    seven, _ = node.stewardship.record_consent("P7", "HRESCH", "granted", "dpo")
+    assert seven.issuer_of_patient_id == ""
+    dicomweb_client(node).store_instances(
+        [as_file(make_ct(patient_id="P7", study_uid="1.2.7", IssuerOfPatientID="HOSPITAL-C"))]
+    )
+    assert share(node, "1.2.7").status_code == 200
 
 
 def test_a_restriction_under_hospital_a_blocks_only_a_and_one_without_issuer_both(node):
@@ -149,3 +158,44 @@ def test_a_withdrawal_under_hospital_a_cancels_only_the_work_of_a(node):
         "cancelled",
         "queued",
     )
+
+
+def cli(node, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "dicomnode.cli", *args, "--config", str(node.settings.source)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_the_command_line_names_the_issuer_and_the_recipients(node):
+    refused = cli(
+        node, "consent", "record", "--patient-id", "P1", "--purpose", "HRESCH", "--state",
+        "granted", "--by", "dpo",
+    )  # fmt: skip
+    assert refused.returncode != 0 and "HOSPITAL-A" in refused.stderr
+    recorded = cli(
+        node, "consent", "record", "--patient-id", "P1", "--issuer", "HOSPITAL-B", "--purpose",
+        "HRESCH", "--state", "granted", "--recipients", "lab", "--by", "dpo",
+    )  # fmt: skip
+    assert recorded.returncode == 0, recorded.stderr
+    (stored,) = node.archive.registry.consents("P1")
+    assert (stored.issuer_of_patient_id, stored.recipients) == ("HOSPITAL-B", ("lab",))
+    shown = cli(node, "consent", "show", "--patient-id", "P1", "--issuer", "HOSPITAL-A")
+    assert shown.returncode == 0 and "no consent recorded" in shown.stdout
+
+    restricted = cli(
+        node, "subject", "restrict", "--patient-id", "P1", "--issuer", "HOSPITAL-B", "--by", "dpo"
+    )
+    assert restricted.returncode == 0, restricted.stderr
+    assert wado(node, B_STUDY, subject="ohif").status_code == 403
+    assert wado(node, A_STUDY, subject="ohif").status_code == 200
+
+    placed = cli(
+        node, "hold", "place", "--patient-id", "P1", "--issuer", "HOSPITAL-B", "--owner",
+        "counsel", "--reason", "case 7", "--by", "dpo",
+    )  # fmt: skip
+    assert placed.returncode == 0, placed.stderr
+    (hold,) = node.archive.registry.holds(active_only=True)
+    assert (hold.patient_id, hold.issuer_of_patient_id) == ("P1", "HOSPITAL-B")
