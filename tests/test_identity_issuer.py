@@ -61,6 +61,11 @@ def test_a_consent_under_hospital_a_does_not_let_p1_of_hospital_b_be_shared(node
         "P1", "HRESCH", "granted", "dpo", issuer="HOSPITAL-A", evidence_ref="form 9"
     )
     assert stored.ref == "consent:P1^HOSPITAL-A:HRESCH:v1"
+    for issuer, count in (("HOSPITAL-A", 1), ("HOSPITAL-B", 0)):
+        listed = governance_api(
+            node, "GET", f"/consents/P1?issuer={issuer}", scopes=("governance.read",)
+        ).json()
+        assert len(listed["history"]) == count and len(listed["current"]) == count
 
     to_b = share(node, B_STUDY)
     assert to_b.status_code == 403 and to_b.json()["state"] == "denied"

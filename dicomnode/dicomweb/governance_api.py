@@ -151,11 +151,12 @@ def governance_blueprint() -> Blueprint:
     @bp.get("/consents/<patient_id>")
     def consents(patient_id: str) -> Response:
         stewardship = services().stewardship
+        issuer = request.args.get("issuer")  # the versions that count for that issuer's patient
         return jsonify(
             {
                 "patient_id": patient_id,
-                "current": stewardship.consent_in_force(patient_id),
-                "history": [c.as_dict() for c in stewardship.consent_history(patient_id)],
+                "current": stewardship.consent_in_force(patient_id, issuer),
+                "history": [c.as_dict() for c in stewardship.consent_history(patient_id, issuer)],
             }
         )
 
