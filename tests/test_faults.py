@@ -474,7 +474,8 @@ def own_postgres():
 
     def pg_ctl(*args: str) -> None:
         command = ["pg_ctl", "-D", str(data), "-o", options, "-l", str(base / "log"), *args]
-        subprocess.run(_as_postgres_user(command), check=True, capture_output=True)
+        # no pipes: the server pg_ctl starts would hold them open, and run() would wait for it
+        subprocess.run(_as_postgres_user(command), check=True, stdout=subprocess.DEVNULL)
 
     pg_ctl("-w", "start")
     server = PostgresServer(sockets, port)

@@ -64,7 +64,7 @@ RECOVERY_WINDOW = timedelta(minutes=10)
 # How long a filed blob's placement journal entry stays before it is settled (the index synced,
 # the entry removed): entries are settled in batches, one sync of the index for many objects.
 SETTLE_SECONDS = 60.0
-FAILING_SECONDS = 60.0  # how long /healthz reports an index or disk failure this process saw
+FAILING_SECONDS = 10.0  # how long /healthz reports an index or disk failure this process saw
 
 
 @dataclass(frozen=True)
