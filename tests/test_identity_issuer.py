@@ -139,11 +139,17 @@ def test_a_legal_hold_under_hospital_a_keeps_only_a_and_one_without_issuer_both(
         return {i.study_instance_uid: i.action for i in report.items}
 
     assert actions() == {A_STUDY: retention.KEEP_HOLD, B_STUDY: retention.DESTROY}
+    # and so it is done: hospital B's P1 can be erased while A's P1 is held
+    erased = node.stewardship.erase_subject("P1", "dpo", issuer="HOSPITAL-B")
+    assert erased.done, erased.reason
+    assert {
+        i.study_instance_uid for i in node.archive.find_instances_exactly((("PatientID", "P1"),))
+    } == {A_STUDY}
     node.stewardship.release_hold(hold.id, "dpo")
     everyone = node.stewardship.place_hold("dpo", "counsel", "litigation 2026-6", patient_id="P1")
     assert everyone.issuer_of_patient_id is None
-    assert actions() == {A_STUDY: retention.KEEP_HOLD, B_STUDY: retention.KEEP_HOLD}
-    refused = node.stewardship.erase_subject("P1", "dpo", issuer="HOSPITAL-B")
+    assert actions() == {A_STUDY: retention.KEEP_HOLD}
+    refused = node.stewardship.erase_subject("P1", "dpo", issuer="HOSPITAL-A")
     assert not refused.done and everyone.ref in refused.reason
 
 

@@ -20,7 +20,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NamedTuple, NoReturn
 
-from sqlalchemy import Connection, exists, func, or_, select, update
+from sqlalchemy import Connection, and_, exists, func, or_, select, update
 from sqlalchemy import delete as sql_delete
 from sqlalchemy.exc import IntegrityError
 
@@ -89,6 +89,41 @@ class UnindexedBlobs(NamedTuple):
 
     lost_rows: list[str]  # blobs whose index rows were lost: to be filed again
     destroyed: list[str]  # blobs of objects destroyed since: to be removed
+
+
+def _holds_covering(conn: Connection, doomed: list[StoredInstance]) -> list[int]:
+    """The active legal holds that cover any of `doomed`: on one of its studies, or on its
+    patient (Patient ID and, when the hold names one, the same issuer)."""
+    holds, st, p = schema.legal_holds, schema.studies, schema.patients
+    studies = sorted({d.study_instance_uid for d in doomed})
+    people = set(
+        conn.execute(
+            select(p.c.patient_id, p.c.issuer_of_patient_id)
+            .join(st, st.c.patient_pk == p.c.id)
+            .where(st.c.study_instance_uid.in_(studies))
+        ).all()
+    )
+    of_person = [
+        and_(
+            holds.c.patient_id == patient_id,
+            or_(
+                holds.c.issuer_of_patient_id.is_(None),
+                holds.c.issuer_of_patient_id == "",
+                holds.c.issuer_of_patient_id == issuer,
+            ),
+        )
+        for patient_id, issuer in sorted(people)
+    ]
+    return list(
+        conn.execute(
+            select(holds.c.id)
+            .where(
+                holds.c.released_at.is_(None),
+                or_(holds.c.study_instance_uid.in_(studies), *of_person),
+            )
+            .order_by(holds.c.id)
+        ).scalars()
+    )
 
 
 class Archive:
@@ -551,17 +586,7 @@ class Archive:
                     )
                 doomed = [d for d in doomed if d.sop_instance_uid not in late]
             if unless_held and doomed:
-                holds = schema.legal_holds
-                covering = conn.execute(
-                    select(holds.c.id).where(
-                        holds.c.released_at.is_(None),
-                        or_(
-                            holds.c.patient_id.in_({d.patient_id for d in doomed}),
-                            holds.c.study_instance_uid.in_({d.study_instance_uid for d in doomed}),
-                        ),
-                    )
-                ).scalars()
-                held = [f"hold:{h}" for h in covering]
+                held = [f"hold:{h}" for h in _holds_covering(conn, doomed)]
                 if held:
                     raise NotPermitted(f"under legal hold {', '.join(held)}: nothing deleted")
             if results_only:
