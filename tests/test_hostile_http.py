@@ -638,3 +638,46 @@ def test_clients_that_do_not_read_their_answers_do_not_hold_every_thread(start_n
         for reader in readers:
             reader.close()
     assert max(took) < 10, took
+
+
+def _file_meta_then_zeros(size: int) -> bytes:
+    """A Part 10 preamble, `DICM` and a valid File Meta group, then `size` bytes of zeros: it
+    passes the cheap check, and its "data set" is a million (0000,0000) elements."""
+    from pydicom.filewriter import write_file_meta_info
+
+    from tests.factory import make_ct
+
+    buffer = io.BytesIO()
+    buffer.write(bytes(128) + b"DICM")
+    write_file_meta_info(buffer, make_ct().file_meta, enforce_standard=True)
+    return buffer.getvalue() + bytes(size)
+
+
+def test_a_valid_file_header_over_zeros_is_refused_at_its_first_element(start_node):
+    node = start_node()
+    before = node.archive.counts()
+    part = _file_meta_then_zeros(8 << 20)
+    body = (
+        b"".join(
+            f"--{JUNK_BOUNDARY}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+            + part
+            + b"\r\n"
+            for _ in range(4)
+        )
+        + f"--{JUNK_BOUNDARY}--\r\n".encode()
+    )
+    cpu_before = time.process_time()
+    answer = requests.post(
+        f"{dicomweb_url(node)}/studies",
+        data=body,
+        headers={"Authorization": f"Bearer {token_for(node)}", "Content-Type": STOW_JUNK_TYPE},
+        timeout=300,
+    )
+    cpu_per_part = (time.process_time() - cpu_before) / 4  # the node's and the client's
+    assert answer.status_code == 409, answer.text[:300]
+    failed = answer.json()["00081198"]["Value"]
+    assert [f["00081197"]["Value"][0] for f in failed] == [0xC000] * 4
+    assert "command element (0000,0000)" in failed[0]["00000902"]["Value"][0]
+    assert node.archive.counts() == before
+    print(f"{cpu_per_part:.3f} s CPU per part")
+    assert cpu_per_part < 0.5, f"{cpu_per_part:.3f} s of CPU per part (was ~2.2 s)"

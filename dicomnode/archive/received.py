@@ -145,6 +145,11 @@ def _parse_complete(
                     f"the data set is truncated: element {raw.tag} declares "
                     f"{raw.length} bytes but {len(raw.value)} arrived"
                 )
+            if raw.tag.group == 0 or raw.tag in elements:
+                # command elements have no place in a data set, and a tag comes once (PS3.5
+                # 7.1): junk (8 MiB of zeros is a million (0000,0000) elements) stops here
+                what = "a command element" if raw.tag.group == 0 else "a repeated element"
+                raise InvalidInput(f"the data set is malformed: {what} {raw.tag}")
             elements[raw.tag] = raw
             parsed_up_to = buffer.tell()
     except EOFError as e:
