@@ -46,8 +46,8 @@ from dicomnode.core.metrics import Metrics
 from dicomnode.core.times import utc_now
 from dicomnode.dicomweb import WebServices, create_app
 from dicomnode.dicomweb.auth import TokenVerifier
-from dicomnode.dicomweb.stow_client import StowSender
 from dicomnode.dicomweb.server import create_http_server
+from dicomnode.dicomweb.stow_client import StowSender
 from dicomnode.egress import Egress
 from dicomnode.governance import PolicyError, audit_events
 from dicomnode.intake import Intake

@@ -76,14 +76,14 @@ class HttpSettings:
     max_part_bytes: int = 2 * 1024**3
     bulk_data_threshold: int = 1024
     public_url: str = ""
-    max_decoded_bytes: int = 1024**3  # largest image (or inflated data set) decoded for an answer
-
     connection_limit: int = 1000  # open connections; beyond, new ones wait in the backlog
     backlog: int = 1024  # connections the kernel queues before the server accepts them
     channel_timeout: int = 60  # seconds a connection may sit idle between requests
     header_timeout: float = 15.0  # seconds for a request's line and headers to arrive
     min_upload_rate: int = 1024  # bytes/s a request body must keep up, per header_timeout
     max_connections_per_client: int = 256  # from one address; 0: no limit (behind a proxy)
+    max_decoded_bytes: int = 1024**3  # largest image (or inflated data set) decoded for an answer
+
 
 @dataclass(frozen=True)
 class AuthSettings:
@@ -474,6 +474,25 @@ def _parse(data: dict[str, Any], base: Path) -> tuple[Settings, list[ConfigError
             t, "http.", "bulk_data_threshold", int, h.bulk_data_threshold, _positive
         ),
         public_url=r.value(t, "http.", "public_url", str, h.public_url, _http_url),
+        connection_limit=r.value(
+            t, "http.", "connection_limit", int, h.connection_limit, _positive
+        ),
+        backlog=r.value(t, "http.", "backlog", int, h.backlog, _positive),
+        channel_timeout=r.value(t, "http.", "channel_timeout", int, h.channel_timeout, _positive),
+        header_timeout=float(
+            r.value(t, "http.", "header_timeout", (int, float), h.header_timeout, _positive)
+        ),
+        min_upload_rate=r.value(
+            t, "http.", "min_upload_rate", int, h.min_upload_rate, _non_negative
+        ),
+        max_connections_per_client=r.value(
+            t,
+            "http.",
+            "max_connections_per_client",
+            int,
+            h.max_connections_per_client,
+            _non_negative,
+        ),
         max_decoded_bytes=r.value(
             t, "http.", "max_decoded_bytes", int, h.max_decoded_bytes, _positive
         ),
@@ -494,25 +513,6 @@ def _parse(data: dict[str, Any], base: Path) -> tuple[Settings, list[ConfigError
     external = [k for k in ("issuer", "jwks_url", "audience") if getattr(auth, k)]
     if external and len(external) < 3:
         missing = sorted({"issuer", "jwks_url", "audience"} - set(external))
-        connection_limit=r.value(
-            t, "http.", "connection_limit", int, h.connection_limit, _positive
-        ),
-        backlog=r.value(t, "http.", "backlog", int, h.backlog, _positive),
-        channel_timeout=r.value(t, "http.", "channel_timeout", int, h.channel_timeout, _positive),
-        header_timeout=float(
-            r.value(t, "http.", "header_timeout", (int, float), h.header_timeout, _positive)
-        ),
-        min_upload_rate=r.value(
-            t, "http.", "min_upload_rate", int, h.min_upload_rate, _non_negative
-        ),
-        max_connections_per_client=r.value(
-            t,
-            "http.",
-            "max_connections_per_client",
-            int,
-            h.max_connections_per_client,
-            _non_negative,
-        ),
         r.fail(f"auth.{missing[0]}", "issuer, jwks_url and audience are needed together for OIDC")
     if auth.jwks_url and not auth.jwks_url.startswith(("https://", "http://")):
         r.fail("auth.jwks_url", f"must be an http(s) URL, got {auth.jwks_url!r}")
