@@ -360,6 +360,16 @@ def send_concurrently(port: int, folders: list) -> None:
         assert sender.returncode == 0, output
 
 
+def cli(node, *args: str) -> subprocess.CompletedProcess:
+    """Run a `dicomnode` command against `node`'s settings, as hospital IT would."""
+    return subprocess.run(
+        [sys.executable, "-m", "dicomnode.cli", *args, "--config", str(node.settings.source)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
 def run_dcmtk(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run a dcmtk tool with TCP_NODELAY on; returns the completed process (output as text)."""
     return subprocess.run(

@@ -21,7 +21,7 @@ from dicomnode.archive import schema
 from dicomnode.archive.accounts import AccountStore
 from dicomnode.core.model import Level
 from dicomnode.governance import casework as rules
-from tests.conftest import WORKSTATION, dicomweb_client, dicomweb_url
+from tests.conftest import WORKSTATION, cli, dicomweb_client, dicomweb_url
 from tests.test_dpo_pages import PASSWORD, STUDY_1, STUDY_2, browser, signed_in
 from tests.test_dpo_pages import RETENTION as TEN_YEARS
 from tests.test_governance_node import (
@@ -35,15 +35,6 @@ from tests.test_governance_node import (
 from tests.test_retention import RETENTION, store
 
 T0 = datetime(2026, 11, 2, 9, 0, tzinfo=UTC)
-
-
-def cli(node, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "dicomnode.cli", *args, "--config", str(node.settings.source)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 # --- the rules (pure) ---------------------------------------------------------------------------

@@ -10,8 +10,6 @@ record the retention sweep writes."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from datetime import UTC, datetime
 
 import pytest
@@ -19,7 +17,7 @@ import requests
 
 from dicomnode.core.errors import InvalidInput
 from dicomnode.core.model import Level
-from tests.conftest import WORKSTATION, dicomweb_url, token_for
+from tests.conftest import WORKSTATION, cli, dicomweb_url, token_for
 from tests.test_governance_node import c_find, policy_text, publish_days_ago
 from tests.test_retention import RETENTION, store
 
@@ -40,15 +38,6 @@ def patients_in_archive(node) -> dict[str, int]:
         if found:
             counts[patient] = len(found)
     return counts
-
-
-def cli(node, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "dicomnode.cli", *args, "--config", str(node.settings.source)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def test_erasing_the_patient_whose_id_is_a_star_erases_only_that_patient(node):
@@ -74,9 +63,7 @@ def test_subject_erase_on_the_command_line_takes_a_star_in_an_id_literally(node)
     assert patients_in_archive(node) == {p: 2 for p in PATIENTS if p != "A*"}
 
 
-def test_the_export_of_a_star_hands_over_only_that_patient_and_is_accounted_to_them(
-    node, tmp_path
-):
+def test_the_export_of_a_star_hands_over_only_that_patient_and_is_accounted_to_them(node, tmp_path):
     for patient in ("*", "A*", "ALICE"):
         store(node, patient)
     c_find(node, PatientID="A*")  # C-FIND keeps its wildcard: A* and ALICE are both found
@@ -94,9 +81,7 @@ def test_the_export_of_a_star_hands_over_only_that_patient_and_is_accounted_to_t
     summary = json.loads((out / "summary.json").read_text())
     assert summary["patient_id"] == "A*"
     exports = [
-        e
-        for e in node.archive.ledger.entries()
-        if e.kind == "subject" and e.outcome == "exported"
+        e for e in node.archive.ledger.entries() if e.kind == "subject" and e.outcome == "exported"
     ]
     assert [e.data["patient_ids"] for e in exports] == [["A*"]]
     # the C-FIND above disclosed both patients the pattern matched

@@ -24,6 +24,7 @@ from dicomnode.core.errors import InvalidInput
 from dicomnode.stewardship import Stewardship
 from tests.conftest import (
     WORKSTATION,
+    cli,
     dicomweb_client,
     dicomweb_url,
     run_dcmtk,
@@ -452,15 +453,6 @@ def test_cli_policy_check_show_diff(node, tmp_path):
 
 
 # --- shares -------------------------------------------------------------------------------
-
-
-def cli(node, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "dicomnode.cli", *args, "--config", str(node.settings.source)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def test_with_consent_a_share_arrives_deidentified_and_the_same_each_time(node, research):

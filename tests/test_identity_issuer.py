@@ -7,15 +7,13 @@ the object's own (Patient ID, issuer)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from dicomnode.core.errors import InvalidInput
 from dicomnode.governance import retention
-from tests.conftest import WORKSTATION, dicomweb_client
+from tests.conftest import WORKSTATION, cli, dicomweb_client
 from tests.factory import make_ct
 from tests.test_governance_node import (
     as_file,
@@ -168,15 +166,6 @@ def test_a_withdrawal_under_hospital_a_cancels_only_the_work_of_a(node):
     assert (registry.delivery(to_a).state, registry.delivery(to_b).state) == (
         "cancelled",
         "queued",
-    )
-
-
-def cli(node, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "dicomnode.cli", *args, "--config", str(node.settings.source)],
-        capture_output=True,
-        text=True,
-        timeout=120,
     )
 
 

@@ -6,8 +6,6 @@ with the clocks the services take."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -16,7 +14,7 @@ from dicomnode.core.model import ConsentRecord, PatientFacts, PublishedPolicy
 from dicomnode.governance import decide, parse_policy, policy_in_force
 from dicomnode.governance.decisions import DisclosureRequest, Party
 from dicomnode.governance.notice import classify_change, schedule_publication
-from tests.conftest import WORKSTATION, dicomweb_client
+from tests.conftest import WORKSTATION, cli, dicomweb_client
 from tests.factory import make_ct
 from tests.test_governance_node import as_file, last_entry, policy_text, research_pacs
 
@@ -60,15 +58,6 @@ def research_denied(version: str) -> str:
 def with_partner(version: str) -> str:
     """The fixture policy with a second research recipient: a widening."""
     return policy_text(version) + PARTNER
-
-
-def cli(node, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "dicomnode.cli", *args, "--config", str(node.settings.source)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def published(text: str, at: datetime, before: list[PublishedPolicy], reason: str = ""):
