@@ -177,3 +177,40 @@ def test_an_allowed_delete_writes_the_destruction_record(node):
     assert done.data["policy_version"] == "hospital-2026-1"
     assert "recipients_with_copies" in done.data
     assert web_delete(node, f"/studies/{study}").status_code == 404
+
+
+def test_a_patient_level_c_get_takes_a_star_in_a_patient_id_literally(node):
+    """C-GET and C-MOVE hand data over: their Patient ID is a unique key, matched exactly."""
+    from pydicom import Dataset
+    from pynetdicom import AE, build_role, evt
+    from pynetdicom.sop_class import CTImageStorage, PatientRootQueryRetrieveInformationModelGet
+
+    for patient in ("A*", "ALICE"):
+        store(node, patient)
+    received: list[str] = []
+
+    def on_store(event):
+        received.append(str(event.dataset.PatientID))
+        return 0x0000
+
+    ae = AE("WORKSTATION")
+    ae.add_requested_context(PatientRootQueryRetrieveInformationModelGet)
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate(
+        "127.0.0.1",
+        node.dimse.port,
+        ae_title="DICOMNODE",
+        ext_neg=[build_role(CTImageStorage, scp_role=True)],
+        evt_handlers=[(evt.EVT_C_STORE, on_store)],
+    )
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "PATIENT"
+    identifier.PatientID = "A*"
+    statuses = [
+        s.Status
+        for s, _ in assoc.send_c_get(identifier, PatientRootQueryRetrieveInformationModelGet)
+        if s
+    ]
+    assoc.release()
+    assert statuses[-1] == 0x0000
+    assert received == ["A*", "A*"]

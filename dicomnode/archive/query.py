@@ -431,14 +431,10 @@ def _fill_computed(conn: Connection, rows: list[dict[str, Any]], keys: list[str]
                 row[key] = "ONLINE"
 
 
-def find_instances(
-    conn: Connection, level: Level, filters: Iterable[tuple[str, str]]
-) -> list[StoredInstance]:
-    """Every stored instance under the entities that match `filters` at `level`."""
+def _instance_columns() -> list[Any]:
+    """The columns of a StoredInstance, in its field order."""
     p, st, se, i = schema.patients, schema.studies, schema.series, schema.instances
-    allowed = set(levels_up_to(level))
-    scoped = [(k, v) for k, v in filters if k in INDEXED and INDEXED[k].level in allowed]
-    columns = [
+    return [
         i.c.sop_instance_uid,
         i.c.sop_class_uid,
         se.c.series_instance_uid,
@@ -449,8 +445,31 @@ def find_instances(
         i.c.size,
         i.c.sha256,
     ]
-    statement = _filtered(Level.IMAGE, scoped, columns).order_by(
-        st.c.id, se.c.id, i.c.instance_number, i.c.id
+
+
+# Keys that name a person: whatever hands data over matches them exactly, never as a pattern.
+PERSON_KEYS = ("PatientID", "IssuerOfPatientID")
+
+
+def find_instances(
+    conn: Connection, level: Level, filters: Iterable[tuple[str, str]]
+) -> list[StoredInstance]:
+    """Every stored instance under the entities that match `filters` at `level`: what a
+    retrieval (C-MOVE, C-GET, WADO-RS) hands over. Patient ID and its issuer are matched
+    exactly (`A*` is the patient whose ID is `A*`); the other keys as C-FIND matches them."""
+    st, se, i = schema.studies, schema.series, schema.instances
+    allowed = set(levels_up_to(level))
+    filters = list(filters)
+    person = [_EXACT_COLUMNS[k] == v for k, v in filters if k in PERSON_KEYS]
+    scoped = [
+        (k, v)
+        for k, v in filters
+        if k not in PERSON_KEYS and k in INDEXED and INDEXED[k].level in allowed
+    ]
+    statement = (
+        _filtered(Level.IMAGE, scoped, _instance_columns())
+        .where(*person)
+        .order_by(st.c.id, se.c.id, i.c.instance_number, i.c.id)
     )
     return [StoredInstance(*row) for row in conn.execute(statement)]
 
@@ -471,7 +490,7 @@ def find_instances_exactly(
     """Every stored instance whose attributes equal `keys` exactly: no wildcard, no list, no
     range (`*` is the value `*`). What is destroyed or handed to a data subject is selected
     this way, never with the query matcher."""
-    p, st, se, i = schema.patients, schema.studies, schema.series, schema.instances
+    st, se, i = schema.studies, schema.series, schema.instances
     conditions = []
     for keyword, value in keys:
         if keyword not in _EXACT_COLUMNS:
@@ -480,17 +499,7 @@ def find_instances_exactly(
     if not conditions:
         raise InvalidInput("an exact selection needs at least one key")
     statement = (
-        select(
-            i.c.sop_instance_uid,
-            i.c.sop_class_uid,
-            se.c.series_instance_uid,
-            st.c.study_instance_uid,
-            p.c.patient_id,
-            i.c.transfer_syntax_uid,
-            i.c.blob_path,
-            i.c.size,
-            i.c.sha256,
-        )
+        select(*_instance_columns())
         .select_from(_joined(Level.IMAGE))
         .where(*conditions)
         .order_by(st.c.id, se.c.id, i.c.instance_number, i.c.id)
