@@ -360,6 +360,23 @@ def send_concurrently(port: int, folders: list) -> None:
         assert sender.returncode == 0, output
 
 
+def start_module_node(request, tmp_path_factory, name: str, peers: list):
+    """A started Node for a module-scoped fixture parametrised "sqlite"/"postgres" (the
+    caller stops it): one index per back end, shared by the module's tests."""
+    from dicomnode.app import Node
+    from dicomnode.config import read_settings
+
+    folder = tmp_path_factory.mktemp(name)
+    url = (
+        f"sqlite:///{folder / 'index.sqlite'}"
+        if request.param == "sqlite"
+        else request.getfixturevalue("postgres").create_database()
+    )
+    node = Node(read_settings(write_config(folder / "node.toml", folder / "data", url, peers)))
+    node.start()
+    return node
+
+
 def cli(node, *args: str) -> subprocess.CompletedProcess:
     """Run a `dicomnode` command against `node`'s settings, as hospital IT would."""
     return subprocess.run(

@@ -22,9 +22,15 @@ from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
 from dicomnode.app import Node
-from dicomnode.config import Peer, read_settings
+from dicomnode.config import Peer
 from dicomnode.core.model import Source
-from tests.conftest import dicomweb_client, dicomweb_url, run_dcmtk, token_for, write_config
+from tests.conftest import (
+    dicomweb_client,
+    dicomweb_url,
+    run_dcmtk,
+    start_module_node,
+    token_for,
+)
 from tests.factory import make_ct
 
 FINDER = Peer("finder", "FINDER", "127.0.0.1", 0, ("find",))
@@ -63,14 +69,7 @@ SEARCHES = {
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
 def node(request, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("person-names")
-    url = (
-        f"sqlite:///{folder / 'index.sqlite'}"
-        if request.param == "sqlite"
-        else request.getfixturevalue("postgres").create_database()
-    )
-    node = Node(read_settings(write_config(folder / "node.toml", folder / "data", url, [FINDER])))
-    node.start()
+    node = start_module_node(request, tmp_path_factory, "person-names", [FINDER])
     for patient_id, name in PATIENTS.items():
         ds = make_ct(patient_id, name, SpecificCharacterSet="ISO_IR 192")
         buffer = BytesIO()

@@ -18,9 +18,9 @@ from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
 from dicomnode.app import Node
-from dicomnode.config import Peer, read_settings
+from dicomnode.config import Peer
 from dicomnode.core.model import Source
-from tests.conftest import dicomweb_client, write_config
+from tests.conftest import dicomweb_client, start_module_node
 from tests.factory import make_ct
 
 NAMES = ["Doe^Jane", "Doe^John", "Park^Jisoo", "Lee^Minho", "doe^jim", "홍^길동"]
@@ -32,14 +32,7 @@ FINDER = Peer("finder", "FINDER", "127.0.0.1", 0, ("find",))
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
 def node(request, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("qido-cfind")
-    url = (
-        f"sqlite:///{folder / 'index.sqlite'}"
-        if request.param == "sqlite"
-        else request.getfixturevalue("postgres").create_database()
-    )
-    node = Node(read_settings(write_config(folder / "node.toml", folder / "data", url, [FINDER])))
-    node.start()
+    node = start_module_node(request, tmp_path_factory, "qido-cfind", [FINDER])
     rng = random.Random(20261125)
     for p, name in enumerate(NAMES):
         for _ in range(rng.randint(1, 3)):

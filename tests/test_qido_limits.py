@@ -18,9 +18,9 @@ from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
 from dicomnode.app import Node
-from dicomnode.config import Peer, read_settings
+from dicomnode.config import Peer
 from dicomnode.core.model import Source
-from tests.conftest import dicomweb_url, token_for, write_config
+from tests.conftest import dicomweb_url, start_module_node, token_for
 from tests.factory import make_ct
 
 FINDER = Peer("finder", "FINDER", "127.0.0.1", 0, ("find",))
@@ -29,14 +29,7 @@ INTERNALS = ("select", "sqlite", "psycopg", "traceback", "overflow", "sql:", "py
 
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
 def node(request, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("qido-limits")
-    url = (
-        f"sqlite:///{folder / 'index.sqlite'}"
-        if request.param == "sqlite"
-        else request.getfixturevalue("postgres").create_database()
-    )
-    node = Node(read_settings(write_config(folder / "node.toml", folder / "data", url, [FINDER])))
-    node.start()
+    node = start_module_node(request, tmp_path_factory, "qido-limits", [FINDER])
     for number in range(3):
         ds = make_ct(f"L{number}", f"Doe^Jane{number}", SeriesNumber=number + 1)
         buffer = BytesIO()
