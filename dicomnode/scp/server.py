@@ -218,8 +218,14 @@ class _Server(ThreadedAssociationServer):
         return waiting + sum(1 for a in threads if not getattr(a, "association_requested", False))
 
     def _refuse_connection(self, request: socket.socket, client_address: Any, limit: int) -> None:
-        with contextlib.suppress(OSError):
-            request.close()
+        """Count the refusal, then close: whoever sees the connection closed sees it counted."""
+        try:
+            self._count_refused_connection(client_address, limit)
+        finally:
+            with contextlib.suppress(OSError):
+                request.close()
+
+    def _count_refused_connection(self, client_address: Any, limit: int) -> None:
         now = time.monotonic()
         self.refused_connections += 1
         if now - self._refusal_logged >= 10:  # a flood of connections is not a flood of lines
