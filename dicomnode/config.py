@@ -7,6 +7,7 @@ SQLite and files under ``./dicomnode-data``, DIMSE on 127.0.0.1:11112, HTTP on 1
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from collections.abc import Callable
@@ -32,6 +33,8 @@ class NodeSettings:
     min_free_bytes: int = 256 * 1024**2  # new data is refused when less than this is free
     max_inflated_bytes: int = 128 * 1024**2  # a deflated data set inflating past this: refused
     index_busy_seconds: float = 15.0  # an ingest write waits this long for the index, then 0xA700
+    name: str = ""  # this node's name in metrics and logs; empty: the host's name
+    drain_seconds: float = 0.0  # on SIGTERM: /healthz answers 503 this long before stopping
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,7 @@ class DimseSettings:
     max_pending_connections: int = 32  # accepted connections without an A-ASSOCIATE-RQ yet
     sender_objects_per_minute: int = 20_000  # per calling AE title and address; 0 = no limit
     sender_bytes_per_hour: int = 100 * 1024**3  # per calling AE title and address; 0 = no limit
+    proxy_protocol_from: tuple[str, ...] = ()  # balancers (IP or CIDR) that send PROXY v2
     tls: TLSSettings | None = None
 
 
@@ -83,6 +87,7 @@ class HttpSettings:
     min_upload_rate: int = 1024  # bytes/s a request body must keep up, per header_timeout
     max_connections_per_client: int = 256  # from one address; 0: no limit (behind a proxy)
     max_decoded_bytes: int = 1024**3  # largest image (or inflated data set) decoded for an answer
+    trusted_proxies: tuple[str, ...] = ()  # X-Forwarded-For honoured from these (IP or CIDR)
 
 
 @dataclass(frozen=True)
@@ -334,6 +339,16 @@ def _http_url(value: str) -> str | None:
     return f"must be an http(s) URL such as https://pacs-gw.hospital/, got {value!r}"
 
 
+def _networks(value: list[Any]) -> str | None:
+    """IP addresses or networks, e.g. ["10.0.0.5", "10.1.0.0/24"]."""
+    for item in value:
+        try:
+            ipaddress.ip_network(item, strict=False)
+        except (TypeError, ValueError):
+            return f"must be a list of IP addresses or networks (CIDR), got {item!r}"
+    return None
+
+
 def _nonempty(value: str) -> str | None:
     return None if value.strip() else "must not be empty"
 
@@ -372,6 +387,10 @@ def _parse(data: dict[str, Any], base: Path) -> tuple[Settings, list[ConfigError
         ),
         index_busy_seconds=float(
             r.value(t, "node.", "index_busy_seconds", (int, float), n.index_busy_seconds, _positive)
+        ),
+        name=r.value(t, "node.", "name", str, n.name),
+        drain_seconds=float(
+            r.value(t, "node.", "drain_seconds", (int, float), n.drain_seconds, _non_negative)
         ),
     )
 
@@ -451,6 +470,7 @@ def _parse(data: dict[str, Any], base: Path) -> tuple[Settings, list[ConfigError
         sender_bytes_per_hour=r.value(
             t, "dimse.", "sender_bytes_per_hour", int, d.sender_bytes_per_hour, _non_negative
         ),
+        proxy_protocol_from=tuple(r.value(t, "dimse.", "proxy_protocol_from", list, [], _networks)),
         tls=tls,
     )
 
@@ -496,6 +516,7 @@ def _parse(data: dict[str, Any], base: Path) -> tuple[Settings, list[ConfigError
         max_decoded_bytes=r.value(
             t, "http.", "max_decoded_bytes", int, h.max_decoded_bytes, _positive
         ),
+        trusted_proxies=tuple(r.value(t, "http.", "trusted_proxies", list, [], _networks)),
     )
 
     t = r.table(data, "auth")
