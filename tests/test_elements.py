@@ -1,4 +1,4 @@
-"""The fast reading of indexed values (dicomnode/archive/elements.py) gives pydicom's answers.
+"""The fast reading of indexed values (dicomnode/core/elements.py) gives pydicom's answers.
 
 The reference is what the index stored before the fast path existed: pydicom's value of the
 element by keyword, several values joined by backslashes, stripped; integers as int(). Every
@@ -16,10 +16,10 @@ from hypothesis import strategies as st
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
-from dicomnode.archive.attributes import INDEXED
-from dicomnode.archive.elements import ElementReader
 from dicomnode.archive.index import normalized_value
 from dicomnode.archive.received import _parse_complete
+from dicomnode.core.attributes import INDEXED
+from dicomnode.core.elements import ElementReader
 from tests.factory import encode_elements
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"

@@ -22,8 +22,8 @@ from typing import Any, ClassVar, Literal
 
 from pydicom.dataset import Dataset
 
-from dicomnode.archive.elements import reader_for
 from dicomnode.config import ANALYZER_FIT_KEYS
+from dicomnode.core.elements import reader_for
 
 ENTRY_POINT_GROUP = "dicomnode.analyzers"
 UID_ROOT = "2.25."  # UUID-derived UIDs (PS3.5 B.2): no registered root needed

@@ -48,7 +48,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 
 from dicomnode.archive import schema
-from dicomnode.archive.attributes import ATTRIBUTES_BY_LEVEL, INDEXED, IndexedAttribute
+from dicomnode.core.attributes import ATTRIBUTES_BY_LEVEL, INDEXED, IndexedAttribute
 from dicomnode.core.errors import DatasetMismatch, IndexUnavailable
 from dicomnode.core.model import Level, Source, StoredInstance
 from dicomnode.core.turns import ANY_TIME, Turn

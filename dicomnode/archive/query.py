@@ -47,7 +47,7 @@ from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.sql.visitors import InternalTraversal
 
 from dicomnode.archive import schema
-from dicomnode.archive.attributes import (
+from dicomnode.core.attributes import (
     COMPUTED,
     INDEXED,
     LEVEL_ORDER,

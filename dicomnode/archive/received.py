@@ -24,7 +24,7 @@ from pydicom.filereader import data_element_generator
 from pydicom.uid import UID
 
 from dicomnode import __version__
-from dicomnode.archive.elements import reader_for
+from dicomnode.core.elements import reader_for
 from dicomnode.core.errors import DatasetMismatch, InvalidInput, MissingAttribute, TooLarge
 from dicomnode.core.uids import validate_uid
 

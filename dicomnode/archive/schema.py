@@ -22,7 +22,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 
-from dicomnode.archive.attributes import (
+from dicomnode.core.attributes import (
     INSTANCE_ATTRIBUTES,
     PATIENT_ATTRIBUTES,
     SERIES_ATTRIBUTES,

@@ -24,7 +24,7 @@ from typing import Any
 from flask import Blueprint, Response, json, request
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 
-from dicomnode.archive.attributes import COMPUTED, INDEXED, default_return_keys, levels_up_to
+from dicomnode.core.attributes import COMPUTED, INDEXED, default_return_keys, levels_up_to
 from dicomnode.core.errors import InvalidInput
 from dicomnode.core.model import Level, Query
 from dicomnode.core.uids import validate_uid

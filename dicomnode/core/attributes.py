@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
-from dicomnode.archive.elements import ElementReader, reader_for
+from dicomnode.core.elements import ElementReader, reader_for
 from dicomnode.core.model import Level
 
 
