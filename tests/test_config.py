@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import importlib.util
+import re
 import subprocess
 import sys
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import pytest
 
-from dicomnode.config import check_settings, read_settings
+from dicomnode.config import Settings, check_settings, read_settings
+from dicomnode.config.describe import Heading, describe, keys, remote_port, setting
+from dicomnode.config.reader import Reader
+from dicomnode.core.enums import DuplicatePolicy
 from dicomnode.core.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -76,7 +82,9 @@ def test_shipped_example_file_is_valid_and_matches_the_defaults(monkeypatch):
     assert check_settings(REPO / "config" / "dicomnode.toml") == []
     shipped = read_settings(REPO / "config" / "dicomnode.toml")
     default = read_settings(None)
-    for section in ("node", "dimse", "http", "database", "logging", "auth", "audit", "dpo"):
+    sections = [f.name for f in fields(Settings) if "table" in f.metadata]
+    assert {"node", "dimse", "http", "database", "logging", "auth", "audit", "dpo"} <= set(sections)
+    for section in sections:
         assert getattr(shipped, section) == getattr(default, section), section
 
 
@@ -211,3 +219,102 @@ def test_the_dpo_pages_oidc_settings_are_read_together(tmp_path, monkeypatch):
     no_roles = tmp_path / "no-roles.toml"
     no_roles.write_text(path.read_text().replace('oidc_dpo_values = ["dpo"]\n', ""))
     assert [p.key for p in check_settings(no_roles)] == ["dpo.oidc_dpo_values"]
+
+
+# The description table (dicomnode/config/sections.py) is the one list of settings: the shipped
+# example, README's reference and the reader all follow it (as datasette derives its docs tests).
+
+
+def _example_keys() -> set[str]:
+    """Every key config/dicomnode.toml shows, set or commented out, as section.name."""
+    keys, section = set(), ""
+    for line in (REPO / "config" / "dicomnode.toml").read_text().splitlines():
+        text = line.lstrip("#").strip() if line.startswith("# [") or line.startswith("[") else line
+        if text.startswith("["):
+            section = text.strip("[]").split("]")[0]
+            if section.startswith("analysis.analyzers."):
+                section = "analysis.analyzers.NAME"
+            continue
+        match = re.match(r"^#? ?([a-z_]+) = ", line)
+        if match:
+            keys.add(f"{section}.{match.group(1)}")
+    return keys
+
+
+def test_every_setting_is_in_the_shipped_example_and_nothing_else():
+    described = {d.key for d in keys(Settings)}
+    shown = _example_keys()
+    assert len(described) > 100
+    assert described - shown == set(), "add these to config/dicomnode.toml"
+    assert shown - described == set(), "config/dicomnode.toml shows keys the node does not read"
+
+
+def test_readme_settings_reference_is_what_the_generator_writes():
+    spec = importlib.util.spec_from_file_location(
+        "gen_settings_reference", REPO / "tools" / "gen_settings_reference.py"
+    )
+    generator = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generator)
+    readme = (REPO / "README.md").read_text()
+    assert generator.current(readme) == generator.render(), (
+        "run python tools/gen_settings_reference.py"
+    )
+    section = generator.current(readme)
+    for d in keys(Settings):
+        assert f"| `{d.name}` |" in section, d.key
+    for heading in ("[node]", "[dimse.tls]", "[analysis.analyzers.NAME]", "[[peers]]"):
+        assert f"#### `{heading}`" in section
+
+
+def test_every_field_of_a_section_is_described():
+    for entry in describe(Settings):
+        if isinstance(entry, Heading):
+            continue
+        assert entry.setting.doc, entry.key
+    tables = [Settings] + [
+        f.metadata["table"].cls for cls in _sections() for f in fields(cls) if "table" in f.metadata
+    ]
+    for cls in set(tables):
+        for f in fields(cls):
+            if cls is Settings and f.name == "source":
+                continue
+            assert {"setting", "group", "table"} & set(f.metadata), f"{cls.__name__}.{f.name}"
+
+
+def _sections() -> list[type]:
+    found, todo = [], [Settings]
+    while todo:
+        cls = todo.pop()
+        found.append(cls)
+        todo += [f.metadata["table"].cls for f in fields(cls) if "table" in f.metadata]
+    return found
+
+
+@dataclass(frozen=True)
+class _NewSection:
+    port: int = setting(104, "a port", check=remote_port)
+    mode: DuplicatePolicy = setting(DuplicatePolicy.REPLACE, "a choice")
+    names: tuple[str, ...] = setting((), "some names")
+
+
+def test_a_key_is_one_field_read_by_the_generic_reader(tmp_path):
+    reader = Reader(tmp_path)
+    read = reader.section(_NewSection, {"port": 11112, "mode": "reject", "names": ["a"]}, "new.")
+    assert read == _NewSection(11112, DuplicatePolicy.REJECT, ("a",)) and not reader.problems
+    assert isinstance(read.mode, DuplicatePolicy)
+    assert reader.section(_NewSection, {}, "new.") == _NewSection()
+    reader.section(_NewSection, {"port": 0, "mode": "keep", "names": [""], "x": 1}, "new.")
+    assert [str(p) for p in reader.problems] == [
+        "new.port: must be 1-65535, got 0",
+        "new.mode: must be one of reject, replace; got 'keep'",
+        "new.names: must be a list of non-empty strings",
+        "new.x: unknown key",
+    ]
+
+
+def test_duplicate_policy_is_read_as_its_enum(tmp_path):
+    path = tmp_path / "dup.toml"
+    path.write_text('[dimse]\nduplicate_policy = "replace"\n')
+    policy = read_settings(path).dimse.duplicate_policy
+    assert policy is DuplicatePolicy.REPLACE and policy == "replace"
+    assert read_settings(None).dimse.duplicate_policy is DuplicatePolicy.REJECT

@@ -273,7 +273,13 @@ class LoggingSettings:
 
 
 def _fit_item(doc: str) -> Any:
-    return item((), doc, hint=_NAMES, convert=lambda v: tuple(s.strip() for s in v))
+    return item(
+        (),
+        doc,
+        hint=_NAMES,
+        convert=lambda v: tuple(s.strip() for s in v),
+        shown="the analyzer's own list",
+    )
 
 
 @dataclass(frozen=True)
