@@ -25,6 +25,7 @@ from dicomnode.dicomweb.errors import register_error_handlers
 from dicomnode.dicomweb.governance_api import governance_blueprint
 from dicomnode.dicomweb.health import health_blueprint
 from dicomnode.dicomweb.jobs import jobs_blueprint
+from dicomnode.dicomweb.proxy import install_forwarded_for
 from dicomnode.dicomweb.qido import qido_blueprint
 from dicomnode.dicomweb.stow import stow_blueprint
 from dicomnode.dicomweb.wado import wado_blueprint
@@ -55,6 +56,7 @@ def create_app(services: WebServices) -> Flask:
     app = Flask("dicomnode")
     app.extensions["dicomnode"] = services
     register_error_handlers(app)
+    install_forwarded_for(app, services.settings.http.trusted_proxies)
     app.register_blueprint(health_blueprint())
     for blueprint in (qido_blueprint(), wado_blueprint(), stow_blueprint()):
         app.register_blueprint(blueprint, url_prefix=DICOMWEB_ROOT)

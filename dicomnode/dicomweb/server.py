@@ -181,6 +181,9 @@ def create_http_server(app: Any, http: HttpSettings) -> Any:
         channel_timeout=http.channel_timeout,
         cleanup_interval=MAINTENANCE_SECONDS,
         asyncore_use_poll=True,  # select() cannot watch descriptors past 1023
+        # X-Forwarded-For reaches the app, which believes it from trusted proxies only
+        # (dicomweb.proxy); waitress would drop it, trusting no proxy itself
+        clear_untrusted_proxy_headers=not http.trusted_proxies,
     )
     dispatcher = ThreadedTaskDispatcher()
     dispatcher.set_thread_count(adj.threads)

@@ -34,6 +34,7 @@ from dicomnode.governance import audit_events
 from dicomnode.scp.connection import NodeRequestHandler, PduBounds, StoreRequest, prepare
 from dicomnode.scp.handlers import HANDLERS, DimseContext, store
 from dicomnode.scp.limits import SenderLimits
+from dicomnode.scp.proxy import HEADER_TIMEOUT, ProxyGate
 
 log = logging.getLogger("dicomnode.scp")
 
@@ -162,6 +163,7 @@ class _Server(ThreadedAssociationServer):
         super().__init__(*args, **kwargs)
         self.contexts = _SupportedContexts(self.contexts)
         self.hand_off: HandOff | None = None
+        self.proxy_gate: ProxyGate | None = None  # reads balancers' PROXY headers first
         self.store_function: Any = None
         self._pending = 0  # connections taken whose association has not started yet
         self._pending_lock = threading.Lock()
@@ -181,6 +183,13 @@ class _Server(ThreadedAssociationServer):
         return self.socket.accept()
 
     def process_request(self, request: Any, client_address: Any) -> None:
+        if self.proxy_gate is not None:
+            self.proxy_gate.admit(request, client_address, self.dispatch)
+        else:
+            self.dispatch(request, client_address)
+
+    def dispatch(self, request: Any, client_address: Any) -> None:
+        """Hand a connection to a worker process or take it here."""
         if self.hand_off is not None and self.hand_off(request, client_address, self.load()):
             return
         self.take(request, client_address)
@@ -292,6 +301,13 @@ class DimseServer:
         self._server.store_function = self._store_within_limits
         self.ae.on_pdu_refused = self._count_refusal
         self._server.hand_off = self.hand_off
+        if self.listen and dimse.proxy_protocol_from:
+            self._server.proxy_gate = ProxyGate(
+                dimse.proxy_protocol_from,
+                dimse.max_pending_connections,
+                HEADER_TIMEOUT,
+                self._count_refusal,
+            )
         if self.listen:
             threading.Thread(
                 target=self._server.serve_forever, name="dimse-accept", daemon=True
