@@ -30,77 +30,22 @@ from multiprocessing.reduction import recv_handle, send_handle
 from typing import Any
 
 from dicomnode import __version__
-from dicomnode.analysis.runner import AnalysisService
-from dicomnode.archive import Archive
-from dicomnode.archive.auditlog import AuditLog
 from dicomnode.archive.keys import (
-    load_or_create_deid_secret,
     load_or_create_signing_key,
     sign_json,
 )
-from dicomnode.casework import Casework, review_settings
+from dicomnode.compose import DIMSE_WORKER, SERVE, compose
 from dicomnode.config import Settings
-from dicomnode.core.errors import ConfigError
 from dicomnode.core.logs import configure_logging
 from dicomnode.core.metrics import Metrics
 from dicomnode.core.times import utc_now
 from dicomnode.dicomweb import WebServices, create_app
 from dicomnode.dicomweb.auth import TokenVerifier
 from dicomnode.dicomweb.server import create_http_server
-from dicomnode.dicomweb.stow_client import StowSender
-from dicomnode.egress import Egress
-from dicomnode.governance import PolicyError, audit_events
-from dicomnode.intake import Intake
+from dicomnode.governance import audit_events
 from dicomnode.scp import DimseContext, DimseServer
-from dicomnode.scp.scu import DimseSender
-from dicomnode.stewardship import Stewardship
 
 log = logging.getLogger("dicomnode")
-
-
-def build_services(
-    settings: Settings,
-    archive: Archive,
-    metrics: Metrics,
-    clock: Callable[[], datetime] = utc_now,
-    audit: Any = None,
-) -> tuple[Intake, Egress, Stewardship]:
-    """Intake, egress and stewardship over `archive`, with the node's peers, transports and
-    audit log (``archive.audit``: the node's spool, unless `audit` stands in for it)."""
-    archive.audit = audit if audit is not None else AuditLog.from_settings(settings)
-    archive.audit.source = audit_events.reporter(
-        settings.node.ae_title,
-        settings.dimse.host,
-        settings.audit.audit_source_id,
-        settings.audit.enterprise_site_id,
-    )
-    intake = Intake(archive, metrics, clock)
-    intake.max_inflated_bytes = settings.node.max_inflated_bytes
-    archive.index.ingest_busy_seconds = settings.node.index_busy_seconds
-    egress = Egress(
-        archive,
-        peers={p.name: p for p in settings.peers},
-        transports={
-            "dimse": DimseSender(settings),
-            "stow": StowSender(dict(settings.governance.stow_token_files)),
-        },
-        clock=clock,
-        delivery_attempts=settings.governance.delivery_attempts,
-        deid_secret=load_or_create_deid_secret(settings.node.data_dir),
-        audit=archive.audit,
-    )
-    return intake, egress, Stewardship(archive, clock, archive.audit)
-
-
-def publish_configured_policy(settings: Settings, stewardship: Stewardship) -> None:
-    """Publish ``[governance] policy`` if its version is new (ConfigError if it is unusable)."""
-    path = settings.governance.policy
-    if path is None:
-        return
-    try:
-        stewardship.publish_policy(path.read_text(encoding="utf-8"), f"config:{path.name}")
-    except (PolicyError, OSError, ValueError) as e:
-        raise ConfigError("governance.policy", f"{path}: {e}") from None
 
 
 class Node:
@@ -108,36 +53,22 @@ class Node:
 
     def __init__(self, settings: Settings, clock: Callable[[], datetime] = utc_now) -> None:
         self.settings = settings
-        self.metrics = Metrics()
-        self.archive = Archive(
-            settings.node.data_dir,
-            settings.database_url,
-            settings.dimse.duplicate_policy,
-            settings.node.quota_bytes,
-            settings.node.min_free_bytes,
-        )
-        self.intake, self.egress, self.stewardship = build_services(
-            settings, self.archive, self.metrics, clock
-        )
-        publish_configured_policy(settings, self.stewardship)
-        self.casework = Casework(
-            self.archive, self.stewardship, self.egress, clock, review_settings(settings.dpo)
-        )
+        self.services = compose(settings, SERVE, clock=clock)
+        self.metrics = self.services.metrics
+        self.archive = self.services.archive
+        self.intake = self.services.intake
+        self.egress = self.services.egress
+        self.stewardship = self.services.stewardship
+        self.casework = self.services.casework
+        self.analysis = self.services.analysis
         self.dimse = DimseServer(DimseContext(settings, self.intake, self.egress, self.metrics))
         self.workers = (
-            DimseWorkers(settings, self.metrics, self.archive.audit)
+            DimseWorkers(settings, self.metrics, self.services.audit)
             if settings.dimse.processes > 1
             else None
         )
         if self.workers is not None:
             self.dimse.hand_off = self.workers.hand_off
-        self.analysis = (
-            AnalysisService(settings.analysis, self.archive, self.intake, self.egress)
-            if settings.analysis.enabled
-            else None
-        )
-        if self.analysis is not None:
-            self.intake.subscribe(self.analysis.on_stored)
         self.signing_key = load_or_create_signing_key(settings.node.data_dir)
         self.verifier = TokenVerifier(settings.auth, self.signing_key)
         self.housekeeping = Housekeeping(self)
@@ -176,7 +107,7 @@ class Node:
         return status
 
     def start(self) -> None:
-        audit_log = self.archive.audit
+        audit_log = self.services.audit
         audit_log.start_writer()
         audit_log.start()
         audit_log.submit(
@@ -237,7 +168,7 @@ class Node:
         if self.analysis is not None:
             self.analysis.stop()
         self.housekeeping.stop()
-        audit_log = self.archive.audit
+        audit_log = self.services.audit
         audit_log.submit(
             lambda: audit_events.application(False, datetime.now(UTC), audit_log.source)
         )
@@ -594,21 +525,8 @@ def run_dimse_worker(
         signal.signal(signum, lambda *_: stop.set())
     metrics = _ReportedMetrics()
     audit = _ForwardedAudit(settings.audit.enabled)
-    archive = Archive(
-        settings.node.data_dir,
-        settings.database_url,
-        settings.dimse.duplicate_policy,
-        settings.node.quota_bytes,
-        settings.node.min_free_bytes,
-    )
-    intake, egress, _ = build_services(settings, archive, metrics, audit=audit)
-    analysis = (
-        AnalysisService(settings.analysis, archive, intake, egress)
-        if settings.analysis.enabled
-        else None
-    )
-    if analysis is not None:  # counted here; the main process queues and runs the jobs
-        intake.subscribe(analysis.on_stored)
+    services = compose(settings, DIMSE_WORKER, metrics=metrics, audit=audit)
+    intake, egress, analysis = services.intake, services.egress, services.analysis
     dimse = DimseServer(DimseContext(settings, intake, egress, metrics), listen=False)
     dimse.start()
     send_lock = threading.Lock()
@@ -672,4 +590,4 @@ def run_dimse_worker(
     with contextlib.suppress(OSError, EOFError):
         report()
     connection.close()
-    archive.close()
+    services.close()

@@ -22,8 +22,10 @@ LAYERS = {
     "scp": 4,
     "dicomweb": 4,
     "analysis": 4,
-    "app": 5,
+    "wiring": 5,
 }
+# The wiring room's modules: compose.py builds the rooms, serve/ runs them, cli/ the command.
+WIRING = {"compose", "serve", "cli", "app"}
 # Third-party packages a pure room may use: core is stdlib + pydicom; governance decides
 # without a database, clock or network.
 ALLOWED_THIRD_PARTY = {"core": {"pydicom"}, "config": set(), "governance": {"pydicom"}}
@@ -39,7 +41,7 @@ def _room(path: Path) -> str:
     parts = path.relative_to(PACKAGE).with_suffix("").parts
     if parts[0] == "__init__":
         return "package"
-    return "app" if parts[0] == "cli" else parts[0]  # app.py and cli.py are one wiring room
+    return "wiring" if parts[0] in WIRING else parts[0]
 
 
 def _imports(path: Path) -> list[str]:
@@ -71,7 +73,7 @@ def _upward_imports(room: str, imports: list[str]) -> list[str]:
         parts = name.split(".")
         if parts[0] != "dicomnode" or len(parts) < 2:
             continue
-        target = "app" if parts[1] == "cli" else parts[1]
+        target = "wiring" if parts[1] in WIRING else parts[1]
         if target in LAYERS and target != room and LAYERS[target] >= LAYERS[room]:
             found.append(name)
     return found

@@ -1,0 +1,77 @@
+"""`dicomnode serve`, `config check` and `token create`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from dicomnode.cli.common import seconds
+from dicomnode.config import check_settings, read_settings
+from dicomnode.core.logs import configure_logging
+
+
+def _serve(args: argparse.Namespace) -> int:
+    settings = read_settings(args.config)
+    configure_logging(settings.logging.level, settings.logging.format)
+    from dicomnode.app import Node  # imported late: `config check` needs none of it
+
+    Node(settings).serve_forever()
+    return 0
+
+
+def _config_check(args: argparse.Namespace) -> int:
+    problems = check_settings(Path(args.file))
+    for problem in problems:
+        print(f"{args.file}: {problem}", file=sys.stderr)
+    if problems:
+        print(f"{len(problems)} problem(s) found", file=sys.stderr)
+        return 1
+    print(f"{args.file}: OK")
+    return 0
+
+
+def _token_create(args: argparse.Namespace) -> int:
+    from dicomnode.archive.keys import load_or_create_signing_key
+    from dicomnode.dicomweb.auth import issue_token
+
+    settings = read_settings(args.config)
+    key = load_or_create_signing_key(settings.node.data_dir)
+    try:
+        token = issue_token(
+            key, settings.auth, args.subject, args.scope.split(), args.expires, args.purpose
+        )
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(token)
+    return 0
+
+
+def add_parsers(commands: Any) -> None:
+    """serve, token, config."""
+    serve = commands.add_parser("serve", help="run DIMSE and HTTP services")
+    serve.add_argument(
+        "--config",
+        help="TOML settings file (default: $DICOMNODE_CONFIG, else the embedded default)",
+    )
+    serve.set_defaults(run=_serve)
+
+    token = commands.add_parser("token", help="bearer tokens for DICOMweb clients")
+    token_commands = token.add_subparsers(dest="token_command", required=True)
+    create = token_commands.add_parser("create", help="print a token signed by the node's key")
+    create.add_argument("--scope", required=True, help='e.g. "dicomweb.read dicomweb.write"')
+    create.add_argument("--subject", required=True, help="who the token is for")
+    create.add_argument("--expires", type=seconds, default=3600, help="lifetime: 3600, 30m, 1h, 7d")
+    create.add_argument(
+        "--purpose", help="purpose_of_use claim (HL7 code, e.g. HRESCH); default: none"
+    )
+    create.add_argument("--config", help="settings file (for data_dir and the issuer)")
+    create.set_defaults(run=_token_create)
+
+    config = commands.add_parser("config", help="configuration tools")
+    config_commands = config.add_subparsers(dest="config_command", required=True)
+    check = config_commands.add_parser("check", help="report every problem in a settings file")
+    check.add_argument("file")
+    check.set_defaults(run=_config_check)

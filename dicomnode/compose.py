@@ -1,0 +1,166 @@
+"""Wiring: the one place that builds the node's rooms from the settings.
+
+`compose(settings, role)` opens the archive and builds governance's rooms over it (intake,
+egress, stewardship, casework) and, where the role runs them, the analysis service. The role
+says what else happens:
+
+- ``serve``: the node (`dicomnode.serve.Node`): the configured policy (``[governance]
+  policy``) is published if its version is new, analysis is subscribed to intake;
+- ``dimse-worker``: a DIMSE worker process: its metrics and audit log are handed in (they
+  report to the main process), analysis only counts what arrives;
+- ``cli``: one command of `dicomnode`: nothing is published and no analysis is built (a
+  command that queues analysis asks `build_analysis`).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from dicomnode.analysis.runner import AnalysisService
+from dicomnode.archive import Archive
+from dicomnode.archive.auditlog import AuditLog
+from dicomnode.archive.keys import load_or_create_deid_secret
+from dicomnode.casework import Casework, review_settings
+from dicomnode.config import Settings
+from dicomnode.core.errors import ConfigError
+from dicomnode.core.metrics import Metrics
+from dicomnode.core.times import utc_now
+from dicomnode.dicomweb.stow_client import StowSender
+from dicomnode.egress import Egress
+from dicomnode.governance import PolicyError, audit_events
+from dicomnode.intake import Intake
+from dicomnode.scp.scu import DimseSender
+from dicomnode.stewardship import Stewardship
+
+
+class Role(enum.StrEnum):
+    """What the composed services are for."""
+
+    SERVE = "serve"
+    DIMSE_WORKER = "dimse-worker"
+    CLI = "cli"
+
+
+SERVE, DIMSE_WORKER, CLI = Role.SERVE, Role.DIMSE_WORKER, Role.CLI
+
+
+@dataclass
+class Services:
+    """The node's rooms over one archive, as `compose` built them for `role`."""
+
+    settings: Settings
+    role: Role
+    metrics: Metrics
+    archive: Archive
+    audit: Any  # the AuditLog (or what stands in for it in a DIMSE worker)
+    intake: Intake
+    egress: Egress
+    stewardship: Stewardship
+    casework: Casework
+    analysis: AnalysisService | None
+
+    def close(self) -> None:
+        """Close the archive (its index connections, its spare blob files)."""
+        self.archive.close()
+
+
+def compose(
+    settings: Settings,
+    role: Role | str,
+    *,
+    metrics: Metrics | None = None,
+    audit: Any = None,
+    clock: Callable[[], datetime] = utc_now,
+) -> Services:
+    """The archive and the rooms over it for `role` (see the module's docstring). `metrics`
+    and `audit` stand in for the node's own (a DIMSE worker's report to the main process).
+    Raises ConfigError when the configured policy cannot be published (role ``serve``)."""
+    try:
+        role = Role(role)
+    except ValueError:
+        raise ValueError(f"role: not one of {', '.join(Role)}: {role!r}") from None
+    metrics = metrics if metrics is not None else Metrics()
+    archive = open_archive(settings)
+    try:
+        services = _build(settings, role, archive, metrics, audit, clock)
+        if role is SERVE:
+            publish_configured_policy(settings, services.stewardship)
+    except BaseException:
+        archive.close()
+        raise
+    return services
+
+
+def open_archive(settings: Settings) -> Archive:
+    """The archive of `settings`: blobs under the data directory, the configured index."""
+    return Archive(
+        settings.node.data_dir,
+        settings.database_url,
+        settings.dimse.duplicate_policy,
+        settings.node.quota_bytes,
+        settings.node.min_free_bytes,
+    )
+
+
+def _build(
+    settings: Settings,
+    role: Role,
+    archive: Archive,
+    metrics: Metrics,
+    audit: Any,
+    clock: Callable[[], datetime],
+) -> Services:
+    audit = audit if audit is not None else AuditLog.from_settings(settings)
+    audit.source = audit_events.reporter(
+        settings.node.ae_title,
+        settings.dimse.host,
+        settings.audit.audit_source_id,
+        settings.audit.enterprise_site_id,
+    )
+    archive.audit = audit  # read by layer 4 through intake.archive until it reads intake.audit
+    archive.index.ingest_busy_seconds = settings.node.index_busy_seconds
+    intake = Intake(archive, metrics, clock)
+    intake.max_inflated_bytes = settings.node.max_inflated_bytes
+    egress = Egress(
+        archive,
+        peers={p.name: p for p in settings.peers},
+        transports={
+            "dimse": DimseSender(settings),
+            "stow": StowSender(dict(settings.governance.stow_token_files)),
+        },
+        clock=clock,
+        delivery_attempts=settings.governance.delivery_attempts,
+        deid_secret=load_or_create_deid_secret(settings.node.data_dir),
+        audit=audit,
+    )
+    stewardship = Stewardship(archive, clock, audit)
+    casework = Casework(archive, stewardship, egress, clock, review_settings(settings.dpo))
+    analysis = None
+    if role is not CLI and settings.analysis.enabled:
+        analysis = build_analysis(settings, archive, intake, egress)
+        intake.subscribe(analysis.on_stored)  # a worker counts; the main process runs the jobs
+    return Services(
+        settings, role, metrics, archive, audit, intake, egress, stewardship, casework, analysis
+    )
+
+
+def build_analysis(
+    settings: Settings, archive: Archive, intake: Intake, egress: Egress
+) -> AnalysisService:
+    """The analysis service over the node's rooms (its analyzers from the installed plugins)."""
+    return AnalysisService(settings.analysis, archive, intake, egress)
+
+
+def publish_configured_policy(settings: Settings, stewardship: Stewardship) -> None:
+    """Publish ``[governance] policy`` if its version is new (ConfigError if it is unusable)."""
+    path = settings.governance.policy
+    if path is None:
+        return
+    try:
+        stewardship.publish_policy(path.read_text(encoding="utf-8"), f"config:{path.name}")
+    except (PolicyError, OSError, ValueError) as e:
+        raise ConfigError("governance.policy", f"{path}: {e}") from None
