@@ -21,8 +21,14 @@ from zoneinfo import ZoneInfo
 
 from dicomnode.archive import Archive
 from dicomnode.archive.casework import BreachRecord, CaseStore, TicketRecord
-from dicomnode.archive.ledger import LedgerEntry
 from dicomnode.core.errors import InvalidInput
+from dicomnode.core.ledger import LedgerEntry
+from dicomnode.core.ledger_events import (
+    BreachClosed,
+    BreachNotified,
+    BreachRecorded,
+    ReviewSignedOff,
+)
 from dicomnode.core.model import Source
 from dicomnode.core.times import utc_now
 from dicomnode.governance import casework as rules
@@ -209,16 +215,16 @@ class Casework:
 
     @staticmethod
     def _breach_detail(facts: rules.BreachFacts) -> dict[str, Any]:
-        return {
-            "aware_at": facts.aware_at.isoformat(),
-            "what": facts.what,
-            "subjects": facts.subjects,
-            "categories": list(facts.categories),
-            "patient_ids": list(facts.patient_ids),
-            "study_instance_uids": list(facts.study_instance_uids),
-            "emr_linked": facts.emr_linked,
-            "deadlines": {d.duty: d.due_at.isoformat() for d in rules.breach_deadlines(facts, ())},
-        }
+        return BreachRecorded(
+            aware_at=facts.aware_at.isoformat(),
+            what=facts.what,
+            subjects=facts.subjects,
+            categories=tuple(facts.categories),
+            patient_ids=tuple(facts.patient_ids),
+            study_instance_uids=tuple(facts.study_instance_uids),
+            emr_linked=facts.emr_linked,
+            deadlines={d.duty: d.due_at.isoformat() for d in rules.breach_deadlines(facts, ())},
+        ).as_details()
 
     def breaches(self) -> list[BreachRecord]:
         return self.store.breaches()
@@ -264,7 +270,7 @@ class Casework:
             record.state,
             by,
             "notified",
-            {"notified": to, "at": at.isoformat(), "note": note},
+            BreachNotified(notified=to, at=at.isoformat(), note=note).as_details(),
             state="notified",
             notifications=[*record.notifications, notification],
         )
@@ -284,7 +290,7 @@ class Casework:
             record.state,
             by,
             "closed",
-            {"reason": reason.strip()},
+            BreachClosed(reason=reason.strip()).as_details(),
             state="closed",
             closed_at=now,
             closed_by=by,
@@ -327,15 +333,15 @@ class Casework:
             raise InvalidInput("the report changed since it was opened; read it again")
         return self.store.record_review(
             by,
-            {
-                "month": month,
-                "report_sha256": report["sha256"],
-                "totals": report["totals"],
-                "reviewer": by,
-                "finding": finding.strip(),
-                "follow_up": follow_up.strip(),
-                "reviewed_at": self.clock().isoformat(),
-            },
+            ReviewSignedOff(
+                month=month,
+                report_sha256=report["sha256"],
+                totals=report["totals"],
+                reviewer=by,
+                finding=finding.strip(),
+                follow_up=follow_up.strip(),
+                reviewed_at=self.clock().isoformat(),
+            ).as_details(),
         )
 
     def reviews(self, month: str | None = None) -> list[LedgerEntry]:

@@ -14,10 +14,7 @@ is missing, or whose hash differs, is named.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -26,86 +23,20 @@ from sqlalchemy import Connection, func, select, text
 from dicomnode.archive import schema
 from dicomnode.archive.index import Index, Prepared
 from dicomnode.core.errors import StorageUnavailable
+from dicomnode.core.ledger import (
+    GENESIS_HASH,
+    Checkpoint,
+    LedgerEntry,
+    Verification,
+    canonical_detail,
+    entry_hash,
+)
 
-GENESIS_HASH = "0" * 64
 _LEDGER_LOCK = 1573_0001  # PostgreSQL advisory lock key that serialises appends
 # Built once: an append runs on every disclosure decision, so on the request path.
 _TAKE_LEDGER_LOCK = text(f"SELECT pg_advisory_xact_lock({_LEDGER_LOCK})")
 _LEDGER_TAIL = text("SELECT seq, hash FROM ledger_entries ORDER BY seq DESC LIMIT 1")
 _ENTRY_COLUMNS = ["seq", "recorded_at", "kind", "actor", "outcome", "detail", "prev_hash", "hash"]
-
-
-@dataclass(frozen=True)
-class LedgerEntry:
-    seq: int
-    recorded_at: str
-    kind: str
-    actor: str
-    outcome: str
-    detail: str  # canonical JSON, exactly as hashed
-    prev_hash: str
-    hash: str
-
-    @property
-    def data(self) -> dict[str, Any]:
-        return json.loads(self.detail)
-
-    @classmethod
-    def from_row(cls, row: Any) -> LedgerEntry:
-        """The entry of a ledger_entries row."""
-        return cls(
-            row.seq,
-            row.recorded_at,
-            row.kind,
-            row.actor,
-            row.outcome,
-            row.detail,
-            row.prev_hash,
-            row.hash,
-        )
-
-
-@dataclass(frozen=True)
-class Checkpoint:
-    """A signed statement that entry `seq` of the ledger had hash `head_hash`."""
-
-    seq: int
-    head_hash: str
-    created_at: str
-    signature: str
-
-    def payload(self) -> dict[str, Any]:
-        return {"seq": self.seq, "hash": self.head_hash, "at": self.created_at}
-
-    def as_dict(self) -> dict[str, Any]:
-        return {**self.payload(), "signature": self.signature}
-
-
-@dataclass(frozen=True)
-class Verification:
-    """The result of checking the chain: `first_bad` names the first entry that fails."""
-
-    ok: bool
-    entries: int
-    first_bad: int | None = None
-    problem: str = ""
-    head_hash: str = GENESIS_HASH
-    checkpoints: int = 0  # checkpoints the chain was checked against
-
-
-def canonical_detail(detail: dict[str, Any]) -> str:
-    return json.dumps(
-        detail, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str
-    )
-
-
-def entry_hash(
-    prev_hash: str, seq: int, recorded_at: str, kind: str, actor: str, outcome: str, detail: str
-) -> str:
-    head = json.dumps(
-        [seq, recorded_at, kind, actor, outcome], separators=(",", ":"), ensure_ascii=False
-    )
-    return hashlib.sha256(f"{prev_hash}\n{head}\n{detail}".encode()).hexdigest()
 
 
 class Ledger:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -20,48 +19,12 @@ from sqlalchemy.dialects.postgresql import JSONB
 
 from dicomnode.archive import schema
 from dicomnode.archive.index import Index
-from dicomnode.archive.ledger import LedgerEntry
+from dicomnode.core.ledger import DECISION_KINDS, RETRIEVALS, LedgerEntry, LedgerFilter, Page
 from dicomnode.core.model import LedgerKind
 
-DECISION_KINDS = (LedgerKind.DISCLOSURE.value, LedgerKind.DENIAL.value)
-# Retrievals: operations that hand a copy of the data itself (not only attributes) over.
-RETRIEVALS = ("move", "get", "wado")
 FILTER_KEYS = ("recipient", "purpose", "basis", "operation")
 
 _t = schema.ledger_entries
-
-
-@dataclass(frozen=True)
-class LedgerFilter:
-    """Which entries a view shows; empty values filter nothing. `date_to` is inclusive."""
-
-    kinds: tuple[str, ...] = DECISION_KINDS
-    date_from: date | None = None
-    date_to: date | None = None
-    recipient: str = ""
-    purpose: str = ""
-    basis: str = ""
-    operation: str = ""
-    patient_id: str = ""
-    outcome: str = ""
-    # only entries that gave out this patient's data: with `patient_id`, leave out entries
-    # whose decision left the patient out (denied_patients)
-    disclosed_patient_only: bool = False
-
-    def with_(self, **changes: Any) -> LedgerFilter:
-        return replace(self, **changes)
-
-
-@dataclass(frozen=True)
-class Page:
-    entries: list[LedgerEntry]
-    total: int
-    page: int
-    per_page: int
-
-    @property
-    def pages(self) -> int:
-        return max(1, -(-self.total // self.per_page))
 
 
 def _moment(day: date) -> str:

@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from dicomnode.archive.jobs import JobStore
-from dicomnode.archive.ledger_views import LedgerFilter, LedgerViews
+from dicomnode.archive.ledger_views import LedgerViews
+from dicomnode.core.ledger import LedgerFilter
+from dicomnode.core.ledger_events import SubjectExported
 from dicomnode.core.model import LedgerKind, Source
 from dicomnode.egress.gate import Gate
 from dicomnode.governance import (
@@ -104,17 +106,14 @@ class SubjectExport(Gate):
         }
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
         (out_dir / "summary.txt").write_text(_readable_summary(summary), encoding="utf-8")
+        exported = SubjectExported(
+            patient_ids=(patient_id,),
+            study_instance_uids=tuple(summary["studies"]),
+            files=len(files),
+            disclosures_listed=len(disclosures),
+        )
         self.archive.ledger.record(
-            LedgerKind.SUBJECT,
-            requester.caller,
-            "exported",
-            {
-                "request": "export",
-                "patient_ids": [patient_id],
-                "study_instance_uids": summary["studies"],
-                "files": len(files),
-                "disclosures_listed": len(disclosures),
-            },
+            exported.kind, requester.caller, "exported", exported.as_details()
         )
         return summary
 
