@@ -364,6 +364,7 @@ def test_a_blob_whose_data_cannot_be_synced_is_refused_and_never_filed_later(arc
 def test_leftovers_of_an_interrupted_write_are_discarded_at_start(tmp_path, database_url):
     Archive(tmp_path / "data", database_url).close()
     leftover = tmp_path / "data" / "blobs" / "tmp" / "abc.part"
+    leftover.parent.mkdir(parents=True, exist_ok=True)
     leftover.write_bytes(b"half a file")
     archive = Archive(tmp_path / "data", database_url)
     archive.close()

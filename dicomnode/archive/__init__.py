@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 import json
 import logging
-import shutil
 import threading
 import time
 from collections.abc import Sequence
@@ -26,6 +25,7 @@ from sqlalchemy.exc import IntegrityError
 
 from dicomnode.archive import migrations, query, schema
 from dicomnode.archive.blobs import FileBlobStore, PendingBlob
+from dicomnode.archive.blobstore import Placement
 from dicomnode.archive.index import Index, create_index_engine
 from dicomnode.archive.ledger import Ledger
 from dicomnode.archive.received import ReceivedObject, dataset_sha256s
@@ -144,10 +144,10 @@ class Archive:
         self._usage_lock = threading.Lock()
         self._last_capacity_alert = 0.0
         self.blobs = FileBlobStore(data_dir / "blobs", data_dir / "placing")
-        self._unsettled: collections.deque[tuple[float, Path]] = collections.deque()
+        self._unsettled: collections.deque[tuple[float, Placement]] = collections.deque()
         self._unsettled_lock = threading.Lock()
         self._failing: tuple[float, StorageUnavailable] | None = None  # the last one seen
-        self._recovering: dict[str, list[Path]] = {}  # blob -> its journal entries left
+        self._recovering: dict[str, list[Placement]] = {}  # blob -> its records left
         self.engine = create_index_engine(database_url)
         migrations.upgrade(self.engine)
         self.index = Index(self.engine)
@@ -305,7 +305,7 @@ class Archive:
             )
 
     def _settle_later(self, blob: PendingBlob) -> None:
-        entry, blob.entry = blob.entry, None
+        entry, blob.placement = blob.placement, None
         if entry is not None:
             with self._unsettled_lock:
                 self._unsettled.append((time.monotonic(), entry))
@@ -327,18 +327,17 @@ class Archive:
             with self._unsettled_lock:
                 self._unsettled.extendleft(reversed([(now, entry) for entry in settled]))
             return 0
-        for entry in settled:
-            entry.unlink(missing_ok=True)
+        self.blobs.placements.settle(settled)
         return len(settled)
 
-    def storage(self) -> dict[str, int | bool]:
+    def storage(self) -> dict[str, int | bool | None]:
         """Bytes stored, the quota, the disk's free bytes, and whether new data is refused."""
         used = self._stored_bytes()
-        free = shutil.disk_usage(self.blobs.root).free
+        free = self.blobs.usage().free_bytes
         refused_lately = time.monotonic() - self._last_capacity_alert < 60
         refusing = (
             bool(self.quota_bytes and used >= self.quota_bytes)
-            or free < self.min_free_bytes
+            or (free is not None and free < self.min_free_bytes)
             or (self._last_capacity_alert > 0 and refused_lately)
         )
         return {
@@ -362,8 +361,8 @@ class Archive:
                     "new objects are refused until retention frees space or the quota is raised"
                 )
         if not problem and self.min_free_bytes:
-            free = shutil.disk_usage(self.blobs.root).free
-            if free - size < self.min_free_bytes:
+            free = self.blobs.usage().free_bytes
+            if free is not None and free - size < self.min_free_bytes:
                 problem = (
                     f"the disk has {free} bytes free, under node.min_free_bytes "
                     f"({self.min_free_bytes}); new objects are refused"
@@ -747,13 +746,14 @@ class Archive:
         (their unlinking did not reach the disk). The entries of blobs that are indexed, held
         or gone (refused) are settled here; the others, once handled, by `settle_recovered`.
         A held blob with no held row (its sender was refused or got no answer) is removed."""
-        entries = self.blobs.journal.left()
+        entries = self.blobs.placements.leftovers()
         if not entries:
             return UnindexedBlobs([], [])
-        by_blob: dict[str, list[Path]] = {}
+        by_blob: dict[str, list[Placement]] = {}
         for entry in entries:
-            by_blob.setdefault(entry.relative, []).append(entry.path)
-        mtimes = {entry.relative: entry.mtime for entry in entries}
+            by_blob.setdefault(entry.key, []).append(entry.placement)
+        mtimes = {entry.key: entry.started_at for entry in entries}
+        withdrawn = {entry.key for entry in entries if entry.withdrawn}
         i, held, ledger = schema.instances, schema.held_objects, schema.ledger_entries
         filed: set[str] = set()
         blobs = sorted(by_blob)
@@ -782,8 +782,8 @@ class Archive:
             if relative in filed or not self.blobs.exists(relative):
                 self._settle_entries(by_blob[relative])  # filed, or withdrawn (refused)
                 continue
-            if relative.startswith(HELD_PREFIX):
-                self.blobs.delete(relative)
+            if relative.startswith(HELD_PREFIX) or relative in withdrawn:
+                self.blobs.delete(relative)  # refused: it never comes back
                 self._settle_entries(by_blob[relative])
                 continue
             if since is not None and mtimes[relative] < since.timestamp():
@@ -795,9 +795,8 @@ class Archive:
         self._recovering = by_blob
         return found
 
-    def _settle_entries(self, entries: list[Path]) -> None:
-        for entry in entries:
-            entry.unlink(missing_ok=True)
+    def _settle_entries(self, entries: list[Placement]) -> None:
+        self.blobs.placements.settle(entries)
 
     def settle_recovered(self, relative: str) -> None:
         """Drop the journal entries of a blob `unindexed_recent_blobs` found, once recovery
@@ -841,9 +840,7 @@ class Archive:
             with self.index.read() as conn:
                 conn.execute(select(1))
             self.index.probe_write()
-            probe = self.blobs.temporary_path("healthz")
-            probe.write_bytes(b"ok")
-            probe.unlink()
+            self.blobs.check()
         except Exception as e:
             self._raise_as_answered(e)
         failing = self.failing()

@@ -12,12 +12,14 @@ syncs the data and the directory), so that an arriving object's bytes are writte
 the kernel starts writing them to disk, before the object is parsed; its final path needs the
 parse and the SHA-256.
 
-Each placing is recorded first in the placement journal (`PlacementJournal`): an entry, a
-hard link to the blob's file under a per-node folder beside the store, made durable by the
+`FileBlobStore` implements `dicomnode.archive.blobstore.BlobStore`. Each placing is recorded
+first in the placement journal (`PlacementJournal`, the filesystem's `Placements`): an entry,
+a hard link to the blob's file under a per-node folder beside the store, made durable by the
 same sync that makes the blob durable (no sync of its own). The entry stays until the blob's
 outcome is durable elsewhere: its index row synced (`PendingBlob.settle`), or the blob
-removed because the sender was refused (`PendingBlob.withdraw`). Recovery at start reads the
-entries left, not the store's folders (see `dicomnode.archive.Archive.unindexed_recent_blobs`).
+removed because the sender was refused (`PendingBlob.withdraw`, which first marks the entry
+withdrawn, durably, so a refused object never comes back). Recovery at start reads the
+entries left, not the store's folders (see `Archive.unindexed_recent_blobs`).
 
 Temporary files are named after the process writing them, so that a process starting up
 (another `dicomnode serve` worker, a CLI command) discards only what dead processes left.
@@ -31,14 +33,27 @@ import collections
 import ctypes
 import ctypes.util
 import errno
+import hashlib
+import io
 import itertools
 import os
 import shutil
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, NamedTuple
+from typing import BinaryIO
 
-from dicomnode.core.uids import validate_uid
+from dicomnode.archive.blobstore import (
+    CACHE_PREFIX,
+    SPECIAL_PREFIXES,
+    Leftover,
+    Placement,
+    Range,
+    StoreUsage,
+    blob_key,
+    withdraw_placed,
+)
 
 _sync_data = getattr(os, "fdatasync", os.fsync)  # the data and the size; no timestamps
 _OPEN_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
@@ -76,17 +91,32 @@ class PendingBlob:
     entry is settled (`settle`) when the outcome is durable, or the blob is taken back
     (`withdraw`) when the object was refused."""
 
-    def __init__(self, store: FileBlobStore, tmp: Path, fd: int) -> None:
+    def __init__(self, store: FileBlobStore, tmp: Path, fd: int, size: int) -> None:
         self._store = store
         self._tmp = tmp
         self._fd: int | None = fd  # open until synced
         self._placed = False  # or abandoned
-        self.relative = ""  # where it was placed
-        self.entry: Path | None = None  # its placement journal entry, until settled
+        self._size = size
+        self._sha256 = ""
+        self.key = ""  # where it was placed
+        self.placement: Placement | None = None  # its journal entry, until settled
         self.named = False  # whether this placing gave the blob its name (no file was there)
 
-    def place(self, relative: str) -> None:
-        """Put the temporary file at `relative` durably: link it there (never over another
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def sha256(self) -> str:
+        if not self._sha256:
+            digest = hashlib.sha256()
+            with open(self._store.absolute(self.key) if self._placed else self._tmp, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+            self._sha256 = digest.hexdigest()
+        return self._sha256
+
+    def place(self, key: str) -> None:
+        """Put the temporary file at `key` durably: link it there (never over another
         file), sync its data, then the directory (and the folders above it that this
         created); raises OSError.
 
@@ -94,9 +124,9 @@ class PendingBlob:
         on a journaling filesystem, one commit makes all durable (syncing first and renaming
         after took two: on a fresh ext4, 1000 CT objects over one association took 3.7 s
         instead of 2.8, bench/RESULTS.md). A power loss before the sync can leave an
-        incomplete file at `relative`; it has no index row yet (the index is written after
+        incomplete file at `key`; it has no index row yet (the index is written after
         `place`), and recovery at start-up deletes it, as its content does not match the
-        SHA-256 in its name. A file already at `relative` has the same content (blob names
+        SHA-256 in its name. A file already at `key` has the same content (blob names
         carry it): it is kept, and synced in case its writer has not yet done so. Where the
         filesystem has no hard links, the file is synced and then renamed."""
         if self._placed:
@@ -104,11 +134,11 @@ class PendingBlob:
         self._placed = True
         fd, self._fd = self._fd, None
         assert fd is not None
-        target = self._store.absolute(relative)
+        target = self._store.absolute(key)
         created: list[Path] = []
-        self.relative = relative
+        self.key = key
         try:
-            self.entry = self._store.journal.record(self._tmp, relative)
+            self.placement = self._store.placements.record(key, self._tmp)
             self._name(fd, target, created)
         finally:
             os.close(fd)
@@ -121,29 +151,27 @@ class PendingBlob:
         # that makes the name durable holds the entry too (syncing it as well cost a commit
         # of its own: ~5 ms per object on this machine's disk, 12 ms -> 17-20 ms).
 
+    @property
+    def relative(self) -> str:
+        """The key it was placed at (the name this had before the `BlobStore` protocol)."""
+        return self.key
+
     def settle(self) -> None:
         """The outcome is durable elsewhere (the index row synced): drop the journal entry
         (no sync: an entry a power loss brings back is settled again at the next start)."""
-        entry, self.entry = self.entry, None
-        if entry is not None:
-            entry.unlink(missing_ok=True)
+        placement, self.placement = self.placement, None
+        if placement is not None:
+            self._store.placements.settle([placement])
 
     def withdraw(self) -> None:
-        """The object was refused after it was placed: remove the blob durably, if this
-        placing gave it its name and no other placing of it is unsettled (an identical object
-        placed meanwhile counts on it), then the journal entry; so it never comes back."""
-        entry, self.entry = self.entry, None
-        if entry is None:
-            return
-        try:
-            if self.named and not self._store.journal.others(self.relative, entry):
-                self._store.delete(self.relative)
-                target = self._store.absolute(self.relative)
-                if target.parent.exists():
-                    fsync_directory(target.parent)
-        finally:
-            entry.unlink(missing_ok=True)
-            fsync_directory(entry.parent)
+        """The object was refused after it was placed: mark the entry withdrawn (durably),
+        remove the blob durably if this placing gave it its name and no other placing of it is
+        unsettled (an identical object placed meanwhile counts on it), then drop the entry;
+        so it never comes back."""
+        withdraw_placed(self, self._store)
+        folder = self._store.absolute(self.key).parent
+        if folder.exists():
+            fsync_directory(folder)
 
     def _name(self, fd: int, target: Path, created: list[Path]) -> None:
         """Give the file open as `fd` the name `target` and sync its data (see `place`),
@@ -186,106 +214,154 @@ class PendingBlob:
         self._tmp.unlink(missing_ok=True)
 
 
-class JournalEntry(NamedTuple):
-    """A placing whose outcome was not durable when its process stopped (or is this one's)."""
+@dataclass
+class JournalPlacement:
+    """A placement journal entry: the file `path`, recording the placing of `key`."""
 
     path: Path
-    relative: str  # the blob it placed
-    mtime: float  # the blob's when it is a hard link of it
+    key: str
+
+
+_WITHDRAWN = "w"  # marks a withdrawn entry's writer part: ``<pid>-<serial>w+<key>``
 
 
 class PlacementJournal:
-    """The durable record of each placed blob until its outcome is durable elsewhere: one
-    entry per placing, ``<pid>-<serial>+<relative path, '/' as '+'>`` in `folder` (outside
-    the store's root, so nothing that reads the store sees it), a hard link of the blob's
-    file made before the blob is named, so the blob's own sync makes it durable too (an
-    empty file where hard links cannot be made). The outcomes: settled (filed, and durable
-    in the index), withdrawn (refused: the blob removed first), or left for recovery (the
-    process stopped before either: a sender that got no answer, or a power loss that took
-    the index row of one that got success)."""
+    """The filesystem's `Placements`: one entry per placing,
+    ``<pid>-<serial>+<key, '/' as '+'>`` in `folder` (outside the store's root, so nothing
+    that reads the store sees it), a hard link of the blob's file made before the blob is
+    named, so the blob's own sync makes it durable too (an empty file where hard links cannot
+    be made). The outcomes: settled (filed, and durable in the index), withdrawn (refused:
+    the entry renamed ``...w+...`` and synced, the blob removed, the entry removed), or left
+    for recovery (the process stopped before either: a sender that got no answer, or a power
+    loss that took the index row of one that got success). Entries of running processes
+    other than this one are another process's business (the folder is per node)."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        folder.mkdir(parents=True, exist_ok=True)
 
-    def record(self, tmp: Path, relative: str) -> Path:
-        """A new entry for placing `tmp` at `relative`; raises OSError."""
-        entry = self.folder / f"{os.getpid()}-{next(_TEMPORARY_SERIALS)}+{_flat(relative)}"
-        try:
-            os.link(tmp, entry)
-        except OSError as e:
-            if e.errno not in _NO_HARD_LINKS and e.errno != errno.EXDEV:
-                raise
-            os.close(os.open(entry, _OPEN_NEW, 0o600))
-        return entry
+    def record(self, key: str, staged: Path | None = None) -> JournalPlacement:
+        """A new entry for placing `staged` at `key`; raises OSError."""
+        entry = self.folder / f"{os.getpid()}-{next(_TEMPORARY_SERIALS)}+{_flat(key)}"
+        for _attempt in range(2):
+            try:
+                if staged is None:
+                    raise OSError(errno.ENOSYS, "nothing to link")
+                os.link(staged, entry)
+            except FileNotFoundError:
+                self.folder.mkdir(parents=True, exist_ok=True)
+                continue
+            except OSError as e:
+                if e.errno not in _NO_HARD_LINKS and e.errno != errno.EXDEV:
+                    raise
+                os.close(os.open(entry, _OPEN_NEW, 0o600))
+            return JournalPlacement(entry, key)
+        raise FileNotFoundError(f"cannot record in {self.folder}")
 
-    def others(self, relative: str, but: Path) -> bool:
-        """Whether an entry other than `but` records a placing of `relative`."""
-        suffix = "+" + _flat(relative)
+    def settle(self, placements: Iterable[Placement]) -> None:
+        for placement in placements:
+            assert isinstance(placement, JournalPlacement)
+            placement.path.unlink(missing_ok=True)
+
+    def withdraw(self, placement: Placement) -> bool:
+        assert isinstance(placement, JournalPlacement)
+        writer, _, flat = placement.path.name.partition("+")
+        if not writer.endswith(_WITHDRAWN):
+            marked = placement.path.with_name(f"{writer}{_WITHDRAWN}+{flat}")
+            os.replace(placement.path, marked)
+            fsync_directory(self.folder)
+            placement.path = marked
+        return not self._others(placement)
+
+    def forget(self, placement: Placement) -> None:
+        assert isinstance(placement, JournalPlacement)
+        placement.path.unlink(missing_ok=True)
+        fsync_directory(self.folder)
+
+    def _others(self, placement: JournalPlacement) -> bool:
+        """Whether an unsettled entry other than `placement`'s records a placing of its key."""
+        suffix = "+" + _flat(placement.key)
         with os.scandir(self.folder) as entries:
-            return any(e.name.endswith(suffix) and e.name != but.name for e in entries)
+            return any(
+                e.name.endswith(suffix)
+                and e.name != placement.path.name
+                and not e.name.partition("+")[0].endswith(_WITHDRAWN)
+                for e in entries
+            )
 
-    def left(self) -> list[JournalEntry]:
+    def leftovers(self) -> list[Leftover]:
         """The entries of processes no longer running, and this one's."""
         found = []
-        with os.scandir(self.folder) as entries:
-            for entry in entries:
-                writer, _, flat = entry.name.partition("+")
-                pid = writer.split("-", 1)[0]
-                if not flat:
-                    continue
-                if pid.isdigit() and int(pid) != os.getpid() and _running(int(pid)):
-                    continue
-                try:
-                    mtime = entry.stat().st_mtime
-                except FileNotFoundError:
-                    continue
-                found.append(JournalEntry(Path(entry.path), flat.replace("+", "/"), mtime))
+        try:
+            with os.scandir(self.folder) as entries:
+                listed = list(entries)
+        except FileNotFoundError:
+            return []
+        for entry in listed:
+            writer, _, flat = entry.name.partition("+")
+            pid = writer.split("-", 1)[0]
+            if not flat:
+                continue
+            if pid.isdigit() and int(pid) != os.getpid() and _running(int(pid)):
+                continue
+            try:
+                mtime = entry.stat().st_mtime
+            except FileNotFoundError:
+                continue
+            key = flat.replace("+", "/")
+            placement = JournalPlacement(Path(entry.path), key)
+            found.append(Leftover(placement, key, mtime, writer.endswith(_WITHDRAWN)))
         return found
 
 
-def _flat(relative: str) -> str:
-    return relative.replace("/", "+")
+def _flat(key: str) -> str:
+    return key.replace("/", "+")
 
 
 class FileBlobStore:
     """Files under ``root/<study>/<series>/<instance>.dcm``, with the placement journal in
-    `journal_folder` (default: ``placing`` beside the root)."""
+    `journal_folder` (default: ``placing`` beside the root). Folders are created when first
+    written to, not by construction."""
 
     def __init__(self, root: Path, journal_folder: Path | None = None) -> None:
         self.root = root
         self.tmp = root / "tmp"
-        self.tmp.mkdir(parents=True, exist_ok=True)
-        self.journal = PlacementJournal(journal_folder or root.parent / "placing")
+        self.placements = PlacementJournal(journal_folder or root.parent / "placing")
         self._spares: collections.deque[tuple[Path, int]] = collections.deque()
+
+    @property
+    def journal(self) -> PlacementJournal:
+        return self.placements
 
     @staticmethod
     def relative_path(study_uid: str, series_uid: str, sop_instance_uid: str) -> str:
         """The blob's path relative to the root; raises InvalidUID for an unsafe UID."""
-        return "/".join(
-            (
-                validate_uid(study_uid, "StudyInstanceUID"),
-                validate_uid(series_uid, "SeriesInstanceUID"),
-                validate_uid(sop_instance_uid, "SOPInstanceUID") + ".dcm",
-            )
-        )
+        return blob_key(study_uid, series_uid, sop_instance_uid)
 
-    def absolute(self, relative: str) -> Path:
-        return self.root / relative
+    def absolute(self, key: str) -> Path:
+        return self.root / key
 
     def temporary_path(self, what: str = "") -> Path:
         """A fresh name under ``tmp/`` carrying this process's id."""
         return self.tmp / f"{os.getpid()}-{what or next(_TEMPORARY_SERIALS)}.part"
 
-    def write(self, relative: str, chunks: Sequence[bytes]) -> None:
-        """Write `chunks` to `relative` durably (`begin`, then `PendingBlob.place`)."""
-        self.begin(chunks).place(relative)
+    def _new_temporary(self, what: str = "") -> tuple[Path, int]:
+        tmp = self.temporary_path(what)
+        try:
+            return tmp, os.open(tmp, _OPEN_NEW, 0o600)
+        except FileNotFoundError:
+            self.tmp.mkdir(parents=True, exist_ok=True)
+            return tmp, os.open(tmp, _OPEN_NEW, 0o600)
+
+    def write(self, key: str, chunks: Sequence[bytes]) -> None:
+        """Write `chunks` to `key` durably (`begin`, `PendingBlob.place`, `settle`)."""
+        blob = self.begin(chunks)
+        blob.place(key)
+        blob.settle()
 
     def prepare_spare(self) -> None:
         """Create an empty temporary file for a later `begin` (unless `SPARES` wait already)."""
         if len(self._spares) < SPARES:
-            tmp = self.temporary_path()
-            self._spares.append((tmp, os.open(tmp, _OPEN_NEW, 0o600)))
+            self._spares.append(self._new_temporary())
 
     def discard_spares(self) -> None:
         while self._spares:
@@ -293,31 +369,34 @@ class FileBlobStore:
             os.close(fd)
             tmp.unlink(missing_ok=True)
 
+    def close(self) -> None:
+        self.discard_spares()
+
     def begin(self, chunks: Sequence[bytes]) -> PendingBlob:
         """Write `chunks` to a temporary file (a spare one if one is ready) and start its
         writing out to disk."""
         try:
             tmp, fd = self._spares.popleft()
         except IndexError:
-            tmp = self.temporary_path()
-            fd = os.open(tmp, _OPEN_NEW, 0o600)
+            tmp, fd = self._new_temporary()
         try:
-            _write_all(fd, chunks)
+            size = _write_all(fd, chunks)
             _start_writeback(fd)
         except BaseException:
             os.close(fd)
             tmp.unlink(missing_ok=True)
             raise
-        return PendingBlob(self, tmp, fd)
+        return PendingBlob(self, tmp, fd, size)
 
     def placed(self, written_since: float = float("-inf"), outside: str = "") -> list[str]:
         """The blobs (``<study>/<series>/<name>.dcm``, relative) written at `written_since`
-        (a Unix time) or later, not under the top folder `outside`; ``tmp/`` holds no blobs.
-        A series folder changed last before then is not listed (naming a blob in it changes
-        it)."""
+        (a Unix time) or later, not under the top folder `outside` nor a special one
+        (quarantine, cache); ``tmp/`` holds no blobs. A series folder changed last before
+        then is not listed (naming a blob in it changes it)."""
         found: list[str] = []
+        skipped = {"tmp", outside, *(prefix.rstrip("/") for prefix in SPECIAL_PREFIXES)}
         for study in _folders(self.root):
-            if study.name in ("tmp", outside):
+            if study.name in skipped:
                 continue
             for series in _folders(study.path):
                 try:
@@ -334,52 +413,136 @@ class FileBlobStore:
                     continue
         return found
 
-    def open(self, relative: str) -> BinaryIO:
-        return self.absolute(relative).open("rb")
+    def keys(self, prefix: str = "") -> Iterator[str]:
+        """The archive's blob keys (starting with `prefix`); for `archive check` only."""
+        return (key for key in self.placed() if key.startswith(prefix))
 
-    def exists(self, relative: str) -> bool:
-        return self.absolute(relative).is_file()
+    def open(self, key: str, byte_range: Range | None = None) -> BinaryIO:
+        """The blob's bytes (or bytes [start, end) of it) as a stream."""
+        stream = self.absolute(key).open("rb")
+        if byte_range is None:
+            return stream
+        return _RangeReader.around(stream, byte_range)
 
-    def sidecar(self, relative: str, suffix: str) -> Path:
-        """The path of a file derived from a blob (e.g. its cached metadata); it goes with it."""
-        return self.absolute(relative + suffix)
+    def exists(self, key: str) -> bool:
+        return self.absolute(key).is_file()
 
-    def write_sidecar(self, relative: str, suffix: str, data: bytes) -> None:
-        """Write a derived file atomically; no fsync, as it can always be derived again."""
-        tmp = self.temporary_path()
-        fd = os.open(tmp, _OPEN_NEW, 0o600)
+    def size(self, key: str) -> int:
+        return self.absolute(key).stat().st_size
+
+    def put_cached(self, key: str, data: bytes) -> None:
+        """Write re-derivable data atomically; no fsync, as it can always be derived again."""
+        tmp, fd = self._new_temporary()
         try:
             _write_all(fd, [data])
         finally:
             os.close(fd)
-        os.replace(tmp, self.sidecar(relative, suffix))
+        target = self.absolute(key)
+        try:
+            os.replace(tmp, target)
+        except FileNotFoundError:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(tmp, target)
 
-    def delete(self, relative: str) -> None:
-        """Remove a blob, its derived files and the folders it leaves empty."""
-        path = self.absolute(relative)
+    def delete(self, key: str) -> None:
+        """Remove a blob (not synced: a caller that needs that syncs its folder), its cached
+        data and the folders it leaves empty."""
+        path = self.absolute(key)
         path.unlink(missing_ok=True)
-        for derived in path.parent.glob(path.name + ".*"):
+        if not key.startswith(CACHE_PREFIX):
+            cached = self.absolute(CACHE_PREFIX + key)
+            for derived in cached.parent.glob(glob_escape(cached.name) + ".*"):
+                derived.unlink(missing_ok=True)
+            _remove_empty(cached.parent, 2)
+        for derived in path.parent.glob(glob_escape(path.name) + ".*"):  # before `cache/`
             derived.unlink(missing_ok=True)
-        for parent in (path.parent, path.parent.parent):
-            try:
-                parent.rmdir()
-            except OSError:
-                break
+        _remove_empty(path.parent, 2)
+
+    def usage(self) -> StoreUsage:
+        """The disk's free bytes; the bytes stored are the index's to say."""
+        folder = self.root
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        return StoreUsage(free_bytes=shutil.disk_usage(folder).free, used_bytes=None)
+
+    def check(self) -> None:
+        """Raise OSError unless a file can be written under the root now."""
+        tmp, fd = self._new_temporary(f"check{time.monotonic_ns()}")
+        try:
+            os.write(fd, b"ok")
+        finally:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+
+    def recover(self) -> int:
+        """Delete leftovers of writes a crash interrupted (those of processes no longer
+        running, or of this one); returns how many were removed."""
+        return self.discard_partial_writes()
 
     def discard_partial_writes(self) -> int:
         """Delete leftovers of writes a crash interrupted (those of processes no longer
         running, or of this one); returns how many were removed."""
         count = 0
+        if not self.tmp.is_dir():
+            return 0
+        spares = {tmp for tmp, _fd in self._spares}
         for leftover in self.tmp.iterdir():
             writer = leftover.name.split("-", 1)[0]
             if writer.isdigit() and int(writer) != os.getpid() and _running(int(writer)):
                 continue  # another process is writing it now
+            if leftover in spares:
+                continue
             if leftover.is_dir():
                 shutil.rmtree(leftover, ignore_errors=True)
             else:
                 leftover.unlink(missing_ok=True)
             count += 1
         return count
+
+
+class _RangeReader(io.RawIOBase):
+    """Bytes [start, end) of an open file, as a stream."""
+
+    def __init__(self, stream: BinaryIO, end: int) -> None:
+        self._stream = stream
+        self._left = max(0, end - stream.tell())
+
+    @classmethod
+    def around(cls, stream: BinaryIO, byte_range: Range) -> BinaryIO:
+        start, end = byte_range
+        if start < 0 or end < start:
+            stream.close()
+            raise ValueError(f"not a byte range: {byte_range}")
+        stream.seek(start)
+        return io.BufferedReader(cls(stream, end))  # type: ignore[return-value]
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        if self._left <= 0:
+            return 0
+        view = memoryview(buffer)[: self._left]
+        count = self._stream.readinto(view)  # type: ignore[attr-defined]
+        self._left -= count or 0
+        return count or 0
+
+    def close(self) -> None:
+        self._stream.close()
+        super().close()
+
+
+def glob_escape(name: str) -> str:
+    return name.replace("[", "[[]").replace("*", "[*]").replace("?", "[?]")
+
+
+def _remove_empty(folder: Path, levels: int) -> None:
+    for _level in range(levels):
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+        folder = folder.parent
 
 
 def _folders(path: str | Path) -> list[os.DirEntry[str]]:
@@ -400,11 +563,14 @@ def _running(pid: int) -> bool:
     return True
 
 
-def _write_all(fd: int, chunks: Sequence[bytes]) -> None:
+def _write_all(fd: int, chunks: Sequence[bytes]) -> int:
+    total = 0
     for chunk in chunks:
         view = memoryview(chunk)
+        total += len(view)
         while view:
             view = view[os.write(fd, view) :]
+    return total
 
 
 def _put_into(
