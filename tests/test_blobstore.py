@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from dicomnode.archive import Archive
 from dicomnode.archive.blobs import FileBlobStore
 from dicomnode.archive.blobstore import (
     BlobStore,
@@ -20,6 +21,13 @@ from dicomnode.archive.blobstore import (
     read_all,
     stage_to_file,
 )
+from dicomnode.archive.placements import DatabasePlacements
+from dicomnode.core.metrics import Metrics
+from dicomnode.core.model import Source
+from dicomnode.intake import Intake
+from tests.factory import make_ct, part10
+
+SENDER = Source("dimse", "MODALITY", "127.0.0.1")
 
 KEY = "1.2/3.4/5.6.0123456789abcdef.dcm"
 
@@ -154,3 +162,107 @@ def test_a_ranged_stream_is_a_binary_stream(store):
     with store.open(KEY, (1, 4)) as part:
         assert isinstance(part, io.BufferedIOBase)
         assert part.read(10) == b"bcd" and part.read() == b""
+
+
+# --- recovery from the Placements record, for both implementations ----------------------------
+
+
+@pytest.fixture(params=["journal", "database"])
+def recovering_archive(request, tmp_path, database_url):
+    """An archive whose placings are recorded in the filesystem journal or in the database
+    (the S3 store's Placements, here under a filesystem store), on SQLite and PostgreSQL."""
+
+    def store(index):
+        if request.param == "journal":
+            return FileBlobStore(tmp_path / "data" / "blobs", tmp_path / "data" / "placing")
+        return FileBlobStore(tmp_path / "data" / "blobs", placements=DatabasePlacements(index))
+
+    archive = Archive(tmp_path / "data", database_url, blob_store=store)
+    yield archive
+    archive.close()
+
+
+def test_a_crash_between_placing_and_indexing_is_recovered_from_the_record(
+    recovering_archive, monkeypatch
+):
+    """The process stops after the blob was placed and before its index row was committed:
+    the sender got no answer, the blob is in the store, nothing names it. The next start files
+    it again from the Placements record alone (no folder walked), then nothing is left."""
+    archive = recovering_archive
+    intake = Intake(archive, Metrics())
+    kept, lost = make_ct(instance_number=1), make_ct(instance_number=2)
+    intake.receive_part10(part10(kept), SENDER)
+    archive.settle_placements(older_than=0)
+    assert archive.blobs.placements.leftovers() == []
+
+    def crash(*_args, **_kwargs):
+        raise KeyboardInterrupt("the process stops here")
+
+    with monkeypatch.context() as crashing:
+        crashing.setattr(archive.index, "write_grouped", crash)
+        crashing.setattr(archive, "_withdraw", lambda blob: None)  # a crash withdraws nothing
+        with pytest.raises(KeyboardInterrupt):
+            intake.receive_part10(part10(lost), SENDER)
+    (left,) = archive.blobs.placements.leftovers()
+    assert left.key.startswith(f"{lost.StudyInstanceUID}/") and not left.withdrawn
+    assert archive.blobs.exists(left.key)
+    assert archive.counts()["instances"] == 1
+
+    def no_walking(*_args, **_kwargs):
+        raise AssertionError("recovery walked the blob store")
+
+    monkeypatch.setattr(archive.blobs, "placed", no_walking)
+    assert intake.recover_unindexed() == 1
+    assert archive.counts()["instances"] == 2
+    archive.settle_placements(older_than=0)
+    assert archive.blobs.placements.leftovers() == []
+    assert intake.recover_unindexed() == 0
+
+
+def test_a_refused_object_whose_removal_a_crash_stopped_never_comes_back(
+    recovering_archive, monkeypatch
+):
+    """The index refused the object; the record was marked withdrawn, then the process stopped
+    before the blob was removed: recovery removes it instead of filing it."""
+    archive = recovering_archive
+    intake = Intake(archive, Metrics())
+    refused = make_ct()
+
+    def index_down(*_args, **_kwargs):
+        raise OSError("disk I/O error")
+
+    def crash_after_marking(blob):
+        archive.blobs.placements.withdraw(blob.placement)
+        raise KeyboardInterrupt("the process stops here")
+
+    with monkeypatch.context() as failing:
+        failing.setattr(archive.index, "write_grouped", index_down)
+        failing.setattr(archive, "_withdraw", crash_after_marking)
+        with pytest.raises(KeyboardInterrupt):
+            intake.receive_part10(part10(refused), SENDER)
+    (left,) = archive.blobs.placements.leftovers()
+    assert left.withdrawn and archive.blobs.exists(left.key)
+    assert intake.recover_unindexed() == 0
+    assert not archive.blobs.exists(left.key)
+    assert archive.blobs.placements.leftovers() == []
+    assert archive.counts()["instances"] == 0
+
+
+def test_database_placements_are_judged_only_by_their_own_node(tmp_path, database_url):
+    """On shared storage, node A's recovery never sees node B's placings (they may be in
+    flight on B)."""
+    archive = Archive(tmp_path / "data", database_url)
+    try:
+        node_a = DatabasePlacements(archive.index, "node-a")
+        node_b = DatabasePlacements(archive.index, "node-b")
+        a = node_a.record("1.2/3.4/5.6.aaaa.dcm")
+        b = node_b.record("1.2/3.4/5.6.aaaa.dcm")
+        assert [left.placement for left in node_a.leftovers()] == [a]
+        assert [left.key for left in node_b.leftovers()] == ["1.2/3.4/5.6.aaaa.dcm"]
+        assert not node_a.withdraw(a)  # B's unsettled placing of the same key counts on it
+        assert node_a.leftovers()[0].withdrawn
+        node_b.settle([b])
+        node_a.forget(a)
+        assert node_a.leftovers() == [] and node_b.leftovers() == []
+    finally:
+        archive.close()

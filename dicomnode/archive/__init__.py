@@ -13,7 +13,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -25,7 +25,7 @@ from sqlalchemy.exc import IntegrityError
 
 from dicomnode.archive import migrations, query, schema
 from dicomnode.archive.blobs import FileBlobStore, PendingBlob
-from dicomnode.archive.blobstore import Placement
+from dicomnode.archive.blobstore import BlobStore, Placement
 from dicomnode.archive.index import Index, create_index_engine
 from dicomnode.archive.ledger import Ledger
 from dicomnode.archive.received import ReceivedObject, dataset_sha256s
@@ -136,14 +136,16 @@ class Archive:
         duplicate_policy: str = "reject",
         quota_bytes: int = 0,
         min_free_bytes: int = 0,
+        blob_store: Callable[[Index], BlobStore] | None = None,
     ) -> None:
+        """`blob_store` builds the store from the index (whose database an S3 store's
+        `DatabasePlacements` uses); default: files under ``data_dir/blobs``."""
         data_dir.mkdir(parents=True, exist_ok=True)
         self.quota_bytes = quota_bytes
         self.min_free_bytes = min_free_bytes
         self._usage: tuple[float, int] | None = None  # (when read, stored bytes)
         self._usage_lock = threading.Lock()
         self._last_capacity_alert = 0.0
-        self.blobs = FileBlobStore(data_dir / "blobs", data_dir / "placing")
         self._unsettled: collections.deque[tuple[float, Placement]] = collections.deque()
         self._unsettled_lock = threading.Lock()
         self._failing: tuple[float, StorageUnavailable] | None = None  # the last one seen
@@ -151,6 +153,11 @@ class Archive:
         self.engine = create_index_engine(database_url)
         migrations.upgrade(self.engine)
         self.index = Index(self.engine)
+        self.blobs: Any = (
+            blob_store(self.index)
+            if blob_store is not None
+            else FileBlobStore(data_dir / "blobs", data_dir / "placing")
+        )
         self.ledger = Ledger(self.index)
         self.registry = Registry(self.index, self.ledger)
         self.audit: Any = None  # the AuditLog the services report to (set by the app)

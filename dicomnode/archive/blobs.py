@@ -49,6 +49,7 @@ from dicomnode.archive.blobstore import (
     SPECIAL_PREFIXES,
     Leftover,
     Placement,
+    Placements,
     Range,
     StoreUsage,
     blob_key,
@@ -322,14 +323,23 @@ class FileBlobStore:
     `journal_folder` (default: ``placing`` beside the root). Folders are created when first
     written to, not by construction."""
 
-    def __init__(self, root: Path, journal_folder: Path | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        journal_folder: Path | None = None,
+        placements: Placements | None = None,
+    ) -> None:
         self.root = root
         self.tmp = root / "tmp"
-        self.placements = PlacementJournal(journal_folder or root.parent / "placing")
+        self.placements: Placements = placements or PlacementJournal(
+            journal_folder or root.parent / "placing"
+        )
         self._spares: collections.deque[tuple[Path, int]] = collections.deque()
 
     @property
     def journal(self) -> PlacementJournal:
+        """The placement journal (when the placements are recorded in one)."""
+        assert isinstance(self.placements, PlacementJournal)
         return self.placements
 
     @staticmethod

@@ -14,6 +14,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -385,3 +386,64 @@ auth_failures = Table(
 # a consent may name its recipients (PIPA 17(2)1; a JSON list, "" or "[]": any recipient).
 legal_holds.append_column(Column("issuer_of_patient_id", String, nullable=True))
 consents.append_column(Column("recipients", Text, nullable=False, server_default=""))
+
+# --- state the nodes share (migration 0009) -----------------------------------------------------
+# Named secrets every node uses (signing key, session and de-identification secrets), written
+# once: the first node to insert one wins and every node reads it back.
+node_secrets = Table(
+    "node_secrets",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("value", LargeBinary, nullable=False),
+    Column("origin", String(16), nullable=False),  # generated | imported (from data_dir/keys)
+    Column("created_at", UTCDateTime(), nullable=False),
+)
+
+# The DPO pages' open sessions, by the SHA-256 of the id the signed cookie carries.
+dpo_sessions = Table(
+    "dpo_sessions",
+    metadata,
+    Column("id_sha256", String(64), primary_key=True),
+    Column("username", String, nullable=False),
+    Column("method", String(16), nullable=False),
+    Column("opened_at", UTCDateTime(), nullable=False),
+    Index("ix_dpo_sessions_opened_at", "opened_at"),
+)
+
+# Failed DPO sign-ins in a row per user name or client address, and the lock they earned.
+signin_failures = Table(
+    "signin_failures",
+    metadata,
+    Column("key", String(160), primary_key=True),  # user:<name> | addr:<address>
+    Column("failures", Integer, nullable=False),
+    Column("locked_until", UTCDateTime(), nullable=True),
+    Column("updated_at", UTCDateTime(), nullable=False),
+    Index("ix_signin_failures_updated_at", "updated_at"),
+)
+
+# Leader leases: housekeeping that must run once runs on the holder (times on the DB's clock).
+leader_leases = Table(
+    "leader_leases",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("holder", String(160), nullable=False),
+    Column("acquired_at", UTCDateTime(), nullable=False),
+    Column("expires_at", UTCDateTime(), nullable=False),
+)
+
+# --- placed blobs whose outcome is not yet durable (migration 0008) ----------------------------
+# The database `Placements` (archive/placements.py) of stores without a local journal (S3): one
+# row per placing, from before the blob is put until its index row is committed (settled: the
+# row goes) or its object is refused (withdrawn, then the row goes once the blob is removed).
+# `node` names the node that placed it, so recovery on one node never judges another's.
+placements = Table(
+    "placements",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("key", String, nullable=False),
+    Column("node", String(160), nullable=False),
+    Column("state", String(16), nullable=False),  # placing | withdrawn
+    Column("started_at", UTCDateTime(), nullable=False),
+    Index("ix_placements_node", "node"),
+    Index("ix_placements_key", "key"),
+)
