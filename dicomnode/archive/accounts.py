@@ -1,4 +1,5 @@
-"""Local accounts of the DPO's pages, in the index table ``dpo_accounts``.
+"""Local accounts of the DPO's pages (index table ``dpo_accounts``), their open sessions and
+the count of failed sign-ins behind the lockout (shared by every node on the index).
 
 Passwords are stored only as scrypt hashes (werkzeug.security); an account is never deleted,
 only disabled, so that the names in the logs keep meaning someone. Used when the hospital's
@@ -8,24 +9,24 @@ OIDC provider is not configured (or next to it, as the node's own accounts).
 from __future__ import annotations
 
 import functools
-import json
+import hashlib
 import logging
-import os
 import re
 import secrets
-import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from pathlib import Path
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from werkzeug.security import check_password_hash, generate_password_hash
 
 from dicomnode.archive import schema
 from dicomnode.archive.index import Index
+from dicomnode.archive.leases import db_now
 from dicomnode.core.errors import InvalidInput, NotFound
+from dicomnode.core.times import as_utc
 
 log = logging.getLogger("dicomnode.accounts")
 
@@ -179,72 +180,130 @@ class AccountStore:
 _SESSION_ID = re.compile(r"[0-9a-f]{64}")
 
 
+def _digest(session_id: object) -> str | None:
+    """What the table keeps of a session id: its SHA-256 (a read of the table opens nothing)."""
+    if not isinstance(session_id, str) or not _SESSION_ID.fullmatch(session_id):
+        return None
+    return hashlib.sha256(session_id.encode()).hexdigest()
+
+
 class SessionStore:
-    """The DPO pages' open sessions, one file each in `folder` (``data_dir/sessions``, shared by
-    every process serving that data_dir, as the cookie's signing secret is). A signed cookie is
-    good only while its session's file is there: signing out removes it, so a copied or kept
-    cookie reads nothing afterwards. Files older than `max_age` seconds are removed as new
-    sessions open."""
+    """The DPO pages' open sessions, in the index (table ``dpo_sessions``), so that every node
+    behind one balancer knows them. A signed cookie is good only while its session is open:
+    signing out ends it on every node, so a copied or kept cookie reads nothing afterwards.
+    Sessions older than `max_age` seconds (on the database's clock) are closed, and removed as
+    new ones open."""
 
-    def __init__(self, folder: Path, max_age: float) -> None:
-        self.folder = folder
+    def __init__(self, index: Index, max_age: float) -> None:
+        self.index = index
         self.max_age = max_age
-
-    def _path(self, session_id: object) -> Path | None:
-        if not isinstance(session_id, str) or not _SESSION_ID.fullmatch(session_id):
-            return None
-        return self.folder / session_id
 
     def open(self, username: str, method: str) -> str:
         """A new session of `username` (signed in by `method`); its id goes in the cookie."""
-        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.prune()
         session_id = secrets.token_hex(32)
-        record = json.dumps({"user": username, "method": method, "at": time.time()})
-        fd = os.open(self.folder / session_id, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(record)
+        t = schema.dpo_sessions
+        with self.index.write() as conn:
+            now = db_now(conn)
+            conn.execute(delete(t).where(t.c.opened_at < now - timedelta(seconds=self.max_age)))
+            conn.execute(
+                t.insert().values(
+                    id_sha256=_digest(session_id), username=username, method=method, opened_at=now
+                )
+            )
         return session_id
 
     def is_open(self, session_id: object) -> bool:
         """True while the session has not ended nor grown older than max_age."""
-        path = self._path(session_id)
-        try:
-            return path is not None and time.time() - path.stat().st_mtime <= self.max_age
-        except OSError:
+        digest = _digest(session_id)
+        if digest is None:
             return False
+        t = schema.dpo_sessions
+        with self.index.read() as conn:
+            opened = conn.execute(select(t.c.opened_at).where(t.c.id_sha256 == digest)).scalar()
+            return opened is not None and (db_now(conn) - as_utc(opened)).total_seconds() <= (
+                self.max_age
+            )
 
     def end(self, session_id: object) -> None:
         """End one session (signing out); an unknown or ended one is left as it is."""
-        path = self._path(session_id)
-        if path is not None:
-            path.unlink(missing_ok=True)
+        digest = _digest(session_id)
+        if digest is not None:
+            t = schema.dpo_sessions
+            with self.index.write() as conn:
+                conn.execute(delete(t).where(t.c.id_sha256 == digest))
 
     def end_all(self, username: str, method: str = "local") -> int:
         """End every session of `username` (an account disabled); how many were open."""
-        ended = 0
-        for path in self._files():
-            try:
-                record = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                continue
-            if record.get("user") == username and record.get("method") == method:
-                path.unlink(missing_ok=True)
-                ended += 1
-        return ended
+        t = schema.dpo_sessions
+        with self.index.write() as conn:
+            return int(
+                conn.execute(
+                    delete(t).where(t.c.username == username, t.c.method == method)
+                ).rowcount
+            )
 
-    def prune(self) -> None:
-        """Remove the sessions older than max_age."""
-        cutoff = time.time() - self.max_age
-        for path in self._files():
-            try:
-                if path.stat().st_mtime < cutoff:
-                    path.unlink(missing_ok=True)
-            except OSError:
-                continue
 
-    def _files(self) -> list[Path]:
-        try:
-            return [p for p in self.folder.iterdir() if _SESSION_ID.fullmatch(p.name)]
-        except OSError:
-            return []
+class SigninThrottle:
+    """Failed sign-ins per user name and per client address, counted in the index (table
+    ``signin_failures``) so that every node counts the same attempts: after `max_failures` in a
+    row for one name (4x that from one address) sign-in is refused for `lockout` seconds,
+    whatever the password and whichever node is asked. Counts untouched for a day are removed."""
+
+    def __init__(self, index: Index, max_failures: int, lockout: float) -> None:
+        self.index = index
+        self.max_failures = max_failures
+        self.lockout = lockout
+
+    def _keys(self, username: str, address: str) -> list[tuple[str, int]]:
+        return [
+            (f"user:{username.lower()}"[:160], self.max_failures),
+            (f"addr:{address}"[:160], 4 * self.max_failures),
+        ]
+
+    def locked(self, username: str, address: str) -> bool:
+        t = schema.signin_failures
+        keys = [k for k, _ in self._keys(username, address)]
+        with self.index.read() as conn:
+            now = db_now(conn)
+            until = conn.execute(select(t.c.locked_until).where(t.c.key.in_(keys))).scalars()
+            return any(u is not None and as_utc(u) > now for u in until)
+
+    def failed(self, username: str, address: str) -> bool:
+        """Count a failure; True when it locks the name or the address."""
+        t, locks = schema.signin_failures, False
+        with self.index.write() as conn:
+            now = db_now(conn)
+            dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+            conn.execute(
+                delete(t).where(
+                    t.c.updated_at < now - timedelta(days=1),
+                    or_(t.c.locked_until.is_(None), t.c.locked_until < now),
+                )
+            )
+            for key, limit in self._keys(username, address):
+                conn.execute(
+                    dialect.insert(t)
+                    .values(key=key, failures=0, locked_until=None, updated_at=now)
+                    .on_conflict_do_nothing(index_elements=[t.c.key])
+                )
+                query = select(t.c.failures, t.c.locked_until).where(t.c.key == key)
+                if conn.dialect.name == "postgresql":
+                    query = query.with_for_update()
+                row = conn.execute(query).one()
+                count, until = row.failures, as_utc(row.locked_until)
+                if until is not None and until <= now:  # a lock that ran out starts again
+                    count, until = 0, None
+                count += 1
+                if count >= limit:
+                    until, locks = now + timedelta(seconds=self.lockout), True
+                conn.execute(
+                    update(t)
+                    .where(t.c.key == key)
+                    .values(failures=count, locked_until=until, updated_at=now)
+                )
+        return locks
+
+    def succeeded(self, username: str) -> None:
+        t = schema.signin_failures
+        with self.index.write() as conn:
+            conn.execute(delete(t).where(t.c.key == f"user:{username.lower()}"[:160]))

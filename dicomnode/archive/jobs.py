@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, select, update
 
 from dicomnode.archive import schema
 from dicomnode.archive.index import Index
-from dicomnode.archive.leases import any_due, claim_due, retry_or_fail
+from dicomnode.archive.leases import any_due, claim_due, db_now, retry_or_fail
 from dicomnode.core.errors import NotFound
 from dicomnode.core.times import as_utc
 
@@ -92,9 +92,11 @@ class JobStore:
         count: int = 1,
     ) -> None:
         """Count `count` more objects of a unit, the last received at `now`, creating the unit
-        or re-opening it if its job was already queued (a late object joins a new run)."""
+        or re-opening it if its job was already queued (a late object joins a new run). On
+        PostgreSQL `last_received_at` is the database's clock, which every node shares."""
         units = schema.analysis_units
         with self.index.write() as conn:
+            received = now if self.index.is_sqlite else db_now(conn)
             row = conn.execute(
                 select(units.c.id, units.c.state).where(
                     units.c.analyzer == analyzer, units.c.unit_uid == unit_uid
@@ -110,7 +112,7 @@ class JobStore:
                         instances=count,
                         expected=expected,
                         first_received_at=now,
-                        last_received_at=now,
+                        last_received_at=received,
                         state=COLLECTING,
                     )
                 )
@@ -120,7 +122,7 @@ class JobStore:
                     .where(units.c.id == row.id)
                     .values(
                         instances=units.c.instances + count,
-                        last_received_at=now,
+                        last_received_at=received,
                         expected=expected if expected is not None else units.c.expected,
                         state=COLLECTING,
                     )
@@ -128,10 +130,14 @@ class JobStore:
 
     def ready_units(self, quiet: dict[str, timedelta], now: datetime) -> list[tuple[str, str, str]]:
         """(analyzer, unit_uid, reason) for collecting units that are complete now: quiet for the
-        analyzer's quiet period, or holding the number of instances their headers announced."""
+        analyzer's quiet period, or holding the number of instances their headers announced.
+        The quiet period is judged on the database's clock (moved as far as `now` is from this
+        node's clock: a caller may look ahead)."""
         units = schema.analysis_units
         with self.index.read() as conn:
             rows = conn.execute(select(units).where(units.c.state == COLLECTING)).all()
+            if not self.index.is_sqlite:
+                now = db_now(conn) + (now - datetime.now(UTC))
         ready = []
         for row in rows:
             period = quiet.get(row.analyzer)

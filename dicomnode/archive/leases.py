@@ -1,17 +1,30 @@
-"""Claiming due work rows (analysis jobs, deliveries) under a lease.
+"""Claiming due work rows (analysis jobs, deliveries) under a lease, and the leader lease.
 
 A row is due when it is queued and its `not_before` has passed, or when it is being worked on
 but its lease ran out (its worker died). The claim takes the oldest due row: with
 ``SELECT ... FOR UPDATE SKIP LOCKED`` on PostgreSQL, so several processes never take the same
 row, and under SQLite's write lock, which serialises claims.
+
+The leader lease (`LeaderLease`, table ``leader_leases``) names the one node that runs the
+housekeeping that must run once (retention sweeps, ledger checkpoints); its expiry is judged on
+the database's clock, never a node's.
 """
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+import logging
+import threading
+import time
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Table, and_, or_, select, update
+from sqlalchemy import Connection, Table, and_, case, delete, func, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from dicomnode.archive.schema import leader_leases
+from dicomnode.core.times import as_utc
+
+log = logging.getLogger("dicomnode.leases")
 
 
 def claim_due(
@@ -102,3 +115,118 @@ def retry_or_fail(
 def owned_by(table: Table, worker: str, working: str) -> Any:
     """The condition that a row is still `worker`'s: claimed by it and still being worked on."""
     return and_(table.c.claimed_by == worker, table.c.state == working)
+
+
+# --- the leader lease -----------------------------------------------------------------------
+
+
+def db_now(conn: Connection) -> datetime:
+    """The database's clock (PostgreSQL's ``statement_timestamp()``), so that moments every
+    node compares are stamped by one clock; SQLite serves one host, whose clock it is."""
+    if conn.dialect.name == "sqlite":
+        return datetime.now(UTC)
+    return as_utc(conn.execute(select(func.statement_timestamp())).scalar_one())
+
+
+def acquire(conn: Connection, name: str, holder: str, seconds: float) -> datetime | None:
+    """Take or renew the lease `name` for `holder` for `seconds` (on the database's clock):
+    granted when nobody holds it, `holder` already does, or the holder let it expire. Returns
+    when it expires, or None when another holder has it. One statement (an upsert whose
+    update is conditional), so two contenders never both get it."""
+    t = leader_leases
+    now = db_now(conn)
+    expires = now + timedelta(seconds=seconds)
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    insert = dialect.insert(t).values(name=name, holder=holder, acquired_at=now, expires_at=expires)
+    kept = t.c.holder == insert.excluded.holder
+    statement = insert.on_conflict_do_update(
+        index_elements=[t.c.name],
+        set_={
+            "holder": insert.excluded.holder,
+            "expires_at": insert.excluded.expires_at,
+            "acquired_at": case((kept, t.c.acquired_at), else_=insert.excluded.acquired_at),
+        },
+        where=or_(kept, t.c.expires_at < now),
+    ).returning(t.c.expires_at)
+    granted = conn.execute(statement).first()
+    return as_utc(granted.expires_at) if granted else None
+
+
+def release(conn: Connection, name: str, holder: str) -> bool:
+    """Give up the lease `name` if `holder` holds it (another contender may take it at once)."""
+    t = leader_leases
+    gone = conn.execute(delete(t).where(t.c.name == name, t.c.holder == holder)).rowcount
+    return bool(gone)
+
+
+def lease_holder(conn: Connection, name: str) -> str | None:
+    """Who holds the lease `name` now (by the database's clock), or None."""
+    t = leader_leases
+    row = conn.execute(select(t.c.holder, t.c.expires_at).where(t.c.name == name)).first()
+    return row.holder if row is not None and as_utc(row.expires_at) > db_now(conn) else None
+
+
+class LeaderLease:
+    """Hold the lease `name` while this process runs: a thread takes it when free and renews
+    it every third of `seconds`. `held()` says whether this process may do the work the lease
+    guards (with a margin: a renewal late by more than a third of `seconds` counts as lost).
+    A holder that stops renewing (its node died or hangs) loses the lease when it expires."""
+
+    def __init__(self, index: Any, name: str, holder: str, seconds: float) -> None:
+        self.index = index
+        self.name = name
+        self.holder = holder
+        self.seconds = seconds
+        self._held_until = 0.0  # time.monotonic() up to which this process holds the lease
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def held(self) -> bool:
+        return time.monotonic() < self._held_until
+
+    def try_acquire(self) -> bool:
+        """Take or renew the lease now; True when this process holds it afterwards."""
+        asked = time.monotonic()
+        try:
+            with self.index.write() as conn:
+                granted = acquire(conn, self.name, self.holder, self.seconds)
+        except Exception:
+            log.exception("the %s lease could not be renewed", self.name)
+            granted = None
+        was = self.held()
+        self._held_until = asked + self.seconds * 2 / 3 if granted else 0.0
+        if granted and not was:
+            log.info(
+                "holding the %s lease",
+                self.name,
+                extra={"event": "lease", "lease": self.name, "holder": self.holder},
+            )
+        elif was and not granted:
+            log.warning(
+                "lost the %s lease",
+                self.name,
+                extra={"event": "lease", "lease": self.name, "holder": self.holder},
+            )
+        return granted is not None
+
+    def start(self) -> None:
+        self.try_acquire()
+        self._thread = threading.Thread(target=self._renew, name=f"lease-{self.name}", daemon=True)
+        self._thread.start()
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.seconds / 3):
+            self.try_acquire()
+
+    def stop(self) -> None:
+        """Stop renewing and give the lease up, so another node takes it without waiting."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+        if self.held():
+            self._held_until = 0.0
+            try:
+                with self.index.write() as conn:
+                    release(conn, self.name, self.holder)
+            except Exception:
+                log.exception("the %s lease could not be released; it expires", self.name)

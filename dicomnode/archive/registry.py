@@ -19,7 +19,7 @@ from typing import Any
 
 from sqlalchemy import Connection, and_, delete, func, or_, select, update
 
-from dicomnode.archive import schema
+from dicomnode.archive import notify, schema
 from dicomnode.archive.index import Index
 from dicomnode.archive.leases import any_due, claim_due, owned_by, retry_or_fail
 from dicomnode.archive.ledger import Ledger
@@ -244,10 +244,18 @@ class Registry:
         self._lock = threading.Lock()
         self._policies: tuple[float, list[PublishedPolicy]] | None = None
         self._governed: tuple[float, frozenset[str]] | None = None
+        self._wakeups = notify.Listener(index.engine, notify.GOVERNANCE, self._drop_cached)
+        self._generation = 0  # counts drops: a read begun before one is not cached
 
     def forget_cached(self) -> None:
-        """Drop cached reads (after a write here, or when a test moves the clock)."""
+        """Drop cached reads (after a write here, or when a test moves the clock), and wake
+        the other nodes to drop theirs (PostgreSQL's NOTIFY, `notify.py`)."""
+        self._drop_cached()
+        notify.announce(self.index.engine, notify.GOVERNANCE)
+
+    def _drop_cached(self, _payload: str = "") -> None:
         with self._lock:
+            self._generation += 1
             self._policies = None
             self._governed = None
 
@@ -256,9 +264,10 @@ class Registry:
     def published_policies(self) -> list[PublishedPolicy]:
         """Every published version (cached for a few seconds: read for every decision)."""
         with self._lock:
-            cached = self._policies
+            cached, generation = self._policies, self._generation
         if cached is not None and time.monotonic() - cached[0] < CACHE_SECONDS:
             return cached[1]
+        self._wakeups.start()  # listening before reading: no change slips in between
         t = schema.policy_versions
         with self.index.read() as conn:
             rows = conn.execute(select(t).order_by(t.c.published_at, t.c.id)).all()
@@ -275,7 +284,8 @@ class Registry:
             for r in rows
         ]
         with self._lock:
-            self._policies = (time.monotonic(), policies)
+            if generation == self._generation:
+                self._policies = (time.monotonic(), policies)
         return policies
 
     def publish_policy(self, published: PublishedPolicy, detail: dict[str, Any]) -> bool:
@@ -746,15 +756,17 @@ class Registry:
         patients that have some, refreshed every few seconds (so a change recorded by another
         process counts within CACHE_SECONDS; one recorded here counts at once)."""
         with self._lock:
-            governed = self._governed
+            governed, generation = self._governed, self._generation
         if governed is None or time.monotonic() - governed[0] >= CACHE_SECONDS:
+            self._wakeups.start()
             c, r = schema.consents, schema.restrictions
             with self.index.read() as conn:
                 ids = set(conn.execute(select(c.c.patient_id).distinct()).scalars())
                 ids |= set(conn.execute(select(r.c.patient_id).distinct()).scalars())
             governed = (time.monotonic(), frozenset(ids))
             with self._lock:
-                self._governed = governed
+                if generation == self._generation:
+                    self._governed = governed
         patients = list(patients)
         wanted = {p.patient_id if isinstance(p, PatientIdentity) else p for p in patients}
         facts = {p: PatientFacts(p) for p in wanted - governed[1]}

@@ -10,7 +10,8 @@ from typing import Any
 
 from flask import Flask
 
-from dicomnode.archive.keys import load_or_create_session_secret
+from dicomnode.archive.accounts import SigninThrottle
+from dicomnode.archive.keys import KeyStore
 from dicomnode.config import DpoSettings
 from dicomnode.dicomweb.dpo.casework_views import EXTENSION_KEY as CASEWORK_KEY
 from dicomnode.dicomweb.dpo.casework_views import (
@@ -22,7 +23,6 @@ from dicomnode.dicomweb.dpo.signin import (
     COOKIE_NAME,
     COOKIE_PATH,
     DpoSessionInterface,
-    Throttle,
     register_oidc,
 )
 from dicomnode.dicomweb.dpo.views import dpo_blueprint
@@ -35,14 +35,16 @@ class DpoPages:
     """What the pages keep per app: their settings, the sign-in lockout, the OIDC client."""
 
     settings: DpoSettings
-    throttle: Throttle
+    throttle: SigninThrottle
     oidc: Any  # Authlib's client for the hospital's provider, or None
 
 
 def install_dpo_pages(app: Flask, services: Any) -> None:
     """Mount the pages on `app`: the signed session cookie, the OIDC client, the blueprint."""
     settings: DpoSettings = services.settings.dpo
-    app.secret_key = load_or_create_session_secret(services.settings.node.data_dir)
+    app.secret_key = KeyStore(
+        services.archive.index, services.settings.node.data_dir
+    ).session_secret()
     app.config.update(
         SESSION_COOKIE_NAME=COOKIE_NAME,
         SESSION_COOKIE_PATH=COOKIE_PATH,
@@ -54,7 +56,9 @@ def install_dpo_pages(app: Flask, services: Any) -> None:
     app.session_interface = DpoSessionInterface()
     app.extensions["dicomnode_dpo"] = DpoPages(
         settings,
-        Throttle(settings.max_failed_signins, settings.lockout_minutes * 60),
+        SigninThrottle(
+            services.archive.index, settings.max_failed_signins, settings.lockout_minutes * 60
+        ),
         register_oidc(app, settings) if settings.oidc_enabled else None,
     )
     blueprint = dpo_blueprint()

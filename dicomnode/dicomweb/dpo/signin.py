@@ -3,8 +3,8 @@ session cookie, CSRF tokens and the lockout after repeated failed sign-ins.
 
 The session is Flask's signed cookie (the only cookie the pages set): Secure, HttpOnly,
 SameSite=Strict, scoped to /governance, no Expires (it ends with the browser) and refused by
-the server after ``[dpo] session_hours``. It names a session the server keeps
-(``data_dir/sessions``, `SessionStore`): signing out ends that session, so the cookie is refused
+the server after ``[dpo] session_hours``. It names a session the server keeps (in the index,
+`SessionStore`, so every node knows it): signing out ends that session, so the cookie is refused
 from then on even if someone kept a copy. Only while the OIDC provider sends the browser back
 (the redirect to the provider and the callback) is it SameSite=Lax, or the provider's
 cross-site redirect would arrive without the state the callback checks.
@@ -15,7 +15,6 @@ from __future__ import annotations
 import hmac
 import logging
 import secrets
-import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -25,8 +24,8 @@ from typing import Any
 from flask import Flask, has_request_context, request, session
 from flask.sessions import SecureCookieSessionInterface
 
-from dicomnode.archive.accounts import ROLES, AccountStore, SessionStore
 from dicomnode.config import DpoSettings
+from dicomnode.core.roles import ROLES
 from dicomnode.dicomweb.access import audit, services
 from dicomnode.governance import audit as audit_messages
 
@@ -62,51 +61,7 @@ class User:
 # --- the lockout ----------------------------------------------------------------------------
 
 
-class Throttle:
-    """Failed sign-ins per user name and per client address, in this process: after
-    `max_failures` in a row for one name (4x that from one address) sign-in is refused for
-    `lockout` seconds, whatever the password."""
-
-    def __init__(self, max_failures: int, lockout: float, clock: Any = time.monotonic) -> None:
-        self.max_failures = max_failures
-        self.lockout = lockout
-        self.clock = clock
-        self._lock = threading.Lock()
-        self._failures: dict[str, tuple[int, float]] = {}  # key -> (failures, locked until)
-
-    def _keys(self, username: str, address: str) -> list[tuple[str, int]]:
-        return [
-            (f"user:{username.lower()}", self.max_failures),
-            (f"addr:{address}", 4 * self.max_failures),
-        ]
-
-    def locked(self, username: str, address: str) -> bool:
-        now = self.clock()
-        with self._lock:
-            return any(
-                self._failures.get(k, (0, 0.0))[1] > now for k, _ in self._keys(username, address)
-            )
-
-    def failed(self, username: str, address: str) -> bool:
-        """Count a failure; True when it locks the name or the address."""
-        now, locks = self.clock(), False
-        with self._lock:
-            if len(self._failures) > 10_000:  # forget the oldest rather than grow without bound
-                for key in list(self._failures)[:5_000]:
-                    del self._failures[key]
-            for key, limit in self._keys(username, address):
-                count, until = self._failures.get(key, (0, 0.0))
-                if until and until <= now:  # a lock that ran out starts the count again
-                    count, until = 0, 0.0
-                count += 1
-                if count >= limit:
-                    until, locks = now + self.lockout, True
-                self._failures[key] = (count, until)
-        return locks
-
-    def succeeded(self, username: str) -> None:
-        with self._lock:
-            self._failures.pop(f"user:{username.lower()}", None)
+# `SigninThrottle` (archive/accounts.py) counts failed sign-ins in the index, on every node.
 
 
 # --- the session ----------------------------------------------------------------------------
@@ -152,10 +107,9 @@ def end_session() -> None:
         session["lang"] = lang
 
 
-def sessions() -> SessionStore:
+def sessions() -> Any:
     """The server-side record of the pages' open sessions."""
-    settings = services().settings
-    return SessionStore(settings.node.data_dir / "sessions", settings.dpo.session_hours * 3600)
+    return services().records.sessions(services().settings.dpo.session_hours * 3600)
 
 
 def safe_next(target: object) -> bool:
@@ -171,7 +125,7 @@ def safe_next(target: object) -> bool:
     )
 
 
-def signed_in_user(settings: DpoSettings, accounts: AccountStore) -> User | None:
+def signed_in_user(settings: DpoSettings, accounts: Any) -> User | None:
     """The user of this session, if it is still good: not older than session_hours, and for a
     local account, the account still active with the same role."""
     data = session.get("user")
@@ -286,5 +240,6 @@ def record(
     audit(message)
 
 
-def accounts() -> AccountStore:
-    return AccountStore(services().archive.index)
+def accounts() -> Any:
+    """The DPO pages' local accounts (the records room's account store)."""
+    return services().records.accounts
