@@ -35,6 +35,7 @@ from dicomnode.config.sections import (
     NodeSettings,
     Peer,
     Settings,
+    StorageSettings,
     TLSSettings,
 )
 from dicomnode.core.errors import ConfigError
@@ -58,6 +59,7 @@ __all__ = [
     "GovernanceSettings",
     "HttpSettings",
     "LoggingSettings",
+    "StorageSettings",
     "NodeSettings",
     "Peer",
     "Settings",

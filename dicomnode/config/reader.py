@@ -15,6 +15,7 @@ from dicomnode.config.sections import (
     DatabaseSettings,
     DpoSettings,
     Settings,
+    StorageSettings,
     TLSSettings,
 )
 from dicomnode.core.errors import ConfigError
@@ -155,6 +156,14 @@ def _database(r: Reader, raw: dict[str, Any], values: dict[str, Any]) -> None:
     values["url"] = url
 
 
+def _storage(r: Reader, raw: dict[str, Any], values: dict[str, Any]) -> None:
+    if values["backend"] != "s3":
+        return
+    for name in ("endpoint", "bucket", "credentials_file"):
+        if not values[name]:
+            r.fail(f"storage.{name}", 'is needed with backend = "s3"')
+
+
 def _audit(r: Reader, raw: dict[str, Any], values: dict[str, Any]) -> None:
     protocol = values["syslog_protocol"]
     if "syslog_port" not in raw:
@@ -208,6 +217,7 @@ _FINISH: dict[type, Callable[[Reader, dict[str, Any], dict[str, Any]], None]] = 
     TLSSettings: _tls,
     AuthSettings: _auth,
     DatabaseSettings: _database,
+    StorageSettings: _storage,
     AuditSettings: _audit,
     DpoSettings: _dpo,
     Settings: _across,

@@ -264,6 +264,42 @@ class DatabaseSettings:
     )
 
 
+STORAGE_BACKENDS = ("filesystem", "s3")
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    backend: str = setting(
+        "filesystem",
+        'where blobs live: "filesystem" (under data_dir) or "s3" (an S3-compatible bucket; '
+        "the server must honour If-None-Match: *, checked at start)",
+        kind=d.choice(STORAGE_BACKENDS),
+    )
+    endpoint: str = setting("", "s3: the server's URL, http(s)://host:port", check=d.http_url)
+    bucket: str = setting("", "s3: the bucket (created beforehand, with fsync on where it can)")
+    prefix: str = setting("", "s3: keys go under this prefix (e.g. one per archive)")
+    region: str = setting("us-east-1", "s3: the region requests are signed for")
+    credentials_file: Path | None = setting(
+        None,
+        "s3: an AWS-style credentials file ([default] aws_access_key_id, "
+        "aws_secret_access_key); never inline",
+        kind=d.OPTIONAL_PATH,
+        must_exist=True,
+    )
+    tls_verify: bool = setting(True, "s3 over https: false skips certificate checks (tests only)")
+    ca_file: Path | None = setting(
+        None,
+        "s3 over https: extra CA certificates (PEM) to trust",
+        kind=d.OPTIONAL_PATH,
+        must_exist=True,
+    )
+    timeout_seconds: float = setting(
+        30.0,
+        "s3: a request (its retries included) failing longer is a storage failure (0xA700 / 503)",
+        check=d.positive,
+    )
+
+
 @dataclass(frozen=True)
 class LoggingSettings:
     level: str = setting("INFO", "log level", kind=d.choice(LOG_LEVELS))
@@ -505,6 +541,7 @@ class Settings:
     dimse: DimseSettings = section(DimseSettings, "The DIMSE listener.")
     http: HttpSettings = section(HttpSettings, "The HTTP server (DICOMweb, health, metrics).")
     database: DatabaseSettings = section(DatabaseSettings, "The index.")
+    storage: StorageSettings = section(StorageSettings, "Where blobs live.")
     logging: LoggingSettings = section(LoggingSettings, "Log lines on stderr.")
     auth: AuthSettings = section(AuthSettings, "Bearer tokens (JWT) for DICOMweb.")
     analysis: AnalysisSettings = section(AnalysisSettings, "Analysis jobs.")
