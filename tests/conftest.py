@@ -222,7 +222,7 @@ def write_config(
 @pytest.fixture
 def start_node(tmp_path: Path, database_url: str) -> Iterator[Callable[..., object]]:
     """Start an in-process Node on free loopback ports; stopped after the test."""
-    from dicomnode.app import Node
+    from dicomnode.serve import Node
 
     nodes: list[Node] = []
 
@@ -363,7 +363,7 @@ def send_concurrently(port: int, folders: list) -> None:
 def start_module_node(request, tmp_path_factory, name: str, peers: list):
     """A started Node for a module-scoped fixture parametrised "sqlite"/"postgres" (the
     caller stops it): one index per back end, shared by the module's tests."""
-    from dicomnode.app import Node
+    from dicomnode.serve import Node
     from dicomnode.config import read_settings
 
     folder = tmp_path_factory.mktemp(name)

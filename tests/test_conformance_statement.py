@@ -38,7 +38,7 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-from dicomnode.app import Node
+from dicomnode.serve import Node
 from dicomnode.config import Peer, read_settings
 from dicomnode.core.model import Source
 from tests.conftest import dicomweb_url, free_port, run_dcmtk, token_for, write_config

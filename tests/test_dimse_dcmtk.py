@@ -34,7 +34,7 @@ from tests.conftest import WORKSTATION, read_folder, run_dcmtk
 from tests.factory import make_ct, write_series
 
 if TYPE_CHECKING:
-    from dicomnode.app import Node
+    from dicomnode.serve import Node
 
 pytestmark = pytest.mark.dcmtk
 

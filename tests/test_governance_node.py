@@ -587,7 +587,7 @@ def test_the_conformance_statement_of_a_profile_in_force(node):
 
 
 def test_a_share_by_stow_rs_reaches_another_node_deidentified(start_node, tmp_path):
-    from dicomnode.app import Node
+    from dicomnode.serve import Node
     from dicomnode.config import read_settings
     from tests.conftest import write_config
 

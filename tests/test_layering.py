@@ -25,7 +25,7 @@ LAYERS = {
     "wiring": 5,
 }
 # The wiring room's modules: compose.py builds the rooms, serve/ runs them, cli/ the command.
-WIRING = {"compose", "serve", "cli", "app"}
+WIRING = {"compose", "serve", "cli"}
 # Third-party packages a pure room may use: core is stdlib + pydicom; governance decides
 # without a database, clock or network.
 ALLOWED_THIRD_PARTY = {"core": {"pydicom"}, "config": set(), "governance": {"pydicom"}}

@@ -21,7 +21,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
-from dicomnode.app import Node
+from dicomnode.serve import Node
 from dicomnode.config import Peer
 from dicomnode.core.model import Source
 from tests.conftest import (

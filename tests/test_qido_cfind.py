@@ -17,7 +17,7 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
-from dicomnode.app import Node
+from dicomnode.serve import Node
 from dicomnode.config import Peer
 from dicomnode.core.model import Source
 from tests.conftest import dicomweb_client, start_module_node

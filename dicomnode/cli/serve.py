@@ -15,7 +15,7 @@ from dicomnode.core.logs import configure_logging
 def _serve(args: argparse.Namespace) -> int:
     settings = read_settings(args.config)
     configure_logging(settings.logging.level, settings.logging.format)
-    from dicomnode.app import Node  # imported late: `config check` needs none of it
+    from dicomnode.serve import Node  # imported late: `config check` needs none of it
 
     Node(settings).serve_forever()
     return 0
