@@ -96,13 +96,19 @@ def compose(
 
 
 def open_archive(settings: Settings) -> Archive:
-    """The archive of `settings`: blobs under the data directory, the configured index."""
+    """The archive of `settings`: blobs under the data directory or in the [storage] bucket
+    (checked to refuse overwrites before anything starts), the configured index."""
+    from dicomnode.archive.objectstore import blob_store_from_settings
+
     return Archive(
         settings.node.data_dir,
         settings.database_url,
         settings.dimse.duplicate_policy,
         settings.node.quota_bytes,
         settings.node.min_free_bytes,
+        blob_store=blob_store_from_settings(
+            settings.storage, settings.node.name, settings.node.data_dir
+        ),
     )
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from dicomnode.archive import Archive
 from dicomnode.archive.blobs import FileBlobStore, PlacementJournal
 from dicomnode.archive.blobstore import BlobStore, blob_key, cache_key
 from dicomnode.archive.objectstore import (
@@ -27,11 +28,16 @@ from dicomnode.archive.objectstore import (
     open_s3_store,
     read_credentials,
 )
+from dicomnode.archive.placements import DatabasePlacements
 from dicomnode.core.errors import ConfigError, DuplicateConflict, StorageUnavailable
+from dicomnode.core.metrics import Metrics
+from dicomnode.core.model import Source
+from dicomnode.intake import Intake
 from tests.factory import make_ct, part10
 from tests.realclients.seaweedfs import ACCESS_KEY, SECRET_KEY, SeaweedFS, start_seaweedfs
 
 pytestmark = pytest.mark.s3
+SENDER = Source("dimse", "MODALITY", "127.0.0.1")
 
 
 @pytest.fixture(scope="module")
@@ -403,3 +409,102 @@ def test_a_stopped_server_is_a_storage_failure_then_recovers(
         assert read(s3, other_key) == other
     finally:
         server.kill()
+
+
+# --- a crash between the put and the index row: recovery from the database record ----------
+
+
+def s3_archive(server: SeaweedFS, folder: Path, prefix: str) -> Archive:
+    """An archive on SQLite whose blobs are in the bucket under `prefix`, its placings
+    recorded in the index database as node "node-1" (the same node after a restart)."""
+    location = s3_location(server, prefix=prefix)
+    return Archive(
+        folder / "data",
+        f"sqlite:///{folder / 'index.sqlite'}",
+        blob_store=lambda index: open_s3_store(location, DatabasePlacements(index, "node-1")),
+    )
+
+
+def _no_listing(*_args: object, **_kwargs: object) -> None:
+    raise AssertionError("recovery listed the bucket")
+
+
+def test_a_crash_after_the_put_files_the_object_at_the_next_start(
+    seaweedfs: SeaweedFS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The process stops after the object was put and before its index row was committed
+    (its sender got no answer): the next start finds the database record, not a listing,
+    and files the object from the bucket."""
+    prefix = f"crash-{uuid.uuid4().hex[:8]}"
+    archive = s3_archive(seaweedfs, tmp_path, prefix)
+    intake = Intake(archive, Metrics())
+    kept, lost = make_ct(instance_number=1), make_ct(instance_number=2)
+    assert intake.receive_part10(part10(kept), SENDER).outcome == "stored"
+
+    def the_process_stops(*_args: object, **_kwargs: object) -> None:
+        raise KeyboardInterrupt("kill -9")
+
+    with monkeypatch.context() as crashing:
+        crashing.setattr(archive.index, "write_grouped", the_process_stops)
+        crashing.setattr(archive, "_withdraw", lambda blob: None)  # a crash withdraws nothing
+        with pytest.raises(KeyboardInterrupt):
+            intake.receive_part10(part10(lost), SENDER)
+    archive.close()
+
+    restarted = s3_archive(seaweedfs, tmp_path, prefix)
+    try:
+        # the kept object's record too: records are settled in batches, after a while
+        records = {left.key: left for left in restarted.blobs.placements.leftovers()}
+        assert sorted(key.split("/")[0] for key in records) == sorted(
+            [kept.StudyInstanceUID, lost.StudyInstanceUID]
+        )
+        (left,) = [r for key, r in records.items() if key.startswith(lost.StudyInstanceUID)]
+        assert not left.withdrawn
+        assert restarted.blobs.exists(left.key)  # in the bucket, named by nothing
+        assert restarted.counts()["instances"] == 1
+        monkeypatch.setattr(S3BlobStore, "keys", _no_listing)
+        assert Intake(restarted, Metrics()).recover_unindexed() == 1
+        assert restarted.counts()["instances"] == 2
+        (row,) = restarted.find_instances_exactly((("SOPInstanceUID", lost.SOPInstanceUID),))
+        assert row.blob_path == left.key
+        assert read(restarted.blobs, row.blob_path) == part10(lost)
+        restarted.settle_placements(older_than=0)
+        assert restarted.blobs.placements.leftovers() == []
+    finally:
+        restarted.close()
+
+
+def test_a_refused_object_left_by_a_crash_is_removed_from_the_bucket(
+    seaweedfs: SeaweedFS, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The index refused the object, its record was marked withdrawn, and the process stopped
+    before the object was deleted: the next start deletes it instead of filing it."""
+    prefix = f"refused-{uuid.uuid4().hex[:8]}"
+    archive = s3_archive(seaweedfs, tmp_path, prefix)
+    intake = Intake(archive, Metrics())
+
+    def index_down(*_args: object, **_kwargs: object) -> None:
+        raise OSError(5, "disk I/O error")
+
+    def stops_after_marking(blob: object) -> None:
+        archive.blobs.placements.withdraw(blob.placement)  # type: ignore[attr-defined]
+        raise KeyboardInterrupt("kill -9")
+
+    with monkeypatch.context() as failing:
+        failing.setattr(archive.index, "write_grouped", index_down)
+        failing.setattr(archive, "_withdraw", stops_after_marking)
+        with pytest.raises(KeyboardInterrupt):
+            intake.receive_part10(part10(make_ct()), SENDER)
+    archive.close()
+
+    restarted = s3_archive(seaweedfs, tmp_path, prefix)
+    try:
+        (left,) = restarted.blobs.placements.leftovers()
+        assert left.withdrawn and restarted.blobs.exists(left.key)
+        monkeypatch.setattr(S3BlobStore, "keys", _no_listing)
+        assert Intake(restarted, Metrics()).recover_unindexed() == 0
+        assert not restarted.blobs.exists(left.key)
+        assert restarted.blobs.placements.leftovers() == []
+        assert restarted.counts()["instances"] == 0
+    finally:
+        restarted.close()
