@@ -33,6 +33,7 @@ from dicomnode.dicomweb.stow_client import StowSender
 from dicomnode.egress import Egress
 from dicomnode.governance import PolicyError, audit_events
 from dicomnode.intake import Intake
+from dicomnode.records import Records, Workbench
 from dicomnode.scp.scu import DimseSender
 from dicomnode.stewardship import Stewardship
 
@@ -62,6 +63,7 @@ class Services:
     stewardship: Stewardship
     casework: Casework
     analysis: AnalysisService | None
+    records: Records  # what layer 4 reads from the stores (the web face, /healthz)
 
     def close(self) -> None:
         """Close the archive (its index connections, its spare blob files)."""
@@ -144,13 +146,25 @@ def _build(
         audit=audit,
     )
     stewardship = Stewardship(archive, clock, audit)
-    casework = Casework(archive, stewardship, egress, clock, review_settings(settings.dpo))
+    casework = Casework(  # on stewardship's clock, read at each call (a test may swap it)
+        archive, stewardship, egress, lambda: stewardship.clock(), review_settings(settings.dpo)
+    )
     analysis = None
     if role is not CLI and settings.analysis.enabled:
         analysis = build_analysis(settings, archive, intake, egress)
         intake.subscribe(analysis.on_stored)  # a worker counts; the main process runs the jobs
     return Services(
-        settings, role, metrics, archive, audit, intake, egress, stewardship, casework, analysis
+        settings,
+        role,
+        metrics,
+        archive,
+        audit,
+        intake,
+        egress,
+        stewardship,
+        casework,
+        analysis,
+        Records(archive),
     )
 
 
@@ -158,7 +172,7 @@ def build_analysis(
     settings: Settings, archive: Archive, intake: Intake, egress: Egress
 ) -> AnalysisService:
     """The analysis service over the node's rooms (its analyzers from the installed plugins)."""
-    return AnalysisService(settings.analysis, archive, intake, egress)
+    return AnalysisService(settings.analysis, Workbench(archive), intake, egress)
 
 
 def publish_configured_policy(settings: Settings, stewardship: Stewardship) -> None:

@@ -718,6 +718,25 @@ class Stewardship:
             )
         return checkpoint
 
+    def verify_ledger(
+        self, by: str, signature_ok: Callable[[Checkpoint], bool]
+    ) -> tuple[Any, Any]:
+        """Recompute the chain against the signed checkpoints and record the result (a
+        checkpoint entry: verified or broken, by whom, up to which entry); returns the
+        verification and its ledger entry."""
+        result = self.archive.ledger.verify(signature_ok=signature_ok)
+        detail = {
+            "action": "verify",
+            "verified_entries": result.entries,
+            "head_hash": result.head_hash,
+            "checkpoints": result.checkpoints,
+            "first_bad": result.first_bad,
+            "problem": result.problem,
+        }
+        outcome = "verified" if result.ok else "broken"
+        entry = self.archive.ledger.record("checkpoint", by, outcome, detail)
+        return result, entry
+
 
 def checkpoint_signed_by(key: Any) -> Callable[[Checkpoint], bool]:
     """A check that a checkpoint's signature is `key`'s and covers its own seq and hash."""

@@ -22,6 +22,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from dicomnode.analysis import plugin
 from dicomnode.analysis.plugin import AnalysisResult, Analyzer, Selector
 from dicomnode.analysis.runner import AnalysisService
+from dicomnode.records import Workbench
 from dicomnode.serve import Node
 from dicomnode.config import read_settings
 from dicomnode.core.model import Level, Source
@@ -126,7 +127,7 @@ def dimse_answers(node: Node) -> bool:
 def service_for(node: Node, *analyzers: type[Analyzer]) -> AnalysisService:
     service = AnalysisService(
         node.settings.analysis,
-        node.archive,
+        Workbench(node.archive),
         node.intake,
         node.egress,
         {a.name: a for a in analyzers},

@@ -19,6 +19,8 @@ LAYERS = {
     "egress": 3,
     "stewardship": 3,
     "casework": 3,
+    "approvals": 3,
+    "records": 3,
     "scp": 4,
     "dicomweb": 4,
     "analysis": 4,
@@ -113,6 +115,67 @@ def test_governance_does_no_io():
         for name in _io_imports(imports)
     ]
     assert violations == []
+
+
+def _archive_reaches(path: Path) -> list[str]:
+    """Where `path` reaches the archive room: an import of ``dicomnode.archive`` (absolute,
+    relative or ``from dicomnode import archive``) or an attribute named ``archive``
+    (``ctx.egress.archive``, ``services().archive.index``), with its line number."""
+    tree = ast.parse(path.read_text(), str(path))
+    found = []
+    for node in ast.walk(tree):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level:  # relative: dicomnode/<room>/.../x.py, so level 2 is dicomnode.
+                package = path.relative_to(PACKAGE.parent).with_suffix("").parts[: -node.level]
+                module = ".".join([*package, module] if module else package)
+            names = [module] + [f"{module}.{alias.name}" for alias in node.names]
+        elif isinstance(node, ast.Attribute) and node.attr == "archive":
+            found.append(f"{node.lineno}: .archive")
+        found += [
+            f"{node.lineno}: import {name}"
+            for name in names
+            if name == "dicomnode.archive" or name.startswith("dicomnode.archive.")
+        ][:1]
+    return found
+
+
+def test_layer_four_never_reaches_the_archive():
+    """scp, dicomweb and analysis get what they read and write through the layer-3 rooms
+    (intake, egress, stewardship, casework, records): no import of dicomnode.archive, and no
+    `.archive` attribute (which would reach it through a room's back door)."""
+    violations = [
+        f"{path.relative_to(PACKAGE)}:{where}"
+        for path, room, _ in _modules()
+        if LAYERS[room] == 4
+        for where in _archive_reaches(path)
+    ]
+    assert violations == []
+
+
+def test_the_archive_check_catches_what_it_should():
+    root = PACKAGE / "scp"
+    probes = {
+        "from dicomnode.archive import Archive": ["1: import dicomnode.archive"],
+        "import dicomnode.archive.jobs": ["1: import dicomnode.archive.jobs"],
+        "from dicomnode import archive": ["1: import dicomnode.archive"],
+        "from ..archive.keys import sign_json": ["1: import dicomnode.archive.keys"],
+        "from .. import archive": ["1: import dicomnode.archive"],
+        "x = ctx.egress.archive.blob_file(i)": ["1: .archive"],
+        "audit = services().archive\nfrom dicomnode.core import model": ["1: .archive"],
+        "from dicomnode.core.attributes import INDEXED\narchive = 1": [],
+        "from dicomnode.archivist import x": [],
+    }
+    for text, expected in probes.items():
+        probe = root / "_layering_probe.py"
+        try:
+            probe.write_text(text + "\n")
+            assert _archive_reaches(probe) == expected, text
+        finally:
+            probe.unlink()
 
 
 def test_the_check_catches_what_it_should(tmp_path):

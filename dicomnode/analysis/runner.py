@@ -26,7 +26,6 @@ from datetime import UTC, datetime, timedelta
 from io import BytesIO
 from pathlib import Path
 
-import pydicom
 from pydicom.dataset import Dataset
 
 from dicomnode.analysis.plugin import (
@@ -39,13 +38,13 @@ from dicomnode.analysis.plugin import (
     discover,
 )
 from dicomnode.analysis.provenance import job_provenance
-from dicomnode.archive import Archive
-from dicomnode.archive.jobs import NOT_APPLICABLE, SKIPPED, Job, JobStore
 from dicomnode.config import AnalysisSettings
+from dicomnode.core.enums import JobState
 from dicomnode.core.errors import InvalidInput
 from dicomnode.core.model import IngestResult, Level, Source
 from dicomnode.egress import Egress
 from dicomnode.intake import Intake
+from dicomnode.records.workbench import Job, Workbench
 
 log = logging.getLogger("dicomnode.analysis")
 
@@ -58,16 +57,16 @@ class AnalysisService:
     def __init__(
         self,
         settings: AnalysisSettings,
-        archive: Archive,
+        workbench: Workbench,
         intake: Intake,
         egress: Egress,
         analyzers: dict[str, type[Analyzer]] | None = None,
     ) -> None:
         self.settings = settings
-        self.archive = archive
+        self.workbench = workbench
         self.intake = intake
         self.egress = egress
-        self.jobs = JobStore(archive.index)
+        self.jobs = workbench.jobs
         available = analyzers if analyzers is not None else discover()
         self.analyzers = {
             name: cls() for name, cls in available.items() if settings.analyzer(name).enabled
@@ -144,8 +143,8 @@ class AnalysisService:
     def request(self, study_uid: str) -> list[int]:
         """Queue every analyzer's units in a study now (the explicit "commit"); returns job ids."""
         queued: dict[tuple[str, str], int] = {}
-        for item in self.archive.find_instances(Level.STUDY, (("StudyInstanceUID", study_uid),)):
-            header = pydicom.dcmread(self.archive.blob_file(item), stop_before_pixels=True)
+        for item in self.workbench.instances(Level.STUDY, (("StudyInstanceUID", study_uid),)):
+            header = self.workbench.header(item)
             for name, analyzer in self.analyzers.items():
                 key = (name, analyzer.unit_uid(header))
                 if key not in queued and analyzer.selector.matches(header):
@@ -186,7 +185,7 @@ class AnalysisService:
             "series": (Level.SERIES, "SeriesInstanceUID"),
             "study": (Level.STUDY, "StudyInstanceUID"),
         }[analyzer.unit]
-        return self.archive.find_instances(level, ((keyword, unit_uid),))
+        return self.workbench.instances(level, ((keyword, unit_uid),))
 
     # --- workers ----------------------------------------------------------------------------
 
@@ -212,7 +211,7 @@ class AnalysisService:
                     "event": "job",
                     "job": job.id,
                     "analyzer": job.analyzer,
-                    "state": NOT_APPLICABLE,
+                    "state": JobState.NOT_APPLICABLE,
                 },
             )
             return self.jobs.get(job.id)
@@ -233,7 +232,9 @@ class AnalysisService:
                 raise RuntimeError(f"analyzer {job.analyzer} is not installed or not enabled")
             outputs, summary = self._run(job, analyzer)
         except NotApplicable as e:
-            self.jobs.finish(job.id, datetime.now(UTC), [], {"skipped": str(e)}, state=SKIPPED)
+            self.jobs.finish(
+                job.id, datetime.now(UTC), [], {"skipped": str(e)}, state=JobState.SKIPPED
+            )
             log.info(
                 "analysis skipped: %s",
                 e,
@@ -282,22 +283,24 @@ class AnalysisService:
         instances = self._unit_instances(analyzer, job.unit_uid)
         if not instances:
             return ""  # the run says so
-        header = pydicom.dcmread(self.archive.blob_file(instances[0]), stop_before_pixels=True)
+        header = self.workbench.header(instances[0])
         return fit.misfit(header)
 
     def _run(self, job: Job, analyzer: Analyzer) -> tuple[list[str], dict]:
         instances = self._unit_instances(analyzer, job.unit_uid)
         if not instances:
             raise RuntimeError(f"the unit {job.unit_uid} holds no instances any more")
-        unit = InputUnit(
-            key=job.unit_uid,
-            study_instance_uid=job.study_instance_uid,
-            patient_id=job.patient_id,
-            paths=[self.archive.blob_file(i) for i in instances],
-            sop_instance_uids=[i.sop_instance_uid for i in instances],
-        )
         config = self.settings.analyzer(job.analyzer)
         with tempfile.TemporaryDirectory(prefix="dicomnode-job-") as workdir:
+            staged = Path(workdir) / "inputs"
+            staged.mkdir()
+            unit = InputUnit(
+                key=job.unit_uid,
+                study_instance_uid=job.study_instance_uid,
+                patient_id=job.patient_id,
+                paths=self.workbench.files(instances, staged),
+                sop_instance_uids=[i.sop_instance_uid for i in instances],
+            )
             context = AnalysisContext(
                 params=config.params,
                 uid=lambda role: deterministic_uid(
@@ -326,7 +329,7 @@ class AnalysisService:
                 [f.instance for f in filed],
                 self.settings.forward_to,
                 source.caller,
-                senders=self.archive.senders(job.study_instance_uid),
+                senders=self.workbench.senders(job.study_instance_uid),
             )
         return [f.instance.sop_instance_uid for f in filed], summary
 

@@ -16,7 +16,7 @@ from typing import Any
 from flask import Flask
 from flask_cors import CORS
 
-from dicomnode.archive import Archive
+from dicomnode.casework import Casework
 from dicomnode.config import Settings
 from dicomnode.core.metrics import Metrics
 from dicomnode.dicomweb.auth import TokenVerifier
@@ -31,6 +31,7 @@ from dicomnode.dicomweb.stow import stow_blueprint
 from dicomnode.dicomweb.wado import wado_blueprint
 from dicomnode.egress import Egress
 from dicomnode.intake import Intake
+from dicomnode.records import Records
 from dicomnode.stewardship import Stewardship
 
 DICOMWEB_ROOT = "/dicomweb"
@@ -38,13 +39,14 @@ DICOMWEB_ROOT = "/dicomweb"
 
 @dataclass(frozen=True)
 class WebServices:
-    """What the HTTP blueprints work with."""
+    """What the HTTP blueprints work with: the rooms of layer 3, never the archive itself."""
 
     settings: Settings
-    archive: Archive
+    records: Records  # what the pages, the governance and jobs APIs and /healthz read
     intake: Intake
     egress: Egress
     stewardship: Stewardship
+    casework: Casework  # the DPO's breach register, monthly review and request tickets
     metrics: Metrics
     verifier: TokenVerifier
     signing_key: Any  # the node's RSA key (tokens, ledger checkpoints)

@@ -70,14 +70,14 @@ def require_token(blueprint: Blueprint, scopes: dict[str, str] = SCOPE_BY_METHOD
 def alert(key: tuple[str, ...], build: Callable[[Any, int], bytes | list[bytes]]) -> None:
     """A security-relevant refusal for the audit log, aggregated per `key` and minute (one
     message, with the count, however many arrive); `build` gets the reporter and the count."""
-    audit_log = services().archive.audit
+    audit_log = services().records.audit
     if audit_log is not None and audit_log.source is not None:
         audit_log.submit_alert(key, lambda count: build(audit_log.source, count), datetime.now(UTC))
 
 
 def audit(build: Callable[[Any], bytes | list[bytes]]) -> None:
     """Hand an audit message to the node's audit log; `build` gets the reporter."""
-    audit_log = services().archive.audit
+    audit_log = services().records.audit
     if audit_log is not None and audit_log.source is not None:
         audit_log.submit(lambda: build(audit_log.source))
 

@@ -14,7 +14,6 @@ from typing import Any
 
 from flask import Blueprint, Response, g, jsonify, request
 
-from dicomnode.archive.keys import sign_json
 from dicomnode.core.errors import InvalidInput, NotFound
 from dicomnode.core.times import parse_moment
 from dicomnode.core.uids import validate_uid
@@ -236,7 +235,7 @@ def governance_blueprint() -> Blueprint:
     @bp.get("/holds")
     def holds() -> Response:
         active = request.args.get("all", "").lower() not in ("1", "true", "yes")
-        return jsonify([h.as_dict() for h in services().archive.registry.holds(active)])
+        return jsonify([h.as_dict() for h in services().records.holds(active)])
 
     @bp.post("/holds")
     def place_hold() -> tuple[Response, int]:
@@ -275,8 +274,7 @@ def governance_blueprint() -> Blueprint:
 
     @bp.get("/deliveries")
     def deliveries() -> Response:
-        registry = services().archive.registry
-        found = registry.deliveries(
+        found = services().records.deliveries(
             state=request.args.get("state") or None,
             patient_id=request.args.get("patient_id") or None,
             limit=min(int(request.args.get("limit", "100") or 100), 1000),
@@ -285,20 +283,17 @@ def governance_blueprint() -> Blueprint:
 
     @bp.get("/deliveries/<int:delivery_id>")
     def delivery(delivery_id: int) -> Response:
-        return jsonify(services().archive.registry.delivery(delivery_id).as_dict())
+        return jsonify(services().records.delivery(delivery_id).as_dict())
 
     @bp.post("/deliveries/<int:delivery_id>/retry")
     def retry_delivery(delivery_id: int) -> Response:
-        registry = services().archive.registry
-        registry.requeue_delivery(delivery_id, datetime.now(UTC), _who())
-        return jsonify(registry.delivery(delivery_id).as_dict())
+        requeued = services().records.requeue_delivery(delivery_id, datetime.now(UTC), _who())
+        return jsonify(requeued.as_dict())
 
     @bp.get("/held")
     def held() -> Response:
         study = request.args.get("study")
-        found = services().archive.registry.held(
-            study_uid=validate_uid(study, "study") if study else None
-        )
+        found = services().records.quarantined(validate_uid(study, "study") if study else None)
         return jsonify([h.as_dict() for h in found])
 
     @bp.post("/held/<study>/release")
@@ -313,7 +308,7 @@ def governance_blueprint() -> Blueprint:
     @bp.get("/ledger/verify")
     def verify() -> Response:
         node_key = services().signing_key
-        result = services().archive.ledger.verify(signature_ok=checkpoint_signed_by(node_key))
+        result = services().records.verify_ledger(checkpoint_signed_by(node_key))
         return jsonify(
             {
                 "ok": result.ok,
@@ -328,14 +323,14 @@ def governance_blueprint() -> Blueprint:
 
     @bp.post("/ledger/checkpoints")
     def checkpoint() -> tuple[Response, int]:
-        key = services().signing_key
-        made = services().stewardship.checkpoint(lambda payload: sign_json(key, payload))
+        key, records = services().signing_key, services().records
+        made = services().stewardship.checkpoint(lambda payload: records.sign(key, payload))
         if made is None:
             return jsonify({"checkpoint": None, "detail": "the head is already signed"}), 200
         return jsonify({"checkpoint": made.as_dict()}), 201
 
     @bp.get("/ledger/checkpoints")
     def checkpoints() -> Response:
-        return jsonify([c.as_dict() for c in services().archive.ledger.checkpoints()])
+        return jsonify([c.as_dict() for c in services().records.checkpoints()])
 
     return bp

@@ -5,17 +5,19 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
 
-from dicomnode.archive.jobs import Job, JobStore
 from dicomnode.core.errors import NotFound, NotPermitted
 from dicomnode.core.uids import validate_uid
 from dicomnode.dicomweb.access import requester, require_token, services
+from dicomnode.records.workbench import Job
 
 
-def _store() -> JobStore:
-    return JobStore(services().archive.index)
+def _store() -> Any:
+    """The job table (its records leave through egress: `_disclosed`)."""
+    return services().records.jobs
 
 
 def _disclosed(jobs: list[Job]) -> list[dict]:

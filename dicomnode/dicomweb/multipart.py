@@ -6,7 +6,7 @@ import io
 import os
 import tempfile
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -38,8 +38,10 @@ def stream_multipart(
     yield delimiter + b"--\r\n"
 
 
-def file_chunks(path: str, chunk: int = CHUNK) -> Iterator[bytes]:
-    with open(path, "rb") as f:
+def stream_chunks(opener: Callable[[], BinaryIO], chunk: int = CHUNK) -> Iterator[bytes]:
+    """The bytes of the stream `opener` gives, opened only when iterated (each part of a long
+    answer opens its blob when it is sent) and closed at its end."""
+    with opener() as f:
         while data := f.read(chunk):
             yield data
 

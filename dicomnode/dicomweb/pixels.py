@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Iterator
-from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
@@ -193,39 +192,38 @@ class _Inflating:
         return self._position
 
 
-def check_transcodable(path: str | Path, limit: int) -> None:
-    """ImageTooLarge when re-encoding the object at `path` uncompressed would decode or inflate
-    more than `limit` bytes (nothing is kept: a deflated one is inflated and dropped in steps)."""
-    with open(path, "rb") as f:
-        read_preamble(f, False)
-        meta = _read_file_meta_info(f)
-        syntax = UID(meta.get("TransferSyntaxUID", ""))
-        if syntax.is_deflated:
-            inflater, total = zlib.decompressobj(-zlib.MAX_WBITS), 0
-            while (chunk := f.read(_INFLATE_CHUNK)) and not inflater.eof:
-                while chunk:
-                    total += len(inflater.decompress(chunk, _INFLATE_CHUNK))
-                    if total > limit:
-                        raise _inflated_too_far(limit)
-                    chunk = inflater.unconsumed_tail
-            return
-    if syntax.is_compressed:
-        check_decoded_size(pydicom.dcmread(path, stop_before_pixels=True), limit)
+def check_transcodable(f: BinaryIO, limit: int) -> None:
+    """ImageTooLarge when re-encoding the stored object read from `f` (a seekable stream)
+    uncompressed would decode or inflate more than `limit` bytes (nothing is kept: a deflated
+    one is inflated and dropped in steps)."""
+    read_preamble(f, False)
+    meta = _read_file_meta_info(f)
+    syntax = UID(meta.get("TransferSyntaxUID", ""))
+    if syntax.is_deflated:
+        inflater, total = zlib.decompressobj(-zlib.MAX_WBITS), 0
+        while (chunk := f.read(_INFLATE_CHUNK)) and not inflater.eof:
+            while chunk:
+                total += len(inflater.decompress(chunk, _INFLATE_CHUNK))
+                if total > limit:
+                    raise _inflated_too_far(limit)
+                chunk = inflater.unconsumed_tail
+    elif syntax.is_compressed:
+        f.seek(0)
+        check_decoded_size(pydicom.dcmread(f, stop_before_pixels=True), limit)
 
 
 def read_instance(
-    path: str | Path, limit: int, stop_before_pixels: bool = False, defer_size: int | None = None
+    f: BinaryIO, limit: int, stop_before_pixels: bool = False, defer_size: int | None = None
 ) -> Dataset:
-    """The stored object at `path`; a deflated one is inflated within `limit` bytes, and only
-    up to its Pixel Data when `stop_before_pixels`."""
-    with open(path, "rb") as f:
-        read_preamble(f, False)
-        meta = _read_file_meta_info(f)
-        if not UID(meta.get("TransferSyntaxUID", "")).is_deflated:
-            f.seek(0)
-            return pydicom.dcmread(f, stop_before_pixels=stop_before_pixels, defer_size=defer_size)
-        stop = _pixels_stop if stop_before_pixels else None
-        ds = read_dataset(_Inflating(f, limit), False, True, stop_when=stop)
+    """The stored object read from `f` (a seekable stream); a deflated one is inflated within
+    `limit` bytes, and only up to its Pixel Data when `stop_before_pixels`."""
+    read_preamble(f, False)
+    meta = _read_file_meta_info(f)
+    if not UID(meta.get("TransferSyntaxUID", "")).is_deflated:
+        f.seek(0)
+        return pydicom.dcmread(f, stop_before_pixels=stop_before_pixels, defer_size=defer_size)
+    stop = _pixels_stop if stop_before_pixels else None
+    ds = read_dataset(_Inflating(f, limit), False, True, stop_when=stop)
     ds.file_meta = FileMetaDataset(meta)
     ds.set_original_encoding(False, True)
     return ds

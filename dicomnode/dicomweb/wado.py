@@ -12,6 +12,7 @@ import json
 import logging
 from collections.abc import Callable, Iterator
 from io import BytesIO
+from typing import BinaryIO
 
 import pydicom
 from flask import Blueprint, Response, jsonify, request, stream_with_context
@@ -24,7 +25,7 @@ from dicomnode.dicomweb import media, pixels, render
 from dicomnode.dicomweb.access import base_url, requester, require_token, services
 from dicomnode.dicomweb.dicomjson import dataset_to_json, json_to_xml, resolve_bulk_path
 from dicomnode.dicomweb.errors import NotAcceptable
-from dicomnode.dicomweb.multipart import file_chunks, new_boundary, stream_multipart
+from dicomnode.dicomweb.multipart import new_boundary, stream_chunks, stream_multipart
 
 log = logging.getLogger("dicomnode.wado")
 
@@ -73,13 +74,16 @@ def _limit() -> int:
 
 
 def _read(item: StoredInstance, **options: object) -> pydicom.Dataset:
-    return pixels.read_instance(services().archive.blob_file(item), _limit(), **options)
+    """The instance (egress handed it out: `_instances`), read from its blob's stream."""
+    with services().egress.open_blob(item) as stream:
+        return pixels.read_instance(stream, _limit(), **options)
 
 
-def _transcoded(path: str, limit: int) -> bytes:
-    """The instance at `path` as a Part 10 file in explicit VR little endian: the same instance,
-    so its SOP Instance UID is kept (pydicom would otherwise generate a new one)."""
-    ds = pixels.read_instance(path, limit)
+def _transcoded(stream: BinaryIO, limit: int) -> bytes:
+    """The instance read from `stream` as a Part 10 file in explicit VR little endian: the same
+    instance, so its SOP Instance UID is kept (pydicom would otherwise generate a new one)."""
+    with stream:
+        ds = pixels.read_instance(stream, limit)
     if ds.file_meta.TransferSyntaxUID.is_compressed:
         if "PixelData" in ds:
             pixels.check_decoded_size(ds, limit)
@@ -109,12 +113,13 @@ def _producible(found: list[StoredInstance]) -> Callable[[str], str | None]:
         refusals = sorted({r for ts in stored if (r := pixels.decode_refusal(ts))})
         if refusals:
             return "; ".join(refusals) + " (transfer-syntax=* sends them as stored)"
-        archive, limit = services().archive, _limit()
+        egress, limit = services().egress, _limit()
         for item in found:  # checked before the answer starts: no 500 in the middle of it
             ts = UID(item.transfer_syntax_uid)
             if ts.is_compressed or ts.is_deflated:
                 try:
-                    pixels.check_transcodable(archive.blob_file(item), limit)
+                    with egress.open_blob(item) as stream:
+                        pixels.check_transcodable(stream, limit)
                 except pixels.ImageTooLarge as e:
                     return str(e)
         return None
@@ -126,13 +131,13 @@ def retrieve(study: str, series: str | None = None, instance: str | None = None)
     ranges = _acceptable()
     found = _instances("instances", study, series, instance)
     choice = media.choose_instances(ranges, instance is not None, _producible(found))
-    archive, limit = services().archive, _limit()  # the parts are made after the request
+    egress, limit = services().egress, _limit()  # the parts are made after the request
 
     def body(item: StoredInstance) -> tuple[str, Iterator[bytes]]:
         ts = media.served_syntax(item.transfer_syntax_uid, choice.transfer_syntax)
         if ts == item.transfer_syntax_uid:
-            return ts, file_chunks(str(archive.blob_file(item)))
-        return ts, iter([_transcoded(str(archive.blob_file(item)), limit)])
+            return ts, stream_chunks(lambda: egress.open_blob(item))
+        return ts, iter([_transcoded(egress.open_blob(item), limit)])
 
     if choice.single_part:
         ts, chunks = body(found[0])
@@ -153,12 +158,10 @@ def retrieve(study: str, series: str | None = None, instance: str | None = None)
 def _read_header(item: StoredInstance) -> tuple[pydicom.Dataset, bool]:
     """The instance's attributes without reading bulk values; and whether Pixel Data follows."""
     threshold = services().settings.http.bulk_data_threshold
-    path = services().archive.blob_file(item)
-    if UID(item.transfer_syntax_uid).is_deflated:  # inflated up to its Pixel Data only
-        ds = pixels.read_instance(path, _limit(), stop_before_pixels=True)
-        has_pixels = ds.get("Rows") is not None
-        return ds, has_pixels
-    with open(path, "rb") as f:
+    with services().egress.open_blob(item) as f:
+        if UID(item.transfer_syntax_uid).is_deflated:  # inflated up to its Pixel Data only
+            ds = pixels.read_instance(f, _limit(), stop_before_pixels=True)
+            return ds, ds.get("Rows") is not None
         ds = pydicom.dcmread(f, defer_size=threshold + 1, stop_before_pixels=True)
         position = f.tell()
         f.seek(0, 2)
@@ -167,25 +170,23 @@ def _read_header(item: StoredInstance) -> tuple[pydicom.Dataset, bool]:
 
 
 _BULK_BASE = "urn:dicomnode:bulkdata"  # stands for the instance's bulkdata URL in cached metadata
-_METADATA_SUFFIX = ".metadata.json"
+_METADATA = "metadata.json"  # the kind of cached data
 
 
 def _instance_metadata(item: StoredInstance) -> str:
-    """The instance's DICOM JSON with BulkDataURIs relative to `_BULK_BASE`, cached beside the
-    blob after the first request (the blob never changes under its name)."""
-    blobs = services().archive.blobs
-    cached = blobs.sidecar(item.blob_path, _METADATA_SUFFIX)
-    try:
-        return cached.read_text()
-    except FileNotFoundError:
-        pass
+    """The instance's DICOM JSON with BulkDataURIs relative to `_BULK_BASE`, cached in the
+    store after the first request (the blob never changes under its name)."""
+    records = services().records
+    cached = records.cached(item, _METADATA)
+    if cached is not None:
+        return cached.decode()
     ds, has_pixels = _read_header(item)
     entry = dataset_to_json(ds, _BULK_BASE, services().settings.http.bulk_data_threshold)
     if has_pixels:
         vr = "OW" if ds.get("BitsAllocated", 8) > 8 else "OB"
         entry["7FE00010"] = {"vr": vr, "BulkDataURI": f"{_BULK_BASE}/7FE00010"}
     text = json.dumps(dict(sorted(entry.items())))
-    blobs.write_sidecar(item.blob_path, _METADATA_SUFFIX, text.encode())
+    records.cache(item, _METADATA, text.encode())
     return text
 
 

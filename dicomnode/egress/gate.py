@@ -9,7 +9,7 @@ import logging
 import uuid
 from collections.abc import Callable, Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, BinaryIO
 
 from pydicom.dataset import Dataset
 
@@ -370,6 +370,11 @@ class Gate:
                     ref=ref,
                 )
             )
+
+    def open_blob(self, instance: StoredInstance) -> BinaryIO:
+        """A binary stream of a stored instance that `retrieve` handed out (its decision is
+        recorded): what C-MOVE, C-GET and WADO-RS send. The caller closes it."""
+        return open(self.archive.blob_file(instance), "rb")
 
     # --- processing ---------------------------------------------------------------------------
 

@@ -98,7 +98,7 @@ def handle_echo(event: evt.Event, ctx: DimseContext) -> int | Dataset:
 
 
 def _audit(ctx: DimseContext, build: Any) -> None:
-    audit_log = ctx.intake.archive.audit
+    audit_log = ctx.egress.audit
     if audit_log is not None and audit_log.source is not None:
         audit_log.submit(lambda: build(audit_log.source))
 
@@ -345,14 +345,14 @@ def _send(
     instances: list[StoredInstance],
     accepted: Any,
 ) -> Iterator[tuple[int, Dataset | None]]:
-    archive = ctx.egress.archive
     for instance in instances:
         if event.is_cancelled:
             _count(event.assoc, ctx, service, status.CANCEL)
             yield status.CANCEL, None
             return
         try:
-            ds = dataset_to_send(archive.blob_file(instance), instance, accepted())
+            with ctx.egress.open_blob(instance) as stream:
+                ds = dataset_to_send(stream, instance, accepted())
         except Exception as e:
             log.warning("cannot prepare %s for sending: %s", instance.sop_instance_uid, e)
             ctx.metrics.add("dicomnode_instances_sent_total", service=service, result="failed")
@@ -415,7 +415,7 @@ def on_rejected(event: evt.Event, ctx: DimseContext) -> None:
     caller = event.assoc.requestor.ae_title.strip() or "unknown"
     address = event.assoc.requestor.address or "unknown"
     now = datetime.now(UTC)
-    audit_log = ctx.intake.archive.audit
+    audit_log = ctx.egress.audit
     if audit_log is not None and audit_log.source is not None:
         # 110113 Node Authentication, one message per caller and minute (with the count)
         caller_source = Source("dimse", caller, address)

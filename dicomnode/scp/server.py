@@ -350,7 +350,7 @@ class DimseServer:
                     "reason": refusal.reason,
                 },
             )
-            audit_log = self.ctx.intake.archive.audit
+            audit_log = self.ctx.egress.audit
             if audit_log is not None and audit_log.source is not None:
                 sender = Source("dimse", caller, address)
                 now = datetime.now(UTC)

@@ -10,8 +10,6 @@ from typing import Any
 
 from flask import Flask
 
-from dicomnode.archive.accounts import SigninThrottle
-from dicomnode.archive.keys import KeyStore
 from dicomnode.config import DpoSettings
 from dicomnode.dicomweb.dpo.casework_views import EXTENSION_KEY as CASEWORK_KEY
 from dicomnode.dicomweb.dpo.casework_views import (
@@ -35,16 +33,14 @@ class DpoPages:
     """What the pages keep per app: their settings, the sign-in lockout, the OIDC client."""
 
     settings: DpoSettings
-    throttle: SigninThrottle
+    throttle: Any  # the records room's SigninThrottle: failed sign-ins counted on every node
     oidc: Any  # Authlib's client for the hospital's provider, or None
 
 
 def install_dpo_pages(app: Flask, services: Any) -> None:
     """Mount the pages on `app`: the signed session cookie, the OIDC client, the blueprint."""
     settings: DpoSettings = services.settings.dpo
-    app.secret_key = KeyStore(
-        services.archive.index, services.settings.node.data_dir
-    ).session_secret()
+    app.secret_key = services.records.session_secret(services.settings.node.data_dir)
     app.config.update(
         SESSION_COOKIE_NAME=COOKIE_NAME,
         SESSION_COOKIE_PATH=COOKIE_PATH,
@@ -56,8 +52,8 @@ def install_dpo_pages(app: Flask, services: Any) -> None:
     app.session_interface = DpoSessionInterface()
     app.extensions["dicomnode_dpo"] = DpoPages(
         settings,
-        SigninThrottle(
-            services.archive.index, settings.max_failed_signins, settings.lockout_minutes * 60
+        services.records.signin_throttle(
+            settings.max_failed_signins, settings.lockout_minutes * 60
         ),
         register_oidc(app, settings) if settings.oidc_enabled else None,
     )

@@ -18,7 +18,7 @@ from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, g, redirect, request, url_for
 
-from dicomnode.casework import Casework, review_settings
+from dicomnode.casework import Casework
 from dicomnode.core.errors import InvalidInput
 from dicomnode.core.times import parse_moment
 from dicomnode.dicomweb.dpo import i18n
@@ -36,16 +36,9 @@ def casework() -> Casework:
 
 
 def make_casework(services: Any) -> Casework:
-    """The casework room over the node's archive, stewardship and egress, on stewardship's
-    clock (read at each call, so a clock swapped in later is used)."""
-    stewardship = services.stewardship
-    return Casework(
-        services.archive,
-        stewardship,
-        services.egress,
-        lambda: stewardship.clock(),
-        review_settings(services.settings.dpo),
-    )
+    """The node's casework room (built by the wiring over the archive, stewardship and
+    egress, on stewardship's clock)."""
+    return services.casework  # type: ignore[no-any-return]
 
 
 def count_failed_authentication(app: Flask) -> None:

@@ -10,8 +10,8 @@ from collections.abc import Iterable, Iterator
 from datetime import datetime
 from typing import Any
 
-from dicomnode.archive.ledger import LedgerEntry
 from dicomnode.config import Settings
+from dicomnode.core.ledger import LedgerEntry
 from dicomnode.governance import Policy, codes
 from dicomnode.governance.policy import ACTIVITY_RECIPIENT_KINDS, Recipient
 

@@ -31,13 +31,10 @@ from flask import (
 )
 from werkzeug.exceptions import HTTPException
 
-from dicomnode.archive.accounts import ROLES
-from dicomnode.archive.jobs import JobStore
-from dicomnode.archive.keys import sign_json
-from dicomnode.archive.ledger import LedgerEntry, entry_hash
-from dicomnode.archive.ledger_views import DECISION_KINDS, LedgerFilter, LedgerViews
 from dicomnode.core.errors import DicomnodeError, InvalidInput
+from dicomnode.core.ledger import DECISION_KINDS, LedgerEntry, LedgerFilter, entry_hash
 from dicomnode.core.model import LedgerKind, Source
+from dicomnode.core.roles import ROLES
 from dicomnode.dicomweb.access import audit, services
 from dicomnode.dicomweb.dpo import i18n, records
 from dicomnode.dicomweb.dpo.chart import disclosure_chart
@@ -55,6 +52,7 @@ from dicomnode.dicomweb.dpo.signin import (
 )
 from dicomnode.dicomweb.errors import http_status_for
 from dicomnode.governance import audit_events, codes
+from dicomnode.records import Records
 from dicomnode.stewardship import checkpoint_signed_by
 
 log = logging.getLogger("dicomnode.dpo")
@@ -85,8 +83,9 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
-def views() -> LedgerViews:
-    return LedgerViews(services().archive.index)
+def views() -> Records:
+    """The records room: the ledger's views and governance's registers."""
+    return services().records
 
 
 def user() -> User:
@@ -350,7 +349,7 @@ def _signin_routes(bp: Blueprint) -> None:
 
     @bp.get("/")
     def overview() -> Any:
-        stewardship, registry = services().stewardship, services().archive.registry
+        stewardship, registry = services().stewardship, views()
         status = stewardship.policy_status()
         moment = now()
         return page(
@@ -359,7 +358,7 @@ def _signin_routes(bp: Blueprint) -> None:
             verified=views().latest(LedgerKind.CHECKPOINT.value),
             head=views().head(),
             counts={
-                "held": len(registry.held()),
+                "held": len(registry.quarantined()),
                 "holds": len(registry.holds(active_only=True)),
                 "overdue_holds": len(_overdue_holds(moment)),
                 "restrictions": sum(1 for r in registry.restrictions() if r.lifted_at is None),
@@ -372,7 +371,7 @@ def _signin_routes(bp: Blueprint) -> None:
 def _overdue_holds(moment: datetime) -> list[Any]:
     return [
         h
-        for h in services().archive.registry.holds(active_only=True)
+        for h in views().holds(active_only=True)
         if h.review_date is not None and h.review_date < moment
     ]
 
@@ -386,7 +385,7 @@ def _disclosure_routes(bp: Blueprint) -> None:
         f = disclosure_filter()
         number = _number("page", 1, 1, 10**9)
         per_page = _number("per_page", PER_PAGE, 1, MAX_PER_PAGE)
-        found = views().page(f, number, per_page)
+        found = views().ledger_page(f, number, per_page)
         choices = views().choices(kinds=f.kinds)
         chart = disclosure_chart(
             views().daily_counts(f.with_(kinds=(LedgerKind.DISCLOSURE.value,))),
@@ -407,7 +406,7 @@ def _disclosure_routes(bp: Blueprint) -> None:
     def disclosures_csv() -> Response:
         f = disclosure_filter()
         log_used("disclosures CSV export")
-        rows = (records.disclosure_row(e) for e in views().iter(f))
+        rows = (records.disclosure_row(e) for e in views().ledger_iter(f))
         return _download(
             records.csv_lines(records.DISCLOSURE_COLUMNS, rows), "disclosures.csv", "text/csv"
         )
@@ -421,7 +420,7 @@ def _disclosure_routes(bp: Blueprint) -> None:
             "filter": {k: (str(v) if isinstance(v, date) else v) for k, v in f.__dict__.items()},
         }
         return _download(
-            _json_array(head, "entries", (records.entry_json(e) for e in views().iter(f))),
+            _json_array(head, "entries", (records.entry_json(e) for e in views().ledger_iter(f))),
             "disclosures.json",
             "application/json",
         )
@@ -432,7 +431,7 @@ def _disclosure_routes(bp: Blueprint) -> None:
         if found is None:
             abort(404, f"there is no ledger entry {seq}")
         previous = views().entry(seq - 1) if seq > 1 else None
-        covering = next((c for c in services().archive.ledger.checkpoints() if c.seq >= seq), None)
+        covering = next((c for c in views().checkpoints() if c.seq >= seq), None)
         recomputed = entry_hash(
             found.prev_hash,
             found.seq,
@@ -498,7 +497,7 @@ def _register_routes(bp: Blueprint) -> None:
 
     @bp.get("/holds")
     def holds() -> Any:
-        everything = services().archive.registry.holds()
+        everything = views().holds()
         return page(
             "holds.html",
             active=[h for h in everything if h.active],
@@ -508,7 +507,7 @@ def _register_routes(bp: Blueprint) -> None:
 
     @bp.get("/restrictions")
     def restrictions() -> Any:
-        everything = services().archive.registry.restrictions()
+        everything = views().restrictions()
         return page(
             "restrictions.html",
             active=[r for r in everything if r.lifted_at is None],
@@ -523,7 +522,7 @@ def _register_routes(bp: Blueprint) -> None:
             date_to=_day("date_to"),
             patient_id=request.args.get("patient_id", "").strip(),
         )
-        found = views().page(f, _number("page", 1, 1, 10**9), PER_PAGE)
+        found = views().ledger_page(f, _number("page", 1, 1, 10**9), PER_PAGE)
         rows = []
         for entry in found.entries:
             detail = entry.data
@@ -551,9 +550,9 @@ def _register_routes(bp: Blueprint) -> None:
 
     @bp.get("/pending")
     def pending() -> Any:
-        archive, moment = services().archive, now()
+        records, moment = views(), now()
         held_by_study: dict[str, dict[str, Any]] = {}
-        for item in archive.registry.held():
+        for item in records.quarantined():
             group = held_by_study.setdefault(
                 item.study_instance_uid,
                 {"item": item, "count": 0, "reasons": set(), "since": item.held_at},
@@ -561,14 +560,14 @@ def _register_routes(bp: Blueprint) -> None:
             group["count"] += 1
             group["reasons"].add(item.reason)
             group["since"] = min(group["since"], item.held_at)
-        jobs = JobStore(archive.index)
+        jobs = records.jobs
         retention = services().stewardship.retention_status()
         return page(
             "pending.html",
             held=list(held_by_study.values()),
             jobs=jobs.list(state="held", limit=500) + jobs.list(state="failed", limit=500),
-            deliveries=archive.registry.deliveries(state="failed", limit=500)
-            + archive.registry.deliveries(state="denied", limit=500),
+            deliveries=records.deliveries(state="failed", limit=500)
+            + records.deliveries(state="denied", limit=500),
             overdue_holds=_overdue_holds(moment),
             scheduled=services().stewardship.policy_status().scheduled,
             due=[i for i in retention if i.action == "destroy"],
@@ -582,8 +581,7 @@ def _register_routes(bp: Blueprint) -> None:
 def _ledger_routes(bp: Blueprint) -> None:
     @bp.get("/ledger")
     def ledger() -> Any:
-        ledger = services().archive.ledger
-        marks = ledger.checkpoints()
+        marks = views().checkpoints()
         signed = checkpoint_signed_by(services().signing_key)
         shown = marks[-CHECKPOINTS_SHOWN:][::-1]
         result_seq = request.args.get("result", "")
@@ -605,35 +603,22 @@ def _ledger_routes(bp: Blueprint) -> None:
     def verify() -> Any:
         """Recompute the chain against the signed checkpoints; the result is itself recorded
         (a checkpoint entry: verified or broken, by whom, up to which entry)."""
-        archive = services().archive
-        result = archive.ledger.verify(signature_ok=checkpoint_signed_by(services().signing_key))
-        detail = {
-            "action": "verify",
-            "verified_entries": result.entries,
-            "head_hash": result.head_hash,
-            "checkpoints": result.checkpoints,
-            "first_bad": result.first_bad,
-            "problem": result.problem,
-        }
-        entry = archive.ledger.record(
-            LedgerKind.CHECKPOINT.value,
-            f"dpo:{user().name}",
-            "verified" if result.ok else "broken",
-            detail,
+        result, entry = services().stewardship.verify_ledger(
+            f"dpo:{user().name}", checkpoint_signed_by(services().signing_key)
         )
         log.log(
             logging.INFO if result.ok else logging.ERROR,
             "ledger verified by %s: %s",
             user().name,
             "OK" if result.ok else result.problem,
-            extra={"event": "ledger_verify", "user": user().name, **detail},
+            extra={"event": "ledger_verify", "user": user().name, **entry.data},
         )
         return redirect(url_for("dpo.ledger", result=entry.seq), 303)
 
     @bp.post("/ledger/checkpoint")
     def checkpoint() -> Any:
-        key = services().signing_key
-        made = services().stewardship.checkpoint(lambda payload: sign_json(key, payload))
+        key, records = services().signing_key, views()
+        made = services().stewardship.checkpoint(lambda payload: records.sign(key, payload))
         return redirect(url_for("dpo.ledger", signed=made.seq if made else "none"), 303)
 
 
@@ -653,7 +638,7 @@ def _accounting(patient_id: str) -> tuple[list[dict[str, Any]], Any]:
     studies = set(views().patient_studies(patient_id))
     rows = [
         records.accounting_row(e, patient_id, policy, studies)
-        for e in views().iter(f, newest_first=False)
+        for e in views().ledger_iter(f, newest_first=False)
     ]
     return rows, f
 
@@ -735,7 +720,7 @@ def _report_routes(bp: Blueprint) -> None:
     @bp.get("/policy")
     def policy() -> Any:
         status = services().stewardship.policy_status()
-        activations = services().archive.registry.activations()
+        activations = views().activations()
         return page(
             "policy.html",
             status=status,
