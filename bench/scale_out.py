@@ -1,4 +1,5 @@
-"""Ingest through HAProxy to 1, 2 and 3 `dicomnode serve` processes on one PostgreSQL, and
+"""Ingest through HAProxy to 1, 2 and 3 `dicomnode serve` processes on one PostgreSQL (blobs
+in SeaweedFS over S3), the filesystem store against the S3 store on one node, and
 the parts that bound a larger cluster: ledger appends/s from several processes, PostgreSQL
 connections per node, and the blob store's time per call (from the nodes' own metrics).
 
@@ -32,6 +33,7 @@ from common import child_env, first_line, free_port, make_log  # noqa: E402
 
 from tests.conftest import send_concurrently  # noqa: E402
 from tests.factory import write_series  # noqa: E402
+from tests.realclients.seaweedfs import SeaweedFS, start_seaweedfs  # noqa: E402
 from tests.test_scale_out import Cluster, start_cluster  # noqa: E402
 
 log = make_log("scale-out")
@@ -120,9 +122,12 @@ def stop_cluster(cluster: Cluster) -> None:
             node.terminate(signal.SIGTERM, timeout=60)
 
 
-def ingest_once(pg: Postgres, nodes: int, folders: list[Path], work: Path) -> dict[str, float]:
-    """One cluster of `nodes`, one timed send of every folder through HAProxy."""
-    cluster = start_cluster(work, pg.create_database(), nodes)
+def ingest_once(
+    pg: Postgres, nodes: int, folders: list[Path], work: Path, s3: SeaweedFS | None
+) -> dict[str, float]:
+    """One cluster of `nodes` (blobs in `s3`, else a local folder), one timed send of every
+    folder through HAProxy."""
+    cluster = start_cluster(work, pg.create_database(), nodes, s3)
     try:
         idle_connections = pg.connections(cluster.database_url)
         started = time.monotonic()
@@ -134,9 +139,9 @@ def ingest_once(pg: Postgres, nodes: int, folders: list[Path], work: Path) -> di
         for node in cluster.nodes:
             samples = scrape(node.http_port)
             for (name, labels), value in samples.items():
-                if name == "dicomnode_object_store_requests_total" and "begin" in labels:
+                if name == "dicomnode_object_store_requests_total" and "place" in labels:
                     store_calls += value
-                if name == "dicomnode_object_store_seconds_total" and "begin" in labels:
+                if name == "dicomnode_object_store_seconds_total" and "place" in labels:
                     store_seconds += value
     finally:
         stop_cluster(cluster)
@@ -185,7 +190,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--objects", type=int, default=400, help="per run, over all senders")
     parser.add_argument("--senders", type=int, default=8)
-    parser.add_argument("--nodes", default="1,2,3")
+    parser.add_argument(
+        "--setups", default="filesystem:1,s3:1,s3:2,s3:3", help="store:nodes, comma separated"
+    )
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "SCALING.md")
     args = parser.parse_args()
     os.environ.update(child_env())
@@ -194,26 +201,30 @@ def main() -> None:
     for i, folder in enumerate(folders):
         write_series(folder, args.objects // args.senders, patient_id=f"BENCH{i}", size=64)
     pg = Postgres()
-    results: dict[int, list[dict[str, float]]] = {}
+    s3 = start_seaweedfs(work / "seaweedfs")
+    setups = [(store, int(n)) for store, n in (x.split(":") for x in args.setups.split(","))]
+    results: dict[tuple[str, int], list[dict[str, float]]] = {}
     try:
         for run in range(args.runs):
-            for nodes in map(int, args.nodes.split(",")):
-                log(f"run {run + 1}/{args.runs}: {nodes} node(s)")
-                result = ingest_once(pg, nodes, folders, work / f"r{run}n{nodes}")
+            for store, nodes in setups:
+                log(f"run {run + 1}/{args.runs}: {store}, {nodes} node(s)")
+                where = work / f"r{run}-{store}-{nodes}"
+                result = ingest_once(pg, nodes, folders, where, s3 if store == "s3" else None)
                 log(f"  {result['per_second']:.0f} objects/s ({result['seconds']:.1f} s)")
-                results.setdefault(nodes, []).append(result)
+                results.setdefault((store, nodes), []).append(result)
         appends = {p: ledger_appends(pg, p) for p in (1, 4)}
     finally:
+        s3.stop()
         pg.stop()
         shutil.rmtree(work, ignore_errors=True)
     write_report(args, results, appends)
 
 
 def write_report(
-    args: argparse.Namespace, results: dict[int, list[dict[str, float]]], appends: dict
+    args: argparse.Namespace, results: dict[tuple[str, int], list[dict[str, float]]], appends: dict
 ) -> None:
-    def median(nodes: int, key: str) -> float:
-        return statistics.median(r[key] for r in results[nodes])
+    def median(setup: tuple[str, int], key: str) -> float:
+        return statistics.median(r[key] for r in results[setup])
 
     lines = [
         "",
@@ -224,18 +235,19 @@ def write_report(
         f"{first_line(['/usr/sbin/haproxy', '-v'])[:40]}; PostgreSQL 15 (fsync on).",
         f"Ingest: {args.senders} storescu associations at once through HAProxy "
         f"(TCP, leastconn, PROXY v2), {args.objects} CT objects of 64x64 per run, "
-        f"{args.runs} runs, medians; blobs on one shared local folder.",
+        f"{args.runs} runs, medians; blobs in SeaweedFS (S3, fsync per PUT) or a local folder.",
         "",
-        "| nodes | objects/s | seconds | per-run objects/s | PostgreSQL connections idle / "
-        "after ingest | blob store `begin` ms/call |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| store | nodes | objects/s | seconds | per-run objects/s | PostgreSQL connections idle / "
+        "after ingest | blob store `place` ms/call |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for nodes in sorted(results):
-        runs = ", ".join(f"{r['per_second']:.0f}" for r in results[nodes])
+    for setup in results:
+        runs = ", ".join(f"{r['per_second']:.0f}" for r in results[setup])
         lines.append(
-            f"| {nodes} | {median(nodes, 'per_second'):.0f} | {median(nodes, 'seconds'):.1f} | "
-            f"{runs} | {median(nodes, 'connections_idle'):.0f} / "
-            f"{median(nodes, 'connections_busy'):.0f} | {median(nodes, 'store_ms'):.2f} |"
+            f"| {setup[0]} | {setup[1]} | {median(setup, 'per_second'):.0f} | "
+            f"{median(setup, 'seconds'):.1f} | {runs} | "
+            f"{median(setup, 'connections_idle'):.0f} / {median(setup, 'connections_busy'):.0f}"
+            f" | {median(setup, 'store_ms'):.2f} |"
         )
     lines += [
         "",

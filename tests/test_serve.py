@@ -54,6 +54,7 @@ def scrape(port: int) -> dict[tuple[str, frozenset], float]:
     assert content_type.startswith("text/plain")
     samples: dict[tuple[str, frozenset], float] = {}
     typed: set[str] = set()
+    nodes: set[str] = set()  # the node label, the same on every sample (dropped from the keys)
     for line in body.splitlines():
         if line.startswith("# TYPE "):
             typed.add(line.split()[2])
@@ -65,7 +66,9 @@ def scrape(port: int) -> dict[tuple[str, frozenset], float]:
         name, label_text, value = match.groups()
         assert name in typed, f"{name} has no # TYPE line"
         labels = frozenset(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', label_text or ""))
-        samples[(name, labels)] = float(value)
+        nodes.update(v for k, v in labels if k == "node")
+        samples[(name, frozenset(kv for kv in labels if kv[0] != "node"))] = float(value)
+    assert len(nodes) == 1, f"every sample carries one node label: {nodes}"
     return samples
 
 

@@ -17,10 +17,12 @@ from dicomnode.config import Settings
 from dicomnode.core.times import utc_now
 from dicomnode.dicomweb import WebServices, create_app
 from dicomnode.dicomweb.auth import TokenVerifier
+from dicomnode.dicomweb.health import Readiness
 from dicomnode.dicomweb.server import create_http_server
 from dicomnode.governance import audit_events
 from dicomnode.scp import DimseContext, DimseServer
 from dicomnode.serve.housekeeping import Housekeeping
+from dicomnode.serve.observe import node_name, observe
 from dicomnode.serve.workers import DimseWorkers
 
 log = logging.getLogger("dicomnode")
@@ -34,6 +36,8 @@ class Node:
         self.services = compose(settings, SERVE, clock=clock)
         self.metrics = self.services.metrics
         self.archive = self.services.archive
+        observe(settings, self.archive, self.metrics)  # node label, store and ledger timing
+        self.readiness = Readiness()  # "draining" from SIGTERM on: /healthz answers 503
         self.intake = self.services.intake
         self.egress = self.services.egress
         self.stewardship = self.services.stewardship
@@ -73,6 +77,8 @@ class Node:
         active = self.dimse.active_associations()
         status: dict[str, object] = {
             "version": __version__,
+            "node": node_name(self.settings),
+            "state": self.readiness.state,
             "ae_title": self.settings.node.ae_title,
             "dimse_port": self.dimse.port,
             "active_associations": active,
@@ -158,14 +164,21 @@ class Node:
 
     def serve_forever(self) -> None:
         """Run until SIGTERM or SIGINT, then stop gracefully."""
-        stop_requested = threading.Event()
+        stop_requested, hurry = threading.Event(), threading.Event()
 
         def request_stop(signum: int, _frame: Any) -> None:
             log.info("signal %s received", signal.Signals(signum).name)
-            stop_requested.set()
+            (hurry if stop_requested.is_set() else stop_requested).set()  # a second: no wait
 
         signal.signal(signal.SIGTERM, request_stop)
         signal.signal(signal.SIGINT, request_stop)
         self.start()
         stop_requested.wait()
+        self.drain(hurry.is_set)
         self.stop()
+
+    def drain(self, hurry: Callable[[], bool] = lambda: False) -> None:
+        """Answer 503 "draining" on /healthz while still serving, for ``[node] drain_seconds``
+        (the balancer's detection window; less if `hurry()`), before `stop` stops accepting."""
+        self.metrics.add("dicomnode_draining", 1)
+        self.readiness.drain(self.settings.node.drain_seconds, hurry)

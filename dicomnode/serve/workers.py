@@ -32,6 +32,7 @@ from dicomnode.config import Settings
 from dicomnode.core.logs import configure_logging
 from dicomnode.core.metrics import Metrics
 from dicomnode.scp import DimseContext, DimseServer
+from dicomnode.serve.observe import observe
 
 log = logging.getLogger("dicomnode")
 
@@ -313,6 +314,7 @@ def run_dimse_worker(
     metrics = _ReportedMetrics()
     audit = _ForwardedAudit(settings.audit.enabled)
     services = compose(settings, DIMSE_WORKER, metrics=metrics, audit=audit)
+    observe(settings, services.archive, metrics, main=False)  # store and ledger timing
     intake, egress, analysis = services.intake, services.egress, services.analysis
     dimse = DimseServer(DimseContext(settings, intake, egress, metrics), listen=False)
     dimse.start()

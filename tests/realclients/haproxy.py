@@ -95,8 +95,9 @@ def config_text(
     inter_ms: int = 500,
     fall: int = 2,
 ) -> str:
-    """The balancer's configuration: `inter_ms` x `fall` is how long a node answering 503 on
-    /healthz keeps getting new connections (the node's drain_seconds must exceed it)."""
+    """The balancer's configuration: `inter_ms` x `fall` (plus a check's own time, up to 2 s)
+    is how long a node answering 503 on /healthz keeps getting new connections (the node's
+    drain_seconds must exceed it)."""
     proxy = " send-proxy-v2" if proxy_protocol else ""
     check = f"check inter {inter_ms} fall {fall} rise 1"
     dimse_servers = [
@@ -116,6 +117,7 @@ def config_text(
             "    timeout connect 5s",
             "    timeout client 120s",
             "    timeout server 120s",
+            "    timeout check 2s",  # a loaded node's /healthz may take more than inter
             "    retries 3",
             "    option redispatch 1",
             "frontend dimse",
