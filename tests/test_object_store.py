@@ -6,15 +6,17 @@ StorageUnavailable, and recovery from the placements' records, never a bucket li
 from __future__ import annotations
 
 import http.server
+import io
 import subprocess
 import sys
 import textwrap
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pydicom
 import pytest
 
 from dicomnode.archive import Archive
@@ -508,3 +510,125 @@ def test_a_refused_object_left_by_a_crash_is_removed_from_the_bucket(
         assert restarted.counts()["instances"] == 0
     finally:
         restarted.close()
+
+
+# --- the object store killed and restarted under a node receiving over DIMSE ---------------
+
+
+def s3_storage_toml(server: SeaweedFS, prefix: str, timeout_seconds: float = 30.0) -> str:
+    """The [storage] section of a node whose blobs are in `server`'s bucket under `prefix`."""
+    return "\n".join(
+        [
+            "[storage]",
+            'backend = "s3"',
+            f'endpoint = "{server.endpoint}"',
+            'bucket = "dicomnode"',
+            f'prefix = "{prefix}"',
+            f'credentials_file = "{server.credentials_file}"',
+            f"timeout_seconds = {timeout_seconds}",
+        ]
+    )
+
+
+class _Sender(threading.Thread):
+    """C-STOREs new CT objects over short associations until stopped, recording each answer
+    (status, or None for an object that got no answer) with the object's bytes."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(daemon=True)
+        self.port = port
+        self.answers: list[tuple[object, bytes, int | None]] = []
+        self.stopping = threading.Event()
+
+    def count(self, status: int) -> int:
+        return sum(1 for _, _, answered in self.answers if answered == status)
+
+    def run(self) -> None:
+        from pynetdicom import AE
+        from pynetdicom.sop_class import CTImageStorage
+
+        ae = AE(ae_title="MODALITY")
+        ae.dimse_timeout = ae.network_timeout = 60
+        ae.add_requested_context(CTImageStorage)
+        number = 0
+        while not self.stopping.is_set():
+            assoc = ae.associate("127.0.0.1", self.port, ae_title="DICOMNODE")
+            if not assoc.is_established:
+                time.sleep(0.2)
+                continue
+            try:
+                for _ in range(10):
+                    number += 1
+                    ds = make_ct(instance_number=number, seed=number)
+                    try:
+                        answer = assoc.send_c_store(ds)
+                    except Exception:
+                        self.answers.append((ds, part10(ds), None))
+                        break
+                    status = int(answer.Status) if "Status" in answer else None
+                    self.answers.append((ds, part10(ds), status))
+                    if status is None:
+                        break
+            finally:
+                if assoc.is_established:
+                    assoc.release()
+
+
+def test_the_object_store_killed_and_restarted_under_dimse_ingest(
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+) -> None:
+    """SeaweedFS is killed (kill -9) while a modality sends, then started again: every object
+    the node could not put is answered 0xA700 (Out of Resources), nothing else; every object
+    answered success is in the index and in the bucket with its bytes, after the restart."""
+    import sqlalchemy
+
+    from tests.conftest import serve, write_config
+
+    server = start_seaweedfs(tmp_path_factory.mktemp("seaweedfs-ingest"))
+    url = f"sqlite:///{tmp_path / 'index.sqlite'}"
+    config = write_config(
+        tmp_path / "node.toml",
+        tmp_path / "data",
+        url,
+        extra=s3_storage_toml(server, "ingest", timeout_seconds=3.0),
+    )
+    node = serve(config, tmp_path / "serve.log")
+    sender = _Sender(node.dimse_port)
+    try:
+        sender.start()
+        wait_for(lambda: sender.count(0x0000) >= 20, 60, "20 objects stored")
+        server.kill()
+        wait_for(lambda: sender.count(0xA700) >= 3, 60, "failures answered 0xA700")
+        server.start()
+        stored_before = sender.count(0x0000)
+        wait_for(lambda: sender.count(0x0000) >= stored_before + 20, 90, "storing again")
+    finally:
+        sender.stopping.set()
+        sender.join(120)
+        node.terminate()
+    try:
+        statuses = {status for _, _, status in sender.answers}
+        assert statuses <= {0x0000, 0xA700}, statuses  # no other failure, never no answer
+        engine = sqlalchemy.create_engine(url)
+        with engine.connect() as conn:
+            query = sqlalchemy.text("SELECT sop_instance_uid, blob_path FROM instances")
+            rows = {uid: key for uid, key in conn.execute(query)}
+        engine.dispose()
+        store = S3BlobStore(s3_location(server, prefix="ingest"))
+        acknowledged = [(ds, data) for ds, data, status in sender.answers if status == 0x0000]
+        assert len(acknowledged) >= 40
+        for ds, _ in acknowledged:
+            key = rows[ds.SOPInstanceUID]  # KeyError: an acknowledged object lost its row
+            stored = pydicom.dcmread(io.BytesIO(read(store, key)))  # as sent, re-encoded
+            assert (stored.SOPInstanceUID, stored.PixelData) == (ds.SOPInstanceUID, ds.PixelData)
+        refused = [ds.SOPInstanceUID for ds, _, status in sender.answers if status == 0xA700]
+        assert not set(refused) & set(rows)  # a refused object is not filed
+    finally:
+        server.kill()
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
