@@ -274,3 +274,120 @@ def test_p_data_whose_items_do_not_fill_the_pdu_aborts_and_stores_nothing(start_
     assert not received or received[0] == A_ABORT, "no A-ABORT for a malformed P-DATA-TF"
     wait_until(lambda: node.dimse.active_associations() == 0, 20, "the association to end")
     assert node.archive.counts() == counts
+
+
+# --- pynetdicom: the supported version, and its changes installed when the server starts ----
+
+PROBE = """
+import dataclasses, json, time
+import pynetdicom, pynetdicom.dul
+from pynetdicom import _config
+import dicomnode.scp.connection as connection
+import dicomnode.scp.server, dicomnode.scp.scu, dicomnode.serve, dicomnode.compose
+from dicomnode.config import read_settings
+from dicomnode.core.metrics import Metrics
+from dicomnode.scp import DimseContext, DimseServer
+
+def state():
+    return {
+        "plain_time": pynetdicom.dul.time is time,
+        "log_handler_level": _config.LOG_HANDLER_LEVEL,
+        "log_identifiers": [_config.LOG_REQUEST_IDENTIFIERS, _config.LOG_RESPONSE_IDENTIFIERS],
+        "installed": connection.installed(),
+    }
+
+imported = state()
+settings = read_settings(None)
+settings = dataclasses.replace(
+    settings, dimse=dataclasses.replace(settings.dimse, host="127.0.0.1", port=0)
+)
+server = DimseServer(DimseContext(settings, None, None, Metrics()))
+port = server.start()
+started = state()
+server.stop(1)
+print(json.dumps({"imported": imported, "started": started, "port": port}))
+"""
+
+
+def test_importing_the_node_leaves_pynetdicom_untouched_and_starting_the_server_installs(
+    tmp_path,
+):
+    """In a fresh interpreter: importing the DIMSE modules (and the node, and compose) changes
+    none of pynetdicom's module-level state; starting the DIMSE server installs the node's
+    changes (no zero sleeps in DUL threads, pynetdicom's own PDU and identifier logging off)."""
+    import json
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert seen["imported"] == {
+        "plain_time": True,
+        "log_handler_level": "standard",
+        "log_identifiers": [True, True],
+        "installed": False,
+    }
+    assert seen["started"] == {
+        "plain_time": False,
+        "log_handler_level": "none",
+        "log_identifiers": [False, False],
+        "installed": True,
+    }
+    assert seen["port"] > 0
+
+
+def loopback_server() -> object:
+    """A DIMSE server of the default settings on a free loopback port (not started)."""
+    import dataclasses
+
+    from dicomnode.config import read_settings
+    from dicomnode.core.metrics import Metrics
+    from dicomnode.scp import DimseContext, DimseServer
+
+    settings = read_settings(None)
+    dimse = dataclasses.replace(settings.dimse, host="127.0.0.1", port=0)
+    return DimseServer(
+        DimseContext(dataclasses.replace(settings, dimse=dimse), None, None, Metrics())
+    )
+
+
+@pytest.mark.parametrize("version", ["3.1.0", "2.0.2", "4.0.0", "3.10.1"])
+def test_an_unsupported_pynetdicom_is_refused_naming_the_supported_version(monkeypatch, version):
+    import pynetdicom
+
+    from dicomnode.scp import connection
+
+    monkeypatch.delenv("DICOMNODE_CONFIG", raising=False)
+    monkeypatch.setattr(pynetdicom, "__version__", version)
+    monkeypatch.setattr(connection, "_installed", False)
+    server = loopback_server()
+    with pytest.raises(connection.UnsupportedPynetdicom) as refused:
+        server.start()
+    message = str(refused.value)
+    assert f"pynetdicom {version} is installed" in message
+    assert f"supports only pynetdicom {connection.SUPPORTED_PYNETDICOM}.x" in message
+    assert not connection.installed()
+    assert server._server is None  # refused before it listened
+
+
+@pytest.mark.parametrize("version", ["3.0.0", "3.0.4", "3.0.9.dev0"])
+def test_the_supported_minor_version_passes_the_check(version):
+    from dicomnode.scp import connection
+
+    connection.check_pynetdicom(version)  # raises for any other minor version
+
+
+def test_setup_cfg_pins_the_supported_minor_version():
+    import configparser
+    from pathlib import Path
+
+    from dicomnode.scp import connection
+
+    setup = configparser.ConfigParser()
+    setup.read(Path(__file__).resolve().parent.parent / "setup.cfg")
+    requirements = setup["options"]["install_requires"].split()
+    major, minor = connection.SUPPORTED_PYNETDICOM.split(".")
+    assert f"pynetdicom>={major}.{minor},<{major}.{int(minor) + 1}" in requirements

@@ -17,7 +17,7 @@ from pynetdicom import AE, evt
 
 from dicomnode.config import Settings
 from dicomnode.egress import SendItem, SendReport, Target
-from dicomnode.scp.connection import prepare
+from dicomnode.scp.connection import install, prepare
 from dicomnode.scp.handlers import client_ssl_context, contexts_for, fit_transfer_syntax
 
 log = logging.getLogger("dicomnode.scu")
@@ -33,6 +33,7 @@ class DimseSender:
         self.settings = settings
 
     def _associate(self, target: Target, items: Sequence[SendItem]) -> Any:
+        install()  # the node's changes to pynetdicom, once (a command may send without a server)
         dimse = self.settings.dimse
         ae = AE(self.settings.node.ae_title)
         ae.acse_timeout = dimse.acse_timeout

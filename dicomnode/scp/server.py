@@ -16,7 +16,7 @@ from functools import partial
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, _config, evt
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.presentation import AllStoragePresentationContexts, PresentationContext
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
@@ -31,10 +31,11 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from dicomnode.core.model import Source
 from dicomnode.governance import audit_events
-from dicomnode.scp.connection import NodeRequestHandler, PduBounds, StoreRequest, prepare
+from dicomnode.scp.connection import NodeRequestHandler, PduBounds, install, prepare
 from dicomnode.scp.handlers import HANDLERS, DimseContext, store
 from dicomnode.scp.limits import SenderLimits
 from dicomnode.scp.proxy import HEADER_TIMEOUT, ProxyGate
+from dicomnode.scp.storelane import StoreRequest
 
 log = logging.getLogger("dicomnode.scp")
 
@@ -50,12 +51,6 @@ QUERY_RETRIEVE = (
 
 # Stored as received, in any of these: uncompressed, deflate, JPEG, JPEG-LS, JPEG 2000, RLE, ...
 STORAGE_TRANSFER_SYNTAXES = list(ALL_TRANSFER_SYNTAXES)
-
-# The node logs what happens itself: pynetdicom's own debug logging of every PDU and DIMSE
-# message (formatted whether or not anything is logged) and of identifiers costs time.
-_config.LOG_HANDLER_LEVEL = "none"
-_config.LOG_REQUEST_IDENTIFIERS = False
-_config.LOG_RESPONSE_IDENTIFIERS = False
 
 
 class _DeferredHandshakeContext(ssl.SSLContext):
@@ -283,7 +278,10 @@ class DimseServer:
 
     def start(self) -> int:
         """Listen on the configured address (or get ready to take connections); returns the
-        port (useful when configured as 0)."""
+        port (useful when configured as 0). Raises UnsupportedPynetdicom (naming the supported
+        version) when the installed pynetdicom is not the one the node's connection handling
+        was written for."""
+        install()
         dimse = self.ctx.settings.dimse
         handlers: list[Any] = [(evt.EVT_CONN_OPEN, prepare)]
         for event, handler in HANDLERS:
