@@ -18,6 +18,7 @@ from typing import Any
 
 from dicomnode import governance
 from dicomnode.archive import Archive
+from dicomnode.archive.approvals import ApprovalStore
 from dicomnode.archive.keys import verify_json
 from dicomnode.archive.ledger import Checkpoint
 from dicomnode.archive.ledger_views import LedgerViews
@@ -33,7 +34,7 @@ from dicomnode.core.model import (
     StudyFacts,
 )
 from dicomnode.core.times import utc_now
-from dicomnode.governance import audit_events, codes, notice, retention
+from dicomnode.governance import approvals, audit_events, codes, notice, retention
 from dicomnode.governance.retention import RetentionItem
 
 log = logging.getLogger("dicomnode.stewardship")
@@ -89,6 +90,15 @@ class Stewardship:
         self.archive = archive
         self.clock = clock
         self.audit = audit  # the AuditLog, when the node keeps one
+        self.approvals = ApprovalStore(archive.index, archive.ledger)  # four-eyes (item 44)
+
+    def _four_eyes(
+        self, action: str, params: dict[str, Any], summary: str, change: str = ""
+    ) -> None:
+        """Stop a change that needs a second person's approval (ApprovalPending, its request
+        recorded) unless it is the approved request being carried out."""
+        needed = approvals.needs_approval(action, self.approvals.four_eyes_in_force(), change)
+        self.approvals.gate(action, params, summary, needed, self.clock())
 
     # --- policy ---------------------------------------------------------------------------
 
@@ -110,6 +120,12 @@ class Stewardship:
         if same is not None and same.source == source:
             return same, False
         schedule = notice.schedule_publication(already, policy, now, reason)
+        self._four_eyes(
+            approvals.PUBLISH_POLICY,
+            {"source": source, "reason": reason},
+            f"publish policy {policy.version} ({schedule.change.kind})",
+            schedule.change.kind,
+        )
         published = PublishedPolicy(
             version=policy.version,
             source=source,
@@ -305,6 +321,7 @@ class Stewardship:
         )
 
     def release_hold(self, hold_id: int, by: str) -> LegalHold:
+        self._four_eyes(approvals.RELEASE_HOLD, {"hold_id": hold_id}, f"release hold-{hold_id}")
         return self.archive.registry.release_hold(hold_id, by, self.clock())
 
     # --- retention ------------------------------------------------------------------------
@@ -534,6 +551,11 @@ class Stewardship:
             raise InvalidInput("an erasure needs the patient's Patient ID")
         identity = self.archive.identify(patient_id, issuer)
         patient_id = identity.patient_id
+        self._four_eyes(
+            approvals.ERASE,
+            {"patient_id": patient_id, "issuer": identity.issuer or ""},
+            f"erase patient {patient_id} ({identity.issuer or 'no issuer'})",
+        )
         now = self.clock()
         registry = self.archive.registry
         policy = governance.policy_in_force(registry.published_policies(), now)
@@ -635,6 +657,11 @@ class Stewardship:
         doomed = self.archive.find_instances_exactly(keys)
         if not doomed:
             raise NotFound(f"nothing matches {dict(keys)} at {level} level")
+        self._four_eyes(
+            approvals.DELETE,
+            {"level": str(level), "keys": [list(k) for k in keys], "reason": reason},
+            f"delete {dict(keys)} at {level} level ({len(doomed)} instances)",
+        )
         studies = {d.study_instance_uid for d in doomed}
         facts = [f for f in self._retention_facts(policy) if f.study_instance_uid in studies]
         holds = {ref for f in facts for ref in f.holds}  # by study and by (Patient ID, issuer)

@@ -19,6 +19,7 @@ LAYERS = {
     "egress": 3,
     "stewardship": 3,
     "casework": 3,
+    "oversight": 3,
     "approvals": 3,
     "records": 3,
     "scp": 4,

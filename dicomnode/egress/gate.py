@@ -19,6 +19,7 @@ from dicomnode.archive.auditlog import AuditLog
 from dicomnode.core.errors import NotPermitted
 from dicomnode.core.model import LedgerKind, Level, Query, Source, StoredInstance
 from dicomnode.core.times import utc_now
+from dicomnode.egress import break_glass
 from dicomnode.egress.transport import Transport
 from dicomnode.governance import (
     Decision,
@@ -146,6 +147,7 @@ class Gate:
         # the facts of the persons whose objects these are: (Patient ID, issuer) of the studies
         facts = self.archive.registry.governed_facts(patient_ids, study_uids) if patient_ids else {}
         decision = governance.decide(request, facts, policy, now)
+        decision = break_glass.override(self.archive, request, decision, facts, now)
         if record:
             self._record(requester, request, decision, count, extra or {})
         return decision

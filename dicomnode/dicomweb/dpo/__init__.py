@@ -17,6 +17,7 @@ from dicomnode.dicomweb.dpo.casework_views import (
     install_casework_routes,
     make_casework,
 )
+from dicomnode.dicomweb.dpo.oversight import install_oversight
 from dicomnode.dicomweb.dpo.signin import (
     COOKIE_NAME,
     COOKIE_PATH,
@@ -59,6 +60,7 @@ def install_dpo_pages(app: Flask, services: Any) -> None:
     )
     blueprint = dpo_blueprint()
     install_casework_routes(blueprint)  # breaches, the monthly review, request tickets
+    install_oversight(blueprint, app, services)  # four-eyes, break-glass, share links
     app.extensions[CASEWORK_KEY] = make_casework(services)
     count_failed_authentication(app)
     app.register_blueprint(blueprint, url_prefix=URL_PREFIX)

@@ -1,0 +1,120 @@
+"""Four-eyes on the DPO pages in a real browser (Debian's headless Chromium through Playwright),
+in English and Korean: the DPO names a deputy, asks for an erasure, and is refused when approving
+their own request; the deputy, in Korean, is refused approving their own hold release, then
+approves the DPO's erasure, which is carried out; the DPO approves the deputy's release. Both
+people are in the ledger for each request."""
+
+from __future__ import annotations
+
+import pytest
+
+from dicomnode.archive.accounts import AccountStore
+from tests.test_dpo_browser import chromium, shots  # noqa: F401 (fixtures)
+from tests.test_dpo_pages import PASSWORD, prepared_node
+from tests.test_governance_node import c_find
+
+pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+
+
+@pytest.fixture
+def node(start_node, storescp):
+    node = prepared_node(start_node, storescp("RESEARCH"))
+    AccountStore(node.archive.index).add("dep1", PASSWORD, "auditor", "Park Ji-ho")
+    return node
+
+
+def sign_in(browser, base: str, username: str, locale: str):
+    context = browser.new_context(locale=locale)
+    page = context.new_page()
+    page.goto(f"{base}/governance/approvals")
+    page.fill("input[name=username]", username)
+    page.fill("input[name=password]", PASSWORD)
+    page.click("form[action='/governance/signin'] button[type=submit]")
+    page.wait_for_url(f"{base}/governance/approvals")
+    return context, page
+
+
+def request_id_of(page) -> int:
+    return int(page.url.rsplit("/", 1)[1])
+
+
+def test_four_eyes_in_the_browser_in_english_and_korean(node, chromium, shots):  # noqa: F811
+    base = f"http://127.0.0.1:{node.http_port}"
+    hold = node.stewardship.place_hold("dpo:dpo1", "legal", "claim 12", patient_id="P1")
+
+    # --- the DPO, in English ------------------------------------------------------------------
+    dpo_context, dpo = sign_in(chromium, base, "dpo1", "en-US")
+    assert "Four-eyes is not in force" in dpo.inner_text("#four-eyes-state")
+    dpo.fill("#name-deputy input[name=name]", "dep1")
+    dpo.click("#name-deputy button[type=submit]")
+    dpo.wait_for_url(f"{base}/governance/approvals")
+    assert "Four-eyes is in force" in dpo.inner_text("#four-eyes-state")
+    assert "dep1" in dpo.inner_text("#deputies")
+    dpo.fill("#ask-erase input[name=patient_id]", "P2")
+    dpo.click("#ask-erase button[type=submit]")
+    dpo.wait_for_url(f"{base}/governance/approvals/*")
+    erase_id = request_id_of(dpo)
+    assert dpo.inner_text("#request-state") == "pending"
+    assert dpo.inner_text("#requested-by").startswith("dpo:dpo1")
+    assert "This is your own request" in dpo.inner_text("#own-request")
+    shots(dpo, "four-eyes-01-pending-en")
+    dpo.click("#approve button[type=submit]")
+    refusal = dpo.inner_text("main")
+    assert "Refused: nobody approves or rejects their own request" in refusal
+    shots(dpo, "four-eyes-02-self-approval-refused-en")
+    assert len(c_find(node, PatientID="P2")[1]) == 1  # not erased
+
+    # --- the deputy, in Korean ----------------------------------------------------------------
+    dep_context, dep = sign_in(chromium, base, "dep1", "ko-KR")
+    assert "이중 승인이 적용 중입니다" in dep.inner_text("#four-eyes-state")
+    dep.fill("#ask-release-hold input[name=hold_id]", str(hold.id))
+    dep.click("#ask-release-hold button[type=submit]")
+    dep.wait_for_url(f"{base}/governance/approvals/*")
+    release_id = request_id_of(dep)
+    assert dep.inner_text("#request-state") == "대기"
+    dep.click("#approve button[type=submit]")
+    assert "거부됨: 누구도 자신의 요청을 승인하거나 거부할 수 없습니다" in dep.inner_text("main")
+    shots(dep, "four-eyes-03-self-approval-refused-ko")
+    assert node.archive.registry.holds(active_only=True)[0].id == hold.id  # still held
+
+    dep.goto(f"{base}/governance/approvals/{erase_id}")
+    assert "승인하고 실행" in dep.inner_text("#approve")
+    dep.fill("#approve input[name=note]", "신원 확인함")
+    dep.click("#approve button[type=submit]")
+    dep.wait_for_url(f"{base}/governance/approvals/{erase_id}")
+    assert dep.inner_text("#request-state") == "승인되어 실행됨"
+    assert dep.inner_text("#decided-by").startswith("dpo:dep1")
+    shots(dep, "four-eyes-04-approved-ko")
+    assert c_find(node, PatientID="P2")[1] == []  # erased by the approval
+    assert len(c_find(node, PatientID="P1")[1]) == 1
+
+    # --- the DPO approves the deputy's request -------------------------------------------------
+    dpo.goto(f"{base}/governance/approvals/{release_id}")
+    dpo.click("#approve button[type=submit]")
+    dpo.wait_for_url(f"{base}/governance/approvals/{release_id}")
+    assert dpo.inner_text("#request-state") == "approved and carried out"
+    assert node.archive.registry.holds(active_only=True) == []
+    dpo.goto(f"{base}/governance/approvals")
+    decided = dpo.inner_text("table.approvals >> nth=1")
+    assert f"approval-{erase_id}" in decided and f"approval-{release_id}" in decided
+    shots(dpo, "four-eyes-05-list-en")
+
+    ledger = [e for e in node.archive.ledger.entries() if e.kind == "approval"]
+    by_request = {
+        rid: [(e.outcome, e.actor) for e in ledger if e.data.get("request") == rid]
+        for rid in (erase_id, release_id)
+    }
+    assert by_request[erase_id] == [
+        ("requested", "dpo:dpo1"),
+        ("refused", "dpo:dpo1"),
+        ("approved", "dpo:dep1"),
+        ("carried-out", "dpo:dep1"),
+    ]
+    assert by_request[release_id] == [
+        ("requested", "dpo:dep1"),
+        ("refused", "dpo:dep1"),
+        ("approved", "dpo:dpo1"),
+        ("carried-out", "dpo:dpo1"),
+    ]
+    dpo_context.close()
+    dep_context.close()
