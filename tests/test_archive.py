@@ -735,3 +735,25 @@ def test_an_unindexed_blob_older_than_the_recovery_window_is_left_to_archive_che
 
     assert intake.recover_unindexed() == 0  # no commit is lost an hour before the newest one
     assert archive.check().unindexed_blobs == [result.instance.blob_path]
+
+
+def test_readers_get_streams_a_staged_copy_and_cached_data(archive, tmp_path):
+    """`open_blob` gives the object's bytes (or a range of them) as a stream; `stage_blob`
+    copies it to a local file for an analyzer; cached data is a blob of its own key space and
+    goes when the object is deleted."""
+    result = archive.store(from_part10(part10(make_ct())), SENDER)
+    data = archive.read_blob(result.instance)
+    assert pydicom.dcmread(BytesIO(data)).SOPInstanceUID == result.instance.sop_instance_uid
+    with archive.open_blob(result.instance, (128, 132)) as magic:
+        assert magic.read() == b"DICM"
+    staged = archive.stage_blob(result.instance, tmp_path / "node-tmp")
+    assert staged.read_bytes() == data
+    assert archive.cached(result.instance, "metadata.json") is None
+    archive.put_cached(result.instance, "metadata.json", b'{"x": 1}')
+    assert archive.cached(result.instance, "metadata.json") == b'{"x": 1}'
+    archive.delete(
+        Level.STUDY, (("StudyInstanceUID", result.instance.study_instance_uid),), "t", "r"
+    )
+    assert archive.cached(result.instance, "metadata.json") is None
+    with pytest.raises(FileNotFoundError):
+        archive.open_blob(result.instance)

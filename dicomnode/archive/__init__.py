@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, NamedTuple, NoReturn
+from typing import Any, BinaryIO, NamedTuple, NoReturn
 
 from sqlalchemy import Connection, and_, exists, func, or_, select, update
 from sqlalchemy import delete as sql_delete
@@ -25,7 +25,7 @@ from sqlalchemy.exc import IntegrityError
 
 from dicomnode.archive import migrations, query, schema
 from dicomnode.archive.blobs import FileBlobStore, PendingBlob
-from dicomnode.archive.blobstore import BlobStore, Placement
+from dicomnode.archive.blobstore import BlobStore, Placement, Range, cache_key, stage_to_file
 from dicomnode.archive.index import Index, create_index_engine
 from dicomnode.archive.ledger import Ledger
 from dicomnode.archive.received import ReceivedObject, dataset_sha256s
@@ -454,9 +454,6 @@ class Archive:
         stored = self._stored(received, blob_path)
         return IngestResult(stored, "held" if new else "duplicate", header=received.header)
 
-    def held_file(self, held: HeldObject) -> Path:
-        return self.blobs.absolute(held.blob_path)
-
     def _index(
         self,
         received: ReceivedObject,
@@ -824,7 +821,38 @@ class Archive:
                 ).scalars()
             )
 
+    def open_blob(
+        self, instance: StoredInstance | HeldObject, byte_range: Range | None = None
+    ) -> BinaryIO:
+        """The stored (or quarantined) object's bytes as a stream, or bytes [start, end) of
+        them; the caller closes it. FileNotFoundError when the blob is missing."""
+        return self.blobs.open(instance.blob_path, byte_range)
+
+    def read_blob(self, instance: StoredInstance | HeldObject) -> bytes:
+        """The whole of the stored (or quarantined) object's bytes."""
+        with self.open_blob(instance) as stream:
+            return stream.read()
+
+    def stage_blob(self, instance: StoredInstance, folder: Path) -> Path:
+        """A local copy of the object in a new file under `folder` (the node's temporary
+        folder), for a reader that needs a path (an analyzer); the caller deletes it."""
+        return stage_to_file(self.blobs, instance.blob_path, folder)
+
+    def cached(self, instance: StoredInstance, kind: str) -> bytes | None:
+        """Data of `kind` (e.g. ``metadata.json``) cached for the object, or None."""
+        try:
+            with self.blobs.open(cache_key(instance.blob_path, kind)) as stream:
+                return stream.read()
+        except FileNotFoundError:
+            return None
+
+    def put_cached(self, instance: StoredInstance, kind: str, data: bytes) -> None:
+        """Cache re-derivable `data` of `kind` for the object; it goes with the object."""
+        self.blobs.put_cached(cache_key(instance.blob_path, kind), data)
+
     def blob_file(self, instance: StoredInstance) -> Path:
+        """The blob's local path: filesystem store only, for callers not yet reading streams
+        (`open_blob`); goes once layer 4 reads streams."""
         return self.blobs.absolute(instance.blob_path)
 
     def counts(self) -> dict[str, int]:

@@ -332,9 +332,8 @@ class Deliveries(Gate):
         keep_uids = "retain-uids" in profile.options
         items, withheld, uid_map = [], {}, {}
         for instance in instances:
-            path = self.archive.blob_file(instance)
-            header = pydicom.dcmread(path, defer_size=1024)  # pixel data is not read
-            risk = deid.burned_in_risk(header, profile)
+            with self.archive.open_blob(instance) as stream:  # pixel data is not read
+                risk = deid.burned_in_risk(pydicom.dcmread(stream, defer_size=1024), profile)
             if risk is not None:
                 withheld[instance.sop_instance_uid] = risk
                 continue
@@ -350,7 +349,7 @@ class Deliveries(Gate):
                     instance.sop_instance_uid,
                     instance.sop_class_uid,
                     instance.transfer_syntax_uid,
-                    self._deidentifying_loader(path, profile, scope),
+                    self._deidentifying_loader(instance, profile, scope),
                 )
             )
         detail = {
@@ -373,10 +372,10 @@ class Deliveries(Gate):
         return _Plan(items, withheld, detail)
 
     def _deidentifying_loader(
-        self, path: Any, profile: deid.DeidProfile, scope: str
+        self, instance: StoredInstance, profile: deid.DeidProfile, scope: str
     ) -> Callable[[], Dataset]:
         return lambda: (
-            deid.deidentify(pydicom.dcmread(path), profile, self.deid_secret, scope).dataset
+            deid.deidentify(self._read(instance), profile, self.deid_secret, scope).dataset
         )
 
     def _target(self, operation: str, recipient: str, decision: Decision) -> Target:
@@ -404,5 +403,9 @@ class Deliveries(Gate):
         return policy
 
     def _loader(self, instance: StoredInstance) -> Callable[[], Dataset]:
-        path = self.archive.blob_file(instance)
-        return lambda: pydicom.dcmread(path)
+        return lambda: self._read(instance)
+
+    def _read(self, instance: StoredInstance) -> Dataset:
+        """The stored object, read from its stream."""
+        with self.archive.open_blob(instance) as stream:
+            return pydicom.dcmread(stream)

@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from dicomnode.archive.blobstore import blob_key
 from dicomnode.archive.jobs import JobStore
 from dicomnode.archive.ledger_views import LedgerViews
 from dicomnode.core.ledger import LedgerFilter
@@ -56,13 +57,14 @@ class SubjectExport(Gate):
         out_dir.mkdir(parents=True, exist_ok=True)
         files = []
         for instance in instances:
-            relative = Path("DICOM") / self.archive.blobs.relative_path(
+            relative = Path("DICOM") / blob_key(
                 instance.study_instance_uid,
                 instance.series_instance_uid,
                 instance.sop_instance_uid,
             )
             (out_dir / relative).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(self.archive.blob_file(instance), out_dir / relative)
+            with self.archive.open_blob(instance) as blob, (out_dir / relative).open("wb") as out:
+                shutil.copyfileobj(blob, out, 1 << 20)
             files.append(str(relative))
         disclosures, processing = [], []
         everything = LedgerFilter(kinds=tuple(k.value for k in LedgerKind), patient_id=patient_id)
