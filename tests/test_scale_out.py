@@ -1,10 +1,10 @@
 """Several `dicomnode serve` processes on one PostgreSQL behind Debian's HAProxy (issue 20).
 
-Each node has its own data folder (audit spool, temporary files, placement journal); the
-blob folder and the key folder are shared (one volume, as `[storage]` on a filesystem
-allows until the S3 store is used). HAProxy balances DIMSE in TCP mode (leastconn, PROXY
-protocol v2 from 127.0.0.2) and DICOMweb in HTTP mode, checking each node's /healthz, with
-`retries 3` and `option redispatch 1`.
+Each node has its own data folder (audit spool, temporary files); the blobs are in one
+SeaweedFS bucket over S3 (DICOMNODE_SCALE_OUT_STORE=filesystem: a shared folder linked into
+each data folder instead); keys and secrets are in the database. HAProxy balances DIMSE in
+TCP mode (leastconn, PROXY protocol v2 from 127.0.0.2) and DICOMweb in HTTP mode, checking
+each node's /healthz, with `retries 3` and `option redispatch 1`.
 
 Scenarios: 8 concurrent storescu associations of 100 objects through the balancer (counts
 exact, every object retrievable from every node, the ledger verifies after concurrent
@@ -45,7 +45,7 @@ from tests.factory import write_series
 from tests.realclients.haproxy import SOURCE, Backend, HAProxy, start_haproxy
 from tests.realclients.seaweedfs import BUCKET, SeaweedFS, start_seaweedfs
 
-CLUSTER_MARKS = (pytest.mark.scale_out, pytest.mark.postgres, pytest.mark.dcmtk)
+CLUSTER_MARKS = (pytest.mark.scale_out, pytest.mark.postgres, pytest.mark.dcmtk, pytest.mark.s3)
 
 
 def cluster_test(test):
@@ -149,6 +149,7 @@ def node_config(folder: Path, index: int, database_url: str, s3: SeaweedFS | Non
                 *storage,
                 "[database]",
                 f'url = "{database_url}"',
+                "migrate_at_start = true",  # the first node to start migrates (under a lock)
                 "",
             ]
         )
@@ -190,7 +191,7 @@ def cluster(postgres, tmp_path_factory) -> Iterator[Cluster]:
     uses all three, the kill test kills one, the drain test drains the next."""
     started = time.monotonic()
     folder = tmp_path_factory.mktemp("cluster")
-    filesystem = os.environ.get("DICOMNODE_SCALE_OUT_STORE", "filesystem") == "filesystem"
+    filesystem = os.environ.get("DICOMNODE_SCALE_OUT_STORE", "s3") == "filesystem"
     s3 = None if filesystem else start_seaweedfs(folder / "seaweedfs")
     try:
         made = start_cluster(folder, postgres.create_database(), 3, s3)
