@@ -203,9 +203,10 @@ def start_node(data_dir: Path):
 def qido_sr_listed(node) -> Callable[[str], bool]:
     import requests
 
-    from dicomnode.dicomweb.auth import issue_token, load_or_create_signing_key
+    from dicomnode.archive.keys import shared_signing_key
+    from dicomnode.dicomweb.auth import issue_token
 
-    key = load_or_create_signing_key(node.settings.node.data_dir)
+    key = shared_signing_key(node.settings.database_url)
     token = issue_token(key, node.settings.auth, "bench", ["dicomweb.read"], 3600)
     session = requests.Session()
     session.headers["Authorization"] = f"Bearer {token}"

@@ -23,7 +23,7 @@ from typing import Any
 from dicomnode.analysis.runner import AnalysisService
 from dicomnode.archive import Archive
 from dicomnode.archive.auditlog import AuditLog
-from dicomnode.archive.keys import load_or_create_deid_secret
+from dicomnode.archive.keys import KeyStore
 from dicomnode.casework import Casework, review_settings
 from dicomnode.config import Settings
 from dicomnode.core.errors import ConfigError
@@ -142,7 +142,7 @@ def _build(
         },
         clock=clock,
         delivery_attempts=settings.governance.delivery_attempts,
-        deid_secret=load_or_create_deid_secret(settings.node.data_dir),
+        deid_secret=KeyStore(archive.index, settings.node.data_dir).deid_secret(),
         audit=audit,
     )
     stewardship = Stewardship(archive, clock, audit)

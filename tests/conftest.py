@@ -470,10 +470,10 @@ ALL_SCOPES = ("dicomweb.read", "dicomweb.write", "dicomweb.delete")
 
 def token_for(node, scopes=ALL_SCOPES, subject: str = "tester", expires_in: int = 600) -> str:
     """A bearer token signed by `node`'s own key."""
-    from dicomnode.archive.keys import load_or_create_signing_key
+    from dicomnode.archive.keys import shared_signing_key
     from dicomnode.dicomweb.auth import issue_token
 
-    key = load_or_create_signing_key(node.settings.node.data_dir)
+    key = shared_signing_key(node.settings.database_url)
     return issue_token(key, node.settings.auth, subject, list(scopes), expires_in)
 
 

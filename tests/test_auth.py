@@ -121,9 +121,9 @@ def _local_claims(**override) -> dict:
 
 
 def _sign_with_node_key(node, claims: dict) -> str:
-    from dicomnode.archive.keys import load_or_create_signing_key
+    from dicomnode.archive.keys import shared_signing_key
 
-    key = load_or_create_signing_key(node.settings.node.data_dir)
+    key = shared_signing_key(node.settings.database_url)
     return jwt.encode({"alg": "RS256", "kid": key.thumbprint()}, claims, key)
 
 

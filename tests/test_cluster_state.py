@@ -10,15 +10,24 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pydicom
 import pytest
 from alembic.script import ScriptDirectory
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import select
 
+from dicomnode.analysis.plugin import AnalysisResult, Analyzer, Selector
+from dicomnode.analysis.runner import AnalysisService
 from dicomnode.archive import Archive, leases, migrations, schema
 from dicomnode.archive.accounts import SessionStore, SigninThrottle
 from dicomnode.archive.jobs import JobStore
 from dicomnode.archive.keys import KeyStore, sign_json, verify_json
+from dicomnode.core.model import Level, Source
+from dicomnode.records.workbench import Workbench
 from tests.conftest import wait_until
+from tests.factory import make_ct, part10
 
 
 def together(work, count: int) -> list:
@@ -100,11 +109,14 @@ def test_nodes_starting_together_get_the_same_secrets_and_verify_each_others_tok
 
 @pytest.mark.parametrize("database_url", ["sqlite", "postgres"], indirect=True)
 def test_keys_left_in_data_dir_are_imported_on_first_start(tmp_path, database_url, caplog):
-    from dicomnode.archive.keys import load_or_create_deid_secret, load_or_create_signing_key
+    from joserfc.jwk import RSAKey
 
     old = tmp_path / "old"  # what a node of the previous version left behind
-    old_key = load_or_create_signing_key(old)
-    old_deid = load_or_create_deid_secret(old)
+    (old / "keys").mkdir(parents=True)
+    old_key = RSAKey.generate_key(2048, private=True)
+    (old / "keys" / "signing-key.pem").write_bytes(old_key.as_pem(private=True))
+    old_deid = bytes(range(32))
+    (old / "keys" / "deid-secret").write_bytes(old_deid)
     archive = Archive(old, database_url)
     try:
         store = KeyStore(archive.index, old)
@@ -114,7 +126,9 @@ def test_keys_left_in_data_dir_are_imported_on_first_start(tmp_path, database_ur
         assert verify_json(store.signing_key(), token) == {"before": "upgrade"}
         # a second node whose data_dir holds other keys uses the shared ones, and says so
         other = tmp_path / "other"
-        load_or_create_signing_key(other)
+        (other / "keys").mkdir(parents=True)
+        other_pem = RSAKey.generate_key(2048, private=True).as_pem(private=True)
+        (other / "keys" / "signing-key.pem").write_bytes(other_pem)
         second = KeyStore(archive.index, other)
         assert second.signing_key().thumbprint() == old_key.thumbprint()
         assert any(getattr(r, "origin", "") == "ignored-file" for r in caplog.records)
@@ -326,3 +340,75 @@ def test_the_migrations_have_one_head():
     script = ScriptDirectory.from_config(migrations.alembic_config(create_engine("sqlite://")))
     assert len(script.get_heads()) == 1
     assert "0009" in {r.revision for r in script.walk_revisions()}
+
+
+# --- a job whose node dies mid-run --------------------------------------------------------------
+
+
+class _Report(Analyzer):
+    """Files one Basic Text SR per series, under the analysis's deterministic UIDs."""
+
+    name = "cluster-report"
+    version = "1.0"
+    selector = Selector(modalities=frozenset({"CT"}))
+    unit = "series"
+    output_sop_classes = frozenset({"1.2.840.10008.5.1.4.1.1.88.11"})
+
+    def analyze(self, unit, context):
+        first = pydicom.dcmread(unit.paths[0], stop_before_pixels=True)
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"
+        ds.SOPInstanceUID = context.uid("report")
+        ds.SeriesInstanceUID = context.uid("series")
+        ds.StudyInstanceUID = unit.study_instance_uid
+        ds.PatientID = unit.patient_id
+        ds.PatientName = first.PatientName
+        ds.Modality = "SR"
+        ds.SeriesNumber = 900
+        ds.InstanceNumber = 1
+        ds.ValueType = "CONTAINER"
+        ds.ContinuityOfContent = "SEPARATE"
+        item = Dataset()
+        item.RelationshipType = "CONTAINS"
+        item.ValueType = "TEXT"
+        item.TextValue = f"{len(unit.paths)} images"
+        ds.ContentSequence = Sequence([item])
+        return AnalysisResult([ds], {"images": len(unit.paths)})
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+def test_a_job_whose_node_died_mid_run_is_claimed_again_and_its_result_filed_once(start_node):
+    extra = "[analysis]\nenabled = false\nlease_grace = 0\n"
+    extra += '[analysis.analyzers."cluster-report"]\ntimeout = 1\n'
+    one, two = start_node(extra=extra), start_node(extra=extra)  # one PostgreSQL, one volume
+    services = [
+        AnalysisService(
+            n.settings.analysis,
+            Workbench(n.archive),
+            n.intake,
+            n.egress,
+            {"cluster-report": _Report},
+        )
+        for n in (one, two)
+    ]
+    one.intake.subscribe(services[0].on_stored)
+    study, series = generate_uid(), generate_uid()
+    for n in (1, 2, 3):
+        ct = make_ct(study_uid=study, series_uid=series, instance_number=n, size=8, seed=n)
+        one.intake.receive_part10(part10(ct), Source("dimse", "MODALITY"))
+    (job_id,) = services[0].request(study)
+    # node one claims the job, files its result, and dies before recording the job done
+    jobs = services[0].jobs
+    claimed = jobs.claim("node-one-worker", datetime.now(UTC), timedelta(seconds=1))
+    assert claimed.id == job_id and claimed.state == "running"
+    outputs, _ = services[0]._run(claimed, _Report())
+    assert services[1].run_one("node-two-worker") is None  # its lease has not run out yet
+    done = wait_until(lambda: services[1].run_one("node-two-worker"), 10, "the lapsed claim")
+    assert (done.id, done.state, done.attempts) == (job_id, "done", 2)
+    assert done.as_dict()["outputs"] == outputs  # the same deterministic UIDs
+    reports = two.archive.find_instances(Level.IMAGE, (("StudyInstanceUID", study),))
+    assert sorted(r.sop_class_uid for r in reports).count("1.2.840.10008.5.1.4.1.1.88.11") == 1
+    assert len(reports) == 4  # three images, one report: filed once
+    assert services[0].run_one("node-one-worker") is None  # nothing left for the one back

@@ -95,10 +95,10 @@ def test_a_signed_token_with_odd_claim_types_is_refused_or_granted_nothing(start
     refused, a scope that is a number or a one-string scp grants no scope made of letters."""
     from joserfc import jwt as joserfc_jwt
 
-    from dicomnode.archive.keys import load_or_create_signing_key
+    from dicomnode.archive.keys import shared_signing_key
 
     node = start_node()
-    key = load_or_create_signing_key(node.settings.node.data_dir)
+    key = shared_signing_key(node.settings.database_url)
     now = int(time.time())
     base = {"iss": "dicomnode", "aud": "dicomnode", "sub": "odd", "iat": now, "exp": now + 600}
 

@@ -20,7 +20,7 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
-from dicomnode.archive.keys import load_or_create_signing_key, sign_json, verify_json
+from dicomnode.archive.keys import shared_signing_key, sign_json, verify_json
 from dicomnode.core.errors import StorageUnavailable
 from dicomnode.stewardship import checkpoint_signed_by
 from tests.conftest import (
@@ -134,7 +134,7 @@ def test_the_database_itself_refuses_to_edit_the_ledger(node, statement):
 def test_a_cut_off_tail_is_found_by_the_signed_checkpoints(node, tmp_path):
     for patient in ("P0", "P1", "P2", "P0"):
         c_find(node, PatientID=patient)
-    key = load_or_create_signing_key(node.settings.node.data_dir)
+    key = shared_signing_key(node.settings.database_url)
     checkpoint = node.stewardship.checkpoint(lambda payload: sign_json(key, payload))
     assert checkpoint is not None and checkpoint.seq == 4
     exported = node.archive.ledger.checkpoints()
@@ -155,7 +155,7 @@ def test_a_forged_checkpoint_is_refused(node):
     c_find(node)
     foreign = RSAKey.generate_key(2048, private=True)
     node.stewardship.checkpoint(lambda payload: sign_json(foreign, payload))
-    key = load_or_create_signing_key(node.settings.node.data_dir)
+    key = shared_signing_key(node.settings.database_url)
     result = node.archive.ledger.verify(signature_ok=checkpoint_signed_by(key))
     assert not result.ok and "not signed by this node's key" in result.problem
 

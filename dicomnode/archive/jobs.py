@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, select, update
 
 from dicomnode.archive import schema
 from dicomnode.archive.index import Index
-from dicomnode.archive.leases import any_due, claim_due, db_now, retry_or_fail
+from dicomnode.archive.leases import any_due, claim_due, db_now, on_db_clock, retry_or_fail
 from dicomnode.core.errors import NotFound
 from dicomnode.core.times import as_utc
 
@@ -136,8 +136,7 @@ class JobStore:
         units = schema.analysis_units
         with self.index.read() as conn:
             rows = conn.execute(select(units).where(units.c.state == COLLECTING)).all()
-            if not self.index.is_sqlite:
-                now = db_now(conn) + (now - datetime.now(UTC))
+            now = now + on_db_clock(conn)
         ready = []
         for row in rows:
             period = quiet.get(row.analyzer)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import secrets
 import threading
 from collections.abc import Callable
@@ -142,56 +141,15 @@ def verify_json(key: RSAKey, token: str) -> dict[str, Any]:
         raise ValueError(f"the signature does not verify: {e}") from e
 
 
-# --- before the key store: files in data_dir/keys (callers move to KeyStore) --------------------
-def _create_once(path: Path, content: bytes) -> bool:
-    """Write `path` (0600) unless it exists, atomically even against another process doing the
-    same: the content is written aside and linked into place; False when another won."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+def shared_signing_key(database_url: str, data_dir: Path | None = None) -> RSAKey:
+    """The nodes' signing key, read from the (migrated) index at `database_url`: for a command
+    or a test outside a running node."""
+    from dicomnode.archive.index import Index, create_index_engine
+
+    engine = create_index_engine(database_url)
+    index = Index(engine)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(content)
-            f.flush()
-            os.fsync(f.fileno())
-        os.link(tmp, path)
-        return True
-    except FileExistsError:
-        return False
+        return KeyStore(index, data_dir).signing_key()
     finally:
-        tmp.unlink(missing_ok=True)
-
-
-def load_or_create_signing_key(data_dir: Path) -> RSAKey:
-    """The node's signing key from ``data_dir/keys/signing-key.pem``, created on first use."""
-    path = data_dir / "keys" / "signing-key.pem"
-    if not path.exists() and _create_once(
-        path, RSAKey.generate_key(2048, private=True).as_pem(private=True)
-    ):
-        log.info(
-            "created the node's signing key", extra={"event": "signing_key", "path": str(path)}
-        )
-    return RSAKey.import_key(path.read_bytes())
-
-
-def _load_or_create_secret(path: Path, what: str, event: str, minimum: int) -> bytes:
-    """The random secret in `path`, created (32 bytes) by the first process that needs it."""
-    if not path.exists() and _create_once(path, secrets.token_bytes(32)):
-        log.info(f"created the {what}", extra={"event": event})
-    secret = path.read_bytes()
-    if len(secret) < minimum:
-        raise ValueError(f"{path} holds {len(secret)} bytes; the {what} needs {minimum}")
-    return secret
-
-
-def load_or_create_deid_secret(data_dir: Path) -> bytes:
-    """The secret that keys de-identification, from ``data_dir/keys/deid-secret``."""
-    path = data_dir / "keys" / "deid-secret"
-    return _load_or_create_secret(path, "de-identification secret", "deid_secret", 16)
-
-
-def load_or_create_session_secret(data_dir: Path) -> bytes:
-    """The secret that signs the DPO pages' session cookies, ``data_dir/keys/session-secret``.
-    Every process serving one data_dir shares it; deleting it signs everyone out."""
-    path = data_dir / "keys" / "session-secret"
-    return _load_or_create_secret(path, "session secret", "session_secret", 32)
+        index.close()
+        engine.dispose()

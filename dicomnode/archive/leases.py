@@ -13,6 +13,9 @@ the database's clock, never a node's.
 from __future__ import annotations
 
 import logging
+import os
+import secrets
+import socket
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -39,8 +42,13 @@ def claim_due(
 ) -> Any:
     """Mark the oldest due row of `table` as `working` with `values`; returns it, or None.
     A row whose lease ran out with all its attempts used (its worker died every time) is
-    `failed` instead of being claimed again forever."""
+    `failed` instead of being claimed again forever. `now` and the moments in `values` (a
+    lease's end) are moved onto the database's clock (`on_db_clock`), so that every node
+    judges a lease by the same clock."""
     c = table.c
+    skew = on_db_clock(conn)
+    now = now + skew
+    values = {k: v + skew if isinstance(v, datetime) else v for k, v in values.items()}
     lapsed = and_(c.state == working, c.lease_until < now)
     conn.execute(
         update(table)
@@ -69,6 +77,7 @@ def any_due(conn: Connection, table: Table, now: datetime, queued: str, working:
     """Whether a claim would find anything: a read, so that idle workers polling for work do
     not take the (SQLite) write lock that ingest needs."""
     c = table.c
+    now = now + on_db_clock(conn)
     due = or_(
         and_(c.state == queued, c.not_before <= now),
         and_(c.state == working, c.lease_until < now),
@@ -118,6 +127,15 @@ def owned_by(table: Table, worker: str, working: str) -> Any:
 
 
 # --- the leader lease -----------------------------------------------------------------------
+
+
+def on_db_clock(conn: Connection) -> timedelta:
+    """How far the database's clock is ahead of this node's: added to a moment the caller
+    took from its own clock (or moved ahead of it, as tests do) to judge it on the database's.
+    Zero on SQLite, which serves one host."""
+    if conn.dialect.name == "sqlite":
+        return timedelta(0)
+    return db_now(conn) - datetime.now(UTC)
 
 
 def db_now(conn: Connection) -> datetime:
@@ -230,3 +248,9 @@ class LeaderLease:
                     release(conn, self.name, self.holder)
             except Exception:
                 log.exception("the %s lease could not be released; it expires", self.name)
+
+
+def holder_name(node_name: str = "") -> str:
+    """Who holds a lease: the node's name (its host's name by default), this process and a
+    random part, so that two processes (or a restarted one) are never taken for each other."""
+    return f"{node_name or socket.gethostname()}/{os.getpid()}/{secrets.token_hex(3)}"

@@ -25,10 +25,10 @@ def _read_checkpoints(path: str) -> list[Any]:
     return marks
 
 
-def _signing_key(settings: Any) -> Any:
-    from dicomnode.archive.keys import load_or_create_signing_key
+def _signing_key(node: Any) -> Any:
+    from dicomnode.archive.keys import KeyStore
 
-    return load_or_create_signing_key(settings.node.data_dir)
+    return KeyStore(node.archive.index, node.settings.node.data_dir).signing_key()
 
 
 @with_services
@@ -38,7 +38,7 @@ def _verify(args: argparse.Namespace, node: Any) -> int:
     ledger = node.archive.ledger
     extra = _read_checkpoints(args.checkpoints) if args.checkpoints else []
     marks = {c.seq: c for c in ledger.checkpoints() + extra}
-    result = ledger.verify(list(marks.values()), checkpoint_signed_by(_signing_key(node.settings)))
+    result = ledger.verify(list(marks.values()), checkpoint_signed_by(_signing_key(node)))
     if result.ok:
         print(
             f"ledger OK: {result.entries} entries verified against {result.checkpoints} signed "
@@ -57,7 +57,7 @@ def _verify(args: argparse.Namespace, node: Any) -> int:
 def _checkpoint(args: argparse.Namespace, node: Any) -> None:
     from dicomnode.archive.keys import sign_json
 
-    key = _signing_key(node.settings)
+    key = _signing_key(node)
     made = node.stewardship.checkpoint(lambda payload: sign_json(key, payload))
     if made is None:
         print("the ledger's head is already signed (or the ledger is empty)")

@@ -33,11 +33,13 @@ def _config_check(args: argparse.Namespace) -> int:
 
 
 def _token_create(args: argparse.Namespace) -> int:
-    from dicomnode.archive.keys import load_or_create_signing_key
+    from dicomnode.archive.keys import KeyStore
+    from dicomnode.cli.common import archive
     from dicomnode.dicomweb.auth import issue_token
 
     settings = read_settings(args.config)
-    key = load_or_create_signing_key(settings.node.data_dir)
+    with archive(args.config) as opened:  # the nodes' shared key, from the index
+        key = KeyStore(opened.index, settings.node.data_dir).signing_key()
     try:
         token = issue_token(
             key, settings.auth, args.subject, args.scope.split(), args.expires, args.purpose

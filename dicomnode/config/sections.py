@@ -70,6 +70,12 @@ class NodeSettings:
         "it stops accepting (past the balancer's detection window)",
         check=d.non_negative,
     )
+    lease_seconds: float = setting(
+        30.0,
+        "housekeeping that must run once (retention sweeps, ledger checkpoints) runs on the node "
+        "holding the leader lease; another node takes over this long after the holder stops",
+        check=d.positive,
+    )
 
 
 @dataclass(frozen=True)

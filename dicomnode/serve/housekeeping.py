@@ -1,5 +1,7 @@
 """The node's periodic governance work: send due deliveries, sweep expired data, sign ledger
-checkpoints."""
+checkpoints. Sweeps and checkpoints must run once for all the nodes on one index: only the node
+holding the leader lease (`LeaderLease`) runs them; deliveries are claimed row by row (SKIP
+LOCKED) on every node."""
 
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ from dicomnode.stewardship import Stewardship
 
 log = logging.getLogger("dicomnode")
 
+ONCE = {"checkpoint", "retention"}  # tasks only the leader lease's holder runs
+
 
 class Housekeeping:
     """The node's periodic governance work, each task on its own interval: send due
@@ -24,12 +28,18 @@ class Housekeeping:
     that fails is logged and tried again at its next turn."""
 
     def __init__(
-        self, settings: Settings, egress: Egress, stewardship: Stewardship, signing_key: Any
+        self,
+        settings: Settings,
+        egress: Egress,
+        stewardship: Stewardship,
+        signing_key: Any,
+        lease: Any = None,
     ) -> None:
         self.settings = settings
         self.egress = egress
         self.stewardship = stewardship
         self.signing_key = signing_key
+        self.lease = lease  # None: this node alone does everything
         governance = settings.governance
         self.worker = f"delivery-{uuid.uuid4().hex[:8]}"
         self.tasks: list[tuple[str, float, Callable[[], object]]] = [
@@ -57,6 +67,8 @@ class Housekeeping:
         return self.stewardship.checkpoint(lambda payload: sign_json(key, payload))
 
     def start(self) -> None:
+        if self.lease is not None and any(name in ONCE for name, _, _ in self.tasks):
+            self.lease.start()
         for name, interval, task in self.tasks:
             thread = threading.Thread(
                 target=self._loop, args=(name, interval, task), name=name, daemon=True
@@ -66,6 +78,8 @@ class Housekeeping:
 
     def _loop(self, name: str, interval: float, task: Callable[[], object]) -> None:
         while not self._stop.wait(interval):
+            if name in ONCE and self.lease is not None and not self.lease.held():
+                continue  # another node holds the lease and does it
             try:
                 task()
             except Exception:
@@ -75,3 +89,5 @@ class Housekeeping:
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout)
+        if self.lease is not None:
+            self.lease.stop()

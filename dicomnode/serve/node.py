@@ -11,7 +11,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from dicomnode import __version__
-from dicomnode.archive.keys import load_or_create_signing_key
+from dicomnode.archive.keys import KeyStore
+from dicomnode.archive.leases import LeaderLease, holder_name
 from dicomnode.compose import SERVE, compose
 from dicomnode.config import Settings
 from dicomnode.core.times import utc_now
@@ -51,9 +52,17 @@ class Node:
         )
         if self.workers is not None:
             self.dimse.hand_off = self.workers.hand_off
-        self.signing_key = load_or_create_signing_key(settings.node.data_dir)
+        self.signing_key = KeyStore(self.archive.index, settings.node.data_dir).signing_key()
         self.verifier = TokenVerifier(settings.auth, self.signing_key)
-        self.housekeeping = Housekeeping(settings, self.egress, self.stewardship, self.signing_key)
+        lease = LeaderLease(
+            self.archive.index,
+            "housekeeping",
+            holder_name(settings.node.name),
+            settings.node.lease_seconds,
+        )
+        self.housekeeping = Housekeeping(
+            settings, self.egress, self.stewardship, self.signing_key, lease
+        )
         self.app = create_app(
             WebServices(
                 settings=settings,
