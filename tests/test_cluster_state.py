@@ -13,6 +13,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from alembic.script import ScriptDirectory
+from joserfc.jwk import RSAKey
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -109,8 +110,6 @@ def test_nodes_starting_together_get_the_same_secrets_and_verify_each_others_tok
 
 @pytest.mark.parametrize("database_url", ["sqlite", "postgres"], indirect=True)
 def test_keys_left_in_data_dir_are_imported_on_first_start(tmp_path, database_url, caplog):
-    from joserfc.jwk import RSAKey
-
     old = tmp_path / "old"  # what a node of the previous version left behind
     (old / "keys").mkdir(parents=True)
     old_key = RSAKey.generate_key(2048, private=True)
@@ -412,3 +411,111 @@ def test_a_job_whose_node_died_mid_run_is_claimed_again_and_its_result_filed_onc
     assert sorted(r.sop_class_uid for r in reports).count("1.2.840.10008.5.1.4.1.1.88.11") == 1
     assert len(reports) == 4  # three images, one report: filed once
     assert services[0].run_one("node-one-worker") is None  # nothing left for the one back
+
+
+# --- whole nodes on one PostgreSQL --------------------------------------------------------------
+
+
+@pytest.fixture
+def two_nodes(tmp_path, pg_url):
+    """Two in-process nodes on one PostgreSQL, each with its own data_dir (nothing shared on
+    disk); `extra` TOML for both. Stopped after the test."""
+    from dicomnode.config import read_settings
+    from dicomnode.serve import Node
+    from tests.conftest import write_config
+
+    started: list = []
+
+    def start(extra: str = "") -> list:
+        for i in range(2):
+            config = write_config(
+                tmp_path / f"node{i}.toml", tmp_path / f"data{i}", pg_url, extra=extra
+            )
+            node = Node(read_settings(config))
+            node.start()
+            started.append(node)
+        return started
+
+    yield start
+    for node in started:
+        node.stop()
+
+
+def test_a_token_signed_by_one_node_is_honoured_by_the_other(two_nodes):
+    import requests
+
+    from dicomnode.dicomweb.auth import issue_token
+    from tests.conftest import dicomweb_url
+
+    one, two = two_nodes()
+    assert one.signing_key.thumbprint() == two.signing_key.thumbprint()
+    token = issue_token(one.signing_key, one.settings.auth, "viewer", ["dicomweb.read"], 600)
+    for node in (one, two):
+        answer = requests.get(
+            dicomweb_url(node) + "/studies",
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=30,
+        )
+        assert answer.status_code == 200, answer.text
+    forged = issue_token(
+        RSAKey.generate_key(2048, private=True), one.settings.auth, "viewer", ["dicomweb.read"], 600
+    )
+    answer = requests.get(
+        dicomweb_url(two) + "/studies", headers={"Authorization": f"Bearer {forged}"}, timeout=30
+    )
+    assert answer.status_code == 401
+
+
+def test_a_dpo_signed_in_on_one_node_is_signed_in_on_the_other_until_signing_out_there(two_nodes):
+    from dicomnode.archive.accounts import AccountStore
+    from tests.test_dpo_pages import PASSWORD, Browser
+
+    one, two = two_nodes()
+    AccountStore(one.archive.index).add("dpo1", PASSWORD, "dpo")
+    first = Browser(f"http://127.0.0.1:{one.http_port}")
+    signed = first.sign_in("dpo1")
+    assert signed.status_code == 200 and signed.url.endswith("/governance/"), signed.text[:300]
+    second = Browser(f"http://127.0.0.1:{two.http_port}")
+    second.cookies.update(first.cookies)  # the balancer sent the next request to node two
+    page = second.get("/governance/ledger")
+    assert page.status_code == 200 and not page.url.split("?")[0].endswith("/signin")
+    token = second.csrf("/governance/ledger")  # the CSRF token is in the shared session too
+    assert second.post("/governance/signout", data={"csrf_token": token}).status_code == 200
+    kept = Browser(f"http://127.0.0.1:{one.http_port}")
+    kept.cookies.update(first.cookies)  # the cookie as it was before signing out
+    assert kept.get("/governance/ledger").url.split("?")[0].endswith("/signin")
+
+
+def test_failed_sign_ins_on_both_nodes_lock_the_account_on_both(two_nodes):
+    from dicomnode.archive.accounts import AccountStore
+    from tests.test_dpo_pages import PASSWORD, Browser
+
+    one, two = two_nodes()
+    AccountStore(one.archive.index).add("dpo1", PASSWORD, "dpo")
+    browsers = [Browser(f"http://127.0.0.1:{n.http_port}") for n in (one, two)]
+    limit = one.settings.dpo.max_failed_signins
+    for attempt in range(limit):  # alternating nodes, as a balancer would
+        assert browsers[attempt % 2].sign_in("dpo1", "wrong password!!").status_code == 401
+    for browser in browsers:  # the right password now, on either node: locked
+        assert browser.sign_in("dpo1").status_code == 429
+
+
+def test_two_housekeepers_sweep_once_per_interval_and_the_other_takes_over(two_nodes):
+    one, two = two_nodes("[governance]\nretention_interval = 0.2\ncheckpoint_interval = 0\n")
+    calls: dict[int, int] = {0: 0, 1: 0}
+    for i, node in enumerate((one, two)):
+        real = node.stewardship.retention_sweep
+
+        def counted(*args, _i=i, _real=real, **kwargs):
+            calls[_i] += 1
+            return _real(*args, **kwargs)
+
+        node.stewardship.retention_sweep = counted
+    wait_until(lambda: sum(calls.values()) >= 8, 30, "eight sweeps")
+    holder = 0 if calls[0] else 1
+    assert calls[1 - holder] == 0  # only the lease's holder swept
+    started, before = time.monotonic(), calls[holder]
+    time.sleep(1.0)
+    assert calls[holder] - before <= (time.monotonic() - started) / 0.2 + 1  # once per interval
+    (one, two)[holder].housekeeping.stop()  # the holder stops (and gives the lease up)
+    wait_until(lambda: calls[1 - holder] >= 3, 30, "the other node to sweep")
