@@ -219,9 +219,105 @@ def write_config(
     return path
 
 
+# --- the S3 store: the `s3` marker -------------------------------------------------------
+# In these modules the PostgreSQL variant of a test that starts a node runs with its blobs in
+# SeaweedFS (the at-scale combination), unless it reads blob files on disk: the DIMSE, DICOMweb
+# and governance paths once on S3, at no extra run (`pytest -m s3` selects them).
+S3_MODULES = ("test_dimse_dcmtk", "test_dicomweb", "test_governance_node")
+S3_STAY_ON_FILES: dict[str, str] = {  # test -> why it keeps the filesystem store
+    "test_storescu_files_are_stored_as_received_in_every_transfer_syntax": "reads blob files",
+    **dict.fromkeys(
+        (  # test_dicomweb: "nothing stored changed" compares the blob files on disk
+            "test_identical_resend_succeeds_and_stores_nothing_new",
+            "test_different_object_under_a_stored_sop_instance_uid_is_refused",
+            "test_delete_instance_series_and_study",
+            "test_delete_needs_the_delete_scope_and_a_matching_path",
+            "test_truncated_multipart_body_is_400_and_stores_nothing",
+            "test_wrong_boundary_in_content_type_is_400",
+            "test_non_dicom_part_fails_with_a_failure_reason",
+            "test_content_type_not_multipart_is_415",
+            "test_invalid_uid_in_the_path_is_400",
+            "test_part_over_max_part_bytes_is_413_and_stores_nothing",
+            "test_a_transport_keeps_what_it_sent_when_one_object_cannot_be_prepared",
+        ),
+        "compares blob files on disk",
+    ),
+}
+
+
+def s3_variant(item: pytest.Item) -> bool:
+    """Whether `item` is the S3 variant (see S3_MODULES)."""
+    callspec = getattr(item, "callspec", None)
+    return (
+        item.module.__name__.rsplit(".", 1)[-1] in S3_MODULES
+        and callspec is not None
+        and callspec.params.get("database_url") == "postgres"
+        and "start_node" in getattr(item, "fixturenames", ())
+        and getattr(item, "originalname", item.name) not in S3_STAY_ON_FILES
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if s3_variant(item):
+            item.add_marker(pytest.mark.s3)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    """How many tests ran on the S3 store, how many of those were skipped, and which tests of
+    the S3 modules kept the filesystem store."""
+    stats = terminalreporter.stats
+    ran = [r for key in ("passed", "failed", "error") for r in stats.get(key, ()) if _on_s3(r)]
+    skipped = [r for r in stats.get("skipped", ()) if _on_s3(r)]
+    if ran or skipped:
+        kept = ", ".join(f"{name} ({why})" for name, why in S3_STAY_ON_FILES.items())
+        terminalreporter.write_line(
+            f"s3: {len({r.nodeid for r in ran})} tests ran with the S3 store, "
+            f"{len({r.nodeid for r in skipped})} skipped; kept on the filesystem: {kept}"
+        )
+
+
+def _on_s3(report) -> bool:
+    return getattr(report, "when", "") in ("call", "setup") and "s3" in getattr(
+        report, "keywords", {}
+    )
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """SeaweedFS on loopback for the session's S3 variants (one bucket, fsync=true)."""
+    from tests.realclients.seaweedfs import start_seaweedfs
+
+    server = start_seaweedfs(tmp_path_factory.mktemp("s3-server"))
+    yield server
+    server.kill()
+
+
+def storage_toml(request: pytest.FixtureRequest) -> str:
+    """The [storage] section for the requesting test: S3 under a fresh prefix for an S3
+    variant, else nothing (the filesystem)."""
+    if not s3_variant(request.node):
+        return ""
+    server = request.getfixturevalue("s3_server")
+    return "\n".join(
+        [
+            "[storage]",
+            'backend = "s3"',
+            f'endpoint = "{server.endpoint}"',
+            'bucket = "dicomnode"',
+            f'prefix = "t-{uuid.uuid4().hex[:12]}"',
+            f'credentials_file = "{server.credentials_file}"',
+        ]
+    )
+
+
 @pytest.fixture
-def start_node(tmp_path: Path, database_url: str) -> Iterator[Callable[..., object]]:
-    """Start an in-process Node on free loopback ports; stopped after the test."""
+def start_node(
+    request: pytest.FixtureRequest, tmp_path: Path, database_url: str
+) -> Iterator[Callable[..., object]]:
+    """Start an in-process Node on free loopback ports (blobs on S3 for an S3 variant);
+    stopped after the test."""
+    storage = storage_toml(request)
     from dicomnode.serve import Node
 
     nodes: list[Node] = []
@@ -234,7 +330,7 @@ def start_node(tmp_path: Path, database_url: str) -> Iterator[Callable[..., obje
             tmp_path / "data",
             database_url,
             peers,
-            extra=extra,
+            extra="\n".join(part for part in (storage, extra) if part),
             http=http,
             **dimse,
         )
