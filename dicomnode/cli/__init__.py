@@ -8,11 +8,21 @@ import argparse
 import sys
 
 from dicomnode import __version__
-from dicomnode.cli import archive, casework, dpo, ledger, policy, serve, sharing, subjects
+from dicomnode.cli import (
+    archive,
+    casework,
+    dpo,
+    ledger,
+    oversight,
+    policy,
+    serve,
+    sharing,
+    subjects,
+)
 from dicomnode.core.errors import ConfigError, DicomnodeError
 
 # In the order `dicomnode --help` lists them.
-COMMAND_GROUPS = (serve, archive, ledger, policy, subjects, sharing, dpo, casework)
+COMMAND_GROUPS = (serve, archive, ledger, policy, subjects, sharing, dpo, casework, oversight)
 
 
 def build_parser() -> argparse.ArgumentParser:
