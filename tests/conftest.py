@@ -270,10 +270,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
     ran = [r for key in ("passed", "failed", "error") for r in stats.get(key, ()) if _on_s3(r)]
     skipped = [r for r in stats.get("skipped", ()) if _on_s3(r)]
     if ran or skipped:
-        kept = ", ".join(f"{name} ({why})" for name, why in S3_STAY_ON_FILES.items())
         terminalreporter.write_line(
             f"s3: {len({r.nodeid for r in ran})} tests ran with the S3 store, "
-            f"{len({r.nodeid for r in skipped})} skipped; kept on the filesystem: {kept}"
+            f"{len({r.nodeid for r in skipped})} skipped; {len(S3_STAY_ON_FILES)} tests of "
+            f"{', '.join(S3_MODULES)} keep the filesystem (they read blob files: S3_STAY_ON_FILES)"
         )
 
 

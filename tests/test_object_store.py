@@ -106,6 +106,20 @@ def test_a_placed_blob_reads_back_whole_and_by_range(store: BlobStore) -> None:
         assert b"".join(pieces) == data
 
 
+def test_a_frame_is_read_by_its_byte_range(store: BlobStore) -> None:
+    """A 4-frame uncompressed object: frame 3 read alone, by the range its offset gives,
+    is that frame's pixels (what a WADO-RS frame retrieval asks the store for)."""
+    frames = [bytes([number]) * (32 * 32 * 2) for number in range(1, 5)]
+    ds = make_ct(size=32, NumberOfFrames=4)
+    ds.PixelData = b"".join(frames)
+    data = part10(ds)
+    key = blob_key(ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID)
+    store.write(key, [data])
+    first = len(data) - len(ds.PixelData)  # Pixel Data is the last element
+    size = len(frames[0])
+    assert read(store, key, (first + 2 * size, first + 3 * size)) == frames[2]
+
+
 def test_nothing_at_a_key(store: BlobStore) -> None:
     key, _ = ct_key_and_bytes()
     assert not store.exists(key)
