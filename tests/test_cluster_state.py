@@ -519,3 +519,37 @@ def test_two_housekeepers_sweep_once_per_interval_and_the_other_takes_over(two_n
     assert calls[holder] - before <= (time.monotonic() - started) / 0.2 + 1  # once per interval
     (one, two)[holder].housekeeping.stop()  # the holder stops (and gives the lease up)
     wait_until(lambda: calls[1 - holder] >= 3, 30, "the other node to sweep")
+
+
+# --- temporary files on a blob volume several hosts share ---------------------------------------
+
+
+def test_another_hosts_temporary_files_are_left_until_a_day_old(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from dicomnode.archive import blobs
+
+    store = blobs.FileBlobStore(tmp_path / "blobs", tmp_path / "placing")
+    mine = store.temporary_path()
+    assert mine.name.startswith(f"{os.getpid()}@") and "@" in mine.name[len(str(os.getpid())) + 1 :]
+    store.tmp.mkdir(parents=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    dead_pid = int(dead.stdout)  # a process of this host that no longer runs
+    files = {
+        "other-host-writing": store.tmp / f"{os.getpid() + 1}@host-b.example@7.part",
+        "other-host-same-pid": store.tmp / f"{os.getpid()}@host-b.example@8.part",
+        "other-host-old": store.tmp / f"{dead_pid}@host-b.example@9.part",
+        "this-host-dead": store.tmp / f"{dead_pid}@{blobs._HOST}@1.part",
+        "before-hosts-dead": store.tmp / f"{dead_pid}-3.part",
+    }
+    for path in files.values():
+        path.write_bytes(b"half a file")
+    day_ago = time.time() - blobs.FOREIGN_TEMPORARY_SECONDS - 60
+    os.utime(files["other-host-old"], (day_ago, day_ago))
+    assert store.discard_partial_writes() == 3
+    left = {name for name, path in files.items() if path.exists()}
+    assert left == {"other-host-writing", "other-host-same-pid"}  # host A spares host B's writes

@@ -37,7 +37,9 @@ import hashlib
 import io
 import itertools
 import os
+import re
 import shutil
+import socket
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -83,6 +85,10 @@ def _writeback_starter() -> Callable[[int], None]:
 
 _start_writeback = _writeback_starter()
 _TEMPORARY_SERIALS = itertools.count()  # names of this process's temporary files
+# The host a temporary file's writer runs on: several hosts may share the blob volume, and a
+# process id means nothing on another host. Another host's leftover is judged stale by age.
+_HOST = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "host"
+FOREIGN_TEMPORARY_SECONDS = 86400.0
 SPARES = 4  # empty temporary files kept ready at most
 
 
@@ -351,8 +357,9 @@ class FileBlobStore:
         return self.root / key
 
     def temporary_path(self, what: str = "") -> Path:
-        """A fresh name under ``tmp/`` carrying this process's id."""
-        return self.tmp / f"{os.getpid()}-{what or next(_TEMPORARY_SERIALS)}.part"
+        """A fresh name under ``tmp/`` carrying this process's id and host:
+        ``<pid>@<host>@<serial>.part``."""
+        return self.tmp / f"{os.getpid()}@{_HOST}@{what or next(_TEMPORARY_SERIALS)}.part"
 
     def _new_temporary(self, what: str = "") -> tuple[Path, int]:
         tmp = self.temporary_path(what)
@@ -497,10 +504,7 @@ class FileBlobStore:
             return 0
         spares = {tmp for tmp, _fd in self._spares}
         for leftover in self.tmp.iterdir():
-            writer = leftover.name.split("-", 1)[0]
-            if writer.isdigit() and int(writer) != os.getpid() and _running(int(writer)):
-                continue  # another process is writing it now
-            if leftover in spares:
+            if leftover in spares or _being_written(leftover):
                 continue
             if leftover.is_dir():
                 shutil.rmtree(leftover, ignore_errors=True)
@@ -561,6 +565,20 @@ def _folders(path: str | Path) -> list[os.DirEntry[str]]:
             return [entry for entry in entries if entry.is_dir(follow_symlinks=False)]
     except FileNotFoundError:
         return []
+
+
+def _being_written(leftover: Path) -> bool:
+    """Whether another process may be writing the temporary file `leftover` now: a running
+    process of this host (by its id), or any of another host's unless a day old. A name
+    without a host (written before hosts were named) counts as this host's."""
+    parts = leftover.name.split("@", 2)
+    pid, host = (parts[0], parts[1]) if len(parts) == 3 else (leftover.name.split("-")[0], _HOST)
+    if host != _HOST:
+        try:
+            return time.time() - leftover.stat().st_mtime < FOREIGN_TEMPORARY_SECONDS
+        except FileNotFoundError:
+            return True
+    return pid.isdigit() and int(pid) != os.getpid() and _running(int(pid))
 
 
 def _running(pid: int) -> bool:
