@@ -553,3 +553,21 @@ def test_another_hosts_temporary_files_are_left_until_a_day_old(tmp_path):
     assert store.discard_partial_writes() == 3
     left = {name for name, path in files.items() if path.exists()}
     assert left == {"other-host-writing", "other-host-same-pid"}  # host A spares host B's writes
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+def test_a_restriction_recorded_on_one_node_refuses_on_the_other_at_once(start_node):
+    from tests.test_governance_node import policy_text, publish_days_ago, wado
+
+    one, two = start_node(), start_node()  # one PostgreSQL, one blob volume
+    publish_days_ago(one, policy_text())
+    study = "1.2.826.0.1.77"
+    ct = make_ct(patient_id="P1", study_uid=study)
+    one.intake.receive_part10(part10(ct), Source("dimse", "MODALITY"))
+    assert wado(two, study, subject="ohif").status_code == 200  # node two's cache: P1 is free
+    one.stewardship.restrict("P1", "dpo", "data subject request 2026-31")
+    started = time.monotonic()
+    wait_until(lambda: wado(two, study, subject="ohif").status_code == 403, 5, "the refusal")
+    assert time.monotonic() - started < 2.0  # not the 5 s the cache would have lasted
+    one.stewardship.unrestrict("P1", "dpo")
+    wait_until(lambda: wado(two, study, subject="ohif").status_code == 200, 2, "lifted at once")
