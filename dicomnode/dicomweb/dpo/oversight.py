@@ -8,9 +8,10 @@ from typing import Any
 
 from flask import Blueprint, Flask, g
 
-from dicomnode.dicomweb.dpo import approvals_views, break_glass_views
+from dicomnode.dicomweb.dpo import approvals_views, break_glass_views, share_link_views
 from dicomnode.dicomweb.dpo.approvals_views import install_approval_routes, label
 from dicomnode.dicomweb.dpo.break_glass_views import install_break_glass
+from dicomnode.dicomweb.dpo.share_link_views import install_share_links
 
 DICOMWEB_ROOT = "/dicomweb"
 
@@ -18,8 +19,9 @@ DICOMWEB_ROOT = "/dicomweb"
 def install_oversight(bp: Blueprint, app: Flask, node: Any) -> None:
     """Add the oversight pages to the DPO blueprint `bp` of `app` (and the clinicians'
     break-glass API under the DICOMweb root), over `node`'s services."""
-    if break_glass_views.LABELS not in approvals_views.CATALOGUES:
-        approvals_views.CATALOGUES.append(break_glass_views.LABELS)
+    for labels in (break_glass_views.LABELS, share_link_views.LABELS):
+        if labels not in approvals_views.CATALOGUES:
+            approvals_views.CATALOGUES.append(labels)
 
     @bp.context_processor
     def oversight_labels() -> dict[str, Any]:
@@ -28,3 +30,4 @@ def install_oversight(bp: Blueprint, app: Flask, node: Any) -> None:
 
     install_approval_routes(bp, app, node)
     install_break_glass(bp, app, node, DICOMWEB_ROOT)
+    install_share_links(bp, app, node)
