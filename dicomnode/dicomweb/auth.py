@@ -1,9 +1,8 @@
 """Bearer-token authentication for DICOMweb (JWT, verified with joserfc, Authlib's JOSE library).
 
 Two sources of keys are trusted:
-- the node's own RSA signing key (``dicomnode.archive.keys``), created in ``data_dir/keys`` on
-  first start; `issue_token`
-  (and ``dicomnode token create``) signs tokens with it;
+- the node's own RSA signing key (the nodes' shared key store, handed in by the wiring);
+  `issue_token` (and ``dicomnode token create``) signs tokens with it;
 - the hospital's OIDC provider, when ``[auth] issuer``, ``jwks_url`` and ``audience`` are set;
   its JWKS is fetched on first use and again when a token names an unknown key id.
 

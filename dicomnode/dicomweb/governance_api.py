@@ -114,6 +114,13 @@ def _policy_json() -> dict[str, Any]:
 def governance_blueprint() -> Blueprint:
     bp = Blueprint("governance", __name__)
     require_token(bp, GOVERNANCE_SCOPE_BY_METHOD)
+    for install in (_policy_routes, _subject_routes, _register_routes, _ledger_routes):
+        install(bp)
+    return bp
+
+
+def _policy_routes(bp: Blueprint) -> None:
+    """The policy in force and scheduled, publishing one, de-identification statements."""
 
     @bp.get("/policy")
     def policy() -> Response:
@@ -146,6 +153,10 @@ def governance_blueprint() -> Blueprint:
             raise NotFound(f"no de-identification profile {profile_id!r} in the policy in force")
         profile = deid.DeidProfile(rule.id, frozenset(rule.options))
         return jsonify(deid.conformance_statement(profile))
+
+
+def _subject_routes(bp: Blueprint) -> None:
+    """Consent, restriction, erasure and export of a data subject; retention."""
 
     @bp.get("/consents/<patient_id>")
     def consents(patient_id: str) -> Response:
@@ -232,6 +243,10 @@ def governance_blueprint() -> Blueprint:
         report = services().stewardship.retention_sweep(_who(), dry_run=dry_run)
         return jsonify(report.as_dict())
 
+
+def _register_routes(bp: Blueprint) -> None:
+    """Legal holds, shares and deliveries, objects held at intake."""
+
     @bp.get("/holds")
     def holds() -> Response:
         active = request.args.get("all", "").lower() not in ("1", "true", "yes")
@@ -305,6 +320,10 @@ def governance_blueprint() -> Blueprint:
     def discard(study: str) -> Response:
         return jsonify({"discarded": services().intake.discard_held(study, _who())})
 
+
+def _ledger_routes(bp: Blueprint) -> None:
+    """Verifying the ledger and its signed checkpoints."""
+
     @bp.get("/ledger/verify")
     def verify() -> Response:
         node_key = services().signing_key
@@ -332,5 +351,3 @@ def governance_blueprint() -> Blueprint:
     @bp.get("/ledger/checkpoints")
     def checkpoints() -> Response:
         return jsonify([c.as_dict() for c in services().records.checkpoints()])
-
-    return bp

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, BinaryIO
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -170,10 +170,11 @@ def handle_find(
 
 
 def dataset_to_send(
-    archive_file: Any, instance: StoredInstance, accepted: list[PresentationContext]
+    stream: BinaryIO, instance: StoredInstance, accepted: list[PresentationContext]
 ) -> Dataset:
-    """Load `instance` in a transfer syntax the peer accepted (see `fit_transfer_syntax`)."""
-    return fit_transfer_syntax(pydicom.dcmread(archive_file), instance.sop_class_uid, accepted)
+    """Load `instance` from its blob's `stream` in a transfer syntax the peer accepted (see
+    `fit_transfer_syntax`)."""
+    return fit_transfer_syntax(pydicom.dcmread(stream), instance.sop_class_uid, accepted)
 
 
 def fit_transfer_syntax(

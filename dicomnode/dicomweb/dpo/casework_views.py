@@ -128,7 +128,13 @@ def install_casework_routes(bp: Blueprint) -> None:
     def casework_context() -> dict[str, Any]:
         return {"timer": timer, "exemption_meanings": rules.EXEMPTIONS}
 
-    # --- breaches -----------------------------------------------------------------------------
+    _breach_routes(bp)
+    _review_routes(bp)
+    _ticket_routes(bp)
+
+
+def _breach_routes(bp: Blueprint) -> None:
+    """The breach register: recording, notifying and closing a breach."""
 
     @bp.get("/breaches")
     def breaches() -> Any:
@@ -185,7 +191,9 @@ def install_casework_routes(bp: Blueprint) -> None:
         casework().close_breach(breach_id, _actor(), _form("reason"))
         return redirect(url_for("dpo.breach", breach_id=breach_id), 303)
 
-    # --- the monthly review --------------------------------------------------------------------
+
+def _review_routes(bp: Blueprint) -> None:
+    """The monthly access review: the report, its exports and the sign-off."""
 
     @bp.get("/review")
     def review() -> Any:
@@ -233,7 +241,9 @@ def install_casework_routes(bp: Blueprint) -> None:
         )
         return redirect(url_for("dpo.review", month=month, signed=entry.seq), 303)
 
-    # --- data-subject request tickets ----------------------------------------------------------
+
+def _ticket_routes(bp: Blueprint) -> None:
+    """Data-subject request tickets: opening, carrying out, refusing, extending."""
 
     @bp.get("/tickets")
     def tickets() -> Any:

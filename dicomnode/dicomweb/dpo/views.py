@@ -4,7 +4,13 @@ records, pending work, the ledger's status and the policy versions.
 Every page needs a signed-in user with the dpo or auditor role; anyone else is sent to the
 sign-in page (HTML) or gets 401 (exports) and sees no data. POSTs need the session's CSRF token;
 verifying the ledger and signing a checkpoint need the dpo role. What the pages show comes
-from the archive, stewardship and the policy; nothing here decides anything.
+from the records room, stewardship and the policy; nothing here decides anything.
+
+This module holds the blueprint (its sign-in gate, security headers, error pages) and the
+helpers every page uses; the pages are grouped in `signin_pages`, `ledger_pages` (disclosures,
+ledger entries, the ledger's status), `register_pages` (overview, consent, holds,
+restrictions, destruction records, pending work) and `report_pages` (accounting, record of
+processing activities, retention, policy).
 """
 
 from __future__ import annotations
@@ -12,14 +18,13 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime
 from typing import Any
 from urllib.parse import urlencode
 
 from flask import (
     Blueprint,
     Response,
-    abort,
     current_app,
     g,
     redirect,
@@ -32,28 +37,21 @@ from flask import (
 from werkzeug.exceptions import HTTPException
 
 from dicomnode.core.errors import DicomnodeError, InvalidInput
-from dicomnode.core.ledger import DECISION_KINDS, LedgerEntry, LedgerFilter, entry_hash
+from dicomnode.core.ledger import DECISION_KINDS, LedgerFilter
 from dicomnode.core.model import LedgerKind, Source
-from dicomnode.core.roles import ROLES
 from dicomnode.dicomweb.access import audit, services
-from dicomnode.dicomweb.dpo import i18n, records
-from dicomnode.dicomweb.dpo.chart import disclosure_chart
+from dicomnode.dicomweb.dpo import i18n
 from dicomnode.dicomweb.dpo.signin import (
     User,
     accounts,
     csrf_ok,
     csrf_token,
     end_session,
-    record,
-    role_from_claims,
-    safe_next,
     signed_in_user,
-    start_session,
 )
 from dicomnode.dicomweb.errors import http_status_for
 from dicomnode.governance import audit_events, codes
 from dicomnode.records import Records
-from dicomnode.stewardship import checkpoint_signed_by
 
 log = logging.getLogger("dicomnode.dpo")
 
@@ -116,7 +114,7 @@ def problem(status: int, message_key: str, **extra: Any) -> Response:
 # --- filters from the query string ----------------------------------------------------------
 
 
-def _day(name: str) -> date | None:
+def day(name: str) -> date | None:
     value = request.args.get(name, "").strip()
     if not value:
         return None
@@ -126,7 +124,7 @@ def _day(name: str) -> date | None:
         raise InvalidInput(f"{name} must be a date such as 2026-01-31, got {value!r}") from None
 
 
-def _number(name: str, default: int, low: int, high: int) -> int:
+def number(name: str, default: int, low: int, high: int) -> int:
     value = request.args.get(name, "").strip()
     if not value:
         return default
@@ -144,8 +142,8 @@ def disclosure_filter() -> LedgerFilter:
     kinds = DECISION_KINDS + ((LedgerKind.TRANSFER.value,) if args.get("transfers") else ())
     return LedgerFilter(
         kinds=kinds,
-        date_from=_day("date_from"),
-        date_to=_day("date_to"),
+        date_from=day("date_from"),
+        date_to=day("date_to"),
         recipient=args.get("recipient", "").strip(),
         purpose=args.get("purpose", "").strip(),
         basis=args.get("basis", "").strip(),
@@ -164,11 +162,6 @@ def query_string(**changes: Any) -> str:
         else:
             args[key] = str(value)
     return urlencode(args)
-
-
-def _safe_next(target: str | None) -> str:
-    """Where to go after sign-in: a path of these pages only (no open redirect)."""
-    return target if target and safe_next(target) else url_for("dpo.overview")
 
 
 def log_used(what: str) -> None:
@@ -242,11 +235,13 @@ def dpo_blueprint() -> Blueprint:
             "local_accounts": state().settings.local_accounts,
         }
 
-    _signin_routes(bp)
-    _disclosure_routes(bp)
-    _register_routes(bp)
-    _ledger_routes(bp)
-    _report_routes(bp)
+    # the page groups import this module's helpers, so they are imported here, not above
+    from dicomnode.dicomweb.dpo import ledger_pages, register_pages, report_pages, signin_pages
+
+    signin_pages.install(bp)
+    ledger_pages.install(bp)
+    register_pages.install(bp)
+    report_pages.install(bp)
     return bp
 
 
@@ -265,471 +260,19 @@ def when(value: Any) -> str:
     return str(value)
 
 
-# --- sign-in --------------------------------------------------------------------------------
+# --- downloads ------------------------------------------------------------------------------
 
 
-def _signin_routes(bp: Blueprint) -> None:
-    @bp.get("/signin")
-    def signin() -> Any:
-        if signed_in_user(state().settings, accounts()) is not None:
-            return redirect(_safe_next(request.args.get("next")))
-        return page("signin.html", next=request.args.get("next", ""), error=None)
-
-    @bp.post("/signin")
-    def signin_post() -> Any:
-        settings = state().settings
-        username = request.form.get("username", "").strip()[:64]
-        password = request.form.get("password", "")
-        target = request.form.get("next", "")
-        if not settings.local_accounts:
-            return problem(404, "local_accounts_off")
-        address = request.remote_addr or ""
-        throttle = state().throttle
-        if throttle.locked(username, address):
-            record("signin", username, "local", "failure", "locked after repeated failures")
-            return page("signin.html", 429, next=target, error="locked")
-        account, why = accounts().authenticate(username, password)
-        if account is None:
-            locked = throttle.failed(username, address)
-            record("signin", username, "local", "failure", why + ("; now locked" if locked else ""))
-            return page("signin.html", 401, next=target, error="bad_credentials")
-        throttle.succeeded(username)
-        if account.role not in ROLES:
-            record("signin", username, "local", "failure", f"role {account.role!r} has no access")
-            return problem(403, "no_role")
-        start_session(User(account.username, account.role, "local", account.display_name))
-        record("signin", account.username, "local", "success", role=account.role)
-        return redirect(_safe_next(target), 303)
-
-    @bp.post("/signout")
-    def signout() -> Any:
-        record("signout", user().name, user().method, "success", role=user().role)
-        end_session()
-        return redirect(url_for("dpo.signin"), 303)
-
-    @bp.get("/oidc/login")
-    def oidc_login() -> Any:
-        client = state().oidc
-        if client is None:
-            abort(404)
-        public = services().settings.http.public_url
-        callback = (
-            public.rstrip("/") + url_for("dpo.oidc_callback")
-            if public
-            else url_for("dpo.oidc_callback", _external=True)
-        )
-        session["next"] = _safe_next(request.args.get("next"))
-        return client.authorize_redirect(callback)
-
-    @bp.get("/oidc/callback")
-    def oidc_callback() -> Any:
-        from authlib.integrations.base_client import OAuthError
-
-        client = state().oidc
-        if client is None:
-            abort(404)
-        try:
-            token = client.authorize_access_token()
-        except OAuthError as e:
-            record("signin", "", "oidc", "failure", f"the provider's answer was refused: {e}")
-            return problem(401, "oidc_failed")
-        claims = dict(token.get("userinfo") or {})
-        if state().settings.oidc_role_claim.split(".")[0] not in claims:
-            claims |= dict(client.userinfo(token=token))
-        name = str(claims.get("preferred_username") or claims.get("email") or claims.get("sub", ""))
-        role = role_from_claims(claims, state().settings)
-        if not role:
-            record("signin", name, "oidc", "failure", "no dpo or auditor role in the claims")
-            end_session()
-            return problem(403, "no_role")
-        target = session.get("next")
-        start_session(User(name, role, "oidc", str(claims.get("name", ""))))
-        record("signin", name, "oidc", "success", role=role)
-        return redirect(_safe_next(target), 303)
-
-    @bp.get("/")
-    def overview() -> Any:
-        stewardship, registry = services().stewardship, views()
-        status = stewardship.policy_status()
-        moment = now()
-        return page(
-            "overview.html",
-            status=status,
-            verified=views().latest(LedgerKind.CHECKPOINT.value),
-            head=views().head(),
-            counts={
-                "held": len(registry.quarantined()),
-                "holds": len(registry.holds(active_only=True)),
-                "overdue_holds": len(_overdue_holds(moment)),
-                "restrictions": sum(1 for r in registry.restrictions() if r.lifted_at is None),
-                "failed_deliveries": len(registry.deliveries(state="failed", limit=1000)),
-                "scheduled": len(status.scheduled),
-            },
-        )
-
-
-def _overdue_holds(moment: datetime) -> list[Any]:
-    return [
-        h
-        for h in views().holds(active_only=True)
-        if h.review_date is not None and h.review_date < moment
-    ]
-
-
-# --- disclosures ----------------------------------------------------------------------------
-
-
-def _disclosure_routes(bp: Blueprint) -> None:
-    @bp.get("/disclosures")
-    def disclosures() -> Any:
-        f = disclosure_filter()
-        number = _number("page", 1, 1, 10**9)
-        per_page = _number("per_page", PER_PAGE, 1, MAX_PER_PAGE)
-        found = views().ledger_page(f, number, per_page)
-        choices = views().choices(kinds=f.kinds)
-        chart = disclosure_chart(
-            views().daily_counts(f.with_(kinds=(LedgerKind.DISCLOSURE.value,))),
-            i18n.translate(g.lang, "chart_title"),
-            i18n.translate(g.lang, "chart_empty"),
-        )
-        return page(
-            "disclosures.html",
-            f=f,
-            found=found,
-            rows=[records.disclosure_row(e) for e in found.entries],
-            choices=choices,
-            outcomes=OUTCOMES,
-            chart=chart,
-        )
-
-    @bp.get("/disclosures.csv")
-    def disclosures_csv() -> Response:
-        f = disclosure_filter()
-        log_used("disclosures CSV export")
-        rows = (records.disclosure_row(e) for e in views().ledger_iter(f))
-        return _download(
-            records.csv_lines(records.DISCLOSURE_COLUMNS, rows), "disclosures.csv", "text/csv"
-        )
-
-    @bp.get("/disclosures.json")
-    def disclosures_json() -> Response:
-        f = disclosure_filter()
-        log_used("disclosures JSON export")
-        head = {
-            "generated_at": now().isoformat(timespec="seconds"),
-            "filter": {k: (str(v) if isinstance(v, date) else v) for k, v in f.__dict__.items()},
-        }
-        return _download(
-            _json_array(head, "entries", (records.entry_json(e) for e in views().ledger_iter(f))),
-            "disclosures.json",
-            "application/json",
-        )
-
-    @bp.get("/ledger/<int:seq>")
-    def entry(seq: int) -> Any:
-        found = views().entry(seq)
-        if found is None:
-            abort(404, f"there is no ledger entry {seq}")
-        previous = views().entry(seq - 1) if seq > 1 else None
-        covering = next((c for c in views().checkpoints() if c.seq >= seq), None)
-        recomputed = entry_hash(
-            found.prev_hash,
-            found.seq,
-            found.recorded_at,
-            found.kind,
-            found.actor,
-            found.outcome,
-            found.detail,
-        )
-        return page(
-            "entry.html",
-            entry=found,
-            detail=_detail_rows(found),
-            head=views().head(),
-            hash_ok=recomputed == found.hash,
-            link_ok=(previous.hash if previous else "0" * 64) == found.prev_hash,
-            covering=covering,
-        )
-
-
-def _detail_rows(entry: LedgerEntry) -> list[tuple[str, str]]:
-    rows = []
-    for key, value in sorted(entry.data.items()):
-        if isinstance(value, list):
-            text = "\n".join(
-                json.dumps(v, ensure_ascii=False) if isinstance(v, dict | list) else str(v)
-                for v in value
-            )
-        elif isinstance(value, dict):
-            text = json.dumps(value, ensure_ascii=False, indent=1, sort_keys=True)
-        else:
-            text = "" if value is None else str(value)
-        rows.append((key, text))
-    return rows
-
-
-def _download(chunks: Iterator[str], filename: str, mimetype: str) -> Response:
+def download(chunks: Iterator[str], filename: str, mimetype: str) -> Response:
     response = Response(stream_with_context(chunks), mimetype=mimetype)
     response.headers["Content-Disposition"] = f'attachment; filename="{filename}"'
     return response
 
 
-def _json_array(head: dict[str, Any], key: str, items: Iterator[dict[str, Any]]) -> Iterator[str]:
+def json_array(head: dict[str, Any], key: str, items: Iterator[dict[str, Any]]) -> Iterator[str]:
     """`head` with `key` holding `items`, as JSON text written piece by piece."""
     opening = json.dumps(head, ensure_ascii=False)[:-1]
     yield f'{opening}{", " if head else ""}"{key}": ['
     for i, item in enumerate(items):
         yield ("," if i else "") + "\n" + json.dumps(item, ensure_ascii=False)
     yield "\n]}\n"
-
-
-# --- consent, holds, restrictions, destruction records, pending work -----------------------
-
-
-def _register_routes(bp: Blueprint) -> None:
-    @bp.get("/consents")
-    def consents() -> Any:
-        patient_id = request.args.get("patient_id", "").strip()
-        stewardship = services().stewardship
-        history = stewardship.consent_history(patient_id) if patient_id else []
-        current = stewardship.consent_in_force(patient_id) if patient_id else {}
-        return page("consents.html", patient_id=patient_id, history=history, current=current)
-
-    @bp.get("/holds")
-    def holds() -> Any:
-        everything = views().holds()
-        return page(
-            "holds.html",
-            active=[h for h in everything if h.active],
-            released=[h for h in everything if not h.active],
-            moment=now(),
-        )
-
-    @bp.get("/restrictions")
-    def restrictions() -> Any:
-        everything = views().restrictions()
-        return page(
-            "restrictions.html",
-            active=[r for r in everything if r.lifted_at is None],
-            lifted=[r for r in everything if r.lifted_at is not None],
-        )
-
-    @bp.get("/destructions")
-    def destructions() -> Any:
-        f = LedgerFilter(
-            kinds=(LedgerKind.DELETION.value,),
-            date_from=_day("date_from"),
-            date_to=_day("date_to"),
-            patient_id=request.args.get("patient_id", "").strip(),
-        )
-        found = views().ledger_page(f, _number("page", 1, 1, 10**9), PER_PAGE)
-        rows = []
-        for entry in found.entries:
-            detail = entry.data
-            studies = list(detail.get("study_instance_uids", []))
-            recorded = detail.get("recipients_with_copies")
-            if isinstance(recorded, list):
-                recipients = sorted(
-                    {str(c.get("recipient", "")) for c in recorded if isinstance(c, dict)}
-                )
-            elif entry.outcome == "done" and studies:  # a record that does not name them
-                recipients = views().recipients_with_copies(studies, entry.seq)
-            else:
-                recipients = []
-            rows.append(
-                {
-                    "entry": entry,
-                    "detail": detail,
-                    "studies": studies,
-                    "instances": len(detail.get("sop_instance_uids", [])),
-                    "recipients": recipients,
-                    "from_ledger": not isinstance(recorded, list),
-                }
-            )
-        return page("destructions.html", found=found, rows=rows, f=f)
-
-    @bp.get("/pending")
-    def pending() -> Any:
-        records, moment = views(), now()
-        held_by_study: dict[str, dict[str, Any]] = {}
-        for item in records.quarantined():
-            group = held_by_study.setdefault(
-                item.study_instance_uid,
-                {"item": item, "count": 0, "reasons": set(), "since": item.held_at},
-            )
-            group["count"] += 1
-            group["reasons"].add(item.reason)
-            group["since"] = min(group["since"], item.held_at)
-        jobs = records.jobs
-        retention = services().stewardship.retention_status()
-        return page(
-            "pending.html",
-            held=list(held_by_study.values()),
-            jobs=jobs.list(state="held", limit=500) + jobs.list(state="failed", limit=500),
-            deliveries=records.deliveries(state="failed", limit=500)
-            + records.deliveries(state="denied", limit=500),
-            overdue_holds=_overdue_holds(moment),
-            scheduled=services().stewardship.policy_status().scheduled,
-            due=[i for i in retention if i.action == "destroy"],
-            moment=moment,
-        )
-
-
-# --- the ledger's status --------------------------------------------------------------------
-
-
-def _ledger_routes(bp: Blueprint) -> None:
-    @bp.get("/ledger")
-    def ledger() -> Any:
-        marks = views().checkpoints()
-        signed = checkpoint_signed_by(services().signing_key)
-        shown = marks[-CHECKPOINTS_SHOWN:][::-1]
-        result_seq = request.args.get("result", "")
-        result = views().entry(int(result_seq)) if result_seq.isdigit() else None
-        if result is not None and result.kind != LedgerKind.CHECKPOINT.value:
-            result = None
-        return page(
-            "ledger.html",
-            verified=views().latest(LedgerKind.CHECKPOINT.value, "verified"),
-            last=views().latest(LedgerKind.CHECKPOINT.value),
-            head=views().head(),
-            checkpoints=[(c, signed(c)) for c in shown],
-            checkpoint_count=len(marks),
-            result=result,
-            signed_now=request.args.get("signed"),
-        )
-
-    @bp.post("/ledger/verify")
-    def verify() -> Any:
-        """Recompute the chain against the signed checkpoints; the result is itself recorded
-        (a checkpoint entry: verified or broken, by whom, up to which entry)."""
-        result, entry = services().stewardship.verify_ledger(
-            f"dpo:{user().name}", checkpoint_signed_by(services().signing_key)
-        )
-        log.log(
-            logging.INFO if result.ok else logging.ERROR,
-            "ledger verified by %s: %s",
-            user().name,
-            "OK" if result.ok else result.problem,
-            extra={"event": "ledger_verify", "user": user().name, **entry.data},
-        )
-        return redirect(url_for("dpo.ledger", result=entry.seq), 303)
-
-    @bp.post("/ledger/checkpoint")
-    def checkpoint() -> Any:
-        key, records = services().signing_key, views()
-        made = services().stewardship.checkpoint(lambda payload: records.sign(key, payload))
-        return redirect(url_for("dpo.ledger", signed=made.seq if made else "none"), 303)
-
-
-# --- exports and reports --------------------------------------------------------------------
-
-
-def _accounting(patient_id: str) -> tuple[list[dict[str, Any]], Any]:
-    f = LedgerFilter(
-        kinds=(LedgerKind.DISCLOSURE.value,),
-        date_from=_day("date_from"),
-        date_to=_day("date_to"),
-        patient_id=patient_id,
-        outcome="allowed",
-        disclosed_patient_only=True,
-    )
-    policy = services().stewardship.policy_status().in_force
-    studies = set(views().patient_studies(patient_id))
-    rows = [
-        records.accounting_row(e, patient_id, policy, studies)
-        for e in views().ledger_iter(f, newest_first=False)
-    ]
-    return rows, f
-
-
-def _report_routes(bp: Blueprint) -> None:
-    @bp.get("/accounting")
-    def accounting() -> Any:
-        patient_id = request.args.get("patient_id", "").strip()
-        rows, f = _accounting(patient_id) if patient_id else ([], None)
-        if patient_id:
-            log_used("accounting of disclosures")
-        return page(
-            "accounting.html",
-            patient_id=patient_id,
-            rows=rows,
-            summary=records.accounting_summary(rows),
-            f=f,
-        )
-
-    @bp.get("/accounting.csv")
-    def accounting_csv() -> Response:
-        patient_id = request.args.get("patient_id", "").strip()
-        if not patient_id:
-            raise InvalidInput("name the patient: ?patient_id=...")
-        rows, _ = _accounting(patient_id)
-        log_used("accounting of disclosures CSV export")
-        return _download(
-            records.csv_lines(records.ACCOUNTING_COLUMNS, rows),
-            f"accounting-{_file_part(patient_id)}.csv",
-            "text/csv",
-        )
-
-    def _record() -> dict[str, Any]:
-        status = services().stewardship.policy_status()
-        return records.processing_record(
-            status.in_force, status.in_force_since, services().settings, now()
-        )
-
-    @bp.get("/processing-record")
-    def processing_record() -> Any:
-        return page("processing_record.html", record=_record())
-
-    @bp.get("/processing-record.json")
-    def processing_record_json() -> Response:
-        response = Response(
-            json.dumps(_record(), ensure_ascii=False, indent=2) + "\n", mimetype="application/json"
-        )
-        response.headers["Content-Disposition"] = (
-            'attachment; filename="record-of-processing-activities.json"'
-        )
-        return response
-
-    @bp.get("/retention")
-    def retention() -> Any:
-        items = services().stewardship.retention_status()
-        moment = now()
-        soon = moment + timedelta(days=30)
-        groups: dict[str, list[Any]] = {"due": [], "held": [], "soon": [], "kept": []}
-        for item in items:
-            if item.action == "destroy":
-                groups["due"].append(item)
-            elif item.action == "keep-hold":
-                groups["held"].append(item)
-            elif item.expires_at is not None and item.expires_at <= soon:
-                groups["soon"].append(item)
-            else:
-                groups["kept"].append(item)
-        return page("retention.html", groups=groups, moment=moment)
-
-    @bp.get("/retention.csv")
-    def retention_csv() -> Response:
-        items = services().stewardship.retention_status()
-        log_used("retention compliance CSV export")
-        rows = (item.as_dict() for item in items)
-        return _download(
-            records.csv_lines(records.RETENTION_COLUMNS, rows), "retention.csv", "text/csv"
-        )
-
-    @bp.get("/policy")
-    def policy() -> Any:
-        status = services().stewardship.policy_status()
-        activations = views().activations()
-        return page(
-            "policy.html",
-            status=status,
-            activations=activations,
-            notice_days={
-                p.version: (p.effective_at - p.published_at).days for p in status.published
-            },
-        )
-
-
-def _file_part(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)[:64]
