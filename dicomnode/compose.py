@@ -4,7 +4,9 @@
 egress, stewardship, casework) and, where the role runs them, the analysis service. The role
 says what else happens:
 
-- ``serve``: the node (`dicomnode.serve.Node`): the configured policy (``[governance]
+- ``serve``: the node (`dicomnode.serve.Node`): first the index schema is brought to this
+  version's head (a SQLite index, or with ``[database] migrate_at_start``) or checked (else:
+  SchemaNotCurrent, naming `dicomnode migrate`); the configured policy (``[governance]
   policy``) is published if its version is new, analysis is subscribed to intake;
 - ``dimse-worker``: a DIMSE worker process: its metrics and audit log are handed in (they
   report to the main process), analysis only counts what arrives;
@@ -18,12 +20,17 @@ import enum
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any
+
+from sqlalchemy.engine import make_url
 
 from dicomnode.analysis.runner import AnalysisService
 from dicomnode.archive import Archive
 from dicomnode.archive.auditlog import AuditLog
+from dicomnode.archive.index import create_index_engine
 from dicomnode.archive.keys import KeyStore
+from dicomnode.archive.migrate import check_current, migrate
 from dicomnode.casework import Casework, review_settings
 from dicomnode.config import Settings
 from dicomnode.core.errors import ConfigError
@@ -86,6 +93,8 @@ def compose(
     except ValueError:
         raise ValueError(f"role: not one of {', '.join(Role)}: {role!r}") from None
     metrics = metrics if metrics is not None else Metrics()
+    if role is SERVE:
+        prepare_schema(settings)
     archive = open_archive(settings)
     try:
         services = _build(settings, role, archive, metrics, audit, clock)
@@ -95,6 +104,34 @@ def compose(
         archive.close()
         raise
     return services
+
+
+def migrates_at_start(settings: Settings) -> bool:
+    """Whether `serve` migrates the index itself: a SQLite index (the embedded default), or
+    ``[database] migrate_at_start``."""
+    return settings.database_url.startswith("sqlite") or settings.database.migrate_at_start
+
+
+def migrate_index(settings: Settings) -> str:
+    """Bring the index to this version's schema, under the migration lock (`dicomnode
+    migrate`); returns the revision it is at."""
+    url = make_url(settings.database_url)
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+    return migrate(settings.database_url)
+
+
+def prepare_schema(settings: Settings) -> None:
+    """Before `serve` opens the archive: migrate the index (`migrates_at_start`) or refuse a
+    schema that is not current (SchemaNotCurrent, a ConfigError naming `dicomnode migrate`)."""
+    if migrates_at_start(settings):
+        migrate_index(settings)
+        return
+    engine = create_index_engine(settings.database_url)
+    try:
+        check_current(engine)
+    finally:
+        engine.dispose()
 
 
 def open_archive(settings: Settings) -> Archive:

@@ -203,7 +203,7 @@ def write_config(
         lines.append(f"{key} = {json.dumps(value)}")
     lines += ["[http]", 'host = "127.0.0.1"', "port = 0"]
     lines += [f"{key} = {json.dumps(value)}" for key, value in (http or {}).items()]
-    lines += ["[database]", f'url = "{database_url}"']
+    lines += ["[database]", f'url = "{database_url}"', "migrate_at_start = true"]
     for peer in peers:
         lines += [
             "[[peers]]",

@@ -542,3 +542,116 @@ def test_serve_with_a_good_config_stores_to_its_sqlite_file(tmp_path):
     assert (tmp_path / "data" / "index.sqlite").is_file()
     [blob] = blob_files(tmp_path / "data")
     assert uid_of(blob) == sop_uid
+
+
+# --- upgrades: `dicomnode migrate`, and what serve does with a schema that is not current ----
+
+
+def without_migrate_at_start(config: Path) -> Path:
+    """`config` (from write_config) as a deployment writes it: serve does not migrate."""
+    text = config.read_text()
+    assert "migrate_at_start = true\n" in text
+    config.write_text(text.replace("migrate_at_start = true\n", ""))
+    return config
+
+
+def test_serve_refuses_a_postgresql_index_until_dicomnode_migrate_has_run(tmp_path, postgres):
+    """On PostgreSQL serve neither migrates nor starts on a schema that is not current: it
+    exits 2 naming `dicomnode migrate`; migrate brings the index to head (twice: once), and
+    then serve starts and stores."""
+    from dicomnode.archive.migrate import head_revision
+    from tests.conftest import serve
+
+    config = without_migrate_at_start(
+        write_config(tmp_path / "node.toml", tmp_path / "data", postgres.create_database())
+    )
+    refused = dicomnode("serve", "--config", str(config), timeout=120)
+    assert refused.returncode == 2, refused.stderr
+    assert "no dicomnode schema" in refused.stderr
+    assert "run `dicomnode migrate`" in refused.stderr
+    assert not (tmp_path / "data").exists()  # refused before it opened anything
+    for _ in range(2):
+        migrated = dicomnode("migrate", "--config", str(config), timeout=120)
+        assert migrated.returncode == 0, migrated.stderr
+        assert f"schema at revision {head_revision()}" in migrated.stdout
+    node = serve(config, tmp_path / "serve.log")
+    try:
+        dataset = make_ct(size=16)
+        dataset.save_as(tmp_path / "one.dcm", enforce_file_format=True)
+        result = run_dcmtk(*storescu_args(node.dimse_port, tmp_path / "one.dcm"))
+        assert result.returncode == 0, result.stderr
+        assert node.terminate() == 0
+    finally:
+        if node.process.poll() is None:
+            node.terminate(signal.SIGKILL)
+
+
+def test_serve_migrates_sqlite_itself_and_postgresql_when_the_setting_says_so(
+    tmp_path, database_url
+):
+    """The embedded default (SQLite) and ``[database] migrate_at_start = true`` (what the tests'
+    configs set): composing the node brings a new index to head; on PostgreSQL without the
+    setting it is refused, naming `dicomnode migrate`."""
+    import dataclasses
+
+    from sqlalchemy import create_engine
+
+    from dicomnode.archive.migrate import SchemaNotCurrent, current_revision, head_revision
+    from dicomnode.compose import SERVE, compose, migrates_at_start
+    from dicomnode.config import read_settings
+
+    settings = read_settings(write_config(tmp_path / "node.toml", tmp_path / "data", database_url))
+    if database_url.startswith("postgresql"):
+        manual = dataclasses.replace(
+            settings, database=dataclasses.replace(settings.database, migrate_at_start=False)
+        )
+        assert not migrates_at_start(manual)
+        with pytest.raises(SchemaNotCurrent, match="dicomnode migrate"):
+            compose(manual, SERVE)
+    assert migrates_at_start(settings)
+    services = compose(settings, SERVE)
+    services.close()
+    engine = create_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            assert current_revision(conn) == head_revision()
+    finally:
+        engine.dispose()
+
+
+def test_only_serve_publishes_the_configured_policy(tmp_path):
+    """Commands that read (policy show, ledger verify, jobs, holds, consents) leave the policy
+    named in the settings unpublished; the node (role serve) publishes it."""
+    from dicomnode.compose import SERVE, compose
+    from dicomnode.config import read_settings
+
+    policy = Path(__file__).resolve().parent.parent / "config" / "policy.toml"
+    config = write_config(
+        tmp_path / "node.toml",
+        tmp_path / "data",
+        f"sqlite:///{tmp_path / 'index.sqlite'}",
+        extra=f'[governance]\npolicy = "{policy}"',
+    )
+    assert dicomnode("migrate", "--config", str(config), timeout=120).returncode == 0
+    for command in (
+        ("policy", "show"),
+        ("ledger", "verify"),
+        ("jobs", "list"),
+        ("hold", "list"),
+        ("consent", "show", "--patient-id", "P1"),
+        ("retention", "status"),
+    ):
+        result = dicomnode(*command, "--config", str(config), timeout=120)
+        assert result.returncode == 0, (command, result.stderr)
+    shown = dicomnode("policy", "show", "--config", str(config), timeout=120)
+    assert "in force: embedded-1" in shown.stdout
+    assert "example-hospital-2027-01" not in shown.stdout
+    exported = dicomnode("ledger", "export", "--config", str(config), timeout=120)
+    assert "example-hospital-2027-01" not in exported.stdout
+    services = compose(read_settings(config), SERVE)
+    try:
+        status = services.stewardship.policy_status()
+        versions = [status.in_force.version] + [p.version for p in status.scheduled]
+        assert "example-hospital-2027-01" in versions
+    finally:
+        services.close()

@@ -1,4 +1,4 @@
-"""`dicomnode serve`, `config check` and `token create`."""
+"""`dicomnode serve`, `migrate`, `config check` and `token create`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dicomnode.cli.common import seconds
+from dicomnode.cli.common import CONFIG_HELP, seconds
 from dicomnode.config import check_settings, read_settings
 from dicomnode.core.logs import configure_logging
 
@@ -18,6 +18,16 @@ def _serve(args: argparse.Namespace) -> int:
     from dicomnode.serve import Node  # imported late: `config check` needs none of it
 
     Node(settings).serve_forever()
+    return 0
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from dicomnode.compose import migrate_index
+
+    settings = read_settings(args.config)
+    configure_logging(settings.logging.level, settings.logging.format)
+    revision = migrate_index(settings)
+    print(f"index {settings.database_url.split('@')[-1]}: schema at revision {revision}")
     return 0
 
 
@@ -52,13 +62,21 @@ def _token_create(args: argparse.Namespace) -> int:
 
 
 def add_parsers(commands: Any) -> None:
-    """serve, token, config."""
+    """serve, migrate, token, config."""
     serve = commands.add_parser("serve", help="run DIMSE and HTTP services")
     serve.add_argument(
         "--config",
         help="TOML settings file (default: $DICOMNODE_CONFIG, else the embedded default)",
     )
     serve.set_defaults(run=_serve)
+
+    migrate = commands.add_parser(
+        "migrate",
+        help="bring the index database to this version's schema (serve does it for SQLite); "
+        "several at once wait their turn",
+    )
+    migrate.add_argument("--config", help=CONFIG_HELP)
+    migrate.set_defaults(run=_migrate)
 
     token = commands.add_parser("token", help="bearer tokens for DICOMweb clients")
     token_commands = token.add_subparsers(dest="token_command", required=True)

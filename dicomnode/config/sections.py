@@ -268,6 +268,12 @@ class DatabaseSettings:
         "index.sqlite inside data_dir",
         check=d.database_url,
     )
+    migrate_at_start: bool = setting(
+        False,
+        "`dicomnode serve` brings a SQLite index to this version's schema itself; a PostgreSQL "
+        "one only when true (as `dicomnode migrate` does, under its lock), else it refuses a "
+        "schema that is not current",
+    )
 
 
 STORAGE_BACKENDS = ("filesystem", "s3")
