@@ -150,7 +150,6 @@ def node_config(folder: Path, index: int, database_url: str, s3: SeaweedFS | Non
                 "[database]",
                 f'url = "{database_url}"',
                 "migrate_at_start = true",  # the first node to start migrates (under a lock)
-                "migrate_at_start = true",  # the first node to start migrates (under a lock)
                 "",
             ]
         )
