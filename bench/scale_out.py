@@ -204,12 +204,18 @@ def main() -> None:
     s3 = start_seaweedfs(work / "seaweedfs")
     setups = [(store, int(n)) for store, n in (x.split(":") for x in args.setups.split(","))]
     results: dict[tuple[str, int], list[dict[str, float]]] = {}
+    failed: list[str] = []
     try:
         for run in range(args.runs):
             for store, nodes in setups:
                 log(f"run {run + 1}/{args.runs}: {store}, {nodes} node(s)")
                 where = work / f"r{run}-{store}-{nodes}"
-                result = ingest_once(pg, nodes, folders, where, s3 if store == "s3" else None)
+                try:
+                    result = ingest_once(pg, nodes, folders, where, s3 if store == "s3" else None)
+                except Exception as e:  # e.g. a node slower to start than START_SECONDS
+                    log(f"  run failed, left out: {str(e)[:200]}")
+                    failed.append(f"{store}:{nodes} run {run + 1}: {str(e)[:120]}")
+                    continue
                 log(f"  {result['per_second']:.0f} objects/s ({result['seconds']:.1f} s)")
                 results.setdefault((store, nodes), []).append(result)
         appends = {p: ledger_appends(pg, p) for p in (1, 4)}
@@ -217,11 +223,14 @@ def main() -> None:
         s3.stop()
         pg.stop()
         shutil.rmtree(work, ignore_errors=True)
-    write_report(args, results, appends)
+    write_report(args, results, appends, failed)
 
 
 def write_report(
-    args: argparse.Namespace, results: dict[tuple[str, int], list[dict[str, float]]], appends: dict
+    args: argparse.Namespace,
+    results: dict[tuple[str, int], list[dict[str, float]]],
+    appends: dict,
+    failed: list[str],
 ) -> None:
     def median(setup: tuple[str, int], key: str) -> float:
         return statistics.median(r[key] for r in results[setup])
@@ -254,6 +263,7 @@ def write_report(
         "Ledger appends/s (this code's `Ledger.record`, one transaction each, PostgreSQL "
         "advisory lock): " + ", ".join(f"{p} process(es): {v:.0f}/s" for p, v in appends.items()),
         "",
+        *(["Runs left out: " + "; ".join(failed), ""] if failed else []),
     ]
     with args.out.open("a", encoding="utf-8") as out:
         out.write("\n".join(lines))

@@ -383,8 +383,11 @@ class ServeProcess:
         return self.process.wait(timeout)
 
 
-def serve(config: Path, log_path: Path, env: dict | None = None) -> ServeProcess:
-    """Run `dicomnode serve --config CONFIG` and wait until it logs that it is ready."""
+def serve(
+    config: Path, log_path: Path, env: dict | None = None, timeout: float = 60
+) -> ServeProcess:
+    """Run `dicomnode serve --config CONFIG` and wait until it logs that it is ready (killed
+    when it is not ready within `timeout` seconds)."""
     log_file = log_path.open("ab")
     process = subprocess.Popen(
         [sys.executable, "-m", "dicomnode.cli", "serve", "--config", str(config)],
@@ -398,7 +401,12 @@ def serve(config: Path, log_path: Path, env: dict | None = None) -> ServeProcess
         assert process.poll() is None, f"dicomnode serve exited early:\n{log_path.read_text()}"
         return bool(served.ready_event())
 
-    wait_until(ready, 60, "dicomnode serve to log that it is ready")
+    try:
+        wait_until(ready, timeout, "dicomnode serve to log that it is ready")
+    except BaseException:
+        process.kill()
+        process.wait(10)
+        raise
     return served
 
 
@@ -459,8 +467,8 @@ def send_concurrently(port: int, folders: list) -> None:
 def start_module_node(request, tmp_path_factory, name: str, peers: list):
     """A started Node for a module-scoped fixture parametrised "sqlite"/"postgres" (the
     caller stops it): one index per back end, shared by the module's tests."""
-    from dicomnode.serve import Node
     from dicomnode.config import read_settings
+    from dicomnode.serve import Node
 
     folder = tmp_path_factory.mktemp(name)
     url = (

@@ -15,6 +15,7 @@ associations.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -57,6 +58,7 @@ def cluster_test(test):
 
 INTER_MS, FALL = 500, 2  # the balancer sees a 503 within ~1 s (a check may take up to 2 s)
 DRAIN_SECONDS = 3.0  # past that window
+START_SECONDS = 180  # a node's start on a loaded 2-core machine (usually 5-15 s)
 
 
 @dataclass
@@ -163,22 +165,33 @@ def start_cluster(
     """`count` nodes on `database_url` (the first alone: it migrates the schema; then the
     others at once) and HAProxy in front of them; blobs in `s3`'s bucket when given."""
     configs = [node_config(folder, i, database_url, s3) for i in range(1, count + 1)]
-    nodes = [serve(configs[0], folder / "n1.log")]
-    with ThreadPoolExecutor(count) as pool:
-        token = pool.submit(
-            subprocess.run,
-            [sys.executable, "-m", "dicomnode.cli", "token", "create", "--scope"]
-            + ["dicomweb.read", "--subject", "scale-out", "--config", str(configs[0])],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        nodes += pool.map(
-            lambda i: serve(configs[i - 1], folder / f"n{i}.log"), range(2, count + 1)
-        )
-    assert token.result().returncode == 0, token.result().stderr
-    backends = [Backend(f"n{i}", n.dimse_port, n.http_port) for i, n in enumerate(nodes, 1)]
-    balancer = start_haproxy(folder / "haproxy", backends, inter_ms=INTER_MS, fall=FALL)
+    nodes: list[ServeProcess] = []
+    try:
+        nodes.append(serve(configs[0], folder / "n1.log", timeout=START_SECONDS))
+        with ThreadPoolExecutor(count) as pool:
+            token = pool.submit(
+                subprocess.run,
+                [sys.executable, "-m", "dicomnode.cli", "token", "create", "--scope"]
+                + ["dicomweb.read", "--subject", "scale-out", "--config", str(configs[0])],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            started = [
+                pool.submit(serve, configs[i - 1], folder / f"n{i}.log", None, START_SECONDS)
+                for i in range(2, count + 1)
+            ]
+            for future in started:  # each one that started is kept, to be stopped on failure
+                with contextlib.suppress(Exception):
+                    nodes.append(future.result())
+        assert len(nodes) == count, "a node did not start (see its log)"
+        assert token.result().returncode == 0, token.result().stderr
+        backends = [Backend(f"n{i}", n.dimse_port, n.http_port) for i, n in enumerate(nodes, 1)]
+        balancer = start_haproxy(folder / "haproxy", backends, inter_ms=INTER_MS, fall=FALL)
+    except BaseException:
+        for node in nodes:
+            node.terminate(signal.SIGKILL)
+        raise
     made = Cluster(folder, database_url, configs, nodes, balancer, token.result().stdout.strip())
     made.s3 = s3
     return made

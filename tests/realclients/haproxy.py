@@ -169,6 +169,10 @@ def start_haproxy(folder: Path, backends: list[Backend], **options: object) -> H
         assert process.poll() is None, f"haproxy exited:\n{balancer.log()}"
         return balancer.admin_socket.exists()
 
-    wait_until(started, 30, "HAProxy to start")
-    balancer.wait_for({b.name: "UP" for b in backends})
+    try:
+        wait_until(started, 30, "HAProxy to start")
+        balancer.wait_for({b.name: "UP" for b in backends}, timeout=60)
+    except BaseException:
+        balancer.stop()
+        raise
     return balancer
