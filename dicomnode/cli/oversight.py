@@ -1,4 +1,5 @@
-"""`dicomnode approvals` (four-eyes, item 44) and `dicomnode break-glass`.
+"""`dicomnode approvals` (four-eyes, item 44), `dicomnode break-glass` and
+`dicomnode fhir-consent` (items 4, 5).
 
 Deciding a request, naming deputies and asking for a change act as a named account, signed in
 with its password (typed, or one line of standard input) or with a bearer token the node
@@ -203,6 +204,38 @@ def _bg_review(args: argparse.Namespace, node: Any) -> None:
     print(f"break-glass-{args.id} reviewed by {me}")
 
 
+# --- consents as FHIR R4 Consent ------------------------------------------------------------
+
+
+@with_services
+def _fhir_import(args: argparse.Namespace, node: Any) -> int:
+    from dicomnode.oversight.consents import ConsentInterchange
+
+    me, _ = _sign_in(args, node)
+    text = Path(args.file).read_text(encoding="utf-8")
+    result = ConsentInterchange(node.stewardship).import_text(text, me)
+    for ref in result["recorded"]:
+        print(f"recorded {ref}")
+    for problem in result["problems"]:
+        print(f"resource {problem['resource']} refused: {problem['problem']}", file=sys.stderr)
+    return 1 if result["problems"] else 0
+
+
+@with_services
+def _fhir_export(args: argparse.Namespace, node: Any) -> None:
+    import json
+
+    from dicomnode.oversight.consents import ConsentInterchange
+
+    bundle = ConsentInterchange(node.stewardship).export(args.patient_id)
+    text = json.dumps(bundle, ensure_ascii=False, indent=2)
+    if args.out:
+        Path(args.out).write_text(text, encoding="utf-8")
+        print(f"{len(bundle['entry'])} consents written to {args.out}")
+    else:
+        print(text)
+
+
 def add_parsers(commands: Any) -> None:
     """approvals list/show/approve/reject/request/deputy; break-glass open/list/review."""
     approvals = commands.add_parser("approvals", help="four-eyes: a second person approves")
@@ -239,6 +272,16 @@ def add_parsers(commands: Any) -> None:
     opened.add_argument("--issuer")
     opened.add_argument("--study", help="one study only")
     command(gsub, "list", _bg_list, "every grant and its review")
+
+    consents = commands.add_parser("fhir-consent", help="consents as HL7 FHIR R4 Consent")
+    csub = consents.add_subparsers(dest="fhir_consent_command", required=True)
+    imported = _sign_in_options(
+        command(csub, "import", _fhir_import, "record the consents of a Bundle/NDJSON file")
+    )
+    imported.add_argument("file")
+    exported = command(csub, "export", _fhir_export, "a Bundle of every consent version")
+    exported.add_argument("--patient-id", help="one patient's only (matched exactly)")
+    exported.add_argument("--out", help="write to this file (default: standard output)")
     review = _sign_in_options(command(gsub, "review", _bg_review, "the DPO reviews a grant"))
     review.add_argument("id", type=int)
     review.add_argument("--note")
