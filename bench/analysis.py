@@ -167,8 +167,8 @@ def bench_ct(runs: int, work: Path) -> dict[str, object]:
 
 def start_node(data_dir: Path):
     """A node in this process on free loopback ports, SQLite, one analysis worker."""
-    from dicomnode.serve import Node
     from dicomnode.config import read_settings
+    from dicomnode.serve import Node
 
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     config = data_dir.parent / "node.toml"

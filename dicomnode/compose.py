@@ -166,9 +166,8 @@ def _build(
         settings.audit.audit_source_id,
         settings.audit.enterprise_site_id,
     )
-    archive.audit = audit  # read by layer 4 through intake.archive until it reads intake.audit
     archive.index.ingest_busy_seconds = settings.node.index_busy_seconds
-    intake = Intake(archive, metrics, clock)
+    intake = Intake(archive, metrics, clock, audit)
     intake.max_inflated_bytes = settings.node.max_inflated_bytes
     egress = Egress(
         archive,
@@ -201,7 +200,7 @@ def _build(
         stewardship,
         casework,
         analysis,
-        Records(archive),
+        Records(archive, audit),
     )
 
 

@@ -38,11 +38,16 @@ Subscriber = Callable[[IngestResult, Source], None]
 
 class Intake:
     def __init__(
-        self, archive: Archive, metrics: Metrics, clock: Callable[[], datetime] = utc_now
+        self,
+        archive: Archive,
+        metrics: Metrics,
+        clock: Callable[[], datetime] = utc_now,
+        audit: Any = None,
     ) -> None:
         self.archive = archive
         self.metrics = metrics
         self.clock = clock
+        self.audit = audit  # the node's audit log (DICOM audit messages), or None
         self.max_inflated_bytes = received.MAX_INFLATED_BYTES  # ``[node] max_inflated_bytes``
         self._subscribers: list[Subscriber] = []
 
@@ -308,7 +313,7 @@ class Intake:
                 "caller": source.caller,
             },
         )
-        audit_log = self.archive.audit
+        audit_log = self.audit
         if isinstance(error, NotPermitted) and audit_log is not None and audit_log.source:
             # 110113: governance refused an object; one message per sender and minute
             now, reason, by = self.clock(), str(error), audit_log.source

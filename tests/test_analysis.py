@@ -22,10 +22,10 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from dicomnode.analysis import plugin
 from dicomnode.analysis.plugin import AnalysisResult, Analyzer, Selector
 from dicomnode.analysis.runner import AnalysisService
-from dicomnode.records import Workbench
-from dicomnode.serve import Node
 from dicomnode.config import read_settings
 from dicomnode.core.model import Level, Source
+from dicomnode.records import Workbench
+from dicomnode.serve import Node
 from tests.conftest import dicomweb_url, run_dcmtk, token_for
 from tests.factory import make_ct, part10
 

@@ -139,9 +139,9 @@ def _part10(ds) -> bytes:
 
 
 def spooled(node) -> list[etree._Element]:
-    node.archive.audit.stop_writer()  # spool what was submitted (and the alerts held back)
-    node.archive.audit.start_writer()
-    return documents(node.archive.audit.pending())
+    node.audit.stop_writer()  # spool what was submitted (and the alerts held back)
+    node.audit.start_writer()
+    return documents(node.audit.pending())
 
 
 def test_twenty_bad_tokens_make_two_messages_not_twenty(node):

@@ -38,9 +38,9 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-from dicomnode.serve import Node
 from dicomnode.config import Peer, read_settings
 from dicomnode.core.model import Source
+from dicomnode.serve import Node
 from tests.conftest import dicomweb_url, free_port, run_dcmtk, token_for, write_config
 from tests.factory import make_ct
 from tests.test_robustness import issue, make_ca

@@ -707,10 +707,10 @@ def authentication_messages(node) -> list[tuple[str, str, str]]:
     spooled, and each Audit Log Used message (110101) as ("log-used", outcome, user)."""
     from lxml import etree
 
-    node.archive.audit.stop_writer()  # spool what was submitted
-    node.archive.audit.start_writer()
+    node.audit.stop_writer()  # spool what was submitted
+    node.audit.start_writer()
     found = []
-    for path in node.archive.audit.pending():
+    for path in node.audit.pending():
         document = etree.parse(str(path))
         event = document.find("EventIdentification")
         code = event.find("EventID").get("csd-code")

@@ -511,11 +511,11 @@ def spooled_events(node) -> list[tuple[str, str, str]]:
 
     from dicomnode.governance import audit
 
-    node.archive.audit.stop_writer()  # spool what was submitted
-    node.archive.audit.start_writer()
+    node.audit.stop_writer()  # spool what was submitted
+    node.audit.start_writer()
     schema = etree.RelaxNG(etree.parse(str(audit.schema_path())))
     events = []
-    for path in node.archive.audit.pending():
+    for path in node.audit.pending():
         document = etree.parse(str(path))
         assert schema.validate(document), (path.name, schema.error_log)
         identification = document.find("EventIdentification")
@@ -587,8 +587,8 @@ def test_the_conformance_statement_of_a_profile_in_force(node):
 
 
 def test_a_share_by_stow_rs_reaches_another_node_deidentified(start_node, tmp_path):
-    from dicomnode.serve import Node
     from dicomnode.config import read_settings
+    from dicomnode.serve import Node
     from tests.conftest import write_config
 
     recipient = Node(

@@ -31,8 +31,8 @@ from pydicom.uid import (
 
 from dicomnode.analysis.ct_lung.phantom import chest_phantom, phantom_series
 from dicomnode.analysis.xa_qca.phantom import xa_cine, xa_dataset
-from dicomnode.serve import Node
 from dicomnode.config import read_settings
+from dicomnode.serve import Node
 from tests.conftest import dicomweb_client, token_for, wait_until, write_config
 from tests.factory import make_ct
 from tests.realclients.ohif import (

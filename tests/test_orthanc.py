@@ -15,8 +15,8 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import JPEG2000Lossless, RLELossless, generate_uid
 
-from dicomnode.serve import Node
 from dicomnode.config import Peer, read_settings
+from dicomnode.serve import Node
 from tests.conftest import dicomweb_client, free_port, token_for, wait_until, write_config
 from tests.factory import make_ct, part10
 from tests.realclients.orthanc import AE_TITLE, Orthanc, start_orthanc

@@ -21,9 +21,9 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
-from dicomnode.serve import Node
 from dicomnode.config import Peer
 from dicomnode.core.model import Source
+from dicomnode.serve import Node
 from tests.conftest import (
     dicomweb_client,
     dicomweb_url,

@@ -17,9 +17,9 @@ from pydicom.uid import generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
-from dicomnode.serve import Node
 from dicomnode.config import Peer
 from dicomnode.core.model import Source
+from dicomnode.serve import Node
 from tests.conftest import dicomweb_url, start_module_node, token_for
 from tests.factory import make_ct
 

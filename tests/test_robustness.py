@@ -27,10 +27,10 @@ from pynetdicom.dsutils import encode
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import Verification
 
-from dicomnode.serve import Node
 from dicomnode.archive import Archive
 from dicomnode.config import Peer, read_settings
 from dicomnode.core.model import Level
+from dicomnode.serve import Node
 from tests.conftest import (
     DCMTK_ENV,
     associate_rq,

@@ -19,15 +19,16 @@ from dicomnode.records.oversight import Oversight
 class Records(Oversight):
     """What the HTTP blueprints read and keep, over one archive."""
 
-    def __init__(self, archive: Archive) -> None:
+    def __init__(self, archive: Archive, audit: Any = None) -> None:
         super().__init__(archive)
+        self._audit = audit
         self.accounts = AccountStore(archive.index)  # the DPO pages' local accounts
         self.jobs = JobStore(archive.index)  # listed by the jobs API (through egress)
 
     @property
     def audit(self) -> Any:
         """The node's audit log (DICOM audit messages, spooled and sent), or None."""
-        return self._store.audit
+        return self._audit
 
     def sessions(self, max_age: float) -> SessionStore:
         """The server-side record of the DPO pages' open sessions (every node's)."""

@@ -36,6 +36,7 @@ class Node:
         self.settings = settings
         self.services = compose(settings, SERVE, clock=clock)
         self.metrics = self.services.metrics
+        self.audit = self.services.audit  # the audit log (spool and sender)
         self.archive = self.services.archive
         observe(settings, self.archive, self.metrics)  # node label, store and ledger timing
         self.readiness = Readiness()  # "draining" from SIGTERM on: /healthz answers 503
