@@ -1,0 +1,243 @@
+"""Destruction: `Archive.delete` (rows, ledger entry, then blobs) and the facts retention
+decides on (`retention_facts`)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Connection, and_, exists, func, or_, select
+from sqlalchemy import delete as sql_delete
+
+from dicomnode.archive import query, schema
+from dicomnode.archive.base import ArchiveBase
+from dicomnode.core.errors import (
+    NotFound,
+    NotPermitted,
+)
+from dicomnode.core.model import (
+    LedgerKind,
+    Level,
+    StoredInstance,
+    StudyFacts,
+)
+from dicomnode.core.times import as_utc
+
+
+def _holds_covering(conn: Connection, doomed: list[StoredInstance]) -> list[int]:
+    """The active legal holds that cover any of `doomed`: on one of its studies, or on its
+    patient (Patient ID and, when the hold names one, the same issuer)."""
+    holds, st, p = schema.legal_holds, schema.studies, schema.patients
+    studies = sorted({d.study_instance_uid for d in doomed})
+    people = set(
+        conn.execute(
+            select(p.c.patient_id, p.c.issuer_of_patient_id)
+            .join(st, st.c.patient_pk == p.c.id)
+            .where(st.c.study_instance_uid.in_(studies))
+        ).all()
+    )
+    of_person = [
+        and_(
+            holds.c.patient_id == patient_id,
+            or_(
+                holds.c.issuer_of_patient_id.is_(None),
+                holds.c.issuer_of_patient_id == "",
+                holds.c.issuer_of_patient_id == issuer,
+            ),
+        )
+        for patient_id, issuer in sorted(people)
+    ]
+    return list(
+        conn.execute(
+            select(holds.c.id)
+            .where(
+                holds.c.released_at.is_(None),
+                or_(holds.c.study_instance_uid.in_(studies), *of_person),
+            )
+            .order_by(holds.c.id)
+        ).scalars()
+    )
+
+
+class Destruction(ArchiveBase):
+    """Deleting what the index names, with its ledger entry; the facts retention decides on."""
+
+    def delete(
+        self,
+        level: Level,
+        filters: tuple[tuple[str, str], ...],
+        actor: str,
+        reason: str,
+        detail: dict[str, Any] | None = None,
+        results_only: bool = False,
+        unless_held: bool = False,
+        received_before: datetime | None = None,
+    ) -> list[StoredInstance]:
+        """Remove every instance whose `filters` keys equal the given values exactly (a Patient
+        ID with its issuer, or a Study/Series/SOP Instance UID: never a query pattern) at
+        `level` (only those the node's analyses produced, with `results_only`), with the
+        series, studies and patients left empty. A deletion entry goes into the ledger in the
+        same transaction (with `detail` added: the rule, the recipients that hold copies...);
+        the blobs go after it is committed, so nothing can retrieve them once the call returns.
+
+        `unless_held`: refuse (NotPermitted) when an active legal hold covers a patient or
+        study of what would go, checked in the same transaction as the deletion.
+        `received_before`: leave objects received since then (they arrived after the
+        decision to delete was taken)."""
+        with self.index.write() as conn:
+            doomed = query.find_instances_exactly(conn, filters)
+            if received_before is not None and doomed:
+                late = _received_since(conn, doomed, received_before)
+                doomed = [d for d in doomed if d.sop_instance_uid not in late]
+            if unless_held and doomed:
+                held = [f"hold:{h}" for h in _holds_covering(conn, doomed)]
+                if held:
+                    raise NotPermitted(f"under legal hold {', '.join(held)}: nothing deleted")
+            if results_only:
+                produced = _produced(conn, doomed)
+                doomed = [d for d in doomed if d.sop_instance_uid in produced]
+            if not doomed:
+                raise NotFound(f"nothing matches {dict(filters)} at {level} level")
+            uids = [d.sop_instance_uid for d in doomed]
+            _delete_rows(conn, uids)
+            self.ledger.append(
+                conn,
+                LedgerKind.DELETION,
+                actor,
+                "done",
+                {
+                    "level": str(level),
+                    "target": dict(filters),
+                    "reason": reason,
+                    "method": "blob files unlinked, index rows deleted",
+                    "patient_ids": sorted({d.patient_id for d in doomed}),
+                    "study_instance_uids": sorted({d.study_instance_uid for d in doomed}),
+                    "sop_instance_uids": uids,
+                    **(detail or {}),
+                },
+            )
+        for instance in doomed:
+            self.blobs.delete(instance.blob_path)
+        return doomed
+
+    def retention_facts(self) -> list[StudyFacts]:
+        """Per study: patient, StudyDate, modalities, and the count and last receipt of its
+        received objects and of the objects the node's analyses produced (the parts of the
+        facts the index holds; the caller adds analysis, consent and hold facts)."""
+        i, se, st, p = schema.instances, schema.series, schema.studies, schema.patients
+        produced = i.c.source_protocol == "analysis"
+        query = (
+            select(
+                st.c.study_instance_uid,
+                p.c.patient_id,
+                st.c.study_date,
+                se.c.modality,
+                produced.label("produced"),
+                func.count(),
+                func.max(i.c.received_at),
+            )
+            .select_from(i.join(se, i.c.series_pk == se.c.id))
+            .join(st, se.c.study_pk == st.c.id)
+            .join(p, st.c.patient_pk == p.c.id)
+            .group_by(
+                st.c.study_instance_uid, p.c.patient_id, st.c.study_date, se.c.modality, produced
+            )
+        )
+        studies: dict[str, dict[str, Any]] = {}
+        with self.index.read() as conn:
+            for uid, patient, study_date, modality, is_result, count, last in conn.execute(query):
+                study = studies.setdefault(
+                    uid,
+                    {
+                        "patient": patient,
+                        "date": _date(study_date),
+                        "modalities": set(),
+                        "images": 0,
+                        "results": 0,
+                        "images_at": None,
+                        "results_at": None,
+                    },
+                )
+                kind = "results" if is_result else "images"
+                study[kind] += count
+                last = as_utc(last)
+                if study[f"{kind}_at"] is None or last > study[f"{kind}_at"]:
+                    study[f"{kind}_at"] = last
+                if modality and not is_result:
+                    study["modalities"].add(modality)
+        return [
+            StudyFacts(
+                study_instance_uid=uid,
+                patient_id=s["patient"],
+                modalities=frozenset(s["modalities"]),
+                images=s["images"],
+                results=s["results"],
+                images_received_at=s["images_at"],
+                results_received_at=s["results_at"],
+                study_date=s["date"],
+                analysis_done_at=None,
+                consent_withdrawn_at=None,
+            )
+            for uid, s in sorted(studies.items())
+        ]
+
+
+def _date(study_date: str | None) -> datetime | None:
+    """A StudyDate (YYYYMMDD) as midnight UTC, or None when absent or malformed."""
+    try:
+        return datetime.strptime(study_date or "", "%Y%m%d").replace(tzinfo=UTC)
+    except ValueError:
+        return None
+
+
+def _delete_rows(conn: Connection, uids: list[str]) -> None:
+    """Delete the instances `uids` and the series, studies and patients they leave empty."""
+    i, se, st, p = schema.instances, schema.series, schema.studies, schema.patients
+    series_pks: set[int] = set()
+    for start in range(0, len(uids), 500):
+        chunk = uids[start : start + 500]
+        series_pks |= set(
+            conn.execute(select(i.c.series_pk).where(i.c.sop_instance_uid.in_(chunk))).scalars()
+        )
+        conn.execute(sql_delete(i).where(i.c.sop_instance_uid.in_(chunk)))
+    study_pks = set(conn.execute(select(se.c.study_pk).where(se.c.id.in_(series_pks))).scalars())
+    conn.execute(
+        sql_delete(se).where(se.c.id.in_(series_pks), ~exists().where(i.c.series_pk == se.c.id))
+    )
+    patient_pks = set(conn.execute(select(st.c.patient_pk).where(st.c.id.in_(study_pks))).scalars())
+    conn.execute(
+        sql_delete(st).where(st.c.id.in_(study_pks), ~exists().where(se.c.study_pk == st.c.id))
+    )
+    conn.execute(
+        sql_delete(p).where(p.c.id.in_(patient_pks), ~exists().where(st.c.patient_pk == p.c.id))
+    )
+
+
+def _received_since(conn: Connection, doomed: list[StoredInstance], since: datetime) -> set[str]:
+    """The SOP Instance UIDs of `doomed` received at `since` or later."""
+    i = schema.instances
+    uids = [d.sop_instance_uid for d in doomed]
+    late: set[str] = set()
+    for start in range(0, len(uids), 500):
+        late |= set(
+            conn.execute(
+                select(i.c.sop_instance_uid).where(
+                    i.c.sop_instance_uid.in_(uids[start : start + 500]),
+                    i.c.received_at >= since,
+                )
+            ).scalars()
+        )
+    return late
+
+
+def _produced(conn: Connection, doomed: list[StoredInstance]) -> set[str]:
+    """The SOP Instance UIDs of `doomed` that the node's analyses produced."""
+    i = schema.instances
+    return set(
+        conn.execute(
+            select(i.c.sop_instance_uid).where(
+                i.c.sop_instance_uid.in_([d.sop_instance_uid for d in doomed]),
+                i.c.source_protocol == "analysis",
+            )
+        ).scalars()
+    )
