@@ -230,6 +230,7 @@ class Intake:
         is, for the next start or `archive check`. Returns how many were filed."""
         filed = 0
         source = Source("recovery", "startup")
+        self.archive.recover()  # what interrupted writes left staged
         unindexed = self.archive.unindexed_recent_blobs()
         for relative in unindexed.destroyed:
             self.archive.blobs.delete(relative)

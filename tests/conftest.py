@@ -32,6 +32,7 @@ from pynetdicom.pdu_primitives import (
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import AddressInformation
 
+from dicomnode.archive.migrate import migrate
 from dicomnode.config import Peer, read_settings
 
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
@@ -152,10 +153,22 @@ def postgres() -> Iterator[PostgresServer]:
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """The index URL for one test: a SQLite file, or a fresh database on the test PostgreSQL."""
+    """The index URL for one test: a SQLite file, or a fresh database on the test PostgreSQL,
+    migrated to head (`dicomnode migrate`) as an operator does before opening it."""
     if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'index.sqlite'}"
-    return request.getfixturevalue("postgres").create_database()
+        url = f"sqlite:///{tmp_path / 'index.sqlite'}"
+    else:
+        url = request.getfixturevalue("postgres").create_database()
+    migrate(url)
+    return url
+
+
+def open_archive(data_dir: Path, database_url: str, **options):
+    """An Archive on a database migrated first (opening one only checks the schema)."""
+    from dicomnode.archive import Archive
+
+    migrate(database_url)
+    return Archive(data_dir, database_url, **options)
 
 
 def drop_append_only_triggers(engine) -> None:

@@ -27,7 +27,7 @@ from dicomnode.archive.jobs import JobStore
 from dicomnode.archive.keys import KeyStore, sign_json, verify_json
 from dicomnode.core.model import Level, Source
 from dicomnode.records.workbench import Workbench
-from tests.conftest import wait_until
+from tests.conftest import open_archive, wait_until
 from tests.factory import make_ct, part10
 
 
@@ -66,7 +66,7 @@ def nodes(tmp_path: Path, pg_url: str):
     opened: list[Archive] = []
 
     def open_nodes(count: int = 2, url: str = pg_url) -> list[Archive]:
-        made = [Archive(tmp_path / f"node{len(opened) + i}", url) for i in range(count)]
+        made = [open_archive(tmp_path / f"node{len(opened) + i}", url) for i in range(count)]
         opened.extend(made)
         return made
 

@@ -36,6 +36,7 @@ from dicomnode.core.model import Source
 from dicomnode.core.statuses import status_for
 from dicomnode.intake import Intake
 from tests.conftest import (
+    open_archive,
     PostgresServer,
     ServeProcess,
     _as_postgres_user,
@@ -597,7 +598,7 @@ def test_a_deflated_data_set_within_the_bound_is_stored(tmp_path):
     ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
     path = tmp_path / "deflated.dcm"
     ds.save_as(path, enforce_file_format=True)
-    archive = Archive(tmp_path / "data", f"sqlite:///{tmp_path / 'index.sqlite'}")
+    archive = open_archive(tmp_path / "data", f"sqlite:///{tmp_path / 'index.sqlite'}")
     try:
         intake = Intake(archive, Metrics())
         result = intake.receive_part10(path.read_bytes(), SENDER)

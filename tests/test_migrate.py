@@ -71,3 +71,19 @@ def test_two_processes_migrating_at_once_end_at_one_head_without_error(backend, 
         assert run.returncode == 0, err
         assert out.strip() == head_revision()
     assert _versions(url) == [head_revision()]
+
+
+def test_opening_an_unmigrated_archive_names_the_command_and_creates_nothing(tmp_path):
+    from dicomnode.archive import Archive
+
+    url = f"sqlite:///{tmp_path / 'index.sqlite'}"
+    with pytest.raises(SchemaNotCurrent, match="dicomnode migrate"):
+        Archive(tmp_path / "data", url)
+    assert not (tmp_path / "data").exists()  # no folder made as a side effect
+    migrate(url)
+    archive = Archive(tmp_path / "data", url)
+    try:
+        assert archive.counts()["instances"] == 0
+        assert not (tmp_path / "data").exists()  # folders come with the first write
+    finally:
+        archive.close()

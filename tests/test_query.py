@@ -21,6 +21,7 @@ from dicomnode.archive import Archive
 from dicomnode.archive.received import from_part10
 from dicomnode.core.errors import InvalidInput, InvalidUID
 from dicomnode.core.model import Level, Query, Source
+from tests.conftest import open_archive
 from tests.factory import make_ct
 
 NAMES = ["Doe^Jane", "Doe^John", "Park^Jisoo", "O'Neil^Sean", "Kim^Minsu", "doe^jim", "홍^길동"]
@@ -84,7 +85,7 @@ def searched(request, tmp_path_factory):
         if request.param == "sqlite"
         else request.getfixturevalue("postgres").create_database()
     )
-    archive = Archive(folder / "data", url)
+    archive = open_archive(folder / "data", url)
     records = _generate(random.Random(1573))
     for r in records:
         ds = make_ct(

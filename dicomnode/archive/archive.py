@@ -13,7 +13,7 @@ from typing import Any, BinaryIO
 
 from sqlalchemy import func, select
 
-from dicomnode.archive import migrations, query, schema
+from dicomnode.archive import query, schema
 from dicomnode.archive.blobs import FileBlobStore
 from dicomnode.archive.blobstore import BlobStore, Placement, Range, cache_key, stage_to_file
 from dicomnode.archive.capacity import Capacity
@@ -22,6 +22,7 @@ from dicomnode.archive.destruction import Destruction
 from dicomnode.archive.index import Index, create_index_engine
 from dicomnode.archive.ingest import Ingest
 from dicomnode.archive.ledger import Ledger
+from dicomnode.archive.migrate import check_current
 from dicomnode.archive.registry import HeldObject, Registry
 from dicomnode.core.errors import (
     InvalidInput,
@@ -49,9 +50,12 @@ class Archive(Ingest, Capacity, Destruction, Consistency):
         min_free_bytes: int = 0,
         blob_store: Callable[[Index], BlobStore] | None = None,
     ) -> None:
-        """`blob_store` builds the store from the index (whose database an S3 store's
-        `DatabasePlacements` uses); default: files under ``data_dir/blobs``."""
-        data_dir.mkdir(parents=True, exist_ok=True)
+        """Open the archive: the index must be at this version's schema (SchemaNotCurrent,
+        naming `dicomnode migrate`, otherwise: see `dicomnode.archive.migrate`). Nothing is
+        created or removed here: folders are made when first written to, and what a crash
+        left is handled by `recover`. `blob_store` builds the store from the index (whose
+        database an S3 store's `DatabasePlacements` uses); default: files under
+        ``data_dir/blobs``."""
         self.quota_bytes = quota_bytes
         self.min_free_bytes = min_free_bytes
         self._usage: tuple[float, int] | None = None  # (when read, stored bytes)
@@ -62,7 +66,11 @@ class Archive(Ingest, Capacity, Destruction, Consistency):
         self._failing: tuple[float, StorageUnavailable] | None = None  # the last one seen
         self._recovering: dict[str, list[Placement]] = {}  # blob -> its records left
         self.engine = create_index_engine(database_url)
-        migrations.upgrade(self.engine)
+        try:
+            check_current(self.engine)
+        except BaseException:
+            self.engine.dispose()
+            raise
         self.index = Index(self.engine)
         self.blobs: Any = (
             blob_store(self.index)
@@ -73,9 +81,15 @@ class Archive(Ingest, Capacity, Destruction, Consistency):
         self.registry = Registry(self.index, self.ledger)
         self.audit: Any = None  # the AuditLog the services report to (set by the app)
         self.duplicate_policy = duplicate_policy
-        removed = self.blobs.discard_partial_writes()
+
+    def recover(self) -> int:
+        """At start, before anything is written: discard what interrupted writes of dead
+        processes left staged (`BlobStore.recover`); returns how many. The blobs placed but
+        not indexed are `unindexed_recent_blobs`' (`Intake.recover_unindexed`)."""
+        removed = int(self.blobs.recover())
         if removed:
             log.warning("discarded %d partial blob writes left by an interrupted run", removed)
+        return removed
 
     def close(self) -> None:
         self.blobs.discard_spares()

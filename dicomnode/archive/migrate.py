@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +31,7 @@ class SchemaNotCurrent(ConfigError):
     """The index's schema is not at the revision this version of dicomnode needs."""
 
 
+@functools.cache
 def head_revision() -> str:
     """The revision this version's migrations end at."""
     script = ScriptDirectory.from_config(migrations.alembic_config(None))  # type: ignore[arg-type]
