@@ -6,6 +6,8 @@ retrievals (C-MOVE, C-GET, WADO-RS), analysis job records and processing decisio
 from __future__ import annotations
 
 import logging
+import shutil
+import tempfile
 import uuid
 from collections.abc import Callable, Mapping
 from datetime import datetime
@@ -374,9 +376,18 @@ class Gate:
             )
 
     def open_blob(self, instance: StoredInstance) -> BinaryIO:
-        """A binary stream of a stored instance that `retrieve` handed out (its decision is
-        recorded): what C-MOVE, C-GET and WADO-RS send. The caller closes it."""
-        return open(self.archive.blob_file(instance), "rb")
+        """A seekable binary stream of a stored instance that `retrieve` handed out (its
+        decision is recorded): what C-MOVE, C-GET and WADO-RS send. A store whose streams
+        cannot seek (an object store's body) is spooled to a temporary file (in memory up to
+        8 MiB) first, as DICOM readers seek. The caller closes it."""
+        stream = self.archive.open_blob(instance)
+        if stream.seekable():
+            return stream
+        copy = tempfile.SpooledTemporaryFile(max_size=8 << 20)  # noqa: SIM115 (the caller closes it)
+        with stream:
+            shutil.copyfileobj(stream, copy, 1 << 20)
+        copy.seek(0)
+        return copy  # type: ignore[return-value]
 
     # --- processing ---------------------------------------------------------------------------
 

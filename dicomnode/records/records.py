@@ -9,7 +9,6 @@ from typing import Any
 
 from dicomnode.archive import Archive
 from dicomnode.archive.accounts import AccountStore, SessionStore, SigninThrottle
-from dicomnode.archive.blobstore import cache_key
 from dicomnode.archive.jobs import JobStore
 from dicomnode.archive.keys import KeyStore, sign_json
 from dicomnode.core.model import StoredInstance
@@ -51,15 +50,11 @@ class Records(Oversight):
     def cached(self, instance: StoredInstance, kind: str) -> bytes | None:
         """Data derived from an instance egress handed out (e.g. its WADO metadata), cached in
         the store beside its blob; None when not cached yet."""
-        try:
-            with self._store.blobs.open(cache_key(instance.blob_path, kind)) as stream:
-                return stream.read()
-        except FileNotFoundError:
-            return None
+        return self._store.cached(instance, kind)
 
     def cache(self, instance: StoredInstance, kind: str, data: bytes) -> None:
         """Keep `data` derived from `instance` (re-derivable: no durability promised)."""
-        self._store.blobs.put_cached(cache_key(instance.blob_path, kind), data)
+        self._store.put_cached(instance, kind, data)
 
     def ping(self) -> None:
         """Raise when the index cannot be reached (the health check)."""

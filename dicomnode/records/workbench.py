@@ -6,6 +6,8 @@ a job may run for its patient before any of its files are handed to an analyzer.
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 
 import pydicom
@@ -33,13 +35,18 @@ class Workbench:
 
     def header(self, instance: StoredInstance) -> Dataset:
         """The instance's attributes, without its pixel data."""
-        return pydicom.dcmread(self._store.blob_file(instance), stop_before_pixels=True)
+        with self._store.open_blob(instance) as stream:
+            if stream.seekable():
+                return pydicom.dcmread(stream, stop_before_pixels=True)
+            with tempfile.SpooledTemporaryFile(max_size=8 << 20) as copy:
+                shutil.copyfileobj(stream, copy, 1 << 20)  # an object store's body: spooled
+                copy.seek(0)
+                return pydicom.dcmread(copy, stop_before_pixels=True)
 
     def files(self, instances: list[StoredInstance], folder: Path) -> list[Path]:
-        """Local files of `instances` for an analyzer that reads paths (`folder`: the job's
-        working folder, removed with it)."""
-        del folder  # the filesystem store's own files serve until blobs are staged from streams
-        return [self._store.blob_file(i) for i in instances]
+        """Local copies of `instances` under `folder` (the job's working folder, removed with
+        it), staged from the store's streams, for an analyzer that reads paths."""
+        return [self._store.stage_blob(i, folder) for i in instances]
 
     def senders(self, study_uid: str) -> set[str]:
         """The AE titles that sent the study (forwarding skips them)."""
