@@ -46,10 +46,16 @@ lawful_basis = "PIPA-17-1-1"
 
 @pytest.fixture
 def node(start_node):
+    return node_with(start_node, SECOND_OPINION)
+
+
+def node_with(start_node, extra_policy: str):
+    """A node with the hospital's policy plus `extra_policy`, P1's and P2's studies, a DPO
+    (dpo1) and an auditor (aud1)."""
     from dicomnode.archive.accounts import AccountStore
 
     node = start_node(peers=[WORKSTATION])
-    publish_days_ago(node, policy_text() + SECOND_OPINION)
+    publish_days_ago(node, policy_text() + extra_policy)
     dicomweb_client(node).store_instances(
         [
             as_file(make_ct(patient_id=p, study_uid=study))

@@ -93,3 +93,36 @@ consent_provisions = Table(
     Column("imported_at", UTCDateTime(), nullable=False),
     UniqueConstraint("patient_id", "issuer_of_patient_id", "purpose", "version"),
 )
+
+# --- recipients' copies (migration 0011) ----------------------------------------------------
+# A recipient's confirmation that it destroyed its copy of a study (item 29).
+destruction_confirmations = Table(
+    "destruction_confirmations",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("recipient", String, nullable=False),
+    Column("study_instance_uid", String(64), nullable=False),
+    Column("confirmed_at", UTCDateTime(), nullable=False),  # when the recipient destroyed it
+    Column("evidence", Text, nullable=False, server_default=""),
+    Column("recorded_by", String, nullable=False),
+    Column("recorded_at", UTCDateTime(), nullable=False),
+    Index("ix_destruction_confirmations_recipient", "recipient"),
+)
+
+# Notices owed to recipients holding copies when a patient's data is erased or a consent is
+# withdrawn: queued from the ledger entry that caused them (`source_seq`), sent by the DPO.
+recipient_notices = Table(
+    "recipient_notices",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("source_seq", Integer, nullable=False),
+    Column("recipient", String, nullable=False),
+    Column("patient_id", String, nullable=False),
+    Column("studies", Text, nullable=False),  # JSON list
+    Column("reason", String(32), nullable=False),  # erasure, withdrawal
+    Column("state", String(16), nullable=False),  # queued, sent
+    Column("queued_at", UTCDateTime(), nullable=False),
+    Column("sent_at", UTCDateTime(), nullable=True),
+    Column("sent_by", String, nullable=True),
+    UniqueConstraint("source_seq", "recipient"),
+)
