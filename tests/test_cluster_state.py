@@ -288,6 +288,15 @@ def test_a_restriction_written_on_one_node_reaches_the_others_cache_at_once(node
     wait_until(lambda: not two.registry.governed_facts(["P7"])["P7"].restricted, 2, "lifted")
 
 
+def test_an_archive_closed_stops_its_listener_and_frees_its_connection(tmp_path, pg_url):
+    archive = open_archive(tmp_path / "closing", pg_url)
+    archive.registry.governed_facts(["P1"])  # the first cached read starts the listener
+    thread = archive.registry._wakeups._thread
+    assert thread is not None and thread.is_alive()
+    archive.close()
+    wait_until(lambda: not thread.is_alive(), 5, "the listener to stop with its archive")
+
+
 def test_a_listener_that_lost_its_connection_reconnects_and_drops_the_cache(nodes, postgres):
     from dicomnode.archive import notify
 
