@@ -160,7 +160,7 @@ class Intake:
                     f"governance refused the object: {admission.reason} ({admission.rule_id})"
                 )
             if admission.action == "hold":
-                result = self.archive.hold(
+                result = self.archive.quarantine(
                     obj,
                     source,
                     admission.reason,
@@ -267,7 +267,7 @@ class Intake:
         """File a study's held objects into the archive (a person decided they may be
         processed), announce them like any arrival, and record the release."""
         study_uid = validate_uid(study_uid, "StudyInstanceUID")
-        held = self.archive.registry.held(study_uid=study_uid)
+        held = self.archive.registry.quarantined(study_uid=study_uid)
         results = []
         for item in held:
             obj = received.from_part10(self.archive.read_blob(item))
@@ -280,7 +280,9 @@ class Intake:
 
     def discard_held(self, study_uid: str, by: str) -> int:
         """Destroy a study's held objects (never filed), with a ledger entry."""
-        held = self.archive.registry.held(study_uid=validate_uid(study_uid, "StudyInstanceUID"))
+        held = self.archive.registry.quarantined(
+            study_uid=validate_uid(study_uid, "StudyInstanceUID")
+        )
         self._drop_held(held, by, "discarded", "held blobs deleted, never filed")
         return len(held)
 
@@ -296,7 +298,7 @@ class Intake:
             "sop_instance_uids": [h.sop_instance_uid for h in held],
             "reasons": sorted({h.reason for h in held}),
         }
-        self.archive.registry.drop_held([h.sop_instance_uid for h in held], by, outcome, detail)
+        self.archive.registry.drop_quarantined([h.sop_instance_uid for h in held], by, outcome, detail)
         for item in held:
             self.archive.blobs.delete(item.blob_path)
 

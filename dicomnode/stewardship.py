@@ -373,7 +373,7 @@ class Stewardship:
         """Objects held at intake are kept no longer than received images: per held study, its
         retention counted from when its last object was held."""
         by_study: dict[str, list[Any]] = {}
-        for held in self.archive.registry.held():
+        for held in self.archive.registry.quarantined():
             by_study.setdefault(held.study_instance_uid, []).append(held)
         holds = self.archive.registry.holds(active_only=True)
         items = []
@@ -402,7 +402,7 @@ class Stewardship:
         """Destroy objects held at intake (never filed), with a ledger entry."""
         if not held:
             return
-        self.archive.registry.drop_held(
+        self.archive.registry.drop_quarantined(
             [h.sop_instance_uid for h in held],
             by,
             "discarded",
@@ -441,7 +441,9 @@ class Stewardship:
         for item in list(destroy):
             if item.held:
                 self._discard_held(
-                    self.archive.registry.held(study_uid=item.study_instance_uid), by, "retention"
+                    self.archive.registry.quarantined(study_uid=item.study_instance_uid),
+                    by,
+                    "retention",
                 )
                 continue
             if item.category == "analysis-results" and item.study_instance_uid in whole:
@@ -561,7 +563,7 @@ class Stewardship:
         policy = governance.policy_in_force(registry.published_policies(), now)
         mine = {i.study_instance_uid for i in self.archive.instances_of(identity)}
         facts = [f for f in self._retention_facts(policy) if f.study_instance_uid in mine]
-        held = registry.held(patient_id=patient_id)
+        held = registry.quarantined(patient_id=patient_id)
         holds = {
             h.ref
             for h in registry.holds(active_only=True)

@@ -376,7 +376,7 @@ def test_an_unknown_sender_is_held_until_released(start_node, tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr  # durably kept: success
     status, answers = c_find(node, PatientID="P7")
     assert status == 0 and answers == []  # held objects are not in the archive
-    held = node.archive.registry.held()
+    held = node.archive.registry.quarantined()
     assert len(held) == 3 and "STRANGER is not a known peer" in held[0].reason
     entries = [e for e in node.archive.ledger.entries() if e.kind == "processing"]
     assert [e.outcome for e in entries] == ["held"]  # one entry per study and reason
@@ -394,7 +394,7 @@ def test_an_unknown_sender_is_held_until_released(start_node, tmp_path):
     released = governance_api(node, "POST", f"/held/{study}/release")
     assert released.status_code == 200 and released.json()["released"] == 3
     status, answers = c_find(node, PatientID="P7")
-    assert len(answers) == 1 and node.archive.registry.held() == []
+    assert len(answers) == 1 and node.archive.registry.quarantined() == []
     assert last_entry(node, "processing").outcome == "released"
 
 
@@ -414,7 +414,7 @@ def test_an_unknown_sender_is_refused_when_the_policy_says_so(start_node, tmp_pa
         *map(str, files),
     )
     assert "0x0124" in result.stdout + result.stderr  # refused: not authorized
-    assert node.archive.counts()["instances"] == 0 and node.archive.registry.held() == []
+    assert node.archive.counts()["instances"] == 0 and node.archive.registry.quarantined() == []
 
 
 def test_cli_policy_check_show_diff(node, tmp_path):

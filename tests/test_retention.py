@@ -372,11 +372,11 @@ def test_held_objects_take_space_and_expire_like_received_images(start_node, tmp
     files = write_series(tmp_path / "in", 2, patient_id="P23")
     sent = run_dcmtk("storescu", "-aet", "STRANGER", "-aec", "DICOMNODE", "127.0.0.1",
                      str(node.dimse.port), *map(str, files))  # fmt: skip
-    assert sent.returncode == 0 and len(node.archive.registry.held()) == 2
+    assert sent.returncode == 0 and len(node.archive.registry.quarantined()) == 2
     node.archive._usage = None  # re-read the stored bytes
     assert node.archive.storage()["used_bytes"] >= sum(f.stat().st_size for f in files) - 1024
     later(node, 91)
     report = node.stewardship.retention_sweep("dpo")
     assert [(i.held, i.category) for i in report.destroyed] == [(True, "received-images")]
-    assert node.archive.registry.held() == []
+    assert node.archive.registry.quarantined() == []
     assert not any((node.settings.node.data_dir / "blobs" / "held").rglob("*.dcm"))

@@ -219,7 +219,9 @@ class AnalysisService:
             job.analyzer, job.patient_id, job.study_instance_uid, job.id
         )
         if not permit.allowed:
-            self.jobs.hold(job.id, datetime.now(UTC), f"{permit.reason} ({permit.rule_id})")
+            self.jobs.await_governance(
+                job.id, datetime.now(UTC), f"{permit.reason} ({permit.rule_id})"
+            )
             log.info(
                 "analysis held: %s",
                 permit.reason,

@@ -23,7 +23,8 @@ from dicomnode.archive.index import Index, create_index_engine
 from dicomnode.archive.ingest import Ingest
 from dicomnode.archive.ledger import Ledger
 from dicomnode.archive.migrate import check_current
-from dicomnode.archive.registry import HeldObject, Registry
+from dicomnode.archive.registry import Registry
+from dicomnode.archive.values import QuarantinedObject
 from dicomnode.core.errors import (
     InvalidInput,
     StorageUnavailable,
@@ -165,13 +166,13 @@ class Archive(Ingest, Capacity, Destruction, Consistency):
             )
 
     def open_blob(
-        self, instance: StoredInstance | HeldObject, byte_range: Range | None = None
+        self, instance: StoredInstance | QuarantinedObject, byte_range: Range | None = None
     ) -> BinaryIO:
         """The stored (or quarantined) object's bytes as a stream, or bytes [start, end) of
         them; the caller closes it. FileNotFoundError when the blob is missing."""
         return self.blobs.open(instance.blob_path, byte_range)
 
-    def read_blob(self, instance: StoredInstance | HeldObject) -> bytes:
+    def read_blob(self, instance: StoredInstance | QuarantinedObject) -> bytes:
         """The whole of the stored (or quarantined) object's bytes."""
         with self.open_blob(instance) as stream:
             return stream.read()

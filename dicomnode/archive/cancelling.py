@@ -11,10 +11,10 @@ from sqlalchemy import and_, delete, func, select, update
 
 from dicomnode.archive import schema
 from dicomnode.archive.index import Index
+from dicomnode.archive.jobs import AWAITING_GOVERNANCE
 from dicomnode.archive.jobs import CANCELLED as JOB_CANCELLED
 from dicomnode.archive.jobs import DONE as JOB_DONE
 from dicomnode.archive.jobs import FAILED as JOB_FAILED
-from dicomnode.archive.jobs import HELD as JOB_HELD
 from dicomnode.archive.jobs import QUEUED as JOB_QUEUED
 from dicomnode.archive.jobs import SKIPPED as JOB_SKIPPED
 from dicomnode.archive.ledger import Ledger
@@ -57,7 +57,7 @@ class WorkCancelling:
             for chunk in _chunks(study_uids):
                 mine = and_(
                     jobs.c.study_instance_uid.in_(chunk),
-                    jobs.c.state.in_((JOB_QUEUED, JOB_HELD)),
+                    jobs.c.state.in_((JOB_QUEUED, AWAITING_GOVERNANCE)),
                 )
                 ids = list(conn.execute(select(jobs.c.id).where(mine)).scalars())
                 if ids:

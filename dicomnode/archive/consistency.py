@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 from dicomnode.archive import schema
 from dicomnode.archive.base import ArchiveBase
 from dicomnode.archive.blobstore import Placement, key_sop_instance_uid
-from dicomnode.archive.ingest import HELD_FOLDER, HELD_PREFIX
+from dicomnode.archive.ingest import QUARANTINE_FOLDER, QUARANTINE_PREFIX
 from dicomnode.archive.received import dataset_sha256s
 from dicomnode.core.model import (
     LedgerKind,
@@ -65,7 +65,7 @@ class Consistency(ArchiveBase):
             rows = dict(
                 conn.execute(select(schema.instances.c.blob_path, schema.instances.c.sha256)).all()
             )
-        on_disk = set(self.blobs.placed(outside=HELD_FOLDER))
+        on_disk = set(self.blobs.placed(outside=QUARANTINE_FOLDER))
         missing = sorted(set(rows) - on_disk)
         unindexed = sorted(on_disk - set(rows))
         corrupt = []
@@ -126,7 +126,7 @@ class Consistency(ArchiveBase):
             if relative in filed or not self.blobs.exists(relative):
                 self._settle_entries(by_blob[relative])  # filed, or withdrawn (refused)
                 continue
-            if relative.startswith(HELD_PREFIX) or relative in withdrawn:
+            if relative.startswith(QUARANTINE_PREFIX) or relative in withdrawn:
                 self.blobs.delete(relative)  # refused: it never comes back
                 self._settle_entries(by_blob[relative])
                 continue

@@ -16,12 +16,12 @@ from datetime import UTC, datetime
 from sqlalchemy import Connection, update
 from sqlalchemy.exc import IntegrityError
 
-from dicomnode.archive import schema
+from dicomnode.archive import blobstore, schema
 from dicomnode.archive.base import ArchiveBase
 from dicomnode.archive.blobs import PendingBlob
 from dicomnode.archive.blobstore import Placement, key_hash
 from dicomnode.archive.received import ReceivedObject, dataset_sha256s
-from dicomnode.archive.registry import HeldObject
+from dicomnode.archive.values import QuarantinedObject
 from dicomnode.core.errors import (
     DuplicateConflict,
 )
@@ -34,8 +34,11 @@ from dicomnode.core.turns import ANY_TIME, Turn
 
 log = logging.getLogger("dicomnode.archive")
 
-HELD_FOLDER = "held"  # blobs intake filed aside live under this folder of the blob store
-HELD_PREFIX = HELD_FOLDER + "/"
+# Intake's quarantine lives under this folder of the blob store ("held" on disk and in the
+# index's blob paths, as before the rename: existing data stays readable).
+QUARANTINE_PREFIX = blobstore.QUARANTINE_PREFIX
+QUARANTINE_FOLDER = QUARANTINE_PREFIX.rstrip("/")
+HELD_FOLDER, HELD_PREFIX = QUARANTINE_FOLDER, QUARANTINE_PREFIX  # the former names
 # How long a filed blob's placement record stays before it is settled (the index synced, the
 # record dropped): records are settled in batches, one sync of the index for many objects.
 SETTLE_SECONDS = 60.0
@@ -181,7 +184,7 @@ class Ingest(ArchiveBase):
         self.blobs.placements.settle(settled)
         return len(settled)
 
-    def hold(
+    def quarantine(
         self,
         received: ReceivedObject,
         source: Source,
@@ -190,12 +193,13 @@ class Ingest(ArchiveBase):
         version: str,
         blob: PendingBlob | None = None,
     ) -> IngestResult:
-        """File `received` aside, not indexed (so nothing can find, send or analyse it) until
-        it is released into the archive or discarded; the first object held for a study and
-        reason is a ledger entry. The outcome is "held"."""
+        """File `received` aside in intake's quarantine, not indexed (so nothing can find, send
+        or analyse it) until it is released into the archive or discarded; the first object
+        quarantined for a study and reason is a ledger entry. The outcome is "held" (the
+        stored word, unchanged)."""
         blob = blob or self.begin_blob(received.file_chunks)
-        blob_path = self._place(blob, received, prefix=HELD_PREFIX)
-        held = HeldObject(
+        blob_path = self._place(blob, received, prefix=QUARANTINE_PREFIX)
+        held = QuarantinedObject(
             sop_instance_uid=received.sop_instance_uid,
             sop_class_uid=received.sop_class_uid,
             series_instance_uid=received.series_instance_uid,
@@ -221,13 +225,15 @@ class Ingest(ArchiveBase):
             "study_instance_uids": [received.study_instance_uid],
         }
         try:
-            new = self.registry.hold(held, received.size, received.sha256, detail)
+            new = self.registry.quarantine(held, received.size, received.sha256, detail)
         except BaseException as e:
             self._withdraw(blob)
             self._raise_as_answered(e)
         blob.settle()  # the registry's commits are synced
         stored = self._stored(received, blob_path)
         return IngestResult(stored, "held" if new else "duplicate", header=received.header)
+
+    hold = quarantine  # the former name, for callers in flight
 
     def _index(
         self,

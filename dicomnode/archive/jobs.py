@@ -26,9 +26,12 @@ from dicomnode.core.errors import NotFound
 from dicomnode.core.times import as_utc
 
 QUEUED, RUNNING, DONE, FAILED, SKIPPED = "queued", "running", "done", "failed", "skipped"
-# Governance states: held (not allowed now, e.g. consent missing or processing restricted; it
-# runs again when that changes) and cancelled (consent withdrawn or refused).
-HELD, CANCELLED = "held", "cancelled"
+# Governance states: awaiting governance (not allowed now, e.g. consent missing or processing
+# restricted; it runs again when that changes) and cancelled (consent withdrawn or refused).
+AWAITING_GOVERNANCE, CANCELLED = "held", "cancelled"
+# "awaiting governance" is stored and shown as "held" (unchanged, so data and API stay
+# readable); it is neither intake's quarantine nor a legal hold. HELD: the former name.
+HELD = AWAITING_GOVERNANCE
 # Minimum data: the unit does not fit the analyzer clinically (a head CT for a lung analysis);
 # it is not processed, and the reason is the job's error.
 NOT_APPLICABLE = "not-applicable"
@@ -259,18 +262,20 @@ class JobStore:
                 conn, schema.analysis_jobs, job_id, now, error, backoff, QUEUED, FAILED
             )
 
-    def hold(self, job_id: int, now: datetime, reason: str) -> None:
+    def await_governance(self, job_id: int, now: datetime, reason: str) -> None:
         """Governance does not allow the job now: it waits, visibly, until a consent grant or a
         lifted restriction queues it again (the attempt does not count)."""
         jobs = schema.analysis_jobs
         self._set(
             job_id,
-            state=HELD,
+            state=AWAITING_GOVERNANCE,
             attempts=jobs.c.attempts - 1,
             lease_until=None,
             finished_at=now,
             error=reason[:4000],
         )
+
+    hold = await_governance  # the former name, for callers in flight
 
     def not_applicable(self, job_id: int, now: datetime, reason: str) -> None:
         """The unit does not fit the analyzer clinically: it is not processed (the attempt does

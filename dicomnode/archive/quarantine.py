@@ -12,7 +12,7 @@ from dicomnode.archive.index import Index
 from dicomnode.archive.ledger import Ledger
 from dicomnode.archive.values import (
     GOVERNANCE_LOCK,
-    HeldObject,
+    QuarantinedObject,
     _chunks,
 )
 from dicomnode.core.model import (
@@ -27,10 +27,11 @@ class QuarantineRecords:
     index: Index
     ledger: Ledger
 
-    # --- objects held at intake -------------------------------------------------------------
-
-    def hold(self, held: HeldObject, size: int, sha256: str, detail: dict[str, Any]) -> bool:
-        """File `held` aside; the first object held for a study and reason gets a ledger entry.
+    def quarantine(
+        self, held: QuarantinedObject, size: int, sha256: str, detail: dict[str, Any]
+    ) -> bool:
+        """File `held` aside in the quarantine; the first object quarantined for a study and
+        reason gets a ledger entry (outcome "held", as before).
         Returns False when that object was already held (an identical re-send)."""
         h = schema.held_objects
         with self.index.write() as conn:
@@ -50,7 +51,7 @@ class QuarantineRecords:
             )
             conn.execute(
                 h.insert().values(
-                    **{k: getattr(held, k) for k in HeldObject.__dataclass_fields__},
+                    **{k: getattr(held, k) for k in QuarantinedObject.__dataclass_fields__},
                     size=size,
                     sha256=sha256,
                 )
@@ -61,7 +62,9 @@ class QuarantineRecords:
                 )
         return True
 
-    def held(self, study_uid: str | None = None, patient_id: str | None = None) -> list[HeldObject]:
+    def quarantined(
+        self, study_uid: str | None = None, patient_id: str | None = None
+    ) -> list[QuarantinedObject]:
         h = schema.held_objects
         query = select(h).order_by(h.c.held_at, h.c.id)
         if study_uid:
@@ -70,19 +73,20 @@ class QuarantineRecords:
             query = query.where(h.c.patient_id == patient_id)
         with self.index.read() as conn:
             return [
-                HeldObject(
+                QuarantinedObject(
                     **{
                         k: (as_utc(row._mapping[k]) if k == "held_at" else row._mapping[k])
-                        for k in HeldObject.__dataclass_fields__
+                        for k in QuarantinedObject.__dataclass_fields__
                     }
                 )
                 for row in conn.execute(query)
             ]
 
-    def drop_held(
+    def drop_quarantined(
         self, sop_instance_uids: list[str], by: str, outcome: str, detail: dict[str, Any]
     ) -> int:
-        """Remove held rows (released into the archive, or discarded) with a ledger entry."""
+        """Remove quarantined rows (released into the archive, or discarded) with a ledger
+        entry."""
         h = schema.held_objects
         removed = 0
         with self.index.write() as conn:
@@ -90,3 +94,9 @@ class QuarantineRecords:
                 removed += conn.execute(delete(h).where(h.c.sop_instance_uid.in_(chunk))).rowcount
             self.ledger.append(conn, LedgerKind.PROCESSING, by, outcome, detail)
         return removed
+
+    # The names before "hold" got three names (quarantine, legal hold, awaiting governance),
+    # kept for callers in flight.
+    hold = quarantine
+    held = quarantined
+    drop_held = drop_quarantined

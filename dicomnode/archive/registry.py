@@ -30,6 +30,7 @@ from dicomnode.archive.values import (  # noqa: F401 (the names callers import f
     Delivery,
     HeldObject,
     LegalHold,
+    QuarantinedObject,
     Restriction,
 )
 from dicomnode.core.model import PublishedPolicy

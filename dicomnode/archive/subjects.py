@@ -13,8 +13,8 @@ from sqlalchemy import Connection, and_, func, or_, select, update
 
 from dicomnode.archive import schema
 from dicomnode.archive.index import Index
+from dicomnode.archive.jobs import AWAITING_GOVERNANCE
 from dicomnode.archive.jobs import CANCELLED as JOB_CANCELLED
-from dicomnode.archive.jobs import HELD as JOB_HELD
 from dicomnode.archive.jobs import QUEUED as JOB_QUEUED
 from dicomnode.archive.ledger import Ledger
 from dicomnode.archive.values import (
@@ -95,7 +95,7 @@ class SubjectRecords:
                 mine = and_(
                     jobs.c.patient_id == record.patient_id,
                     jobs.c.study_instance_uid.not_in(others),
-                    jobs.c.state.in_((JOB_QUEUED, JOB_HELD)),
+                    jobs.c.state.in_((JOB_QUEUED, AWAITING_GOVERNANCE)),
                 )
                 ids = list(conn.execute(select(jobs.c.id).where(mine)).scalars())
                 if ids:
@@ -121,7 +121,9 @@ class SubjectRecords:
                 )
             changed["cancelled_deliveries"] = ids
         elif record.state == "granted":
-            changed["released_jobs"] = self._release_held_jobs(conn, record.patient_id, others)
+            changed["released_jobs"] = self._release_jobs_awaiting_governance(
+                conn, record.patient_id, others
+            )
         return changed
 
     @staticmethod
@@ -139,11 +141,11 @@ class SubjectRecords:
             ).scalars()
         )
 
-    def _release_held_jobs(
+    def _release_jobs_awaiting_governance(
         self, conn: Connection, patient_id: str, others: list[str] | None = None
     ) -> list[int]:
         jobs = schema.analysis_jobs
-        mine = and_(jobs.c.patient_id == patient_id, jobs.c.state == JOB_HELD)
+        mine = and_(jobs.c.patient_id == patient_id, jobs.c.state == AWAITING_GOVERNANCE)
         if others:
             mine = and_(mine, jobs.c.study_instance_uid.not_in(others))
         ids = list(conn.execute(select(jobs.c.id).where(mine)).scalars())
@@ -231,7 +233,7 @@ class SubjectRecords:
                 raise NotFound(f"patient {patient_id} has no active restriction")
             conn.execute(update(r).where(r.c.id == active.id).values(lifted_at=now, lifted_by=by))
             others = self._studies_of_others(conn, patient_id, active.issuer_of_patient_id)
-            released = self._release_held_jobs(conn, patient_id, others)
+            released = self._release_jobs_awaiting_governance(conn, patient_id, others)
             self.ledger.append(
                 conn,
                 LedgerKind.SUBJECT,

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from dicomnode.core.enums import DeliveryState
 from dicomnode.core.model import (
     ConsentRecord,
 )
@@ -16,15 +17,8 @@ from dicomnode.core.times import as_utc
 GOVERNANCE_LOCK = 1573_0002  # serialises check-then-write changes of governance records
 CACHE_SECONDS = 5.0  # how stale another process's writes may look to the cached reads
 
-# delivery states
-QUEUED, SENDING, DONE, FAILED, DENIED, CANCELLED = (
-    "queued",
-    "sending",
-    "done",
-    "failed",
-    "denied",
-    "cancelled",
-)
+# delivery states (dicomnode.core.enums.DeliveryState)
+QUEUED, SENDING, DONE, FAILED, DENIED, CANCELLED = tuple(DeliveryState)
 FINISHED_DELIVERIES = (DONE, FAILED, DENIED, CANCELLED)
 
 
@@ -59,8 +53,9 @@ class Delivery:
 
 
 @dataclass(frozen=True)
-class HeldObject:
-    """An object intake filed aside instead of admitting, and why."""
+class QuarantinedObject:
+    """An object intake filed aside in its quarantine instead of admitting, and why (not a
+    legal hold, nor a job awaiting governance: those are other things)."""
 
     sop_instance_uid: str
     sop_class_uid: str
@@ -212,3 +207,6 @@ def _restriction(row: Any) -> Restriction:
 
 def _chunks(values: list[str], size: int = 500) -> list[list[str]]:
     return [values[i : i + size] for i in range(0, len(values), size)]
+
+
+HeldObject = QuarantinedObject  # the name before "hold" got three names; for callers in flight

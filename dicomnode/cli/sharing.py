@@ -53,7 +53,7 @@ def _deliveries_retry(args: argparse.Namespace, archive: Any) -> None:
 
 @with_archive
 def _held_list(args: argparse.Namespace, archive: Any) -> None:
-    for item in archive.registry.held(study_uid=args.study):
+    for item in archive.registry.quarantined(study_uid=args.study):
         print(
             f"{item.held_at:%Y-%m-%d %H:%M:%S}  {item.study_instance_uid}  "
             f"{item.sop_instance_uid}  from {item.source_caller or '?'}: {item.reason}"

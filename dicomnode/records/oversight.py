@@ -69,7 +69,7 @@ class Oversight:
 
     def quarantined(self, study_uid: str | None = None) -> list[Any]:
         """Objects held at intake (quarantine), optionally of one study."""
-        return self._store.registry.held(study_uid=study_uid)
+        return self._store.registry.quarantined(study_uid=study_uid)
 
     def deliveries(
         self, state: str | None = None, patient_id: str | None = None, limit: int = 100
