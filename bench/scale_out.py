@@ -240,7 +240,7 @@ def write_report(
         f"## Run of {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
         "",
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, "
-        f"{first_line(['uname', '-sr'])}; load average before: {os.getloadavg()[0]:.1f}; "
+        f"{first_line(['uname', '-sr'])}; load average at the end: {os.getloadavg()[0]:.1f}; "
         f"{first_line(['/usr/sbin/haproxy', '-v'])[:40]}; PostgreSQL 15 (fsync on).",
         f"Ingest: {args.senders} storescu associations at once through HAProxy "
         f"(TCP, leastconn, PROXY v2), {args.objects} CT objects of 64x64 per run, "
