@@ -22,6 +22,7 @@ import pytest
 from dicomnode.archive import Archive
 from dicomnode.archive.blobs import FileBlobStore, PlacementJournal
 from dicomnode.archive.blobstore import BlobStore, blob_key, cache_key
+from dicomnode.archive.migrate import migrate
 from dicomnode.archive.objectstore import (
     ObjectStoreUnavailable,
     S3BlobStore,
@@ -118,6 +119,22 @@ def test_a_frame_is_read_by_its_byte_range(store: BlobStore) -> None:
     first = len(data) - len(ds.PixelData)  # Pixel Data is the last element
     size = len(frames[0])
     assert read(store, key, (first + 2 * size, first + 3 * size)) == frames[2]
+
+
+def test_a_stream_seeks_as_a_file_does(store: BlobStore) -> None:
+    """pydicom reads a blob with deferred elements (it seeks back for them), and a range
+    past the end is cut short, on both stores."""
+    key, data = ct_key_and_bytes()
+    store.write(key, [data])
+    with store.open(key) as stream:
+        assert stream.seekable()
+        ds = pydicom.dcmread(stream, defer_size=256)
+        assert stream.seek(0, io.SEEK_END) == len(data)
+        assert stream.seek(-10, io.SEEK_END) == len(data) - 10 and stream.read() == data[-10:]
+        assert stream.seek(128) == 128 and stream.read(4) == b"DICM" and stream.tell() == 132
+        assert ds.PixelData == pydicom.dcmread(io.BytesIO(data)).PixelData  # read when asked
+    with store.open(key, (len(data) - 4, len(data) + 100)) as tail:
+        assert tail.read() == data[-4:]
 
 
 def test_nothing_at_a_key(store: BlobStore) -> None:
@@ -434,9 +451,11 @@ def s3_archive(server: SeaweedFS, folder: Path, prefix: str) -> Archive:
     """An archive on SQLite whose blobs are in the bucket under `prefix`, its placings
     recorded in the index database as node "node-1" (the same node after a restart)."""
     location = s3_location(server, prefix=prefix)
+    url = f"sqlite:///{folder / 'index.sqlite'}"
+    migrate(url)  # as an operator does before a node opens the index
     return Archive(
         folder / "data",
-        f"sqlite:///{folder / 'index.sqlite'}",
+        url,
         blob_store=lambda index: open_s3_store(location, DatabasePlacements(index, "node-1")),
     )
 

@@ -204,33 +204,68 @@ class PendingObject:
         self._data = None
 
 
-class _ObjectReader(io.RawIOBase):
-    """A GET's body as a stream, chunk by chunk."""
+class _ObjectReader(io.BufferedIOBase):
+    """An object's bytes [start, end) as a seekable stream: read chunk by chunk from one GET;
+    a seek drops it, and the next read asks for the rest of the range from the new place.
+    Not an io.BufferedReader: pydicom takes one for a file it can open again by name."""
 
-    def __init__(self, chunks: Iterator[Any]) -> None:
-        self._chunks: Iterator[Any] | None = chunks
+    def __init__(self, get: Callable[[int, int], Any], start: int, end: int, first: Any) -> None:
+        super().__init__()
+        self._get = get  # (start, end) -> a GET's result
+        self._start, self._end, self._position = start, end, start
+        self._chunks: Iterator[Any] | None = iter(first.stream(min_chunk_size=READ_CHUNK))
         self._pending = memoryview(b"")
 
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer: Any) -> int:
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position - self._start
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.tell(), io.SEEK_END: self._end - self._start}
+        target = self._start + max(0, base[whence] + offset)
+        if target != self._position:
+            self._position, self._chunks, self._pending = target, None, memoryview(b"")
+        return self.tell()
+
+    def read(self, size: int | None = -1) -> bytes:
+        """Up to `size` bytes (all that is left when negative); fewer only at the end."""
+        wanted = self._end - self._position if size is None or size < 0 else size
+        parts = []
+        while wanted > 0 and (piece := self._take(wanted)):
+            parts.append(piece)
+            wanted -= len(piece)
+        return b"".join(parts)
+
+    read1 = read
+
+    def _take(self, limit: int) -> bytes:
+        """Up to `limit` bytes of the chunk at hand, fetching the next one when it is used up;
+        b"" at the end."""
+        if self.closed:
+            raise ValueError("I/O operation on closed file.")
         while not self._pending:
-            if self._chunks is None:
-                return 0
+            if self._position >= self._end:
+                return b""
             try:
-                chunk = next(self._chunks)
+                if self._chunks is None:
+                    result = self._get(self._position, self._end)
+                    self._chunks = iter(result.stream(min_chunk_size=READ_CHUNK))
+                self._pending = memoryview(next(self._chunks)).cast("B")
             except StopIteration:
                 self._chunks = None
-                return 0
+                return b""
             except BaseError as e:
                 self._chunks = None
                 raise _unavailable(e, "a read") from None
-            self._pending = memoryview(chunk).cast("B")
-        count = min(len(buffer), len(self._pending))
-        memoryview(buffer).cast("B")[:count] = self._pending[:count]
-        self._pending = self._pending[count:]
-        return count
+        piece = bytes(self._pending[:limit])
+        self._pending = self._pending[limit:]
+        self._position += len(piece)
+        return piece
 
     def close(self) -> None:
         self._chunks = None
@@ -351,22 +386,25 @@ class S3BlobStore:
     def open(self, key: str, byte_range: Range | None = None) -> BinaryIO:
         """A stream of the object at `key` (or of bytes [start, end) of it); the body is read
         as the caller reads, never held whole."""
-        options: dict[str, Any] = {}
         if byte_range is not None:
             start, end = byte_range
             if start < 0 or end < start:
                 raise ValueError(f"not a byte range: {byte_range}")
             if end == start:
                 return io.BytesIO(b"")  # type: ignore[return-value]
-            options["range"] = (start, end)
+
+        def get(start: int, end: int | None) -> Any:
+            ranged = {"range": (start, end)} if end is not None else None
+            return obstore.get(self._store, key, options=ranged)
+
         try:
-            result = obstore.get(self._store, key, options=options or None)
+            first = get(*byte_range) if byte_range is not None else get(0, None)
         except (FileNotFoundError, NotFoundError):
             raise _missing(key) from None
         except BaseError as e:
             raise _unavailable(e, "a read") from None
-        reader = _ObjectReader(iter(result.stream(min_chunk_size=READ_CHUNK)))
-        return io.BufferedReader(reader, READ_CHUNK)  # type: ignore[return-value]
+        start, end = first.range  # a range past the end is cut short, as a file's read is
+        return _ObjectReader(get, start, end, first)  # type: ignore[return-value]
 
     def exists(self, key: str) -> bool:
         try:
