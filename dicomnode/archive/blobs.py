@@ -32,24 +32,20 @@ from __future__ import annotations
 import collections
 import ctypes
 import ctypes.util
-import errno
 import hashlib
 import io
-import itertools
 import os
 import re
 import shutil
 import socket
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
 from dicomnode.archive.blobstore import (
     CACHE_PREFIX,
     SPECIAL_PREFIXES,
-    Leftover,
     Placement,
     Placements,
     Range,
@@ -57,12 +53,18 @@ from dicomnode.archive.blobstore import (
     blob_key,
     withdraw_placed,
 )
+from dicomnode.archive.fsutil import (
+    NO_HARD_LINKS,
+    OPEN_EXISTING,
+    OPEN_NEW,
+    TEMPORARY_SERIALS,
+    fsync_directory,
+    running,
+)
+from dicomnode.archive.journal import JournalPlacement, PlacementJournal  # noqa: F401
 
 _sync_data = getattr(os, "fdatasync", os.fsync)  # the data and the size; no timestamps
-_OPEN_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-_OPEN_EXISTING = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
 _SYNC_FILE_RANGE_WRITE = 2  # Linux: start writing dirty pages out, do not wait
-_NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS}
 
 
 def _writeback_starter() -> Callable[[int], None]:
@@ -84,7 +86,6 @@ def _writeback_starter() -> Callable[[int], None]:
 
 
 _start_writeback = _writeback_starter()
-_TEMPORARY_SERIALS = itertools.count()  # names of this process's temporary files
 # The host a temporary file's writer runs on: several hosts may share the blob volume, and a
 # process id means nothing on another host. Another host's leftover is judged stale by age.
 _HOST = re.sub(r"[^A-Za-z0-9.-]", "_", socket.gethostname()) or "host"
@@ -190,7 +191,7 @@ class PendingBlob:
                 _put_into(os.link, self._tmp, target, created)
             except FileExistsError:
                 try:
-                    existing = os.open(target, _OPEN_EXISTING)  # same content, perhaps unsynced
+                    existing = os.open(target, OPEN_EXISTING)  # same content, perhaps unsynced
                 except FileNotFoundError:
                     continue  # deleted meanwhile: this file takes the name after all
                 try:
@@ -199,7 +200,7 @@ class PendingBlob:
                     os.close(existing)
                 return
             except OSError as e:
-                if e.errno not in _NO_HARD_LINKS:
+                if e.errno not in NO_HARD_LINKS:
                     raise
                 _sync_data(fd)
                 _put_into(os.replace, self._tmp, target, created)
@@ -219,109 +220,6 @@ class PendingBlob:
         if fd is not None:
             os.close(fd)
         self._tmp.unlink(missing_ok=True)
-
-
-@dataclass
-class JournalPlacement:
-    """A placement journal entry: the file `path`, recording the placing of `key`."""
-
-    path: Path
-    key: str
-
-
-_WITHDRAWN = "w"  # marks a withdrawn entry's writer part: ``<pid>-<serial>w+<key>``
-
-
-class PlacementJournal:
-    """The filesystem's `Placements`: one entry per placing,
-    ``<pid>-<serial>+<key, '/' as '+'>`` in `folder` (outside the store's root, so nothing
-    that reads the store sees it), a hard link of the blob's file made before the blob is
-    named, so the blob's own sync makes it durable too (an empty file where hard links cannot
-    be made). The outcomes: settled (filed, and durable in the index), withdrawn (refused:
-    the entry renamed ``...w+...`` and synced, the blob removed, the entry removed), or left
-    for recovery (the process stopped before either: a sender that got no answer, or a power
-    loss that took the index row of one that got success). Entries of running processes
-    other than this one are another process's business (the folder is per node)."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-
-    def record(self, key: str, staged: Path | None = None) -> JournalPlacement:
-        """A new entry for placing `staged` at `key`; raises OSError."""
-        entry = self.folder / f"{os.getpid()}-{next(_TEMPORARY_SERIALS)}+{_flat(key)}"
-        for _attempt in range(2):
-            try:
-                if staged is None:
-                    raise OSError(errno.ENOSYS, "nothing to link")
-                os.link(staged, entry)
-            except FileNotFoundError:
-                self.folder.mkdir(parents=True, exist_ok=True)
-                continue
-            except OSError as e:
-                if e.errno not in _NO_HARD_LINKS and e.errno != errno.EXDEV:
-                    raise
-                os.close(os.open(entry, _OPEN_NEW, 0o600))
-            return JournalPlacement(entry, key)
-        raise FileNotFoundError(f"cannot record in {self.folder}")
-
-    def settle(self, placements: Iterable[Placement]) -> None:
-        for placement in placements:
-            assert isinstance(placement, JournalPlacement)
-            placement.path.unlink(missing_ok=True)
-
-    def withdraw(self, placement: Placement) -> bool:
-        assert isinstance(placement, JournalPlacement)
-        writer, _, flat = placement.path.name.partition("+")
-        if not writer.endswith(_WITHDRAWN):
-            marked = placement.path.with_name(f"{writer}{_WITHDRAWN}+{flat}")
-            os.replace(placement.path, marked)
-            fsync_directory(self.folder)
-            placement.path = marked
-        return not self._others(placement)
-
-    def forget(self, placement: Placement) -> None:
-        assert isinstance(placement, JournalPlacement)
-        placement.path.unlink(missing_ok=True)
-        fsync_directory(self.folder)
-
-    def _others(self, placement: JournalPlacement) -> bool:
-        """Whether an unsettled entry other than `placement`'s records a placing of its key."""
-        suffix = "+" + _flat(placement.key)
-        with os.scandir(self.folder) as entries:
-            return any(
-                e.name.endswith(suffix)
-                and e.name != placement.path.name
-                and not e.name.partition("+")[0].endswith(_WITHDRAWN)
-                for e in entries
-            )
-
-    def leftovers(self) -> list[Leftover]:
-        """The entries of processes no longer running, and this one's."""
-        found = []
-        try:
-            with os.scandir(self.folder) as entries:
-                listed = list(entries)
-        except FileNotFoundError:
-            return []
-        for entry in listed:
-            writer, _, flat = entry.name.partition("+")
-            pid = writer.split("-", 1)[0]
-            if not flat:
-                continue
-            if pid.isdigit() and int(pid) != os.getpid() and _running(int(pid)):
-                continue
-            try:
-                mtime = entry.stat().st_mtime
-            except FileNotFoundError:
-                continue
-            key = flat.replace("+", "/")
-            placement = JournalPlacement(Path(entry.path), key)
-            found.append(Leftover(placement, key, mtime, writer.endswith(_WITHDRAWN)))
-        return found
-
-
-def _flat(key: str) -> str:
-    return key.replace("/", "+")
 
 
 class FileBlobStore:
@@ -359,15 +257,15 @@ class FileBlobStore:
     def temporary_path(self, what: str = "") -> Path:
         """A fresh name under ``tmp/`` carrying this process's id and host:
         ``<pid>@<host>@<serial>.part``."""
-        return self.tmp / f"{os.getpid()}@{_HOST}@{what or next(_TEMPORARY_SERIALS)}.part"
+        return self.tmp / f"{os.getpid()}@{_HOST}@{what or next(TEMPORARY_SERIALS)}.part"
 
     def _new_temporary(self, what: str = "") -> tuple[Path, int]:
         tmp = self.temporary_path(what)
         try:
-            return tmp, os.open(tmp, _OPEN_NEW, 0o600)
+            return tmp, os.open(tmp, OPEN_NEW, 0o600)
         except FileNotFoundError:
             self.tmp.mkdir(parents=True, exist_ok=True)
-            return tmp, os.open(tmp, _OPEN_NEW, 0o600)
+            return tmp, os.open(tmp, OPEN_NEW, 0o600)
 
     def write(self, key: str, chunks: Sequence[bytes]) -> None:
         """Write `chunks` to `key` durably (`begin`, `PendingBlob.place`, `settle`)."""
@@ -578,17 +476,7 @@ def _being_written(leftover: Path) -> bool:
             return time.time() - leftover.stat().st_mtime < FOREIGN_TEMPORARY_SECONDS
         except FileNotFoundError:
             return True
-    return pid.isdigit() and int(pid) != os.getpid() and _running(int(pid))
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process
-    return True
+    return pid.isdigit() and int(pid) != os.getpid() and running(int(pid))
 
 
 def _write_all(fd: int, chunks: Sequence[bytes]) -> int:
@@ -620,12 +508,3 @@ def _put_into(
             folder = folder.parent
         target.parent.mkdir(parents=True, exist_ok=True)
     move(tmp, target)
-
-
-def fsync_directory(directory: Path) -> None:
-    """Make a rename or a new entry in `directory` durable."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
