@@ -16,6 +16,7 @@ from typing import Any
 
 from dicomnode import governance
 from dicomnode.archive import Archive, received
+from dicomnode.archive.approvals import ApprovalStore
 from dicomnode.archive.blobs import PendingBlob
 from dicomnode.core.errors import (
     DatasetMismatch,
@@ -29,7 +30,7 @@ from dicomnode.core.model import IngestResult, LedgerKind, Source
 from dicomnode.core.times import utc_now
 from dicomnode.core.turns import ANY_TIME, Turn
 from dicomnode.core.uids import validate_uid
-from dicomnode.governance import audit_events
+from dicomnode.governance import approvals, audit_events
 
 log = logging.getLogger("dicomnode.intake")
 
@@ -268,6 +269,15 @@ class Intake:
         processed), announce them like any arrival, and record the release."""
         study_uid = validate_uid(study_uid, "StudyInstanceUID")
         held = self.archive.registry.quarantined(study_uid=study_uid)
+        four_eyes = ApprovalStore(self.archive.index, self.archive.ledger)  # item 44
+        four_eyes.gate(
+            approvals.RELEASE_HELD,
+            {"study": study_uid},
+            f"release {len(held)} held objects of study {study_uid}",
+            bool(held)
+            and approvals.needs_approval(approvals.RELEASE_HELD, four_eyes.four_eyes_in_force()),
+            self.clock(),
+        )
         results = []
         for item in held:
             obj = received.from_part10(self.archive.read_blob(item))
