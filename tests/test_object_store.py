@@ -132,7 +132,7 @@ def test_a_stream_seeks_as_a_file_does(store: BlobStore) -> None:
         assert stream.seek(0, io.SEEK_END) == len(data)
         assert stream.seek(-10, io.SEEK_END) == len(data) - 10 and stream.read() == data[-10:]
         assert stream.seek(128) == 128 and stream.read(4) == b"DICM" and stream.tell() == 132
-        assert ds.PixelData == pydicom.dcmread(io.BytesIO(data)).PixelData  # read when asked
+    assert ds.PixelData == pydicom.dcmread(io.BytesIO(data)).PixelData  # deferred, read now
     with store.open(key, (len(data) - 4, len(data) + 100)) as tail:
         assert tail.read() == data[-4:]
 

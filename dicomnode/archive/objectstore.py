@@ -129,10 +129,6 @@ def _unavailable(error: BaseException, doing: str) -> ObjectStoreUnavailable:
     return ObjectStoreUnavailable(f"the object store failed {doing}; try again later")
 
 
-def _missing(key: str) -> FileNotFoundError:
-    return FileNotFoundError(f"no blob at {key}")
-
-
 class PendingObject:
     """An object's bytes held for a put (`S3BlobStore.begin`): no local file."""
 
@@ -207,7 +203,9 @@ class PendingObject:
 class _ObjectReader(io.BufferedIOBase):
     """An object's bytes [start, end) as a seekable stream: read chunk by chunk from one GET;
     a seek drops it, and the next read asks for the rest of the range from the new place.
-    Not an io.BufferedReader: pydicom takes one for a file it can open again by name."""
+    Not an io.BufferedReader: pydicom takes one for a file it can open again by name; for
+    any other stream its deferred reads seek back into it, also once its reader closed it,
+    so a read after `close` fetches just the bytes asked for (as a file opened again would)."""
 
     def __init__(self, get: Callable[[int, int], Any], start: int, end: int, first: Any) -> None:
         super().__init__()
@@ -246,8 +244,8 @@ class _ObjectReader(io.BufferedIOBase):
     def _take(self, limit: int) -> bytes:
         """Up to `limit` bytes of the chunk at hand, fetching the next one when it is used up;
         b"" at the end."""
-        if self.closed:
-            raise ValueError("I/O operation on closed file.")
+        if self.closed:  # a deferred read (pydicom): fetch just these bytes, keep nothing open
+            return self._fetch(limit)
         while not self._pending:
             if self._position >= self._end:
                 return b""
@@ -267,6 +265,17 @@ class _ObjectReader(io.BufferedIOBase):
         self._position += len(piece)
         return piece
 
+    def _fetch(self, limit: int) -> bytes:
+        if self._position >= self._end:
+            return b""
+        try:
+            result = self._get(self._position, min(self._end, self._position + limit))
+            piece = bytes(result.bytes())
+        except BaseError as e:
+            raise _unavailable(e, "a read") from None
+        self._position += len(piece)
+        return piece
+
     def close(self) -> None:
         self._chunks = None
         self._pending = memoryview(b"")
@@ -279,7 +288,7 @@ class S3BlobStore:
 
     def __init__(self, location: S3Location, placements: Placements | None = None) -> None:
         self.location = location
-        self._placements = placements
+        self.placements: Placements = placements  # type: ignore[assignment]  # set before use
         retry = timedelta(seconds=location.timeout_seconds)
         client: dict[str, Any] = {
             "allow_http": location.endpoint.startswith("http://"),
@@ -314,16 +323,6 @@ class S3BlobStore:
             **credentials,
         )
         self._probe_name = f"{socket.gethostname()}-{os.getpid()}"
-
-    @property
-    def placements(self) -> Placements:
-        if self._placements is None:
-            raise RuntimeError("the object store was given no Placements")
-        return self._placements
-
-    @placements.setter
-    def placements(self, placements: Placements) -> None:
-        self._placements = placements
 
     # --- writing ----------------------------------------------------------------------------
 
@@ -400,7 +399,7 @@ class S3BlobStore:
         try:
             first = get(*byte_range) if byte_range is not None else get(0, None)
         except (FileNotFoundError, NotFoundError):
-            raise _missing(key) from None
+            raise FileNotFoundError(f"no blob at {key}") from None
         except BaseError as e:
             raise _unavailable(e, "a read") from None
         start, end = first.range  # a range past the end is cut short, as a file's read is
@@ -417,7 +416,7 @@ class S3BlobStore:
         try:
             return int(obstore.head(self._store, key)["size"])
         except (FileNotFoundError, NotFoundError):
-            raise _missing(key) from None
+            raise FileNotFoundError(f"no blob at {key}") from None
         except BaseError as e:
             raise _unavailable(e, "a read") from None
 
@@ -499,18 +498,13 @@ class S3BlobStore:
         """Nothing is staged locally: nothing to discard."""
         return 0
 
-    # The filesystem store's names the archive still calls (until it calls only the protocol).
-    discard_partial_writes = recover
-    relative_path = staticmethod(blob_key)
-
-    def discard_spares(self) -> None:
-        """No spare files: nothing to discard."""
-
     def prepare_spare(self) -> None:
-        """Nothing to prepare for a put."""
+        """Nothing to prepare for a put; nothing held open to close (`close`), no spare files
+        to discard (`discard_spares`, a filesystem store's name the archive still calls)."""
 
-    def close(self) -> None:
-        """Nothing held open (the HTTP client's connections close with it)."""
+    close = discard_spares = prepare_spare
+    discard_partial_writes = recover  # the filesystem store's names the archive still calls
+    relative_path = staticmethod(blob_key)
 
 
 def _names_a_hash(key: str) -> bool:
