@@ -118,3 +118,57 @@ def test_four_eyes_in_the_browser_in_english_and_korean(node, chromium, shots): 
     ]
     dpo_context.close()
     dep_context.close()
+
+
+def test_break_glass_share_links_and_recipients_pages_in_the_browser(node, chromium, shots):  # noqa: F811
+    """The other oversight pages in Chromium: the DPO opens a break-glass grant for a
+    clinician and reviews it (English), creates a share link that is shown once and revokes it,
+    and reads the recipients' copies page in Korean."""
+    base = f"http://127.0.0.1:{node.http_port}"
+    context, page = sign_in(chromium, base, "dpo1", "en-US")
+    page.goto(f"{base}/governance/break-glass")
+    page.fill("#open-grant input[name=requester]", "er-doctor")
+    page.fill("#open-grant input[name=patient_id]", "P1")
+    page.fill("#open-grant input[name=reason]", "trauma bay, prior CT needed now")
+    page.click("#open-grant button[type=submit]")
+    page.wait_for_url(f"{base}/governance/break-glass")
+    assert "1 grants wait for the DPO" in page.inner_text("#unreviewed")
+    row = page.locator("tr#break-glass-1")
+    assert "er-doctor" in row.inner_text() and "not reviewed" in row.inner_text()
+    shots(page, "oversight-01-break-glass-en")
+    row.locator("input[name=note]").fill("called the ED: justified")
+    row.locator("button[type=submit]").click()
+    page.wait_for_url(f"{base}/governance/break-glass")
+    assert "Reviewed: dpo:dpo1" in page.locator("tr#break-glass-1").inner_text()
+    assert page.locator("#unreviewed").count() == 0
+
+    page.goto(f"{base}/governance/share-links")
+    page.fill("#create-link input[name=study]", "1.2.826.0.1.1")
+    page.fill("#create-link input[name=recipient]", "lab")
+    page.click("#create-link button[type=submit]")
+    link = page.inner_text("#new-link")
+    assert "/share/" in link and link.endswith("/studies/1.2.826.0.1.1")
+    shots(page, "oversight-02-share-link-en")
+    page.goto(f"{base}/governance/share-links")
+    assert page.locator("#new-link").count() == 0  # shown once
+    page.click("tr#share-link-1 button[type=submit]")
+    assert "revoked" in page.inner_text("tr#share-link-1")
+
+    page.goto(f"{base}/governance/recipients?lang=ko")
+    assert "수령자가 보유한 사본" in page.inner_text("main")
+    assert "수령자에게 보낼 통지" in page.inner_text("main")
+    shots(page, "oversight-03-recipients-ko")
+    page.goto(f"{base}/governance/break-glass")  # the language is kept in the session
+    assert "긴급 접근" in page.inner_text("h1") and "검토됨" in page.inner_text("tr#break-glass-1")
+    context.close()
+    kinds = [
+        (e.kind, e.outcome)
+        for e in node.archive.ledger.entries()
+        if e.kind in ("break_glass", "share_link")
+    ]
+    assert kinds == [
+        ("break_glass", "granted"),
+        ("break_glass", "reviewed"),
+        ("share_link", "created"),
+        ("share_link", "revoked"),
+    ]
