@@ -255,6 +255,7 @@ S3_STAY_ON_FILES: dict[str, str] = {  # test -> why it keeps the filesystem stor
         ),
         "compares blob files on disk",
     ),
+    "test_metadata_at_every_level_with_bulk_data_uris": "counts cached metadata files",
 }
 
 
