@@ -219,3 +219,29 @@ def test_removing_the_last_deputy_needs_a_second_person(node, four_eyes):
     assert not four_eyes.in_force()
     with pytest.raises(NotPermitted, match="only a DPO"):
         four_eyes.name_deputy("aud1", "dpo:aud1", by_is_dpo=False)
+
+
+def test_releasing_held_objects_waits_for_a_second_person(start_node, tmp_path):
+    from tests.conftest import run_dcmtk
+    from tests.factory import write_series
+
+    node = start_node(peers=[WORKSTATION])
+    publish_days_ago(node, policy_text(unknown_sender="hold"))
+    files = write_series(tmp_path / "in", 2, patient_id="P7")
+    sent = run_dcmtk(
+        "storescu", "-aet", "STRANGER", "-aec", "DICOMNODE", "127.0.0.1",
+        str(node.dimse.port), *map(str, files),
+    )  # fmt: skip
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    study = node.archive.registry.quarantined()[0].study_instance_uid
+    approvals = Approvals(node.stewardship, node.intake)
+    approvals.name_deputy("dep1", "dpo:dpo1", by_is_dpo=True)
+
+    response = governance_api(node, "POST", f"/held/{study}/release")  # token subject "dpo"
+    request_id = pending_id(response)
+    assert len(node.archive.registry.quarantined()) == 2 and c_find(node, PatientID="P7")[1] == []
+    with pytest.raises(NotPermitted, match="own request"):
+        approvals.approve(request_id, "account:dpo", approver_is_dpo=True)
+    done = approvals.approve(request_id, "dpo:dep1", approver_is_dpo=False)
+    assert done.outcome == {"released": 2}
+    assert node.archive.registry.quarantined() == [] and len(c_find(node, PatientID="P7")[1]) == 1
