@@ -26,6 +26,8 @@ from joserfc.errors import JoseError
 from joserfc.jwk import KeySet, RSAKey
 
 from dicomnode.config import AuthSettings
+from dicomnode.core.model import PatientIdentity
+from dicomnode.governance import patient_scope
 
 log = logging.getLogger("dicomnode.auth")
 
@@ -41,6 +43,14 @@ JWKS_REFRESH_SECONDS = 300  # the provider's key set is re-read this often
 JWKS_MIN_REFETCH_SECONDS = 30  # and at most this often when a token names an unknown key
 VERIFIED_TOKEN_SECONDS = 60  # a verified token is trusted again for this long (never past exp)
 VERIFIED_TOKENS_KEPT = 4096
+# What QIDO and WADO need per method: a GET is served to a patient-bound token too (item 40)
+READ_OR_PATIENT = f"dicomweb.read|{patient_scope.PATIENT_READ}"
+PATIENT_AWARE_SCOPES = {
+    "GET": READ_OR_PATIENT,
+    "HEAD": READ_OR_PATIENT,
+    "POST": "dicomweb.write",
+    "DELETE": "dicomweb.delete",
+}
 
 
 class AuthError(Exception):
@@ -59,10 +69,13 @@ class Principal:
     issuer: str
     scopes: frozenset[str]
     purpose: str | None = None  # purpose of use the token states (IHE IUA), if any
+    patient: PatientIdentity | None = None  # the one patient a patient-bound token reads
 
     def require(self, scope: str) -> None:
-        if scope not in self.scopes:
-            raise ScopeError(f"this request needs the {scope} scope")
+        """ScopeError unless the token has `scope` (``a|b``: either of them)."""
+        wanted = scope.split("|")
+        if not self.scopes.intersection(wanted):
+            raise ScopeError(f"this request needs the {' or '.join(wanted)} scope")
 
 
 def issue_token(
@@ -72,10 +85,15 @@ def issue_token(
     scopes: list[str],
     expires_in: int,
     purpose: str | None = None,
+    patient: PatientIdentity | None = None,
 ) -> str:
     """A token signed by the node's key for `subject` with `scopes`, valid `expires_in` seconds
-    (with a ``purpose_of_use`` claim when `purpose` is given)."""
-    unknown = sorted(set(scopes) - set(SCOPES))
+    (with a ``purpose_of_use`` claim when `purpose` is given; bound to `patient`, with the
+    ``patient/*.read`` scope, when one is given)."""
+    if patient is not None:
+        scopes = [*scopes, patient_scope.PATIENT_READ]
+    allowed = set(SCOPES) | {patient_scope.PATIENT_READ}
+    unknown = sorted(set(scopes) - allowed)
     if unknown:
         raise ValueError(f"unknown scopes {unknown}; known: {', '.join(SCOPES)}")
     now = int(time.time())
@@ -91,6 +109,8 @@ def issue_token(
     }
     if purpose:
         claims["purpose_of_use"] = purpose
+    if patient is not None:
+        claims["patient"] = {"id": patient.patient_id, "issuer": patient.issuer or ""}
     return jwt.encode({"alg": "RS256", "kid": key.thumbprint()}, claims, key)
 
 
@@ -177,8 +197,14 @@ class TokenVerifier:
         expires = claims["exp"]
         if isinstance(expires, bool) or not isinstance(expires, int | float):
             raise AuthError("the bearer token's exp claim is not a number")
-        scopes = _scopes(claims)
-        principal = Principal(str(claims["sub"]), issuer, frozenset(scopes), purpose_of_use(claims))
+        scopes = frozenset(_scopes(claims))
+        try:
+            patient = patient_scope.binding(claims, scopes)
+        except patient_scope.PatientClaimError as e:
+            raise AuthError(str(e)) from e
+        if patient is not None:  # a patient-bound token reads that patient, and nothing else
+            scopes = patient_scope.patient_read_scopes(scopes)
+        principal = Principal(str(claims["sub"]), issuer, scopes, purpose_of_use(claims), patient)
         return principal, float(expires) + self.settings.leeway
 
 

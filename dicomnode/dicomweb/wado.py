@@ -15,7 +15,7 @@ from io import BytesIO
 from typing import BinaryIO
 
 import pydicom
-from flask import Blueprint, Response, jsonify, request, stream_with_context
+from flask import Blueprint, Response, g, jsonify, request, stream_with_context
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from dicomnode.core.errors import InvalidInput, NotFound
@@ -23,9 +23,11 @@ from dicomnode.core.model import Level, StoredInstance
 from dicomnode.core.uids import validate_uid
 from dicomnode.dicomweb import media, pixels, render
 from dicomnode.dicomweb.access import base_url, requester, require_token, services
+from dicomnode.dicomweb.auth import PATIENT_AWARE_SCOPES, ScopeError
 from dicomnode.dicomweb.dicomjson import dataset_to_json, json_to_xml, resolve_bulk_path
 from dicomnode.dicomweb.errors import NotAcceptable
 from dicomnode.dicomweb.multipart import new_boundary, stream_chunks, stream_multipart
+from dicomnode.governance import patient_scope
 
 log = logging.getLogger("dicomnode.wado")
 
@@ -41,6 +43,8 @@ def _filters(
     if instance is not None:
         filters.append(("SOPInstanceUID", validate_uid(instance, "SOPInstanceUID")))
         level = Level.IMAGE
+    if g.principal.patient is not None:  # a patient-bound token: that patient's objects only
+        filters += patient_scope.retrieval_keys(g.principal.patient)
     return level, tuple(filters)
 
 
@@ -49,6 +53,8 @@ def _instances(
 ) -> list[StoredInstance]:
     level, filters = _filters(study, series, instance)
     found = services().egress.retrieve(level, filters, requester(), "wado", service=service)
+    if not found and g.principal.patient is not None:  # another patient's, or not held: alike
+        raise ScopeError("this token reads one patient's studies; this is not one of them")
     if not found:
         raise NotFound(f"no instances at {request.path.removeprefix('/dicomweb')}")
     return found
@@ -426,7 +432,7 @@ def delete(
 
 def wado_blueprint() -> Blueprint:
     bp = Blueprint("wado", __name__)
-    require_token(bp)
+    require_token(bp, PATIENT_AWARE_SCOPES)
     study_url = "/studies/<study>"
     series_url = study_url + "/series/<series>"
     instance_url = series_url + "/instances/<instance>"
