@@ -35,9 +35,10 @@ class Protocol(StrEnum):
     CLI = "cli"  # the dicomnode command (shares, imports)
     DPO_PAGES = "dpo-pages"  # the DPO's web pages
     RECOVERY = "recovery"  # filed again at start from what a crash left
+    APPROVAL = "approval"  # a change carried out once a second person approved it
 
 
-class Transport(StrEnum):
+class TransportKind(StrEnum):
     """How a delivery reaches its target (`Target.transport`)."""
 
     DIMSE = "dimse"  # C-STORE to a configured peer
