@@ -416,7 +416,15 @@ def test_a_stopped_server_is_a_storage_failure_then_recovers(
         s3 = new_s3_store(server, tmp_path, timeout_seconds=5.0)
         key, data = ct_key_and_bytes()
         s3.write(key, [data])
+        refused_key, refused = ct_key_and_bytes()
+        placed = s3.begin([refused])
+        placed.place(refused_key)
         server.kill()
+        with pytest.raises(ObjectStoreUnavailable):
+            placed.withdraw()  # refused, but its object cannot be deleted now
+        (left,) = s3.placements.leftovers()
+        assert left.key == refused_key and left.withdrawn  # recovery deletes it later
+        s3.placements.forget(left.placement)
         other_key, other = ct_key_and_bytes()
         blob = s3.begin([other])
         started = time.monotonic()

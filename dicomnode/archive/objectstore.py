@@ -48,7 +48,6 @@ from dicomnode.archive.blobstore import (
     StoreUsage,
     blob_key,
     key_hash,
-    withdraw_placed,
 )
 from dicomnode.archive.received import dataset_sha256s
 from dicomnode.core.errors import ConfigError, DuplicateConflict, StorageUnavailable
@@ -187,13 +186,17 @@ class PendingObject:
             self._store.placements.settle([placement])
 
     def withdraw(self) -> None:
-        """Remove the blob when this placing created it (`withdraw_placed`). After a failed
-        put that may have stored the object, the record is left for recovery instead: an
-        identical object placed by someone else may be what the key holds."""
-        if self._unsure:
-            self.placement = None  # recovery judges it: indexed, filed again, or removed
+        """Mark the record withdrawn, remove the object when this placing created it and no
+        other counts on it, then forget the record; when the removal fails (the server is
+        down) the withdrawn record stays, and recovery removes the object. After a failed put
+        that may have stored the object, the record is left as it is: an identical object
+        placed by someone else may be what the key holds, and recovery judges it."""
+        placement, self.placement = self.placement, None
+        if placement is None or self._unsure:
             return
-        withdraw_placed(self, self._store)
+        if self._store.placements.withdraw(placement) and self.named:
+            self._store.delete(self.key)  # raises: the withdrawn record stays
+        self._store.placements.forget(placement)
 
     def abandon(self) -> None:
         self._placed = True
