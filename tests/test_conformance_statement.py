@@ -157,7 +157,7 @@ def stored(node):
         AcquisitionDateTime="20240315101650",
         NumberOfFrames=1,
     )
-    node.intake.receive_part10(part10(ds), Source("test"))
+    node.intake.receive_part10(part10(ds), Source("cli"))
     return ds
 
 
@@ -352,7 +352,7 @@ def test_as_storage_scu_the_node_proposes_what_the_statement_says(node, stored, 
     """3.2.2.2 and Table 3-3's SCU column, watched from a C-MOVE destination."""
     rle = make_ct("CONF3", "Move^Me", size=16)
     rle.compress(RLELossless)
-    node.intake.receive_part10(part10(rle), Source("test"))
+    node.intake.receive_part10(part10(rle), Source("cli"))
     always = {r["UID"] for r in table("3-3") if r["SCU proposes"] == "Always"}
     assert always == {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}
     for study in (stored.StudyInstanceUID, rle.StudyInstanceUID):
@@ -452,7 +452,7 @@ def test_character_sets(node, row):
     spec = table("5-1")[row]
     patient_id = f"CS{row}"
     ds = make_ct(patient_id, spec["Name"], SpecificCharacterSet=charset_value(spec["Stored in"]))
-    node.intake.receive_part10(part10(ds), Source("test"))
+    node.intake.receive_part10(part10(ds), Source("cli"))
     asked = Dataset()
     asked.SpecificCharacterSet = charset_value(spec["Queried in"])
     asked.QueryRetrieveLevel = "STUDY"
@@ -507,7 +507,7 @@ def test_every_route_is_served_with_its_scope(node, stored, row):
     if method in ("POST", "DELETE"):
         ds = make_ct(f"ROUTE{row}", "Route^Test", size=8)
         if method == "DELETE":
-            node.intake.receive_part10(part10(ds), Source("test"))
+            node.intake.receive_part10(part10(ds), Source("cli"))
         body, content_type = multipart_body([ds]) if method == "POST" else (b"", None)
     url = route_url(node, spec["Route"], ds)
     extra = {"Content-Type": content_type} if content_type else {}
@@ -614,7 +614,7 @@ def test_cget_sends_as_stored_or_decompressed(node, offered):
     Endian."""
     rle = make_ct(f"CGET-{offered}", "Get^Me", size=16)
     rle.compress(RLELossless)
-    node.intake.receive_part10(part10(rle), Source("test"))
+    node.intake.receive_part10(part10(rle), Source("cli"))
     syntaxes = [RLELossless] if offered == "rle" else ["1.2.840.10008.1.2.1"]
     ae = AE(CALLER)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)

@@ -55,7 +55,7 @@ def node(request, tmp_path_factory):
                 )
                 buffer = BytesIO()
                 ds.save_as(buffer, enforce_file_format=True)
-                node.intake.receive_part10(buffer.getvalue(), Source("test"))
+                node.intake.receive_part10(buffer.getvalue(), Source("cli"))
     yield node
     node.stop()
 

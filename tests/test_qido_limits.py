@@ -34,7 +34,7 @@ def node(request, tmp_path_factory):
         ds = make_ct(f"L{number}", f"Doe^Jane{number}", SeriesNumber=number + 1)
         buffer = BytesIO()
         ds.save_as(buffer, enforce_file_format=True)
-        node.intake.receive_part10(buffer.getvalue(), Source("test"))
+        node.intake.receive_part10(buffer.getvalue(), Source("cli"))
     yield node
     node.stop()
 

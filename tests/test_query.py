@@ -105,7 +105,7 @@ def searched(request, tmp_path_factory):
         )
         buffer = BytesIO()
         ds.save_as(buffer, enforce_file_format=True)
-        archive.store(from_part10(buffer.getvalue()), Source("test"))
+        archive.store(from_part10(buffer.getvalue()), Source("cli"))
     yield archive, records
     archive.close()
 

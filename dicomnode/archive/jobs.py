@@ -22,20 +22,28 @@ from sqlalchemy import Connection, select, update
 from dicomnode.archive import schema
 from dicomnode.archive.index import Index
 from dicomnode.archive.leases import any_due, claim_due, db_now, on_db_clock, retry_or_fail
+from dicomnode.core.enums import JobState
 from dicomnode.core.errors import NotFound
 from dicomnode.core.times import as_utc
 
-QUEUED, RUNNING, DONE, FAILED, SKIPPED = "queued", "running", "done", "failed", "skipped"
+# The job states are dicomnode.core.enums.JobState; these names are kept for the callers.
+QUEUED, RUNNING, DONE, FAILED, SKIPPED = (
+    JobState.QUEUED,
+    JobState.RUNNING,
+    JobState.DONE,
+    JobState.FAILED,
+    JobState.SKIPPED,
+)
 # Governance states: awaiting governance (not allowed now, e.g. consent missing or processing
 # restricted; it runs again when that changes) and cancelled (consent withdrawn or refused).
-AWAITING_GOVERNANCE, CANCELLED = "held", "cancelled"
+AWAITING_GOVERNANCE, CANCELLED = JobState.HELD, JobState.CANCELLED
 # "awaiting governance" is stored and shown as "held" (unchanged, so data and API stay
 # readable); it is neither intake's quarantine nor a legal hold. HELD: the former name.
 HELD = AWAITING_GOVERNANCE
 # Minimum data: the unit does not fit the analyzer clinically (a head CT for a lung analysis);
 # it is not processed, and the reason is the job's error.
-NOT_APPLICABLE = "not-applicable"
-STATES = (QUEUED, RUNNING, DONE, FAILED, SKIPPED, HELD, CANCELLED, NOT_APPLICABLE)
+NOT_APPLICABLE = JobState.NOT_APPLICABLE
+STATES = tuple(JobState)
 COLLECTING = "collecting"
 
 

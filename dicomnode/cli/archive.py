@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from dicomnode.cli.common import command, with_archive, with_services
+from dicomnode.core.enums import JobState
 
 
 @with_archive
@@ -70,16 +71,7 @@ def _analysis_run(args: argparse.Namespace, node: Any) -> int:
     return 0
 
 
-JOB_STATES = (
-    "queued",
-    "running",
-    "done",
-    "failed",
-    "skipped",
-    "held",
-    "cancelled",
-    "not-applicable",
-)
+JOB_STATES = tuple(s.value for s in JobState)
 
 
 def add_parsers(commands: Any) -> None:

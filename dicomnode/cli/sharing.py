@@ -8,8 +8,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from dicomnode.cli.common import command, who, with_archive, with_services
+from dicomnode.core.enums import DeliveryState
 
-DELIVERY_STATES = ("queued", "sending", "done", "failed", "denied", "cancelled")
+DELIVERY_STATES = tuple(s.value for s in DeliveryState)
 
 
 def _print_delivery(delivery: Any) -> None:

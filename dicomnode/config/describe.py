@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable, Iterator
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -208,10 +208,6 @@ def describe(cls: type, section: str = "") -> Iterator[Described | Heading]:
 def keys(cls: type) -> list[Described]:
     """Every key under `cls`."""
     return [d for d in describe(cls) if isinstance(d, Described)]
-
-
-def has_default(f: Any) -> bool:
-    return f.default is not MISSING or f.default_factory is not MISSING
 
 
 # Checks: each returns the problem with a value, or None.

@@ -7,6 +7,8 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
+from dicomnode.core.enums import Protocol, coerce
+
 
 class LedgerKind(StrEnum):
     """What a ledger entry records."""
@@ -36,11 +38,14 @@ class Level(StrEnum):
 class Source:
     """Who sent or asked: the protocol, the caller's AE title or user, and their address."""
 
-    protocol: str  # "dimse", "dicomweb", "analysis"
+    protocol: Protocol  # dimse, dicomweb, analysis, cli...; a string is coerced
     caller: str = ""
     address: str = ""
     peer: str | None = None  # configured peer name, when the caller is one
     purpose: str | None = None  # the purpose of use the caller states (token claim, CLI flag)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "protocol", coerce(Protocol, self.protocol, "Source.protocol"))
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,8 @@ from dicomnode import governance
 from dicomnode.archive import Archive
 from dicomnode.archive.auditlog import AuditLog
 from dicomnode.core.errors import NotPermitted
-from dicomnode.core.model import LedgerKind, Level, Query, Source, StoredInstance
+from dicomnode.core.ledger_events import DecisionRecord
+from dicomnode.core.model import Level, Query, Source, StoredInstance
 from dicomnode.core.times import utc_now
 from dicomnode.egress import break_glass
 from dicomnode.egress.transport import Transport
@@ -186,7 +187,7 @@ class Gate:
         recipient = (
             request.party.recipient_id or request.party.peer or request.party.token_subject or ""
         )
-        detail = {
+        fields: dict[str, Any] = {
             "operation": request.operation,
             "protocol": requester.protocol,
             "address": requester.address,
@@ -196,23 +197,20 @@ class Gate:
             "activity": decision.activity,
             "purpose": decision.purpose,
             "basis": decision.basis,
-            "consent_refs": list(decision.consent_refs),
+            "consent_refs": decision.consent_refs,
             "rule_id": decision.rule_id,
             "reason": decision.reason,
             "policy_version": decision.policy_version,
             "deid_profile": decision.deid_profile,
             "patient_ids": request.patient_ids,
             "study_instance_uids": request.study_instance_uids,
-            "denied_patients": list(decision.denied_patients),
+            "denied_patients": decision.denied_patients,
             "items": count,
-            **extra,
-            "disclosure_id": disclosure_id,
         }
-        if request.operation in ("analyze", "admit"):
-            kind = LedgerKind.PROCESSING
-        else:
-            kind = LedgerKind.DISCLOSURE if decision.allowed else LedgerKind.DENIAL
-        entry = self.archive.ledger.record(kind, requester.caller, outcome, detail)
+        # what the caller adds (a retrieval's instances, an export's recipient...) wins
+        record = DecisionRecord(**fields | extra | {"disclosure_id": disclosure_id})
+        kind = DecisionRecord.kind_of(request.operation, decision.allowed)
+        entry = self.archive.ledger.record(kind, requester.caller, outcome, record.as_details())
         if not decision.allowed:
             self._alert_refusal(
                 requester,
@@ -229,7 +227,7 @@ class Gate:
                 "requester": requester.caller,
                 "operation": request.operation,
                 "protocol": requester.protocol,
-                "recipient": detail["recipient"],
+                "recipient": record.recipient,
                 "activity": decision.activity,
                 "rule_id": decision.rule_id,
                 "policy_version": decision.policy_version,

@@ -9,6 +9,8 @@ from typing import Any, Protocol
 
 from pydicom.dataset import Dataset
 
+from dicomnode.core.enums import TransportKind, coerce
+
 
 @dataclass(frozen=True)
 class SendReport:
@@ -26,10 +28,15 @@ class SendReport:
 class Target:
     """Where a delivery goes: a configured DIMSE peer, or a DICOMweb STOW-RS endpoint."""
 
-    transport: str  # "dimse" | "stow"
+    transport: TransportKind  # dimse or stow; a string is coerced
     name: str
     peer: Any = None  # config.Peer for "dimse"
     url: str = ""  # for "stow"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "transport", coerce(TransportKind, self.transport, "Target.transport")
+        )
 
 
 @dataclass(frozen=True)
