@@ -25,8 +25,9 @@ from dicomnode.core.errors import (
     StorageUnavailable,
     storage_failure,
 )
+from dicomnode.core.ledger_events import AdmissionRefused, QuarantineReleased
 from dicomnode.core.metrics import Metrics
-from dicomnode.core.model import IngestResult, LedgerKind, Source
+from dicomnode.core.model import IngestResult, Source
 from dicomnode.core.times import utc_now
 from dicomnode.core.turns import ANY_TIME, Turn
 from dicomnode.core.uids import validate_uid
@@ -140,22 +141,19 @@ class Intake:
             facts = self.archive.registry.governed_facts([obj.patient_id])[obj.patient_id]
             admission = governance.admit(request, facts, policy, now)
             if admission.action == "refuse":
+                refused = AdmissionRefused(
+                    reason=admission.reason,
+                    rule_id=admission.rule_id,
+                    policy_version=admission.policy_version,
+                    protocol=source.protocol,
+                    sender=source.caller,
+                    address=source.address,
+                    patient_ids=(obj.patient_id,),
+                    study_instance_uids=(obj.study_instance_uid,),
+                    sop_instance_uids=(obj.sop_instance_uid,),
+                )
                 self.archive.ledger.record(  # a refusal is a decision: it is in the ledger
-                    LedgerKind.PROCESSING,
-                    source.caller or source.protocol,
-                    "refused",
-                    {
-                        "operation": "admit",
-                        "reason": admission.reason,
-                        "rule_id": admission.rule_id,
-                        "policy_version": admission.policy_version,
-                        "protocol": source.protocol,
-                        "sender": source.caller,
-                        "address": source.address,
-                        "patient_ids": [obj.patient_id],
-                        "study_instance_uids": [obj.study_instance_uid],
-                        "sop_instance_uids": [obj.sop_instance_uid],
-                    },
+                    refused.kind, source.caller or source.protocol, "refused", refused.as_details()
                 )
                 raise NotPermitted(
                     f"governance refused the object: {admission.reason} ({admission.rule_id})"
@@ -299,16 +297,17 @@ class Intake:
     def _drop_held(self, held: list[Any], by: str, outcome: str, method: str) -> None:
         if not held:
             return
-        detail = {
-            "operation": "admit",
-            "decision": outcome,
-            "method": method,
-            "patient_ids": sorted({h.patient_id for h in held}),
-            "study_instance_uids": sorted({h.study_instance_uid for h in held}),
-            "sop_instance_uids": [h.sop_instance_uid for h in held],
-            "reasons": sorted({h.reason for h in held}),
-        }
-        self.archive.registry.drop_quarantined([h.sop_instance_uid for h in held], by, outcome, detail)
+        record = QuarantineReleased(
+            decision=outcome,
+            method=method,
+            patient_ids=tuple(sorted({h.patient_id for h in held})),
+            study_instance_uids=tuple(sorted({h.study_instance_uid for h in held})),
+            sop_instance_uids=tuple(h.sop_instance_uid for h in held),
+            reasons=tuple(sorted({h.reason for h in held})),
+        )
+        self.archive.registry.drop_quarantined(
+            [h.sop_instance_uid for h in held], by, outcome, record.as_details()
+        )
         for item in held:
             self.archive.blobs.delete(item.blob_path)
 

@@ -25,9 +25,18 @@ from dicomnode.archive.ledger_views import LedgerViews
 from dicomnode.archive.query import identity_keys
 from dicomnode.archive.registry import LegalHold, Restriction
 from dicomnode.core.errors import InvalidInput, NotFound, NotPermitted
+from dicomnode.core.ledger_events import (
+    DeletionRefused,
+    ErasureDestruction,
+    ErasureRequest,
+    QuarantineDestroyed,
+    RecordsPurged,
+    RequestedDestruction,
+    RetentionDestruction,
+    RetentionSkipped,
+)
 from dicomnode.core.model import (
     ConsentRecord,
-    LedgerKind,
     Level,
     PublishedPolicy,
     Source,
@@ -402,16 +411,14 @@ class Stewardship:
         """Destroy objects held at intake (never filed), with a ledger entry."""
         if not held:
             return
+        destroyed = QuarantineDestroyed(
+            operation=operation,
+            patient_ids=tuple(sorted({h.patient_id for h in held})),
+            study_instance_uids=tuple(sorted({h.study_instance_uid for h in held})),
+            method="held blobs deleted, never filed",
+        )
         self.archive.registry.drop_quarantined(
-            [h.sop_instance_uid for h in held],
-            by,
-            "discarded",
-            {
-                "operation": operation,
-                "patient_ids": sorted({h.patient_id for h in held}),
-                "study_instance_uids": sorted({h.study_instance_uid for h in held}),
-                "method": "held blobs deleted, never filed",
-            },
+            [h.sop_instance_uid for h in held], by, "discarded", destroyed.as_details()
         )
         for item in held:
             self.archive.blobs.delete(item.blob_path)
@@ -462,40 +469,29 @@ class Stewardship:
                 sorted({i.study_instance_uid for i in destroy}), "retention: data destroyed", now
             )
         for item in skipped:
-            self.archive.ledger.record(
-                LedgerKind.DELETION,
-                by,
-                "skipped",
-                {
-                    "operation": "retention",
-                    "reason": item.reason,
-                    "rule_id": item.rule_id,
-                    "category": item.category,
-                    "expired_at": item.expires_at.isoformat() if item.expires_at else None,
-                    "policy_version": policy.version,
-                    "patient_ids": [item.patient_id],
-                    "study_instance_uids": [item.study_instance_uid],
-                },
+            kept = RetentionSkipped(
+                reason=item.reason,
+                rule_id=item.rule_id,
+                category=item.category,
+                expired_at=item.expires_at.isoformat() if item.expires_at else None,
+                policy_version=policy.version,
+                patient_ids=(item.patient_id,),
+                study_instance_uids=(item.study_instance_uid,),
             )
+            self.archive.ledger.record(kept.kind, by, "skipped", kept.as_details())
         if logs_rules:
             rule = max(logs_rules, key=lambda r: r.priority)
             cutoff = now - (rule.period.after(now) - now)
             records = self.archive.registry.purge_records(cutoff)
             if any(records.values()):
-                self.archive.ledger.record(
-                    LedgerKind.DELETION,
-                    by,
-                    "done",
-                    {
-                        "operation": "retention",
-                        "category": "logs",
-                        "rule_id": rule.id,
-                        "method": "index rows deleted",
-                        "removed": records,
-                        "finished_before": cutoff.isoformat(),
-                        "policy_version": policy.version,
-                    },
+                purged = RecordsPurged(
+                    rule_id=rule.id,
+                    method="index rows deleted",
+                    removed=records,
+                    finished_before=cutoff.isoformat(),
+                    policy_version=policy.version,
                 )
+                self.archive.ledger.record(purged.kind, by, "done", purged.as_details())
         log.info(
             "retention sweep: %d destroyed, %d kept under legal hold",
             len(destroy),
@@ -519,14 +515,13 @@ class Stewardship:
             (("StudyInstanceUID", item.study_instance_uid),),
             by,
             reason,
-            {
-                "operation": "retention",
-                "category": "analysis-results" if results_only else "study",
-                "rule_id": item.rule_id,
-                "expired_at": item.expires_at.isoformat() if item.expires_at else None,
-                "policy_version": version,
-                "recipients_with_copies": recipients,
-            },
+            RetentionDestruction(
+                category="analysis-results" if results_only else "study",
+                rule_id=item.rule_id,
+                expired_at=item.expires_at.isoformat() if item.expires_at else None,
+                policy_version=version,
+                recipients_with_copies=tuple(recipients),
+            ).as_details(),
             results_only=results_only,
             unless_held=True,  # a hold placed since the decision still wins
             received_before=decided_at,  # objects that arrived since are not part of it
@@ -571,19 +566,14 @@ class Stewardship:
         }
         reasons = self._reasons_to_keep(facts, policy, now, holds)
         studies = sorted(f.study_instance_uid for f in facts)
-        detail: dict[str, Any] = {
-            "request": "erase",
-            "patient_ids": [patient_id],
-            "issuer_of_patient_id": identity.issuer or "",
-            "study_instance_uids": studies,
-            "policy_version": policy.version,
-        }
+        request = ErasureRequest(
+            patient_ids=(patient_id,),
+            issuer_of_patient_id=identity.issuer or "",
+            study_instance_uids=tuple(studies),
+            policy_version=policy.version,
+        )
         if reasons:
-            reason = "erasure refused: " + "; ".join(reasons)
-            self.archive.ledger.record(
-                LedgerKind.SUBJECT, by, "refused", detail | {"reason": reason}
-            )
-            return SubjectOutcome(False, reason, {})
+            return self._erasure_refused(request, by, "erasure refused: " + "; ".join(reasons))
         removed = []
         if studies:
             copies = self._recipients_with_copies(set(studies))
@@ -593,19 +583,14 @@ class Stewardship:
                     identity_keys(identity),
                     by,
                     "erasure requested by the data subject",
-                    {
-                        "operation": "erase",
-                        "recipients_with_copies": [c for s in studies for c in copies.get(s, [])],
-                        "policy_version": policy.version,
-                    },
+                    ErasureDestruction(
+                        recipients_with_copies=tuple(c for s in studies for c in copies.get(s, [])),
+                        policy_version=policy.version,
+                    ).as_details(),
                     unless_held=True,  # a hold placed since the check above still wins
                 )
             except NotPermitted as e:
-                reason = f"erasure refused: {e}"
-                self.archive.ledger.record(
-                    LedgerKind.SUBJECT, by, "refused", detail | {"reason": reason}
-                )
-                return SubjectOutcome(False, reason, {})
+                return self._erasure_refused(request, by, f"erasure refused: {e}")
             except NotFound:  # gone meanwhile
                 removed = []
         cancelled = registry.cancel_work(studies, "the data subject's data was erased", now)
@@ -616,7 +601,8 @@ class Stewardship:
         }
         self._discard_held(held, by, "erase")
         changed = {"instances": len(removed), "held_objects": len(held), **cancelled}
-        self.archive.ledger.record(LedgerKind.SUBJECT, by, "erased", detail | changed)
+        erased = dataclasses.replace(request, changed=changed)
+        self.archive.ledger.record(erased.kind, by, "erased", erased.as_details())
         if removed and self.audit is not None and self.audit.source is not None:
             actor = Source("cli", by)
             self.audit.submit(
@@ -625,6 +611,11 @@ class Stewardship:
         return SubjectOutcome(
             True, f"erased {len(removed)} instances of {len(studies)} studies", changed
         )
+
+    def _erasure_refused(self, request: ErasureRequest, by: str, reason: str) -> SubjectOutcome:
+        refused = dataclasses.replace(request, reason=reason)
+        self.archive.ledger.record(refused.kind, by, "refused", refused.as_details())
+        return SubjectOutcome(False, reason, {})
 
     @staticmethod
     def _reasons_to_keep(
@@ -668,22 +659,20 @@ class Stewardship:
         facts = [f for f in self._retention_facts(policy) if f.study_instance_uid in studies]
         holds = {ref for f in facts for ref in f.holds}  # by study and by (Patient ID, issuer)
         reasons = self._reasons_to_keep(facts, policy, now, holds)
-        detail: dict[str, Any] = {
-            "operation": "delete",
-            "request": f"{requester.protocol} DELETE",
-            "level": str(level),
-            "target": dict(keys),
-            "patient_ids": sorted({d.patient_id for d in doomed}),
-            "study_instance_uids": sorted(studies),
-            "policy_version": policy.version,
-            "address": requester.address,
-        }
+        refused = DeletionRefused(
+            request=f"{requester.protocol} DELETE",
+            level=str(level),
+            target=dict(keys),
+            patient_ids=tuple(sorted({d.patient_id for d in doomed})),
+            study_instance_uids=tuple(sorted(studies)),
+            policy_version=policy.version,
+            address=requester.address,
+            reason="",
+        )
         if reasons:
-            refusal = "deletion refused: " + "; ".join(reasons)
-            self.archive.ledger.record(
-                LedgerKind.DELETION, requester.caller, "refused", detail | {"reason": refusal}
+            return self._deletion_refused(
+                refused, requester, "deletion refused: " + "; ".join(reasons)
             )
-            return SubjectOutcome(False, refusal, {})
         copies = self._recipients_with_copies(studies)
         holding = [c for s in sorted(studies) for c in copies.get(s, [])]
         try:
@@ -692,25 +681,27 @@ class Stewardship:
                 keys,
                 requester.caller,
                 reason,
-                {
-                    "operation": "delete",
-                    "request": detail["request"],
-                    "policy_version": policy.version,
-                    "recipients_with_copies": holding,
-                },
+                RequestedDestruction(
+                    request=refused.request,
+                    policy_version=policy.version,
+                    recipients_with_copies=tuple(holding),
+                ).as_details(),
                 unless_held=True,  # a hold placed since the check above still wins
             )
         except NotPermitted as e:
-            refusal = f"deletion refused: {e}"
-            self.archive.ledger.record(
-                LedgerKind.DELETION, requester.caller, "refused", detail | {"reason": refusal}
-            )
-            return SubjectOutcome(False, refusal, {})
+            return self._deletion_refused(refused, requester, f"deletion refused: {e}")
         if self.audit is not None and self.audit.source is not None:
             self.audit.submit(
                 lambda: audit_events.deleted(requester, removed, reason, now, self.audit.source)
             )
         return SubjectOutcome(True, f"deleted {len(removed)} instances", {"instances": removed})
+
+    def _deletion_refused(
+        self, refused: DeletionRefused, requester: Source, reason: str
+    ) -> SubjectOutcome:
+        record = dataclasses.replace(refused, reason=reason)
+        self.archive.ledger.record(record.kind, requester.caller, "refused", record.as_details())
+        return SubjectOutcome(False, reason, {})
 
     def subject_context(self, patient_id: str) -> dict[str, Any]:
         """What a patient's export summary says besides the disclosures: consent history,

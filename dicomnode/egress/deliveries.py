@@ -9,7 +9,6 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -17,7 +16,8 @@ from pydicom.dataset import Dataset
 from dicomnode import governance
 from dicomnode.archive.registry import DENIED, DONE, Delivery
 from dicomnode.core.errors import DicomnodeError, NotFound
-from dicomnode.core.model import LedgerKind, Level, Source, StoredInstance
+from dicomnode.core.ledger_events import DeidPlan, TransferRecord
+from dicomnode.core.model import Level, Source, StoredInstance
 from dicomnode.egress.gate import Gate
 from dicomnode.egress.transport import SendItem, SendReport, Target
 from dicomnode.governance import (
@@ -38,7 +38,7 @@ DELIVERY_LEASE = timedelta(minutes=30)
 class _Plan:
     items: list[SendItem]
     withheld: dict[str, str]  # SOP Instance UID -> why it may not leave
-    ledger_detail: dict[str, Any]
+    record: DeidPlan | None  # how it leaves, for the ledger (None: nothing leaves)
 
 
 class Deliveries(Gate):
@@ -191,7 +191,7 @@ class Deliveries(Gate):
                     "delivery": delivery.id,
                     "sop_instance_uids": [i.sop_instance_uid for i in instances],
                     "gone": gone,
-                    **plan.ledger_detail,
+                    "plan": plan.record,
                 },
             )
         except DicomnodeError as e:  # the ledger cannot be written: nothing leaves
@@ -222,20 +222,25 @@ class Deliveries(Gate):
             "gone": gone,
             "rule_id": decision.rule_id,
         }
+        transfer = TransferRecord(
+            operation=operation,
+            delivery=delivery.id,
+            recipient=decision.recipient or delivery.recipient,
+            patient_ids=tuple(sorted(patients)),
+            study_instance_uids=(delivery.study_instance_uid,),
+            attempt=delivery.attempts,
+            disclosure_id=disclosure_id,
+            sent=tuple(report.sent),
+            failed=report.failed,
+            withheld=plan.withheld,
+            gone=tuple(gone),
+            rule_id=decision.rule_id,
+        )
         self.archive.ledger.record(
-            LedgerKind.TRANSFER,
+            transfer.kind,
             delivery.requested_by,
             "complete" if report.complete else ("partial" if report.sent else "failed"),
-            {
-                "operation": operation,
-                "delivery": delivery.id,
-                "recipient": decision.recipient or delivery.recipient,
-                "patient_ids": sorted(patients),
-                "study_instance_uids": [delivery.study_instance_uid],
-                "attempt": delivery.attempts,
-                "disclosure_id": disclosure_id,
-                **outcome,
-            },
+            transfer.as_details(),
         )
         ref = audit_events.DisclosureRef(disclosure_id, decision.consent_refs)
         self._audit_transfer(
@@ -292,7 +297,7 @@ class Deliveries(Gate):
         destination = target.url or (
             f"dicom://{target.peer.ae_title}@{target.peer.host}:{target.peer.port}"
         )
-        anonymized = bool(plan.ledger_detail.get("deidentified"))
+        anonymized = plan.record is not None and plan.record.deidentified
         self._audit(
             lambda: audit_events.exported(
                 delivery.requested_by,
@@ -312,7 +317,7 @@ class Deliveries(Gate):
         """What leaves and how: each object as stored, or de-identified under the rule's
         profile (UIDs and pseudonym computed up front for the ledger), minus those withheld."""
         if not decision.allowed:
-            return _Plan([], {}, {})
+            return _Plan([], {}, None)
         if not decision.deid_profile:
             items = [
                 SendItem(
@@ -320,7 +325,7 @@ class Deliveries(Gate):
                 )
                 for i in instances
             ]
-            return _Plan(items, {}, {"deidentified": False})
+            return _Plan(items, {}, DeidPlan(deidentified=False))
         rule = self._policy_of(decision).deid_profile(decision.deid_profile)
         if rule is None:  # fail closed: never send originals where a profile was decided
             raise NotFound(
@@ -352,9 +357,9 @@ class Deliveries(Gate):
                     self._deidentifying_loader(instance, profile, scope),
                 )
             )
-        detail = {
-            "deidentified": True,
-            "deid": {
+        record = DeidPlan(
+            deidentified=True,
+            deid={
                 "profile": profile.name,
                 "options": sorted(profile.options),
                 "codes": list(profile.codes),
@@ -362,14 +367,14 @@ class Deliveries(Gate):
                 "table_sha256": deid.TABLE_SHA256,
                 "uid_scope": scope,
             },
-            "patient_pseudonyms": {
+            patient_pseudonyms={
                 patient: deid.patient_pseudonym(patient, self.deid_secret, scope)
                 for patient in sorted({i.patient_id for i in instances})
             },
-            "uid_map": uid_map,
-            "withheld": withheld,
-        }
-        return _Plan(items, withheld, detail)
+            uid_map=uid_map,
+            withheld=withheld,
+        )
+        return _Plan(items, withheld, record)
 
     def _deidentifying_loader(
         self, instance: StoredInstance, profile: deid.DeidProfile, scope: str
