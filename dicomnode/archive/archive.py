@@ -25,6 +25,7 @@ from dicomnode.archive.ledger import Ledger
 from dicomnode.archive.migrate import check_current
 from dicomnode.archive.registry import Registry
 from dicomnode.archive.values import QuarantinedObject
+from dicomnode.core.enums import DuplicatePolicy, coerce
 from dicomnode.core.errors import (
     InvalidInput,
     StorageUnavailable,
@@ -57,6 +58,8 @@ class Archive(Ingest, Capacity, Destruction, Consistency):
         left is handled by `recover`. `blob_store` builds the store from the index (whose
         database an S3 store's `DatabasePlacements` uses); default: files under
         ``data_dir/blobs``."""
+        # anything but "reject" used to mean replace: an unknown policy is an error now
+        self.duplicate_policy = coerce(DuplicatePolicy, duplicate_policy, "duplicate_policy")
         self.quota_bytes = quota_bytes
         self.min_free_bytes = min_free_bytes
         self._usage: tuple[float, int] | None = None  # (when read, stored bytes)
@@ -81,7 +84,6 @@ class Archive(Ingest, Capacity, Destruction, Consistency):
         self.ledger = Ledger(self.index)
         self.registry = Registry(self.index, self.ledger)
         self.audit: Any = None  # the AuditLog the services report to (set by the app)
-        self.duplicate_policy = duplicate_policy
 
     def recover(self) -> int:
         """At start, before anything is written: discard what interrupted writes of dead
@@ -195,8 +197,8 @@ class Archive(Ingest, Capacity, Destruction, Consistency):
         self.blobs.put_cached(cache_key(instance.blob_path, kind), data)
 
     def blob_file(self, instance: StoredInstance) -> Path:
-        """The blob's local path: filesystem store only, for callers not yet reading streams
-        (`open_blob`); goes once layer 4 reads streams."""
+        """The blob's local path, with the filesystem store only: for tests and tools that
+        look at the files; the node's code reads streams (`open_blob`)."""
         return self.blobs.absolute(instance.blob_path)
 
     def counts(self) -> dict[str, int]:

@@ -13,8 +13,8 @@ from sqlalchemy import func, select
 
 from dicomnode.archive import schema
 from dicomnode.archive.base import ArchiveBase
-from dicomnode.archive.blobstore import Placement, key_sop_instance_uid
-from dicomnode.archive.ingest import QUARANTINE_FOLDER, QUARANTINE_PREFIX
+from dicomnode.archive.blobstore import Placement, key_sop_instance_uid, read_all
+from dicomnode.archive.ingest import QUARANTINE_PREFIX
 from dicomnode.archive.received import dataset_sha256s
 from dicomnode.core.model import (
     LedgerKind,
@@ -65,13 +65,13 @@ class Consistency(ArchiveBase):
             rows = dict(
                 conn.execute(select(schema.instances.c.blob_path, schema.instances.c.sha256)).all()
             )
-        on_disk = set(self.blobs.placed(outside=QUARANTINE_FOLDER))
+        on_disk = set(self.blobs.keys())  # archive blobs only: no quarantined or cached ones
         missing = sorted(set(rows) - on_disk)
         unindexed = sorted(on_disk - set(rows))
         corrupt = []
         if verify_hashes:
             for blob_path in sorted(set(rows) & on_disk):
-                data = self.blobs.absolute(blob_path).read_bytes()
+                data = read_all(self.blobs, blob_path)
                 if rows[blob_path] not in dataset_sha256s(data):
                     corrupt.append(blob_path)
         if repair:
