@@ -5,6 +5,8 @@ claim sees only that patient in QIDO (matched exactly, never as a pattern) and i
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import pytest
@@ -128,3 +130,50 @@ def test_issue_token_binds_a_patient(node_with_three_patients):
         key, node.settings.auth, "portal", [], 600, patient=PatientIdentity("A*", "HOSP-B")
     )
     assert _study_uids(_client(node, token).search_for_studies()) == {studies["other-issuer"]}
+
+
+def test_token_create_binds_a_patient(node_with_three_patients):
+    node, studies = node_with_three_patients
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dicomnode.cli",
+            "token",
+            "create",
+            "--config",
+            str(node.settings.source),
+            "--scope",
+            "patient/*.read",
+            "--subject",
+            "second-opinion",
+            "--patient-id",
+            "AB",
+            "--issuer",
+            "HOSP-A",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    client = _client(node, result.stdout.strip())
+    assert _study_uids(client.search_for_studies()) == {studies["ab"]}
+    with pytest.raises(requests.HTTPError) as refused:
+        client.retrieve_study(studies["star"])
+    assert refused.value.response.status_code == 403
+
+
+def test_a_bound_query_keeps_the_claim_exact():
+    from dicomnode.core.model import Level, Query
+    from dicomnode.governance.patient_scope import admits, bound_query
+
+    patient = PatientIdentity("A*", None)
+    query = Query.build(Level.STUDY, {"PatientID": "A?"}, ["StudyDate"])
+    bound = bound_query(query, patient)
+    assert bound is not None and dict(bound.filters)["PatientID"] == "A*"
+    assert {"PatientID", "IssuerOfPatientID"} <= set(bound.return_keys)
+    assert bound_query(Query.build(Level.STUDY, {"PatientID": "B*"}), patient) is None
+    assert bound_query(Query.build(Level.STUDY, {"IssuerOfPatientID": "X"}), patient) is None
+    assert admits(patient, "A*", "") and not admits(patient, "AB", "")
+    assert not admits(patient, "A*", "HOSP-A")  # a claim without issuer: records without one

@@ -45,14 +45,22 @@ def _config_check(args: argparse.Namespace) -> int:
 def _token_create(args: argparse.Namespace) -> int:
     from dicomnode.archive.keys import KeyStore
     from dicomnode.cli.common import archive
+    from dicomnode.core.model import PatientIdentity
     from dicomnode.dicomweb.auth import issue_token
 
     settings = read_settings(args.config)
+    patient = PatientIdentity(args.patient_id, args.issuer) if args.patient_id else None
     with archive(args.config) as opened:  # the nodes' shared key, from the index
         key = KeyStore(opened.index, settings.node.data_dir).signing_key()
     try:
         token = issue_token(
-            key, settings.auth, args.subject, args.scope.split(), args.expires, args.purpose
+            key,
+            settings.auth,
+            args.subject,
+            args.scope.split(),
+            args.expires,
+            args.purpose,
+            patient,
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -81,12 +89,19 @@ def add_parsers(commands: Any) -> None:
     token = commands.add_parser("token", help="bearer tokens for DICOMweb clients")
     token_commands = token.add_subparsers(dest="token_command", required=True)
     create = token_commands.add_parser("create", help="print a token signed by the node's key")
-    create.add_argument("--scope", required=True, help='e.g. "dicomweb.read dicomweb.write"')
+    create.add_argument(
+        "--scope", required=True, help='e.g. "dicomweb.read dicomweb.write", "patient/*.read"'
+    )
     create.add_argument("--subject", required=True, help="who the token is for")
     create.add_argument("--expires", type=seconds, default=3600, help="lifetime: 3600, 30m, 1h, 7d")
     create.add_argument(
         "--purpose", help="purpose_of_use claim (HL7 code, e.g. HRESCH); default: none"
     )
+    create.add_argument(
+        "--patient-id",
+        help="bind the token to this one patient (patient/*.read: QIDO/WADO of that patient only)",
+    )
+    create.add_argument("--issuer", help="the IssuerOfPatientID of --patient-id; default: none")
     create.add_argument("--config", help="settings file (for data_dir and the issuer)")
     create.set_defaults(run=_token_create)
 

@@ -91,7 +91,7 @@ def issue_token(
     (with a ``purpose_of_use`` claim when `purpose` is given; bound to `patient`, with the
     ``patient/*.read`` scope, when one is given)."""
     if patient is not None:
-        scopes = [*scopes, patient_scope.PATIENT_READ]
+        scopes = list(dict.fromkeys([*scopes, patient_scope.PATIENT_READ]))
     allowed = set(SCOPES) | {patient_scope.PATIENT_READ}
     unknown = sorted(set(scopes) - allowed)
     if unknown:
