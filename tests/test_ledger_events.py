@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import insert
 
+from dicomnode.archive import Archive
 from dicomnode.core import ledger_events as ev
 from dicomnode.core.enums import DuplicatePolicy, JobState, Protocol, TransportKind, coerce
 from dicomnode.core.ledger import canonical_detail
@@ -231,7 +232,7 @@ def test_a_chain_written_before_the_records_verifies_with_entries_written_now(st
     assert [type(r).from_details(e.data) for r, e in zip(SAMPLES, written, strict=True)] == SAMPLES
 
 
-def test_bare_strings_are_coerced_to_their_enums_naming_the_field():
+def test_bare_strings_are_coerced_to_their_enums_naming_the_field(tmp_path):
     source = Source("dimse", "MODALITY")
     assert source.protocol is Protocol.DIMSE and source.protocol == "dimse"
     assert Target("stow", "lab", url="https://lab").transport is TransportKind.STOW
@@ -240,6 +241,8 @@ def test_bare_strings_are_coerced_to_their_enums_naming_the_field():
     with pytest.raises(ValueError, match="Target.transport: must be one of dimse, stow; got 'x'"):
         Target("x", "lab")
     assert coerce(JobState, "not-applicable", "state") is JobState.NOT_APPLICABLE
-    assert (
-        json.dumps({"policy": coerce(DuplicatePolicy, "replace", "p")}) == '{"policy": "replace"}'
-    )
+    policy = coerce(DuplicatePolicy, "replace", "dimse.duplicate_policy")
+    assert json.dumps({"policy": policy}) == '{"policy": "replace"}'
+    # the archive took anything but "reject" for "replace": an unknown policy is refused now
+    with pytest.raises(ValueError, match="duplicate_policy: must be one of reject, replace"):
+        Archive(tmp_path, f"sqlite:///{tmp_path / 'index.sqlite'}", duplicate_policy="maybe")

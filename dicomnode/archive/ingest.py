@@ -22,6 +22,7 @@ from dicomnode.archive.blobs import PendingBlob
 from dicomnode.archive.blobstore import Placement, key_hash
 from dicomnode.archive.received import ReceivedObject, dataset_sha256s
 from dicomnode.archive.values import QuarantinedObject
+from dicomnode.core.enums import DuplicatePolicy, coerce
 from dicomnode.core.errors import (
     DuplicateConflict,
 )
@@ -102,7 +103,9 @@ class Ingest(ArchiveBase):
         blob = blob or self.begin_blob(received.file_chunks)
         blob_path = self._place(blob, received)
         stored = self._stored(received, blob_path)
-        policy = duplicate_policy or self.duplicate_policy
+        policy = coerce(
+            DuplicatePolicy, duplicate_policy or self.duplicate_policy, "duplicate_policy"
+        )
         try:
             outcome, previous_path = self._index(received, stored, source, policy, turn)
         except BaseException as e:
