@@ -52,7 +52,9 @@ def _instances(
     service: str, study: str, series: str | None = None, instance: str | None = None
 ) -> list[StoredInstance]:
     level, filters = _filters(study, series, instance)
-    found = services().egress.retrieve(level, filters, requester(), "wado", service=service)
+    found = services().egress.retrieve(
+        level, filters, requester(), "wado", service=service, access_tags=g.principal.access_tags
+    )
     if not found and g.principal.patient is not None:  # another patient's, or not held: alike
         raise ScopeError("this token reads one patient's studies; this is not one of them")
     if not found:
@@ -168,7 +170,9 @@ def _read_header(item: StoredInstance) -> tuple[pydicom.Dataset, bool]:
         if UID(item.transfer_syntax_uid).is_deflated:  # inflated up to its Pixel Data only
             ds = pixels.read_instance(f, _limit(), stop_before_pixels=True)
             return ds, ds.get("Rows") is not None
-        ds = pydicom.dcmread(f, defer_size=threshold + 1, stop_before_pixels=True)
+        named = isinstance(getattr(f, "name", None), str)  # a file pydicom can open again
+        defer = threshold + 1 if named else None  # a spooled copy is closed before values are read
+        ds = pydicom.dcmread(f, defer_size=defer, stop_before_pixels=True)
         position = f.tell()
         f.seek(0, 2)
         has_pixels = f.tell() > position + 8

@@ -375,11 +375,12 @@ class Gate:
 
     def open_blob(self, instance: StoredInstance) -> BinaryIO:
         """A seekable binary stream of a stored instance that `retrieve` handed out (its
-        decision is recorded): what C-MOVE, C-GET and WADO-RS send. A store whose streams
-        cannot seek (an object store's body) is spooled to a temporary file (in memory up to
-        8 MiB) first, as DICOM readers seek. The caller closes it."""
+        decision is recorded): what C-MOVE, C-GET and WADO-RS send. A stream that is not a
+        local file (an object store's body) is spooled to a temporary file (in memory up to
+        8 MiB) first: DICOM readers seek, and pydicom takes a reader's name for a file's.
+        The caller closes it."""
         stream = self.archive.open_blob(instance)
-        if stream.seekable():
+        if stream.seekable() and isinstance(getattr(stream, "name", None), str):
             return stream
         copy = tempfile.SpooledTemporaryFile(max_size=8 << 20)  # noqa: SIM115 (the caller closes it)
         with stream:

@@ -36,8 +36,8 @@ class Workbench:
     def header(self, instance: StoredInstance) -> Dataset:
         """The instance's attributes, without its pixel data."""
         with self._store.open_blob(instance) as stream:
-            if stream.seekable():
-                return pydicom.dcmread(stream, stop_before_pixels=True)
+            if stream.seekable() and isinstance(getattr(stream, "name", None), str):
+                return pydicom.dcmread(stream, stop_before_pixels=True)  # a local file
             with tempfile.SpooledTemporaryFile(max_size=8 << 20) as copy:
                 shutil.copyfileobj(stream, copy, 1 << 20)  # an object store's body: spooled
                 copy.seek(0)
