@@ -246,3 +246,19 @@ def test_bare_strings_are_coerced_to_their_enums_naming_the_field(tmp_path):
     # the archive took anything but "reject" for "replace": an unknown policy is refused now
     with pytest.raises(ValueError, match="duplicate_policy: must be one of reject, replace"):
         Archive(tmp_path, f"sqlite:///{tmp_path / 'index.sqlite'}", duplicate_policy="maybe")
+
+
+def test_views_read_an_older_entry_that_lacks_keys():
+    old = {"operation": "wado", "recipient": "ohif", "patient_ids": ["P1"], "items": 3, "x": 1}
+    read = ev.DecisionRecord.read(old)
+    assert (read.operation, read.recipient, read.patient_ids, read.items) == (
+        "wado",
+        "ohif",
+        ("P1",),
+        3,
+    )
+    assert read.purpose is None and read.plan is None and read.service is None
+    full = SAMPLES[0]
+    assert ev.DecisionRecord.read(full.as_details()) == full
+    destruction = SAMPLES[-1]
+    assert ev.Destruction.read(destruction.as_details()) == destruction

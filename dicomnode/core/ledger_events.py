@@ -96,6 +96,24 @@ class Record:
         return cls(**values)
 
     @classmethod
+    def read(cls, details: Mapping[str, Any]) -> Self:
+        """The record as far as an entry holds it, for views of old entries: an entry written
+        by an earlier version may lack keys (those fields are None) or carry others (left
+        out). `from_details` is the strict reading."""
+        names = {f.name for f in fields(cls)}
+        known = {k: v for k, v in details.items() if k in names and k not in cls.nested}
+        values: dict[str, Any] = dict.fromkeys(names) | {k: _typed(v) for k, v in known.items()}
+        for name, record in cls.nested.items():
+            own = {k: v for k, v in details.items() if k in record.detail_keys()}
+            values[name] = record.read(own) if own else None
+        if cls.rest:
+            taken = (
+                names | set(cls.fixed) | {k for r in cls.nested.values() for k in r.detail_keys()}
+            )
+            values[cls.rest] = {k: v for k, v in details.items() if k not in taken}
+        return cls(**values)
+
+    @classmethod
     def detail_keys(cls) -> set[str]:
         """The detail keys this record writes (not counting `rest`)."""
         own = {f.name for f in fields(cls) if f.name != cls.rest and f.name not in cls.nested}

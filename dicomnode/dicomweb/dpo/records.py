@@ -12,6 +12,7 @@ from typing import Any
 
 from dicomnode.config import Settings
 from dicomnode.core.ledger import LedgerEntry
+from dicomnode.core.ledger_events import DecisionRecord
 from dicomnode.governance import Policy, codes
 from dicomnode.governance.policy import ACTIVITY_RECIPIENT_KINDS, Recipient
 
@@ -133,24 +134,28 @@ def csv_lines(columns: tuple[str, ...], rows: Iterable[dict[str, Any]]) -> Itera
 # --- per-patient accounting (HIPAA 164.528, PIPA 35) ---------------------------------------
 
 
+def _text(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
 def accounting_row(
     entry: LedgerEntry, patient_id: str, policy: Policy, patient_studies: set[str]
 ) -> dict[str, Any]:
     """One disclosure of `patient_id`'s data: when, to whom, why, on what basis, what.
     An answer about several patients names only this patient's studies."""
-    detail = entry.data
-    recipient_id = str(detail.get("recipient", ""))
+    decision = DecisionRecord.read(entry.data)  # an older entry may lack some keys
+    recipient_id = _text(decision.recipient)
     recipient = policy.recipient(recipient_id)
-    purpose, basis = str(detail.get("purpose", "")), str(detail.get("basis", ""))
-    operation = str(detail.get("operation", ""))
-    patients = list(detail.get("patient_ids", []))
-    studies = list(detail.get("study_instance_uids", []))
+    purpose, basis = _text(decision.purpose), _text(decision.basis)
+    operation = _text(decision.operation)
+    patients = list(decision.patient_ids or ())
+    studies = list(decision.study_instance_uids or ())
     if patients != [patient_id]:
         studies = [s for s in studies if s in patient_studies]
-    items = detail.get("items", "")
+    items = "" if decision.items is None else decision.items
     what = codes.OPERATIONS.get(operation, operation)
-    if detail.get("service"):
-        what += f" ({detail['service']})"
+    if decision.service:
+        what += f" ({decision.service})"
     if len(patients) > 1:
         what += f"; part of an answer about {len(patients)} patients ({items} items in all)"
     else:
@@ -160,7 +165,7 @@ def accounting_row(
         "disclosed_at": entry.recorded_at,
         "recipient": recipient_id,
         "recipient_name": recipient.name if recipient else recipient_id,
-        "recipient_kind": str(detail.get("recipient_kind", "")),
+        "recipient_kind": _text(decision.recipient_kind),
         "purpose": purpose,
         "purpose_text": codes.PURPOSES.get(purpose, ""),
         "basis": basis,
@@ -169,12 +174,10 @@ def accounting_row(
         "operation_text": codes.OPERATIONS.get(operation, ""),
         "what": what,
         "study_instance_uids": studies,
-        "deid_profile": str(detail.get("deid_profile", "")),
+        "deid_profile": _text(decision.deid_profile),
         # recorded by deliveries (shares): whether what left was de-identified; other
         # operations record only the rule's profile
-        "deidentified": (
-            ("yes" if detail["deidentified"] else "no") if "deidentified" in detail else ""
-        ),
+        "deidentified": ("yes" if decision.plan.deidentified else "no") if decision.plan else "",
     }
 
 
