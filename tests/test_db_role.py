@@ -32,7 +32,8 @@ def as_app(app_url: str):
     database = app_url.split("/")[3].split("?")[0]
     host = app_url.split("host=")[1].split("&")[0]
     port = int(app_url.split("port=")[1])
-    return psycopg.connect(host=host, port=port, user=ROLE, dbname=database, autocommit=True)
+    user = app_url.split("//")[1].split("@")[0]
+    return psycopg.connect(host=host, port=port, user=user, dbname=database, autocommit=True)
 
 
 def test_the_app_role_appends_but_never_rewrites_the_ledger_or_consents(urls, tmp_path):
@@ -72,3 +73,25 @@ def test_the_app_role_appends_but_never_rewrites_the_ledger_or_consents(urls, tm
         assert conn.execute("SELECT count(*) FROM ledger_entries").fetchone()[0] >= 5
         conn.execute("UPDATE restrictions SET lifted_by = lifted_by")  # its column grant
         conn.execute("DELETE FROM analysis_jobs")  # the node's own work records: allowed
+
+
+def test_the_command_creates_the_role(postgres, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import write_config
+
+    url = postgres.create_database()
+    migrate(url)
+    config = write_config(tmp_path / "owner.toml", tmp_path / "data", url)
+    made = subprocess.run(
+        [sys.executable, "-m", "dicomnode.cli", "db-role", "dicomnode_cli_app", "--config",
+         str(config)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    assert "CREATE ROLE dicomnode_cli_app LOGIN" in made.stdout
+    assert "GRANT SELECT, INSERT ON ledger_entries TO dicomnode_cli_app" in made.stdout
+    app = url.replace("postgres@", "dicomnode_cli_app@")
+    with as_app(app) as conn, pytest.raises(psycopg.errors.InsufficientPrivilege):
+        conn.execute("DELETE FROM consents")

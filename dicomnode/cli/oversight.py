@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dicomnode.cli.common import command, print_json, with_services
+from dicomnode.cli.common import command, print_json, with_archive, with_services
 from dicomnode.core.errors import NotPermitted
 
 
@@ -236,6 +236,16 @@ def _fhir_export(args: argparse.Namespace, node: Any) -> None:
         print(text)
 
 
+@with_archive
+def _db_role(args: argparse.Namespace, archive: Any) -> None:
+    """Run as the database owner (the settings' database_url names it), after migrating."""
+    from dicomnode.archive.db_roles import grant_app_role
+
+    password = sys.stdin.readline().rstrip("\r\n") if args.password_stdin else None
+    for statement in grant_app_role(archive.engine, args.name, password):
+        print(statement)
+
+
 def add_parsers(commands: Any) -> None:
     """approvals list/show/approve/reject/request/deputy; break-glass open/list/review."""
     approvals = commands.add_parser("approvals", help="four-eyes: a second person approves")
@@ -272,6 +282,17 @@ def add_parsers(commands: Any) -> None:
     opened.add_argument("--issuer")
     opened.add_argument("--study", help="one study only")
     command(gsub, "list", _bg_list, "every grant and its review")
+
+    db_role = command(
+        commands,
+        "db-role",
+        _db_role,
+        "create the PostgreSQL role the node runs as (no UPDATE/DELETE of the ledger, no DDL)",
+    )
+    db_role.add_argument("name", help="the role, e.g. dicomnode_app")
+    db_role.add_argument(
+        "--password-stdin", action="store_true", help="its password from standard input"
+    )
 
     consents = commands.add_parser("fhir-consent", help="consents as HL7 FHIR R4 Consent")
     csub = consents.add_subparsers(dest="fhir_consent_command", required=True)
