@@ -27,6 +27,7 @@ from sqlalchemy.engine import make_url
 
 from dicomnode.analysis.runner import AnalysisService
 from dicomnode.archive import Archive
+from dicomnode.archive.access_tags import AccessTagStore
 from dicomnode.archive.auditlog import AuditLog
 from dicomnode.archive.index import create_index_engine
 from dicomnode.archive.keys import KeyStore
@@ -185,6 +186,8 @@ def _build(
     casework = Casework(  # on stewardship's clock, read at each call (a test may swap it)
         archive, stewardship, egress, lambda: stewardship.clock(), review_settings(settings.dpo)
     )
+    tagger = AccessTagStore(archive.index, {p.name: p.intake_tags for p in settings.peers})
+    intake.subscribe(tagger.on_stored)  # study access tags by the sending peer (item 41)
     analysis = None
     if role is not CLI and settings.analysis.enabled:
         analysis = build_analysis(settings, archive, intake, egress)

@@ -13,7 +13,11 @@ from typing import Any, BinaryIO
 
 from sqlalchemy import func, select
 
-from dicomnode.archive import query, schema
+from dicomnode.archive import (
+    access_tags,  # noqa: F401  (its table joins schema.metadata)
+    query,
+    schema,
+)
 from dicomnode.archive.blobs import FileBlobStore
 from dicomnode.archive.blobstore import BlobStore, Placement, Range, cache_key, stage_to_file
 from dicomnode.archive.capacity import Capacity

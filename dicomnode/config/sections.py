@@ -545,6 +545,14 @@ class Peer:
         DIMSE_SERVICES, "services this peer may request", check=d.services(DIMSE_SERVICES)
     )
     tls: bool = setting(False, "true: C-MOVE to this peer uses TLS (trusting dimse.tls.ca_file)")
+    intake_tags: tuple[str, ...] = setting(
+        (), 'access tags given to every study this peer sends (e.g. ["hospital-a"])'
+    )
+    access_tags: tuple[str, ...] = setting(
+        (),
+        "when set: this peer's C-FIND and C-MOVE see only studies carrying one of these tags; "
+        "[] = not restricted by tags",
+    )
 
 
 @dataclass(frozen=True)

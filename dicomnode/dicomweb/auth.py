@@ -27,7 +27,7 @@ from joserfc.jwk import KeySet, RSAKey
 
 from dicomnode.config import AuthSettings
 from dicomnode.core.model import PatientIdentity
-from dicomnode.governance import patient_scope
+from dicomnode.governance import access_tags, patient_scope
 
 log = logging.getLogger("dicomnode.auth")
 
@@ -70,6 +70,7 @@ class Principal:
     scopes: frozenset[str]
     purpose: str | None = None  # purpose of use the token states (IHE IUA), if any
     patient: PatientIdentity | None = None  # the one patient a patient-bound token reads
+    access_tags: frozenset[str] | None = None  # None: not limited by study access tags
 
     def require(self, scope: str) -> None:
         """ScopeError unless the token has `scope` (``a|b``: either of them)."""
@@ -200,11 +201,14 @@ class TokenVerifier:
         scopes = frozenset(_scopes(claims))
         try:
             patient = patient_scope.binding(claims, scopes)
-        except patient_scope.PatientClaimError as e:
+            tags = access_tags.from_claims(claims)
+        except (patient_scope.PatientClaimError, access_tags.AccessTagError) as e:
             raise AuthError(str(e)) from e
         if patient is not None:  # a patient-bound token reads that patient, and nothing else
             scopes = patient_scope.patient_read_scopes(scopes)
-        principal = Principal(str(claims["sub"]), issuer, scopes, purpose_of_use(claims), patient)
+        principal = Principal(
+            str(claims["sub"]), issuer, scopes, purpose_of_use(claims), patient, tags
+        )
         return principal, float(expires) + self.settings.leeway
 
 

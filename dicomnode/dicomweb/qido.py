@@ -187,12 +187,13 @@ def _find(query: Query, asked: Any) -> list[dict[str, Any]]:
     """The rows egress lets out; for a patient-bound token only the rows of its patient,
     matched exactly (item 40: the claim is never a pattern)."""
     patient = g.principal.patient
+    tags = g.principal.access_tags  # item 41: only studies carrying one of the token's tags
     if patient is None:
-        return services().egress.find(query, requester(), asked)
+        return services().egress.find(query, requester(), asked, tags)
     bound = patient_scope.bound_query(query, patient)
     if bound is None:
         return []
-    rows = services().egress.find(bound, requester(), asked)
+    rows = services().egress.find(bound, requester(), asked, tags)
     return [
         r for r in rows if patient_scope.admits(patient, r["PatientID"], r["IssuerOfPatientID"])
     ]

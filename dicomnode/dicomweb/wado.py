@@ -52,7 +52,9 @@ def _instances(
     service: str, study: str, series: str | None = None, instance: str | None = None
 ) -> list[StoredInstance]:
     level, filters = _filters(study, series, instance)
-    found = services().egress.retrieve(level, filters, requester(), "wado", service=service)
+    found = services().egress.retrieve(
+        level, filters, requester(), "wado", service=service, access_tags=g.principal.access_tags
+    )
     if not found and g.principal.patient is not None:  # another patient's, or not held: alike
         raise ScopeError("this token reads one patient's studies; this is not one of them")
     if not found:

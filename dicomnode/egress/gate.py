@@ -17,6 +17,7 @@ from pydicom.dataset import Dataset
 
 from dicomnode import governance
 from dicomnode.archive import Archive
+from dicomnode.archive.access_tags import AccessTagStore
 from dicomnode.archive.auditlog import AuditLog
 from dicomnode.core.errors import NotPermitted
 from dicomnode.core.ledger_events import DecisionRecord
@@ -32,6 +33,7 @@ from dicomnode.governance import (
     audit,
     audit_events,
 )
+from dicomnode.governance import access_tags as study_tags
 
 log = logging.getLogger("dicomnode.egress")
 
@@ -252,11 +254,17 @@ class Gate:
         query: Query,
         requester: Source,
         asked: Callable[[], audit.Query] | None = None,
+        access_tags: frozenset[str] | None = None,
     ) -> list[dict[str, Any]]:
         """The answers to a search that governance allows to leave (answers about patients it
-        leaves out are dropped). `asked` builds the query as received, for the audit message
-        (called in the audit writer's thread, off the request's path)."""
+        leaves out are dropped, and studies the requester's access tags do not reach). `asked`
+        builds the query as received, for the audit message (called in the audit writer's
+        thread, off the request's path)."""
         rows = self.archive.search(query)
+        client_tags = self._client_tags(requester, access_tags)
+        if client_tags is not None:
+            shown = self._reachable({r.get("StudyInstanceUID") or "" for r in rows}, client_tags)
+            rows = [r for r in rows if r.get("StudyInstanceUID") in shown]
         decision = self.decide(
             requester,
             "find" if requester.protocol == "dimse" else "qido",
@@ -276,6 +284,21 @@ class Gate:
             left_out = set(decision.denied_patients)
             rows = [r for r in rows if r.get("PatientID") not in left_out]
         return rows
+
+    def _client_tags(
+        self, requester: Source, access_tags: frozenset[str] | None
+    ) -> frozenset[str] | None:
+        """The access tags that limit `requester` (item 41): those given (a token's claim),
+        else a DIMSE peer's configured access_tags; None: not limited by tags."""
+        if access_tags is not None or requester.protocol != "dimse":
+            return access_tags
+        granted = getattr(self.peers.get(requester.peer or ""), "access_tags", ())
+        return frozenset(granted) if granted else None
+
+    def _reachable(self, study_uids: set[str], client_tags: frozenset[str]) -> set[str]:
+        """The studies of `study_uids` carrying one of `client_tags`."""
+        tagged = AccessTagStore(self.archive.index).tags_of(study_uids)
+        return {s for s in study_uids if study_tags.visible(tagged.get(s, ()), client_tags)}
 
     def account(
         self,
@@ -301,10 +324,16 @@ class Gate:
         operation: str,
         recipient: Party | None = None,
         service: str = "",
+        access_tags: frozenset[str] | None = None,
     ) -> list[StoredInstance]:
         """The instances a retrieve would send to `recipient` (default: the requester), once
-        governance allows it. `service` says which part of them (WADO-RS metadata, frames...)."""
+        governance allows it, of the studies the requester's access tags reach. `service`
+        says which part of them (WADO-RS metadata, frames...)."""
         instances = self.archive.find_instances(level, filters)
+        client_tags = self._client_tags(requester, access_tags)
+        if client_tags is not None:
+            shown = self._reachable({i.study_instance_uid for i in instances}, client_tags)
+            instances = [i for i in instances if i.study_instance_uid in shown]
         disclosure_id = uuid.uuid4().hex
         decision = self.decide(
             requester,
