@@ -15,6 +15,7 @@ from sqlalchemy import func, select
 
 from dicomnode.archive import (
     access_tags,  # noqa: F401  (its table joins schema.metadata)
+    oversight_schema,  # noqa: F401  (its tables join schema.metadata)
     query,
     schema,
 )
