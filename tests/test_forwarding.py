@@ -97,6 +97,27 @@ def test_a_delivery_that_keeps_failing_ends_failed_with_its_reason(start_node, p
     assert failed.attempts == 3 and "association" in failed.error
 
 
+def test_a_result_queued_again_is_forwarded_once(start_node, storescp, pacs_port):
+    """A job claimed again after its node died files the same result (deterministic UIDs) and
+    queues its forward again: the PACS must receive it once, while the first forward is
+    queued and after it was sent."""
+    pacs = Peer("pacs", "PACS", "127.0.0.1", pacs_port, ("echo", "store"))
+    node = start_node(peers=[pacs], extra=forwarding_toml("pacs"))
+    node.housekeeping.stop()
+    _, job = run_analysis(node)
+    (delivery_id,) = job.as_dict()["summary"]["deliveries"]
+    (report_uid,) = job.as_dict()["outputs"]
+    report = node.archive.find_instances_exactly((("SOPInstanceUID", report_uid),))
+    assert node.egress.queue_forward(report, ["pacs"], "analysis/again") == [delivery_id]
+
+    received = storescp("PACS", port=pacs_port)
+    assert node.egress.deliver_due("test", timedelta(0)).state == "done"
+    assert node.egress.queue_forward(report, ["pacs"], "analysis/again") == [delivery_id]
+    assert node.egress.deliver_due("test", timedelta(0)) is None
+    assert [r.SOPInstanceUID for r in received.received()] == [report_uid]
+    assert len(node.archive.registry.deliveries()) == 1
+
+
 def test_results_go_back_to_the_peer_that_sent_the_study(start_node, storescp):
     pacs = storescp("PACSB")
     node = start_node(peers=[pacs.peer], extra=forwarding_toml("sender"))

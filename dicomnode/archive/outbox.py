@@ -54,6 +54,10 @@ class DeliveryOutbox:
         """Queue a delivery (or, with `claimed_by`, insert it already claimed by that worker,
         its first attempt begun)."""
         d = schema.deliveries
+        if kind == "forward" and claimed_by is None:
+            already = self.forward_already_queued(recipient, study_uid, sop_instance_uids)
+            if already is not None:
+                return already
         claimed = (
             {
                 "state": SENDING,
@@ -82,6 +86,28 @@ class DeliveryOutbox:
                     )
                 ).inserted_primary_key[0]
             )
+
+    def forward_already_queued(
+        self, recipient: str, study_uid: str, sop_instance_uids: list[str]
+    ) -> int | None:
+        """The delivery that already forwards exactly these instances to `recipient` (queued,
+        being sent, or done), if any: an analysis job claimed again after its node died files
+        its result once, and must not send it twice either."""
+        d = schema.deliveries
+        with self.index.read() as conn:
+            found = conn.execute(
+                select(d.c.id)
+                .where(
+                    d.c.kind == "forward",
+                    d.c.recipient == recipient,
+                    d.c.study_instance_uid == study_uid,
+                    d.c.sop_instance_uids == json.dumps(sop_instance_uids),
+                    d.c.state.in_((QUEUED, SENDING, DONE)),
+                )
+                .order_by(d.c.id)
+                .limit(1)
+            ).scalar()
+        return None if found is None else int(found)
 
     def claim_delivery(
         self, worker: str, now: datetime, lease: timedelta, delivery_id: int | None = None
