@@ -580,3 +580,32 @@ def test_a_restriction_recorded_on_one_node_refuses_on_the_other_at_once(start_n
     assert time.monotonic() - started < 2.0  # not the 5 s the cache would have lasted
     one.stewardship.unrestrict("P1", "dpo")
     wait_until(lambda: wado(two, study, subject="ohif").status_code == 200, 2, "lifted at once")
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+def test_a_consent_withdrawn_on_one_node_refuses_a_share_on_the_other_at_once(start_node):
+    from tests.test_governance_node import (
+        governance_api,
+        policy_text,
+        publish_days_ago,
+        research_pacs,
+    )
+
+    one, two = (start_node(peers=[research_pacs()]) for _ in range(2))  # one PostgreSQL
+    publish_days_ago(one, policy_text())
+    study = "1.2.826.0.1.78"
+    one.intake.receive_part10(part10(make_ct(patient_id="P1", study_uid=study)), Source("cli"))
+    one.stewardship.record_consent("P1", "HRESCH", "granted", "dpo", evidence_ref="form 1")
+
+    def share_on_two() -> dict:
+        return governance_api(two, "POST", "/shares", json={"recipient": "lab", "study": study})
+
+    first = share_on_two()
+    assert first.status_code < 300 and first.json()["state"] != "denied"  # node two caches it
+    one.stewardship.record_consent("P1", "HRESCH", "withdrawn", "dpo", evidence_ref="call")
+    started = time.monotonic()
+    refused = share_on_two()
+    assert refused.status_code == 403 and refused.json()["state"] == "denied"
+    assert time.monotonic() - started < 2.0  # at once, not after node two's 5 s cache
+    (denial,) = [e for e in two.archive.ledger.entries() if e.kind == "denial"]
+    assert "consent:P1:HRESCH:v2" in denial.data["reason"]
