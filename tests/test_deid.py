@@ -23,7 +23,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian
 
-from dicomnode.governance import deid
+from dicomnode.governance import deid, deid_rules
 from dicomnode.governance.deid import (
     OPTIONS,
     DeidProfile,
@@ -763,7 +763,7 @@ def test_a_dummy_sequence_replaces_text_it_holds_even_where_the_table_does_not_l
 _PROTECTED_LEAVES = []
 _CONTAINERS = [0x0018A001, 0x00081115, 0x00400260]  # unlisted sequences: recursed into
 for _entry in deid.TABLE:
-    if _entry.tag in deid._PATTERNS or _entry.tag[:4] in ("0000", "0002"):
+    if _entry.tag in deid_rules._PATTERNS or _entry.tag[:4] in ("0000", "0002"):
         continue
     _tag = int(_entry.tag, 16)
     try:

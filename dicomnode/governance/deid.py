@@ -17,12 +17,10 @@ the terms of PS3.15 E.1.3.
 from __future__ import annotations
 
 import copy
-import hashlib
-import hmac
 import re
 from dataclasses import dataclass
 from datetime import date, timedelta
-from functools import cached_property, lru_cache
+from functools import cached_property
 
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -31,7 +29,28 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian
 
 from dicomnode import __version__
-from dicomnode.governance import deid_private, deid_table, deid_types
+from dicomnode.governance import deid_types
+from dicomnode.governance.deid_conformance import statement_texts
+from dicomnode.governance.deid_keys import (
+    _check_key,
+    _mac,
+    date_shift_days,
+    patient_pseudonym,
+    remap_uid,
+)
+from dicomnode.governance.deid_pixels import burned_in_risk
+from dicomnode.governance.deid_rules import (
+    _PATTERN_PRIVATE,
+    _SAFE_PRIVATE,
+    _SAFE_PRIVATE_BLOCKS,
+    EDITION,
+    TABLE,
+    TABLE_SHA256,
+    _entry_action,
+    _plan,
+    attribute_type,
+    resolve_compound,
+)
 
 # Option name -> CID 7050 code (PS3.16). The Basic Profile itself is 113100.
 OPTIONS = {
@@ -65,28 +84,12 @@ CODE_MEANINGS = {
     "113111": "Retain Safe Private Option",
     "113112": "Retain Institution Identity Option",
 }
-# Option name -> its column in deid_table (the two pixel options have no column).
-_OPTION_COLUMN = {
-    "retain-safe-private": "safe-private",
-    "retain-uids": "uids",
-    "retain-device-identity": "device",
-    "retain-institution-identity": "institution",
-    "retain-patient-characteristics": "patient-chars",
-    "retain-longitudinal-full-dates": "full-dates",
-    "retain-longitudinal-modified-dates": "modified-dates",
-    "clean-descriptors": "descriptors",
-    "clean-structured-content": "structured",
-    "clean-graphics": "graphics",
-}
 _EXCLUSIVE = ("retain-longitudinal-full-dates", "retain-longitudinal-modified-dates")
 
 # The same implementation identity as the archive's received files (dicomnode.archive.received).
 IMPLEMENTATION_CLASS_UID = "1.2.826.0.1.3680043.10.1573.1"
 IMPLEMENTATION_VERSION_NAME = f"DICOMNODE_{__version__}"[:16]
-MIN_KEY_BYTES = 16
 
-# When several options give an attribute different actions, the most protective one wins.
-_PROTECTION_ORDER = ("X", "Z", "D", "U", "C", "K")
 _TEXT = "DEIDENTIFIED"
 DUMMY_VALUES: dict[str, object] = {
     "AE": _TEXT,
@@ -148,17 +151,6 @@ _IDENTIFYING_KEYWORDS = (
     "ScheduledProcedureStepID",
     "PerformedProcedureStepID",
 )
-_PIXEL_TAGS = (0x7FE00010, 0x7FE00008, 0x7FE00009)
-# Burned-in text risk: these image types are held whatever Burned In Annotation says, ...
-_ALWAYS_HELD_MODALITIES = {"US", "IVUS", "OT", "SC", "XC", "ES", "GM", "DOC", "OP"}
-_ALWAYS_HELD_SOP_PREFIXES = (
-    "1.2.840.10008.5.1.4.1.1.7",  # secondary capture, single and multi-frame
-    "1.2.840.10008.5.1.4.1.1.6.",  # ultrasound
-    "1.2.840.10008.5.1.4.1.1.3.1",  # ultrasound multi-frame
-    "1.2.840.10008.5.1.4.1.1.77.",  # visible light (endoscopy, photography, microscopy)
-)
-# ... and these projection images are held unless it says NO.
-_HELD_UNLESS_FLAGGED_MODALITIES = {"CR", "DX", "MG", "IO", "PX", "RF", "XA", "RG"}
 
 
 @dataclass(frozen=True)
@@ -204,201 +196,9 @@ class DeidResult:
     held: str | None
 
 
-@dataclass(frozen=True)
-class TableEntry:
-    """One row of Table E.1-1: tag or pattern, name, Basic Profile and option actions."""
-
-    tag: str
-    in_std_iod: bool
-    basic: str
-    options: dict[str, str]
-    name: str
-
-
-def _parse_table() -> tuple[TableEntry, ...]:
-    entries = []
-    for tag, in_std, basic, options, name in deid_table.ROWS:
-        columns = dict(word.split("=", 1) for word in options.split())
-        entries.append(TableEntry(tag, in_std == "Y", basic, columns, name))
-    return tuple(entries)
-
-
-TABLE: tuple[TableEntry, ...] = _parse_table()
-EDITION = deid_table.EDITION
-# Identifies the rules in force, for the ledger entry of each de-identification.
-TABLE_SHA256 = hashlib.sha256(
-    repr((deid_table.ROWS, deid_types.TYPES, deid_private.SAFE_PRIVATE_ATTRIBUTES)).encode()
-).hexdigest()
-_PATTERN_PRIVATE, _PATTERN_CURVE = "odd-group", "50xxxxxx"
-_PATTERN_OVERLAY_DATA, _PATTERN_OVERLAY_COMMENTS = "60xx3000", "60xx4000"
-_PATTERNS = (_PATTERN_PRIVATE, _PATTERN_CURVE, _PATTERN_OVERLAY_DATA, _PATTERN_OVERLAY_COMMENTS)
-
-
-def _safe_private() -> frozenset[tuple[str, int, int]]:
-    found = set()
-    for creator, group, elements in deid_private.SAFE_PRIVATE_ATTRIBUTES:
-        found.update((creator, int(group, 16), int(e, 16)) for e in elements.split())
-    return frozenset(found)
-
-
-_SAFE_PRIVATE = _safe_private()
-_SAFE_PRIVATE_BLOCKS = frozenset((creator, group) for creator, group, _ in _SAFE_PRIVATE)
-
-
-def _entry_action(entry: TableEntry, options: frozenset[str]) -> str:
-    """The entry's action under `options`: an option's action overrides the Basic Profile's."""
-    chosen = [
-        entry.options[column]
-        for option in options
-        if (column := _OPTION_COLUMN.get(option)) in entry.options
-    ]
-    if not chosen:
-        return entry.basic
-    return min(chosen, key=_PROTECTION_ORDER.index)
-
-
-@dataclass(frozen=True)
-class _Plan:
-    """Table actions for one set of options, precomputed for dict lookups."""
-
-    by_tag: dict[int, str]
-    private: str
-    curve: str
-    overlay_data: str
-    overlay_comments: str
-
-    def action(self, tag: int) -> str | None:
-        found = self.by_tag.get(tag)
-        if found is not None:
-            return found
-        group, element = tag >> 16, tag & 0xFFFF
-        if group % 2:
-            return self.private
-        if group & 0xFF00 == 0x5000:
-            return self.curve
-        if group & 0xFF00 == 0x6000:
-            if element == 0x3000:
-                return self.overlay_data
-            if element == 0x4000:
-                return self.overlay_comments
-        return None
-
-
-@lru_cache(maxsize=64)
-def _plan(options: frozenset[str]) -> _Plan:
-    by_tag, patterns = {}, {}
-    for entry in TABLE:
-        action = _entry_action(entry, options)
-        if entry.tag in _PATTERNS:
-            patterns[entry.tag] = action
-        else:
-            by_tag[int(entry.tag, 16)] = action
-    return _Plan(
-        by_tag,
-        patterns[_PATTERN_PRIVATE],
-        patterns[_PATTERN_CURVE],
-        patterns[_PATTERN_OVERLAY_DATA],
-        patterns[_PATTERN_OVERLAY_COMMENTS],
-    )
-
-
 def table_action(tag: int, profile: DeidProfile) -> str | None:
     """The Table E.1-1 action for `tag` under `profile` (compound codes unresolved), or None."""
     return _plan(profile.options).action(int(tag))
-
-
-_FALLBACK_IOD = "*"  # deid_types' strictest Type over every IOD of the standard
-
-
-def _strictest_by_leaf() -> dict[str, str]:
-    strictest: dict[str, str] = {}
-    for path, kind in deid_types.TYPES[_FALLBACK_IOD].items():
-        leaf = path.rsplit("/", 1)[-1]
-        strictest[leaf] = min(strictest.get(leaf, "3"), kind)
-    return strictest
-
-
-_STRICTEST_BY_LEAF = _strictest_by_leaf()
-
-
-def attribute_type(iod: str | None, path: tuple[int, ...]) -> str:
-    """The Type ("1", "2" or "3") of the attribute at `path` in `iod`, for compound actions.
-
-    Unknown IOD: the strictest Type over all IODs. Top-level attribute not in a known IOD: "3"
-    (optional there). A nested attribute whose sequence path is not tabulated: the strictest
-    Type the attribute has anywhere, and "1" if it has none (the most protective action that
-    keeps the object conformant: a dummy, never a removal that could break it).
-    """
-    key = "/".join(f"{t:08X}" for t in path)
-    if iod is not None:
-        found = deid_types.TYPES[iod].get(key)
-        if found is not None:
-            return found
-        if len(path) == 1:
-            return "3"
-    found = deid_types.TYPES[_FALLBACK_IOD].get(key)
-    if found is not None:
-        return found
-    if len(path) == 1:
-        return "3"
-    return _STRICTEST_BY_LEAF.get(key.rsplit("/", 1)[-1], "1")
-
-
-_COMPOUND_BY_TYPE = {
-    "Z/D": {"1": "D", "2": "Z", "3": "Z"},
-    "X/Z": {"1": "Z", "2": "Z", "3": "X"},
-    "X/D": {"1": "D", "2": "D", "3": "X"},
-    "X/Z/D": {"1": "D", "2": "Z", "3": "X"},
-    # Type 2 too keeps the items with their UIDs replaced: an empty reference sequence would
-    # break the conditions that tie references together (e.g. the Common Instance Reference
-    # Module of a SEG), and replaced UIDs identify nobody.
-    "X/Z/U*": {"1": "U", "2": "U", "3": "X"},
-}
-
-
-def resolve_compound(action: str, kind: str) -> str:
-    """A simple action for a compound one, given the attribute Type (PS3.15 Table E.1-1a)."""
-    if "/" not in action:
-        return action
-    return _COMPOUND_BY_TYPE[action][kind]
-
-
-def _check_key(key: bytes) -> None:
-    if not isinstance(key, bytes | bytearray) or len(key) < MIN_KEY_BYTES:
-        raise ValueError(f"key: must be a node secret of at least {MIN_KEY_BYTES} bytes")
-
-
-def _mac(key: bytes, purpose: str, scope: str, value: str) -> bytes:
-    message = "\0".join((purpose, scope, value)).encode("utf-8")
-    return hmac.new(bytes(key), message, hashlib.sha256).digest()
-
-
-def remap_uid(uid: str, key: bytes, scope: str = "") -> str:
-    """The replacement for `uid`: "2.25." + a 128-bit keyed HMAC-SHA256 value (UUID version 8).
-
-    The same uid, key and scope always give the same replacement; without the key nobody can
-    tell which original a replacement stands for.
-    """
-    _check_key(key)
-    if not isinstance(uid, str):
-        raise ValueError("uid: must be a string")
-    raw = bytearray(_mac(key, "uid", scope, uid.strip("\0 "))[:16])
-    raw[6] = (raw[6] & 0x0F) | 0x80  # version 8: custom (RFC 9562)
-    raw[8] = (raw[8] & 0x3F) | 0x80  # RFC variant
-    return f"2.25.{int.from_bytes(raw, 'big')}"
-
-
-def patient_pseudonym(patient_id: str, key: bytes, scope: str = "") -> str:
-    """The Patient ID written out for `patient_id`: keyed, so stable per key and scope."""
-    _check_key(key)
-    return "P" + _mac(key, "patient", scope, patient_id.strip()).hex()[:20].upper()
-
-
-def date_shift_days(patient_id: str, key: bytes, scope: str = "") -> int:
-    """Days (between -3650 and -1) that one patient's dates move under modified dates."""
-    _check_key(key)
-    digest = _mac(key, "date-shift", scope, patient_id.strip())
-    return -(1 + int.from_bytes(digest[:8], "big") % 3650)
 
 
 def _text(value: object) -> str:
@@ -763,26 +563,6 @@ def _file_meta(source: Dataset, out: Dataset, run: _Run) -> FileMetaDataset:
     return meta
 
 
-def burned_in_risk(ds: Dataset, profile: DeidProfile) -> str | None:
-    """Why the object's pixels may carry burned-in identity (so it must not leave), or None."""
-    if "clean-pixel-data" in profile.options or not any(t in ds for t in _PIXEL_TAGS):
-        return None
-    flag = _text(ds.get("BurnedInAnnotation", "")).strip().upper()
-    modality = _text(ds.get("Modality", "")).strip().upper()
-    sop_class = _text(ds.get("SOPClassUID", ""))
-    if flag == "YES":
-        return "Burned In Annotation is YES: the pixel data must be cleaned first"
-    if modality in _ALWAYS_HELD_MODALITIES or sop_class.startswith(_ALWAYS_HELD_SOP_PREFIXES):
-        kind = modality or sop_class
-        return (
-            f"{kind} images often carry burned-in text whatever Burned In Annotation says "
-            f"({flag or 'missing'}): the pixel data must be cleaned first"
-        )
-    if modality in _HELD_UNLESS_FLAGGED_MODALITIES and flag != "NO":
-        return f"{modality} image without Burned In Annotation NO: clean the pixel data first"
-    return None
-
-
 def conformance_statement(profile: DeidProfile) -> dict:
     """What `deidentify` does under `profile`, in the terms of PS3.15 E.1.3, from the table."""
     if not isinstance(profile, DeidProfile):
@@ -798,7 +578,6 @@ def conformance_statement(profile: DeidProfile) -> dict:
         else:
             groups[action].append(row)
     options = sorted(profile.options)
-    modified = "retain-longitudinal-modified-dates" in profile.options
     return {
         "profile": profile.name,
         "standard": f"DICOM PS3.15 Annex E, Table E.1-1 edition {EDITION}",
@@ -815,75 +594,7 @@ def conformance_statement(profile: DeidProfile) -> dict:
         "uid_replaced": groups["U"],
         "kept": groups["K"],
         "cleaned": groups["C"],
-        "cleaning": (
-            "Sequences are cleaned by applying these rules to every item. Dates are moved by "
-            "the patient's date shift (modified dates); AE titles become keyed pseudonyms; text "
-            "is kept with every name, ID, address, institution and birth date found in the "
-            "object blanked out; binary data (overlay bitmaps, curve data) cannot be cleaned "
-            "and is removed."
-        ),
-        "resolved_by_type": by_type,
-        "type_resolution": (
-            "Compound actions use the attribute's Type in the object's IOD (PS3.3, CT, MR, XA, "
-            "SC, US, DX/CR, MG, PET, NM, SEG, SR and KOS): Type 3 removed, Type 2 zero length, "
-            "Type 1 dummy (X/Z/U*: Types 1 and 2 keep the items with their UIDs replaced). For "
-            "other IODs the strictest Type over all IODs is used; for an attribute of unknown "
-            "Type the dummy."
-        ),
-        "private_attributes": (
-            "kept only if listed in PS3.15 Table E.3.10-1 (by private creator, group and "
-            "element); every other private attribute and every unknown creator is removed"
-            if private == "C"
-            else "all removed"
-        ),
-        "uid_scope": (
-            "UIDs are replaced by 2.25 UIDs derived with HMAC-SHA256 under the node secret and "
-            "the recipient scope: consistent across objects, studies and re-runs for one scope, "
-            "different between scopes; every UID attribute that names an instance, series, "
-            "study, frame of reference or other entity is replaced, at any depth."
-            if "retain-uids" not in profile.options
-            else "UIDs are kept (Retain UIDs Option)."
-        ),
-        "key": (
-            f"HMAC-SHA256 with the node secret (at least {MIN_KEY_BYTES} bytes); replacement "
-            "UIDs carry 122 bits of the MAC. No unkeyed hash is used."
-        ),
-        "patient_identity": (
-            "Patient ID is replaced by a keyed pseudonym of the original Patient ID (stable per "
-            "scope); Patient's Name, Birth Date and the other identity attributes follow the table."
-        ),
-        "dates": (
-            "Dates are moved into the past by a per-patient shift of 1-3650 days derived from "
-            "the node secret and scope; times of day are kept, so intervals are preserved."
-            if modified
-            else "Dates and times are kept."
-            if "retain-longitudinal-full-dates" in profile.options
-            else "Dates and times are removed or replaced by dummies per the table."
-        ),
-        "inserted_attributes": [
-            "PatientIdentityRemoved",
-            "DeidentificationMethod",
-            "DeidentificationMethodCodeSequence",
-            "LongitudinalTemporalInformationModified",
-            "PatientID",
-            *(["BurnedInAnnotation"] if "clean-pixel-data" in profile.options else []),
-            *(
-                ["RecognizableVisualFeatures"]
-                if "clean-recognizable-visual-features" in profile.options
-                else []
-            ),
-        ],
-        "file_meta": (
-            "The File Meta Information is rebuilt (new Media Storage SOP Instance UID, dicomnode "
-            f"implementation UID {IMPLEMENTATION_CLASS_UID}); the preamble is not carried over."
-        ),
-        "encrypted_attributes": "none: no Encrypted Attributes Sequence is written",
-        "pixel_data": (
-            "This engine does not clean pixel data. Images likely to carry burned-in text "
-            "(Burned In Annotation YES; US, secondary capture, OT and other captures whatever "
-            "the flag; CR, DX, MG, XA, RF without the flag NO) are held unless the Clean Pixel "
-            "Data Option states that a separate step cleaned them."
-        ),
+        **statement_texts(profile.options, private, by_type, IMPLEMENTATION_CLASS_UID),
     }
 
 
