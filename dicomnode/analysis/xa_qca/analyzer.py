@@ -44,13 +44,11 @@ from dicomnode.analysis.plugin import (
     Selector,
 )
 from dicomnode.analysis.provenance import RESEARCH_USE
+from dicomnode.analysis.xa_qca.model import Lesion, QcaParams, QcaResult
 from dicomnode.analysis.xa_qca.qca import (
     ALGORITHM_NAME,
     ALGORITHM_VERSION,
     DatasetAnalysis,
-    Lesion,
-    QcaParams,
-    QcaResult,
     analyze_dataset,
 )
 

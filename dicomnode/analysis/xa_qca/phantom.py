@@ -42,7 +42,7 @@ from scipy.interpolate import CubicSpline
 from scipy.spatial import cKDTree
 
 if TYPE_CHECKING:
-    from dicomnode.analysis.xa_qca.qca import QcaResult
+    from dicomnode.analysis.xa_qca.model import QcaResult
 
 XA_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.12.1"
 MU_PER_MM = 0.12  # attenuation of the iodinated lumen, 1/mm

@@ -44,186 +44,38 @@ angiograms add overlap, foreshortening, non-circular lumens, catheters and motio
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from functools import lru_cache
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 from pydicom.dataset import Dataset
-from scipy import ndimage, signal
-from scipy.sparse import coo_matrix
+from scipy import ndimage
 from scipy.sparse.csgraph import dijkstra
-from scipy.spatial import cKDTree
 
-Status = Literal["ok", "no-vessel"]
+from dicomnode.analysis.xa_qca.lumen import (
+    _SIGMA_CANDIDATES,
+    _Fit,
+    _fit_profiles,
+    _Graph,
+    _graph,
+    _normals,
+    _paint,
+    _path,
+    _Profiles,
+    _profiles,
+    _reference,
+    _robust_smooth,
+    _smooth_resample,
+    _trim,
+)
+from dicomnode.analysis.xa_qca.model import Calibration, QcaParams, QcaResult
+from dicomnode.analysis.xa_qca.vessel import _branches, _bridge_gaps, _lesions, _Traced
 
 ALGORITHM_NAME = "xa-qca-classical"
 ALGORITHM_VERSION = "0.1.1"  # bump when results can change
 GEOMETRIC_ISOCENTER = ("122486", "DCM", "Geometric Isocenter")  # CID 3452 calibration method
 CALIBRATION_OBJECT_USED = ("122488", "DCM", "Calibration Object Used")  # CID 3452
 INTERPOLATED_REFERENCE = ("122490", "DCM", "Interpolated Local Reference")  # CID 3465
-
-
-# --- parameters and results -----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class QcaParams:
-    """Tunable settings. Lengths are in mm and converted with the frame's spacing (or with
-    `nominal_spacing_mm` when the frame is uncalibrated)."""
-
-    pixel_intensity_relationship: Literal["LIN", "LOG"] = "LIN"  # LOG: already -log scaled
-    vessels_dark: bool = True  # MONOCHROME2 angiograms: iodine is dark
-    nominal_spacing_mm: float = 0.25  # assumed when no calibration is given
-    tophat_mm: float = 10.0  # opening size of the background removal
-    region_tophat_mm: float = 6.0  # tighter opening for finding the vessel region
-    vesselness_sigmas_mm: tuple[float, ...] = (0.25, 0.375, 0.5, 0.75, 1.0, 1.25)
-    region_snr: float = 4.0  # region threshold on the smoothed top-hat, in noise units
-    min_vessel_length_mm: float = 15.0  # shorter main paths mean "no vessel found"
-    max_gap_mm: float = 6.0  # tubular regions this close to the vessel are joined to it
-    bridge_snr: float = 2.0  # ... if the joining path's median contrast reaches this x noise
-    min_contrast_to_noise: float = 4.0  # median ridge height / noise along the main path
-    min_tubularity: float = 0.35  # median vesselness along the main path
-    max_branches: int = 5
-    min_branch_length_mm: float = 5.0  # beyond the parent lumen's edge
-    min_branch_diameter_mm: float = 0.6  # median fitted diameter of a traced branch
-    min_branch_tubularity: float = 0.05  # median vesselness along a branch (thin: low)
-    max_diameter_mm: float = 6.0
-    reference_trim: float = 0.05  # fraction ignored at each end for the reference line
-    search_margin: float = 0.08  # MLD searched inside [margin, 1 - margin] of the vessel
-    min_stenosis_percent: float = 20.0
-    max_lesions: int = 3
-    lesion_border_fraction: float = 0.9  # lesion ends where D returns to this x reference
-    branch_margin_mm: float = 1.5  # a branch this close to a lesion flags it
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """Millimetres per pixel at the vessel, and how they were obtained."""
-
-    row_mm: float
-    column_mm: float
-    method: Literal["pixel-spacing", "isocenter"]
-    description: str  # e.g. "ImagerPixelSpacing x DistanceSourceToPatient / ..."
-    code: tuple[str, str, str] | None  # CID 3452 calibration method, when one applies
-
-    @property
-    def mm_per_pixel(self) -> float:
-        """The isotropic spacing used for measurement (mean of row and column spacing)."""
-        return (self.row_mm + self.column_mm) / 2
-
-
-@dataclass(frozen=True)
-class Lesion:
-    """One stenosis on the main vessel. Indices point into the `QcaResult` arrays along the
-    centerline; positions are arc lengths from its proximal end. The mm values are None when
-    the frame is uncalibrated."""
-
-    number: int  # 1 = most severe
-    mld_index: int
-    start_index: int
-    end_index: int
-    point_px: tuple[float, float]  # (row, column) of the MLD point
-    position_px: float
-    percent_diameter_stenosis: float
-    percent_area_stenosis: float  # circular lumen: 1 - (MLD / reference)^2
-    mld_px: float
-    reference_diameter_px: float
-    length_px: float
-    position_mm: float | None
-    mld_mm: float | None
-    reference_diameter_mm: float | None
-    length_mm: float | None
-    # a traced side branch leaves the main vessel within the lesion (or within
-    # QcaParams.branch_margin_mm of it): a bifurcation lesion, or another vessel crossing it
-    # in projection; 2-D QCA cannot measure either reliably
-    branch_at_lesion: bool = False
-
-
-@dataclass(frozen=True, eq=False)
-class QcaResult:
-    """What `analyze_frame` found. With ``status == "no-vessel"`` the arrays are empty, there
-    are no lesions and `reason` says why."""
-
-    status: Status
-    reason: str
-    calibrated: bool
-    mm_per_pixel: float | None
-    shape: tuple[int, int]
-    lumen_mask: np.ndarray  # bool, the frame's shape: every traced vessel
-    centerline_px: np.ndarray  # (n, 2) float (row, column), proximal to distal, 1 px steps
-    arc_px: np.ndarray  # (n,) arc length from the proximal end
-    diameter_px: np.ndarray  # (n,) fitted lumen diameter (smoothed)
-    reference_px: np.ndarray  # (n,) interpolated reference diameter
-    lesions: tuple[Lesion, ...]
-    branch_centerlines_px: tuple[np.ndarray, ...]
-    contrast_to_noise: float
-    psf_sigma_px: float
-    warnings: tuple[str, ...] = field(default_factory=tuple)
-
-    @property
-    def segment_length_px(self) -> float:
-        return float(self.arc_px[-1]) if len(self.arc_px) else 0.0
-
-    @property
-    def segment_length_mm(self) -> float | None:
-        return None if self.mm_per_pixel is None else self.segment_length_px * self.mm_per_pixel
-
-    @property
-    def diameter_mm(self) -> np.ndarray | None:
-        return None if self.mm_per_pixel is None else self.diameter_px * self.mm_per_pixel
-
-    @property
-    def reference_mm(self) -> np.ndarray | None:
-        return None if self.mm_per_pixel is None else self.reference_px * self.mm_per_pixel
-
-    def centerline_polyline(self, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """The centerline (or a part of it) as (column, row) pairs for an SR SCOORD POLYLINE
-        on the analysed frame. DICOM puts 0.0\\0.0 at the top-left corner of the top-left
-        pixel, so a pixel's centre (an integer index here) is at index + 0.5."""
-        part = self.centerline_px[start:stop]
-        return np.column_stack([part[:, 1] + 0.5, part[:, 0] + 0.5])
-
-    def lesion_mask(self, lesion: Lesion) -> np.ndarray:
-        """The lumen pixels nearest to the lesion's part of the main centerline."""
-        rows, cols = np.nonzero(self.lumen_mask)
-        out = np.zeros(self.shape, dtype=bool)
-        if not len(rows):
-            return out
-        _, nearest = cKDTree(self.centerline_px).query(np.column_stack([rows, cols]))
-        reach = self.diameter_px[nearest] / 2 + 1.5
-        dist = np.hypot(
-            rows - self.centerline_px[nearest, 0], cols - self.centerline_px[nearest, 1]
-        )
-        keep = (nearest >= lesion.start_index) & (nearest <= lesion.end_index) & (dist <= reach)
-        out[rows[keep], cols[keep]] = True
-        return out
-
-    def summary(self) -> dict[str, object]:
-        """Machine-readable key results for logs and job records."""
-        return {
-            "status": self.status,
-            "reason": self.reason,
-            "calibrated": self.calibrated,
-            "mm_per_pixel": self.mm_per_pixel,
-            "segment_length_mm": self.segment_length_mm,
-            "lesions": [
-                {
-                    "number": les.number,
-                    "percent_diameter_stenosis": round(les.percent_diameter_stenosis, 1),
-                    "mld_mm": None if les.mld_mm is None else round(les.mld_mm, 2),
-                    "reference_diameter_mm": (
-                        None
-                        if les.reference_diameter_mm is None
-                        else round(les.reference_diameter_mm, 2)
-                    ),
-                    "length_mm": None if les.length_mm is None else round(les.length_mm, 1),
-                    "point_px": [round(v, 1) for v in les.point_px],
-                }
-                for les in self.lesions
-            ],
-            "warnings": list(self.warnings),
-        }
 
 
 # --- calibration and frame choice -----------------------------------------------------------
@@ -391,234 +243,7 @@ def choose_frame(
 # --- vessel region and centerlines ----------------------------------------------------------
 
 
-@dataclass(frozen=True, eq=False)
-class _Graph:
-    """8-connected pixel graph of a region."""
-
-    index: np.ndarray  # (rows, cols) node index or -1
-    pixels: np.ndarray  # (n, 2) row, col
-    step: coo_matrix  # step lengths
-    centred: coo_matrix  # step lengths x node cost (ridge seeking)
-
-
-def _graph(region: np.ndarray, node_cost: np.ndarray) -> _Graph:
-    index = np.full(region.shape, -1, dtype=np.int64)
-    pixels = np.argwhere(region)
-    index[pixels[:, 0], pixels[:, 1]] = np.arange(len(pixels))
-    sources, targets, lengths = [], [], []
-    rows, cols = region.shape
-    for dr, dc in ((0, 1), (1, 0), (1, 1), (1, -1)):
-        a = index[0 : rows - dr, max(0, -dc) : cols - max(0, dc)]
-        b = index[dr:rows, max(0, dc) : cols - max(0, -dc)]
-        both = (a >= 0) & (b >= 0)
-        sources.append(a[both])
-        targets.append(b[both])
-        lengths.append(np.full(int(both.sum()), np.hypot(dr, dc)))
-    src, dst, length = np.concatenate(sources), np.concatenate(targets), np.concatenate(lengths)
-    n = len(pixels)
-    cost = node_cost[pixels[:, 0], pixels[:, 1]]
-    centred = length * (cost[src] + cost[dst]) / 2
-    return _Graph(
-        index,
-        pixels,
-        coo_matrix((length, (src, dst)), shape=(n, n)).tocsr(),
-        coo_matrix((centred, (src, dst)), shape=(n, n)).tocsr(),
-    )
-
-
-def _path(predecessors: np.ndarray, end: int) -> list[int]:
-    path = [end]
-    while predecessors[path[-1]] >= 0:
-        path.append(int(predecessors[path[-1]]))
-    return path[::-1]
-
-
-def _trim(nodes: list[int], graph: _Graph, ts: np.ndarray, fraction: float) -> list[int]:
-    """The path without its faint ends (below `fraction` of its median contrast)."""
-    pix = graph.pixels[nodes]
-    values = ts[pix[:, 0], pix[:, 1]]
-    strong = np.flatnonzero(values >= fraction * np.median(values))
-    if len(strong) == 0:
-        return nodes
-    return nodes[strong[0] : strong[-1] + 1]
-
-
-def _smooth_resample(points: np.ndarray, sigma: float, step: float = 1.0) -> np.ndarray:
-    """A pixel chain as a smooth curve sampled every `step` pixels."""
-    if len(points) < 3:
-        return points.astype(float)
-    seg = np.hypot(*np.diff(points, axis=0).T)
-    arc = np.concatenate([[0.0], np.cumsum(seg)])
-    s = np.linspace(0.0, arc[-1], max(2, int(round(arc[-1] / 0.5)) + 1))
-    pts = np.column_stack([np.interp(s, arc, points[:, 0]), np.interp(s, arc, points[:, 1])])
-    pts = ndimage.gaussian_filter1d(pts, sigma / 0.5, axis=0, mode="nearest")
-    seg = np.hypot(*np.diff(pts, axis=0).T)
-    arc = np.concatenate([[0.0], np.cumsum(seg)])
-    s = np.arange(0.0, arc[-1] + 1e-9, step)
-    return np.column_stack([np.interp(s, arc, pts[:, 0]), np.interp(s, arc, pts[:, 1])])
-
-
-def _normals(points: np.ndarray) -> np.ndarray:
-    tangent = np.gradient(points, axis=0)
-    tangent /= np.maximum(np.hypot(*tangent.T), 1e-12)[:, None]
-    return np.column_stack([-tangent[:, 1], tangent[:, 0]])
-
-
-# --- the lumen model and its fit ------------------------------------------------------------
-
-_LUT_STEP = 0.05  # px, in both radius and offset
-
-
-@lru_cache(maxsize=16)  # 7 PSF candidates + recent fitted PSFs; ~5 MB each
-def _lut(sigma: float, r_max: float, u_max: float) -> np.ndarray:
-    """F(u; r): a circular lumen's chord profile 2 sqrt(r^2 - u^2) convolved with a Gaussian
-    of `sigma` px, tabulated over r in [0, r_max] and u in [-u_max, u_max] (steps of
-    `_LUT_STEP`), stacked with its derivatives along r and u: shape (n_r, n_u, 3). The chord
-    is integrated exactly over each cell, then convolved with the Gaussian's exact transfer
-    function by FFT."""
-    h = _LUT_STEP
-    n_u = int(np.ceil(u_max / h))
-    pad = int(np.ceil((r_max + 6 * sigma) / h))
-    n = 2 * (n_u + pad) + 1
-    n_fft = 1 << int(np.ceil(np.log2(n)))
-    u = (np.arange(n) - (n_u + pad)) * h
-    radii = np.arange(0.0, r_max + h / 2, h)[:, None]
-    edges = np.concatenate([u - h / 2, [u[-1] + h / 2]])[None, :]
-    clipped = np.clip(edges, -radii, radii)
-    safe = np.where(radii > 0, radii, 1.0)
-    antiderivative = clipped * np.sqrt(np.maximum(radii**2 - clipped**2, 0)) + radii**2 * (
-        np.arcsin(clipped / safe)
-    )
-    cells = np.diff(antiderivative, axis=1) / h
-    freq = np.fft.rfftfreq(n_fft, d=h)
-    transfer = np.exp(-2 * (np.pi * sigma * freq) ** 2)
-    table = np.fft.irfft(np.fft.rfft(cells, n_fft, axis=1) * transfer, n_fft, axis=1)
-    table = table[:, pad : pad + 2 * n_u + 1]
-    return np.stack(
-        [table, np.gradient(table, h, axis=0), np.gradient(table, h, axis=1)], axis=-1
-    ).astype(np.float32)
-
-
-def _lookup(table: np.ndarray, u: np.ndarray, r: np.ndarray) -> np.ndarray:
-    """Bilinear look-up of (F, dF/dr, dF/du) at (u, r); shape (..., 3). The table's middle
-    column is u = 0. (`np.take` on the flattened table gathers about twice as fast as
-    indexing it with two index arrays.)"""
-    n_r, n_u, _ = table.shape
-    fr = np.clip(r / _LUT_STEP, 0, n_r - 1.000001)
-    fu = np.clip(u / _LUT_STEP + (n_u - 1) / 2, 0, n_u - 1.000001)
-    ir, iu = fr.astype(np.int64), fu.astype(np.int64)
-    wr, wu = (fr - ir)[..., None], (fu - iu)[..., None]
-    flat = table.reshape(-1, 3)
-    index = ir * n_u + iu
-    low = np.take(flat, index, axis=0) * (1 - wu) + np.take(flat, index + 1, axis=0) * wu
-    high = (
-        np.take(flat, index + n_u, axis=0) * (1 - wu) + np.take(flat, index + n_u + 1, axis=0) * wu
-    )
-    return low * (1 - wr) + high * wr
-
-
-@dataclass(frozen=True, eq=False)
-class _Fit:
-    amplitude: np.ndarray
-    radius: np.ndarray
-    centre: np.ndarray
-    slope: np.ndarray  # background slope across the vessel
-    cost: np.ndarray  # weighted sum of squared residuals per profile
-
-
-def _fit_profiles(
-    y: np.ndarray,
-    weights: np.ndarray,
-    x: np.ndarray,
-    sigma: float,
-    r_init: np.ndarray,
-    r_max: float,
-    amplitude: float | None,
-    iterations: int = 25,
-    slope_prior: np.ndarray | None = None,
-) -> _Fit:
-    """Levenberg-Marquardt fit, all profiles at once, of
-    ``y(x) = a F(x - c; r, sigma) + b0 + b1 x`` (a fixed when `amplitude` is given).
-
-    `slope_prior` pulls b1 towards the given slopes with the weight of the profile's own data:
-    where a branch leaves, one side of the profile has no background to fit, and a free slope
-    would eat into the lumen."""
-    # the table's extent, in 4 px steps so that later frames reuse it (lru_cache)
-    u_max = float(np.ceil((np.abs(x).max() + 4.0) / 4.0) * 4.0)
-    table = _lut(round(float(sigma), 3), round(float(r_max), 2), round(u_max, 2))
-    n, m = y.shape
-    free_a = amplitude is None
-    r = np.clip(r_init.astype(float), 0.3, r_max)
-    c = np.zeros(n)
-    ones = np.ones((n, m))
-    xs = np.broadcast_to(x, (n, m))
-    f0 = _lookup(table, xs, np.broadcast_to(r[:, None], (n, m)))[..., 0]
-    # start: amplitude (if free) and background by weighted linear least squares
-    if free_a:
-        design = np.stack([f0, ones, xs], axis=-1)
-        target = y
-    else:
-        design = np.stack([ones, xs], axis=-1)
-        target = y - float(amplitude) * f0
-    dw = design * weights[..., None]
-    normal = np.matmul(dw.transpose(0, 2, 1), design) + 1e-9 * np.eye(design.shape[-1])
-    sol = np.linalg.solve(normal, np.matmul(dw.transpose(0, 2, 1), target[..., None]))[..., 0]
-    if free_a:
-        a, b0, b1 = np.maximum(sol[:, 0], 1e-6), sol[:, 1], sol[:, 2]
-    else:
-        a, b0, b1 = np.full(n, float(amplitude)), sol[:, 0], sol[:, 1]
-    prior_weight = np.sum(weights * x**2, axis=1) if slope_prior is not None else np.zeros(n)
-    prior = slope_prior if slope_prior is not None else np.zeros(n)
-
-    def residual_and_jacobian(a, r, c, b0, b1):
-        f = _lookup(table, xs - c[:, None], np.broadcast_to(r[:, None], (n, m)))
-        model = a[:, None] * f[..., 0] + b0[:, None] + b1[:, None] * x
-        cols = [a[:, None] * f[..., 1], -a[:, None] * f[..., 2], ones, xs]
-        if free_a:
-            cols.insert(0, f[..., 0])
-        return y - model, np.stack(cols, axis=-1)
-
-    def total_cost(res, b1):
-        return np.sum(weights * res**2, axis=1) + prior_weight * (prior - b1) ** 2
-
-    lam = np.full(n, 1e-2)
-    res, jac = residual_and_jacobian(a, r, c, b0, b1)
-    cost = total_cost(res, b1)
-    k = jac.shape[-1]
-    eye = np.eye(k)
-    for _ in range(iterations):
-        jw = (jac * weights[:, :, None]).transpose(0, 2, 1)
-        jtj = np.matmul(jw, jac)
-        jtr = np.matmul(jw, res[..., None])[..., 0]
-        jtj[:, -1, -1] += prior_weight
-        jtr[:, -1] += prior_weight * (prior - b1)
-        diag = np.einsum("nii->ni", jtj)
-        system = jtj + lam[:, None, None] * (diag[:, :, None] * eye + 1e-9 * eye)
-        step = np.linalg.solve(system, jtr[..., None])[..., 0]
-        parts = list(step.T)
-        na = np.maximum(a + parts.pop(0), 1e-6) if free_a else a
-        nr = np.clip(r + parts[0], 0.0, r_max)
-        nc = np.clip(c + parts[1], -u_max / 3, u_max / 3)
-        nb0, nb1 = b0 + parts[2], b1 + parts[3]
-        new_res, new_jac = residual_and_jacobian(na, nr, nc, nb0, nb1)
-        new_cost = total_cost(new_res, nb1)
-        better = new_cost < cost
-        lam = np.where(better, lam * 0.3, lam * 10)
-        a = np.where(better, na, a)
-        r = np.where(better, nr, r)
-        c = np.where(better, nc, c)
-        b0 = np.where(better, nb0, b0)
-        b1 = np.where(better, nb1, b1)
-        res = np.where(better[:, None], new_res, res)
-        jac = np.where(better[:, None, None], new_jac, jac)
-        cost = np.where(better, new_cost, cost)
-    return _Fit(a, r, c, b1, cost)
-
-
 # --- the analysis ---------------------------------------------------------------------------
-
-_PROFILE_STEP = 0.5  # px between samples along a profile
-_SIGMA_CANDIDATES = (0.5, 0.7, 0.9, 1.1, 1.3, 1.6, 2.0)
 
 
 def _spacing(value: float | Sequence[float] | None) -> tuple[float | None, list[str]]:
@@ -660,146 +285,164 @@ def _no_vessel(shape, reason, calibrated, spacing, warnings, cnr=0.0) -> QcaResu
     )
 
 
+def _vessel_region(
+    p: np.ndarray, t: np.ndarray, ts: np.ndarray, noise_s: float, mm: float, params: QcaParams
+) -> tuple[np.ndarray, np.ndarray, float, np.ndarray] | str:
+    """The vessel region (gaps bridged), the vesselness, the vessel's contrast level and the
+    contrast relative to it; or why there is no vessel."""
+    v = vesselness(t, [s / mm for s in params.vesselness_sigmas_mm])
+    # the region is cut from a tighter top-hat (anatomy wider than the widest lumen goes)
+    ts_narrow = ndimage.gaussian_filter(_tophat(p, int(round(params.region_tophat_mm / mm))), 1.0)
+    region = ts_narrow > params.region_snr * noise_s
+    strong = v > 0.3
+    labels, n_labels = ndimage.label(region, structure=np.ones((3, 3)))
+    if n_labels == 0 or not strong.any():
+        return "nothing tubular stands out of the noise"
+    seeded = np.unique(labels[strong & region])
+    seeded = seeded[seeded > 0]
+    if len(seeded) == 0:
+        return "nothing tubular stands out of the noise"
+    seed_weight = ndimage.sum(np.maximum(ts, 0) * strong, labels, seeded)
+    main_label = seeded[int(np.argmax(seed_weight))]
+    component = labels == main_label
+    # vessel contrast level: path ends must be well opacified (not faint anatomy touching the
+    # vessel), and the path cost falls towards the bright ridge (the lumen's centre)
+    level = float(np.percentile(ts[component & strong], 90))
+    relative = np.clip(ts / level, 0.0, 1.0)
+    others = [
+        int(label)
+        for label, weight in zip(seeded, seed_weight, strict=True)
+        if label != main_label and weight >= 0.05 * seed_weight.max()
+    ]
+    component = _bridge_gaps(component, labels, others, relative, ts, noise_s, mm, params)
+    return component, v, level, relative
+
+
 @dataclass(frozen=True, eq=False)
-class _Profiles:
-    values: np.ndarray  # (n, m)
-    weights: np.ndarray  # (n, m)
-    x: np.ndarray  # (m,)
+class _MainVessel:
+    """The main vessel's path through the region, before its lumen is measured."""
+
+    graph: _Graph
+    dt: np.ndarray  # distance to the region's edge
+    node_relative: np.ndarray  # ts / level per graph node
+    main_nodes: list[int]
+    main_pixels: np.ndarray
+    cnr: float
 
 
-def _profiles(
-    coeffs: np.ndarray,
-    region: np.ndarray,
-    points: np.ndarray,
-    r_init: np.ndarray,
-    half_px: float,
-) -> _Profiles:
-    """Perpendicular intensity profiles at each centerline point, with weights that drop
-    samples beyond 2 r + 5 px of the centre and samples that fall in another structure."""
-    normals = _normals(points)
-    x = np.arange(-half_px, half_px + 1e-9, _PROFILE_STEP)
-    coords = points[:, None, :] + x[None, :, None] * normals[:, None, :]
-    values = ndimage.map_coordinates(
-        coeffs, [coords[..., 0], coords[..., 1]], order=3, prefilter=False, mode="nearest"
-    )
-    inside = ndimage.map_coordinates(
-        region.astype(np.float32), [coords[..., 0], coords[..., 1]], order=0, mode="constant"
-    ).astype(bool)
-    j = np.arange(len(x))
-    centre = len(x) // 2
-    outside = ~inside
-    left = np.where(outside & (j < centre), j, -1).max(axis=1)
-    right = np.where(outside & (j > centre), j, len(x)).min(axis=1)
-    # the run of region samples around the centre, made symmetric: where a branch leaves,
-    # the run reaches further on one side, and that part belongs to the branch
-    reach = np.minimum(centre - left, right - centre) * _PROFILE_STEP + 2.0
-    own = (j > left[:, None]) & (j < right[:, None]) & (np.abs(x)[None, :] <= reach[:, None])
-    near = np.abs(x)[None, :] <= (2 * r_init + 5)[:, None]
-    weights = (near & (outside | own)).astype(float)
-    return _Profiles(values, weights, x)
-
-
-def _robust_smooth(d: np.ndarray, window: int = 11) -> np.ndarray:
-    """Savitzky-Golay (quadratic) smoothing with outliers replaced first; unbiased at the
-    bottom of a smooth narrowing, unlike a median or moving average."""
-    if len(d) < window + 2:
-        return d.copy()
-    smooth = signal.savgol_filter(d, window, 2, mode="interp")
-    dev = d - smooth
-    mad = 1.4826 * np.median(np.abs(dev - np.median(dev))) + 1e-9
-    cleaned = np.where(np.abs(dev) > 3 * mad, smooth, d)
-    return signal.savgol_filter(cleaned, window, 2, mode="interp")
-
-
-def _reference(arc: np.ndarray, d: np.ndarray, trim: float) -> np.ndarray:
-    """Robust straight-line interpolated reference (PS3.17 T.4.2): points 10% below or 15%
-    above the line are excluded until the set stops changing."""
-    length = arc[-1]
-    use = (arc >= trim * length) & (arc <= (1 - trim) * length)
-    keep = use.copy()
-    line = np.full_like(d, np.median(d[use]))
-    for _ in range(20):
-        if keep.sum() < 5:
-            break
-        coef = np.polyfit(arc[keep], d[keep], 1)
-        line = np.polyval(coef, arc)
-        rel = d / np.maximum(line, 1e-9) - 1
-        new = use & (rel > -0.10) & (rel < 0.15)
-        if np.array_equal(new, keep):
-            break
-        keep = new
-    return np.maximum(line, 1e-6)
-
-
-def _paint(shape, segments: Sequence[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-    """Lumen mask: pixels closer to a centerline point than that point's radius."""
-    mask = np.zeros(shape, dtype=bool)
-    for points, radius in segments:
-        if len(points) < 2:
-            continue
-        # densify to 0.25 px
-        seg = np.hypot(*np.diff(points, axis=0).T)
-        arc = np.concatenate([[0.0], np.cumsum(seg)])
-        s = np.arange(0.0, arc[-1] + 1e-9, 0.25)
-        dense = np.column_stack([np.interp(s, arc, points[:, 0]), np.interp(s, arc, points[:, 1])])
-        rad = np.interp(s, arc, radius)
-        reach = float(rad.max()) + 1
-        lo = np.maximum(np.floor(dense.min(axis=0) - reach), 0).astype(int)
-        hi = np.minimum(np.ceil(dense.max(axis=0) + reach) + 1, shape).astype(int)
-        rr, cc = np.mgrid[lo[0] : hi[0], lo[1] : hi[1]]
-        pix = np.column_stack([rr.ravel(), cc.ravel()])
-        dist, idx = cKDTree(dense).query(pix, distance_upper_bound=reach)
-        ok = np.isfinite(dist)
-        inside = np.zeros(len(pix), dtype=bool)
-        inside[ok] = dist[ok] < rad[idx[ok]]
-        mask[pix[inside, 0], pix[inside, 1]] = True
-    return mask
-
-
-def _bridge_gaps(
+def _main_vessel(
     component: np.ndarray,
-    labels: np.ndarray,
-    others: list[int],
-    relative: np.ndarray,
+    v: np.ndarray,
     ts: np.ndarray,
+    relative: np.ndarray,
     noise_s: float,
     mm: float,
     params: QcaParams,
-) -> np.ndarray:
-    """Join to the vessel region the other tubular regions that lie within
-    `QcaParams.max_gap_mm` of it, through the cheapest ridge-following path across the gap,
-    when that path carries some iodine: a very tight stenosis can fall below the region
-    threshold and cut the vessel in two."""
-    component = component.copy()
-    others = list(others)
-    max_gap = params.max_gap_mm / mm
-    for _ in range(3):
-        if not others:
-            break
-        to_region, nearest = ndimage.distance_transform_edt(~component, return_indices=True)
-        gaps = [(float(to_region[labels == label].min()), label) for label in others]
-        gap, label = min(gaps)
-        if gap > max_gap:
-            break
-        others.remove(label)
-        other = labels == label
-        far_end = np.unravel_index(int(np.argmin(np.where(other, to_region, np.inf))), ts.shape)
-        near_end = (int(nearest[0][far_end]), int(nearest[1][far_end]))
-        margin = int(gap) + 10
-        lo = np.maximum(np.minimum(far_end, near_end) - margin, 0)
-        hi = np.minimum(np.maximum(far_end, near_end) + margin + 1, ts.shape)
-        window = np.zeros(ts.shape, dtype=bool)
-        window[lo[0] : hi[0], lo[1] : hi[1]] = True
-        local = _graph(window, 1.0 / np.maximum(relative, 0.02) ** 2)
-        start = int(local.index[near_end])
-        _, pred = dijkstra(local.centred, directed=False, indices=start, return_predecessors=True)
-        path = local.pixels[_path(pred, int(local.index[far_end]))]
-        if np.median(ts[path[:, 0], path[:, 1]]) < params.bridge_snr * noise_s:
-            continue
-        bridge = np.zeros(ts.shape, dtype=bool)
-        bridge[path[:, 0], path[:, 1]] = True
-        component |= ndimage.binary_dilation(bridge) | other
-    return component
+) -> _MainVessel | tuple[str, float]:
+    """The longest well-opacified path through the region, on the lumen's ridge; or why it is
+    not a vessel (with the contrast-to-noise measured so far)."""
+    shape = ts.shape
+    dt = ndimage.distance_transform_edt(component)
+    graph = _graph(component, 1.0 / np.maximum(relative, 0.02) ** 2)
+    node_relative = relative[graph.pixels[:, 0], graph.pixels[:, 1]]
+    can_end = node_relative >= 0.3
+
+    score = np.where(component, ts * v, -np.inf)
+    start = int(graph.index[np.unravel_index(int(np.argmax(score)), shape)])
+    dist = dijkstra(graph.step, directed=False, indices=start)
+    end_a = int(np.argmax(np.where(np.isfinite(dist) & can_end, dist, -1)))
+    dist = dijkstra(graph.step, directed=False, indices=end_a)
+    end_b = int(np.argmax(np.where(np.isfinite(dist) & can_end, dist, -1)))
+    if dist[end_b] * mm < params.min_vessel_length_mm:
+        return (
+            f"the longest vessel path is {dist[end_b] * mm:.1f} mm "
+            f"(< {params.min_vessel_length_mm:g} mm)",
+            0.0,
+        )
+    _, pred = dijkstra(graph.centred, directed=False, indices=end_a, return_predecessors=True)
+    main_nodes = _trim(_path(pred, end_b), graph, ts, 0.25)
+    main_pixels = graph.pixels[main_nodes].astype(float)
+    trimmed_mm = float(np.sum(np.hypot(*np.diff(main_pixels, axis=0).T))) * mm
+    if trimmed_mm < params.min_vessel_length_mm:
+        return (
+            f"the opacified part of the longest path is {trimmed_mm:.1f} mm "
+            f"(< {params.min_vessel_length_mm:g} mm)",
+            0.0,
+        )
+    on_path = (graph.pixels[main_nodes, 0], graph.pixels[main_nodes, 1])
+    cnr = float(np.median(ts[on_path]) / noise_s)
+    tubularity = float(np.median(v[on_path]))
+    if tubularity < params.min_tubularity:
+        return (
+            f"the best path is not tubular (median vesselness {tubularity:.2f} "
+            f"< {params.min_tubularity:g}); anatomy, not an opacified vessel",
+            cnr,
+        )
+    if cnr < params.min_contrast_to_noise:
+        return (
+            f"contrast-to-noise along the best path is {cnr:.1f} "
+            f"(< {params.min_contrast_to_noise:g})",
+            cnr,
+        )
+    return _MainVessel(graph, dt, node_relative, main_nodes, main_pixels, cnr)
+
+
+def _frame_psf(prof: _Profiles, r_init: np.ndarray, r_max: float) -> float:
+    """The frame's PSF: the width whose model fits the wider half of the vessel best."""
+    wide = np.flatnonzero(r_init >= np.median(r_init))[::2][:80]
+    costs = []
+    for sigma in _SIGMA_CANDIDATES:
+        fit = _fit_profiles(
+            prof.values[wide], prof.weights[wide], prof.x, sigma, r_init[wide], r_max, None, 15
+        )
+        costs.append(float(np.sum(fit.cost)))
+    best = int(np.argmin(costs))
+    psf = _SIGMA_CANDIDATES[best]
+    if 0 < best < len(costs) - 1:
+        s0, s1, s2 = _SIGMA_CANDIDATES[best - 1 : best + 2]
+        c0, c1, c2 = costs[best - 1 : best + 2]
+        denom = (s0 - s1) * (s0 - s2) * (s1 - s2)
+        qa = (s2 * (c1 - c0) + s1 * (c0 - c2) + s0 * (c2 - c1)) / denom
+        qb = (s2**2 * (c0 - c1) + s1**2 * (c2 - c0) + s0**2 * (c1 - c2)) / denom
+        if qa > 0:
+            psf = float(np.clip(-qb / (2 * qa), s0, s2))
+    return round(psf, 2)
+
+
+def _fit_main(
+    coeffs: np.ndarray,
+    component: np.ndarray,
+    points: np.ndarray,
+    prof: _Profiles,
+    r_init: np.ndarray,
+    r_max: float,
+    half: float,
+    psf: float,
+) -> tuple[np.ndarray, _Fit, float]:
+    """The main vessel's lumen fit: free, then with the contrast per unit chord fixed, then
+    again on the centerline moved to the fitted lumen centres. Returns the recentred points,
+    the last fit and the contrast (amplitude)."""
+    free = _fit_profiles(prof.values, prof.weights, prof.x, psf, r_init, r_max, None)
+    healthy = free.radius >= np.median(free.radius)
+    amplitude = float(np.median(free.amplitude[healthy]))
+    fit = _fit_profiles(prof.values, prof.weights, prof.x, psf, free.radius, r_max, amplitude)
+    # recentre on the fitted lumen centres and measure again
+    normals = _normals(points)
+    centred = points + np.clip(fit.centre, -3, 3)[:, None] * normals
+    points = _smooth_resample(centred, sigma=2.0)
+    r_init = np.interp(
+        np.linspace(0, 1, len(points)), np.linspace(0, 1, len(fit.radius)), fit.radius
+    )
+    slope = np.interp(
+        np.linspace(0, 1, len(points)),
+        np.linspace(0, 1, len(fit.slope)),
+        ndimage.median_filter(fit.slope, size=21, mode="nearest"),
+    )
+    prof = _profiles(coeffs, component, points, np.maximum(r_init, 0.5), half)
+    fit = _fit_profiles(
+        prof.values, prof.weights, prof.x, psf, r_init, r_max, amplitude, slope_prior=slope
+    )
+    return points, fit, amplitude
 
 
 def analyze_frame(
@@ -831,140 +474,25 @@ def analyze_frame(
         return _no_vessel(shape, "the frame has no contrast", calibrated, spacing, warnings)
     if noise_s <= 0:
         noise_s = float(np.abs(ts).max()) * 1e-3
-    v = vesselness(t, [s / mm for s in params.vesselness_sigmas_mm])
-    # the region is cut from a tighter top-hat (anatomy wider than the widest lumen goes)
-    ts_narrow = ndimage.gaussian_filter(_tophat(p, int(round(params.region_tophat_mm / mm))), 1.0)
-    region = ts_narrow > params.region_snr * noise_s
-    strong = v > 0.3
-    labels, n_labels = ndimage.label(region, structure=np.ones((3, 3)))
-    if n_labels == 0 or not strong.any():
-        return _no_vessel(
-            shape, "nothing tubular stands out of the noise", calibrated, spacing, warnings
-        )
-    seeded = np.unique(labels[strong & region])
-    seeded = seeded[seeded > 0]
-    if len(seeded) == 0:
-        return _no_vessel(
-            shape, "nothing tubular stands out of the noise", calibrated, spacing, warnings
-        )
-    seed_weight = ndimage.sum(np.maximum(ts, 0) * strong, labels, seeded)
-    main_label = seeded[int(np.argmax(seed_weight))]
-    component = labels == main_label
-    # vessel contrast level: path ends must be well opacified (not faint anatomy touching the
-    # vessel), and the path cost falls towards the bright ridge (the lumen's centre)
-    level = float(np.percentile(ts[component & strong], 90))
-    relative = np.clip(ts / level, 0.0, 1.0)
-    others = [
-        int(label)
-        for label, weight in zip(seeded, seed_weight, strict=True)
-        if label != main_label and weight >= 0.05 * seed_weight.max()
-    ]
-    component = _bridge_gaps(component, labels, others, relative, ts, noise_s, mm, params)
-    dt = ndimage.distance_transform_edt(component)
-    graph = _graph(component, 1.0 / np.maximum(relative, 0.02) ** 2)
-    node_relative = relative[graph.pixels[:, 0], graph.pixels[:, 1]]
-    can_end = node_relative >= 0.3
-
-    score = np.where(component, ts * v, -np.inf)
-    start = int(graph.index[np.unravel_index(int(np.argmax(score)), shape)])
-    dist = dijkstra(graph.step, directed=False, indices=start)
-    end_a = int(np.argmax(np.where(np.isfinite(dist) & can_end, dist, -1)))
-    dist = dijkstra(graph.step, directed=False, indices=end_a)
-    end_b = int(np.argmax(np.where(np.isfinite(dist) & can_end, dist, -1)))
-    if dist[end_b] * mm < params.min_vessel_length_mm:
-        return _no_vessel(
-            shape,
-            f"the longest vessel path is {dist[end_b] * mm:.1f} mm "
-            f"(< {params.min_vessel_length_mm:g} mm)",
-            calibrated,
-            spacing,
-            warnings,
-        )
-    _, pred = dijkstra(graph.centred, directed=False, indices=end_a, return_predecessors=True)
-    main_nodes = _trim(_path(pred, end_b), graph, ts, 0.25)
-    main_pixels = graph.pixels[main_nodes].astype(float)
-    trimmed_mm = float(np.sum(np.hypot(*np.diff(main_pixels, axis=0).T))) * mm
-    if trimmed_mm < params.min_vessel_length_mm:
-        return _no_vessel(
-            shape,
-            f"the opacified part of the longest path is {trimmed_mm:.1f} mm "
-            f"(< {params.min_vessel_length_mm:g} mm)",
-            calibrated,
-            spacing,
-            warnings,
-        )
-    on_path = (graph.pixels[main_nodes, 0], graph.pixels[main_nodes, 1])
-    cnr = float(np.median(ts[on_path]) / noise_s)
-    tubularity = float(np.median(v[on_path]))
-    if tubularity < params.min_tubularity:
-        return _no_vessel(
-            shape,
-            f"the best path is not tubular (median vesselness {tubularity:.2f} "
-            f"< {params.min_tubularity:g}); anatomy, not an opacified vessel",
-            calibrated,
-            spacing,
-            warnings,
-            cnr,
-        )
-    if cnr < params.min_contrast_to_noise:
-        return _no_vessel(
-            shape,
-            f"contrast-to-noise along the best path is {cnr:.1f} "
-            f"(< {params.min_contrast_to_noise:g})",
-            calibrated,
-            spacing,
-            warnings,
-            cnr,
-        )
+    found = _vessel_region(p, t, ts, noise_s, mm, params)
+    if isinstance(found, str):
+        return _no_vessel(shape, found, calibrated, spacing, warnings)
+    component, v, level, relative = found
+    main = _main_vessel(component, v, ts, relative, noise_s, mm, params)
+    if isinstance(main, tuple):
+        return _no_vessel(shape, main[0], calibrated, spacing, warnings, main[1])
+    graph, dt, node_relative = main.graph, main.dt, main.node_relative
+    main_nodes, cnr = main.main_nodes, main.cnr
 
     # --- diameter profile of the main vessel
     coeffs = ndimage.spline_filter(p.astype(np.float64), order=3)
     r_max = params.max_diameter_mm / mm / 2 * 1.5
-    points = _smooth_resample(main_pixels, sigma=2.0)
+    points = _smooth_resample(main.main_pixels, sigma=2.0)
     r_init = np.clip(ndimage.map_coordinates(dt, points.T, order=1) - 0.5, 0.5, r_max)
     half = float(min(2 * r_init.max() + 6, 2 * r_max + 6))
     prof = _profiles(coeffs, component, points, r_init, half)
-
-    # the frame's PSF: the width whose model fits the wider half of the vessel best
-    wide = np.flatnonzero(r_init >= np.median(r_init))[::2][:80]
-    costs = []
-    for sigma in _SIGMA_CANDIDATES:
-        fit = _fit_profiles(
-            prof.values[wide], prof.weights[wide], prof.x, sigma, r_init[wide], r_max, None, 15
-        )
-        costs.append(float(np.sum(fit.cost)))
-    best = int(np.argmin(costs))
-    psf = _SIGMA_CANDIDATES[best]
-    if 0 < best < len(costs) - 1:
-        s0, s1, s2 = _SIGMA_CANDIDATES[best - 1 : best + 2]
-        c0, c1, c2 = costs[best - 1 : best + 2]
-        denom = (s0 - s1) * (s0 - s2) * (s1 - s2)
-        qa = (s2 * (c1 - c0) + s1 * (c0 - c2) + s0 * (c2 - c1)) / denom
-        qb = (s2**2 * (c0 - c1) + s1**2 * (c2 - c0) + s0**2 * (c1 - c2)) / denom
-        if qa > 0:
-            psf = float(np.clip(-qb / (2 * qa), s0, s2))
-    psf = round(psf, 2)
-
-    free = _fit_profiles(prof.values, prof.weights, prof.x, psf, r_init, r_max, None)
-    healthy = free.radius >= np.median(free.radius)
-    amplitude = float(np.median(free.amplitude[healthy]))
-    fit = _fit_profiles(prof.values, prof.weights, prof.x, psf, free.radius, r_max, amplitude)
-    # recentre on the fitted lumen centres and measure again
-    normals = _normals(points)
-    centred = points + np.clip(fit.centre, -3, 3)[:, None] * normals
-    points = _smooth_resample(centred, sigma=2.0)
-    r_init = np.interp(
-        np.linspace(0, 1, len(points)), np.linspace(0, 1, len(fit.radius)), fit.radius
-    )
-    slope = np.interp(
-        np.linspace(0, 1, len(points)),
-        np.linspace(0, 1, len(fit.slope)),
-        ndimage.median_filter(fit.slope, size=21, mode="nearest"),
-    )
-    prof = _profiles(coeffs, component, points, np.maximum(r_init, 0.5), half)
-    fit = _fit_profiles(
-        prof.values, prof.weights, prof.x, psf, r_init, r_max, amplitude, slope_prior=slope
-    )
+    psf = _frame_psf(prof, r_init, r_max)
+    points, fit, amplitude = _fit_main(coeffs, component, points, prof, r_init, r_max, half, psf)
 
     diameter = _robust_smooth(2 * fit.radius)
     n = len(diameter)
@@ -1010,155 +538,6 @@ def analyze_frame(
         psf_sigma_px=float(psf),
         warnings=tuple(warnings),
     )
-
-
-def _lesions(
-    arc: np.ndarray,
-    points: np.ndarray,
-    diameter: np.ndarray,
-    reference: np.ndarray,
-    crowded: np.ndarray,
-    params: QcaParams,
-    spacing: float | None,
-) -> tuple[Lesion, ...]:
-    length = arc[-1]
-    window = (arc >= params.search_margin * length) & (arc <= (1 - params.search_margin) * length)
-    stenosis = 1 - diameter / reference
-    peaks, _ = signal.find_peaks(
-        np.where(window, stenosis, -1.0), height=params.min_stenosis_percent / 100
-    )
-    peaks = sorted(peaks, key=lambda i: -stenosis[i])
-    found: list[tuple[int, int, int]] = []
-    border = params.lesion_border_fraction
-    for peak in peaks:
-        if any(s <= peak <= e for s, e, _ in found):
-            continue
-        start = peak
-        while start > 0 and diameter[start - 1] < border * reference[start - 1]:
-            start -= 1
-        end = peak
-        while end < len(arc) - 1 and diameter[end + 1] < border * reference[end + 1]:
-            end += 1
-        inside = np.flatnonzero(window[start : end + 1]) + start
-        if len(inside) == 0:
-            continue
-        mld = int(inside[np.argmin(diameter[inside])])
-        if 100 * (1 - diameter[mld] / reference[mld]) < params.min_stenosis_percent:
-            continue
-        found.append((start, end, mld))
-        if len(found) >= params.max_lesions:
-            break
-    found.sort(key=lambda f: -(1 - diameter[f[2]] / reference[f[2]]))
-    out = []
-    for number, (start, end, mld) in enumerate(found, start=1):
-        ratio = diameter[mld] / reference[mld]
-        length_px = float(arc[end] - arc[start])
-
-        def mm(value: float) -> float | None:
-            return None if spacing is None else float(value * spacing)
-
-        out.append(
-            Lesion(
-                number=number,
-                mld_index=mld,
-                start_index=int(start),
-                end_index=int(end),
-                point_px=(float(points[mld, 0]), float(points[mld, 1])),
-                position_px=float(arc[mld]),
-                percent_diameter_stenosis=float(100 * (1 - ratio)),
-                percent_area_stenosis=float(100 * (1 - ratio**2)),
-                mld_px=float(diameter[mld]),
-                reference_diameter_px=float(reference[mld]),
-                length_px=length_px,
-                position_mm=mm(arc[mld]),
-                mld_mm=mm(diameter[mld]),
-                reference_diameter_mm=mm(reference[mld]),
-                length_mm=mm(length_px),
-                branch_at_lesion=bool(crowded[start : end + 1].any()),
-            )
-        )
-    return tuple(out)
-
-
-@dataclass(frozen=True, eq=False)
-class _Traced:
-    """What the main-vessel analysis leaves for tracing and fitting the side branches."""
-
-    graph: _Graph
-    dt: np.ndarray  # distance to the region's edge
-    ts: np.ndarray  # smoothed top-hat of the line integral
-    v: np.ndarray  # vesselness
-    level: float  # the vessel's contrast level in ts
-    node_relative: np.ndarray  # ts / level per graph node
-    coeffs: np.ndarray  # spline coefficients of the line integral
-    component: np.ndarray  # the vessel region
-    psf: float
-    amplitude: float
-    r_max: float
-    half: float  # profile half-length, px
-    mm: float  # mm per pixel (nominal when uncalibrated)
-
-
-def _branches(
-    traced: _Traced,
-    main_nodes: list[int],
-    main_points: np.ndarray,
-    main_diameter: np.ndarray,
-    params: QcaParams,
-) -> list[tuple[np.ndarray, np.ndarray, int | None]]:
-    """Side branches: repeatedly the farthest point of the vessel region from the traced tree,
-    joined to it by a ridge-following path, fitted like the main vessel (same PSF and
-    contrast). Each comes with the main-centerline index where it leaves the main vessel (None
-    when it leaves another branch)."""
-    graph, dt, ts, v = traced.graph, traced.dt, traced.ts, traced.v
-    r_max, half, psf, amplitude = traced.r_max, traced.half, traced.psf, traced.amplitude
-    mm, coeffs, component = traced.mm, traced.coeffs, traced.component
-    tree = list(main_nodes)
-    on_main = set(main_nodes)
-    out: list[tuple[np.ndarray, np.ndarray, int | None]] = []
-    main_tree = cKDTree(main_points)
-    min_len = params.min_branch_length_mm / mm
-    for _ in range(params.max_branches):
-        dist, _, sources = dijkstra(
-            graph.step, directed=False, indices=tree, min_only=True, return_predecessors=True
-        )
-        dist = np.where(np.isfinite(dist) & (traced.node_relative >= 0.12), dist, -1)
-        tip = int(np.argmax(dist))
-        attach = int(sources[tip])
-        attach_px = graph.pixels[attach]
-        if dist[tip] - dt[attach_px[0], attach_px[1]] < min_len:
-            break
-        _, pred, _ = dijkstra(
-            graph.centred, directed=False, indices=tree, min_only=True, return_predecessors=True
-        )
-        nodes = _path(pred, tip)
-        tree += nodes
-        attach_index = (
-            int(main_tree.query(graph.pixels[nodes[0]])[1]) if nodes[0] in on_main else None
-        )
-        nodes = _trim(nodes, graph, ts, 0.25)
-        pix = graph.pixels[nodes]
-        if (
-            len(nodes) < 5
-            or np.median(ts[pix[:, 0], pix[:, 1]]) < 0.12 * traced.level
-            or np.median(v[pix[:, 0], pix[:, 1]]) < params.min_branch_tubularity
-        ):
-            continue
-        points = _smooth_resample(pix.astype(float), sigma=1.5)
-        d_main, i_main = main_tree.query(points)
-        outside = d_main > main_diameter[i_main] / 2 + 1.0
-        if outside.sum() < 5:
-            continue
-        first = int(np.argmax(outside))
-        points = points[first:]
-        r_init = np.clip(ndimage.map_coordinates(dt, points.T, order=1) - 0.5, 0.5, r_max)
-        prof = _profiles(coeffs, component, points, r_init, half)
-        fit = _fit_profiles(prof.values, prof.weights, prof.x, psf, r_init, r_max, amplitude)
-        radius = _robust_smooth(fit.radius, window=7)
-        if 2 * np.median(radius) * mm < params.min_branch_diameter_mm:
-            continue
-        out.append((points, np.maximum(radius, 0.0), attach_index))
-    return out
 
 
 # --- one call for an XA instance ------------------------------------------------------------
