@@ -19,14 +19,13 @@ from dicomnode.governance.decisions import (
     resolve_recipient,
     withdrawal_affects,
 )
-from dicomnode.governance.policy import (
-    Policy,
-    PolicyError,
+from dicomnode.governance.policy import Policy, PolicyError
+from dicomnode.governance.policy_parse import parse_policy
+from dicomnode.governance.policy_versions import (
     diff_policies,
     effective_at,
     embedded_policy,
     notice_period,
-    parse_policy,
     policy_in_force,
     policy_version,
     scheduled,

@@ -42,13 +42,8 @@ from dicomnode.governance.decisions import (
     admit,
     decide,
 )
-from dicomnode.governance.policy import (
-    MATERIAL_NOTICE,
-    NOTICE,
-    Period,
-    Policy,
-    policy_in_force,
-)
+from dicomnode.governance.policy import MATERIAL_NOTICE, NOTICE, Period, Policy
+from dicomnode.governance.policy_versions import policy_in_force
 
 NARROWER, WIDER, MATERIAL = "narrower", "wider", "material"
 INITIAL_DEPLOYMENT = "initial-deployment"
