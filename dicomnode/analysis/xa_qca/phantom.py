@@ -38,8 +38,19 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from scipy import ndimage
-from scipy.interpolate import CubicSpline
 from scipy.spatial import cKDTree
+
+from dicomnode.analysis.xa_qca.phantom_shapes import (
+    _background,
+    _band,
+    _bump,
+    _chord_field,
+    _crossing_line,
+    _main_curve,
+    _place_branches,
+    _place_lesions,
+    _resample,
+)
 
 if TYPE_CHECKING:
     from dicomnode.analysis.xa_qca.model import QcaResult
@@ -126,86 +137,35 @@ class _Geometry:
 # --- geometry ------------------------------------------------------------------------------
 
 
-def _resample(points: np.ndarray, step: float) -> np.ndarray:
-    """Points along a polyline at equal arc-length steps (the last point kept)."""
-    seg = np.hypot(*np.diff(points, axis=0).T)
-    arc = np.concatenate([[0.0], np.cumsum(seg)])
-    s = np.arange(0.0, arc[-1], step)
-    s = np.append(s, arc[-1]) if arc[-1] - s[-1] > 1e-9 else s
-    return np.column_stack([np.interp(s, arc, points[:, 0]), np.interp(s, arc, points[:, 1])])
-
-
-def _main_curve(rng: np.random.Generator, length_mm: float, size_mm: float, margin_mm: float):
-    """A smooth curve of the given arc length (mm coordinates, row/column) inside the field."""
-    for _ in range(200):
-        angle = rng.uniform(0, 2 * np.pi)
-        direction = np.array([np.sin(angle), np.cos(angle)])
-        normal = np.array([-direction[1], direction[0]])
-        knots = 5
-        t = np.linspace(0.0, 1.0, knots)
-        offsets = rng.uniform(-0.14, 0.14, knots) * length_mm
-        offsets -= np.linspace(offsets[0], offsets[-1], knots)  # endpoints on the chord
-        chord = length_mm * 0.8
-        control = np.outer(t * chord, direction) + np.outer(offsets, normal)
-        spline = CubicSpline(t, control, bc_type="natural")
-        dense = spline(np.linspace(0.0, 1.0, 4000))
-        arc = np.sum(np.hypot(*np.diff(dense, axis=0).T))
-        dense *= length_mm / arc
-        # curvature radius must stay well above the lumen radius
-        d1 = np.gradient(dense, axis=0)
-        d2 = np.gradient(d1, axis=0)
-        speed = np.hypot(*d1.T)
-        curvature = np.abs(d1[:, 0] * d2[:, 1] - d1[:, 1] * d2[:, 0]) / speed**3
-        if curvature.max() > 1 / 12.0:
-            continue
-        low, high = dense.min(axis=0), dense.max(axis=0)
-        extent = high - low
-        if np.any(extent > size_mm - 2 * margin_mm):
-            continue
-        shift = rng.uniform(margin_mm - low, size_mm - margin_mm - high)
-        return dense + shift
-    raise RuntimeError("could not place the main vessel; is the field of view too small?")
-
-
-def _bump(s: np.ndarray, center: float, length: float) -> np.ndarray:
-    """Cosine narrowing shape: 1 at the centre, 0 at and beyond +-length/2."""
-    inside = np.abs(s - center) < length / 2
-    return np.where(inside, 0.5 * (1 + np.cos(2 * np.pi * (s - center) / length)), 0.0)
-
-
-def _branch(
-    rng: np.random.Generator,
-    origin: np.ndarray,
-    tangent: np.ndarray,
-    length_mm: float,
-) -> np.ndarray:
-    angle = np.deg2rad(rng.uniform(30, 70)) * rng.choice([-1.0, 1.0])
-    c, s = np.cos(angle), np.sin(angle)
-    start_dir = np.array([c * tangent[0] - s * tangent[1], s * tangent[0] + c * tangent[1]])
-    bend = rng.uniform(-0.012, 0.012)  # curvature, 1/mm
-    n = 400
-    ds = length_mm / (n - 1)
-    heading = np.arctan2(start_dir[0], start_dir[1]) + bend * ds * np.arange(n)
-    steps = np.column_stack([np.sin(heading), np.cos(heading)]) * ds
-    return origin + np.vstack([[0.0, 0.0], np.cumsum(steps[:-1], axis=0)])
-
-
-def _chord_field(
-    points_ss: np.ndarray,
-    band: np.ndarray,
-    centerline_px: np.ndarray,
-    radius_px: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Chord length (px) and the inside flag at supersample points (only those in `band`)."""
-    tree = cKDTree(centerline_px)
-    dist, idx = tree.query(points_ss[band])
-    r = radius_px[idx]
-    inside = dist < r
-    chord = np.zeros(len(points_ss))
-    flag = np.zeros(len(points_ss), dtype=bool)
-    chord[np.flatnonzero(band)[inside]] = 2 * np.sqrt(r[inside] ** 2 - dist[inside] ** 2)
-    flag[np.flatnonzero(band)[inside]] = True
-    return chord, flag
+def _true_stenoses(
+    lesions: list[tuple[float, float, float]],
+    arc: np.ndarray,
+    diameter: np.ndarray,
+    reference: np.ndarray,
+    center_px: np.ndarray,
+    step_mm: float,
+) -> list[TrueStenosis]:
+    """What an analysis should find for each placed stenosis."""
+    stenoses = []
+    for center, les_len, pct in lesions:
+        window = np.abs(arc - center) <= les_len / 2
+        idx = np.flatnonzero(window)[np.argmin(diameter[window])]
+        below = window & (diameter < 0.9 * reference)
+        stenoses.append(
+            TrueStenosis(
+                center_mm=float(center),
+                length_mm=float(les_len),
+                nominal_percent=pct,
+                percent_diameter_stenosis=float(100 * (1 - diameter[idx] / reference[idx])),
+                mld_mm=float(diameter[idx]),
+                reference_diameter_mm=float(reference[idx]),
+                mld_position_mm=float(arc[idx]),
+                mld_index=int(idx),
+                mld_point_px=(float(center_px[idx, 0]), float(center_px[idx, 1])),
+                length_90_mm=float(below.sum() * step_mm),
+            )
+        )
+    return stenoses
 
 
 def _geometry(
@@ -231,83 +191,22 @@ def _geometry(
     reference = d_prox + (d_dist - d_prox) * arc / length
     if percent_ds is None:
         percent_ds = (DEFAULT_PERCENT_DS[seed % len(DEFAULT_PERCENT_DS)],)
-    lesions: list[tuple[float, float, float]] = []  # (centre, length, nominal %)
-    for pct in percent_ds:
-        for _ in range(500):
-            les_len = rng.uniform(6.0, 14.0)
-            center = (
-                rng.uniform(0.35, 0.65) * length
-                if not lesions
-                else rng.uniform(0.15, 0.85) * length
-            )
-            if all(abs(center - c) > les_len + ln for c, ln, _ in lesions):
-                lesions.append((center, les_len, float(pct)))
-                break
-        else:
-            raise RuntimeError("could not place the stenoses apart from each other")
+    lesions = _place_lesions(rng, length, percent_ds)
     narrowing = np.zeros_like(arc)
     for center, les_len, pct in lesions:
         narrowing = np.maximum(narrowing, pct / 100 * _bump(arc, center, les_len))
     diameter = reference * (1 - narrowing)
 
     center_px = curve_mm / spacing_mm
-    stenoses = []
-    for center, les_len, pct in lesions:
-        window = np.abs(arc - center) <= les_len / 2
-        idx = np.flatnonzero(window)[np.argmin(diameter[window])]
-        below = window & (diameter < 0.9 * reference)
-        stenoses.append(
-            TrueStenosis(
-                center_mm=float(center),
-                length_mm=float(les_len),
-                nominal_percent=pct,
-                percent_diameter_stenosis=float(100 * (1 - diameter[idx] / reference[idx])),
-                mld_mm=float(diameter[idx]),
-                reference_diameter_mm=float(reference[idx]),
-                mld_position_mm=float(arc[idx]),
-                mld_index=int(idx),
-                mld_point_px=(float(center_px[idx, 0]), float(center_px[idx, 1])),
-                length_90_mm=float(below.sum() * step_mm),
-            )
-        )
+    stenoses = _true_stenoses(lesions, arc, diameter, reference, center_px, step_mm)
 
     # side branches
     tangent = np.gradient(curve_mm, axis=0)
     tangent /= np.hypot(*tangent.T)[:, None]
     wanted = int(rng.integers(0, 4)) if n_branches is None else n_branches
-    branches: list[tuple[np.ndarray, np.ndarray]] = []
-    main_tree = cKDTree(curve_mm)
-    lesion_pts = np.vstack(
-        [curve_mm[np.abs(arc - c) <= ln] for c, ln, _ in lesions]
-    )  # the lesion +-1 lesion length
-    lesion_tree = cKDTree(lesion_pts)
-    for _ in range(wanted):
-        for _attempt in range(300):
-            s0 = rng.uniform(0.1, 0.9) * length
-            if any(abs(s0 - c) < 1.5 * ln for c, ln, _ in lesions):
-                continue
-            room = min(s0, length - s0) - 8.0
-            if room < 12.0:
-                continue
-            b_len = rng.uniform(12.0, min(35.0, room))
-            i0 = int(np.searchsorted(arc, s0))
-            pts = _branch(rng, curve_mm[i0], tangent[i0], b_len)
-            b_d0 = rng.uniform(1.2, 2.2)
-            if np.any(pts < 4.0) or np.any(pts > size_mm - 4.0):
-                continue
-            # away from the main vessel except near its origin
-            from_origin = np.hypot(*(pts - pts[0]).T)
-            far = from_origin > reference[i0] / 2 + b_d0 + 2.0
-            d_main, _ = main_tree.query(pts[far])
-            if np.any(d_main < reference.max() / 2 + b_d0 / 2 + 1.5):
-                continue
-            d_les, _ = lesion_tree.query(pts)
-            if np.any(d_les < reference.max() / 2 + b_d0 / 2 + 3.0):
-                continue
-            if any(cKDTree(other).query(pts)[0].min() < 4.0 for other, _d in branches):
-                continue
-            branches.append((_resample(pts, step_mm), b_d0))
-            break
+    branches = _place_branches(
+        rng, wanted, curve_mm, tangent, arc, reference, lesions, size_mm, step_mm
+    )
 
     # rasterise on the supersampled grid, only near the centerlines
     ss = SUPERSAMPLE
@@ -327,36 +226,17 @@ def _geometry(
         branch_diams.append(b_r * 2 * spacing_mm)
     crossing_chord = np.zeros(len(points_ss))
     if crossing:  # a vessel of another branch lying over the lesion in projection
-        st = stenoses[0]
-        i0 = st.mld_index
-        angle = np.deg2rad(rng.uniform(40, 90)) * rng.choice([-1.0, 1.0])
-        t = tangent[i0]
-        direction = np.array(
-            [
-                np.cos(angle) * t[0] - np.sin(angle) * t[1],
-                np.sin(angle) * t[0] + np.cos(angle) * t[1],
-            ]
+        i0 = stenoses[0].mld_index
+        line_px, radius_px = _crossing_line(
+            rng, i0, curve_mm, tangent, size_mm, step_mm, spacing_mm
         )
-        half = rng.uniform(15.0, 20.0)
-        line = curve_mm[i0] + np.outer(np.linspace(-half, half, 800), direction)
-        line = line[np.all((line > 2.0) & (line < size_mm - 2.0), axis=1)]
-        line_px = _resample(line, step_mm) / spacing_mm
-        radius_px = np.full(len(line_px), rng.uniform(2.0, 3.0) / spacing_mm / 2)
-        raster = np.zeros((size, size), dtype=bool)
-        ij = np.clip(np.rint(line_px).astype(int), 0, size - 1)
-        raster[ij[:, 0], ij[:, 1]] = True
-        near = ndimage.distance_transform_edt(~raster) <= radius_px.max() + 2.0
-        band = np.repeat(np.repeat(near, ss, axis=0), ss, axis=1).ravel()
+        band = _band(line_px, radius_px, size, ss)
         crossing_chord, inside = _chord_field(points_ss, band, line_px, radius_px)
         any_inside |= inside
         branch_lines.append(line_px)
         branch_diams.append(radius_px * 2 * spacing_mm)
     for line_px, radius_px, is_main in vessels:
-        raster = np.zeros((size, size), dtype=bool)
-        ij = np.clip(np.rint(line_px).astype(int), 0, size - 1)
-        raster[ij[:, 0], ij[:, 1]] = True
-        near = ndimage.distance_transform_edt(~raster) <= radius_px.max() + 2.0
-        band = np.repeat(np.repeat(near, ss, axis=0), ss, axis=1).ravel()
+        band = _band(line_px, radius_px, size, ss)
         c, inside = _chord_field(points_ss, band, line_px, radius_px)
         chord = np.maximum(chord, c)  # junctions: one lumen, not two
         any_inside |= inside
@@ -385,23 +265,6 @@ def _geometry(
         step_mm=step_mm,
     )
     return _Geometry(truth, (chord * spacing_mm).reshape(size * ss, size * ss), background)
-
-
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """Line integral of the anatomy: a linear gradient, two broad blobs and smoothed noise at
-    three scales (sigma 48, 20 and 8 px for a 512 frame)."""
-    scale = size / 512
-    y, x = np.mgrid[0:size, 0:size] / size
-    angle = rng.uniform(0, 2 * np.pi)
-    field = 0.3 * (np.cos(angle) * x + np.sin(angle) * y)
-    for _ in range(2):
-        cy, cx = rng.uniform(0.1, 0.9, 2)
-        width = rng.uniform(0.12, 0.25)
-        field += rng.uniform(0.15, 0.35) * np.exp(-((x - cx) ** 2 + (y - cy) ** 2) / (2 * width**2))
-    for sigma_px, amplitude in ((48, 0.10), (20, 0.035), (8, 0.012)):
-        noise = ndimage.gaussian_filter(rng.normal(size=(size, size)), sigma_px * scale)
-        field += amplitude * noise / noise.std()
-    return field - field.min()
 
 
 def _expose(
