@@ -18,6 +18,7 @@ from dicomnode import governance
 from dicomnode.archive import Archive, received
 from dicomnode.archive.approvals import ApprovalStore
 from dicomnode.archive.blobs import PendingBlob
+from dicomnode.archive.blobstore import read_all
 from dicomnode.core.errors import (
     DatasetMismatch,
     DicomnodeError,
@@ -236,7 +237,7 @@ class Intake:
             self.archive.settle_recovered(relative)
         for relative in unindexed.lost_rows:
             try:
-                data = self.archive.blobs.absolute(relative).read_bytes()
+                data = read_all(self.archive.blobs, relative)  # any store, no path
                 if not self.archive.blob_matches_its_name(relative, data):
                     log.warning("an unindexed blob is incomplete and was removed: %s", relative)
                     self.archive.blobs.delete(relative)

@@ -36,12 +36,12 @@ from dicomnode.core.model import Source
 from dicomnode.core.statuses import status_for
 from dicomnode.intake import Intake
 from tests.conftest import (
-    open_archive,
     PostgresServer,
     ServeProcess,
     _as_postgres_user,
     dicomweb_client,
     free_port,
+    open_archive,
     serve,
     token_for,
     wait_until,
