@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -154,26 +155,8 @@ class Deliveries(Gate):
         """Decide, record, then send one delivery; a share leaves de-identified when its rule
         names a profile, and objects likely to carry burned-in identity are withheld."""
         registry = self.archive.registry
-        operation = "forward" if delivery.kind == "forward" else "share"
-        requester = Source(
-            "cli" if operation == "share" else "analysis",
-            delivery.requested_by,
-            purpose=delivery.purpose or None,
-        )
-        party = (
-            Party("dimse", peer=delivery.recipient)
-            if operation == "forward"
-            else Party("cli", recipient_id=delivery.recipient)
-        )
-        wanted = set(delivery.sop_instance_uids)
-        instances = [
-            i
-            for i in self.archive.find_instances(
-                Level.STUDY, (("StudyInstanceUID", delivery.study_instance_uid),)
-            )
-            if i.sop_instance_uid in wanted
-        ]
-        gone = sorted(wanted - {i.sop_instance_uid for i in instances})
+        operation, requester, party = self._parties(delivery)
+        instances, gone = self._wanted_instances(delivery)
         # every patient whose data is in what leaves (a study UID can carry two Patient IDs)
         patients = {delivery.patient_id} | {i.patient_id for i in instances}
         studies = {delivery.study_instance_uid}
@@ -207,6 +190,57 @@ class Deliveries(Gate):
                 worker,
             )
             return registry.delivery(delivery.id)
+        target, report = self._send(operation, delivery, decision, plan)
+        outcome = {
+            "sent": report.sent,
+            "failed": report.failed,
+            "withheld": plan.withheld,
+            "gone": gone,
+            "rule_id": decision.rule_id,
+        }
+        self._record_transfer(
+            operation, delivery, decision, patients, disclosure_id, report, plan, gone
+        )
+        ref = audit_events.DisclosureRef(disclosure_id, decision.consent_refs)
+        self._audit_transfer(
+            delivery, operation, target if report.sent else None, instances, report, plan, ref
+        )
+        self._settle(delivery, report, outcome, backoff, worker)
+        return registry.delivery(delivery.id)
+
+    @staticmethod
+    def _parties(delivery: Delivery) -> tuple[str, Source, Party]:
+        """The delivery's operation, who asked for it and who receives it."""
+        operation = "forward" if delivery.kind == "forward" else "share"
+        requester = Source(
+            "cli" if operation == "share" else "analysis",
+            delivery.requested_by,
+            purpose=delivery.purpose or None,
+        )
+        party = (
+            Party("dimse", peer=delivery.recipient)
+            if operation == "forward"
+            else Party("cli", recipient_id=delivery.recipient)
+        )
+        return operation, requester, party
+
+    def _wanted_instances(self, delivery: Delivery) -> tuple[list[StoredInstance], list[str]]:
+        """The delivery's objects still held, and the SOP Instance UIDs of those gone since."""
+        wanted = set(delivery.sop_instance_uids)
+        instances = [
+            i
+            for i in self.archive.find_instances(
+                Level.STUDY, (("StudyInstanceUID", delivery.study_instance_uid),)
+            )
+            if i.sop_instance_uid in wanted
+        ]
+        gone = sorted(wanted - {i.sop_instance_uid for i in instances})
+        return instances, gone
+
+    def _send(
+        self, operation: str, delivery: Delivery, decision: Decision, plan: _Plan
+    ) -> tuple[Target | None, SendReport]:
+        """Send the plan's items to the recipient; a failure to send at all fails every item."""
         target = None
         try:
             target = self._target(operation, delivery.recipient, decision)
@@ -215,13 +249,20 @@ class Deliveries(Gate):
             report = SendReport(
                 [], {i.sop_instance_uid: f"{type(e).__name__}: {e}" for i in plan.items}
             )
-        outcome = {
-            "sent": report.sent,
-            "failed": report.failed,
-            "withheld": plan.withheld,
-            "gone": gone,
-            "rule_id": decision.rule_id,
-        }
+        return target, report
+
+    def _record_transfer(
+        self,
+        operation: str,
+        delivery: Delivery,
+        decision: Decision,
+        patients: set[str],
+        disclosure_id: str,
+        report: SendReport,
+        plan: _Plan,
+        gone: list[str],
+    ) -> None:
+        """The transfer's outcome, the second ledger entry of a delivery attempt."""
         transfer = TransferRecord(
             operation=operation,
             delivery=delivery.id,
@@ -242,29 +283,35 @@ class Deliveries(Gate):
             "complete" if report.complete else ("partial" if report.sent else "failed"),
             transfer.as_details(),
         )
-        ref = audit_events.DisclosureRef(disclosure_id, decision.consent_refs)
-        self._audit_transfer(
-            delivery, operation, target if report.sent else None, instances, report, plan, ref
-        )
+
+    def _settle(
+        self,
+        delivery: Delivery,
+        report: SendReport,
+        outcome: dict[str, Any],
+        backoff: timedelta,
+        worker: str,
+    ) -> None:
+        """Finish the delivery when every item went, else queue it to be retried later."""
+        registry = self.archive.registry
         if report.complete:  # withheld and deleted objects are not retried
             registry.finish_delivery(delivery.id, DONE, self.clock(), outcome, None, worker)
-        else:
-            state = registry.retry_delivery_later(
-                delivery.id,
-                self.clock(),
-                "; ".join(f"{uid}: {why}" for uid, why in list(report.failed.items())[:5]),
-                backoff,
-                outcome,
-                worker,
-            )
-            log.warning(
-                "delivery %s to %s failed; now %s",
-                delivery.id,
-                delivery.recipient,
-                state,
-                extra={"event": "delivery", "delivery": delivery.id, "state": state},
-            )
-        return registry.delivery(delivery.id)
+            return
+        state = registry.retry_delivery_later(
+            delivery.id,
+            self.clock(),
+            "; ".join(f"{uid}: {why}" for uid, why in list(report.failed.items())[:5]),
+            backoff,
+            outcome,
+            worker,
+        )
+        log.warning(
+            "delivery %s to %s failed; now %s",
+            delivery.id,
+            delivery.recipient,
+            state,
+            extra={"event": "delivery", "delivery": delivery.id, "state": state},
+        )
 
     def _audit_transfer(
         self,
