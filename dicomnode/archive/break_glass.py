@@ -3,7 +3,6 @@ written with its ledger entry (kind ``break_glass``) in one transaction."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -13,28 +12,10 @@ from dicomnode.archive.index import Index
 from dicomnode.archive.ledger import Ledger
 from dicomnode.archive.oversight_schema import break_glass_grants
 from dicomnode.core.errors import NotFound, NotPermitted
+from dicomnode.core.grants import Grant
 
 BREAK_GLASS_KIND = "break_glass"
 MAX_TEXT = 4000
-
-
-@dataclass(frozen=True)
-class Grant:
-    """One grant as recorded (governance.break_glass.Grant's fields)."""
-
-    id: int
-    requester: str
-    patient_id: str
-    issuer: str
-    study_instance_uid: str
-    reason: str
-    granted_at: datetime
-    expires_at: datetime
-    ended_at: datetime | None = None
-
-    @property
-    def ref(self) -> str:
-        return f"break-glass-{self.id}"
 
 
 def _grant(row: Any) -> Grant:

@@ -5,25 +5,20 @@ covers); every use is a ledger disclosure naming the grant, and the DPO reviews 
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 
 from dicomnode.archive.break_glass import BreakGlassStore
-from dicomnode.archive.break_glass import Grant as GrantRecord
 from dicomnode.core.errors import InvalidInput, NotPermitted
+from dicomnode.core.grants import Grant
 from dicomnode.core.model import PatientFacts
 from dicomnode.governance import DisclosureRequest
 from dicomnode.governance import break_glass as rules
 from dicomnode.governance.decisions import FILTERABLE_OPERATIONS, Decision
 
 log = logging.getLogger("dicomnode.egress")
-
-
-def _rule_grant(record: GrantRecord) -> rules.Grant:
-    return rules.Grant(**dataclasses.asdict(record))
 
 
 def override(
@@ -39,7 +34,7 @@ def override(
     if not decision.denied_patients or request.operation not in rules.OPERATIONS:
         return decision  # nothing refused for a patient's own reasons, or not a retrieval
     store = BreakGlassStore(archive.index, archive.ledger)
-    grants = [_rule_grant(g) for g in store.active_of(request.requester, now)]
+    grants = store.active_of(request.requester, now)
     if not grants:
         return decision
     changed, used = rules.override(
@@ -77,7 +72,7 @@ class BreakGlass:
         minutes: int = rules.DEFAULT_MINUTES,
         issuer: str = "",
         study_uid: str = "",
-    ) -> GrantRecord:
+    ) -> Grant:
         """A grant for `requester` (who will retrieve) until `minutes` from now."""
         problem = rules.check_request(reason, minutes, patient_id, requester)
         if problem:
@@ -100,7 +95,7 @@ class BreakGlass:
         )
         return grant
 
-    def end(self, grant_id: int, by: str) -> GrantRecord:
+    def end(self, grant_id: int, by: str) -> Grant:
         return self.store.end(grant_id, by, self.clock())
 
     def review(self, grant_id: int, by: str, note: str, by_is_dpo: bool) -> None:
@@ -108,8 +103,8 @@ class BreakGlass:
             raise NotPermitted("only a DPO reviews break-glass grants")
         self.store.review(grant_id, by, note, self.clock())
 
-    def grants(self) -> list[tuple[GrantRecord, dict[str, Any]]]:
+    def grants(self) -> list[tuple[Grant, dict[str, Any]]]:
         return self.store.grants()
 
-    def unreviewed(self) -> list[GrantRecord]:
+    def unreviewed(self) -> list[Grant]:
         return [g for g, review in self.store.grants() if review["reviewed_at"] is None]

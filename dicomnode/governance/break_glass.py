@@ -13,9 +13,9 @@ carrying the grant, and every grant waits for the DPO's review.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from dicomnode.core.grants import Grant
 from dicomnode.governance.decisions import Decision
 
 DEFAULT_MINUTES = 60
@@ -23,28 +23,6 @@ MAX_MINUTES = 12 * 60  # one shift
 MIN_REASON = 10  # characters: a reason, not a word
 # what a grant lets through: the requester's own queries and retrievals
 OPERATIONS = frozenset({"find", "qido", "wado", "get", "move"})
-
-
-@dataclass(frozen=True)
-class Grant:
-    """One break-glass grant as recorded."""
-
-    id: int
-    requester: str
-    patient_id: str
-    issuer: str  # "" when not known: the Patient ID under any issuer
-    study_instance_uid: str  # "" : every study of the patient
-    reason: str
-    granted_at: datetime
-    expires_at: datetime
-    ended_at: datetime | None = None
-
-    @property
-    def ref(self) -> str:
-        return f"break-glass-{self.id}"
-
-    def active(self, now: datetime) -> bool:
-        return self.granted_at <= now < self.expires_at and self.ended_at is None
 
 
 def check_request(reason: str, minutes: int, patient_id: str, requester: str) -> str:
