@@ -39,7 +39,6 @@ log = logging.getLogger("dicomnode.archive")
 # index's blob paths, as before the rename: existing data stays readable).
 QUARANTINE_PREFIX = blobstore.QUARANTINE_PREFIX
 QUARANTINE_FOLDER = QUARANTINE_PREFIX.rstrip("/")
-HELD_FOLDER, HELD_PREFIX = QUARANTINE_FOLDER, QUARANTINE_PREFIX  # the former names
 # How long a filed blob's placement record stays before it is settled (the index synced, the
 # record dropped): records are settled in batches, one sync of the index for many objects.
 SETTLE_SECONDS = 60.0
@@ -235,8 +234,6 @@ class Ingest(ArchiveBase):
         blob.settle()  # the registry's commits are synced
         stored = self._stored(received, blob_path)
         return IngestResult(stored, "held" if new else "duplicate", header=received.header)
-
-    hold = quarantine  # the former name, for callers in flight
 
     def _index(
         self,

@@ -36,10 +36,9 @@ QUEUED, RUNNING, DONE, FAILED, SKIPPED = (
 )
 # Governance states: awaiting governance (not allowed now, e.g. consent missing or processing
 # restricted; it runs again when that changes) and cancelled (consent withdrawn or refused).
-AWAITING_GOVERNANCE, CANCELLED = JobState.HELD, JobState.CANCELLED
+AWAITING_GOVERNANCE, CANCELLED = JobState.AWAITING_GOVERNANCE, JobState.CANCELLED
 # "awaiting governance" is stored and shown as "held" (unchanged, so data and API stay
-# readable); it is neither intake's quarantine nor a legal hold. HELD: the former name.
-HELD = AWAITING_GOVERNANCE
+# readable); it is neither intake's quarantine nor a legal hold.
 # Minimum data: the unit does not fit the analyzer clinically (a head CT for a lung analysis);
 # it is not processed, and the reason is the job's error.
 NOT_APPLICABLE = JobState.NOT_APPLICABLE
@@ -283,8 +282,6 @@ class JobStore:
             error=reason[:4000],
         )
 
-    hold = await_governance  # the former name, for callers in flight
-
     def not_applicable(self, job_id: int, now: datetime, reason: str) -> None:
         """The unit does not fit the analyzer clinically: it is not processed (the attempt does
         not count); `reason` says why. A retry (after the site widened the fit) asks again."""
@@ -309,7 +306,9 @@ class JobStore:
                 update(jobs)
                 .where(
                     jobs.c.id == job_id,
-                    jobs.c.state.in_((FAILED, DONE, SKIPPED, HELD, CANCELLED, NOT_APPLICABLE)),
+                    jobs.c.state.in_(
+                        (FAILED, DONE, SKIPPED, AWAITING_GOVERNANCE, CANCELLED, NOT_APPLICABLE)
+                    ),
                 )
                 .values(state=QUEUED, attempts=0, not_before=now, finished_at=None, error=None)
             ).rowcount

@@ -94,9 +94,3 @@ class QuarantineRecords:
                 removed += conn.execute(delete(h).where(h.c.sop_instance_uid.in_(chunk))).rowcount
             self.ledger.append(conn, LedgerKind.PROCESSING, by, outcome, detail)
         return removed
-
-    # The names before "hold" got three names (quarantine, legal hold, awaiting governance),
-    # kept for callers in flight.
-    hold = quarantine
-    held = quarantined
-    drop_held = drop_quarantined

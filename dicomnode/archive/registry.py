@@ -28,7 +28,6 @@ from dicomnode.archive.values import (  # noqa: F401 (the names callers import f
     QUEUED,
     SENDING,
     Delivery,
-    HeldObject,
     LegalHold,
     QuarantinedObject,
     Restriction,

@@ -207,6 +207,3 @@ def _restriction(row: Any) -> Restriction:
 
 def _chunks(values: list[str], size: int = 500) -> list[list[str]]:
     return [values[i : i + size] for i in range(0, len(values), size)]
-
-
-HeldObject = QuarantinedObject  # the name before "hold" got three names; for callers in flight

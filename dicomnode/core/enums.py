@@ -53,9 +53,9 @@ class JobState(StrEnum):
     DONE = "done"
     FAILED = "failed"
     SKIPPED = "skipped"
-    # governance: not allowed now (consent missing, processing restricted); runs again when
-    # that changes
-    HELD = "held"
+    # awaiting governance: not allowed now (consent missing, processing restricted); runs again
+    # when that changes (stored and shown as "held"; neither quarantine nor a legal hold)
+    AWAITING_GOVERNANCE = "held"
     CANCELLED = "cancelled"  # consent withdrawn or refused
     NOT_APPLICABLE = "not-applicable"  # the unit does not fit the analyzer clinically
 
