@@ -258,23 +258,24 @@ def decide(
     if rule is None:
         to = f" to {recipient.id}" if recipient else ""
         return deny(f"no rule allows {activity_id}{to} for {purpose}", "default-deny")
+    return _decide_by_rule(request, facts, policy, now, rule, recipient, activity_id, purpose)
 
-    refused: dict[str, str] = {}
-    consent_refs: list[str] = []
-    for patient_id in request.patient_ids:
-        patient = facts.get(patient_id, PatientFacts(patient_id))
-        if patient.restricted and activity_id != "subject-access":
-            refused[patient_id] = f"patient {patient_id} restricted processing"
-            if patient.restriction_ref:
-                refused[patient_id] += f" ({patient.restriction_ref})"
-            continue
-        problem, refs = _consent_of_each(
-            patient, purpose, now, rule, recipient, activity_id == "subject-access"
-        )
-        if problem:
-            refused[patient_id] = problem
-            continue
-        consent_refs += refs
+
+def _decide_by_rule(
+    request: DisclosureRequest,
+    facts: Mapping[str, PatientFacts],
+    policy: Policy,
+    now: datetime,
+    rule: SharingRule,
+    recipient: Recipient | None,
+    activity_id: str,
+    purpose: str,
+) -> Decision:
+    """The decision once the allow `rule` matched: each patient's restriction and consent, and
+    whether the rule's de-identification can be applied to the operation."""
+    refused, consent_refs = _patients_refused(
+        request, facts, now, rule, recipient, activity_id, purpose
+    )
     allowed_details = {
         "activity": activity_id,
         "purpose": purpose,
@@ -321,6 +322,36 @@ def decide(
         denied_patients=tuple(sorted(refused)),
         **allowed_details,  # type: ignore[arg-type]
     )
+
+
+def _patients_refused(
+    request: DisclosureRequest,
+    facts: Mapping[str, PatientFacts],
+    now: datetime,
+    rule: SharingRule,
+    recipient: Recipient | None,
+    activity_id: str,
+    purpose: str,
+) -> tuple[dict[str, str], list[str]]:
+    """The patients of `request` whose restriction or consent stops the data (patient ID ->
+    why), and the consent versions relied on for the others."""
+    refused: dict[str, str] = {}
+    consent_refs: list[str] = []
+    for patient_id in request.patient_ids:
+        patient = facts.get(patient_id, PatientFacts(patient_id))
+        if patient.restricted and activity_id != "subject-access":
+            refused[patient_id] = f"patient {patient_id} restricted processing"
+            if patient.restriction_ref:
+                refused[patient_id] += f" ({patient.restriction_ref})"
+            continue
+        problem, refs = _consent_of_each(
+            patient, purpose, now, rule, recipient, activity_id == "subject-access"
+        )
+        if problem:
+            refused[patient_id] = problem
+            continue
+        consent_refs += refs
+    return refused, consent_refs
 
 
 def _consent_of_each(
