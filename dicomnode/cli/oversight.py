@@ -28,11 +28,12 @@ def _sign_in(args: argparse.Namespace, node: Any) -> tuple[str, bool]:
 
     accounts = AccountStore(node.archive.index)
     if args.token_file:
-        from dicomnode.archive.keys import load_or_create_signing_key
+        from dicomnode.archive.keys import KeyStore
         from dicomnode.dicomweb.auth import AuthError, TokenVerifier
 
         settings = node.settings
-        verifier = TokenVerifier(settings.auth, load_or_create_signing_key(settings.node.data_dir))
+        key = KeyStore(node.archive.index, settings.node.data_dir).signing_key()
+        verifier = TokenVerifier(settings.auth, key)
         token = Path(args.token_file).read_text(encoding="utf-8").strip()
         try:
             principal = verifier.verify(f"Bearer {token}")
