@@ -44,7 +44,7 @@ def http_get(port: int, path: str) -> tuple[int, str, str]:
         return e.code, e.headers["Content-Type"], e.read().decode()
 
 
-_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (-?[0-9.e+]+)$")
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (-?[0-9.e+-]+|[+-]Inf|NaN)$")
 
 
 def scrape(port: int) -> dict[tuple[str, frozenset], float]:
@@ -587,12 +587,17 @@ def test_serve_refuses_a_postgresql_index_until_dicomnode_migrate_has_run(tmp_pa
 
 
 def test_serve_migrates_sqlite_itself_and_postgresql_when_the_setting_says_so(
-    tmp_path, database_url
+    request, tmp_path, database_url
 ):
     """The embedded default (SQLite) and ``[database] migrate_at_start = true`` (what the tests'
     configs set): composing the node brings a new index to head; on PostgreSQL without the
     setting it is refused, naming `dicomnode migrate`."""
     import dataclasses
+
+    if database_url.startswith("postgresql"):  # a new, empty database (the fixture migrates)
+        database_url = request.getfixturevalue("postgres").create_database()
+    else:
+        database_url = f"sqlite:///{tmp_path / 'new-index.sqlite'}"
 
     from sqlalchemy import create_engine
 

@@ -36,6 +36,7 @@ class Protocol(StrEnum):
     DPO_PAGES = "dpo-pages"  # the DPO's web pages
     RECOVERY = "recovery"  # filed again at start from what a crash left
     APPROVAL = "approval"  # a change carried out once a second person approved it
+    SHARE_LINK = "share-link"  # a second opinion's link (its reads are retrievals)
 
 
 class TransportKind(StrEnum):
