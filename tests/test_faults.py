@@ -96,12 +96,15 @@ def stow_body(files: list[Path]) -> tuple[bytes, str]:
     return body + f"--{boundary}--\r\n".encode(), content_type
 
 
-def stow(node: SimpleNamespace, files: list[Path]) -> requests.Response:
+def stow(node: SimpleNamespace, files: list[Path], token: str = "") -> requests.Response:
     body, content_type = stow_body(files)
     return requests.post(
         f"http://127.0.0.1:{node.http_port}/dicomweb/studies",
         data=body,
-        headers={"Content-Type": content_type, "Authorization": f"Bearer {token_for(node)}"},
+        headers={
+            "Content-Type": content_type,
+            "Authorization": f"Bearer {token or token_for(node)}",
+        },
         timeout=120,
     )
 
@@ -503,14 +506,15 @@ def test_postgresql_stopped_and_started_again(start_serve, tmp_path, own_postgre
     store_files(served.dimse_port, files[:2], statuses)
     assert set(statuses.values()) == {0}
 
+    token = token_for(node)  # the signing key lives in the database: minted while it is up
     own_postgres.stop()
     store_files(served.dimse_port, files[2:3], statuses)
     assert statuses[files[2]] == OUT_OF_RESOURCES
-    answer = stow(node, files[3:4])
+    answer = stow(node, files[3:4], token)
     assert answer.status_code == 409 and failure_reasons(answer) == [OUT_OF_RESOURCES]
     query = requests.get(
         f"http://127.0.0.1:{node.http_port}/dicomweb/studies",
-        headers={"Authorization": f"Bearer {token_for(node)}"},
+        headers={"Authorization": f"Bearer {token}"},
         timeout=30,
     )
     assert query.status_code == 503, query.text
