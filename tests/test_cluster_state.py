@@ -10,13 +10,10 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-import pydicom
 import pytest
 from alembic.script import ScriptDirectory
 from joserfc.jwk import RSAKey
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from dicomnode.analysis.plugin import AnalysisResult, Analyzer, Selector
@@ -29,6 +26,7 @@ from dicomnode.core.model import Level, Source
 from dicomnode.records.workbench import Workbench
 from tests.conftest import open_archive, wait_until
 from tests.factory import make_ct, part10
+from tests.test_analysis import text_report
 
 
 def together(work, count: int) -> list:
@@ -363,27 +361,8 @@ class _Report(Analyzer):
     output_sop_classes = frozenset({"1.2.840.10008.5.1.4.1.1.88.11"})
 
     def analyze(self, unit, context):
-        first = pydicom.dcmread(unit.paths[0], stop_before_pixels=True)
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"
-        ds.SOPInstanceUID = context.uid("report")
-        ds.SeriesInstanceUID = context.uid("series")
-        ds.StudyInstanceUID = unit.study_instance_uid
-        ds.PatientID = unit.patient_id
-        ds.PatientName = first.PatientName
-        ds.Modality = "SR"
-        ds.SeriesNumber = 900
-        ds.InstanceNumber = 1
-        ds.ValueType = "CONTAINER"
-        ds.ContinuityOfContent = "SEPARATE"
-        item = Dataset()
-        item.RelationshipType = "CONTAINS"
-        item.ValueType = "TEXT"
-        item.TextValue = f"{len(unit.paths)} images"
-        ds.ContentSequence = Sequence([item])
-        return AnalysisResult([ds], {"images": len(unit.paths)})
+        report = text_report(unit, context, f"{len(unit.paths)} images")
+        return AnalysisResult([report], {"images": len(unit.paths)})
 
 
 @pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
