@@ -126,18 +126,23 @@ class Record:
 @dataclass(frozen=True)
 class DeidPlan(Record):
     """How a delivery leaves: as stored (`deidentified` false) or de-identified under a profile,
-    with the UIDs and pseudonyms computed up front and the objects withheld."""
+    with the objects withheld and the pseudonymised-data register's record of it.
+
+    The pseudonyms and replacement UIDs are not in the ledger (PIPA 28-4(1): the linkage is
+    kept apart, as the de-identification secret); `patient_pseudonyms` and `uid_map` are read
+    only from entries written before (they are never written now)."""
 
     kind: ClassVar[LedgerKind] = LedgerKind.DISCLOSURE
     optional: ClassVar[frozenset[str]] = frozenset(
-        {"deid", "patient_pseudonyms", "uid_map", "withheld"}
+        {"deid", "patient_pseudonyms", "uid_map", "withheld", "pseudonymised_record"}
     )
 
     deidentified: bool
     deid: dict[str, Any] | None = None  # profile, options, codes, table edition and hash, scope
-    patient_pseudonyms: dict[str, str] | None = None
-    uid_map: dict[str, str] | None = None
+    patient_pseudonyms: dict[str, str] | None = None  # entries before the register only
+    uid_map: dict[str, str] | None = None  # entries before the register only
     withheld: dict[str, str] | None = None  # SOP Instance UID -> why it may not leave
+    pseudonymised_record: int | None = None  # the register's record (pseudonymised_records.id)
 
 
 @dataclass(frozen=True)
@@ -191,9 +196,11 @@ class DecisionRecord(Record):
 
 @dataclass(frozen=True)
 class TransferRecord(Record):
-    """The outcome of sending what an earlier disclosure entry allowed (a delivery attempt)."""
+    """The outcome of sending what an earlier disclosure entry allowed (a delivery attempt);
+    a de-identified send names its profile and the Table E.1-1 edition and checksum (`deid`)."""
 
     kind: ClassVar[LedgerKind] = LedgerKind.TRANSFER
+    optional: ClassVar[frozenset[str]] = frozenset({"deid"})
 
     operation: str  # forward, share
     delivery: int
@@ -207,6 +214,7 @@ class TransferRecord(Record):
     withheld: dict[str, str]
     gone: tuple[str, ...]
     rule_id: str
+    deid: dict[str, Any] | None = None  # as DeidPlan.deid: profile, table edition and hash...
 
 
 @dataclass(frozen=True)
