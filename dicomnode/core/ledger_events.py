@@ -126,23 +126,18 @@ class Record:
 @dataclass(frozen=True)
 class DeidPlan(Record):
     """How a delivery leaves: as stored (`deidentified` false) or de-identified under a profile,
-    with the objects withheld and the pseudonymised-data register's record of it.
-
-    The pseudonyms and replacement UIDs are not in the ledger (PIPA 28-4(1): the linkage is
-    kept apart, as the de-identification secret); `patient_pseudonyms` and `uid_map` are read
-    only from entries written before (they are never written now)."""
+    with the UIDs and pseudonyms computed up front and the objects withheld."""
 
     kind: ClassVar[LedgerKind] = LedgerKind.DISCLOSURE
     optional: ClassVar[frozenset[str]] = frozenset(
-        {"deid", "patient_pseudonyms", "uid_map", "withheld", "pseudonymised_record"}
+        {"deid", "patient_pseudonyms", "uid_map", "withheld"}
     )
 
     deidentified: bool
     deid: dict[str, Any] | None = None  # profile, options, codes, table edition and hash, scope
-    patient_pseudonyms: dict[str, str] | None = None  # entries before the register only
-    uid_map: dict[str, str] | None = None  # entries before the register only
+    patient_pseudonyms: dict[str, str] | None = None
+    uid_map: dict[str, str] | None = None
     withheld: dict[str, str] | None = None  # SOP Instance UID -> why it may not leave
-    pseudonymised_record: int | None = None  # the register's record (pseudonymised_records.id)
 
 
 @dataclass(frozen=True)
