@@ -139,16 +139,21 @@ def open_archive(settings: Settings) -> Archive:
     """The archive of `settings`: blobs under the data directory or in the [storage] bucket
     (checked to refuse overwrites before anything starts), the configured index."""
     from dicomnode.archive.objectstore import blob_store_from_settings
+    from dicomnode.archive.sealed import sealed_store_builder
 
+    storage = settings.storage
+    blob_store = blob_store_from_settings(storage, settings.node.name, settings.node.data_dir)
+    if storage.encrypt_at_rest:  # item 31: sealed with per-study keys kept apart
+        blob_store = sealed_store_builder(
+            blob_store, settings.node.data_dir, storage.key_store_url, storage.backup_purge_days
+        )
     return Archive(
         settings.node.data_dir,
         settings.database_url,
         settings.dimse.duplicate_policy,
         settings.node.quota_bytes,
         settings.node.min_free_bytes,
-        blob_store=blob_store_from_settings(
-            settings.storage, settings.node.name, settings.node.data_dir
-        ),
+        blob_store=blob_store,
     )
 
 

@@ -309,6 +309,8 @@ class Intake:
         self.archive.registry.drop_quarantined(
             [h.sop_instance_uid for h in held], by, outcome, record.as_details()
         )
+        if outcome == "discarded":
+            self.archive.destroy_study_keys(held, by)  # item 31: crypto-shredding, when sealed
         for item in held:
             self.archive.blobs.delete(item.blob_path)
 

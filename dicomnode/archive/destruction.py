@@ -3,6 +3,7 @@ decides on (`retention_facts`)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -116,9 +117,64 @@ class Destruction(ArchiveBase):
                     **(detail or {}),
                 },
             )
+        self.destroy_study_keys(doomed, actor)  # before the blobs: unreadable even if one stays
         for instance in doomed:
             self.blobs.delete(instance.blob_path)
         return doomed
+
+    def destroy_study_keys(self, destroyed: Sequence[Any], actor: str) -> list[str]:
+        """Crypto-shredding (item 31), with a sealing store (``[storage] encrypt_at_rest``): the
+        data keys of the studies of `destroyed` (objects with a study_instance_uid and a
+        patient_id) that the archive no longer holds any object of, indexed or held, are
+        deleted from the key store, each with its backup purge queued there; one ledger
+        entry records them. Returns the studies whose keys were destroyed."""
+        keys = getattr(self.blobs, "study_keys", None)
+        studies = sorted({d.study_instance_uid for d in destroyed})
+        if keys is None or not studies:
+            return []
+        st, held = schema.studies, schema.held_objects
+        with self.index.read() as conn:
+            kept = set(
+                conn.execute(
+                    select(st.c.study_instance_uid).where(st.c.study_instance_uid.in_(studies))
+                ).scalars()
+            ) | set(
+                conn.execute(
+                    select(held.c.study_instance_uid).where(held.c.study_instance_uid.in_(studies))
+                ).scalars()
+            )
+        purges = [
+            purge
+            for study in studies
+            if study not in kept and (purge := keys.destroy(study, actor)) is not None
+        ]
+        if not purges:
+            return []
+        shredded = {p.study_instance_uid for p in purges}
+        with self.index.write() as conn:
+            self.ledger.append(
+                conn,
+                LedgerKind.DELETION,
+                actor,
+                "done",
+                {
+                    "operation": "crypto-shred",
+                    "method": "study data keys destroyed (crypto-shredding); backup purge queued",
+                    "patient_ids": sorted(
+                        {d.patient_id for d in destroyed if d.study_instance_uid in shredded}
+                    ),
+                    "study_instance_uids": sorted(shredded),
+                    "backup_purges": [
+                        {
+                            "id": p.id,
+                            "study_instance_uid": p.study_instance_uid,
+                            "due_at": p.due_at.isoformat(timespec="seconds"),
+                        }
+                        for p in purges
+                    ],
+                },
+            )
+        return sorted(shredded)
 
     def retention_facts(self) -> list[StudyFacts]:
         """Per study: patient, StudyDate, modalities, and the count and last receipt of its

@@ -289,6 +289,10 @@ class S3BlobStore:
     """Blobs as objects in one bucket of an S3-compatible server. `placements` records every
     placing (the archive gives it the index database's table)."""
 
+    # The object a stored body holds, for comparing data sets on a refused put: the bytes
+    # themselves, unless a wrapper seals them (`dicomnode.archive.sealed` sets it to unseal).
+    reveal: Callable[[str, bytes], bytes] = staticmethod(lambda _key, data: data)
+
     def __init__(self, location: S3Location, placements: Placements | None = None) -> None:
         self.location = location
         self.placements: Placements = placements  # type: ignore[assignment]  # set before use
@@ -372,7 +376,8 @@ class S3BlobStore:
         if not _names_a_hash(key):
             return False
         try:
-            return bool(dataset_sha256s(existing) & dataset_sha256s(data))
+            stored, placing = self.reveal(key, existing), self.reveal(key, data)
+            return bool(dataset_sha256s(stored) & dataset_sha256s(placing))
         except Exception:  # not DICOM with a File Meta group: pydicom's errors vary
             return False
 

@@ -310,6 +310,24 @@ class StorageSettings:
         "s3: a request (its retries included) failing longer is a storage failure (0xA700 / 503)",
         check=d.positive,
     )
+    encrypt_at_rest: bool = setting(
+        False,
+        "true: every blob, held object and cached metadata is encrypted with its study's data "
+        "key (AES-256-GCM), and destroying a study destroys its key (crypto-shredding)",
+    )
+    key_store_url: str = setting(
+        "",
+        "with encrypt_at_rest: the database of the study data keys, apart from the index "
+        "(sqlite:///FILE or postgresql+psycopg://...; one for all nodes); empty: SQLite file "
+        "study-keys.sqlite inside data_dir. Back it up apart from the index and the blobs",
+        check=d.database_url,
+    )
+    backup_purge_days: int = setting(
+        35,
+        "with encrypt_at_rest: a destruction queues a backup purge due this many days later "
+        "(every backup of the index holding the study purged or expired by then)",
+        check=d.positive,
+    )
 
 
 @dataclass(frozen=True)

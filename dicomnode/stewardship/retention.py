@@ -140,6 +140,7 @@ class RetentionOps(StewardshipBase):
         self.archive.registry.drop_quarantined(
             [h.sop_instance_uid for h in held], by, "discarded", destroyed.as_details()
         )
+        self.archive.destroy_study_keys(held, by)  # item 31: crypto-shredding, when sealed
         for item in held:
             self.archive.blobs.delete(item.blob_path)
 
