@@ -35,6 +35,7 @@ from dicomnode.core.errors import (
     InvalidInput,
     StorageUnavailable,
 )
+from dicomnode.core.frames import FrameTable, StoredFrames
 from dicomnode.core.model import (
     Level,
     PatientIdentity,
@@ -178,6 +179,25 @@ class Archive(Ingest, Capacity, Destruction, Consistency):
         """The stored (or quarantined) object's bytes as a stream, or bytes [start, end) of
         them; the caller closes it. FileNotFoundError when the blob is missing."""
         return self.blobs.open(instance.blob_path, byte_range)
+
+    def stored_frames(self, instance: StoredInstance) -> StoredFrames | None:
+        """The object's header and frames read by byte range, with the frame table indexed at
+        ingest; None for an object without one (read it whole). StaleFrameTable (here or on
+        reading frames) when the blob is not as the table says."""
+        with self.index.read() as conn:
+            text = conn.execute(
+                select(schema.instances.c.frame_table).where(
+                    schema.instances.c.blob_path == instance.blob_path
+                )
+            ).scalar_one_or_none()
+        if not text:
+            return None
+
+        def read_range(start: int, end: int) -> bytes:
+            with self.blobs.open(instance.blob_path, (start, end)) as stream:
+                return stream.read()
+
+        return StoredFrames(FrameTable.from_json(text), read_range)
 
     def read_blob(self, instance: StoredInstance | QuarantinedObject) -> bytes:
         """The whole of the stored (or quarantined) object's bytes."""

@@ -26,6 +26,7 @@ from dicomnode.core.enums import DuplicatePolicy, coerce
 from dicomnode.core.errors import (
     DuplicateConflict,
 )
+from dicomnode.core.frames import frame_table
 from dicomnode.core.model import (
     IngestResult,
     Source,
@@ -245,6 +246,7 @@ class Ingest(ArchiveBase):
     ) -> tuple[str, str]:
         """Index `stored`; returns the outcome and the blob path of the object it found."""
         now = datetime.now(UTC)
+        table = _frame_table(received)
 
         def index_instance(conn: Connection) -> tuple[str, str]:
             existing = self.index.instance_row(conn, received.sop_instance_uid)
@@ -257,6 +259,7 @@ class Ingest(ArchiveBase):
                 )
             series_pk = self.index.ensure_hierarchy(conn, received.header, now)
             values = self.index.instance_values(received.header, series_pk, stored, source, now)
+            values["frame_table"] = table
             if existing is None:
                 self.index.insert_instance(conn, values)
                 return "stored", stored.blob_path
@@ -276,3 +279,16 @@ class Ingest(ArchiveBase):
                 f"SOP Instance {received.sop_instance_uid} was stored concurrently with "
                 "different content"
             ) from None
+
+
+def _frame_table(received: ReceivedObject) -> str | None:
+    """Where each frame of `received` lies in its blob, as the index keeps it (None where it
+    cannot be found without decoding, or the header does not parse as expected)."""
+    try:
+        table = frame_table(
+            received.header, received.transfer_syntax_uid, len(received.file_meta_bytes)
+        )
+    except Exception:  # a header pydicom reads differently here: the whole object serves
+        log.warning("no frame table for %s", received.sop_instance_uid, exc_info=True)
+        return None
+    return table.to_json() if table is not None else None

@@ -119,6 +119,8 @@ instances = Table(
     Column("received_at", UTCDateTime(), nullable=False),
     Column("source_protocol", String, nullable=False),
     Column("source_caller", String, nullable=False, server_default=""),
+    # where each frame lies in the blob (core.frames.FrameTable as JSON), found at ingest
+    Column("frame_table", Text),
     Index("ix_instances_series_pk", "series_pk"),
 )
 

@@ -27,6 +27,7 @@ from pydicom.filereader import _read_file_meta_info, read_dataset, read_preamble
 from pydicom.pixels.decoders.base import DecodeRunner, get_decoder
 from pydicom.uid import UID, JPEGExtended12Bit
 
+from dicomnode.core.frames import native_frame_bytes
 from dicomnode.dicomweb import media
 from dicomnode.dicomweb.errors import NotAcceptable
 
@@ -245,14 +246,6 @@ def stored_frames(ds: Dataset, numbers: list[int], single_stream: bool = False) 
         yield b"".join(fragments[n - 1])
 
 
-def _native_frame_bytes(ds: Dataset) -> int:
-    rows, columns = int(ds.Rows), int(ds.Columns)
-    samples, bits = int(ds.get("SamplesPerPixel", 1)), int(ds.BitsAllocated)
-    if ds.get("PhotometricInterpretation") in ("YBR_FULL_422", "YBR_PARTIAL_422"):
-        return rows * columns * 2 * bits // 8  # two chroma samples per two pixels
-    return rows * columns * samples * bits // 8
-
-
 def _bit_frame(data: bytes, frame_bits: int, n: int) -> bytes:
     """Frame `n` of 1-bit pixel data (frames packed without gaps), packed from its own first
     byte, least significant bit first as stored."""
@@ -291,7 +284,7 @@ def native_frames(ds: Dataset, numbers: list[int], limit: int) -> Iterator[bytes
             for n in numbers:
                 yield _bit_frame(data, frame_bits, n)
             return
-        size = _native_frame_bytes(ds)
+        size = native_frame_bytes(ds)
         for n in numbers:
             yield data[(n - 1) * size : n * size]
         return

@@ -19,6 +19,7 @@ from flask import Blueprint, Response, g, jsonify, request, stream_with_context
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from dicomnode.core.errors import InvalidInput, NotFound
+from dicomnode.core.frames import StaleFrameTable
 from dicomnode.core.model import Level, StoredInstance
 from dicomnode.core.uids import validate_uid
 from dicomnode.dicomweb import media, pixels, render
@@ -270,6 +271,17 @@ def _send_frames(ds: pydicom.Dataset, stored: str, numbers: list[int]) -> Respon
 
 def frames(study: str, series: str, instance: str, frame_list: str) -> Response:
     (item,) = _instances("frames", study, series, instance)
+    try:
+        stored = services().egress.stored_frames(item)
+        if stored is not None:  # the header and those frames by byte range
+            ds = stored.header
+            if not ds.get("Rows") or not ds.get("Columns"):
+                raise NotFound("the instance has no image pixel data")
+            numbers = _frame_numbers(frame_list, stored.table.frames)
+            ds = stored.dataset(numbers)
+            return _send_frames(ds, item.transfer_syntax_uid, list(range(1, len(numbers) + 1)))
+    except StaleFrameTable as e:  # not as indexed: the whole object still answers
+        log.warning("frame table of %s not used: %s", item.sop_instance_uid, e)
     ds = _read(item)
     if "PixelData" not in ds:
         raise NotFound("the instance has no pixel data")

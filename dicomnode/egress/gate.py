@@ -20,6 +20,7 @@ from dicomnode.archive import Archive
 from dicomnode.archive.access_tags import AccessTagStore
 from dicomnode.archive.auditlog import AuditLog
 from dicomnode.core.errors import NotPermitted
+from dicomnode.core.frames import StoredFrames
 from dicomnode.core.ledger_events import DecisionRecord
 from dicomnode.core.model import Level, Query, Source, StoredInstance
 from dicomnode.core.times import utc_now
@@ -401,6 +402,12 @@ class Gate:
                     ref=ref,
                 )
             )
+
+    def stored_frames(self, instance: StoredInstance) -> StoredFrames | None:
+        """The header and frames of a stored instance that `retrieve` handed out, read by byte
+        range (a frame retrieval reads those frames, not the object); None when the object has
+        no frame table (read it with `open_blob`)."""
+        return self.archive.stored_frames(instance)
 
     def open_blob(self, instance: StoredInstance) -> BinaryIO:
         """A seekable binary stream of a stored instance that `retrieve` handed out (its
