@@ -20,7 +20,8 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from dicomnode.archive import Archive
-from dicomnode.archive.casework import BreachRecord, CaseStore, TicketRecord
+from dicomnode.archive.automated_decisions import DecisionFlag, DecisionFlagStore
+from dicomnode.archive.casework import BreachRecord, CaseStore, TicketRecord, TicketStep
 from dicomnode.core.errors import InvalidInput
 from dicomnode.core.ledger import LedgerEntry
 from dicomnode.core.ledger_events import (
@@ -31,6 +32,7 @@ from dicomnode.core.ledger_events import (
 )
 from dicomnode.core.model import Source
 from dicomnode.core.times import utc_now
+from dicomnode.core.uids import validate_uid
 from dicomnode.governance import casework as rules
 
 log = logging.getLogger("dicomnode.casework")
@@ -171,6 +173,7 @@ class Casework:
         self.clock = clock
         self.review = review or rules.ReviewSettings()
         self.failures = FailureCounts(self.store)
+        self.flags = DecisionFlagStore(archive.index)  # automated-decision requests' flags
 
     # --- breaches ---------------------------------------------------------------------------
 
@@ -367,9 +370,14 @@ class Casework:
         details: str = "",
         issuer: str = "",
         received_at: datetime | None = None,
+        reviewer: str = "",
+        study_instance_uid: str = "",
     ) -> TicketRecord:
         """Record a request (access, correction, deletion, suspension, portability) with its
-        deadline: 10 days under PIPA, one month under GDPR."""
+        deadline: 10 days under PIPA, one month under GDPR. A request about an automated
+        decision (ai-refusal, ai-explanation; PIPA 37-2: 30 days) is routed to `reviewer` (a
+        person; default: who records it) and flags the patient's AI outputs (of one study,
+        when `study_instance_uid` is given); a refusal holds their new analysis meanwhile."""
         if kind not in rules.TICKET_KINDS:
             raise InvalidInput(f"a request is one of {', '.join(rules.TICKET_KINDS)}")
         patient_id, issuer = _line("patient_id", patient_id, 64), _line("issuer", issuer, 64)
@@ -382,9 +390,10 @@ class Casework:
             raise InvalidInput("received_at is in the future")
         regimes = tuple(sorted(set(regimes)))
         try:
-            due = rules.ticket_due(received_at, regimes)
+            due = rules.ticket_due(received_at, regimes, kind)
         except ValueError as e:
             raise InvalidInput(str(e)) from None
+        flag = self._automated_decision_flag(kind, by, reviewer, study_instance_uid, now)
         return self.store.add_ticket(
             kind,
             patient_id.strip(),
@@ -396,7 +405,43 @@ class Casework:
             due,
             by,
             now,
+            then=flag,
         )
+
+    def _automated_decision_flag(
+        self, kind: str, by: str, reviewer: str, study_uid: str, now: datetime
+    ) -> TicketStep | None:
+        """What opening a PIPA 37-2 request writes with its ticket: the flag on the AI outputs,
+        routed to the reviewer (None for the other kinds)."""
+        request = rules.AUTOMATED_DECISION_REQUESTS.get(kind)
+        if request is None:
+            if reviewer.strip() or study_uid.strip():
+                raise InvalidInput("only a request about an automated decision has a reviewer")
+            return None
+        reviewer = _line("reviewer", reviewer, 64).strip() or by
+        study_uid = study_uid.strip() and validate_uid(study_uid.strip(), "study_instance_uid")
+
+        def flag(conn: Any, ticket: TicketRecord) -> dict[str, Any]:
+            added = self.flags.add_in(
+                conn, ticket.id, request, ticket.patient_id, ticket.issuer, study_uid, reviewer, now
+            )
+            return {"flag": added.as_dict()}
+
+        return flag
+
+    def _resolving_flag(self, ticket: TicketRecord) -> TicketStep | None:
+        """Closing a PIPA 37-2 request resolves its flag (and releases what it held)."""
+        if ticket.kind not in rules.AUTOMATED_DECISION_REQUESTS:
+            return None
+        now = self.clock()
+        return lambda conn, record: self.flags.resolve_in(conn, record.id, now)
+
+    def decision_flags(self, patient_ids: set[str] | None = None) -> list[DecisionFlag]:
+        """The flags automated-decision requests put on AI outputs, newest first."""
+        return self.flags.flags(patient_ids)
+
+    def decision_flag(self, ticket_id: int) -> DecisionFlag | None:
+        return self.flags.of_ticket(ticket_id)
 
     def tickets(self) -> list[TicketRecord]:
         return self.store.tickets()
@@ -449,6 +494,11 @@ class Casework:
                 f"{len(summary['disclosures'])} disclosures exported"
             )
             return self._done(ticket, by, text, {"operation": "export"})
+        if ticket.kind in rules.AUTOMATED_DECISION_REQUESTS:
+            raise InvalidInput(
+                "a person reviews the automated decision: mark it done saying what the review "
+                "found (or explained), or refuse it with its exemption"
+            )
         raise InvalidInput("a correction is made in the record it concerns; mark it done")
 
     def _deletion_exemptions(self, ticket: TicketRecord) -> list[rules.Exemption]:
@@ -485,6 +535,7 @@ class Casework:
             self.clock(),
             "refused",
             extra | {"exemptions": coded},
+            then=self._resolving_flag(ticket),
             state="refused",
             exemptions=coded,
             outcome=notice,
@@ -500,6 +551,7 @@ class Casework:
             self.clock(),
             "done",
             extra | {"outcome": text},
+            then=self._resolving_flag(ticket),
             state="done",
             outcome=text,
         )
@@ -531,7 +583,7 @@ class Casework:
             raise InvalidInput("an extension needs the reason told to the data subject")
         ticket = self.store.ticket(ticket_id)
         try:
-            due = rules.extended_due(ticket.received_at, ticket.regimes, until)
+            due = rules.extended_due(ticket.received_at, ticket.regimes, until, ticket.kind)
         except ValueError as e:
             raise InvalidInput(str(e)) from None
         return self.store.change_ticket(

@@ -163,6 +163,40 @@ class AnalysisContext:
     workdir: Path
 
 
+# What every automated result is, whatever the analyzer (PIPA 37-2: not a decision by itself).
+CLINICIAN_REVIEW = (
+    "This is an automated result, produced without human involvement. It is not a diagnosis "
+    "and no decision about the patient is taken on it alone: a clinician reviews it before it "
+    "is used. The patient may ask for an explanation of it or refuse automated processing "
+    "(PIPA 37-2); the request is recorded and answered by a person."
+)
+
+
+@dataclass(frozen=True)
+class OutputCriteria:
+    """The criteria and procedure of an analyzer's output, as disclosed to patients and staff
+    (PIPA 37-2(4); GDPR 13(2)(f)): what the output is and measures, how, and its limits."""
+
+    output: str  # the objects written, e.g. "a DICOM SEG and a TID 1500 measurement report"
+    measures: str  # what is measured or found
+    method: str  # how: the procedure, thresholds, models
+    limits: str  # where it is not valid, its validation, its intended use
+    review: str = CLINICIAN_REVIEW
+
+    def text(self) -> str:
+        """The whole disclosure as one text."""
+        return "\n".join(
+            f"{label}: {value}"
+            for label, value in (
+                ("Output", self.output),
+                ("Measures", self.measures),
+                ("Method", self.method),
+                ("Limits", self.limits),
+                ("Review", self.review),
+            )
+        )
+
+
 @dataclass(frozen=True)
 class AnalysisResult:
     datasets: list[Dataset]
@@ -185,6 +219,9 @@ class Analyzer:
     # headers announce how many instances to expect and they are all in.
     completion: ClassVar[str] = "quiet-period"
     output_sop_classes: ClassVar[frozenset[str]] = frozenset()
+    # What its output is, measures and how (disclosed at /automated-decisions; the site may
+    # replace the text: [analysis.analyzers."<name>"] criteria).
+    criteria: ClassVar[OutputCriteria | None] = None
 
     def expected_instances(self, header: Dataset) -> int | None:
         """How many instances the unit will hold, when the headers say so."""

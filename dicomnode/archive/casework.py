@@ -8,7 +8,7 @@ Every change to a breach or a ticket is written with its ledger entry in one tra
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -22,6 +22,8 @@ from dicomnode.archive.ledger import Ledger, LedgerEntry
 from dicomnode.core.errors import InvalidInput, NotFound
 
 BREACH_KIND, TICKET_KIND, REVIEW_KIND = "breach", "ticket", "dpo_review"
+# Written in a ticket's transaction with it (an automated-decision flag); returns ledger detail.
+TicketStep = Callable[[Connection, "TicketRecord"], dict[str, Any]]
 MAX_ADDRESS = 64
 MAX_TEXT = 20000  # characters of one free-text field
 
@@ -246,7 +248,10 @@ class CaseStore:
         due_at: datetime,
         by: str,
         now: datetime,
+        then: TicketStep | None = None,
     ) -> TicketRecord:
+        """Record a ticket (state open) and its ledger entry; `then` writes what goes with it in
+        the same transaction (an automated-decision flag) and returns its ledger detail."""
         t = schema.subject_tickets
         with self.index.write() as conn:
             new_id = conn.execute(
@@ -268,7 +273,10 @@ class CaseStore:
                 )
             ).inserted_primary_key[0]
             record = self._ticket_in(conn, new_id)
-            self.ledger.append(conn, TICKET_KIND, by, "opened", self._ticket_detail(record))
+            detail = self._ticket_detail(record)
+            if then is not None:
+                detail |= then(conn, record)
+            self.ledger.append(conn, TICKET_KIND, by, "opened", detail)
         return record
 
     @staticmethod
@@ -309,10 +317,11 @@ class CaseStore:
         now: datetime,
         ledger_outcome: str,
         extra: dict[str, Any],
+        then: TicketStep | None = None,
         **values: Any,
     ) -> TicketRecord:
         """Move a ticket still in one of `expect_states` on (InvalidInput otherwise), with its
-        ledger entry. ``exemptions`` is given as a list."""
+        ledger entry (and what `then` writes with it). ``exemptions`` is given as a list."""
         t = schema.subject_tickets
         if "exemptions" in values:
             values["exemptions"] = json.dumps(values["exemptions"], ensure_ascii=False)
@@ -329,6 +338,8 @@ class CaseStore:
                 raise InvalidInput(f"{current.ref} is {current.state}: it cannot be changed so")
             record = self._ticket_in(conn, ticket_id)
             detail = self._ticket_detail(record) | extra
+            if then is not None:
+                detail |= then(conn, record)
             self.ledger.append(conn, TICKET_KIND, by, ledger_outcome, detail)
         return record
 

@@ -371,6 +371,25 @@ subject_tickets = Table(
     Index("ix_subject_tickets_state", "state"),
 )
 
+# A data subject's refusal or explanation request about an automated decision (PIPA 37-2,
+# migration 0014): the ticket that records it, the reviewer it is routed to, and which AI
+# outputs it flags (a patient's, or one study's); a refusal holds new analysis while open.
+automated_decision_flags = Table(
+    "automated_decision_flags",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("ticket_id", Integer, ForeignKey("subject_tickets.id"), nullable=False, unique=True),
+    Column("request", String(16), nullable=False),  # refuse | explain
+    Column("patient_id", String, nullable=False),
+    Column("issuer_of_patient_id", String, nullable=False, server_default=""),
+    Column("study_instance_uid", String(64), nullable=False, server_default=""),  # "": all
+    Column("reviewer", String, nullable=False),  # the person the request is routed to
+    Column("state", String(16), nullable=False),  # open | resolved
+    Column("flagged_at", UTCDateTime(), nullable=False),
+    Column("resolved_at", UTCDateTime(), nullable=True),
+    Index("ix_automated_decision_flags_patient_id", "patient_id"),
+)
+
 # Failed authentication, counted per hour, kind and address (bounded: one row per triple).
 auth_failures = Table(
     "auth_failures",

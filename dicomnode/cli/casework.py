@@ -111,6 +111,8 @@ def _ticket_open(args: argparse.Namespace, casework: Any) -> None:
         details=args.details or "",
         issuer=args.issuer or "",
         received_at=moment(args.received_at),
+        reviewer=args.reviewer or "",
+        study_instance_uid=args.study or "",
     )
     print(f"{ticket.ref} opened: {ticket.kind} for {ticket.patient_id}, due {ticket.due_at}")
 
@@ -234,6 +236,12 @@ def _ticket_parsers(commands: Any) -> None:
     opened.add_argument("--law", action="append", choices=("pipa", "gdpr"), help="repeatable")
     opened.add_argument("--details")
     opened.add_argument("--received-at", help="when it was received (default: now)")
+    opened.add_argument(
+        "--reviewer", help="ai-refusal, ai-explanation: who reviews it (default: --by)"
+    )
+    opened.add_argument(
+        "--study", help="ai-refusal, ai-explanation: the study whose AI output is meant"
+    )
     command(ticket_commands, "list", _with_casework(_ticket_list), "every ticket").add_argument(
         "--overdue", action="store_true"
     )

@@ -359,6 +359,11 @@ class AnalyzerSettings:
     )
     timeout: float = setting(300.0, "seconds one run may take before it fails", check=d.positive)
     params: dict[str, Any] = setting({}, "the analyzer's own parameters")
+    criteria: str = setting(
+        "",
+        "the site's text of the criteria and procedure of this analyzer's output, disclosed at "
+        "/automated-decisions (PIPA 37-2(4)); empty: the analyzer's own text",
+    )
     # The site's clinical-fit rules (ANALYZER_FIT_KEYS); a key set here replaces the analyzer's
     # default for it.
     fit: dict[str, tuple[str, ...]] = grouped(

@@ -3,6 +3,7 @@
 - `/healthz`, `/metrics`: health and Prometheus metrics;
 - `/dicomweb/...`: QIDO-RS, WADO-RS, STOW-RS and DELETE (PS3.18), bearer-token protected;
 - `/analysis/...`: analysis jobs; `/governance/api/...`: the governance API;
+- `/automated-decisions`: each AI output type's criteria and procedure (public, PIPA 37-2);
 - `/governance/...`: the DPO's pages (signed-in HTML and exports, see `dpo`).
 Nothing is created at import time; `create_app(services)` builds a fresh app.
 """
@@ -20,6 +21,7 @@ from dicomnode.casework import Casework
 from dicomnode.config import Settings
 from dicomnode.core.metrics import Metrics
 from dicomnode.dicomweb.auth import TokenVerifier
+from dicomnode.dicomweb.automated_decisions import automated_decisions_blueprint
 from dicomnode.dicomweb.dpo import install_dpo_pages
 from dicomnode.dicomweb.errors import register_error_handlers
 from dicomnode.dicomweb.governance_api import governance_blueprint
@@ -52,6 +54,8 @@ class WebServices:
     signing_key: Any  # the node's RSA key (tokens, ledger checkpoints)
     status: Callable[[], dict[str, object]]  # the node's live status for /healthz
     request_analysis: Callable[[str], list[int]] | None = None  # queue a study's analyses
+    # each AI output type's criteria and procedure (PIPA 37-2(4)), from the analyzers
+    automated_decisions: tuple[dict[str, Any], ...] = ()
 
 
 def create_app(services: WebServices) -> Flask:
@@ -60,6 +64,7 @@ def create_app(services: WebServices) -> Flask:
     register_error_handlers(app)
     install_forwarded_for(app, services.settings.http.trusted_proxies)
     app.register_blueprint(health_blueprint())
+    app.register_blueprint(automated_decisions_blueprint())  # public, like /healthz
     for blueprint in (qido_blueprint(), wado_blueprint(), stow_blueprint()):
         app.register_blueprint(blueprint, url_prefix=DICOMWEB_ROOT)
     app.register_blueprint(jobs_blueprint(), url_prefix="/analysis")

@@ -1,6 +1,7 @@
 """The analysis jobs API: ``GET /analysis/jobs`` (state, timings, errors, inputs, outputs),
 ``GET /analysis/jobs/{id}``, ``POST /analysis/jobs/{id}/retry`` and
-``POST /analysis/studies/{study}/run`` (the explicit "commit" of a study)."""
+``POST /analysis/studies/{study}/run`` (the explicit "commit" of a study). Each job names the
+refusal and explanation requests (PIPA 37-2) flagging its output (`automated_decision_flags`)."""
 
 from __future__ import annotations
 
@@ -30,7 +31,14 @@ def _disclosed(jobs: list[Job]) -> list[dict]:
         {job.study_instance_uid for job in jobs},
         len(jobs),
     )
-    return [job.as_dict() for job in jobs if job.patient_id not in left_out]
+    shown = [job for job in jobs if job.patient_id not in left_out]
+    flags = services().casework.decision_flags({job.patient_id for job in shown}) if shown else []
+    return [job.as_dict() | {"automated_decision_flags": _flags_of(job, flags)} for job in shown]
+
+
+def _flags_of(job: Job, flags: list) -> list[dict]:
+    """The refusal and explanation requests (PIPA 37-2) that flag this job's AI output."""
+    return [f.as_dict() for f in flags if f.covers(job.patient_id, job.study_instance_uid)]
 
 
 def _single(job: Job) -> Response:

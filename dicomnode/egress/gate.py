@@ -16,7 +16,7 @@ from typing import Any, BinaryIO
 from pydicom.dataset import Dataset
 
 from dicomnode import governance
-from dicomnode.archive import Archive
+from dicomnode.archive import Archive, automated_decisions
 from dicomnode.archive.access_tags import AccessTagStore
 from dicomnode.archive.auditlog import AuditLog
 from dicomnode.core.errors import NotPermitted
@@ -429,7 +429,20 @@ class Gate:
     def permit_processing(
         self, analyzer: str, patient_id: str, study_uid: str, job_id: int
     ) -> Decision:
-        """Whether an analysis may run for this patient now; the decision is recorded."""
+        """Whether an analysis may run for this patient now; the decision is recorded. A
+        patient's open refusal of automated processing (PIPA 37-2) holds it until a person has
+        reviewed the request."""
+        refusal = automated_decisions.DecisionFlagStore(self.archive.index).open_refusal(patient_id)
+        if refusal is not None:
+            requester = Source("analysis", analyzer)
+            request = self._request(
+                requester, "analyze", Party("analysis"), {patient_id}, {study_uid}
+            )
+            policy_version = self.policy().version
+            rule = automated_decisions.REFUSAL_RULE
+            held = Decision(False, refusal.hold_reason(), rule, policy_version)
+            self._record(requester, request, held, 1, {"job": job_id, "analyzer": analyzer})
+            return held
         return self.decide(
             Source("analysis", analyzer),
             "analyze",

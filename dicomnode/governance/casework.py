@@ -37,6 +37,7 @@ from datetime import UTC, date, datetime, timedelta, tzinfo
 from typing import Any
 
 from dicomnode.governance.subject_requests import (  # named here for callers of `casework`
+    AUTOMATED_DECISION_REQUESTS,
     EXEMPTIONS,
     REGIMES,
     TICKET_KINDS,
@@ -494,6 +495,7 @@ def _moment(value: datetime | str) -> datetime:
 
 
 __all__ = [
+    "AUTOMATED_DECISION_REQUESTS",
     "BREACH_STATES",
     "EXEMPTIONS",
     "TICKET_KINDS",

@@ -7,6 +7,11 @@ suspension, portability), decided from facts; pure, like the rest of `casework`.
 * PIPA Arts. 35-37 with Decree Arts. 41(4), 43(3), 44(2): answered within 10 days; Art. 36(1)
   proviso: deletion may not be asked while another law requires the data to be kept;
   Art. 28-7: pseudonymised data are exempt from Arts. 35-37.
+* PIPA Art. 37-2 (automated decisions): the data subject may refuse a decision made by a fully
+  automated system (37-2(1)) or ask for its explanation (37-2(2)); the controller discloses the
+  criteria and procedure (37-2(4)). Decree Art. 44-4 (as read here): the measures are taken
+  within 30 days, a delay for a justified reason (told to the subject) twice at most, 30 days
+  each. GDPR Art. 22(3): human intervention, answered like any request (Art. 12(3)).
 """
 
 from __future__ import annotations
@@ -15,10 +20,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 
-TICKET_KINDS = ("access", "correction", "deletion", "suspension", "portability")
+# PIPA 37-2 requests about an automated decision (an AI output): the kind -> what is asked.
+AUTOMATED_DECISION_REQUESTS = {"ai-refusal": "refuse", "ai-explanation": "explain"}
+TICKET_KINDS = (
+    "access",
+    "correction",
+    "deletion",
+    "suspension",
+    "portability",
+    *AUTOMATED_DECISION_REQUESTS,
+)
 TICKET_STATES = ("open", "extended", "done", "refused")
 REGIMES = ("pipa", "gdpr")
 PIPA_DAYS = 10  # Decree 41(4), 43(3), 44(2)
+PIPA_AUTOMATED_DECISION_DAYS = 30  # Decree 44-4, for AUTOMATED_DECISION_REQUESTS
+PIPA_AUTOMATED_DECISION_EXTENSIONS = 2  # delays of 30 days each at most
 GDPR_EXTENSION_MONTHS = 2  # Art. 12(3)
 # Coded exemptions: why a request is not (wholly) granted.
 EXEMPTIONS = {
@@ -30,6 +46,8 @@ EXEMPTIONS = {
     "GDPR-17-3-e": "erasure does not apply: the establishment, exercise or defence of legal "
     "claims (GDPR 17(3)(e)); a legal hold is in place",
     "LEGAL-HOLD": "a legal hold keeps the data until it is released",
+    "PIPA-37-2-1-proviso": "the automated decision rests on the subject's consent, a law or a "
+    "contract (PIPA 37-2(1) proviso: Art. 15(1)1, 2, 4); it is explained instead",
     "OTHER": "refused for the reason stated",
 }
 
@@ -51,26 +69,38 @@ def _add_months(moment: datetime, months: int) -> datetime:
     return moment.replace(year=year, month=month, day=min(moment.day, days))
 
 
-def ticket_due(received_at: datetime, regimes: Sequence[str]) -> datetime:
-    """When a request must be answered: 10 days under PIPA, one month under GDPR (12(3)); the
-    earlier when both apply."""
+def _pipa_days(kind: str) -> int:
+    return PIPA_AUTOMATED_DECISION_DAYS if kind in AUTOMATED_DECISION_REQUESTS else PIPA_DAYS
+
+
+def ticket_due(received_at: datetime, regimes: Sequence[str], kind: str = "") -> datetime:
+    """When a request must be answered: 10 days under PIPA (30 for a request about an
+    automated decision, PIPA 37-2), one month under GDPR (12(3)); the earlier when both
+    apply."""
     if not regimes or set(regimes) - set(REGIMES):
         raise ValueError(f"a request's law is one or more of {', '.join(REGIMES)}")
     due = []
     if "pipa" in regimes:
-        due.append(received_at + timedelta(days=PIPA_DAYS))
+        due.append(received_at + timedelta(days=_pipa_days(kind)))
     if "gdpr" in regimes:
         due.append(_add_months(received_at, 1))
     return min(due)
 
 
-def extended_due(received_at: datetime, regimes: Sequence[str], until: datetime) -> datetime:
+def extended_due(
+    received_at: datetime, regimes: Sequence[str], until: datetime, kind: str = ""
+) -> datetime:
     """The new deadline of an extended request: GDPR 12(3) allows two further months at most;
-    PIPA 35(3) allows postponing the answer for a justified reason, told to the subject."""
-    if until <= ticket_due(received_at, regimes):
+    PIPA 35(3) allows postponing the answer for a justified reason, told to the subject
+    (Decree 44-4 for an automated decision: twice at most, 30 days each)."""
+    if until <= ticket_due(received_at, regimes, kind):
         raise ValueError("an extension must end after the current deadline")
     if "gdpr" in regimes and until > _add_months(received_at, 1 + GDPR_EXTENSION_MONTHS):
         raise ValueError("GDPR 12(3) allows at most two further months")
+    if "pipa" in regimes and kind in AUTOMATED_DECISION_REQUESTS:
+        days = PIPA_AUTOMATED_DECISION_DAYS * (1 + PIPA_AUTOMATED_DECISION_EXTENSIONS)
+        if until > received_at + timedelta(days=days):
+            raise ValueError("PIPA Decree 44-4 allows at most two delays of 30 days")
     return until
 
 
@@ -131,6 +161,8 @@ def refusal_notice(
             "correction": "정정",
             "suspension": "처리정지",
             "portability": "전송",
+            "ai-refusal": "자동화된 결정 거부",
+            "ai-explanation": "자동화된 결정 설명",
         }
         lines = [
             f"귀하(환자번호 {patient_id})의 개인정보 {names.get(kind, kind)} 요구를 "

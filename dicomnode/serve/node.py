@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from dicomnode import __version__
+from dicomnode.analysis.criteria import published_criteria
 from dicomnode.archive.keys import KeyStore
 from dicomnode.archive.leases import LeaderLease, holder_name
 from dicomnode.compose import SERVE, compose
@@ -77,6 +78,7 @@ class Node:
                 signing_key=self.signing_key,
                 status=self.status,
                 request_analysis=self.analysis.request if self.analysis else None,
+                automated_decisions=published_criteria(settings.analysis),
             )
         )
         self._http: Any = None

@@ -20,6 +20,7 @@ from dicomnode.analysis.plugin import (
     Analyzer,
     InputUnit,
     NotApplicable,
+    OutputCriteria,
     Selector,
 )
 from dicomnode.analysis.provenance import RESEARCH_USE
@@ -65,6 +66,19 @@ class CtLung(Analyzer):
     fit = CHEST_CT  # minimum data: only chest CTs (site-tunable)
     unit = "series"
     output_sop_classes = frozenset({SEGMENTATION_STORAGE, COMPREHENSIVE_3D_SR})
+    criteria = OutputCriteria(
+        output="a DICOM Segmentation (SEG) with two segments, body and lungs, and a TID 1500 "
+        "measurement report (Comprehensive 3D SR), added to the CT study",
+        measures="the volume (mL) of the body and of the lungs in one chest CT series, and the "
+        "mean and standard deviation of their attenuation (HU)",
+        method="fixed Hounsfield thresholds and morphology (after Hu, Hoffman and Reinhardt, "
+        "IEEE TMI 2001): the body is the largest region above -500 HU, its holes filled; the "
+        "lungs are the two largest regions below -400 HU inside it that do not touch the "
+        "border of the volume; volumes are voxel counts times the voxel size. No trained model",
+        limits="only chest CTs of one evenly spaced stack of at least 3 slices (others are not "
+        "processed); airways, pleural effusion, consolidation or motion change the masks; not "
+        "validated on patients: research use only, not a medical device",
+    )
 
     def analyze(self, unit: InputUnit, context: AnalysisContext) -> AnalysisResult:
         slices, volume, voxel_ml = load_volume(list(unit.paths))

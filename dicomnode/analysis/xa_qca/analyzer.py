@@ -41,6 +41,7 @@ from dicomnode.analysis.plugin import (
     Analyzer,
     InputUnit,
     NotApplicable,
+    OutputCriteria,
     Selector,
 )
 from dicomnode.analysis.provenance import RESEARCH_USE
@@ -125,6 +126,21 @@ class XaQca(Analyzer):
     unit = "instance"
     completion = "on-receipt"
     output_sop_classes = frozenset({SEGMENTATION_STORAGE, COMPREHENSIVE_SR})
+    criteria = OutputCriteria(
+        output="a DICOM Segmentation (SEG) of the coronary lumen and of each stenotic lesion "
+        "on the analysed frame, and a TID 1500 measurement report (Comprehensive SR)",
+        measures="for the traced coronary segment of one X-ray angiography run: per stenosis, "
+        "percent diameter stenosis (%DS), minimal lumen diameter (MLD), the interpolated "
+        "reference diameter, the lesion length and its position along the vessel",
+        method="classical quantitative coronary analysis: vessel enhancement (Hessian "
+        "vesselness), the centreline as the cheapest path through the vessel, diameters by "
+        "fitting a circular lumen's profile across it, an interpolated reference line through "
+        "the diameters (PS3.17 T.4.2); a narrowing of at least the configured percentage is a "
+        "lesion. Calibration from the image's pixel spacing. No trained model",
+        limits="only coronary angiograms, one frame of a run; without calibration only %DS "
+        "is given; overlapping vessels, foreshortening and poor opacification mislead it; "
+        "accuracy measured on synthetic phantoms only: research use only, not a medical device",
+    )
 
     def analyze(self, unit: InputUnit, context: AnalysisContext) -> AnalysisResult:
         params = qca_params(context.params)

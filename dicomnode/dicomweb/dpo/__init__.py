@@ -11,6 +11,7 @@ from typing import Any
 from flask import Flask
 
 from dicomnode.config import DpoSettings
+from dicomnode.dicomweb.dpo.automated_decision_views import install_automated_decision_routes
 from dicomnode.dicomweb.dpo.casework_views import EXTENSION_KEY as CASEWORK_KEY
 from dicomnode.dicomweb.dpo.casework_views import (
     count_failed_authentication,
@@ -60,6 +61,7 @@ def install_dpo_pages(app: Flask, services: Any) -> None:
     )
     blueprint = dpo_blueprint()
     install_casework_routes(blueprint)  # breaches, the monthly review, request tickets
+    install_automated_decision_routes(blueprint)  # PIPA 37-2: criteria, flagged AI outputs
     install_oversight(blueprint, app, services)  # four-eyes, break-glass, share links
     app.extensions[CASEWORK_KEY] = make_casework(services)
     count_failed_authentication(app)

@@ -268,6 +268,8 @@ def _ticket_routes(bp: Blueprint) -> None:
             details=_form("details"),
             issuer=_form("issuer"),
             received_at=_moment_field("received_at", required=False),
+            reviewer=_form("reviewer"),
+            study_instance_uid=_form("study_instance_uid"),
         )
         return redirect(url_for("dpo.ticket", ticket_id=ticket.id), 303)
 
@@ -279,6 +281,7 @@ def _ticket_routes(bp: Blueprint) -> None:
             ticket=found,
             is_overdue=casework().is_overdue(found),
             exemptions=rules.EXEMPTIONS,
+            flag=casework().decision_flag(ticket_id),
         )
 
     @bp.post("/tickets/<int:ticket_id>/<action>")

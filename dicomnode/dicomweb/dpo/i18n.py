@@ -347,6 +347,30 @@ EN: dict[str, str] = {
     "exemption_code": "Exemption",
     "extend": "Extend",
     "extend_until": "Until (UTC)",
+    # automated decisions (PIPA 37-2)
+    "nav_automated_decisions": "Automated decisions",
+    "kind_ai-refusal": "refusal of an automated decision (37-2)",
+    "kind_ai-explanation": "explanation of an automated decision (37-2)",
+    "ad_intro": "Each AI output type with the criteria and procedure disclosed for it "
+    "(PIPA 37-2(4)); the same list is public at",
+    "ad_outputs": "AI output types",
+    "ad_disabled": "not run on this node",
+    "ad_writes": "Writes",
+    "ad_source_analyzer": "text of the analyzer",
+    "ad_source_site": "text set by the site",
+    "ad_source_none": "no text declared",
+    "ad_flags": "Refusal and explanation requests (flagged AI outputs)",
+    "ad_flag": "Flagged AI outputs",
+    "ad_request": "Request",
+    "ad_request_refuse": "refuse",
+    "ad_request_explain": "explain",
+    "ad_reviewer": "Reviewer",
+    "ad_reviewer_note": "automated-decision requests: the person who reviews it (default: you)",
+    "ad_study_note": "automated-decision requests: one study only (default: every study)",
+    "ad_all_studies": "every study",
+    "ad_flagged_at": "Flagged at",
+    "ad_state_open": "open: under review",
+    "ad_state_resolved": "resolved",
 }
 
 KO: dict[str, str] = {
@@ -671,6 +695,30 @@ KO: dict[str, str] = {
     "exemption_code": "예외 사유",
     "extend": "연장",
     "extend_until": "연장 기한(UTC)",
+    # 자동화된 결정 (개인정보 보호법 제37조의2)
+    "nav_automated_decisions": "자동화된 결정",
+    "kind_ai-refusal": "자동화된 결정 거부(제37조의2)",
+    "kind_ai-explanation": "자동화된 결정 설명 요구(제37조의2)",
+    "ad_intro": "AI 결과 유형별로 공개하는 기준과 절차(제37조의2제4항)입니다. 같은 목록이 다음 "
+    "주소에 공개됩니다:",
+    "ad_outputs": "AI 결과 유형",
+    "ad_disabled": "이 노드에서 실행하지 않음",
+    "ad_writes": "생성 객체",
+    "ad_source_analyzer": "분석기 제공 문구",
+    "ad_source_site": "기관 설정 문구",
+    "ad_source_none": "문구 없음",
+    "ad_flags": "거부 및 설명 요구(표시된 AI 결과)",
+    "ad_flag": "표시된 AI 결과",
+    "ad_request": "요구",
+    "ad_request_refuse": "거부",
+    "ad_request_explain": "설명",
+    "ad_reviewer": "검토자",
+    "ad_reviewer_note": "자동화된 결정 요구: 검토할 사람(기본값: 기록자)",
+    "ad_study_note": "자동화된 결정 요구: 특정 검사만(기본값: 모든 검사)",
+    "ad_all_studies": "모든 검사",
+    "ad_flagged_at": "표시 시각",
+    "ad_state_open": "검토 중",
+    "ad_state_resolved": "처리됨",
 }
 
 CATALOGUES = {"en": EN, "ko": KO}
