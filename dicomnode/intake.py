@@ -255,6 +255,7 @@ class Intake:
             if result is None or result.instance.blob_path != relative:
                 self.archive.blobs.delete(relative)  # refused, held, a duplicate, or renamed
             self.archive.settle_recovered(relative)
+        self.archive.finish_interrupted_shredding()  # item 31: keys a crash left
         if filed:
             log.warning(
                 "filed again %d blobs whose index rows were lost (power loss?)",

@@ -262,6 +262,39 @@ def test_held_objects_discarded_take_their_study_key(tmp_path: Path) -> None:
         archive.close()
 
 
+def test_shredding_a_crash_interrupted_is_finished_at_the_next_start(tmp_path: Path) -> None:
+    archive = sealed_archive(tmp_path)
+    try:
+        intake = Intake(archive, Metrics())
+        keys = archive.blobs.study_keys
+        doomed, again = make_ct("P35", NAME, size=8), make_ct("P36", NAME, size=8)
+        for ds in (doomed, again):
+            intake.receive_part10(part10(ds), Source("dimse", "MODALITY"))
+
+        def crash(study: str, actor: str) -> None:
+            raise KeyboardInterrupt("the process stops before the key store")
+
+        keys.destroy, destroy = crash, keys.destroy
+        for ds in (doomed, again):
+            with pytest.raises(KeyboardInterrupt):
+                archive.delete(
+                    Level.STUDY, (("StudyInstanceUID", ds.StudyInstanceUID),), "dpo", "t"
+                )
+        keys.destroy = destroy
+        assert keys.has_key(doomed.StudyInstanceUID) and keys.has_key(again.StudyInstanceUID)
+        destroy(again.StudyInstanceUID, "dpo")  # received again since: a key made after it
+        intake.receive_part10(part10(again), Source("dimse", "MODALITY"))
+        assert intake.recover_unindexed() == 0  # at start-up
+        assert not keys.has_key(doomed.StudyInstanceUID)
+        assert keys.has_key(again.StudyInstanceUID)
+        (entry,) = [
+            e for e in archive.ledger.entries() if e.data.get("operation") == "crypto-shred"
+        ][-1:]
+        assert entry.actor == "recovery" and entry.data["patient_ids"] == ["P35"]
+    finally:
+        archive.close()
+
+
 @pytest.mark.s3
 def test_item_31_on_s3_the_same_object_again_and_shredding(s3_server, tmp_path: Path) -> None:
     location = location_from_files(

@@ -3,6 +3,7 @@ decides on (`retention_facts`)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -132,25 +133,57 @@ class Destruction(ArchiveBase):
         studies = sorted({d.study_instance_uid for d in destroyed})
         if keys is None or not studies:
             return []
-        st, held = schema.studies, schema.held_objects
+        gone = set(studies) - self._studies_held(studies)
+        patients: dict[str, set[str]] = {}
+        for d in destroyed:
+            patients.setdefault(d.study_instance_uid, set()).add(d.patient_id)
+        return self._shred(keys, {s: patients[s] for s in gone}, actor)
+
+    def finish_interrupted_shredding(self, actor: str = "recovery") -> list[str]:
+        """Destroy the keys a destruction left because its process stopped between the index
+        commit and the key store (item 31): the keys of studies the archive holds nothing of,
+        made before a ledger deletion entry that names the study. A key made after it (the
+        study received again) or of a study still being placed is kept. At start-up."""
+        keys = getattr(self.blobs, "study_keys", None)
+        if keys is None:
+            return []
+        made = keys.studies()
+        orphans = set(made) - self._studies_held(sorted(made))
+        doomed: dict[str, set[str]] = {}
+        t = schema.ledger_entries
         with self.index.read() as conn:
-            kept = set(
-                conn.execute(
-                    select(st.c.study_instance_uid).where(st.c.study_instance_uid.in_(studies))
-                ).scalars()
-            ) | set(
-                conn.execute(
-                    select(held.c.study_instance_uid).where(held.c.study_instance_uid.in_(studies))
-                ).scalars()
-            )
+            for study in sorted(orphans):
+                for recorded_at, text in conn.execute(
+                    select(t.c.recorded_at, t.c.detail).where(
+                        t.c.kind == LedgerKind.DELETION, t.c.detail.contains(f'"{study}"')
+                    )
+                ):
+                    detail = json.loads(text)
+                    named = study in detail.get("study_instance_uids", [])
+                    if named and datetime.fromisoformat(recorded_at) > made[study]:
+                        doomed.setdefault(study, set()).update(detail.get("patient_ids", []))
+        return self._shred(keys, doomed, actor)
+
+    def _studies_held(self, studies: list[str]) -> set[str]:
+        """Those of `studies` the archive holds an object of: indexed or held at intake."""
+        st, held = schema.studies, schema.held_objects
+        found: set[str] = set()
+        with self.index.read() as conn:
+            for start in range(0, len(studies), 500):
+                chunk = studies[start : start + 500]
+                for column in (st.c.study_instance_uid, held.c.study_instance_uid):
+                    found |= set(conn.execute(select(column).where(column.in_(chunk))).scalars())
+        return found
+
+    def _shred(self, keys: Any, patients: dict[str, set[str]], actor: str) -> list[str]:
+        """Destroy the keys of the studies `patients` names (with their patients' IDs) and
+        record those that had one in one ledger entry."""
         purges = [
-            purge
-            for study in studies
-            if study not in kept and (purge := keys.destroy(study, actor)) is not None
+            purge for study in sorted(patients) if (purge := keys.destroy(study, actor)) is not None
         ]
         if not purges:
             return []
-        shredded = {p.study_instance_uid for p in purges}
+        shredded = sorted(p.study_instance_uid for p in purges)
         with self.index.write() as conn:
             self.ledger.append(
                 conn,
@@ -160,10 +193,8 @@ class Destruction(ArchiveBase):
                 {
                     "operation": "crypto-shred",
                     "method": "study data keys destroyed (crypto-shredding); backup purge queued",
-                    "patient_ids": sorted(
-                        {d.patient_id for d in destroyed if d.study_instance_uid in shredded}
-                    ),
-                    "study_instance_uids": sorted(shredded),
+                    "patient_ids": sorted({p for s in shredded for p in patients[s]}),
+                    "study_instance_uids": shredded,
                     "backup_purges": [
                         {
                             "id": p.id,
@@ -174,7 +205,7 @@ class Destruction(ArchiveBase):
                     ],
                 },
             )
-        return sorted(shredded)
+        return shredded
 
     def retention_facts(self) -> list[StudyFacts]:
         """Per study: patient, StudyDate, modalities, and the count and last receipt of its

@@ -195,6 +195,15 @@ class StudyKeyStore:
                 self._known[study] = known
         return known[1]
 
+    def studies(self) -> dict[str, datetime]:
+        """Every study that has a key, with when its key was made."""
+        t = study_keys
+        with self.engine.connect() as conn:
+            return {
+                uid: _utc(made)
+                for uid, made in conn.execute(select(t.c.study_instance_uid, t.c.created_at))
+            }
+
     def has_key(self, study: str) -> bool:
         return self._read(study) is not None
 
