@@ -21,6 +21,7 @@ from pynetdicom.sop_class import (
 
 from dicomnode.config import Peer
 from dicomnode.core.errors import InvalidInput
+from dicomnode.governance.deid_keys import patient_pseudonym, remap_uid
 from dicomnode.stewardship import Stewardship
 from tests.conftest import (
     WORKSTATION,
@@ -473,12 +474,14 @@ def test_with_consent_a_share_arrives_deidentified_and_the_same_each_time(node, 
     assert disclosure.data["deid"]["profile"] == "research"
     assert disclosure.data["deid"]["table_edition"] == "2024b"
     assert list(disclosure.data["withheld"]) == [us_image.SOPInstanceUID]
-    uid_map = disclosure.data["uid_map"]
+    # the pseudonyms are not in the ledger (PIPA 28-4): only the node's secret derives them
+    assert not {"uid_map", "patient_pseudonyms"} & set(disclosure.data)
+    secret, scope = node.egress.deid_secret, disclosure.data["deid"]["uid_scope"]
 
     ct = next(i for i in original if i.sop_instance_uid != us_image.SOPInstanceUID)
-    assert received.SOPInstanceUID == uid_map[ct.sop_instance_uid] != ct.sop_instance_uid
-    assert received.StudyInstanceUID == uid_map[study] != study
-    assert received.PatientID == disclosure.data["patient_pseudonyms"]["P1"] != "P1"
+    assert received.SOPInstanceUID == remap_uid(ct.sop_instance_uid, secret, scope)
+    assert received.StudyInstanceUID == remap_uid(study, secret, scope) != study
+    assert received.PatientID == patient_pseudonym("P1", secret, scope) != "P1"
     for keyword in ("PatientName", "PatientBirthDate", "ReferringPhysicianName", "AccessionNumber"):
         assert str(received.get(keyword, "")) == "", keyword
     assert received.PatientIdentityRemoved == "YES"
@@ -624,10 +627,11 @@ def test_a_share_by_stow_rs_reaches_another_node_deidentified(start_node, tmp_pa
         )
         assert delivery.state == "done" and len(delivery.outcome["sent"]) == 2
         disclosure = last_entry(node, "disclosure")
-        shared_study = disclosure.data["uid_map"][study]
+        secret, scope = node.egress.deid_secret, disclosure.data["deid"]["uid_scope"]
+        shared_study = remap_uid(study, secret, scope)
         arrived = recipient.archive.find_instances("STUDY", (("StudyInstanceUID", shared_study),))
         assert len(arrived) == 2 and {i.patient_id for i in arrived} == {
-            disclosure.data["patient_pseudonyms"]["P1"]
+            patient_pseudonym("P1", secret, scope)
         }
         assert recipient.archive.find_instances("STUDY", (("StudyInstanceUID", study),)) == []
     finally:

@@ -13,6 +13,7 @@ from sqlalchemy import delete as sql_delete
 
 from dicomnode.archive import query, schema
 from dicomnode.archive.base import ArchiveBase
+from dicomnode.archive.pseudonymised import mark_study_destroyed
 from dicomnode.core.errors import (
     NotFound,
     NotPermitted,
@@ -102,7 +103,7 @@ class Destruction(ArchiveBase):
                 raise NotFound(f"nothing matches {dict(filters)} at {level} level")
             uids = [d.sop_instance_uid for d in doomed]
             _delete_rows(conn, uids)
-            self.ledger.append(
+            entry = self.ledger.append(
                 conn,
                 LedgerKind.DELETION,
                 actor,
@@ -118,6 +119,7 @@ class Destruction(ArchiveBase):
                     **(detail or {}),
                 },
             )
+            _pseudonymised_data_destroyed(conn, doomed, entry.recorded_at)
         self.destroy_study_keys(doomed, actor)  # before the blobs: unreadable even if one stays
         for instance in doomed:
             self.blobs.delete(instance.blob_path)
@@ -275,6 +277,22 @@ def _date(study_date: str | None) -> datetime | None:
         return datetime.strptime(study_date or "", "%Y%m%d").replace(tzinfo=UTC)
     except ValueError:
         return None
+
+
+def _pseudonymised_data_destroyed(
+    conn: Connection, doomed: list[StoredInstance], recorded_at: str
+) -> None:
+    """The pseudonymised-data register's records of the studies now gone entirely get their
+    destruction date: the deletion entry's (item 36)."""
+    st = schema.studies
+    studies = sorted({d.study_instance_uid for d in doomed})
+    left = set(
+        conn.execute(
+            select(st.c.study_instance_uid).where(st.c.study_instance_uid.in_(studies))
+        ).scalars()
+    )
+    gone = [s for s in studies if s not in left]
+    mark_study_destroyed(conn, gone, datetime.fromisoformat(recorded_at))
 
 
 def _delete_rows(conn: Connection, uids: list[str]) -> None:

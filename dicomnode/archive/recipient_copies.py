@@ -13,6 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from dicomnode.archive.index import Index
 from dicomnode.archive.ledger import Ledger
 from dicomnode.archive.oversight_schema import destruction_confirmations, recipient_notices
+from dicomnode.archive.pseudonymised import mark_recipient_destroyed
 from dicomnode.core.errors import NotFound
 
 RECIPIENT_COPY_KIND = "recipient_copy"
@@ -55,6 +56,7 @@ class RecipientCopyStore:
                     "evidence": evidence,
                 },
             )
+            mark_recipient_destroyed(conn, recipient, study_uid, confirmed_at)  # item 36
 
     def confirmations(self) -> dict[tuple[str, str], datetime]:
         """The latest confirmation per (recipient, study)."""

@@ -468,3 +468,39 @@ placements = Table(
     Index("ix_placements_node", "node"),
     Index("ix_placements_key", "key"),
 )
+
+# --- the pseudonymised-data register (migration 0015) -------------------------------------------
+# One record per pseudonymised disclosure (a share that left de-identified), with the items of
+# PIPA Decree Art. 29-5(2): purpose, the items pseudonymised, the recipient, the processing
+# period, the method, who processed it; and, once the pseudonymised data are destroyed, when and
+# how (it is then kept until 3 years after: governance/pseudonymised.py, PIPA Art. 28-4(3)). No
+# pseudonym and no UID map is kept here or in the ledger (PIPA Art. 28-4(1)).
+pseudonymised_records = Table(
+    "pseudonymised_records",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("delivery_id", Integer, nullable=True, unique=True),
+    Column("processed_at", UTCDateTime(), nullable=False),
+    Column("processed_by", String, nullable=False),
+    Column("purpose", String, nullable=False),
+    Column("activity", String, nullable=False),
+    Column("basis", String, nullable=False),
+    Column("recipient", String, nullable=False),
+    Column("recipient_name", String, nullable=False),
+    Column("recipient_country", String(8), nullable=False),
+    Column("profile", String, nullable=False),
+    Column("method", Text, nullable=False),  # JSON: options, CID 7050 codes, table, UID scope
+    Column("items", Text, nullable=False),  # JSON: [item, treatment] pairs
+    Column("patient_ids", Text, nullable=False),  # JSON list (the originals, as in the ledger)
+    Column("study_instance_uid", String(64), nullable=False),
+    Column("instances", Integer, nullable=False),
+    Column("instances_sent", Integer, nullable=False),
+    Column("withheld", Integer, nullable=False),
+    Column("last_sent_at", UTCDateTime(), nullable=True),
+    Column("period", String(32), nullable=False),  # the recipient's promised retention
+    Column("period_end", UTCDateTime(), nullable=True),
+    Column("policy_version", String, nullable=False),
+    Column("destroyed_at", UTCDateTime(), nullable=True),
+    Column("destroyed_how", Text, nullable=False),
+    Index("ix_pseudonymised_records_study_instance_uid", "study_instance_uid"),
+)

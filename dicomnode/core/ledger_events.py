@@ -126,18 +126,35 @@ class Record:
 @dataclass(frozen=True)
 class DeidPlan(Record):
     """How a delivery leaves: as stored (`deidentified` false) or de-identified under a profile,
-    with the UIDs and pseudonyms computed up front and the objects withheld."""
+    with the objects withheld and the pseudonymised-data register's record of it.
+
+    The pseudonyms and replacement UIDs are not in the ledger (PIPA 28-4(1): the linkage is
+    kept apart, as the de-identification secret); `patient_pseudonyms` and `uid_map` are read
+    only from entries written before (they are never written now)."""
 
     kind: ClassVar[LedgerKind] = LedgerKind.DISCLOSURE
     optional: ClassVar[frozenset[str]] = frozenset(
-        {"deid", "patient_pseudonyms", "uid_map", "withheld"}
+        {"deid", "patient_pseudonyms", "uid_map", "withheld", "pseudonymised_record"}
     )
 
     deidentified: bool
     deid: dict[str, Any] | None = None  # profile, options, codes, table edition and hash, scope
-    patient_pseudonyms: dict[str, str] | None = None
-    uid_map: dict[str, str] | None = None
+    patient_pseudonyms: dict[str, str] | None = None  # entries before the register only
+    uid_map: dict[str, str] | None = None  # entries before the register only
     withheld: dict[str, str] | None = None  # SOP Instance UID -> why it may not leave
+    pseudonymised_record: int | None = None  # the register's record (pseudonymised_records.id)
+
+
+# Keys of entries written before the pseudonymised-data register that map originals to their
+# pseudonyms: the re-identification linkage (PIPA 28-4(1)), never shown to the ledger's readers.
+LINKAGE_KEYS = ("patient_pseudonyms", "uid_map")
+
+
+def without_linkage(detail: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """An entry's detail as the DPO's and auditors' views show it: the linkage keys left out;
+    and which were left out (the entry's hash covers them: the chain still verifies)."""
+    left_out = [k for k in LINKAGE_KEYS if k in detail]
+    return {k: v for k, v in detail.items() if k not in LINKAGE_KEYS}, left_out
 
 
 @dataclass(frozen=True)

@@ -4,17 +4,20 @@ it was queued), and the outcome of the transfer is a second ledger entry."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import cached_property
 from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset
 
 from dicomnode import governance
+from dicomnode.archive.pseudonymised import PseudonymisedRegister
 from dicomnode.archive.registry import DENIED, DONE, Delivery
 from dicomnode.core.errors import DicomnodeError, NotFound
 from dicomnode.core.ledger_events import DeidPlan, TransferRecord
@@ -28,6 +31,7 @@ from dicomnode.governance import (
     audit,
     audit_events,
     deid,
+    pseudonymised,
 )
 
 log = logging.getLogger("dicomnode.egress")
@@ -165,6 +169,7 @@ class Deliveries(Gate):
                 requester, operation, party, patients, studies, len(instances), record=False
             )
             plan = self._plan(delivery, decision, instances)
+            plan = self._register_pseudonymised(delivery, decision, plan, patients)
             disclosure_id = self._record(
                 requester,
                 self._request(requester, operation, party, patients, studies),
@@ -201,6 +206,10 @@ class Deliveries(Gate):
         self._record_transfer(
             operation, delivery, decision, patients, disclosure_id, report, plan, gone
         )
+        if plan.record is not None and plan.record.pseudonymised_record is not None:
+            self._pseudonymised.sent(
+                plan.record.pseudonymised_record, len(report.sent), self.clock()
+            )
         ref = audit_events.DisclosureRef(disclosure_id, decision.consent_refs)
         self._audit_transfer(
             delivery, operation, target if report.sent else None, instances, report, plan, ref
@@ -363,7 +372,7 @@ class Deliveries(Gate):
         self, delivery: Delivery, decision: Decision, instances: list[StoredInstance]
     ) -> _Plan:
         """What leaves and how: each object as stored, or de-identified under the rule's
-        profile (UIDs and pseudonym computed up front for the ledger), minus those withheld."""
+        profile, minus those withheld."""
         if not decision.allowed:
             return _Plan([], {}, None)
         if not decision.deid_profile:
@@ -382,21 +391,13 @@ class Deliveries(Gate):
             )
         profile = deid.DeidProfile(rule.id, frozenset(rule.options))
         scope = f"recipient:{decision.recipient}"
-        keep_uids = "retain-uids" in profile.options
-        items, withheld, uid_map = [], {}, {}
+        items, withheld = [], {}
         for instance in instances:
             with self.archive.open_blob(instance) as stream:  # pixel data is not read
                 risk = deid.burned_in_risk(pydicom.dcmread(stream, defer_size=1024), profile)
             if risk is not None:
                 withheld[instance.sop_instance_uid] = risk
                 continue
-            if not keep_uids:
-                for uid in (
-                    instance.study_instance_uid,
-                    instance.series_instance_uid,
-                    instance.sop_instance_uid,
-                ):
-                    uid_map[uid] = deid.remap_uid(uid, self.deid_secret, scope)
             items.append(
                 SendItem(
                     instance.sop_instance_uid,
@@ -415,14 +416,51 @@ class Deliveries(Gate):
                 "table_sha256": deid.TABLE_SHA256,
                 "uid_scope": scope,
             },
-            patient_pseudonyms={
-                patient: deid.patient_pseudonym(patient, self.deid_secret, scope)
-                for patient in sorted({i.patient_id for i in instances})
-            },
-            uid_map=uid_map,
             withheld=withheld,
         )
         return _Plan(items, withheld, record)
+
+    @cached_property
+    def _pseudonymised(self) -> PseudonymisedRegister:
+        return PseudonymisedRegister(self.archive.index)
+
+    def _register_pseudonymised(
+        self, delivery: Delivery, decision: Decision, plan: _Plan, patients: set[str]
+    ) -> _Plan:
+        """Write (before anything leaves) the pseudonymised-data register's record of a
+        de-identified delivery (PIPA Decree 29-5(2)); the plan then names it for the ledger.
+        The pseudonyms themselves are recorded nowhere (PIPA 28-4(1))."""
+        if plan.record is None or not plan.record.deidentified or plan.record.deid is None:
+            return plan
+        method = plan.record.deid
+        recipient = self._policy_of(decision).recipient(decision.recipient)
+        promised = recipient.retention if recipient else ""
+        now = self.clock()
+        record_id = self._pseudonymised.open(
+            delivery.id,
+            {
+                "processed_at": now,
+                "processed_by": delivery.requested_by,
+                "purpose": decision.purpose or delivery.purpose or "",
+                "activity": decision.activity,
+                "basis": decision.basis,
+                "recipient": decision.recipient,
+                "recipient_name": recipient.name if recipient else "",
+                "recipient_country": recipient.country if recipient else "",
+                "profile": method["profile"],
+                "method": method,
+                "items": pseudonymised.pseudonymised_items(frozenset(method["options"])),
+                "patient_ids": sorted(patients),
+                "study_instance_uid": delivery.study_instance_uid,
+                "instances": len(plan.items),
+                "withheld": len(plan.withheld),
+                "period": promised,
+                "period_end": pseudonymised.period_end(now, promised),
+                "policy_version": decision.policy_version,
+            },
+        )
+        record = dataclasses.replace(plan.record, pseudonymised_record=record_id)
+        return _Plan(plan.items, plan.withheld, record)
 
     def _deidentifying_loader(
         self, instance: StoredInstance, profile: deid.DeidProfile, scope: str

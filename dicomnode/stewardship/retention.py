@@ -26,6 +26,7 @@ from dicomnode.core.model import (
 from dicomnode.governance import audit_events, retention
 from dicomnode.governance.retention import RetentionItem
 from dicomnode.stewardship.base import StewardshipBase
+from dicomnode.stewardship.pseudonymised import purge_pseudonymised_records
 
 log = logging.getLogger("dicomnode.stewardship")
 
@@ -213,6 +214,9 @@ class RetentionOps(StewardshipBase):
                     policy_version=policy.version,
                 )
                 self.archive.ledger.record(purged.kind, by, "done", purged.as_details())
+        pseudonymised = purge_pseudonymised_records(self.archive, by, policy.version, now)
+        if pseudonymised:  # item 36: past destruction + 3 years
+            records = {**records, "pseudonymised_records": pseudonymised}
         log.info(
             "retention sweep: %d destroyed, %d kept under legal hold",
             len(destroy),

@@ -11,6 +11,7 @@ from typing import Any
 from flask import Blueprint, Response, abort, g, redirect, request, url_for
 
 from dicomnode.core.ledger import LedgerEntry, entry_hash
+from dicomnode.core.ledger_events import without_linkage
 from dicomnode.core.model import LedgerKind
 from dicomnode.dicomweb.access import services
 from dicomnode.dicomweb.dpo import i18n, records
@@ -102,6 +103,7 @@ def _disclosure_routes(bp: Blueprint) -> None:
             "entry.html",
             entry=found,
             detail=_detail_rows(found),
+            raw=_raw(found),
             head=views().head(),
             hash_ok=recomputed == found.hash,
             link_ok=(previous.hash if previous else "0" * 64) == found.prev_hash,
@@ -109,9 +111,20 @@ def _disclosure_routes(bp: Blueprint) -> None:
         )
 
 
+def _raw(entry: LedgerEntry) -> str:
+    """The detail as hashed, unless it holds the linkage keys: then without them (the page
+    still checks the hash over the whole entry)."""
+    detail, left_out = without_linkage(entry.data)
+    if not left_out:
+        return entry.detail
+    shown = json.dumps(detail, ensure_ascii=False, sort_keys=True)
+    return f"{shown}\n(left out: {', '.join(left_out)}: re-identification linkage, PIPA 28-4)"
+
+
 def _detail_rows(entry: LedgerEntry) -> list[tuple[str, str]]:
-    rows = []
-    for key, value in sorted(entry.data.items()):
+    detail, left_out = without_linkage(entry.data)  # PIPA 28-4(1): no pseudonyms shown
+    rows = [(key, "(left out: re-identification linkage, PIPA 28-4)") for key in left_out]
+    for key, value in sorted(detail.items()):
         if isinstance(value, list):
             text = "\n".join(
                 json.dumps(v, ensure_ascii=False) if isinstance(v, dict | list) else str(v)

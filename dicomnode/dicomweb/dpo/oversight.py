@@ -11,11 +11,13 @@ from flask import Blueprint, Flask, g
 from dicomnode.dicomweb.dpo import (
     approvals_views,
     break_glass_views,
+    pseudonymised_views,
     recipient_views,
     share_link_views,
 )
 from dicomnode.dicomweb.dpo.approvals_views import install_approval_routes, label
 from dicomnode.dicomweb.dpo.break_glass_views import install_break_glass
+from dicomnode.dicomweb.dpo.pseudonymised_views import install_pseudonymised
 from dicomnode.dicomweb.dpo.recipient_views import install_recipients
 from dicomnode.dicomweb.dpo.share_link_views import install_share_links
 
@@ -25,7 +27,12 @@ DICOMWEB_ROOT = "/dicomweb"
 def install_oversight(bp: Blueprint, app: Flask, node: Any) -> None:
     """Add the oversight pages to the DPO blueprint `bp` of `app` (and the clinicians'
     break-glass API under the DICOMweb root), over `node`'s services."""
-    for labels in (break_glass_views.LABELS, share_link_views.LABELS, recipient_views.LABELS):
+    for labels in (
+        break_glass_views.LABELS,
+        share_link_views.LABELS,
+        recipient_views.LABELS,
+        pseudonymised_views.LABELS,
+    ):
         if labels not in approvals_views.CATALOGUES:
             approvals_views.CATALOGUES.append(labels)
 
@@ -38,3 +45,4 @@ def install_oversight(bp: Blueprint, app: Flask, node: Any) -> None:
     install_break_glass(bp, app, node, DICOMWEB_ROOT)
     install_share_links(bp, app, node)
     install_recipients(bp, app, node)
+    install_pseudonymised(bp, app, node)

@@ -12,7 +12,7 @@ from typing import Any
 
 from dicomnode.config import Settings
 from dicomnode.core.ledger import LedgerEntry
-from dicomnode.core.ledger_events import DecisionRecord
+from dicomnode.core.ledger_events import DecisionRecord, without_linkage
 from dicomnode.governance import Policy, codes
 from dicomnode.governance.policy import ACTIVITY_RECIPIENT_KINDS, Recipient
 
@@ -94,17 +94,19 @@ def disclosure_row(entry: LedgerEntry) -> dict[str, str]:
 
 
 def entry_json(entry: LedgerEntry) -> dict[str, Any]:
-    """One entry in full, as the JSON export carries it."""
+    """One entry in full, as the JSON export carries it; an entry of an earlier version that
+    holds pseudonyms has them left out (PIPA 28-4(1)), named in `left_out`."""
+    detail, left_out = without_linkage(entry.data)
     return {
         "seq": entry.seq,
         "recorded_at": entry.recorded_at,
         "kind": entry.kind,
         "actor": entry.actor,
         "outcome": entry.outcome,
-        "detail": entry.data,
+        "detail": detail,
         "prev_hash": entry.prev_hash,
         "hash": entry.hash,
-    }
+    } | ({"left_out": left_out} if left_out else {})
 
 
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
