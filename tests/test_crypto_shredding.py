@@ -345,3 +345,27 @@ def test_item_31_on_s3_the_same_object_again_and_shredding(s3_server, tmp_path: 
             archive.delete(Level.STUDY, (("StudyInstanceUID", ds.StudyInstanceUID),), "dpo", "x")
     finally:
         archive.close()
+
+
+@pytest.mark.postgres
+def test_several_nodes_share_one_key_store_on_postgresql(postgres) -> None:
+    """`[storage] key_store_url` on PostgreSQL: two nodes' stores agree on a study's key, and
+    one node's destruction is seen by the other (a new key for new data)."""
+    url = postgres.create_database()
+    first, second = StudyKeyStore(url), StudyKeyStore(url, cache_seconds=0)
+    try:
+        study = generate_uid()
+        made = first.key_for_sealing(study)
+        assert second.key_for_sealing(study) == made
+        assert second.key_for_opening(study, made[0]) == made[1]
+        purge = first.destroy(study, "dpo")
+        assert purge is not None and purge.state == QUEUED
+        with pytest.raises(StudyKeyDestroyed):
+            second.key_for_opening(study, made[0])  # its cached copy is checked against the store
+        assert second.key_for_sealing(study)[0] != made[0]
+        assert [p.study_instance_uid for p in second.backup_purges(QUEUED)] == [study]
+        second.purge_done(purge.id)
+        assert first.backup_purges(QUEUED) == []
+    finally:
+        first.close()
+        second.close()

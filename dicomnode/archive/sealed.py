@@ -37,6 +37,7 @@ import logging
 import secrets
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -77,6 +78,7 @@ TAG = 16
 _BLOB_KEY_INFO = b"dicomnode sealed blob v1"
 KEY_STORE_FILE = "study-keys.sqlite"
 QUEUED, DONE = "queued", "done"
+KEY_CACHE_SECONDS = 5.0  # how long a process keeps a study key it read, at most
 
 
 class StudyKeyDestroyed(FileNotFoundError):
@@ -150,13 +152,18 @@ class StudyKeyStore:
     """The studies' data keys (32 random bytes each, with an 8-byte id that sealed blobs name)
     and the queue of backup purges, in a database apart from the index (`url`)."""
 
-    def __init__(self, url: str, backup_purge_days: int = 35) -> None:
+    def __init__(
+        self, url: str, backup_purge_days: int = 35, cache_seconds: float = KEY_CACHE_SECONDS
+    ) -> None:
         self.url = url
         self.backup_purge_days = backup_purge_days
+        self.cache_seconds = cache_seconds
         self.engine = _key_store_engine(url)
         _metadata.create_all(self.engine)
         self._lock = threading.Lock()
-        self._known: dict[str, tuple[bytes, bytes]] = {}  # study -> (key id, key), read once
+        # study -> (key id, key, when read): kept `cache_seconds` at most, so a key another
+        # node destroyed leaves this process's memory soon after
+        self._known: dict[str, tuple[bytes, bytes, float]] = {}
 
     def key_for_sealing(self, study: str) -> tuple[bytes, bytes]:
         """The study's (key id, key), made now if it has none; read from the store at every
@@ -180,20 +187,25 @@ class StudyKeyStore:
             if found is None:
                 raise OSError(f"the data key of study {study} was written but cannot be read")
         with self._lock:
-            self._known[study] = found
+            self._known[study] = (*found, time.monotonic())
         return found
 
     def key_for_opening(self, study: str, key_id: bytes) -> bytes:
-        """The study's key with id `key_id` (StudyKeyDestroyed when the store has no such)."""
+        """The study's key with id `key_id` (StudyKeyDestroyed when the store has no such);
+        read again from the store when the copy at hand is `cache_seconds` old."""
+        now = time.monotonic()
         with self._lock:
             known = self._known.get(study)
-        if known is None or known[0] != key_id:
-            known = self._read(study)
-            if known is None or known[0] != key_id:
-                raise StudyKeyDestroyed(f"the data key of study {study} was destroyed")
+        if known is not None and known[0] == key_id and now - known[2] < self.cache_seconds:
+            return known[1]
+        found = self._read(study)
+        if found is None or found[0] != key_id:
             with self._lock:
-                self._known[study] = known
-        return known[1]
+                self._known.pop(study, None)
+            raise StudyKeyDestroyed(f"the data key of study {study} was destroyed")
+        with self._lock:
+            self._known[study] = (*found, now)
+        return found[1]
 
     def studies(self) -> dict[str, datetime]:
         """Every study that has a key, with when its key was made."""
