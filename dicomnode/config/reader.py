@@ -207,6 +207,11 @@ def _across(r: Reader, raw: dict[str, Any], values: dict[str, Any]) -> None:
         seen = [getattr(p, kind) for p in peers]
         for value in {v for v in seen if seen.count(v) > 1}:
             r.fail("peers", f"two peers share the {kind} {value!r}")
+    tls = values["dimse"].tls
+    for i, peer in enumerate(peers):
+        if peer.certificate_bound and (tls is None or tls.ca_file is None):
+            key = "certificate_name" if peer.certificate_name else "certificate_fingerprint"
+            r.fail(f"peers[{i}].{key}", "needs [dimse.tls] with ca_file to verify certificates")
     for name in values["analysis"].forward_to:
         if name != "sender" and name not in {p.name for p in peers}:
             r.fail("analysis.forward_to", f"{name!r} is not the name of a [[peers]] entry")

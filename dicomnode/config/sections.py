@@ -29,6 +29,18 @@ def _strip(value: str) -> str:
     return value.strip()
 
 
+def _fingerprint(value: str) -> str:
+    """A SHA-256 fingerprint as lower-case hex without separators."""
+    return value.replace(":", "").replace(" ", "").strip().lower()
+
+
+def _sha256_fingerprint(value: str) -> str | None:
+    hex_digits = _fingerprint(value)
+    if value and (len(hex_digits) != 64 or any(c not in "0123456789abcdef" for c in hex_digits)):
+        return "must be a SHA-256 fingerprint: 64 hex digits (colons allowed)"
+    return None
+
+
 @dataclass(frozen=True)
 class NodeSettings:
     ae_title: str = setting(
@@ -173,11 +185,28 @@ class DimseSettings:
         "[] = no PROXY protocol",
         check=d.networks,
     )
+    plain_networks: tuple[str, ...] | None = setting(
+        None,
+        "networks (IP or CIDR) whose plain TCP associations are accepted; from elsewhere only "
+        "TLS: a plain association gets A-ASSOCIATE-RJ and a 110113 alert",
+        kind=d.STRINGS,
+        check=d.networks,
+        shown="every network without [dimse.tls]; none with it",
+    )
     tls: TLSSettings | None = section(
         TLSSettings,
-        "Optional TLS for DIMSE (DICOM PS3.15 B.1). Without this table DIMSE is plain TCP.",
+        "Optional TLS for DIMSE (DICOM PS3.15 B.1). Without this table DIMSE is plain TCP; "
+        "with it the port takes TLS, and plain TCP from dimse.plain_networks.",
         optional=True,
     )
+
+    @property
+    def plain_tcp_from(self) -> tuple[str, ...]:
+        """The networks whose plain TCP associations are accepted (`plain_networks`, or by
+        default every network without TLS and none with it)."""
+        if self.plain_networks is not None:
+            return self.plain_networks
+        return () if self.tls is not None else ("0.0.0.0/0", "::/0")
 
 
 @dataclass(frozen=True)
@@ -568,6 +597,19 @@ class Peer:
         DIMSE_SERVICES, "services this peer may request", check=d.services(DIMSE_SERVICES)
     )
     tls: bool = setting(False, "true: C-MOVE to this peer uses TLS (trusting dimse.tls.ca_file)")
+    certificate_name: str = setting(
+        "",
+        "binds the AE title to a client certificate: it must call over TLS with a certificate "
+        'whose subject CN or subjectAltName is this; "" = not bound by name',
+        convert=_strip,
+    )
+    certificate_fingerprint: str = setting(
+        "",
+        'binds it to the client certificate with this SHA-256 fingerprint (hex); "" = not bound '
+        "by fingerprint",
+        check=_sha256_fingerprint,
+        convert=_fingerprint,
+    )
     intake_tags: tuple[str, ...] = setting(
         (), 'access tags given to every study this peer sends (e.g. ["hospital-a"])'
     )
@@ -576,6 +618,11 @@ class Peer:
         "when set: this peer's C-FIND and C-MOVE see only studies carrying one of these tags; "
         "[] = not restricted by tags",
     )
+
+    @property
+    def certificate_bound(self) -> bool:
+        """Whether the peer's AE title is bound to a client certificate."""
+        return bool(self.certificate_name or self.certificate_fingerprint)
 
 
 @dataclass(frozen=True)

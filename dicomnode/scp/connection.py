@@ -226,9 +226,9 @@ class _WakeableSocket(AssociationSocket):
         assoc = getattr(self, "assoc", None)
         silence = assoc.network_timeout if assoc is not None else None
         if silence is not None and 0 < silence < remaining:
-            if not _readable(sock, silence):  # a peer that stopped: as a timed-out read
+            if not readable(sock, silence):  # a peer that stopped: as a timed-out read
                 raise TimeoutError(f"no byte for {silence} s inside a PDU")
-        elif remaining <= 0 or not _readable(sock, remaining):
+        elif remaining <= 0 or not readable(sock, remaining):
             raise PduRefused(TOO_SLOW, "a PDU arrived slower than its deadline allows")
         return int(sock.recv_into(view))
 
@@ -498,7 +498,7 @@ def _peer(assoc: Any) -> str:
     return f"{host}:{port}"
 
 
-def _readable(sock: socket.socket, timeout: float) -> bool:
+def readable(sock: socket.socket, timeout: float) -> bool:
     """Whether `sock` has bytes (or its end) to read within `timeout` seconds."""
     poller = select.poll()
     poller.register(sock, select.POLLIN | select.POLLPRI)
@@ -552,17 +552,20 @@ def prepare(event: evt.Event) -> None:
 
 
 class NodeRequestHandler(RequestHandler):
-    """Accepts a connection for the node's server (`server._Server`): the association gets
-    the node's connection handling before its threads start (so its queues can be swapped
-    safely), C-STOREs go to the server's ``store_function`` (when set), and the server
-    starts the association (`start_association`, which keeps its count of connections
-    exact)."""
+    """Accepts a connection for the node's server (`server._Server`): the server chooses its
+    transport (`transport`: TLS or plain TCP), the association gets the node's connection
+    handling before its threads start (so its queues can be swapped safely), C-STOREs go to
+    the server's ``store_function`` (when set), and the server starts the association
+    (`start_association`, which keeps its count of connections exact)."""
 
     def handle(self) -> None:
+        assoc = None
         try:
-            assoc = self._create_association()
-            _serve_accepted(assoc, self.server.store_function)
-            evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
+            self.request = self.server.transport(self.request)  # TLS or plain; None: closed
+            if self.request is not None:
+                assoc = self._create_association()
+                _serve_accepted(assoc, self.server.store_function)
+                evt.trigger(assoc, evt.EVT_CONN_OPEN, {"address": self.client_address})
         except BaseException:
             self.server.start_association(None)
             raise

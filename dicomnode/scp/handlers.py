@@ -30,6 +30,7 @@ from dicomnode.egress import Egress
 from dicomnode.governance import Party, audit, audit_events
 from dicomnode.intake import Intake
 from dicomnode.scp import status
+from dicomnode.scp.admission import NO_REASON_GIVEN, Admission, ClientCertificate, Refusal
 from dicomnode.scp.connection import StoreRequest, prepare
 from dicomnode.scp.identifiers import identifier_from_row, query_from_identifier
 
@@ -50,6 +51,10 @@ class DimseContext:
     metrics: Metrics
     associations: dict[int, dict[str, Any]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    admission: Admission = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.admission = Admission(self.settings.dimse, self.settings.peers)
 
 
 def client_ssl_context(settings: Settings) -> ssl.SSLContext:
@@ -411,21 +416,49 @@ def on_aborted(event: evt.Event, ctx: DimseContext) -> None:
     _closed(event, ctx, "aborted")
 
 
+def on_requested(event: evt.Event, ctx: DimseContext) -> None:
+    """An A-ASSOCIATE-RQ arrived: reject it (A-ASSOCIATE-RJ, then `on_rejected`) when its
+    transport or client certificate does not fit the caller (`admission`). A check that fails
+    unexpectedly rejects too."""
+    assoc = event.assoc
+    calling = assoc.requestor.primitive.calling_ae_title.strip()
+    connection = assoc.dul.socket.socket if assoc.dul.socket else None
+    try:
+        refusal = ctx.admission.check(
+            calling,
+            str(assoc.requestor.address),
+            isinstance(connection, ssl.SSLSocket),
+            ClientCertificate.of(connection),
+        )
+    except Exception:
+        log.exception("checking an association's transport failed")
+        refusal = Refusal("check-failed", "its transport could not be checked", NO_REASON_GIVEN)
+    if refusal is None:
+        return
+    assoc.requestor.ae_title = assoc.requestor.primitive.calling_ae_title
+    assoc.refusal = refusal
+    assoc.acse.send_reject(0x01, 0x01, refusal.diagnostic)  # permanent, by the service user
+    evt.trigger(assoc, evt.EVT_REJECTED, {})
+    assoc.kill()
+
+
 def on_rejected(event: evt.Event, ctx: DimseContext) -> None:
     ctx.metrics.add("dicomnode_associations_total", outcome="rejected")
     caller = event.assoc.requestor.ae_title.strip() or "unknown"
     address = event.assoc.requestor.address or "unknown"
+    refusal: Refusal | None = getattr(event.assoc, "refusal", None)  # set by `on_requested`
+    reason = refusal.reason if refusal else "association rejected"
     now = datetime.now(UTC)
     audit_log = ctx.egress.audit
     if audit_log is not None and audit_log.source is not None:
         # 110113 Node Authentication, one message per caller and minute (with the count)
         caller_source = Source("dimse", caller, address)
         audit_log.submit_alert(
-            ("association-rejected", address, caller),
+            ("association-rejected", address, caller, refusal.kind if refusal else ""),
             lambda count: audit_events.refused(
                 caller_source,
                 "association",
-                "association rejected",
+                reason,
                 now,
                 audit_log.source,
                 count=count,
@@ -433,13 +466,16 @@ def on_rejected(event: evt.Event, ctx: DimseContext) -> None:
             ),
             now,
         )
-    log.info(
-        "association rejected",
+    log.log(
+        logging.WARNING if refusal else logging.INFO,
+        "association rejected%s",
+        f": {refusal.reason}" if refusal else "",
         extra={
             "event": "association",
             "outcome": "rejected",
             "caller": event.assoc.requestor.ae_title.strip(),
             "address": event.assoc.requestor.address,
+            "reason": reason,
         },
     )
 
@@ -453,5 +489,6 @@ HANDLERS = (
     (evt.EVT_ESTABLISHED, on_established),
     (evt.EVT_RELEASED, on_released),
     (evt.EVT_ABORTED, on_aborted),
+    (evt.EVT_REQUESTED, on_requested),
     (evt.EVT_REJECTED, on_rejected),
 )

@@ -31,7 +31,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from dicomnode.core.model import Source
 from dicomnode.governance import audit_events
-from dicomnode.scp.connection import NodeRequestHandler, PduBounds, install, prepare
+from dicomnode.scp.connection import NodeRequestHandler, PduBounds, install, prepare, readable
 from dicomnode.scp.handlers import HANDLERS, DimseContext, store
 from dicomnode.scp.limits import SenderLimits
 from dicomnode.scp.proxy import HEADER_TIMEOUT, ProxyGate
@@ -39,6 +39,7 @@ from dicomnode.scp.storelane import StoreRequest
 
 log = logging.getLogger("dicomnode.scp")
 
+TLS_HANDSHAKE_RECORD = b"\x16"  # a TLS record's content type byte: handshake (RFC 8446 5.1)
 SENDER_LIMIT_STATUS = 0xA700  # Refused: Out of Resources (PS3.4 B.2.3): modalities retry later
 QUERY_RETRIEVE = (
     PatientRootQueryRetrieveInformationModelFind,
@@ -73,7 +74,12 @@ def _server_ssl_context(ctx: DimseContext) -> ssl.SSLContext | None:
     context.load_cert_chain(tls.cert_file, tls.key_file)
     if tls.ca_file:
         context.load_verify_locations(tls.ca_file)
-    context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_NONE
+    if tls.require_client_cert:
+        context.verify_mode = ssl.CERT_REQUIRED
+    elif ctx.admission.asks_for_certificates:  # AE titles bound to certificates: ask for one
+        context.verify_mode = ssl.CERT_OPTIONAL
+    else:
+        context.verify_mode = ssl.CERT_NONE
     return context
 
 
@@ -150,7 +156,8 @@ class _Server(ThreadedAssociationServer):
     """pynetdicom's threaded server, with the node's connection handling, and the choice of
     which process serves an accepted connection: `hand_off` (set by the app when the node runs
     DIMSE worker processes) may pass it to another process; the others are `take`n here. TLS
-    is set up when a connection is taken, so that a raw connection can be handed over."""
+    is set up in the connection's own thread (`transport`), so that a raw connection can be
+    handed over and a silent one holds up no other."""
 
     listens = True
 
@@ -197,11 +204,30 @@ class _Server(ThreadedAssociationServer):
         if limit is not None and self.pending_connections() >= limit:
             self._refuse_connection(request, client_address, limit)
             return
-        if self.ssl_context:
-            request = self.ssl_context.wrap_socket(request, server_side=True)
         with self._pending_lock:
             self._pending += 1
         super().process_request(request, client_address)
+
+    def transport(self, request: socket.socket) -> socket.socket | None:
+        """The connection as its association reads it (in the connection's thread): with TLS
+        configured, wrapped in TLS when the client's first byte opens a TLS handshake record
+        (0x16), else plain TCP, which `handlers.on_requested` accepts from
+        ``dimse.plain_networks`` only. None (the connection closed) when nothing arrives
+        within the ACSE timeout."""
+        if not self.ssl_context:
+            return request
+        try:
+            arrived = readable(request, self.ae.acse_timeout or 30.0)
+            first = request.recv(1, socket.MSG_PEEK) if arrived else b""
+        except OSError:
+            first = b""
+        if not first:
+            with contextlib.suppress(OSError):
+                request.close()
+            return None
+        if first == TLS_HANDSHAKE_RECORD:
+            return self.ssl_context.wrap_socket(request, server_side=True)
+        return request
 
     def start_association(self, assoc: Any | None) -> None:
         """Start the association of a taken connection (None: it failed before it had one).
