@@ -210,9 +210,9 @@ def dcmtk_tls(pki: dict[str, object], client: str) -> list[str]:
 # --- the tests ------------------------------------------------------------------------------
 
 
-def test_item_43_plain_dimse_from_outside_the_lan_is_rejected_and_audited_tls_with_the_bound_certificate_is_accepted(  # noqa: E501
-    node, pki, tmp_path, caplog
-):
+def test_item_43_plain_dimse_from_outside_is_refused_and_audited(node, pki, tmp_path, caplog):
+    """A plain association from outside plain_networks is rejected, audited and logged; the same
+    client over TLS with the certificate its AE title is bound to is accepted."""
     caplog.set_level(logging.INFO, logger="dicomnode")
     port = str(node.dimse.port)
     stored = node.archive.counts()["instances"]
