@@ -16,6 +16,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import requests
 
+from dicomnode.analysis import provenance
+from dicomnode.analysis.ct_lung import CtLung
+from dicomnode.analysis.xa_qca.analyzer import XaQca
 from dicomnode.archive.accounts import AccountStore
 from dicomnode.config import read_settings
 from dicomnode.core.errors import InvalidInput
@@ -222,6 +225,11 @@ def test_the_criteria_of_each_ai_output_are_public_and_a_site_text_replaces_the_
     page = signed_in(node).get("/governance/automated-decisions?lang=ko")
     assert page.status_code == 200 and "자동화된 결정" in page.text
     assert SITE_TEXT in page.text and "interpolated reference line" in page.text
+    # every SEG and SR the built-ins write points at the disclosure
+    for analyzer in (CtLung(), XaQca()):
+        equipment = provenance.contributing_equipment(analyzer)
+        assert "/automated-decisions (PIPA 37-2)" in equipment.ContributionDescription
+        assert len(equipment.ContributionDescription) <= 1024  # ST
 
 
 def test_requests_about_automated_decisions_are_due_in_30_days_under_pipa():

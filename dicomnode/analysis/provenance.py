@@ -5,7 +5,9 @@ Each output embeds a ContributingEquipmentSequence item naming dicomnode as the 
 Equipment (DCM 109102, CID 7005: "equipment that has processed composite instances to create
 new composite instances"; 109103 Modifying Equipment is for changing existing instances), with
 the analyzer as the model and the analyzer's and dicomnode's versions as software versions;
-its segments and measurement groups carry an AlgorithmIdentification with the analyzer's name,
+its ContributionDescription says the result is automated, for a clinician to review, and where
+its criteria and procedure are disclosed (``/automated-decisions``, PIPA 37-2(4)); its segments
+and measurement groups carry an AlgorithmIdentification with the analyzer's name,
 version and parameters. The job record stores the inputs, the analyzer, its parameters and the
 code version (`job_provenance`).
 """
@@ -23,6 +25,8 @@ from dicomnode.analysis.plugin import Analyzer
 
 MANUFACTURER = "dicomnode"
 RESEARCH_USE = "RESEARCH USE ONLY - not for diagnostic use"
+# Where each output points for the criteria and procedure of the automated result (PIPA 37-2(4)).
+CRITERIA_PATH = "/automated-decisions"
 PROCESSING_EQUIPMENT = codes.DCM.ProcessingEquipment  # (109102, DCM), CID 7005
 
 
@@ -44,7 +48,8 @@ def contributing_equipment(analyzer: Analyzer) -> hd.ContributingEquipment:
         software_versions=software_versions(analyzer),
         contribution_description=(
             f"Derived by the {analyzer.name} {analyzer.version} analyzer of {MANUFACTURER} "
-            f"{__version__}; {RESEARCH_USE}"
+            f"{__version__}; {RESEARCH_USE}; an automated result for a clinician to review, "
+            f"its criteria and procedure at the node's {CRITERIA_PATH} (PIPA 37-2)"
         ),
     )
 
