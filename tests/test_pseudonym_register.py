@@ -130,6 +130,7 @@ def _run_scenario(node, received: Path) -> dict:
             ("pseudonymised-register.csv", "pseudonymised.csv?lang=en"),
             ("pseudonymised-register-ko.csv", "pseudonymised.csv?lang=ko"),
             ("pseudonymised-register.json", "pseudonymised.json?lang=en"),
+            ("accounting-P1.csv", "accounting.csv?patient_id=P1&lang=en"),
         )
     }
     return {
@@ -165,8 +166,20 @@ def rows(node) -> dict[str, dict]:
 # --- item 27: the register, one record per pseudonymised disclosure -----------------------
 
 
+def with_ledger_times_named(text: str) -> str:
+    """An accounting export with its disclosure times (the ledger's own clock, the machine's)
+    replaced by a placeholder, each checked to be a moment first."""
+    table = list(csv.DictReader(io.StringIO(text)))
+    for row in table:
+        datetime.fromisoformat(row["disclosed_at"])
+        text = text.replace(row["disclosed_at"], "<recorded_at>")
+    return text
+
+
 def test_item_27_the_register_exports_match_the_golden_files(scenario):
-    for name, text in scenario["exports"].items():
+    exports = dict(scenario["exports"])
+    exports["accounting-P1.csv"] = with_ledger_times_named(exports["accounting-P1.csv"])
+    for name, text in exports.items():
         golden = GOLDEN / name
         if os.environ.get("DICOMNODE_REGENERATE_GOLDEN"):
             golden.write_bytes(text.encode("utf-8"))
@@ -174,6 +187,8 @@ def test_item_27_the_register_exports_match_the_golden_files(scenario):
     table = list(csv.reader(io.StringIO(scenario["exports"]["pseudonymised-register-ko.csv"])))
     assert table[0][:3] == ["기록 번호", "전송 번호", "가명처리·제공 일시"]
     assert len(table) == 5  # the labels and one row per share
+    (share,) = csv.DictReader(io.StringIO(exports["accounting-P1.csv"]))  # item 27's accounting
+    assert (share["operation"], share["deidentified"]) == ("share", "yes")
 
 
 def test_item_27_each_pseudonymised_share_is_one_record_its_ledger_entry_names(scenario):
