@@ -503,7 +503,9 @@ class Casework:
 
     def _deletion_exemptions(self, ticket: TicketRecord) -> list[rules.Exemption]:
         identity = self.archive.identify(ticket.patient_id, ticket.issuer or None)
-        studies = {i.study_instance_uid for i in self.archive.instances_of(identity)}
+        studies = {
+            i.study_instance_uid for i in self.archive.instances_of(identity, include_retained=True)
+        }
         kept = [
             rules.KeptItem(i.study_instance_uid, i.rule_id, i.legal_basis, i.expires_at)
             for i in self.stewardship.retention_status()

@@ -370,8 +370,11 @@ def test_item_37_a_deletion_under_statutory_retention_is_refused_with_coded_reas
     assert all(kept in e["reason"] and "MSA-22-2" in e["reason"] for e in ticket.exemptions)
     assert "삭제 요구를 다음 사유로 거절합니다" in ticket.outcome
     assert "[PIPA-36-1-proviso]" in ticket.outcome and "lodge a complaint" in ticket.outcome
-    found = node.archive.find_instances(Level.STUDY, (("StudyInstanceUID", kept),))
-    assert len(found) == 2  # nothing was deleted
+    found = node.archive.find_instances_exactly(
+        (("StudyInstanceUID", kept),), include_retained=True
+    )
+    assert len(found) == 2  # nothing was deleted: kept apart, in the retained store (item 33)
+    assert all(i.blob_path.startswith("retained/") for i in found)
     # the erasure itself asked stewardship, which refused and recorded it
     assert [(e.outcome, e.actor) for e in ledger(node, "subject")] == [("refused", "dpo:kim")]
     assert [e.outcome for e in ledger(node, "ticket")] == ["opened", "refused"]

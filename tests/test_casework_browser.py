@@ -171,7 +171,10 @@ def test_a_deletion_under_statutory_retention_is_refused_on_the_tickets_page(
     assert "PIPA-36-1-proviso" in codes and study in codes and "MSA-22-2" in codes
     notice = page.inner_text("pre.notice")
     assert "삭제 요구를 다음 사유로 거절합니다" in notice and "[PIPA-36-1-proviso]" in notice
-    assert len(node.archive.find_instances_exactly((("StudyInstanceUID", study),))) == 2
+    kept = node.archive.find_instances_exactly(  # kept, in the retained store (item 33)
+        (("StudyInstanceUID", study),), include_retained=True
+    )
+    assert len(kept) == 2 and all(i.blob_path.startswith("retained/") for i in kept)
 
     page.goto(page.url + "?lang=en")
     assert page.inner_text("td.state") == "refused"

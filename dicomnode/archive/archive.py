@@ -134,15 +134,23 @@ class Archive(Ingest, Capacity, Destruction, Consistency):
             )
         return PatientIdentity(identity.patient_id, issuers[0]) if issuers else identity
 
-    def find_instances_exactly(self, keys: tuple[tuple[str, str], ...]) -> list[StoredInstance]:
-        """Every instance whose Patient ID/issuer/UIDs equal `keys` (never a pattern)."""
+    def find_instances_exactly(
+        self, keys: tuple[tuple[str, str], ...], include_retained: bool = False
+    ) -> list[StoredInstance]:
+        """Every instance whose Patient ID/issuer/UIDs equal `keys` (never a pattern); those of
+        studies retained by law only with `include_retained`."""
         with self.index.read() as conn:
-            return query.find_instances_exactly(conn, keys)
+            return query.find_instances_exactly(conn, keys, include_retained)
 
-    def instances_of(self, identity: PatientIdentity) -> list[StoredInstance]:
-        """Every instance of this one person (exact Patient ID and issuer)."""
+    def instances_of(
+        self, identity: PatientIdentity, include_retained: bool = False
+    ) -> list[StoredInstance]:
+        """Every instance of this one person (exact Patient ID and issuer); those of studies
+        retained by law only with `include_retained`."""
         with self.index.read() as conn:
-            return query.find_instances_exactly(conn, query.identity_keys(identity))
+            return query.find_instances_exactly(
+                conn, query.identity_keys(identity), include_retained
+            )
 
     def studies_of_others(self, identity: PatientIdentity) -> set[str]:
         """Studies held under the same Patient ID by another issuer: another person's."""

@@ -45,6 +45,7 @@ from typing import BinaryIO
 
 from dicomnode.archive.blobstore import (
     CACHE_PREFIX,
+    RETAINED_PREFIX,
     SPECIAL_PREFIXES,
     Placement,
     Placements,
@@ -310,8 +311,16 @@ class FileBlobStore:
         then is not listed (naming a blob in it changes it)."""
         found: list[str] = []
         skipped = {"tmp", outside, *(prefix.rstrip("/") for prefix in SPECIAL_PREFIXES)}
+        retained = RETAINED_PREFIX.rstrip("/")
         for study in _folders(self.root):
             if study.name in skipped:
+                continue
+            if study.name == retained:  # studies retained by law: blobs one level deeper
+                found += [
+                    RETAINED_PREFIX + "/".join(path.relative_to(study.path).parts)
+                    for path in Path(study.path).glob("*/*/*.dcm")
+                    if path.stat().st_mtime >= written_since
+                ]
                 continue
             for series in _folders(study.path):
                 try:

@@ -20,7 +20,9 @@ left after a crash or a power loss are how recovery finds blobs placed but not i
 
 Key spaces: blobs at the top; intake's quarantine under ``QUARANTINE_PREFIX`` (``held/``, the
 name the database already stores); cached, re-derivable data (WADO's metadata) under
-``CACHE_PREFIX``, written with `BlobStore.put_cached`, no durability promised.
+``CACHE_PREFIX``, written with `BlobStore.put_cached`, no durability promised; the blobs of
+studies kept only because a law requires it under ``RETAINED_PREFIX`` (``retained/<key>``,
+indexed like any blob, read only through `archive.retained`).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from dicomnode.core.uids import validate_uid
 QUARANTINE_PREFIX = "held/"  # intake's quarantine: objects filed aside, not indexed
 CACHE_PREFIX = "cache/"  # re-derivable data about a blob (WADO metadata)
 SPECIAL_PREFIXES = (QUARANTINE_PREFIX, CACHE_PREFIX)  # not archive blobs
+RETAINED_PREFIX = "retained/"  # archive blobs of studies retained only by law (item 33)
 Range = tuple[int, int]  # [start, end) in bytes
 
 

@@ -88,7 +88,7 @@ class Destruction(ArchiveBase):
         `received_before`: leave objects received since then (they arrived after the
         decision to delete was taken)."""
         with self.index.write() as conn:
-            doomed = query.find_instances_exactly(conn, filters)
+            doomed = query.find_instances_exactly(conn, filters, include_retained=True)
             if received_before is not None and doomed:
                 late = _received_since(conn, doomed, received_before)
                 doomed = [d for d in doomed if d.sop_instance_uid not in late]
@@ -310,6 +310,11 @@ def _delete_rows(conn: Connection, uids: list[str]) -> None:
         sql_delete(se).where(se.c.id.in_(series_pks), ~exists().where(i.c.series_pk == se.c.id))
     )
     patient_pks = set(conn.execute(select(st.c.patient_pk).where(st.c.id.in_(study_pks))).scalars())
+    emptied = select(st.c.study_instance_uid).where(
+        st.c.id.in_(study_pks), ~exists().where(se.c.study_pk == st.c.id)
+    )
+    retained = schema.retained_studies
+    conn.execute(sql_delete(retained).where(retained.c.study_instance_uid.in_(emptied)))
     conn.execute(
         sql_delete(st).where(st.c.id.in_(study_pks), ~exists().where(se.c.study_pk == st.c.id))
     )

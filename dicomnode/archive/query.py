@@ -276,8 +276,22 @@ def _computed_condition(keyword: str, value: str) -> ColumnElement[bool] | None:
     return None
 
 
+def _not_retained() -> ColumnElement[bool]:
+    """The study (``studies`` in the query) is not retained by law (item 33): such a study is
+    seen only through `archive.retained`, never by a query or a retrieval."""
+    r = schema.retained_studies
+    return ~exists().where(r.c.study_instance_uid == schema.studies.c.study_instance_uid)
+
+
+def _has_visible_study() -> ColumnElement[bool]:
+    """The patient (``patients`` in the query) has a study that is not retained by law."""
+    st = schema.studies
+    return exists(select(st.c.id).where(st.c.patient_pk == schema.patients.c.id, _not_retained()))
+
+
 def _filtered(level: Level, filters: Iterable[tuple[str, str]], columns: list[Any]) -> Select:
     query = select(*columns).select_from(_joined(level))
+    query = query.where(_has_visible_study() if level == Level.PATIENT else _not_retained())
     allowed = set(levels_up_to(level))
     for keyword, value in filters:
         attribute = INDEXED.get(keyword)
@@ -360,6 +374,7 @@ def _counts_statement(level: Level, keys: tuple[str, ...], by_modality: bool) ->
         select(*groups, *(func.count(distinct(_COUNTED[k])) for k in keys))
         .select_from(joined)
         .where(group.in_(bindparam("pks", expanding=True)))
+        .where(_not_retained() if level != Level.SERIES else true())  # a patient's counts
         .group_by(*groups)
     )
 
@@ -485,11 +500,12 @@ _EXACT_COLUMNS = {
 
 
 def find_instances_exactly(
-    conn: Connection, keys: Iterable[tuple[str, str]]
+    conn: Connection, keys: Iterable[tuple[str, str]], include_retained: bool = False
 ) -> list[StoredInstance]:
     """Every stored instance whose attributes equal `keys` exactly: no wildcard, no list, no
     range (`*` is the value `*`). What is destroyed or handed to a data subject is selected
-    this way, never with the query matcher."""
+    this way, never with the query matcher. Studies retained by law (item 33) are left out
+    unless `include_retained` (destruction, and the checks that refuse an erasure)."""
     st, se, i = schema.studies, schema.series, schema.instances
     conditions = []
     for keyword, value in keys:
@@ -504,6 +520,8 @@ def find_instances_exactly(
         .where(*conditions)
         .order_by(st.c.id, se.c.id, i.c.instance_number, i.c.id)
     )
+    if not include_retained:
+        statement = statement.where(_not_retained())
     return [StoredInstance(*row) for row in conn.execute(statement)]
 
 

@@ -504,3 +504,19 @@ pseudonymised_records = Table(
     Column("destroyed_how", Text, nullable=False),
     Index("ix_pseudonymised_records_study_instance_uid", "study_instance_uid"),
 )
+
+# --- studies kept only because a law requires it (migration 0017, checklist item 33) -----------
+# A row marks the study "retained by law" (PIPA 21(3)): its blobs live under ``retained/`` and
+# the query engine, and so every normal way out, does not see it (archive/retained.py).
+retained_studies = Table(
+    "retained_studies",
+    metadata,
+    Column("study_instance_uid", String(64), primary_key=True),
+    Column("patient_id", String, nullable=False),
+    Column("legal_basis", String(64), nullable=False),  # a shipped code, e.g. MSA-22-2
+    Column("rule_id", String(64), nullable=False),  # the retention rule that requires it
+    Column("retained_until", UTCDateTime(), nullable=False),  # the legal period's end
+    Column("ground", String, nullable=False),  # why the purpose ended
+    Column("retained_at", UTCDateTime(), nullable=False),
+    Column("retained_by", String, nullable=False),
+)

@@ -29,6 +29,7 @@ from dicomnode.dicomweb.health import health_blueprint
 from dicomnode.dicomweb.jobs import jobs_blueprint
 from dicomnode.dicomweb.proxy import install_forwarded_for
 from dicomnode.dicomweb.qido import qido_blueprint
+from dicomnode.dicomweb.retained_api import retained_blueprint
 from dicomnode.dicomweb.stow import stow_blueprint
 from dicomnode.dicomweb.wado import wado_blueprint
 from dicomnode.egress import Egress
@@ -69,6 +70,7 @@ def create_app(services: WebServices) -> Flask:
         app.register_blueprint(blueprint, url_prefix=DICOMWEB_ROOT)
     app.register_blueprint(jobs_blueprint(), url_prefix="/analysis")
     app.register_blueprint(governance_blueprint(), url_prefix="/governance/api")
+    app.register_blueprint(retained_blueprint(), url_prefix="/governance/api/retained")
     install_dpo_pages(app, services)
     if services.settings.http.cors_origins:
         CORS(

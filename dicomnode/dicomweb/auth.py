@@ -37,6 +37,7 @@ SCOPES = (
     "dicomweb.delete",
     "governance.read",
     "governance.admin",
+    "governance.legal",  # reads data retained by law (item 33)
 )
 ALGORITHMS = ["RS256", "RS384", "RS512", "PS256", "ES256", "ES384"]
 JWKS_REFRESH_SECONDS = 300  # the provider's key set is re-read this often

@@ -10,11 +10,13 @@ from __future__ import annotations
 from dicomnode.egress.deliveries import DELIVERY_LEASE, Deliveries
 from dicomnode.egress.export import SubjectExport
 from dicomnode.egress.gate import Gate, refusal_message
+from dicomnode.egress.retained import RetainedAccess
 from dicomnode.egress.transport import SendItem, SendReport, Target, Transport
 
 
-class Egress(Deliveries, SubjectExport):
-    """The way out: the gate, the delivery worker and the data-subject export."""
+class Egress(Deliveries, SubjectExport, RetainedAccess):
+    """The way out: the gate, the delivery worker, the data-subject export and the legal
+    access to data retained by law."""
 
 
 __all__ = [

@@ -146,3 +146,64 @@ def retention_items(facts: StudyFacts, policy: Policy, now: datetime) -> list[Re
             )
         )
     return items
+
+
+# --- retained by law (PIPA 21(3), checklist item 33) -----------------------------------------
+
+
+@dataclass(frozen=True)
+class LegalRetention:
+    """A study whose purpose has ended and which only a law keeps: it is stored apart, with
+    restricted access, until `until`, then destroyed like any study."""
+
+    study_instance_uid: str
+    patient_id: str
+    legal_basis: str
+    rule_id: str
+    until: datetime
+    ground: str  # why the purpose ended
+
+    def as_dict(self) -> dict[str, object]:
+        data = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        data["until"] = self.until.isoformat()
+        return data
+
+
+def purpose_ended(
+    consent_withdrawn_at: datetime | None, consent_ended_at: datetime | None, now: datetime
+) -> str:
+    """Why a study's purpose has ended at `now`, from its patient's consent to the intake
+    purpose: withdrawn or refused, or its period over; "" while it has not."""
+    if consent_withdrawn_at is not None and consent_withdrawn_at <= now:
+        return f"consent withdrawn on {consent_withdrawn_at:%Y-%m-%d}"
+    if consent_ended_at is not None and consent_ended_at <= now:
+        return f"the consented period ended on {consent_ended_at:%Y-%m-%d}"
+    return ""
+
+
+def retained_by_law(
+    items: Sequence[RetentionItem], ground: str, now: datetime
+) -> LegalRetention | None:
+    """When the study's purpose has ended (`ground` says why; "" when it has not), the legal
+    retention that alone keeps its received images past `now`: the study is then retained by
+    law. None when its purpose has not ended or no law keeps it (it is destroyed as usual)."""
+    if not ground:
+        return None
+    for item in items:
+        if (
+            item.category == "received-images"
+            and not item.held
+            and item.legal_basis
+            and item.action == KEEP
+            and item.expires_at is not None
+            and item.expires_at > now
+        ):
+            return LegalRetention(
+                item.study_instance_uid,
+                item.patient_id,
+                item.legal_basis,
+                item.rule_id,
+                item.expires_at,
+                ground,
+            )
+    return None

@@ -78,7 +78,9 @@ class RecipientCopies:
             patient = str(data.get("patient_id", ""))
             mine = {
                 i.study_instance_uid
-                for i in self.archive.find_instances_exactly((("PatientID", patient),))
+                for i in self.archive.find_instances_exactly(
+                    (("PatientID", patient),), include_retained=True
+                )
             }
             held = {}
             for study, copies in self._copies(mine).items():

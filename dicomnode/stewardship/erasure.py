@@ -48,7 +48,9 @@ class ErasureOps(RetentionOps):
         now = self.clock()
         registry = self.archive.registry
         policy = governance.policy_in_force(registry.published_policies(), now)
-        mine = {i.study_instance_uid for i in self.archive.instances_of(identity)}
+        mine = {
+            i.study_instance_uid for i in self.archive.instances_of(identity, include_retained=True)
+        }
         facts = [f for f in self._retention_facts(policy) if f.study_instance_uid in mine]
         held = registry.quarantined(patient_id=patient_id)
         holds = {
@@ -65,7 +67,8 @@ class ErasureOps(RetentionOps):
             policy_version=policy.version,
         )
         if reasons:
-            return self._erasure_refused(request, by, "erasure refused: " + "; ".join(reasons))
+            refused = self._erasure_refused(request, by, "erasure refused: " + "; ".join(reasons))
+            return self._retain_refused(refused, facts, policy, by, now)
         removed = []
         if studies:
             copies = self._recipients_with_copies(set(studies))
@@ -103,6 +106,29 @@ class ErasureOps(RetentionOps):
         return SubjectOutcome(
             True, f"erased {len(removed)} instances of {len(studies)} studies", changed
         )
+
+    def _retain_refused(
+        self,
+        refused: SubjectOutcome,
+        facts: list[StudyFacts],
+        policy: governance.Policy,
+        by: str,
+        now: datetime,
+    ) -> SubjectOutcome:
+        """After an erasure refused because a law requires the data: the studies only that law
+        keeps now (their purpose ended with the request) move to the retained store, with
+        restricted access, until the legal period ends (PIPA 21(3), item 33)."""
+        ground = f"erasure requested on {now:%Y-%m-%d} and refused under a statutory retention"
+        retained = []
+        for study in facts:
+            items = retention.retention_items(study, policy, now)
+            legal = retention.retained_by_law(items, ground, now)
+            if legal is not None:
+                self._retain(legal, by, policy.version)
+                retained.append(legal.study_instance_uid)
+        if not retained:
+            return refused
+        return dataclasses.replace(refused, changed={"retained_by_law": retained})
 
     def _erasure_refused(self, request: ErasureRequest, by: str, reason: str) -> SubjectOutcome:
         refused = dataclasses.replace(request, reason=reason)

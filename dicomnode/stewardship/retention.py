@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from dicomnode import governance
 from dicomnode.archive.ledger_views import LedgerViews
+from dicomnode.archive.retained import RetainedStore
 from dicomnode.core.errors import NotFound, NotPermitted
 from dicomnode.core.ledger_events import (
     QuarantineDestroyed,
@@ -24,7 +25,7 @@ from dicomnode.core.model import (
     StudyFacts,
 )
 from dicomnode.governance import audit_events, retention
-from dicomnode.governance.retention import RetentionItem
+from dicomnode.governance.retention import LegalRetention, RetentionItem
 from dicomnode.stewardship.base import StewardshipBase
 from dicomnode.stewardship.pseudonymised import purge_pseudonymised_records
 
@@ -41,6 +42,8 @@ class SweepReport:
     destroyed: list[RetentionItem]  # (would be) destroyed
     skipped: list[RetentionItem]  # expired but kept under a legal hold
     records_removed: dict[str, int]  # job and delivery records past the "logs" period
+    # studies whose purpose ended that only a law keeps: (to be) moved to the retained store
+    retained: list[LegalRetention] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -48,6 +51,7 @@ class SweepReport:
             "dry_run": self.dry_run,
             "destroyed": [i.as_dict() for i in self.destroyed],
             "skipped": [i.as_dict() for i in self.skipped],
+            "retained_by_law": [r.as_dict() for r in self.retained],
             "records_removed": self.records_removed,
             "studies_considered": len({i.study_instance_uid for i in self.items}),
         }
@@ -98,6 +102,61 @@ class RetentionOps(StewardshipBase):
                 )
             )
         return facts
+
+    def _consent_ended(self, policy: governance.Policy, now: datetime) -> dict[str, datetime]:
+        """Per patient, when the consent to an intake purpose that counts now ran out (granted
+        for a period that is over; the earliest such purpose)."""
+        ended: dict[str, datetime] = {}
+        records: dict[str, list[ConsentRecord]] = {}
+        for record in self.archive.registry.consents():
+            records.setdefault(record.patient_id, []).append(record)
+        for patient, history in records.items():
+            for purpose in policy.consent_purposes("intake"):
+                current = governance.current_consent(tuple(history), purpose, now)
+                until = current.valid_until if current is not None else None
+                if current is not None and current.state == "granted" and until and until <= now:
+                    ended[patient] = min(ended.get(patient, until), until)
+        return ended
+
+    def _retained_by_law(
+        self, policy: governance.Policy, now: datetime, facts: list[StudyFacts]
+    ) -> list[LegalRetention]:
+        """The studies whose purpose has ended (consent withdrawn or its period over) and that
+        only a legal retention keeps (item 33)."""
+        ended = self._consent_ended(policy, now)
+        found = []
+        for study in facts:
+            ground = retention.purpose_ended(
+                study.consent_withdrawn_at, ended.get(study.patient_id), now
+            )
+            legal = retention.retained_by_law(
+                retention.retention_items(study, policy, now), ground, now
+            )
+            if legal is not None:
+                found.append(legal)
+        return found
+
+    def _retain(self, legal: LegalRetention, by: str, version: str) -> bool:
+        """Move a study to the retained store (PIPA 21(3)); whether anything changed."""
+        try:
+            moved = RetainedStore(self.archive).retain(
+                legal.study_instance_uid,
+                legal.legal_basis,
+                legal.rule_id,
+                legal.until,
+                legal.ground,
+                by,
+                self.clock(),
+                {"policy_version": version},
+            )
+        except NotFound:  # gone meanwhile
+            return False
+        if moved:
+            log.info(
+                "study retained by law",
+                extra={"event": "retained-by-law", "basis": legal.legal_basis, "moved": len(moved)},
+            )
+        return bool(moved)
 
     def _held_items(self, policy: governance.Policy, now: datetime) -> list[RetentionItem]:
         """Objects held at intake are kept no longer than received images: per held study, its
@@ -152,17 +211,22 @@ class RetentionOps(StewardshipBase):
         the same and changes nothing."""
         now = self.clock()
         policy = governance.policy_in_force(self.archive.registry.published_policies(), now)
+        facts = self._retention_facts(policy)
         items = [
-            item
-            for facts in self._retention_facts(policy)
-            for item in retention.retention_items(facts, policy, now)
+            item for study in facts for item in retention.retention_items(study, policy, now)
         ] + self._held_items(policy, now)
         destroy = [i for i in items if i.action == retention.DESTROY]
         skipped = [i for i in items if i.action == retention.KEEP_HOLD]
         logs_rules = [r for r in policy.retention if r.category == "logs"]
         records: dict[str, int] = {}
+        legal = self._retained_by_law(policy, now, facts)
+        marked = {r.study_instance_uid for r in RetainedStore(self.archive).studies()}
         if dry_run:
-            return SweepReport(now, True, items, destroy, skipped, records)
+            retain = [r for r in legal if r.study_instance_uid not in marked]
+            return SweepReport(now, True, items, destroy, skipped, records, retain)
+        # every call also moves what arrived for a retained study since it was moved
+        retain = [r for r in legal if self._retain(r, by, policy.version)]
+        retain = [r for r in retain if r.study_instance_uid not in marked]
         whole = {
             i.study_instance_uid for i in destroy if i.category == "received-images" and not i.held
         }
@@ -223,7 +287,7 @@ class RetentionOps(StewardshipBase):
             len(skipped),
             extra={"event": "retention", "destroyed": len(destroy), "skipped": len(skipped)},
         )
-        return SweepReport(now, False, items, destroy, skipped, records)
+        return SweepReport(now, False, items, destroy, skipped, records, retain)
 
     def _destroy(
         self,
