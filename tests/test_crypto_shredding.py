@@ -40,7 +40,7 @@ from dicomnode.core.errors import NotFound
 from dicomnode.core.metrics import Metrics
 from dicomnode.core.model import Level, Source
 from dicomnode.intake import Intake
-from tests.conftest import WORKSTATION, dicomweb_client, dicomweb_url, token_for, write_config
+from tests.conftest import WORKSTATION, cli, dicomweb_client, dicomweb_url, token_for, write_config
 from tests.factory import make_ct, part10
 from tests.test_governance_node import policy_text, publish_days_ago
 from tests.test_retention import RETENTION, later
@@ -187,6 +187,26 @@ def test_a_study_received_again_after_its_destruction_gets_a_new_key(node) -> No
     assert keys._read(study)[0] != old[0]
     (instance,) = node.archive.find_instances(Level.STUDY, (("StudyInstanceUID", study),))
     assert pydicom.dcmread(node.archive.open_blob(instance)).SOPInstanceUID == again.SOPInstanceUID
+
+
+def test_the_backup_purges_are_listed_and_marked_done_from_the_command_line(node) -> None:
+    study = generate_uid()
+    assert c_store(node, [make_ct("P37", NAME, study, size=8)]) == [0]
+    node.archive.delete(Level.STUDY, (("StudyInstanceUID", study),), "dpo", "test")
+    (purge,) = [
+        p for p in node.archive.blobs.study_keys.backup_purges() if p.study_instance_uid == study
+    ]
+    listed = cli(node, "archive", "backup-purges", "--state", "queued")
+    assert listed.returncode == 0, listed.stderr
+    assert f"{purge.id:>6}  queued  due {purge.due_at:%Y-%m-%d}" in listed.stdout
+    assert study in listed.stdout
+    done = cli(node, "archive", "backup-purges", "--done", str(purge.id), "--by", "backup-admin")
+    assert done.returncode == 0, done.stderr
+    assert purge.id not in [p.id for p in node.archive.blobs.study_keys.backup_purges(QUEUED)]
+    with pytest.raises(NotFound, match=f"no queued backup purge {purge.id}"):
+        node.archive.backup_purge_done(purge.id, "dpo")
+    (entry,) = [e for e in node.archive.ledger.entries() if e.data.get("backup_purge") == purge.id]
+    assert entry.actor == "backup-admin" and entry.data["study_instance_uids"] == [study]
 
 
 # --- the sealed format, on both stores -----------------------------------------------------

@@ -166,6 +166,29 @@ class Destruction(ArchiveBase):
                         doomed.setdefault(study, set()).update(detail.get("patient_ids", []))
         return self._shred(keys, doomed, actor)
 
+    def backup_purge_done(self, purge_id: int, actor: str) -> Any:
+        """Record that every backup holding a destroyed study was purged or has expired (the
+        queued `BackupPurge` `purge_id`), with a ledger entry; NotFound when no such purge is
+        queued, NotPermitted when encryption at rest is off (nothing is queued then)."""
+        keys = getattr(self.blobs, "study_keys", None)
+        if keys is None:
+            raise NotPermitted("encryption at rest is off ([storage] encrypt_at_rest): no purges")
+        done = keys.purge_done(purge_id)
+        self.ledger.record(
+            LedgerKind.DELETION,
+            actor,
+            "done",
+            {
+                "operation": "backup-purge",
+                "method": "every backup holding the study purged or expired",
+                "study_instance_uids": [done.study_instance_uid],
+                "backup_purge": done.id,
+                "destroyed_at": done.destroyed_at.isoformat(timespec="seconds"),
+                "due_at": done.due_at.isoformat(timespec="seconds"),
+            },
+        )
+        return done
+
     def _studies_held(self, studies: list[str]) -> set[str]:
         """Those of `studies` the archive holds an object of: indexed or held at intake."""
         st, held = schema.studies, schema.held_objects

@@ -67,6 +67,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 
 from dicomnode.archive.blobstore import BlobStore, Placement, Range
+from dicomnode.core.errors import NotFound
 from dicomnode.core.uids import validate_uid
 
 log = logging.getLogger("dicomnode.archive.sealed")
@@ -267,13 +268,20 @@ class StudyKeyStore:
                 for r in conn.execute(query)
             ]
 
-    def purge_done(self, purge_id: int) -> None:
-        """Every backup that held the study was purged or has expired."""
+    def purge_done(self, purge_id: int) -> BackupPurge:
+        """Every backup that held the study was purged or has expired: the queued purge
+        `purge_id` is done (NotFound when no such purge is queued)."""
         t = backup_purges
         with self.engine.begin() as conn:
-            conn.execute(
-                update(t).where(t.c.id == purge_id).values(state=DONE, done_at=datetime.now(UTC))
-            )
+            changed = conn.execute(
+                update(t)
+                .where(t.c.id == purge_id, t.c.state == QUEUED)
+                .values(state=DONE, done_at=datetime.now(UTC))
+            ).rowcount
+        if not changed:
+            raise NotFound(f"no queued backup purge {purge_id}")
+        (done,) = [p for p in self.backup_purges(DONE) if p.id == purge_id]
+        return done
 
     def close(self) -> None:
         self.engine.dispose()

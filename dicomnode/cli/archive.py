@@ -8,7 +8,7 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
-from dicomnode.cli.common import command, with_archive, with_services
+from dicomnode.cli.common import command, who, with_archive, with_services
 from dicomnode.core.enums import JobState
 
 
@@ -24,6 +24,25 @@ def _archive_check(args: argparse.Namespace, archive: Any) -> int:
         for path in paths:
             print(f"{label}: {path}")
     return 0 if report.ok else 1
+
+
+@with_archive
+def _backup_purges(args: argparse.Namespace, archive: Any) -> int:
+    """The backup purges destructions queued (item 31), or one marked done."""
+    if args.done is not None:
+        purge = archive.backup_purge_done(args.done, who(args))
+        print(f"backup purge {purge.id} of study {purge.study_instance_uid} done")
+        return 0
+    keys = getattr(archive.blobs, "study_keys", None)
+    if keys is None:
+        print("encryption at rest is off ([storage] encrypt_at_rest): no purges", file=sys.stderr)
+        return 1
+    for purge in keys.backup_purges(args.state):
+        print(
+            f"{purge.id:>6}  {purge.state:<6}  due {purge.due_at:%Y-%m-%d}  destroyed "
+            f"{purge.destroyed_at:%Y-%m-%d %H:%M}  {purge.study_instance_uid}  by {purge.actor}"
+        )
+    return 0
 
 
 def _jobs(archive: Any) -> Any:
@@ -86,6 +105,17 @@ def add_parsers(commands: Any) -> None:
     )
     check.add_argument("--hashes", action="store_true", help="also verify every blob's SHA-256")
     check.add_argument("--repair", action="store_true", help="remove blobs no index row names")
+    purges = command(
+        archive_commands,
+        "backup-purges",
+        _backup_purges,
+        "the backup purges destructions queued (encryption at rest), or --done ID",
+    )
+    purges.add_argument("--state", choices=("queued", "done"), help="only purges in this state")
+    purges.add_argument(
+        "--done", type=int, metavar="ID", help="every backup holding its study is purged or expired"
+    )
+    purges.add_argument("--by", help="who says so (default: the login name)")
 
     jobs = commands.add_parser("jobs", help="analysis jobs")
     jobs_commands = jobs.add_subparsers(dest="jobs_command", required=True)
