@@ -342,3 +342,68 @@ def test_item_36_a_sweep_never_purges_a_record_before_its_keep_until(scenario):
     clock.moment = datetime(2100, 1, 1, tzinfo=UTC)  # records of data not known destroyed stay
     node.stewardship.retention_sweep("dpo")
     assert STUDIES["P3"] in rows(node) and STUDIES["P1"] not in rows(node)
+
+
+def test_item_36_the_register_keeps_dates_on_both_back_ends(database_url):
+    """The store's SQL on SQLite and PostgreSQL: a retried delivery updates its one record,
+    destruction dates only records not yet destroyed, removal spares undestroyed ones."""
+    from sqlalchemy import select
+
+    from dicomnode.archive.index import Index, create_index_engine
+    from dicomnode.archive.pseudonymised import (
+        PseudonymisedRegister,
+        mark_recipient_destroyed,
+        mark_study_destroyed,
+    )
+    from dicomnode.archive.schema import pseudonymised_records
+
+    engine = create_index_engine(database_url)
+    index = Index(engine)
+    try:
+        register = PseudonymisedRegister(index)
+        facts = {
+            "processed_at": T0,
+            "processed_by": "dpo:dpo1",
+            "purpose": "HRESCH",
+            "activity": "research-sharing",
+            "basis": "PIPA-28-2",
+            "recipient": "lab",
+            "recipient_name": "Imaging Research Institute",
+            "recipient_country": "KR",
+            "profile": "research",
+            "method": {"profile": "research", "codes": ["113100"]},
+            "items": rules.pseudonymised_items(set()),
+            "patient_ids": ["P1"],
+            "study_instance_uid": "1.2.3",
+            "instances": 2,
+            "withheld": 0,
+            "period": "",
+            "period_end": None,
+            "policy_version": "v1",
+        }
+        first = register.open(7, facts)
+        assert register.open(7, facts | {"instances": 3}) == first  # a retry: the same record
+        other = register.open(8, facts | {"study_instance_uid": "1.2.4"})
+        register.sent(first, 3, T0)
+        with index.write() as conn:
+            assert mark_recipient_destroyed(conn, "lab", "1.2.3", T0 - timedelta(days=1)) == 0
+            assert mark_recipient_destroyed(conn, "lab", "1.2.3", T0 + timedelta(days=1)) == 1
+            assert mark_study_destroyed(conn, ["1.2.3", "1.2.4"], T0 + timedelta(days=9)) == 1
+        found = {r.id: r for r in register.records()}
+        assert (found[first].instances, found[first].instances_sent) == (3, 3)
+        assert found[first].destroyed_at == T0 + timedelta(days=1)  # the first date stays
+        assert found[other].destroyed_how == "study-destroyed"
+        assert found[first].items == rules.pseudonymised_items(set())
+        with index.write() as conn:  # a record not known destroyed is never removed
+            conn.execute(
+                pseudonymised_records.update()
+                .where(pseudonymised_records.c.id == other)
+                .values(destroyed_at=None)
+            )
+        assert register.remove([first, other]) == 1
+        with index.read() as conn:
+            left = conn.execute(select(pseudonymised_records.c.id)).scalars().all()
+        assert left == [other]
+    finally:
+        index.close()
+        engine.dispose()
