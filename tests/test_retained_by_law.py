@@ -74,6 +74,16 @@ def test_item_33_a_study_kept_only_by_law_is_stored_apart_and_read_only_by_the_l
     assert "erasure" in entry.data["ground"] and entry.data["study_instance_uids"] == [kept]
     assert node.archive.find_instances(Level.STUDY, (("StudyInstanceUID", kept),)) == []
 
+    # an object of the study that arrives later is hidden with it, and moved by the next sweep
+    store(node, "P33", study=kept, count=1, Modality="MG", StudyDate=today)
+    assert node.archive.find_instances(Level.STUDY, (("StudyInstanceUID", kept),)) == []
+    assert sum(not i.blob_path.startswith("retained/") for i in _every_instance(node, kept)) == 1
+    assert node.stewardship.retention_sweep("dpo").retained == []  # not newly retained
+    moved = _every_instance(node, kept)
+    assert len(moved) == 3 and all(i.blob_path.startswith("retained/") for i in moved)
+    assert [e.data["moved_instances"] for e in node.archive.ledger.entries()
+            if e.kind == "retention"][-1] == [moved[-1].sop_instance_uid]  # fmt: skip
+
     # normal roles: QIDO does not list it, WADO answers 404, C-FIND finds nothing
     client = dicomweb_client(node)
     listed = {a["0020000D"]["Value"][0] for a in client.search_for_studies()}

@@ -67,6 +67,23 @@ class RetainedStore:
         with self.archive.index.read() as conn:
             return [RetainedStudy(**row._mapping) for row in conn.execute(statement)]
 
+    def stragglers(self) -> list[RetainedStudy]:
+        """The retained studies holding objects that arrived after they were moved (their
+        blobs are still outside ``retained/``): one query; the sweep moves them."""
+        r, i, se, st = schema.retained_studies, schema.instances, schema.series, schema.studies
+        outside = (
+            select(st.c.study_instance_uid)
+            .join(se, se.c.study_pk == st.c.id)
+            .join(i, i.c.series_pk == se.c.id)
+            .where(~i.c.blob_path.startswith(RETAINED_PREFIX, autoescape=True))
+            .distinct()
+        )
+        with self.archive.index.read() as conn:
+            return [
+                RetainedStudy(**row._mapping)
+                for row in conn.execute(select(r).where(r.c.study_instance_uid.in_(outside)))
+            ]
+
     def get(self, study_uid: str) -> RetainedStudy:
         """The retained study, NotFound when `study_uid` is not retained by law."""
         found = self.studies(study_uid)

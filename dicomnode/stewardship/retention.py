@@ -224,9 +224,20 @@ class RetentionOps(StewardshipBase):
         if dry_run:
             retain = [r for r in legal if r.study_instance_uid not in marked]
             return SweepReport(now, True, items, destroy, skipped, records, retain)
-        # every call also moves what arrived for a retained study since it was moved
-        retain = [r for r in legal if self._retain(r, by, policy.version)]
-        retain = [r for r in retain if r.study_instance_uid not in marked]
+        retain = [
+            r
+            for r in legal
+            if r.study_instance_uid not in marked and self._retain(r, by, policy.version)
+        ]
+        for late in RetainedStore(self.archive).stragglers():  # objects that arrived since
+            self._retain(
+                LegalRetention(
+                    late.study_instance_uid, late.patient_id, late.legal_basis, late.rule_id,
+                    late.retained_until, late.ground,
+                ),
+                by,
+                policy.version,
+            )  # fmt: skip
         whole = {
             i.study_instance_uid for i in destroy if i.category == "received-images" and not i.held
         }
