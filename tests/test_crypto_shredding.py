@@ -249,6 +249,13 @@ def test_ranges_cross_chunks_and_a_tampered_chunk_is_refused(tmp_path: Path) -> 
         path.write_bytes(path.read_bytes()[:-100])  # truncated
         with pytest.raises(SealBroken):
             read_all(store, key)
+        other = blob_key(generate_uid(), generate_uid(), generate_uid())
+        store.write(other, [b"a header altered"])
+        altered = bytearray(store.inner.absolute(other).read_bytes())
+        altered[20] ^= 1  # a byte of the salt
+        store.inner.absolute(other).write_bytes(bytes(altered))
+        with pytest.raises(SealBroken):
+            read_all(store, other)
 
         legacy = blob_key(generate_uid(), generate_uid(), generate_uid())
         store.inner.write(legacy, [b"written before encryption was on"])

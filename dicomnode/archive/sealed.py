@@ -18,10 +18,11 @@ at the same key gives the same sealed bytes (an S3 put refused because the key i
 compares equal, as before), and no two different plaintexts share a blob key and a nonce.
 Chunks make byte ranges (a frame) cheap: only the chunks a range covers are read, and each is
 authenticated on its own (GCM tag). Integrity: a chunk altered, moved within the blob, moved to
-another blob or key, or a blob truncated or extended fails to open (the chunk's index and the
-last-chunk flag are in its nonce; the header with the plaintext size, and the blob's key, are
-its associated data), and reads raise `SealBroken`. A reader of a range learns nothing about
-chunks outside it; a whole-blob read authenticates every chunk.
+another blob or key, a header altered, or a blob truncated fails to open (the chunk's index and
+the last-chunk flag are in its nonce; the header with the plaintext size, and the blob's key,
+are its associated data), and reads raise `SealBroken`; bytes appended after the last chunk
+are never read. A range read authenticates the chunks it covers, not the others (a reader of
+one frame does not pay for the whole blob); a whole-blob read authenticates every chunk.
 
 Blobs without the header (written before ``encrypt_at_rest`` was turned on) are read as they
 are. A blob whose study key was destroyed raises `StudyKeyDestroyed` (a FileNotFoundError:
