@@ -104,6 +104,12 @@ def test_item_33_a_study_kept_only_by_law_is_stored_apart_and_read_only_by_the_l
     assert not listed_to_patient.content or listed_to_patient.json() == []
     as_if_absent = _get(node, f"/dicomweb/studies/{generate_uid()}", own).status_code
     assert _get(node, f"/dicomweb/studies/{kept}", own).status_code == as_if_absent >= 403
+    deleted = requests.delete(
+        f"{dicomweb_url(node)}/studies/{kept}",
+        headers={"Authorization": f"Bearer {normal}"},
+        timeout=30,
+    )
+    assert deleted.status_code == 404  # a client's DELETE does not reach it either
     status, answers = c_find(node, PatientID="P33")
     assert status == 0 and answers == []
     status, answers = c_find(node, StudyInstanceUID=kept)
@@ -183,3 +189,20 @@ def test_a_withdrawn_or_ended_consent_moves_a_legally_kept_study_at_the_next_swe
     # the archive check counts the retained blobs as indexed, not missing
     check = node.archive.check()
     assert check.ok and check.unindexed_blobs == [] and check.blobs == check.indexed == 6
+
+
+def test_a_legal_access_needs_a_reason_and_a_running_legal_period():
+    from dicomnode.governance.retained_access import MAX_REASON, legal_access
+
+    now = datetime(2027, 1, 1, tzinfo=UTC)
+    until = now + timedelta(days=365)
+    allowed = legal_access("MSA-22-2", until, "court order 12", "v1", now)
+    assert allowed.allowed and allowed.basis == "MSA-22-2" and "court order 12" in allowed.reason
+    assert allowed.rule_id == "retained-by-law" and allowed.activity == "legal-access"
+    for reason, moment, why in (
+        ("  ", now, "no reason"),
+        ("x" * (MAX_REASON + 1), now, "longer than"),
+        ("court order 12", until, "legal period is over"),
+    ):
+        refused = legal_access("MSA-22-2", until, reason, "v1", moment)
+        assert not refused.allowed and why in refused.reason
