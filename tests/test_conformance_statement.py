@@ -648,7 +648,8 @@ def test_cget_sends_as_stored_or_decompressed(node, offered):
 
 
 def test_tls_as_described(tmp_path):
-    """3.3: DICOM TLS 1.2 or later with the node's certificate; plain TCP is not answered."""
+    """3.3: DICOM TLS 1.2 or later with the node's certificate; plain TCP (from outside
+    `[dimse] plain_networks`) gets an A-ASSOCIATE-RJ."""
     ca = make_ca(tmp_path, "hospital-ca")
     server = issue(
         tmp_path, ca, "localhost",
