@@ -10,8 +10,8 @@ import pytest
 
 from dicomnode.archive.accounts import AccountStore
 from tests.test_dpo_browser import chromium, shots  # noqa: F401 (fixtures)
-from tests.test_dpo_pages import PASSWORD, prepared_node
-from tests.test_governance_node import c_find
+from tests.test_dpo_pages import PASSWORD, STUDY_1, prepared_node
+from tests.test_governance_node import c_find, governance_api
 
 pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 
@@ -172,3 +172,122 @@ def test_break_glass_share_links_and_recipients_pages_in_the_browser(node, chrom
         ("share_link", "created"),
         ("share_link", "revoked"),
     ]
+
+
+PSEUDONYMISED_COLUMNS = {
+    "en": [
+        "Record",
+        "Pseudonymised and provided at",
+        "Processed by (requested by)",
+        "Purpose of processing",
+        "Recipient (third party)",
+        "Items pseudonymised",
+        "De-identification profile",
+        "Study (original UID)",
+        "Objects provided",
+        "Processing period to",
+        "Pseudonymised data destroyed at",
+        "Record kept until",
+    ],
+    "ko": [
+        "기록 번호",
+        "가명처리·제공 일시",
+        "처리자(요청자)",
+        "가명정보의 처리 목적",
+        "제공받는 자(제3자)",
+        "가명처리한 개인정보의 항목",
+        "가명처리 프로파일",
+        "검사(원래 UID)",
+        "제공한 객체 수",
+        "처리 기간 종료",
+        "가명정보 파기 일시",
+        "기록 보관 기한",
+    ],
+}
+HEADINGS = {
+    "automated-decisions": {
+        "en": [
+            "Automated decisions",
+            "AI output types",
+            "Refusal and explanation requests (flagged AI outputs)",
+        ],
+        "ko": ["자동화된 결정", "AI 결과 유형", "거부 및 설명 요구(표시된 AI 결과)"],
+    },
+    "pseudonymised": {
+        "en": [
+            "Pseudonymised data",
+            "Pseudonymised data not known to be destroyed",
+            "Pseudonymised data destroyed",
+        ],
+        "ko": ["가명정보", "파기가 확인되지 않은 가명정보", "파기된 가명정보"],
+    },
+}
+NAV_LINKS = {
+    "en": {"automated-decisions": "Automated decisions", "pseudonymised": "Pseudonymised data"},
+    "ko": {"automated-decisions": "자동화된 결정", "pseudonymised": "가명정보"},
+}
+
+
+def open_from_top_nav(page, base: str, lang: str, slug: str) -> None:
+    """Follow the main navigation bar's link to /governance/`slug`, found by its label."""
+    link = page.locator("header.top nav").get_by_role(
+        "link", name=NAV_LINKS[lang][slug], exact=True
+    )
+    link.click()
+    page.wait_for_url(f"{base}/governance/{slug}")
+    current = page.locator("header.top nav a[aria-current=page]")
+    assert current.inner_text() == NAV_LINKS[lang][slug]
+
+
+def headings(page) -> list[str]:
+    return [h.strip() for h in page.locator("main h1, main h2").all_inner_texts()]
+
+
+def test_automated_decisions_and_pseudonymised_register_pages_in_the_browser(node, chromium, shots):  # noqa: F811
+    """The DPO opens the automated-decisions page (PIPA 37-2: the built-in analyzers' criteria)
+    and the pseudonymised-data register (items 27 and 36, with the record of one de-identified
+    share) from the main navigation bar, in English and then in Korean."""
+    node.stewardship.record_consent("P1", "HRESCH", "granted", "dpo", evidence_ref="form 7")
+    share = governance_api(node, "POST", "/shares", json={"recipient": "lab", "study": STUDY_1})
+    assert share.status_code == 200, share.text  # de-identified to the research PACS: a record
+    base = f"http://127.0.0.1:{node.http_port}"
+    context, page = sign_in(chromium, base, "dpo1", "en-US")
+
+    for lang in ("en", "ko"):
+        if lang == "ko":
+            page.goto(f"{base}/governance/approvals?lang=ko")  # kept in the session from here
+        open_from_top_nav(page, base, lang, "automated-decisions")
+        assert headings(page)[:3] == HEADINGS["automated-decisions"][lang]
+        lung = page.inner_text("#output-ct-lung pre.criteria")
+        qca = page.inner_text("#output-xa-qca pre.criteria")
+        for part in ("body and lungs", "-400 HU", "No trained model", "research use only"):
+            assert part in lung, part
+        for part in ("%DS", "minimal lumen diameter", "interpolated reference line"):
+            assert part in qca, part
+        writes = page.inner_text("#output-xa-qca")
+        assert "Segmentation (SEG), Comprehensive SR" in writes
+        source = {"en": "text of the analyzer", "ko": "분석기 제공 문구"}[lang]
+        assert source in writes and source in page.inner_text("#output-ct-lung")
+        assert page.inner_text("table.flags tbody") == {"en": "None.", "ko": "없음."}[lang]
+        shots(page, f"governance-01-automated-decisions-{lang}")
+
+        open_from_top_nav(page, base, lang, "pseudonymised")
+        assert headings(page) == HEADINGS["pseudonymised"][lang]
+        for table in ("#open", "#destroyed"):
+            columns = page.locator(f"table{table} thead th").all_inner_texts()
+            assert columns == PSEUDONYMISED_COLUMNS[lang], (table, columns)
+        (record,) = page.locator("table#open tr.record").all()
+        cells = record.locator("td").all_inner_texts()
+        assert cells[0] == "1" and "lab" in cells[4]
+        assert cells[7].startswith(STUDY_1) and cells[7].endswith("P1")  # original UID, subject
+        assert {"en": "Patient ID: keyed pseudonym", "ko": "환자 ID: 키 기반 가명"}[lang] in cells[
+            5
+        ]
+        assert page.locator("table#destroyed tr.record").count() == 0
+        shots(page, f"governance-02-pseudonymised-{lang}")
+
+    for slug in ("automated-decisions", "pseudonymised"):  # Korean: no English heading left
+        page.goto(f"{base}/governance/{slug}")
+        shown = headings(page)
+        assert not {h for h in shown for en in HEADINGS[slug]["en"] if en in h}, shown
+    context.close()
