@@ -586,13 +586,23 @@ def read_folder(folder: Path, settled: float = 0.0) -> list[Dataset]:
 ALL_SCOPES = ("dicomweb.read", "dicomweb.write", "dicomweb.delete")
 
 
-def token_for(node, scopes=ALL_SCOPES, subject: str = "tester", expires_in: int = 600) -> str:
-    """A bearer token signed by `node`'s own key."""
+def token_for(
+    node,
+    scopes=ALL_SCOPES,
+    subject: str = "tester",
+    expires_in: int = 600,
+    purpose: str | None = None,
+) -> str:
+    """A bearer token signed by `node`'s own key, stating `purpose`, else (as `dicomnode token
+    create` does) the purpose the policy in force gives `subject`."""
     from dicomnode.archive.keys import shared_signing_key
     from dicomnode.dicomweb.auth import issue_token
+    from dicomnode.governance.decisions import token_purpose
 
     key = shared_signing_key(node.settings.database_url)
-    return issue_token(key, node.settings.auth, subject, list(scopes), expires_in)
+    if purpose is None and hasattr(node, "stewardship"):
+        purpose = token_purpose(node.stewardship.policy_status().in_force, subject) or None
+    return issue_token(key, node.settings.auth, subject, list(scopes), expires_in, purpose)
 
 
 def dicomweb_url(node) -> str:

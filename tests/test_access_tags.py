@@ -42,6 +42,7 @@ def _tagged_token(node, tags: list[str]) -> str:
         "sub": "hospital-b-viewer",
         "scope": "dicomweb.read",
         "exp": int(time.time()) + 600,
+        "purpose_of_use": "TREAT",
         "access_tags": tags,
     }
     return jwt.encode({"alg": "RS256", "kid": key.thumbprint()}, claims, key)

@@ -143,6 +143,53 @@ def test_missing_scope_is_403(node):
     assert "dicomweb.read" in response.json()["detail"]
 
 
+def test_a_token_without_a_purpose_of_use_is_403_and_a_security_alert(node):
+    """Checklist item 39: every token states why it is used; one that states no purpose (a
+    well-signed token, in time, for this audience, with the scope) is refused with 403 and a
+    110113 alert, on DICOMweb and on the governance API; an expired or wrong-audience one is
+    refused with 401 and a 110114. A token in IHE IUA's form states it too."""
+    from tests.test_audit_alerts import event_id, outcome_text, spooled
+
+    before = len(spooled(node))
+    both = "dicomweb.read governance.read"
+    purposeless = _sign_with_node_key(node, _local_claims(sub="no-purpose", scope=both))
+    refused = get(node, "/studies", purposeless)
+    assert refused.status_code == 403, refused.text
+    assert "purpose_of_use" in refused.json()["detail"]
+    governance = requests.get(
+        f"http://127.0.0.1:{node.http_port}/governance/api/policy",
+        headers={"Authorization": f"Bearer {purposeless}"},
+        timeout=30,
+    )
+    assert governance.status_code == 403
+    expired = _local_claims(exp=int(time.time()) - 600, purpose_of_use="TREAT")
+    assert get(node, "/studies", _sign_with_node_key(node, expired)).status_code == 401
+    elsewhere = _local_claims(aud="elsewhere", purpose_of_use="TREAT")
+    assert get(node, "/studies", _sign_with_node_key(node, elsewhere)).status_code == 401
+
+    messages = spooled(node)[before:]
+    alerts = [d for d in messages if event_id(d) == "110113"]
+    assert alerts and all("token purpose" in outcome_text(d) for d in alerts)
+    assert "states no purpose_of_use" in outcome_text(alerts[0])
+    assert any(event_id(d) == "110114" and "expired" in outcome_text(d) for d in messages)
+
+    stated = _local_claims(sub="iua", purpose_of_use=None)
+    stated["extensions"] = {"ihe_iua": {"purpose_of_use": [{"code": "TREAT"}]}}
+    assert get(node, "/studies", _sign_with_node_key(node, stated)).status_code == 200
+    assert get(node, "/studies", token_for(node, READ)).status_code == 200  # the node's own
+
+
+def test_the_node_issues_tokens_that_state_a_purpose(node):
+    from dicomnode.archive.keys import shared_signing_key
+    from dicomnode.dicomweb.auth import DEFAULT_PURPOSE, issue_token
+
+    key = shared_signing_key(node.settings.database_url)
+    for purpose, stated in ((None, DEFAULT_PURPOSE), ("HRESCH", "HRESCH")):
+        token = issue_token(key, node.settings.auth, "x", list(READ), 60, purpose)
+        claims = json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "=="))
+        assert claims["purpose_of_use"] == stated
+
+
 def test_a_read_only_token_cannot_store_or_delete(node):
     reader = token_for(node, READ)
     assert stow(node, reader).status_code == 403
@@ -205,6 +252,7 @@ def test_token_create_command(node):
     assert get(node, "/studies", token).status_code == 200
     claims = json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "=="))
     assert claims["sub"] == "pacs-gateway"
+    assert claims["purpose_of_use"] == "TREAT"  # what the policy in force gives the subject
     assert 3500 <= claims["exp"] - claims["iat"] <= 3600
     bad = subprocess.run(
         [
@@ -262,6 +310,7 @@ class _Provider:
             "sub": "dr.kim",
             "scope": scope,
             "exp": int(time.time()) + 600,
+            "extensions": {"ihe_iua": {"purpose_of_use": [{"code": "TREAT"}]}},
             **extra,
         }
         return jwt.encode({"alg": "ES256", "kid": self.key.thumbprint()}, claims, self.key)
@@ -284,6 +333,7 @@ def test_tokens_from_the_hospital_identity_provider(start_node, provider):
     assert provider.requests == 1  # the key set is cached
     assert_refused(get(node, "/studies", provider.token(audience="another-app")), "aud")
     assert get(node, "/studies", provider.token(scope="openid profile")).status_code == 403
+    assert get(node, "/studies", provider.token(extensions={})).status_code == 403  # no purpose
     # the node's own tokens still work beside the provider's
     assert get(node, "/studies", token_for(node, READ)).status_code == 200
 

@@ -101,6 +101,7 @@ def test_a_signed_token_with_odd_claim_types_is_refused_or_granted_nothing(start
     key = shared_signing_key(node.settings.database_url)
     now = int(time.time())
     base = {"iss": "dicomnode", "aud": "dicomnode", "sub": "odd", "iat": now, "exp": now + 600}
+    base["purpose_of_use"] = "TREAT"
 
     def get(claims: dict) -> requests.Response:
         token = joserfc_jwt.encode({"alg": "RS256", "kid": key.thumbprint()}, claims, key)

@@ -31,6 +31,7 @@ def _patient_token(node, claims: dict, scope: str = "patient/*.read") -> str:
         "sub": "patient-portal",
         "scope": scope,
         "exp": int(time.time()) + 600,
+        "purpose_of_use": "TREAT",
         **claims,
     }
     return jwt.encode({"alg": "RS256", "kid": key.thumbprint()}, payload, key)

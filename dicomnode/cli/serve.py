@@ -47,11 +47,16 @@ def _token_create(args: argparse.Namespace) -> int:
     from dicomnode.cli.common import archive
     from dicomnode.core.model import PatientIdentity
     from dicomnode.dicomweb.auth import issue_token
+    from dicomnode.governance.decisions import token_purpose
+    from dicomnode.stewardship import Stewardship
 
     settings = read_settings(args.config)
     patient = PatientIdentity(args.patient_id, args.issuer) if args.patient_id else None
     with archive(args.config) as opened:  # the nodes' shared key, from the index
         key = KeyStore(opened.index, settings.node.data_dir).signing_key()
+        purpose = args.purpose or token_purpose(
+            Stewardship(opened).policy_status().in_force, args.subject
+        )
     try:
         token = issue_token(
             key,
@@ -59,7 +64,7 @@ def _token_create(args: argparse.Namespace) -> int:
             args.subject,
             args.scope.split(),
             args.expires,
-            args.purpose,
+            purpose or None,
             patient,
         )
     except ValueError as e:
@@ -95,7 +100,9 @@ def add_parsers(commands: Any) -> None:
     create.add_argument("--subject", required=True, help="who the token is for")
     create.add_argument("--expires", type=seconds, default=3600, help="lifetime: 3600, 30m, 1h, 7d")
     create.add_argument(
-        "--purpose", help="purpose_of_use claim (HL7 code, e.g. HRESCH); default: none"
+        "--purpose",
+        help="purpose_of_use claim (HL7 code, e.g. HRESCH); default: the one the policy in force "
+        "gives --subject (its recipient's default purpose), else TREAT",
     )
     create.add_argument(
         "--patient-id",

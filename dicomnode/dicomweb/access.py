@@ -9,7 +9,7 @@ from typing import Any
 from flask import Blueprint, current_app, g, request
 
 from dicomnode.core.model import Source
-from dicomnode.dicomweb.auth import AuthError, ScopeError
+from dicomnode.dicomweb.auth import AuthError, PurposeError, ScopeError
 from dicomnode.governance import audit_events
 
 SCOPE_BY_METHOD = {
@@ -34,7 +34,8 @@ GOVERNANCE_SCOPE_BY_METHOD = {
 
 
 def require_token(blueprint: Blueprint, scopes: dict[str, str] = SCOPE_BY_METHOD) -> None:
-    """Every request to `blueprint` needs a valid token with the scope its method needs."""
+    """Every request to `blueprint` needs a valid token with the scope its method needs and a
+    stated purpose of use; a refusal is a 110114 (bad token) or 110113 (scope, purpose) alert."""
 
     @blueprint.before_request
     def check() -> None:
@@ -55,13 +56,13 @@ def require_token(blueprint: Blueprint, scopes: dict[str, str] = SCOPE_BY_METHOD
             raise
         try:
             principal.require(scopes.get(request.method, scopes["POST"]))  # unknown: as a write
+            principal.require_purpose()
         except ScopeError as e:
             who, why = Source("dicomweb", principal.subject, address), f"{reason}: {e}"
+            what = "token purpose" if isinstance(e, PurposeError) else "token scope"
             alert(
                 ("token-refused", address, principal.subject),
-                lambda by, count: audit_events.refused(
-                    who, "token scope", why, now, by, count=count
-                ),
+                lambda by, count: audit_events.refused(who, what, why, now, by, count=count),
             )
             raise
         g.principal = principal

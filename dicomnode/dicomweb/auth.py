@@ -8,6 +8,9 @@ Two sources of keys are trusted:
 
 Only asymmetric algorithms are accepted (never ``none``, never HMAC). Issuer, audience and
 expiry are required claims; scopes come from ``scope`` (space-separated) or ``scp`` (a list).
+A token must state its purpose of use (``purpose_of_use``, or IHE IUA's
+``extensions.ihe_iua.purpose_of_use``): the services refuse one that states none with 403
+(`PurposeError`), as they refuse a missing scope. Tokens the node issues always state one.
 """
 
 from __future__ import annotations
@@ -44,6 +47,9 @@ JWKS_REFRESH_SECONDS = 300  # the provider's key set is re-read this often
 JWKS_MIN_REFETCH_SECONDS = 30  # and at most this often when a token names an unknown key
 VERIFIED_TOKEN_SECONDS = 60  # a verified token is trusted again for this long (never past exp)
 VERIFIED_TOKENS_KEPT = 4096
+# The purpose of use a token the node issues states when its caller names none: treatment, the
+# hospital's own use (`dicomnode token create` names the one the policy gives the subject).
+DEFAULT_PURPOSE = "TREAT"
 # What QIDO and WADO need per method: a GET is served to a patient-bound token too (item 40)
 READ_OR_PATIENT = f"dicomweb.read|{patient_scope.PATIENT_READ}"
 PATIENT_AWARE_SCOPES = {
@@ -60,6 +66,10 @@ class AuthError(Exception):
 
 class ScopeError(Exception):
     """The token is good but lacks the scope the request needs (HTTP 403)."""
+
+
+class PurposeError(ScopeError):
+    """The token is good but states no purpose of use (HTTP 403)."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +89,11 @@ class Principal:
         if not self.scopes.intersection(wanted):
             raise ScopeError(f"this request needs the {' or '.join(wanted)} scope")
 
+    def require_purpose(self) -> None:
+        """PurposeError unless the token states its purpose of use."""
+        if not self.purpose:
+            raise PurposeError("the bearer token states no purpose_of_use")
+
 
 def issue_token(
     key: RSAKey,
@@ -89,9 +104,9 @@ def issue_token(
     purpose: str | None = None,
     patient: PatientIdentity | None = None,
 ) -> str:
-    """A token signed by the node's key for `subject` with `scopes`, valid `expires_in` seconds
-    (with a ``purpose_of_use`` claim when `purpose` is given; bound to `patient`, with the
-    ``patient/*.read`` scope, when one is given)."""
+    """A token signed by the node's key for `subject` with `scopes`, valid `expires_in` seconds,
+    stating `purpose` (DEFAULT_PURPOSE when none is given) as its ``purpose_of_use`` claim;
+    bound to `patient`, with the ``patient/*.read`` scope, when one is given."""
     if patient is not None:
         scopes = list(dict.fromkeys([*scopes, patient_scope.PATIENT_READ]))
     allowed = set(SCOPES) | {patient_scope.PATIENT_READ}
@@ -108,9 +123,8 @@ def issue_token(
         "nbf": now,
         "exp": now + expires_in,
         "jti": uuid.uuid4().hex,
+        "purpose_of_use": purpose or DEFAULT_PURPOSE,
     }
-    if purpose:
-        claims["purpose_of_use"] = purpose
     if patient is not None:
         claims["patient"] = {"id": patient.patient_id, "issuer": patient.issuer or ""}
     return jwt.encode({"alg": "RS256", "kid": key.thumbprint()}, claims, key)

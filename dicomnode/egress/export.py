@@ -3,6 +3,7 @@ summary of every disclosure, asked of the gate like any other way out."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -37,7 +38,10 @@ class SubjectExport(Gate):
         what was done with the data and every disclosure of it (`summary.json`, and the same as
         readable text in `summary.txt`). `context` adds consents, restrictions and retention.
         The patient is one exact identity (Patient ID and issuer, never a pattern).
-        The export is a decision (subject access) recorded like any other; returns the summary."""
+        The export is a decision (subject access) recorded like any other; returns the summary.
+        Its purpose is the data subject's request (the subject-access activity's), whatever
+        purpose the token of the account handing it over states."""
+        requester = dataclasses.replace(requester, purpose=None)
         identity = self.archive.identify(patient_id, issuer)
         patient_id = identity.patient_id
         instances = self.archive.instances_of(identity)

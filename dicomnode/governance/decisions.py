@@ -178,6 +178,19 @@ def activity_for(operation: str, recipient: Recipient | None, purpose: str) -> s
     return "research-sharing" if purpose in codes.RESEARCH_PURPOSES else "third-party-provision"
 
 
+def token_purpose(policy: Policy, subject: str) -> str:
+    """The purpose of use the policy gives the DICOMweb client `subject` (what a bearer token
+    minted for it states when its issuer names none): its recipient's default purpose, else
+    the first purpose of the activity its retrievals are; "" when no recipient lists it."""
+    recipient = resolve_recipient(policy, Party("dicomweb", token_subject=subject))
+    if recipient is None:
+        return ""
+    if recipient.default_purpose:
+        return recipient.default_purpose
+    activity = policy.activity(activity_for("wado", recipient, ""))
+    return activity.purposes[0] if activity is not None and activity.purposes else ""
+
+
 def _rule_matches(
     rule: SharingRule, activity: str, recipient: Recipient | None, operation: str, purpose: str
 ) -> bool:
