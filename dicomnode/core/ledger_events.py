@@ -157,6 +157,23 @@ def without_linkage(detail: Mapping[str, Any]) -> tuple[dict[str, Any], list[str
     return {k: v for k, v in detail.items() if k not in LINKAGE_KEYS}, left_out
 
 
+# The action (of the PIPA safety standard's access records) each operation a decision is about
+# is: answers to queries are viewed, copies that leave are downloads, filing is entering.
+ACCESS_ACTIONS: Mapping[str, str] = {
+    "find": "view",
+    "qido": "view",
+    "job-info": "view",
+    "analyze": "view",
+    "wado": "download",
+    "move": "download",
+    "get": "download",
+    "forward": "download",
+    "share": "download",
+    "export": "download",
+    "admit": "enter",
+}
+
+
 @dataclass(frozen=True)
 class DecisionRecord(Record):
     """A governance decision about data leaving (kind disclosure or denial) or being processed
@@ -196,6 +213,12 @@ class DecisionRecord(Record):
     delivery: int | None = None
     gone: tuple[str, ...] | None = None
     plan: DeidPlan | None = None
+
+    @property
+    def action(self) -> str:
+        """The action of the access record this decision is (PIPA safety standard: view,
+        modify, enter, delete, print, download), from its operation ("" for an unknown one)."""
+        return ACCESS_ACTIONS.get(self.operation, "")
 
     @staticmethod
     def kind_of(operation: str, allowed: bool) -> LedgerKind:
