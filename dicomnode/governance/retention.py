@@ -9,14 +9,28 @@ keeps everything, whatever expired. Pure: the caller gathers the facts and passe
 
 from __future__ import annotations
 
+import calendar
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
 from dicomnode.core.model import StudyFacts
-from dicomnode.governance.policy import Policy, RetentionRule
+from dicomnode.governance.policy import Period, Policy, RetentionRule
 
 DESTROY, KEEP, KEEP_HOLD = "destroy", "keep", "keep-hold"
+# Records of the "logs" category (they record access to patients' data) are kept at least this
+# many years, whatever the policy's rule says (PIPA safety standard: access records of
+# sensitive data, two years). Not configurable.
+LOGS_MINIMUM_YEARS = 2
+
+
+def logs_purge_cutoff(period: Period, now: datetime) -> datetime:
+    """Records finished before this time may be purged at `now` under a "logs" rule of `period`:
+    `period` before `now`, and never less than LOGS_MINIMUM_YEARS (calendar years) before."""
+    by_rule = now - (period.after(now) - now)
+    year = now.year - LOGS_MINIMUM_YEARS
+    floor = now.replace(year=year, day=min(now.day, calendar.monthrange(year, now.month)[1]))
+    return min(by_rule, floor)
 
 
 @dataclass(frozen=True)

@@ -278,7 +278,7 @@ class RetentionOps(StewardshipBase):
             self.archive.ledger.record(kept.kind, by, "skipped", kept.as_details())
         if logs_rules:
             rule = max(logs_rules, key=lambda r: r.priority)
-            cutoff = now - (rule.period.after(now) - now)
+            cutoff = retention.logs_purge_cutoff(rule.period, now)  # two years at least
             records = self.archive.registry.purge_records(cutoff)
             if any(records.values()):
                 purged = RecordsPurged(
