@@ -235,6 +235,27 @@ def _recipients_of(policy: Policy, activity_id: str) -> list[str]:
     return found
 
 
+def _purposes(policy: Policy) -> list[dict[str, Any]]:
+    """Every purpose of use the policy configures (its activities', its rules' and its
+    recipients' default ones), each with the activities and recipients it is configured for."""
+    found: dict[str, dict[str, Any]] = {}
+
+    def add(code: str) -> dict[str, Any]:
+        return found.setdefault(
+            code, {**_coded(code, codes.PURPOSES), "activities": [], "recipients": []}
+        )
+
+    for activity in policy.activities:
+        for code in activity.purposes:
+            add(code)["activities"].append(activity.id)
+    for rule in policy.rules:
+        for code in rule.purposes:
+            add(code)
+    for recipient in policy.recipients:
+        add(recipient.default_purpose)["recipients"].append(recipient.id)
+    return list(found.values())
+
+
 def _recipient(recipient: Recipient, home: str) -> dict[str, Any]:
     abroad = recipient.country != home
     return {
@@ -248,6 +269,7 @@ def _recipient(recipient: Recipient, home: str) -> dict[str, Any]:
             if recipient.cross_border_basis
             else None
         ),
+        "default_purpose": _coded(recipient.default_purpose, codes.PURPOSES),
         "retention_by_recipient": recipient.retention,
         "contact": recipient.contact,
         "description": recipient.description,
@@ -345,6 +367,7 @@ def processing_record(
                         "effect": rule.effect,
                         "recipients": list(rule.recipients),
                         "operations": list(rule.operations),
+                        "purposes": [_coded(p, codes.PURPOSES) for p in rule.purposes],
                         "lawful_basis": _coded(rule.lawful_basis, codes.LAWFUL_BASES),
                         "consent_required": rule.consent_required,
                         "deid_profile": rule.deid_profile,
@@ -368,6 +391,7 @@ def processing_record(
         "dpo_contact": policy.dpo_contact,
         "home_country": home,
         "summary": policy.summary,
+        "purposes": _purposes(policy),
         "activities": activities,
         "recipients": [_recipient(r, home) for r in recipients.values()],
         "transfers_abroad": [_recipient(r, home) for r in recipients.values() if r.country != home],
