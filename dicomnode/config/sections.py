@@ -260,8 +260,8 @@ class HttpSettings:
     )
     max_decoded_bytes: int = setting(
         1024**3,
-        "largest image decoded for frames or rendering, and largest inflated data set read "
-        "back; larger: 406",
+        "most bytes decoded for one answer (the frames asked, read by range; a rendered "
+        "image's whole object) and largest inflated data set read back; larger: 406",
         check=d.positive,
     )
     trusted_proxies: tuple[str, ...] = setting(
