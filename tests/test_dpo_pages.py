@@ -743,6 +743,7 @@ def test_sign_ins_sign_outs_and_exports_write_audit_messages(node):
     ]
 
 
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # the CLI: any index
 def test_cli_adds_lists_and_disables_accounts(node):
     config = str(node.settings.source)
 

@@ -418,6 +418,7 @@ def test_an_unknown_sender_is_refused_when_the_policy_says_so(start_node, tmp_pa
     assert node.archive.counts()["instances"] == 0 and node.archive.registry.quarantined() == []
 
 
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # the CLI: any index
 def test_cli_policy_check_show_diff(node, tmp_path):
     config = str(node.settings.source)
 

@@ -169,6 +169,7 @@ def test_a_withdrawal_under_hospital_a_cancels_only_the_work_of_a(node):
     )
 
 
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # the CLI: any index
 def test_the_command_line_names_the_issuer_and_the_recipients(node):
     refused = cli(
         node, "consent", "record", "--patient-id", "P1", "--purpose", "HRESCH", "--state",

@@ -50,6 +50,7 @@ def node(start_node):
     return node
 
 
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # the CLI: any index
 def test_four_eyes_from_the_command_line(node, tmp_path):
     listed = run(node, "approvals", "list")
     assert "not in force" in listed.stdout, listed.stderr
@@ -97,6 +98,7 @@ def test_four_eyes_from_the_command_line(node, tmp_path):
     assert erased.actor == "account:dpo1" and erased.outcome == "erased"
 
 
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # the CLI: any index
 def test_break_glass_from_the_command_line(node):
     opened = as_user(
         node,

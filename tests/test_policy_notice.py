@@ -156,6 +156,7 @@ def test_a_narrowing_takes_effect_at_once_end_to_end(deployed, research, tmp_pat
     }.items() <= in_force[-1].items()
 
 
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # the CLI: any index
 def test_policy_diff_shows_the_classification(deployed, tmp_path):
     narrower = tmp_path / "narrower.toml"
     narrower.write_text(research_denied("v-narrow") + RETENTION.format(period="P30D"))
