@@ -8,33 +8,16 @@ from datetime import UTC, datetime
 
 import pytest
 import requests
-from pydicom.dataset import Dataset
-from pynetdicom import AE
-from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
 
 from dicomnode.core.ledger_events import DecisionRecord
 from tests.conftest import WORKSTATION, dicomweb_client, dicomweb_url, token_for
 from tests.factory import make_ct
-from tests.test_governance_node import as_file
+from tests.test_governance_node import as_file, c_move
 from tests.test_ledger import c_find
 
 pytestmark = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 
 STUDY = "1.2.826.0.1.21"
-
-
-def c_move(node, destination: str, study: str) -> int:
-    """A C-MOVE of `study` to `destination` by WORKSTATION; the final status."""
-    ae = AE("WORKSTATION")
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
-    assoc = ae.associate("127.0.0.1", node.dimse.port, ae_title="DICOMNODE")
-    identifier = Dataset()
-    identifier.QueryRetrieveLevel = "STUDY"
-    identifier.StudyInstanceUID = study
-    model = StudyRootQueryRetrieveInformationModelMove
-    statuses = [s.Status for s, _ in assoc.send_c_move(identifier, destination, model) if s]
-    assoc.release()
-    return statuses[-1]
 
 
 def test_every_wado_qido_find_and_move_leaves_a_record_with_all_five_fields(start_node, storescp):
