@@ -19,6 +19,7 @@ from dicomnode.archive import Archive, received
 from dicomnode.archive.approvals import ApprovalStore
 from dicomnode.archive.blobs import PendingBlob
 from dicomnode.archive.blobstore import read_all
+from dicomnode.core.elements import reader_for
 from dicomnode.core.errors import (
     DatasetMismatch,
     DicomnodeError,
@@ -28,7 +29,7 @@ from dicomnode.core.errors import (
 )
 from dicomnode.core.ledger_events import AdmissionRefused, QuarantineReleased
 from dicomnode.core.metrics import Metrics
-from dicomnode.core.model import IngestResult, Source
+from dicomnode.core.model import IngestResult, PatientIdentity, Source
 from dicomnode.core.times import utc_now
 from dicomnode.core.turns import ANY_TIME, Turn
 from dicomnode.core.uids import validate_uid
@@ -139,7 +140,8 @@ class Intake:
             sop_class_uid=obj.sop_class_uid,
         )
         try:
-            facts = self.archive.registry.governed_facts([obj.patient_id])[obj.patient_id]
+            person = PatientIdentity(obj.patient_id, _issuer_of(obj))  # this issuer's patient
+            facts = self.archive.registry.governed_facts([person])[obj.patient_id]
             admission = governance.admit(request, facts, policy, now)
             if admission.action == "refuse":
                 refused = AdmissionRefused(
@@ -338,3 +340,12 @@ class Intake:
                 lambda count: audit_events.refused(source, "store", reason, now, by, count=count),
                 now,
             )
+
+
+def _issuer_of(obj: received.ReceivedObject) -> str | None:
+    """The arriving object's IssuerOfPatientID ("" without one: its own issuer, as indexed;
+    None when unreadable: then the ID under every issuer decides, the safe side)."""
+    try:
+        return reader_for("IssuerOfPatientID").text(obj.header) or ""
+    except Exception:
+        return None

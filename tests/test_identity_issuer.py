@@ -200,3 +200,17 @@ def test_the_command_line_names_the_issuer_and_the_recipients(node):
     assert placed.returncode == 0, placed.stderr
     (hold,) = node.archive.registry.holds(active_only=True)
     assert (hold.patient_id, hold.issuer_of_patient_id) == ("P1", "HOSPITAL-B")
+
+
+def test_intake_decides_on_the_arriving_objects_own_issuer(node):
+    """A restriction of hospital A's P1 holds A's new objects at intake and files B's."""
+    node.stewardship.restrict("P1", "dpo", "request 2026-32", issuer="HOSPITAL-A")
+    arriving = {
+        issuer: make_ct(patient_id="P1", study_uid=study, IssuerOfPatientID=issuer)
+        for study, issuer in ((A_STUDY, "HOSPITAL-A"), (B_STUDY, "HOSPITAL-B"))
+    }
+    dicomweb_client(node).store_instances([as_file(ds) for ds in arriving.values()])
+    held = {h.sop_instance_uid for h in node.archive.registry.quarantined()}
+    assert held == {arriving["HOSPITAL-A"].SOPInstanceUID}
+    assert wado(node, B_STUDY, subject="ohif").status_code == 200
+    assert node.archive.counts()["instances"] == 3  # the two first objects and B's new one
