@@ -86,10 +86,12 @@ def approval_entries(node, request_id: int) -> list:
 
 
 def pending_id(response: requests.Response) -> int:
-    assert response.status_code == 403, response.text
-    detail = response.json()["detail"]
-    assert "needs a second person's approval" in detail, detail
-    return int(detail.split("request ")[1].split(" ")[0])
+    """The request a gated change became: 202 Accepted, naming it and where it is decided."""
+    assert response.status_code == 202, response.text
+    answer = response.json()
+    assert "needs a second person's approval" in answer["detail"], answer
+    assert response.headers["Location"] == f"/governance/approvals/{answer['pending_request']}"
+    return answer["pending_request"]
 
 
 def test_without_a_deputy_nothing_waits(node):

@@ -18,6 +18,7 @@ from dicomnode.core.errors import (
 )
 from dicomnode.dicomweb.auth import AuthError, ScopeError
 from dicomnode.dicomweb.multipart import PartTooLarge
+from dicomnode.oversight.approvals import ApprovalPending
 
 log = logging.getLogger("dicomnode.http")
 
@@ -34,6 +35,7 @@ class UnsupportedMediaType(DicomnodeError):
 HTTP_STATUS_BY_ERROR: tuple[tuple[type[BaseException], int], ...] = (
     (AuthError, 401),
     (ScopeError, 403),
+    (ApprovalPending, 202),  # four-eyes: accepted as a request a second person decides
     (NotPermitted, 403),
     (NotFound, 404),
     (NotAcceptable, 406),
@@ -57,8 +59,13 @@ RETRY_AFTER_SECONDS = 30  # what a 503 (storage or index failing) asks clients t
 
 def error_response(error: BaseException) -> Response:
     status = http_status_for(error)
-    response = jsonify({"error": type(error).__name__, "detail": str(error), "status": status})
+    body = {"error": type(error).__name__, "detail": str(error), "status": status}
+    if isinstance(error, ApprovalPending):
+        body["pending_request"] = error.request.id
+    response = jsonify(body)
     response.status_code = status
+    if isinstance(error, ApprovalPending):
+        response.headers["Location"] = f"/governance/approvals/{error.request.id}"
     if status == 503:
         response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
     if status == 401:
