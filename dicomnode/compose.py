@@ -20,6 +20,7 @@ import enum
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ from dicomnode.core.times import utc_now
 from dicomnode.dicomweb.stow_client import StowSender
 from dicomnode.egress import Egress
 from dicomnode.governance import PolicyError, audit_events
+from dicomnode.governance.access_tags import rule_tags
 from dicomnode.intake import Intake
 from dicomnode.records import Records, Workbench
 from dicomnode.scp.scu import DimseSender
@@ -191,8 +193,9 @@ def _build(
     casework = Casework(  # on stewardship's clock, read at each call (a test may swap it)
         archive, stewardship, egress, lambda: stewardship.clock(), review_settings(settings.dpo)
     )
-    tagger = AccessTagStore(archive.index, {p.name: p.intake_tags for p in settings.peers})
-    intake.subscribe(tagger.on_stored)  # study access tags by the sending peer (item 41)
+    by_rule = partial(rule_tags, settings.access_tag_rules) if settings.access_tag_rules else None
+    tagger = AccessTagStore(archive.index, {p.name: p.intake_tags for p in settings.peers}, by_rule)
+    intake.subscribe(tagger.on_stored)  # study access tags by sender and attributes (item 41)
     analysis = None
     if role is not CLI and settings.analysis.enabled:
         analysis = build_analysis(settings, archive, intake, egress)

@@ -1,19 +1,25 @@
 """Study access tags (checklist item 41): studies are tagged at intake by the sending peer's
-rule ([[peers]] intake_tags) and a client with tags (a peer's access_tags, a token's
+rule ([[peers]] intake_tags) and by [[access_tag_rules]] on the sender and the arriving object's
+attribute values (exact, never patterns), and a client with tags (a peer's access_tags, a token's
 access_tags claim) sees only studies carrying one of them: a study tagged hospital-a is
 invisible to a hospital-b client on C-FIND, C-MOVE (dcmtk), QIDO and WADO (dicomweb-client).
 """
 
 from __future__ import annotations
 
+import io
 import time
 
 import pytest
 import requests
 from dicomweb_client.api import DICOMwebClient
 from joserfc import jwt
+from pydicom import dcmread
 from pydicom.uid import generate_uid
 
+from dicomnode.config import check_settings, read_settings
+from dicomnode.core.model import Source
+from dicomnode.governance.access_tags import rule_tags
 from tests.conftest import dicomweb_client, dicomweb_url, wait_until
 from tests.factory import make_ct
 from tests.test_dimse_dcmtk import SUCCESS, findscu, movescu, storescu
@@ -130,3 +136,123 @@ def test_a_bad_access_tags_claim_is_no_token(start_node):
         assert (
             "access_tags" in response.json()["detail"] or "access tag" in response.json()["detail"]
         )
+
+
+# [[access_tag_rules]]: one CT (AE title CT1) sends for two hospitals; the institution decides.
+RULES = """
+[[access_tag_rules]]
+tag = "hospital-a"
+sender = "CT1"
+match = { InstitutionName = "Hospital A" }
+
+[[access_tag_rules]]
+tag = "hospital-b"
+sender = "CT1"
+match = { InstitutionName = "Hospital B", IssuerOfPatientID = ["HOSP-B", "HOSPITAL-B"] }
+
+[[access_tag_rules]]
+tag = "literal"
+match = { InstitutionName = "Hospital*" }
+"""
+
+
+def test_rules_tag_one_senders_studies_by_institution(start_node, tmp_path):
+    node = start_node(extra=RULES)
+    sent = {  # name -> (calling AE, InstitutionName, IssuerOfPatientID)
+        "other-sender": ("CT2", "Hospital A", "HOSP-A"),
+        "a": ("CT1", "Hospital A", "HOSP-A"),
+        "b": ("CT1", "Hospital B", "HOSPITAL-B"),
+        "star": ("CT1", "Hospital*", "HOSP-A"),
+    }
+    studies = {}
+    for name, (ae_title, institution, issuer) in sent.items():
+        studies[name] = generate_uid()
+        path = tmp_path / f"{name}.dcm"
+        make_ct(
+            patient_id=f"P-{name}",
+            study_uid=studies[name],
+            InstitutionName=institution,
+            IssuerOfPatientID=issuer,
+        ).save_as(path, enforce_file_format=True)
+        assert storescu(node, path, aet=ae_title).final_status == SUCCESS
+
+    def client(tag: str) -> DICOMwebClient:
+        token = _tagged_token(node, [tag])
+        return DICOMwebClient(dicomweb_url(node), headers={"Authorization": f"Bearer {token}"})
+
+    def seen_by(tag: str) -> set[str]:
+        return _study_uids(client(tag).search_for_studies())
+
+    # "Hospital*" is a value, not a pattern: only the study whose institution is that text
+    wait_until(lambda: seen_by("literal") == {studies["star"]}, 30, "the literal rule's tag")
+    # CT2 is not the rules' sender: its Hospital A study gets no tag
+    assert seen_by("hospital-a") == {studies["a"]}
+    assert seen_by("hospital-b") == {studies["b"]}
+
+    hospital_b = client("hospital-b")
+    assert _study_uids(hospital_b.search_for_instances()) == {studies["b"]}
+    assert [ds.StudyInstanceUID for ds in hospital_b.retrieve_study(studies["b"])] == [studies["b"]]
+    for retrieve in (hospital_b.retrieve_study, hospital_b.retrieve_study_metadata):
+        with pytest.raises(requests.HTTPError) as hidden:
+            retrieve(studies["a"])
+        assert hidden.value.response.status_code in (403, 404)
+
+
+def _parsed(**attributes: object):
+    """A CT object as intake parses it (raw elements, values padded to even length)."""
+    buffer = io.BytesIO()
+    make_ct(**attributes).save_as(buffer, enforce_file_format=True)
+    return dcmread(io.BytesIO(buffer.getvalue()), stop_before_pixels=True)
+
+
+def test_rule_values_are_exact_text_never_patterns(tmp_path):
+    path = tmp_path / "rules.toml"
+    path.write_text(
+        RULES
+        + """
+[[access_tag_rules]]
+tag = "by-peer"
+sender = "modality-1"
+match = { Modality = "CT", IssuerOfPatientID = "HOSP-A" }
+"""
+    )
+    rules = read_settings(path).access_tag_rules
+    ct1 = Source("dimse", "CT1", "127.0.0.1")
+
+    def tags(source: Source = ct1, **attributes: object) -> set[str]:
+        return rule_tags(rules, _parsed(**attributes), source)
+
+    assert tags(InstitutionName="Hospital*") == {"literal"}
+    for near in ("Hospital A*", "Hospital?", "Hospital", "hospital*", "Hospital%"):
+        assert "literal" not in tags(InstitutionName=near), near
+    assert tags(InstitutionName="Hospital A") == {"hospital-a"}
+    assert tags(InstitutionName="Hospital A ") == {"hospital-a"}  # DICOM padding is not a value
+    assert tags(InstitutionName="Hospital B", IssuerOfPatientID="HOSP-B") == {"hospital-b"}
+    assert tags(InstitutionName="Hospital B", IssuerOfPatientID="HOSP-C") == set()
+    assert tags(InstitutionName="Hospital B") == set()  # an absent attribute never matches
+    assert tags(Source("dimse", "CT2", "127.0.0.1"), InstitutionName="Hospital A") == set()
+    # sender: a DIMSE calling AE title or a configured peer's name, never a web user's name
+    assert tags(Source("dicomweb", "CT1", "127.0.0.1"), InstitutionName="Hospital A") == set()
+    peer = Source("dimse", "MOD1", "127.0.0.1", "modality-1")
+    assert tags(peer, IssuerOfPatientID="HOSP-A") == {"by-peer"}
+
+
+@pytest.mark.parametrize(
+    ("rule", "key", "words"),
+    [
+        ('tag = "t"\nmatch = { InstitutionNme = "A" }', "match", "'InstitutionNme'"),
+        ('tag = "t"\nmatch = { ReferencedStudySequence = "A" }', "match", "ReferencedStudySeq"),
+        ('tag = "t"\nmatch = { InstitutionName = [] }', "match", "InstitutionName must be"),
+        ('tag = "t"\nmatch = { InstitutionName = 7 }', "match", "InstitutionName must be"),
+        ('tag = "has space"\nsender = "CT1"', "tag", "letters, digits"),
+        ('sender = "CT1"', "tag", "required"),
+        ('tag = "t"', "", "neither sender nor match"),
+    ],
+)
+def test_a_bad_rule_is_a_config_error_naming_it(tmp_path, rule, key, words):
+    path = tmp_path / "bad.toml"
+    path.write_text(f"[[access_tag_rules]]\n{rule}\n")
+    problems = check_settings(path)
+    expected = "access_tag_rules[0]" + (f".{key}" if key else "")
+    assert [p.key for p in problems] == [expected], problems
+    assert words in str(problems[0])

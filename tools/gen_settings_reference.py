@@ -58,7 +58,7 @@ def render() -> str:
     )
     for entry in describe(Settings):
         if isinstance(entry, Heading):
-            header = f"[[{entry.section}]]" if entry.section == "peers" else f"[{entry.section}]"
+            header = f"[[{entry.section}]]" if entry.array else f"[{entry.section}]"
             lines += ["", f"#### `{header}`", "", entry.doc, ""]
             lines += ["| key | kind | default | what it does |", "| --- | --- | --- | --- |"]
         elif isinstance(entry, Described):

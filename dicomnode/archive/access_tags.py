@@ -1,12 +1,14 @@
 """Study access tags in the index (migration 0012): which tags each study carries.
 
 The table joins the index's one `schema.metadata`; `AccessTagStore.on_stored` is an intake
-subscriber that gives a study the tags of the peer that sent it.
+subscriber that gives a study the tags of the peer that sent it and of the access tag rules the
+arriving object meets.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 from sqlalchemy import Column, Index, String, Table, select
 from sqlalchemy.exc import IntegrityError
@@ -25,13 +27,19 @@ study_access_tags = Table(
 
 
 class AccessTagStore:
-    """The tags of studies; `intake_tags` maps a configured peer's name to its intake tags."""
+    """The tags of studies; `intake_tags` maps a configured peer's name to its intake tags,
+    `tags_by_rule` gives the tags an arriving object (its parsed header) from a source earns by
+    the ``[[access_tag_rules]]`` (governance.access_tags.rule_tags, bound by compose)."""
 
     def __init__(
-        self, index: IndexDatabase, intake_tags: Mapping[str, tuple[str, ...]] | None = None
+        self,
+        index: IndexDatabase,
+        intake_tags: Mapping[str, tuple[str, ...]] | None = None,
+        tags_by_rule: Callable[[Any, Source], Iterable[str]] | None = None,
     ) -> None:
         self.index = index
         self.intake_tags = {name: tags for name, tags in (intake_tags or {}).items() if tags}
+        self.tags_by_rule = tags_by_rule
 
     def tag(self, study_uid: str, tags: Iterable[str]) -> None:
         """Give `study_uid` every tag of `tags` it does not carry yet."""
@@ -61,7 +69,10 @@ class AccessTagStore:
         return found
 
     def on_stored(self, result: IngestResult, source: Source) -> None:
-        """Intake subscriber: a study sent by a configured peer gets that peer's intake tags."""
-        tags = self.intake_tags.get(source.peer or "")
+        """Intake subscriber: a study gets the intake tags of the configured peer that sent it
+        and the tag of every rule the arriving object meets."""
+        tags = set(self.intake_tags.get(source.peer or "", ()))
+        if self.tags_by_rule is not None:
+            tags.update(self.tags_by_rule(result.header, source))
         if tags:
             self.tag(result.instance.study_instance_uid, tags)

@@ -9,6 +9,7 @@ reader, the README reference and the tests all start from it, so adding a settin
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
@@ -186,6 +187,7 @@ class Heading:
 
     section: str
     doc: str
+    array: bool = False  # an array of tables, [[section]]
 
 
 def describe(cls: type, section: str = "") -> Iterator[Described | Heading]:
@@ -201,7 +203,7 @@ def describe(cls: type, section: str = "") -> Iterator[Described | Heading]:
             table: Table = meta["table"]
             inner = f"{section}.{f.name}" if section else f.name
             inner += ".NAME" if table.shape == "named" else ""
-            yield Heading(inner, table.doc)
+            yield Heading(inner, table.doc, table.shape == "array")
             yield from describe(table.cls, inner)
 
 
@@ -293,6 +295,15 @@ def zone(value: str) -> str | None:
     except (ValueError, zoneinfo.ZoneInfoNotFoundError):
         return f"is not a time zone name such as Asia/Seoul: {value!r}"
     return None
+
+
+ACCESS_TAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a study access tag (item 41)
+
+
+def access_tag(value: str) -> str | None:
+    if ACCESS_TAG.fullmatch(value):
+        return None
+    return f"must be 1-64 letters, digits, . _ - starting with a letter or digit: {value!r}"
 
 
 def hour(value: int) -> str | None:

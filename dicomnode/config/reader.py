@@ -215,6 +215,10 @@ def _across(r: Reader, raw: dict[str, Any], values: dict[str, Any]) -> None:
     for name in values["analysis"].forward_to:
         if name != "sender" and name not in {p.name for p in peers}:
             r.fail("analysis.forward_to", f"{name!r} is not the name of a [[peers]] entry")
+    for i, rule in enumerate(values["access_tag_rules"]):
+        key = f"access_tag_rules[{i}]"
+        if not (rule.sender or rule.match or any(p.key.startswith(key) for p in r.problems)):
+            r.fail(key, "names neither sender nor match: it would give its tag to every study")
 
 
 # Checks that span several keys of one section, run before its dataclass is built.

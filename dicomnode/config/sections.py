@@ -625,6 +625,66 @@ class Peer:
         return bool(self.certificate_name or self.certificate_fingerprint)
 
 
+# VRs whose value is not text to compare: sequences and binary data
+_NOT_TEXT_VRS = ("SQ", "UN", "OB", "OD", "OF", "OL", "OV", "OW")
+
+
+def _attribute_values(value: dict[str, Any]) -> str | None:
+    """A problem with an access tag rule's `match` table (DICOM keyword = value or values)."""
+    from dicomnode.core.elements import reader_for  # pydicom's dictionary, loaded when used
+
+    for keyword, expected in value.items():
+        try:
+            vr = reader_for(keyword).vr
+        except ValueError:
+            return f"{keyword!r} is not a DICOM keyword"
+        if vr.startswith(_NOT_TEXT_VRS):
+            return f"{keyword} ({vr}) holds no text value to compare"
+        values = expected if isinstance(expected, list) else [expected]
+        if not values or any(not isinstance(v, str) or not v.strip() for v in values):
+            return f"{keyword} must be a non-empty string or a list of them"
+    return None
+
+
+def _values_by_keyword(value: dict[str, Any], base: Path) -> tuple[tuple[str, Any], ...]:
+    return tuple(
+        (keyword, tuple(v.strip() for v in (values if isinstance(values, list) else [values])))
+        for keyword, values in sorted(value.items())
+    )
+
+
+ATTRIBUTE_VALUES = d.Kind(
+    "table: DICOM keyword = string or list of strings",
+    (dict,),
+    _values_by_keyword,
+    empty={},
+    check=_attribute_values,
+)
+
+
+@dataclass(frozen=True)
+class AccessTagRule:
+    """Gives its tag to the study of every arriving object that meets all its conditions."""
+
+    tag: str = setting(
+        "", "the access tag given (1-64 letters, digits, . _ -)", required=True, check=d.access_tag
+    )
+    sender: str = setting(
+        "",
+        'only objects sent by this calling AE title or [[peers]] name; "" = from any sender',
+        convert=_strip,
+    )
+    match: tuple[tuple[str, tuple[str, ...]], ...] = setting(
+        (),
+        "only objects whose attribute (DICOM keyword) has exactly this value or one of these "
+        'values, e.g. { InstitutionName = "Hospital A" }; compared as text without surrounding '
+        "spaces, several values as one text joined by \\, never as a pattern (* is a "
+        "character); an absent or empty attribute never matches",
+        kind=ATTRIBUTE_VALUES,
+        shown="{}",
+    )
+
+
 @dataclass(frozen=True)
 class Settings:
     node: NodeSettings = section(NodeSettings, "The node itself.")
@@ -642,6 +702,12 @@ class Settings:
     dpo: DpoSettings = section(DpoSettings, "The DPO's pages at /governance.")
     peers: tuple[Peer, ...] = array(
         Peer, "Known DICOM peers: who may call for which services, where C-MOVE sends."
+    )
+    access_tag_rules: tuple[AccessTagRule, ...] = array(
+        AccessTagRule,
+        "Study access tags by the arriving object (item 41): every rule whose conditions all "
+        "hold gives its tag, besides the sending peer's intake_tags; a rule names sender, match "
+        "or both.",
     )
     source: Path | None = None  # the file these settings came from
 
