@@ -2,8 +2,7 @@
 ledger's one rule, `LedgerViews.copies_by_study`), what each promised (the policy's
 ``recipients[].retention``), destruction confirmations the DPO records, overdue copies; and the
 notices an erasure or a consent withdrawal owes each recipient holding copies, queued from the
-ledger entry that caused them (`sync_notices`: run by the node's housekeeping every few seconds,
-and when the DPO's page or command reads them)."""
+ledger entry that caused them (`sync_notices`, run when the DPO's page or command reads them)."""
 
 from __future__ import annotations
 

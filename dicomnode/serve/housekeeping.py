@@ -1,8 +1,7 @@
 """The node's periodic governance work: send due deliveries, sweep expired data, sign ledger
-checkpoints, queue the notices erasures and withdrawals owe recipients holding copies. Sweeps,
-checkpoints and notices must run once for all the nodes on one index: only the node holding the
-leader lease (`LeaderLease`) runs them; deliveries are claimed row by row (SKIP LOCKED) on every
-node."""
+checkpoints. Sweeps and checkpoints must run once for all the nodes on one index: only the node
+holding the leader lease (`LeaderLease`) runs them; deliveries are claimed row by row (SKIP
+LOCKED) on every node."""
 
 from __future__ import annotations
 
@@ -16,12 +15,11 @@ from typing import Any
 from dicomnode.archive.keys import sign_json
 from dicomnode.config import Settings
 from dicomnode.egress import Egress
-from dicomnode.oversight.recipients import RecipientCopies
 from dicomnode.stewardship import Stewardship
 
 log = logging.getLogger("dicomnode")
 
-ONCE = {"checkpoint", "retention", "recipient-notices"}  # only the lease's holder runs these
+ONCE = {"checkpoint", "retention"}  # tasks only the leader lease's holder runs
 
 
 class Housekeeping:
@@ -44,11 +42,8 @@ class Housekeeping:
         self.lease = lease  # None: this node alone does everything
         governance = settings.governance
         self.worker = f"delivery-{uuid.uuid4().hex[:8]}"
-        self.recipient_copies = RecipientCopies(stewardship)
         self.tasks: list[tuple[str, float, Callable[[], object]]] = [
-            ("deliveries", governance.delivery_interval, self.send_due_deliveries),
-            # an erasure's or withdrawal's notices are queued within seconds, page read or not
-            ("recipient-notices", governance.delivery_interval, self.recipient_copies.sync_notices),
+            ("deliveries", governance.delivery_interval, self.send_due_deliveries)
         ]
         if governance.checkpoint_interval > 0:
             self.tasks.append(("checkpoint", governance.checkpoint_interval, self.checkpoint))
