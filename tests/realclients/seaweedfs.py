@@ -45,6 +45,10 @@ def _free_ports(count: int) -> list[int]:
             s.close()
 
 
+class PortTaken(AssertionError):
+    """`weed server` exited because one of its internal ports was in use."""
+
+
 @dataclass
 class SeaweedFS:
     folder: Path
@@ -64,8 +68,20 @@ class SeaweedFS:
         path = self.folder / "weed.log"
         return path.read_text(errors="replace")[-20000:] if path.exists() else ""
 
-    def start(self, timeout: float = 90.0) -> None:
-        """Start `weed server` and wait until its S3 gateway answers."""
+    def start(self, timeout: float = 90.0, attempts: int = 5) -> None:
+        """Start `weed server` and wait until its S3 gateway answers. When one of its internal
+        ports was taken meanwhile (another test process may bind a port this one let go of
+        before a restart), those are chosen anew and it starts again; the S3 port is kept."""
+        for attempt in range(attempts):
+            try:
+                return self._start_once(timeout)
+            except PortTaken:
+                if attempt == attempts - 1:
+                    raise
+                internal = [name for name in self.ports if name != "s3"]
+                self.ports.update(zip(internal, _free_ports(len(internal)), strict=True))
+
+    def _start_once(self, timeout: float) -> None:
         assert self.process is None or self.process.poll() is not None, "already running"
         p = self.ports
         command = [
@@ -102,7 +118,11 @@ class SeaweedFS:
         deadline = time.monotonic() + timeout
         while not self._answers():
             if self.process.poll() is not None:
-                raise AssertionError(f"weed server exited:\n{self.log()}")
+                log = self.log()
+                taken = "address already in use" in log.rsplit("Start Seaweed Master", 1)[-1]
+                if taken and f"127.0.0.1:{p['s3']}: bind" not in log:
+                    raise PortTaken(log)
+                raise AssertionError(f"weed server exited:\n{log}")
             if time.monotonic() > deadline:
                 raise AssertionError(f"SeaweedFS did not answer in {timeout}s:\n{self.log()}")
             time.sleep(0.1)
